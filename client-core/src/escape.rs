@@ -1,0 +1,119 @@
+//! Escaping of event data, server to client only: `%` becomes `%25`, then a newline becomes
+//! `%0A`. Nothing else is escaped (not `\r`, `:`, tabs or non-ASCII bytes). Data sent by a
+//! client is raw and is never unescaped by the server.
+
+use std::borrow::Cow;
+use std::fmt;
+
+/// An escape sequence other than `%25` and `%0A` in escaped data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnescapeError {
+    /// Byte offset of the offending `%`.
+    pub at: usize,
+}
+
+impl fmt::Display for UnescapeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid escape at byte {}: only %25 and %0A are defined", self.at)
+    }
+}
+
+impl std::error::Error for UnescapeError {}
+
+/// The length of `data` once escaped.
+pub fn escaped_len(data: &[u8]) -> usize {
+    data.len() + 2 * data.iter().filter(|&&b| b == b'%' || b == b'\n').count()
+}
+
+/// Appends the escaped form of `data` to `out`.
+pub fn escape_into(data: &[u8], out: &mut Vec<u8>) {
+    out.reserve(escaped_len(data));
+    let mut start = 0;
+    for (i, &b) in data.iter().enumerate() {
+        let rep: &[u8] = match b {
+            b'%' => b"%25",
+            b'\n' => b"%0A",
+            _ => continue,
+        };
+        out.extend_from_slice(&data[start..i]);
+        out.extend_from_slice(rep);
+        start = i + 1;
+    }
+    out.extend_from_slice(&data[start..]);
+}
+
+/// The escaped form of `data`, borrowed when nothing needs escaping.
+pub fn escape(data: &[u8]) -> Cow<'_, [u8]> {
+    if data.iter().any(|&b| b == b'%' || b == b'\n') {
+        let mut out = Vec::new();
+        escape_into(data, &mut out);
+        Cow::Owned(out)
+    } else {
+        Cow::Borrowed(data)
+    }
+}
+
+/// Reverses [`escape`]. Strict: any `%` not followed by `25` or `0A` is an error, so that
+/// `unescape(escape(x)) == x` and nothing ambiguous is accepted.
+pub fn unescape(data: &[u8]) -> Result<Cow<'_, [u8]>, UnescapeError> {
+    let Some(first) = data.iter().position(|&b| b == b'%') else {
+        return Ok(Cow::Borrowed(data));
+    };
+    let mut out = Vec::with_capacity(data.len());
+    out.extend_from_slice(&data[..first]);
+    let mut i = first;
+    while i < data.len() {
+        let b = data[i];
+        if b == b'%' {
+            match data.get(i + 1..i + 3) {
+                Some(b"25") => out.push(b'%'),
+                Some(b"0A") => out.push(b'\n'),
+                _ => return Err(UnescapeError { at: i }),
+            }
+            i += 3;
+        } else {
+            out.push(b);
+            i += 1;
+        }
+    }
+    Ok(Cow::Owned(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn original_rules() {
+        assert_eq!(&*escape(b"a%b\nc"), b"a%25b%0Ac");
+        // A client sending the three characters `%0A` is broadcast as `%250A`.
+        assert_eq!(&*escape(b"%0A"), b"%250A");
+        assert_eq!(&*escape(b"\r\t:#\xff"), b"\r\t:#\xff");
+        assert!(matches!(escape(b"plain"), Cow::Borrowed(_)));
+        assert_eq!(&*unescape(b"%250A").unwrap(), b"%0A");
+        assert_eq!(unescape(b"%2"), Err(UnescapeError { at: 0 }));
+        assert_eq!(unescape(b"ab%0a"), Err(UnescapeError { at: 2 }));
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(data in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let esc = escape(&data);
+            prop_assert!(!esc.contains(&b'\n'));
+            prop_assert_eq!(esc.len(), escaped_len(&data));
+            prop_assert_eq!(&*unescape(&esc).unwrap(), &data[..]);
+        }
+
+        #[test]
+        fn round_trip_percent_heavy(data in proptest::collection::vec(prop_oneof![Just(b'%'), Just(b'\n'), Just(b'0'), Just(b'A'), Just(b'2'), Just(b'5')], 0..64)) {
+            let esc = escape(&data);
+            prop_assert_eq!(&*unescape(&esc).unwrap(), &data[..]);
+        }
+
+        #[test]
+        fn unescape_never_panics(data in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = unescape(&data);
+        }
+    }
+}

@@ -1,0 +1,510 @@
+//! The wire codec: commands (client to server) and lines (server to client).
+//!
+//! One command per WebSocket text message, one line per text message back. The grammar,
+//! extensions over the original marked, is specified in `docs/PROTOCOL.md`:
+//!
+//! ```text
+//! command = [ "#" ack-key "#" ] ( "+" path | "-" path | ":" path ":" data | "@" ignored )
+//! line    = "@" timestamp ":" path ":" escaped-data     ; an event (also a log line)
+//!         | "#" ack-key "#@" timestamp                  ; success reply to an acked command
+//!         | [ "#" ack-key "#" ] "!" code " " message    ; error reply (extension)
+//! ```
+
+use std::borrow::Cow;
+use std::fmt;
+
+use crate::escape::{UnescapeError, escape_into, escaped_len, unescape};
+use crate::path::{self, PathError};
+use crate::timestamp::{Timestamp, TimestampError};
+
+/// What a command asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op<'a> {
+    /// `+path`: receive the events of this channel and its descendants.
+    Subscribe(Cow<'a, str>),
+    /// `-path`: stop receiving them.
+    Unsubscribe(Cow<'a, str>),
+    /// `:path:data`: publish `data` (raw bytes, never unescaped) on `path`.
+    Send {
+        /// Normalized channel path.
+        path: Cow<'a, str>,
+        /// Raw event data.
+        data: &'a [u8],
+    },
+    /// `@`: the server's current timestamp.
+    Timestamp,
+}
+
+/// A parsed command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command<'a> {
+    /// The ack key (`#key#` prefix), raw; `Some(b"")` for `##`.
+    pub ack: Option<&'a [u8]>,
+    /// The operation.
+    pub op: Op<'a>,
+}
+
+/// Machine-readable error codes of error lines (`!code message`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// The command could not be parsed.
+    Malformed,
+    /// The path has a character outside `[0-9a-z./-]` or a trailing `//`.
+    BadPath,
+    /// The path exceeds the server's length limit.
+    PathTooLong,
+    /// The connection already holds the maximum number of subscriptions.
+    TooManySubscriptions,
+    /// A frame type the protocol does not use (binary).
+    Unsupported,
+    /// The connection sends commands faster than the server's rate limit.
+    RateLimited,
+    /// The event could not be stored; it was not published.
+    Storage,
+    /// The server is shutting down and accepts no more events.
+    ShuttingDown,
+}
+
+impl ErrorCode {
+    /// All codes.
+    pub const ALL: [ErrorCode; 8] = [
+        ErrorCode::Malformed,
+        ErrorCode::BadPath,
+        ErrorCode::PathTooLong,
+        ErrorCode::TooManySubscriptions,
+        ErrorCode::Unsupported,
+        ErrorCode::RateLimited,
+        ErrorCode::Storage,
+        ErrorCode::ShuttingDown,
+    ];
+
+    /// The code as written on the wire.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Malformed => "malformed",
+            ErrorCode::BadPath => "bad-path",
+            ErrorCode::PathTooLong => "path-too-long",
+            ErrorCode::TooManySubscriptions => "too-many-subscriptions",
+            ErrorCode::Unsupported => "unsupported",
+            ErrorCode::RateLimited => "rate-limited",
+            ErrorCode::Storage => "storage",
+            ErrorCode::ShuttingDown => "shutting-down",
+        }
+    }
+
+    /// The code for a wire string, if known.
+    pub fn from_wire(s: &str) -> Option<ErrorCode> {
+        ErrorCode::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a command was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandErrorKind {
+    /// Nothing after the (optional) ack key.
+    Empty,
+    /// `#` with no closing `#`.
+    UnterminatedAck,
+    /// The first byte is not one of `+ - : @`.
+    UnknownCommand(u8),
+    /// `:path` with no `:` before the data.
+    MissingData,
+    /// The path is invalid.
+    Path(PathError),
+}
+
+impl CommandErrorKind {
+    /// The error code this refusal is reported with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            CommandErrorKind::Path(PathError::TooLong { .. }) => ErrorCode::PathTooLong,
+            CommandErrorKind::Path(_) => ErrorCode::BadPath,
+            _ => ErrorCode::Malformed,
+        }
+    }
+}
+
+impl fmt::Display for CommandErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CommandErrorKind::Empty => f.write_str("empty command"),
+            CommandErrorKind::UnterminatedAck => f.write_str("ack key has no closing '#'"),
+            CommandErrorKind::UnknownCommand(b) if b.is_ascii_graphic() => {
+                write!(f, "unknown command '{}' (expected one of + - : @)", *b as char)
+            }
+            CommandErrorKind::UnknownCommand(b) => write!(f, "unknown command byte 0x{b:02x} (expected one of + - : @)"),
+            CommandErrorKind::MissingData => f.write_str("send needs ':' between path and data (:/path:data)"),
+            CommandErrorKind::Path(e) => e.fmt(f),
+        }
+    }
+}
+
+/// A refused command, with the ack key when one could be read, so that the reply can carry it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandError<'a> {
+    /// The ack key, if the command had a complete one.
+    pub ack: Option<&'a [u8]>,
+    /// What is wrong.
+    pub kind: CommandErrorKind,
+}
+
+impl fmt::Display for CommandError<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.kind.fmt(f)
+    }
+}
+
+impl std::error::Error for CommandError<'_> {}
+
+impl<'a> Command<'a> {
+    /// Parses one command message with no path length limit.
+    pub fn parse(msg: &'a [u8]) -> Result<Command<'a>, CommandError<'a>> {
+        Command::parse_with_limit(msg, usize::MAX)
+    }
+
+    /// Parses one command message; normalized paths longer than `max_path` are refused.
+    pub fn parse_with_limit(msg: &'a [u8], max_path: usize) -> Result<Command<'a>, CommandError<'a>> {
+        let (ack, body) = match msg.first() {
+            Some(b'#') => {
+                let rest = &msg[1..];
+                let end = rest
+                    .iter()
+                    .position(|&b| b == b'#')
+                    .ok_or(CommandError { ack: None, kind: CommandErrorKind::UnterminatedAck })?;
+                (Some(&rest[..end]), &rest[end + 1..])
+            }
+            _ => (None, msg),
+        };
+        let err = |kind| CommandError { ack, kind };
+        let Some((&cmd, rest)) = body.split_first() else {
+            return Err(err(CommandErrorKind::Empty));
+        };
+        let path = |raw: &'a [u8]| path::normalize_with_limit(raw, max_path).map_err(|e| err(CommandErrorKind::Path(e)));
+        let op = match cmd {
+            b'+' => Op::Subscribe(path(rest)?),
+            b'-' => Op::Unsubscribe(path(rest)?),
+            b':' => {
+                let colon = rest.iter().position(|&b| b == b':').ok_or_else(|| err(CommandErrorKind::MissingData))?;
+                Op::Send { path: path(&rest[..colon])?, data: &rest[colon + 1..] }
+            }
+            b'@' => Op::Timestamp,
+            other => return Err(err(CommandErrorKind::UnknownCommand(other))),
+        };
+        Ok(Command { ack, op })
+    }
+
+    /// Appends the command's wire form to `out`. The ack key must not contain `#`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        if let Some(key) = self.ack {
+            debug_assert!(!key.contains(&b'#'), "ack keys cannot contain '#'");
+            out.push(b'#');
+            out.extend_from_slice(key);
+            out.push(b'#');
+        }
+        match &self.op {
+            Op::Subscribe(p) => {
+                out.push(b'+');
+                out.extend_from_slice(p.as_bytes());
+            }
+            Op::Unsubscribe(p) => {
+                out.push(b'-');
+                out.extend_from_slice(p.as_bytes());
+            }
+            Op::Send { path, data } => {
+                out.push(b':');
+                out.extend_from_slice(path.as_bytes());
+                out.push(b':');
+                out.extend_from_slice(data);
+            }
+            Op::Timestamp => out.push(b'@'),
+        }
+    }
+
+    /// The wire form as a new vector.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        self.encode(&mut v);
+        v
+    }
+}
+
+/// An event as delivered live and as stored in the log.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Event<'a> {
+    /// The event's unique timestamp.
+    pub ts: Timestamp,
+    /// The normalized path it was sent to.
+    pub path: Cow<'a, str>,
+    /// The data, unescaped.
+    pub data: Cow<'a, [u8]>,
+}
+
+impl Event<'_> {
+    /// Length of the encoded line.
+    pub fn encoded_len(&self) -> usize {
+        event_line_len(self.ts, &self.path, &self.data)
+    }
+
+    /// Appends `@ts:/path:escaped-data` to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        encode_event(self.ts, &self.path, &self.data, out);
+    }
+
+    /// An owned copy.
+    pub fn into_owned(self) -> Event<'static> {
+        Event { ts: self.ts, path: Cow::Owned(self.path.into_owned()), data: Cow::Owned(self.data.into_owned()) }
+    }
+}
+
+/// Length of `@ts:path:escaped(data)` for a timestamp with at most ten second digits (the
+/// case until the year 2286; longer seconds add their extra digits).
+pub fn event_line_len(ts: Timestamp, path: &str, data: &[u8]) -> usize {
+    let secs_digits = if ts.secs() >= 10_000_000_000 { ts.secs().ilog10() as usize + 1 } else { 10 };
+    1 + secs_digits + 1 + 9 + 1 + path.len() + 1 + escaped_len(data)
+}
+
+/// Appends the event line `@ts:path:escaped(data)` to `out`.
+pub fn encode_event(ts: Timestamp, path: &str, data: &[u8], out: &mut Vec<u8>) {
+    out.reserve(event_line_len(ts, path, data));
+    out.push(b'@');
+    ts.write_to(out);
+    out.push(b':');
+    out.extend_from_slice(path.as_bytes());
+    out.push(b':');
+    escape_into(data, out);
+}
+
+/// Appends the success reply `#key#@ts` to `out`.
+pub fn encode_ack(key: &[u8], ts: Timestamp, out: &mut Vec<u8>) {
+    out.push(b'#');
+    out.extend_from_slice(key);
+    out.extend_from_slice(b"#@");
+    ts.write_to(out);
+}
+
+/// Appends the error reply `[#key#]!code message` to `out`. Newlines in `message` are
+/// replaced by spaces so that the reply stays one line.
+pub fn encode_error(key: Option<&[u8]>, code: ErrorCode, message: &str, out: &mut Vec<u8>) {
+    if let Some(key) = key {
+        out.push(b'#');
+        out.extend_from_slice(key);
+        out.push(b'#');
+    }
+    out.push(b'!');
+    out.extend_from_slice(code.as_str().as_bytes());
+    out.push(b' ');
+    out.extend(message.bytes().map(|b| if b == b'\n' || b == b'\r' { b' ' } else { b }));
+}
+
+/// One line from the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerLine<'a> {
+    /// A published event.
+    Event(Event<'a>),
+    /// Success reply to the acked command with this key.
+    Ack {
+        /// The ack key, raw.
+        key: &'a [u8],
+        /// For a send, the event's timestamp; for a subscribe or unsubscribe, the position
+        /// from which the change holds; for `@`, the server time.
+        ts: Timestamp,
+    },
+    /// Error reply, with the key of the command it answers when that had one.
+    Error {
+        /// The ack key of the refused command.
+        key: Option<&'a [u8]>,
+        /// The error code (see [`ErrorCode::from_wire`]); unknown codes are kept as text.
+        code: &'a str,
+        /// Human-readable reason.
+        message: &'a str,
+    },
+}
+
+/// Why a server line could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LineError {
+    /// The line does not match the grammar.
+    Syntax(&'static str),
+    /// Bad timestamp.
+    Timestamp(TimestampError),
+    /// The event's path is not a normalized path.
+    Path(PathError),
+    /// The event's data has an undefined escape.
+    Escape(UnescapeError),
+}
+
+impl fmt::Display for LineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LineError::Syntax(s) => f.write_str(s),
+            LineError::Timestamp(e) => e.fmt(f),
+            LineError::Path(e) => e.fmt(f),
+            LineError::Escape(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for LineError {}
+
+/// Parses an event line `@ts:path:escaped-data` (a live event or a log line).
+pub fn parse_event(line: &[u8]) -> Result<Event<'_>, LineError> {
+    let rest = line.strip_prefix(b"@").ok_or(LineError::Syntax("event must start with '@'"))?;
+    let c1 = rest.iter().position(|&b| b == b':').ok_or(LineError::Syntax("event has no ':' after the timestamp"))?;
+    let ts = Timestamp::parse(&rest[..c1]).map_err(LineError::Timestamp)?;
+    let rest = &rest[c1 + 1..];
+    let c2 = rest.iter().position(|&b| b == b':').ok_or(LineError::Syntax("event has no ':' after the path"))?;
+    let raw_path = &rest[..c2];
+    let path = match path::normalize(raw_path).map_err(LineError::Path)? {
+        Cow::Borrowed(p) if p.len() == raw_path.len() => p,
+        _ => return Err(LineError::Syntax("event path is not normalized")),
+    };
+    let data = unescape(&rest[c2 + 1..]).map_err(LineError::Escape)?;
+    Ok(Event { ts, path: Cow::Borrowed(path), data })
+}
+
+/// Parses any line from the server.
+pub fn parse_line(line: &[u8]) -> Result<ServerLine<'_>, LineError> {
+    let (key, body) = match line.first() {
+        Some(b'@') => return parse_event(line).map(ServerLine::Event),
+        Some(b'#') => {
+            let rest = &line[1..];
+            let end = rest.iter().position(|&b| b == b'#').ok_or(LineError::Syntax("ack key has no closing '#'"))?;
+            (Some(&rest[..end]), &rest[end + 1..])
+        }
+        Some(b'!') => (None, line),
+        _ => return Err(LineError::Syntax("line must start with '@', '#' or '!'")),
+    };
+    match body.split_first() {
+        Some((b'@', ts)) => {
+            let key = key.ok_or(LineError::Syntax("timestamp reply without ack key"))?;
+            Ok(ServerLine::Ack { key, ts: Timestamp::parse(ts).map_err(LineError::Timestamp)? })
+        }
+        Some((b'!', rest)) => {
+            let text = std::str::from_utf8(rest).map_err(|_| LineError::Syntax("error reply is not UTF-8"))?;
+            let (code, message) = text.split_once(' ').unwrap_or((text, ""));
+            Ok(ServerLine::Error { key, code, message })
+        }
+        _ => Err(LineError::Syntax("reply must continue with '@' or '!' after the ack key")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cmd(s: &str) -> Result<Command<'_>, CommandError<'_>> {
+        Command::parse(s.as_bytes())
+    }
+
+    #[test]
+    fn parses_the_original_commands() {
+        assert_eq!(cmd("+/a/b").unwrap(), Command { ack: None, op: Op::Subscribe("/a/b".into()) });
+        assert_eq!(cmd("#k#-a/b/").unwrap(), Command { ack: Some(b"k"), op: Op::Unsubscribe("/a/b".into()) });
+        assert_eq!(
+            cmd("#1#:/a:x:y#z\n\r").unwrap(),
+            Command { ack: Some(b"1"), op: Op::Send { path: "/a".into(), data: b"x:y#z\n\r" } }
+        );
+        assert_eq!(cmd(":/a:").unwrap().op, Op::Send { path: "/a".into(), data: b"" });
+        assert_eq!(cmd("##@whatever").unwrap(), Command { ack: Some(b""), op: Op::Timestamp });
+        assert_eq!(cmd("+").unwrap().op, Op::Subscribe("/".into()));
+        assert_eq!(cmd("+/").unwrap().op, Op::Subscribe("/".into()));
+    }
+
+    #[test]
+    fn refuses_with_key_when_known() {
+        assert_eq!(cmd("").unwrap_err(), CommandError { ack: None, kind: CommandErrorKind::Empty });
+        assert_eq!(cmd("#k#").unwrap_err(), CommandError { ack: Some(b"k"), kind: CommandErrorKind::Empty });
+        assert_eq!(cmd("#k").unwrap_err().kind, CommandErrorKind::UnterminatedAck);
+        assert_eq!(cmd("#k#x").unwrap_err(), CommandError { ack: Some(b"k"), kind: CommandErrorKind::UnknownCommand(b'x') });
+        assert_eq!(cmd(":/a").unwrap_err().kind, CommandErrorKind::MissingData);
+        assert_eq!(cmd("+/A").unwrap_err().kind.code(), ErrorCode::BadPath);
+        assert_eq!(Command::parse_with_limit(b"+/abc", 3).unwrap_err().kind.code(), ErrorCode::PathTooLong);
+    }
+
+    #[test]
+    fn server_lines() {
+        let mut v = Vec::new();
+        encode_event(Timestamp::new(1, 2).unwrap(), "/a", b"50%\nx", &mut v);
+        assert_eq!(v, b"@0000000001.000000002:/a:50%25%0Ax");
+        assert_eq!(
+            parse_line(&v).unwrap(),
+            ServerLine::Event(Event { ts: Timestamp::new(1, 2).unwrap(), path: "/a".into(), data: Cow::Borrowed(b"50%\nx") })
+        );
+        v.clear();
+        encode_ack(b"", Timestamp::new(3, 4).unwrap(), &mut v);
+        assert_eq!(v, b"##@0000000003.000000004");
+        assert_eq!(parse_line(&v).unwrap(), ServerLine::Ack { key: b"", ts: Timestamp::new(3, 4).unwrap() });
+        v.clear();
+        encode_error(Some(b"k"), ErrorCode::BadPath, "bad\npath", &mut v);
+        assert_eq!(v, b"#k#!bad-path bad path");
+        assert_eq!(parse_line(&v).unwrap(), ServerLine::Error { key: Some(b"k"), code: "bad-path", message: "bad path" });
+        assert_eq!(parse_line(b"!malformed empty command").unwrap(), ServerLine::Error { key: None, code: "malformed", message: "empty command" });
+        assert!(parse_line(b"@1.000000000:/A:x").is_err());
+        assert!(parse_line(b"@1.000000000:/a/:x").is_err());
+        assert!(parse_line(b"@1.000000000:/a:%zz").is_err());
+        assert!(parse_line(b"x").is_err());
+        assert_eq!(event_line_len(Timestamp::new(1, 2).unwrap(), "/a", b"50%\nx"), 34);
+        for c in ErrorCode::ALL {
+            assert_eq!(ErrorCode::from_wire(c.as_str()), Some(c));
+        }
+    }
+
+    fn arb_path() -> impl Strategy<Value = String> {
+        "(/[a-z0-9.-]{1,6}){0,4}".prop_map(|p| if p.is_empty() { "/".to_string() } else { p })
+    }
+
+    fn arb_op() -> impl Strategy<Value = (u8, String, Vec<u8>)> {
+        (0u8..4, arb_path(), proptest::collection::vec(any::<u8>(), 0..64))
+    }
+
+    proptest! {
+        #[test]
+        fn command_round_trip(ack in proptest::option::of(proptest::collection::vec(any::<u8>().prop_filter("no #", |b| *b != b'#'), 0..8)), (k, p, data) in arb_op()) {
+            let op = match k {
+                0 => Op::Subscribe(p.into()),
+                1 => Op::Unsubscribe(p.into()),
+                2 => Op::Send { path: p.into(), data: &data },
+                _ => Op::Timestamp,
+            };
+            let c = Command { ack: ack.as_deref(), op };
+            let bytes = c.to_bytes();
+            prop_assert_eq!(Command::parse(&bytes).unwrap(), c);
+        }
+
+        #[test]
+        fn event_round_trip(secs in any::<u64>(), nanos in 0u32..1_000_000_000, p in arb_path(), data in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let e = Event { ts: Timestamp::new(secs, nanos).unwrap(), path: p.into(), data: data.into() };
+            let mut v = Vec::new();
+            e.encode(&mut v);
+            prop_assert_eq!(v.len(), e.encoded_len());
+            prop_assert!(!v.contains(&b'\n'));
+            prop_assert_eq!(parse_line(&v).unwrap(), ServerLine::Event(e));
+        }
+
+        #[test]
+        fn reply_round_trip(key in "[^#]{0,8}", secs in any::<u64>(), nanos in 0u32..1_000_000_000, msg in "[^\n\r]{0,40}") {
+            let ts = Timestamp::new(secs, nanos).unwrap();
+            let mut v = Vec::new();
+            encode_ack(key.as_bytes(), ts, &mut v);
+            prop_assert_eq!(parse_line(&v).unwrap(), ServerLine::Ack { key: key.as_bytes(), ts });
+            for code in ErrorCode::ALL {
+                v.clear();
+                encode_error(Some(key.as_bytes()), code, &msg, &mut v);
+                prop_assert_eq!(parse_line(&v).unwrap(), ServerLine::Error { key: Some(key.as_bytes()), code: code.as_str(), message: &msg });
+            }
+        }
+
+        #[test]
+        fn parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = Command::parse(&bytes);
+            let _ = parse_line(&bytes);
+        }
+    }
+}
