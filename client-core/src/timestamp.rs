@@ -86,6 +86,18 @@ impl Timestamp {
         }
     }
 
+    /// The previous representable timestamp (one nanosecond earlier), saturating at
+    /// [`Timestamp::ZERO`].
+    pub const fn prev(self) -> Timestamp {
+        if self.nanos > 0 {
+            Timestamp { secs: self.secs, nanos: self.nanos - 1 }
+        } else if self.secs > 0 {
+            Timestamp { secs: self.secs - 1, nanos: NANOS_PER_SEC - 1 }
+        } else {
+            Timestamp::ZERO
+        }
+    }
+
     /// Twelve big-endian bytes (seconds, then nanoseconds) whose byte order is the time order:
     /// the storage key form.
     pub fn to_be_bytes(self) -> [u8; Self::BYTES] {
@@ -211,6 +223,8 @@ mod tests {
     fn next_and_bytes_order() {
         let t = Timestamp::new(1, 999_999_999).unwrap();
         assert_eq!(t.next(), Timestamp::new(2, 0).unwrap());
+        assert_eq!(t.next().prev(), t);
+        assert_eq!(Timestamp::ZERO.prev(), Timestamp::ZERO);
         assert!(t.to_be_bytes() < t.next().to_be_bytes());
         assert_eq!(Timestamp::from_be_bytes(&t.to_be_bytes()), Some(t));
         assert_eq!(Timestamp::MAX.next(), Timestamp::MAX);

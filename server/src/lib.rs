@@ -1,1 +1,205 @@
+//! The Ivy reference server: hierarchical pub/sub over WebSocket with persistent event logs.
+//!
+//! Usable as the `ivy-server` binary and as a library, either whole ([`run`]) or embedded in a
+//! larger axum application ([`Ivy::router`]):
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! let config = ivy_server::Config::new("/var/lib/ivy");
+//! let ivy = ivy_server::Ivy::open(config)?;
+//! let app = axum::Router::new()
+//!     .route("/health", axum::routing::get(|| async { "ok" }))
+//!     .merge(ivy.router());
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! let stop = ivy.stop_signal();
+//! axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await?;
+//! ivy.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! Endpoints: `GET /ws` (the command protocol, subprotocol `ivy1`) and `GET /log/<path>` (the
+//! stored events of a channel's subtree). The protocol is specified in `docs/PROTOCOL.md`.
+//!
+//! Inside: a sequencer thread stamps, stores (group commit) and publishes every event in
+//! order; storage sits behind [`store::EventLog`] (sled by default) and fan-out behind
+//! [`broker::Broker`] (in-process by default), so other engines can replace them without
+//! touching the protocol code.
 
+pub mod broker;
+pub mod clock;
+pub mod config;
+mod http;
+pub mod logquery;
+pub mod sequencer;
+pub mod store;
+mod ws;
+
+use std::future::Future;
+use std::io;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::routing::get;
+use ivy_client_core::Timestamp;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use clock::WallClock;
+pub use config::{Config, Durability};
+pub use sequencer::PublishError;
+pub use ws::{SUBPROTOCOL, close_code};
+
+use broker::{Broker, LocalBroker};
+use clock::Clock;
+use sequencer::{Input, PublishRequest, Reply};
+use store::{EventLog, SledLog};
+
+/// How long connections get to finish their queued replies at shutdown before they are cut.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// State shared by every handler.
+pub(crate) struct Shared {
+    config: Config,
+    log: Arc<dyn EventLog>,
+    broker: Arc<dyn Broker>,
+    clock: Arc<Clock>,
+    publish_tx: mpsc::Sender<Input>,
+    next_id: AtomicU64,
+    /// Stop reading commands (graceful shutdown, first step).
+    stop_reading: CancellationToken,
+    /// Stop writing, even with replies queued (graceful shutdown, last resort).
+    force_close: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// A running Ivy instance: its store, sequencer and fan-out.
+pub struct Ivy {
+    shared: Arc<Shared>,
+    sequencer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Ivy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ivy").field("config", &self.shared.config).finish_non_exhaustive()
+    }
+}
+
+impl Ivy {
+    /// Opens the store in `config.data` and starts the sequencer. Must be called within a
+    /// tokio runtime.
+    pub fn open(config: Config) -> io::Result<Ivy> {
+        Ivy::open_with_clock(config, WallClock::system())
+    }
+
+    /// [`Ivy::open`] with a custom wall clock (for tests of clock steps).
+    pub fn open_with_clock(config: Config, wall: WallClock) -> io::Result<Ivy> {
+        std::fs::create_dir_all(&config.data)?;
+        let log = SledLog::open(&config.data, config.durability, config.flush_interval_ms)?;
+        let last = log.last_timestamp()?.unwrap_or(Timestamp::ZERO);
+        let log: Arc<dyn EventLog> = Arc::new(log);
+        let broker: Arc<dyn Broker> = Arc::new(LocalBroker::new(last));
+        let clock = Arc::new(Clock::new(wall, last));
+        let (publish_tx, handle) = sequencer::spawn(log.clone(), broker.clone(), clock.clone(), config.durability, 16 * 1024);
+        tracing::info!(data = %config.data.display(), last = %last, durability = ?config.durability, "event store open");
+        let shared = Arc::new(Shared {
+            config,
+            log,
+            broker,
+            clock,
+            publish_tx,
+            next_id: AtomicU64::new(1),
+            stop_reading: CancellationToken::new(),
+            force_close: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        });
+        Ok(Ivy { shared, sequencer: Mutex::new(Some(handle)) })
+    }
+
+    /// The routes `/ws`, `/log`, `/log/` and `/log/{*path}`, to serve or merge into an app.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/ws", get(ws::handler))
+            .route("/log", get(http::handler).options(http::preflight))
+            .route("/log/", get(http::handler).options(http::preflight))
+            .route("/log/{*path}", get(http::handler).options(http::preflight))
+            .with_state(self.shared.clone())
+    }
+
+    /// Publishes an event from the embedding application (no sender is excluded). Resolves
+    /// to its timestamp once it is stored (durably with [`Durability::Sync`]) and delivered
+    /// to the subscribers' queues.
+    pub async fn publish(&self, path: &str, data: &str) -> Result<Timestamp, PublishError> {
+        let path = ivy_client_core::path::normalize_with_limit(path.as_bytes(), self.shared.config.max_path_length)
+            .map_err(|e| PublishError::Storage(format!("invalid path: {e}")))?;
+        let (tx, rx) = oneshot::channel();
+        let request = PublishRequest {
+            path: path.into_owned().into_boxed_str(),
+            message: data.to_string().into(),
+            data_start: 0,
+            sender: None,
+            reply: Reply::Channel(tx),
+        };
+        if self.shared.publish_tx.send(Input::Publish(request)).await.is_err() {
+            return Err(PublishError::ShuttingDown);
+        }
+        rx.await.unwrap_or(Err(PublishError::ShuttingDown))
+    }
+
+    /// Cancelled when shutdown begins; also a handy trigger for `with_graceful_shutdown`.
+    pub fn stop_signal(&self) -> CancellationToken {
+        self.shared.stop_reading.clone()
+    }
+
+    /// Shuts down: connections stop reading, get their queued replies and a close frame
+    /// (1001), the sequencer finishes every accepted event and the store is flushed.
+    pub async fn shutdown(&self) {
+        self.shared.stop_reading.cancel();
+        self.shared.tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.shared.tracker.wait()).await.is_err() {
+            tracing::warn!("connections did not finish in time; closing them");
+            self.shared.force_close.cancel();
+            self.shared.tracker.wait().await;
+        }
+        let _ = self.shared.publish_tx.send(Input::Stop).await;
+        let handle = self.sequencer.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+        tracing::info!("shut down; event store flushed");
+    }
+}
+
+/// Adds CORS headers for an allowed `Origin`.
+pub(crate) fn cors_headers(allowed: &[String], req: &HeaderMap, out: &mut HeaderMap) {
+    let Some(origin) = req.get(header::ORIGIN) else { return };
+    if allowed.is_empty() || allowed.iter().any(|a| a == "*") {
+        out.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    } else if ws::origin_allowed(allowed, req) {
+        out.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+        out.insert(header::VARY, HeaderValue::from_static("Origin"));
+    } else {
+        return;
+    }
+    out.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("Link, ETag, Last-Modified"));
+}
+
+/// Serves Ivy on `listener` until `shutdown` resolves, then shuts down gracefully.
+pub async fn run(config: Config, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> io::Result<()> {
+    let ivy = Ivy::open(config)?;
+    let stop = ivy.stop_signal();
+    let signal = async move {
+        tokio::select! {
+            () = shutdown => {}
+            () = stop.cancelled() => {}
+        }
+        stop.cancel();
+    };
+    let served = axum::serve(listener, ivy.router()).with_graceful_shutdown(signal).await;
+    ivy.shutdown().await;
+    served
+}

@@ -1,0 +1,207 @@
+//! Fan-out: the channel registry and the per-connection outbound queues.
+//!
+//! [`Broker`] is the narrow interface the protocol code uses, so that a distributed fan-out
+//! (Redis) can replace the in-process [`LocalBroker`] for multi-node deployments.
+//!
+//! Costs: an event's line is encoded once and its bytes are shared by every receiver (a
+//! reference-count increment each); bubbling looks up one hash entry per level of the event's
+//! path, so it costs the path depth plus the matching subscribers, never the number of
+//! channels. Each connection has a bounded queue; a connection whose queue is full is a slow
+//! consumer: it is closed (code 4000) and never blocks anyone else.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use axum::extract::ws::{Message, Utf8Bytes};
+use ivy_client_core::Timestamp;
+use ivy_client_core::path::ancestors;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Close code recorded when the queue overflows (see `docs/PROTOCOL.md`).
+pub const SLOW_CONSUMER: u16 = 4000;
+
+/// How a connection ends: the first close code recorded wins, and `kill` stops both halves.
+#[derive(Debug, Default)]
+pub struct Ending {
+    code: AtomicU16,
+    kill: CancellationToken,
+}
+
+impl Ending {
+    /// Records `code` if no code was recorded yet.
+    pub fn set(&self, code: u16) {
+        let _ = self.code.compare_exchange(0, code, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Records `code` and stops the connection now.
+    pub fn end(&self, code: u16) {
+        self.set(code);
+        self.kill.cancel();
+    }
+
+    /// The recorded code (0: none).
+    pub fn code(&self) -> u16 {
+        self.code.load(Ordering::Relaxed)
+    }
+
+    /// Cancelled when the connection must stop.
+    pub fn kill(&self) -> &CancellationToken {
+        &self.kill
+    }
+}
+
+/// One connection, as seen by the broker and the sequencer. Dropping the last `Arc<Conn>`
+/// closes the outbound queue, which lets the writer finish.
+#[derive(Debug)]
+pub struct Conn {
+    id: u64,
+    tx: mpsc::Sender<Message>,
+    last_seq: AtomicU64,
+    ending: Arc<Ending>,
+}
+
+impl Conn {
+    /// A connection, the receiving end of its outbound queue of `capacity` messages, and its
+    /// ending state (shared with the writer, which must not hold the `Conn`).
+    pub fn new(id: u64, capacity: usize) -> (Arc<Conn>, mpsc::Receiver<Message>, Arc<Ending>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let ending = Arc::new(Ending::default());
+        let conn = Conn { id, tx, last_seq: AtomicU64::new(0), ending: ending.clone() };
+        (Arc::new(conn), rx, ending)
+    }
+
+    /// The connection's id, unique in this process.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Queues a message without waiting. A full queue marks the connection as a slow
+    /// consumer and ends it; returns whether the message was queued.
+    pub fn push(&self, msg: Message) -> bool {
+        match self.tx.try_send(msg) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.ending.end(SLOW_CONSUMER);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Queues a text line.
+    pub fn push_line(&self, line: Vec<u8>) -> bool {
+        match String::from_utf8(line) {
+            Ok(s) => self.push(Message::Text(s.into())),
+            Err(e) => self.push(Message::Text(String::from_utf8_lossy(e.as_bytes()).into_owned().into())),
+        }
+    }
+
+    /// How the connection ends.
+    pub fn ending(&self) -> &Ending {
+        &self.ending
+    }
+}
+
+/// An event ready for delivery: stored durably, its line encoded once.
+#[derive(Debug, Clone)]
+pub struct Published {
+    /// Process-local sequence number (dedups deliveries to one connection).
+    pub seq: u64,
+    /// The event's timestamp.
+    pub ts: Timestamp,
+    /// Its normalized path.
+    pub path: Box<str>,
+    /// The sending connection, which does not receive its own event.
+    pub sender: Option<u64>,
+    /// The encoded line, shared by all receivers.
+    pub line: Utf8Bytes,
+}
+
+/// Routes published events to subscribed connections.
+pub trait Broker: Send + Sync + 'static {
+    /// Subscribes `conn` to `channel` (idempotent) and calls `position` with the timestamp
+    /// from which live delivery is guaranteed, before any event of the subscription is queued:
+    /// every event with a greater timestamp that matches reaches `conn` live, every event up
+    /// to it is already in the log.
+    fn subscribe(&self, conn: &Arc<Conn>, channel: &str, position: &mut dyn FnMut(Timestamp));
+    /// Unsubscribes (idempotent); `position` gets the timestamp after which no event is queued
+    /// for this subscription.
+    fn unsubscribe(&self, conn: &Arc<Conn>, channel: &str, position: &mut dyn FnMut(Timestamp));
+    /// Removes every subscription of a closing connection.
+    fn unsubscribe_all(&self, conn: &Arc<Conn>, channels: &mut dyn Iterator<Item = &str>);
+    /// Delivers durable events, in timestamp order.
+    fn publish(&self, batch: &[Published]);
+}
+
+/// The in-process broker.
+#[derive(Debug)]
+pub struct LocalBroker {
+    channels: RwLock<HashMap<Box<str>, Vec<Arc<Conn>>>>,
+    last: Mutex<Timestamp>,
+}
+
+impl LocalBroker {
+    /// A broker whose positions start at `last`, the newest stored event.
+    pub fn new(last: Timestamp) -> LocalBroker {
+        LocalBroker { channels: RwLock::new(HashMap::new()), last: Mutex::new(last) }
+    }
+
+    fn last(&self) -> Timestamp {
+        *self.last.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Broker for LocalBroker {
+    fn subscribe(&self, conn: &Arc<Conn>, channel: &str, position: &mut dyn FnMut(Timestamp)) {
+        let mut map = self.channels.write().unwrap_or_else(PoisonError::into_inner);
+        let subs = map.entry(channel.into()).or_default();
+        if !subs.iter().any(|c| c.id == conn.id) {
+            subs.push(conn.clone());
+        }
+        position(self.last());
+    }
+
+    fn unsubscribe(&self, conn: &Arc<Conn>, channel: &str, position: &mut dyn FnMut(Timestamp)) {
+        let mut map = self.channels.write().unwrap_or_else(PoisonError::into_inner);
+        remove(&mut map, conn.id, channel);
+        position(self.last());
+    }
+
+    fn unsubscribe_all(&self, conn: &Arc<Conn>, channels: &mut dyn Iterator<Item = &str>) {
+        let mut map = self.channels.write().unwrap_or_else(PoisonError::into_inner);
+        for ch in channels {
+            remove(&mut map, conn.id, ch);
+        }
+    }
+
+    fn publish(&self, batch: &[Published]) {
+        let Some(newest) = batch.last() else { return };
+        let map = self.channels.read().unwrap_or_else(PoisonError::into_inner);
+        for ev in batch {
+            for channel in ancestors(&ev.path) {
+                let Some(subs) = map.get(channel) else { continue };
+                for c in subs {
+                    if ev.sender == Some(c.id) || c.last_seq.swap(ev.seq, Ordering::Relaxed) == ev.seq {
+                        continue;
+                    }
+                    c.push(Message::Text(ev.line.clone()));
+                }
+            }
+        }
+        // Under the read lock: a subscribe (write lock) sees either none or all of the batch.
+        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = newest.ts;
+    }
+}
+
+fn remove(map: &mut HashMap<Box<str>, Vec<Arc<Conn>>>, id: u64, channel: &str) {
+    if let Some(subs) = map.get_mut(channel) {
+        if let Some(i) = subs.iter().position(|c| c.id == id) {
+            subs.swap_remove(i);
+        }
+        if subs.is_empty() {
+            map.remove(channel);
+        }
+    }
+}

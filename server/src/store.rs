@@ -1,0 +1,202 @@
+//! The event log: the storage interface and its sled implementation.
+//!
+//! [`EventLog`] is the narrow interface the rest of the server uses, so that a distributed
+//! engine can replace sled without touching the protocol code. The sled layout, in one tree
+//! so that a batch of events is written atomically:
+//!
+//! - `v` → the layout version (`1`);
+//! - `e` ‖ ts (12 bytes, big-endian) → the event line exactly as delivered (`@ts:/path:data`);
+//! - `i` ‖ channel ‖ `0x00` ‖ ts → empty, for the event's own path and each ancestor except
+//!   the root (the root's log is the whole `e` range).
+//!
+//! A channel's log (its whole subtree, in timestamp order) is one range scan of its index
+//! prefix; `0x00` cannot occur in a path, so `/a` never matches `/ab`.
+
+use std::io;
+use std::ops::ControlFlow;
+use std::path::Path;
+
+use ivy_client_core::Timestamp;
+use ivy_client_core::path::{ROOT, ancestors};
+
+use crate::config::Durability;
+
+/// One event to append.
+#[derive(Debug, Clone, Copy)]
+pub struct Record<'a> {
+    /// Its timestamp (unique, greater than every stored one).
+    pub ts: Timestamp,
+    /// Its normalized path.
+    pub path: &'a str,
+    /// The encoded event line.
+    pub line: &'a [u8],
+}
+
+/// Scan direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Oldest first.
+    Forward,
+    /// Newest first.
+    Backward,
+}
+
+/// A visitor of log entries: gets each timestamp and a loader that appends its line to a buffer.
+pub type Visit<'a> = dyn FnMut(Timestamp, &mut dyn FnMut(&mut Vec<u8>) -> io::Result<()>) -> io::Result<ControlFlow<()>> + 'a;
+
+/// Storage of events.
+pub trait EventLog: Send + Sync + 'static {
+    /// Appends events atomically (all or none), in timestamp order.
+    fn append(&self, records: &[Record<'_>]) -> io::Result<()>;
+    /// Makes every appended event durable (flush and fsync).
+    fn sync(&self) -> io::Result<()>;
+    /// The newest stored timestamp.
+    fn last_timestamp(&self) -> io::Result<Option<Timestamp>>;
+    /// Visits the events of `channel`'s subtree with `after < ts <= until`, in `dir` order,
+    /// until the visitor breaks.
+    fn scan(&self, channel: &str, after: Option<Timestamp>, until: Option<Timestamp>, dir: Direction, visit: &mut Visit<'_>) -> io::Result<()>;
+}
+
+/// The sled-backed [`EventLog`].
+#[derive(Debug, Clone)]
+pub struct SledLog {
+    db: sled::Db,
+}
+
+const LAYOUT_VERSION: &[u8] = b"1";
+
+fn to_io(e: sled::Error) -> io::Error {
+    match e {
+        sled::Error::Io(e) => e,
+        other => io::Error::other(other),
+    }
+}
+
+fn event_key(ts: Timestamp) -> [u8; 13] {
+    let mut k = [0u8; 13];
+    k[0] = b'e';
+    k[1..].copy_from_slice(&ts.to_be_bytes());
+    k
+}
+
+fn index_prefix(channel: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(channel.len() + 2 + Timestamp::BYTES);
+    k.push(b'i');
+    k.extend_from_slice(channel.as_bytes());
+    k.push(0);
+    k
+}
+
+fn ts_of_key(key: &[u8]) -> io::Result<Timestamp> {
+    key.len()
+        .checked_sub(Timestamp::BYTES)
+        .and_then(|at| Timestamp::from_be_bytes(&key[at..]))
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "corrupt key in event store"))
+}
+
+impl SledLog {
+    /// Opens (or creates) the store in `dir`. With [`Durability::Async`], sled flushes in the
+    /// background every `flush_interval_ms`.
+    pub fn open(dir: &Path, durability: Durability, flush_interval_ms: u64) -> io::Result<SledLog> {
+        let flush_every = match durability {
+            Durability::Sync => Some(1000),
+            Durability::Async => Some(flush_interval_ms.max(1)),
+        };
+        let db = sled::Config::new().path(dir).flush_every_ms(flush_every).open().map_err(to_io)?;
+        match db.get(b"v").map_err(to_io)? {
+            None => {
+                db.insert(b"v", LAYOUT_VERSION).map_err(to_io)?;
+            }
+            Some(v) if &*v == LAYOUT_VERSION => {}
+            Some(v) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: event store layout {:?} is not supported (expected 1)", dir.display(), String::from_utf8_lossy(&v)),
+                ));
+            }
+        }
+        Ok(SledLog { db })
+    }
+}
+
+impl EventLog for SledLog {
+    fn append(&self, records: &[Record<'_>]) -> io::Result<()> {
+        let mut batch = sled::Batch::default();
+        let mut key = Vec::new();
+        for r in records {
+            batch.insert(&event_key(r.ts)[..], r.line);
+            for anc in ancestors(r.path).filter(|a| *a != ROOT) {
+                key.clear();
+                key.push(b'i');
+                key.extend_from_slice(anc.as_bytes());
+                key.push(0);
+                key.extend_from_slice(&r.ts.to_be_bytes());
+                batch.insert(&key[..], &[][..]);
+            }
+        }
+        self.db.apply_batch(batch).map_err(to_io)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.db.flush().map(|_| ()).map_err(to_io)
+    }
+
+    fn last_timestamp(&self) -> io::Result<Option<Timestamp>> {
+        match self.db.scan_prefix(b"e").next_back() {
+            None => Ok(None),
+            Some(kv) => ts_of_key(&kv.map_err(to_io)?.0).map(Some),
+        }
+    }
+
+    fn scan(&self, channel: &str, after: Option<Timestamp>, until: Option<Timestamp>, dir: Direction, visit: &mut Visit<'_>) -> io::Result<()> {
+        use std::ops::Bound::{Excluded, Included};
+        let root = channel == ROOT;
+        let prefix = if root { b"e".to_vec() } else { index_prefix(channel) };
+        let bound = |ts: Timestamp| {
+            let mut k = prefix.clone();
+            k.extend_from_slice(&ts.to_be_bytes());
+            k
+        };
+        let lo = match after {
+            Some(a) => Excluded(bound(a)),
+            None => Included(prefix.clone()),
+        };
+        let hi = Included(bound(until.unwrap_or(Timestamp::MAX)));
+        let iter = self.db.range::<Vec<u8>, _>((lo, hi));
+        let mut step = |kv: sled::Result<(sled::IVec, sled::IVec)>| -> io::Result<ControlFlow<()>> {
+            let (k, v) = kv.map_err(to_io)?;
+            let ts = ts_of_key(&k)?;
+            let mut load = |out: &mut Vec<u8>| -> io::Result<()> {
+                if root {
+                    out.extend_from_slice(&v);
+                    return Ok(());
+                }
+                match self.db.get(event_key(ts)).map_err(to_io)? {
+                    Some(line) => {
+                        out.extend_from_slice(&line);
+                        Ok(())
+                    }
+                    None => Err(io::Error::new(io::ErrorKind::InvalidData, format!("index entry without event {ts:?}"))),
+                }
+            };
+            visit(ts, &mut load)
+        };
+        match dir {
+            Direction::Forward => {
+                for kv in iter {
+                    if step(kv)?.is_break() {
+                        break;
+                    }
+                }
+            }
+            Direction::Backward => {
+                for kv in iter.rev() {
+                    if step(kv)?.is_break() {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
