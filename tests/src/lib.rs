@@ -1,1 +1,341 @@
-//! Shared helpers for the cross-crate tests.
+//! Shared helpers for the cross-crate tests: a real server on 127.0.0.1 port 0 with its sled
+//! store in a temporary directory (in-process or as the `ivy-server` binary), a plain
+//! WebSocket client, and a raw HTTP/1.1 client so that headers and bodies are checked byte for
+//! byte.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub use ivy_server::Config;
+
+/// How long a test waits for something that should happen.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A server running in this process.
+#[derive(Debug)]
+pub struct TestServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+/// A fresh temporary data directory.
+pub fn temp_dir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("ivy-test-").tempdir().expect("temp dir")
+}
+
+/// A config for tests: data in `dir`, listen address irrelevant (the listener is passed in).
+pub fn config(dir: &Path) -> Config {
+    Config::new(dir)
+}
+
+impl TestServer {
+    /// Starts a server with `config` on 127.0.0.1, port 0.
+    pub async fn start(config: Config) -> TestServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(ivy_server::run(config, listener, async move {
+            let _ = rx.await;
+        }));
+        TestServer { addr, stop: Some(tx), task: Some(task) }
+    }
+
+    /// Starts a server with default limits on `dir`.
+    pub async fn start_in(dir: &Path) -> TestServer {
+        TestServer::start(config(dir)).await
+    }
+
+    /// The WebSocket URL.
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// Graceful shutdown; waits until the store is flushed and closed.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), task).await.expect("shutdown in time").expect("join").expect("run");
+        }
+    }
+}
+
+/// The `ivy-server` binary, built next to the test executables (`cargo test --workspace`
+/// builds it; `cargo build -p ivy-server` does too).
+pub fn server_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("IVY_SERVER_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join(format!("ivy-server{}", std::env::consts::EXE_SUFFIX));
+    assert!(bin.exists(), "{} not found: run `cargo build -p ivy-server` first", bin.display());
+    bin
+}
+
+/// The server binary running as a child process.
+#[derive(Debug)]
+pub struct ServerProcess {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    child: tokio::process::Child,
+}
+
+impl ServerProcess {
+    /// Starts `ivy-server --listen 127.0.0.1:0 --data DIR` plus `extra` flags, and waits for its
+    /// "listening" line.
+    pub async fn start(dir: &Path, extra: &[&str]) -> ServerProcess {
+        let mut child = tokio::process::Command::new(server_bin())
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data")
+            .arg(dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn ivy-server");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(WAIT, lines.next_line()).await.expect("server started in time").expect("read").expect("a line");
+        let addr = line.rsplit("http://").next().and_then(|a| a.trim().parse().ok()).unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        ServerProcess { addr, child }
+    }
+
+    /// The WebSocket URL.
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub async fn kill(mut self) {
+        self.child.kill().await.expect("kill");
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("pid");
+        let status = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().expect("kill -TERM");
+        assert!(status.success());
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await.expect("exit in time").expect("wait")
+    }
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A plain WebSocket client speaking raw protocol lines.
+#[derive(Debug)]
+pub struct Client {
+    ws: Ws,
+    /// The subprotocol the server selected.
+    pub protocol: Option<String>,
+}
+
+/// What arrived instead of a text line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Got {
+    /// A text line.
+    Line(String),
+    /// A close frame with this code and reason.
+    Close(u16, String),
+    /// The connection ended without a close frame.
+    Ended,
+    /// Nothing within the wait.
+    Timeout,
+}
+
+impl Client {
+    /// Connects to `url` offering the `ivy1` subprotocol.
+    pub async fn connect(url: &str) -> Client {
+        Client::connect_with(url, Some("ivy1")).await
+    }
+
+    /// Connects offering `protocol` (or none).
+    pub async fn connect_with(url: &str, protocol: Option<&str>) -> Client {
+        let mut req = url.into_client_request().expect("request");
+        if let Some(p) = protocol {
+            req.headers_mut().insert("Sec-WebSocket-Protocol", p.parse().expect("header"));
+        }
+        let (ws, resp) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req)).await.expect("connect in time").expect("connect");
+        let protocol = resp.headers().get("Sec-WebSocket-Protocol").map(|v| v.to_str().unwrap_or_default().to_string());
+        Client { ws, protocol }
+    }
+
+    /// Sends one command as a text message.
+    pub async fn send(&mut self, line: &str) {
+        self.ws.send(Message::text(line)).await.expect("send");
+    }
+
+    /// Sends a raw WebSocket message.
+    pub async fn send_raw(&mut self, msg: Message) -> Result<(), tungstenite::Error> {
+        self.ws.send(msg).await
+    }
+
+    /// The next text line, close or end, or `Timeout` after `wait`.
+    pub async fn next_within(&mut self, wait: Duration) -> Got {
+        loop {
+            match tokio::time::timeout(wait, self.ws.next()).await {
+                Err(_) => return Got::Timeout,
+                Ok(None) => return Got::Ended,
+                Ok(Some(Ok(Message::Text(t)))) => return Got::Line(t.to_string()),
+                Ok(Some(Ok(Message::Close(Some(f))))) => return Got::Close(u16::from(f.code), f.reason.to_string()),
+                Ok(Some(Ok(Message::Close(None)))) => return Got::Close(u16::from(CloseCode::Status), String::new()),
+                Ok(Some(Ok(_))) => continue,
+                Ok(Some(Err(_))) => return Got::Ended,
+            }
+        }
+    }
+
+    /// The next text line; panics on anything else.
+    pub async fn recv(&mut self) -> String {
+        match self.next_within(WAIT).await {
+            Got::Line(l) => l,
+            other => panic!("expected a line, got {other:?}"),
+        }
+    }
+
+    /// Asserts that nothing arrives within `wait`.
+    pub async fn expect_silence(&mut self, wait: Duration) {
+        match self.next_within(wait).await {
+            Got::Timeout => {}
+            other => panic!("expected nothing, got {other:?}"),
+        }
+    }
+
+    /// Sends an acked command and returns its reply line.
+    pub async fn request(&mut self, line: &str) -> String {
+        self.send(line).await;
+        self.recv().await
+    }
+
+    /// Subscribes with an ack and returns the position timestamp.
+    pub async fn subscribe(&mut self, path: &str) -> String {
+        let reply = self.request(&format!("#sub#+{path}")).await;
+        reply.strip_prefix("#sub#@").unwrap_or_else(|| panic!("subscribe reply {reply:?}")).to_string()
+    }
+
+    /// Sends with an ack and returns the event timestamp.
+    pub async fn publish(&mut self, path: &str, data: &str) -> String {
+        let reply = self.request(&format!("#pub#:{path}:{data}")).await;
+        reply.strip_prefix("#pub#@").unwrap_or_else(|| panic!("send reply {reply:?}")).to_string()
+    }
+
+    /// Closes politely.
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+    }
+}
+
+/// A raw HTTP response.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    /// Status code.
+    pub status: u16,
+    /// Headers in order, names lowercased.
+    pub headers: Vec<(String, String)>,
+    /// Body bytes (chunked transfer decoded).
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str())
+    }
+
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8(self.body.clone()).expect("UTF-8 body")
+    }
+}
+
+/// `GET target` with extra headers, over a fresh connection.
+pub async fn http_get(addr: SocketAddr, target: &str, headers: &[(&str, &str)]) -> HttpResponse {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let mut req = format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut raw)).await.expect("response in time").expect("read");
+    parse_http(&raw)
+}
+
+fn parse_http(raw: &[u8]) -> HttpResponse {
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("end of headers");
+    let head = std::str::from_utf8(&raw[..end]).expect("ASCII headers");
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).expect("status");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut body = raw[end + 4..].to_vec();
+    let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    if chunked {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        loop {
+            let nl = rest.windows(2).position(|w| w == b"\r\n").expect("chunk size line");
+            let size = usize::from_str_radix(std::str::from_utf8(&rest[..nl]).expect("hex").split(';').next().unwrap_or("0").trim(), 16).expect("chunk size");
+            rest = &rest[nl + 2..];
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[..size]);
+            rest = &rest[size + 2..];
+        }
+        body = out;
+    }
+    HttpResponse { status, headers, body }
+}
+
+/// A raw WebSocket handshake on `/ws` with extra headers: the status and headers of the reply.
+pub async fn raw_handshake(addr: SocketAddr, headers: &[(&str, &str)]) -> (u16, Vec<(String, String)>) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let mut req = format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !raw.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf)).await.expect("reply in time").expect("read");
+        assert!(n > 0, "connection closed during handshake");
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let r = parse_http(&raw);
+    (r.status, r.headers)
+}
+
+/// The body of `GET /log<path>[?query]` as text; panics unless 200.
+pub async fn log_text(addr: SocketAddr, target: &str) -> String {
+    let r = http_get(addr, target, &[]).await;
+    assert_eq!(r.status, 200, "GET {target}: {}", String::from_utf8_lossy(&r.body));
+    r.text()
+}
