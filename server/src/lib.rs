@@ -156,7 +156,9 @@ impl Ivy {
     }
 
     /// Shuts down: connections stop reading, get their queued replies and a close frame
-    /// (1001), the sequencer finishes every accepted event and the store is flushed.
+    /// (1001), the sequencer finishes every accepted event and the store is flushed. The
+    /// store's files are closed (and its lock released) when the `Ivy` and every router made
+    /// from it are dropped.
     pub async fn shutdown(&self) {
         self.shared.stop_reading.cancel();
         self.shared.tracker.close();

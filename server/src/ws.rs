@@ -172,6 +172,9 @@ async fn handle_command(shared: &Shared, conn: &Arc<Conn>, subs: &mut HashSet<Bo
 
 type Sink = futures_util::stream::SplitSink<WebSocket, Message>;
 
+/// How long a close frame may take to go out before the connection is dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Most queued messages written before one flush.
 const COALESCE: usize = 256;
 
@@ -215,11 +218,16 @@ async fn write_loop(shared: &Shared, mut rx: mpsc::Receiver<Message>, mut sink: 
         close_code::SLOW_CONSUMER => Some((close_code::SLOW_CONSUMER, "slow consumer: outbound queue full")),
         code => Some((code, "")),
     };
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+    // Free the queue now; a slow consumer's close frame may have to wait for it to read.
+    drop(rx);
+    let close = async {
         if let Some((code, reason)) = frame {
             sink.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await?;
         }
         sink.close().await
-    })
-    .await;
+    };
+    tokio::select! {
+        _ = tokio::time::timeout(CLOSE_TIMEOUT, close) => {}
+        _ = shared.force_close.cancelled() => {}
+    }
 }

@@ -1,0 +1,117 @@
+//! Persistence: restarts on the same data directory, SIGKILL, and timestamps that stay
+//! unique and increasing across restarts and a wall clock that steps backwards.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ivy_client_core::Timestamp;
+use ivy_server::{Ivy, WallClock};
+use ivy_tests::{Client, ServerProcess, TestServer, config, log_text, temp_dir};
+
+#[tokio::test]
+async fn a_graceful_restart_keeps_every_event() {
+    let dir = temp_dir();
+    let server = TestServer::start_in(dir.path()).await;
+    let mut c = Client::connect(&server.ws_url()).await;
+    let mut acked = Vec::new();
+    for i in 0..100 {
+        acked.push(c.publish(&format!("/r/{}", i % 3), &format!("event {i}\nline 2 50%")).await);
+    }
+    let before = log_text(server.addr, "/log/").await;
+    let before_r1 = log_text(server.addr, "/log/r/1").await;
+    server.stop().await;
+
+    let server = TestServer::start_in(dir.path()).await;
+    assert_eq!(log_text(server.addr, "/log/").await, before);
+    assert_eq!(log_text(server.addr, "/log/r/1").await, before_r1);
+    let logged: Vec<&str> = before.lines().map(|l| &l[1..21]).collect();
+    assert_eq!(logged, acked.iter().map(String::as_str).collect::<Vec<_>>());
+    // New events continue after the old ones.
+    let mut c = Client::connect(&server.ws_url()).await;
+    let next = c.publish("/r/0", "after restart").await;
+    assert!(next > *acked.last().unwrap());
+    server.stop().await;
+}
+
+/// Serves an instance with a custom wall clock; returns its address and the instance.
+async fn serve_with_clock(dir: &std::path::Path, wall: WallClock) -> (std::net::SocketAddr, Arc<Ivy>, tokio::task::JoinHandle<()>) {
+    let ivy = Arc::new(Ivy::open_with_clock(config(dir), wall).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = ivy.router();
+    let stop = ivy.stop_signal();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await.unwrap();
+    });
+    (addr, ivy, task)
+}
+
+#[tokio::test]
+async fn timestamps_increase_when_the_wall_clock_steps_back() {
+    let dir = temp_dir();
+    // Year 2100, then the clock jumps back by an hour during the run.
+    let secs = Arc::new(AtomicU64::new(4_102_444_800));
+    let s = secs.clone();
+    let wall = WallClock::from_fn(move || Timestamp::new(s.load(Ordering::SeqCst), 0).unwrap());
+    let (addr, ivy, task) = serve_with_clock(dir.path(), wall).await;
+    let mut c = Client::connect(&format!("ws://{addr}/ws")).await;
+    let mut ts = Vec::new();
+    for i in 0..5 {
+        ts.push(c.publish("/clock", &i.to_string()).await);
+    }
+    secs.fetch_sub(3600, Ordering::SeqCst);
+    for i in 5..10 {
+        ts.push(c.publish("/clock", &i.to_string()).await);
+    }
+    assert!(ts.windows(2).all(|w| w[0] < w[1]), "{ts:?}");
+    assert_eq!(ts[0], "4102444800.000000000");
+    assert_eq!(ts[9], "4102444800.000000009");
+    ivy.stop_signal().cancel();
+    task.await.unwrap();
+    ivy.shutdown().await;
+    drop(ivy); // releases the store's lock
+
+    // Restart with the real clock, which is far behind year 2100: still increasing.
+    let (addr, ivy, task) = serve_with_clock(dir.path(), WallClock::system()).await;
+    let mut c = Client::connect(&format!("ws://{addr}/ws")).await;
+    let after = c.publish("/clock", "after").await;
+    assert_eq!(after, "4102444800.000000010");
+    let time = c.request("#t#@").await;
+    assert!(time["#t#@".len()..] >= *after, "{time}");
+    let log = log_text(addr, "/log/clock").await;
+    assert_eq!(log.lines().count(), 11);
+    ivy.stop_signal().cancel();
+    task.await.unwrap();
+    ivy.shutdown().await;
+}
+
+#[tokio::test]
+async fn sigkill_loses_no_acked_event_and_timestamps_keep_increasing() {
+    let dir = temp_dir();
+    let mut all_acked: Vec<String> = Vec::new();
+    for round in 0..3 {
+        let server = ServerProcess::start(dir.path(), &[]).await;
+        let before = log_text(server.addr, "/log/").await;
+        let stored: Vec<&str> = before.lines().map(|l| &l[1..21]).collect();
+        assert_eq!(stored, all_acked.iter().map(String::as_str).collect::<Vec<_>>(), "round {round}: every acked event survived, once");
+        let mut c = Client::connect(&server.ws_url()).await;
+        for i in 0..200 {
+            c.send(&format!("#{i}#:/k/{round}:{i}")).await;
+        }
+        for i in 0..200 {
+            let reply = c.recv().await;
+            let prefix = format!("#{i}#@");
+            assert!(reply.starts_with(&prefix), "{reply}");
+            let ts = reply[prefix.len()..].to_string();
+            assert!(all_acked.last().is_none_or(|last| *last < ts));
+            all_acked.push(ts);
+        }
+        server.kill().await;
+    }
+    let server = ServerProcess::start(dir.path(), &[]).await;
+    let log = log_text(server.addr, "/log/k").await;
+    assert_eq!(log.lines().map(|l| &l[1..21]).collect::<Vec<_>>(), all_acked.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(log_text(server.addr, "/log/k/1").await.lines().count(), 200);
+    let status = server.terminate().await;
+    assert!(status.success(), "SIGTERM exits cleanly: {status:?}");
+}
