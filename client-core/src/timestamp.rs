@@ -158,10 +158,7 @@ impl Timestamp {
             if !b.is_ascii_digit() {
                 return Err(TimestampError::Syntax);
             }
-            secs = secs
-                .checked_mul(10)
-                .and_then(|v| v.checked_add(u64::from(b - b'0')))
-                .ok_or(TimestampError::Overflow)?;
+            secs = secs.checked_mul(10).and_then(|v| v.checked_add(u64::from(b - b'0'))).ok_or(TimestampError::Overflow)?;
         }
         let mut nanos: u32 = 0;
         for &b in rest {
@@ -213,7 +210,9 @@ mod tests {
 
     #[test]
     fn rejects_bad_forms() {
-        for bad in ["", ".", "1.", "1.12345678", "1.1234567890", "a.000000000", "1.00000000a", "1.000000000.", "99999999999999999999999.000000000"] {
+        for bad in
+            ["", ".", "1.", "1.12345678", "1.1234567890", "a.000000000", "1.00000000a", "1.000000000.", "99999999999999999999999.000000000"]
+        {
             assert!(Timestamp::parse(bad.as_bytes()).is_err(), "{bad}");
         }
         assert_eq!("@0000000001.000000002".parse(), Ok(Timestamp::new(1, 2).unwrap()));

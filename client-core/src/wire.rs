@@ -173,10 +173,8 @@ impl<'a> Command<'a> {
         let (ack, body) = match msg.first() {
             Some(b'#') => {
                 let rest = &msg[1..];
-                let end = rest
-                    .iter()
-                    .position(|&b| b == b'#')
-                    .ok_or(CommandError { ack: None, kind: CommandErrorKind::UnterminatedAck })?;
+                let end =
+                    rest.iter().position(|&b| b == b'#').ok_or(CommandError { ack: None, kind: CommandErrorKind::UnterminatedAck })?;
                 (Some(&rest[..end]), &rest[end + 1..])
             }
             _ => (None, msg),
@@ -407,10 +405,7 @@ mod tests {
     fn parses_the_original_commands() {
         assert_eq!(cmd("+/a/b").unwrap(), Command { ack: None, op: Op::Subscribe("/a/b".into()) });
         assert_eq!(cmd("#k#-a/b/").unwrap(), Command { ack: Some(b"k"), op: Op::Unsubscribe("/a/b".into()) });
-        assert_eq!(
-            cmd("#1#:/a:x:y#z\n\r").unwrap(),
-            Command { ack: Some(b"1"), op: Op::Send { path: "/a".into(), data: b"x:y#z\n\r" } }
-        );
+        assert_eq!(cmd("#1#:/a:x:y#z\n\r").unwrap(), Command { ack: Some(b"1"), op: Op::Send { path: "/a".into(), data: b"x:y#z\n\r" } });
         assert_eq!(cmd(":/a:").unwrap().op, Op::Send { path: "/a".into(), data: b"" });
         assert_eq!(cmd("##@whatever").unwrap(), Command { ack: Some(b""), op: Op::Timestamp });
         assert_eq!(cmd("+").unwrap().op, Op::Subscribe("/".into()));
@@ -445,7 +440,10 @@ mod tests {
         encode_error(Some(b"k"), ErrorCode::BadPath, "bad\npath", &mut v);
         assert_eq!(v, b"#k#!bad-path bad path");
         assert_eq!(parse_line(&v).unwrap(), ServerLine::Error { key: Some(b"k"), code: "bad-path", message: "bad path" });
-        assert_eq!(parse_line(b"!malformed empty command").unwrap(), ServerLine::Error { key: None, code: "malformed", message: "empty command" });
+        assert_eq!(
+            parse_line(b"!malformed empty command").unwrap(),
+            ServerLine::Error { key: None, code: "malformed", message: "empty command" }
+        );
         assert!(parse_line(b"@1.000000000:/A:x").is_err());
         assert!(parse_line(b"@1.000000000:/a/:x").is_err());
         assert!(parse_line(b"@1.000000000:/a:%zz").is_err());

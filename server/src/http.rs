@@ -29,7 +29,8 @@ const NO_CACHE: &str = "no-cache";
 fn bad_request(reason: impl Into<String>) -> Response {
     let mut body = reason.into();
     body.push('\n');
-    (StatusCode::BAD_REQUEST, [(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::CACHE_CONTROL, NO_CACHE)], body).into_response()
+    (StatusCode::BAD_REQUEST, [(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::CACHE_CONTROL, NO_CACHE)], body)
+        .into_response()
 }
 
 fn server_error(e: io::Error) -> Response {

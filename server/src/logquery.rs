@@ -68,9 +68,7 @@ pub fn parse(raw: Option<&str>) -> Result<LogQuery, String> {
     }
     let n = n.map(|v| positive(v.trim()).ok_or("invalid line count")).transpose()?;
     let limit = limit.map(|v| positive(v.trim()).ok_or("invalid limit: must be an integer >= 1")).transpose()?;
-    let after = after
-        .map(|v| v.trim().parse::<Timestamp>().map_err(|e| format!("invalid after timestamp: {e}")))
-        .transpose()?;
+    let after = after.map(|v| v.trim().parse::<Timestamp>().map_err(|e| format!("invalid after timestamp: {e}"))).transpose()?;
     match (n, after, limit) {
         (Some(_), Some(_), _) | (Some(_), _, Some(_)) => Err("n cannot be combined with after or limit".into()),
         (Some(k), None, None) => Ok(LogQuery::Last(k)),

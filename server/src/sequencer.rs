@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 use axum::extract::ws::Utf8Bytes;
-use ivy_client_core::wire::{ErrorCode, encode_ack, encode_error, encode_event};
 use ivy_client_core::Timestamp;
+use ivy_client_core::wire::{ErrorCode, encode_ack, encode_error, encode_event};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::broker::{Broker, Conn, Published};

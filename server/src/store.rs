@@ -54,7 +54,14 @@ pub trait EventLog: Send + Sync + 'static {
     fn last_timestamp(&self) -> io::Result<Option<Timestamp>>;
     /// Visits the events of `channel`'s subtree with `after < ts <= until`, in `dir` order,
     /// until the visitor breaks.
-    fn scan(&self, channel: &str, after: Option<Timestamp>, until: Option<Timestamp>, dir: Direction, visit: &mut Visit<'_>) -> io::Result<()>;
+    fn scan(
+        &self,
+        channel: &str,
+        after: Option<Timestamp>,
+        until: Option<Timestamp>,
+        dir: Direction,
+        visit: &mut Visit<'_>,
+    ) -> io::Result<()>;
 }
 
 /// The sled-backed [`EventLog`].
@@ -148,7 +155,14 @@ impl EventLog for SledLog {
         }
     }
 
-    fn scan(&self, channel: &str, after: Option<Timestamp>, until: Option<Timestamp>, dir: Direction, visit: &mut Visit<'_>) -> io::Result<()> {
+    fn scan(
+        &self,
+        channel: &str,
+        after: Option<Timestamp>,
+        until: Option<Timestamp>,
+        dir: Direction,
+        visit: &mut Visit<'_>,
+    ) -> io::Result<()> {
         use std::ops::Bound::{Excluded, Included};
         let root = channel == ROOT;
         let prefix = if root { b"e".to_vec() } else { index_prefix(channel) };

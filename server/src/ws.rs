@@ -87,7 +87,12 @@ async fn read_loop(shared: &Shared, conn: Arc<Conn>, mut stream: futures_util::s
             Some(Ok(Message::Text(text))) => handle_command(shared, &conn, &mut subs, text).await,
             Some(Ok(Message::Binary(_))) => {
                 let mut line = Vec::new();
-                encode_error(None, ErrorCode::Unsupported, "binary frames are not part of the protocol; send each command as a text frame", &mut line);
+                encode_error(
+                    None,
+                    ErrorCode::Unsupported,
+                    "binary frames are not part of the protocol; send each command as a text frame",
+                    &mut line,
+                );
                 conn.push_line(line);
             }
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}

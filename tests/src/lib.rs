@@ -114,7 +114,8 @@ impl ServerProcess {
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
         let line = tokio::time::timeout(WAIT, lines.next_line()).await.expect("server started in time").expect("read").expect("a line");
-        let addr = line.rsplit("http://").next().and_then(|a| a.trim().parse().ok()).unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+        let addr =
+            line.rsplit("http://").next().and_then(|a| a.trim().parse().ok()).unwrap_or_else(|| panic!("unexpected first line {line:?}"));
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         ServerProcess { addr, child }
@@ -174,7 +175,8 @@ impl Client {
         if let Some(p) = protocol {
             req.headers_mut().insert("Sec-WebSocket-Protocol", p.parse().expect("header"));
         }
-        let (ws, resp) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req)).await.expect("connect in time").expect("connect");
+        let (ws, resp) =
+            tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req)).await.expect("connect in time").expect("connect");
         let protocol = resp.headers().get("Sec-WebSocket-Protocol").map(|v| v.to_str().unwrap_or_default().to_string());
         Client { ws, protocol }
     }
@@ -287,10 +289,8 @@ fn parse_http(raw: &[u8]) -> HttpResponse {
     let head = std::str::from_utf8(&raw[..end]).expect("ASCII headers");
     let mut lines = head.split("\r\n");
     let status: u16 = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).expect("status");
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
+    let headers: Vec<(String, String)> =
+        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
     let mut body = raw[end + 4..].to_vec();
     let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
     if chunked {
@@ -298,7 +298,8 @@ fn parse_http(raw: &[u8]) -> HttpResponse {
         let mut rest = &body[..];
         loop {
             let nl = rest.windows(2).position(|w| w == b"\r\n").expect("chunk size line");
-            let size = usize::from_str_radix(std::str::from_utf8(&rest[..nl]).expect("hex").split(';').next().unwrap_or("0").trim(), 16).expect("chunk size");
+            let size = usize::from_str_radix(std::str::from_utf8(&rest[..nl]).expect("hex").split(';').next().unwrap_or("0").trim(), 16)
+                .expect("chunk size");
             rest = &rest[nl + 2..];
             if size == 0 {
                 break;

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use ivy_tests::{Client, Got, TestServer, config, http_get, log_text, temp_dir};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 
 const QUIET: Duration = Duration::from_millis(300);
 

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Sets up what the tests need (skipping what is present) and runs every test of the project.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "toolchain: wasm32 target"
+if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then
+  rustup target add wasm32-unknown-unknown
+fi
+
+step "format and lints"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "client-core builds for wasm32-unknown-unknown"
+cargo build -p ivy-client-core --target wasm32-unknown-unknown
+
+results=$(mktemp)
+trap 'rm -f "$results"' EXIT
+
+step "Rust unit, property, doc and integration tests"
+cargo test --workspace 2>&1 | tee -a "$results"
+
+# One closing line for everything above: 'summary: N passed, N failed, N skipped'.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+     END { printf "\nsummary: %d passed, %d failed, %d skipped\n", p, f, s; if (p == 0 || f > 0) exit 1 }' "$results"
