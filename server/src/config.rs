@@ -18,6 +18,19 @@ pub enum Durability {
     Async,
 }
 
+/// Default of `--max-message-size`.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 65_536;
+/// Default of `--max-path-length`.
+pub const DEFAULT_MAX_PATH_LENGTH: usize = 255;
+/// Default of `--max-subscriptions`.
+pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 1024;
+/// Default of `--queue-length`.
+pub const DEFAULT_QUEUE_LENGTH: usize = 1024;
+/// Default of `--log-page-limit`.
+pub const DEFAULT_LOG_PAGE_LIMIT: usize = 10_000;
+/// Default of `--flush-interval-ms`.
+pub const DEFAULT_FLUSH_INTERVAL_MS: u64 = 100;
+
 /// Configuration of an Ivy server.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "ivy-server", version, about = "Reference server for the Ivy hierarchical pub/sub protocol with persistent event logs")]
@@ -35,28 +48,28 @@ pub struct Config {
     pub durability: Durability,
 
     /// Background flush interval of `--durability async`, in milliseconds.
-    #[arg(long, env = "IVY_FLUSH_INTERVAL_MS", default_value_t = 100)]
+    #[arg(long, env = "IVY_FLUSH_INTERVAL_MS", default_value_t = DEFAULT_FLUSH_INTERVAL_MS)]
     pub flush_interval_ms: u64,
 
     /// Largest WebSocket message accepted, in bytes; larger ones close the connection with 1009.
-    #[arg(long, env = "IVY_MAX_MESSAGE_SIZE", default_value_t = 65_536)]
+    #[arg(long, env = "IVY_MAX_MESSAGE_SIZE", default_value_t = DEFAULT_MAX_MESSAGE_SIZE)]
     pub max_message_size: usize,
 
     /// Longest channel path accepted, in bytes after normalization.
-    #[arg(long, env = "IVY_MAX_PATH_LENGTH", default_value_t = 255)]
+    #[arg(long, env = "IVY_MAX_PATH_LENGTH", default_value_t = DEFAULT_MAX_PATH_LENGTH)]
     pub max_path_length: usize,
 
     /// Most subscriptions one connection may hold.
-    #[arg(long, env = "IVY_MAX_SUBSCRIPTIONS", default_value_t = 1024)]
+    #[arg(long, env = "IVY_MAX_SUBSCRIPTIONS", default_value_t = DEFAULT_MAX_SUBSCRIPTIONS)]
     pub max_subscriptions: usize,
 
     /// Messages queued for one connection before it counts as a slow consumer and is closed
     /// with code 4000.
-    #[arg(long, env = "IVY_QUEUE_LENGTH", default_value_t = 1024)]
+    #[arg(long, env = "IVY_QUEUE_LENGTH", default_value_t = DEFAULT_QUEUE_LENGTH)]
     pub queue_length: usize,
 
     /// Most events one log page returns (`limit` above it is capped).
-    #[arg(long, env = "IVY_LOG_PAGE_LIMIT", default_value_t = 10_000)]
+    #[arg(long, env = "IVY_LOG_PAGE_LIMIT", default_value_t = DEFAULT_LOG_PAGE_LIMIT)]
     pub log_page_limit: usize,
 
     /// Origins allowed to open WebSockets and read logs from a browser (repeat the flag or
@@ -65,10 +78,19 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
 }
 impl Config {
-    /// The defaults, with the data directory `data`.
+    /// The defaults, with the data directory `data`. Reads no flags and no environment.
     pub fn new(data: impl Into<PathBuf>) -> Config {
-        let mut c = Config::parse_from(["ivy-server"]);
-        c.data = data.into();
-        c
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data: data.into(),
+            durability: Durability::Sync,
+            flush_interval_ms: DEFAULT_FLUSH_INTERVAL_MS,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            max_path_length: DEFAULT_MAX_PATH_LENGTH,
+            max_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
+            queue_length: DEFAULT_QUEUE_LENGTH,
+            log_page_limit: DEFAULT_LOG_PAGE_LIMIT,
+            allowed_origins: Vec::new(),
+        }
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{RawQuery, State};
+use axum::extract::{OriginalUri, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use ivy_client_core::Timestamp;
@@ -62,7 +62,7 @@ struct Meta {
     link: Option<String>,
 }
 
-fn respond(shared: &Shared, headers: &HeaderMap, meta: Meta, body: impl FnOnce() -> Body) -> Response {
+fn respond(headers: &HeaderMap, meta: Meta, body: impl FnOnce() -> Body) -> Response {
     let tag = etag(meta.newest);
     let mut h = HeaderMap::new();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
@@ -79,7 +79,6 @@ fn respond(shared: &Shared, headers: &HeaderMap, meta: Meta, body: impl FnOnce()
     if let Some(link) = meta.link.and_then(|l| HeaderValue::from_str(&l).ok()) {
         h.insert(header::LINK, link);
     }
-    crate::cors_headers(&shared.config.allowed_origins, headers, &mut h);
     if if_none_match(headers, &tag) {
         return (StatusCode::NOT_MODIFIED, h).into_response();
     }
@@ -87,7 +86,13 @@ fn respond(shared: &Shared, headers: &HeaderMap, meta: Meta, body: impl FnOnce()
 }
 
 /// `GET /log`, `/log/` and `/log/<path>`.
-pub(crate) async fn handler(State(shared): State<Arc<Shared>>, uri: Uri, RawQuery(query): RawQuery, headers: HeaderMap) -> Response {
+pub(crate) async fn handler(
+    State(shared): State<Arc<Shared>>,
+    uri: Uri,
+    OriginalUri(original): OriginalUri,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
     let raw = uri.path().strip_prefix("/log").unwrap_or("");
     let path = match normalize_with_limit(raw.as_bytes(), shared.config.max_path_length) {
         Ok(p) => p.into_owned(),
@@ -98,12 +103,14 @@ pub(crate) async fn handler(State(shared): State<Arc<Shared>>, uri: Uri, RawQuer
         Err(reason) => return bad_request(reason),
     };
     let log = shared.log.clone();
+    // Only durable events are shown (see `Watermark`).
+    let visible = shared.visible.get();
     match query {
         LogQuery::Page { after, limit } => {
             let cap = shared.config.log_page_limit.max(1);
             let effective = limit.map_or(cap, |l| usize::try_from(l).unwrap_or(usize::MAX).min(cap));
-            let (p, shared2) = (path.clone(), shared.clone());
-            let page = tokio::task::spawn_blocking(move || read_page(&*log, &p, after, effective)).await;
+            let p = path.clone();
+            let page = tokio::task::spawn_blocking(move || read_page(&*log, &p, after, visible, effective)).await;
             let (body, count, newest) = match page {
                 Ok(Ok(page)) => page,
                 Ok(Err(e)) => return server_error(e),
@@ -113,22 +120,23 @@ pub(crate) async fn handler(State(shared): State<Arc<Shared>>, uri: Uri, RawQuer
             let immutable = full && limit == Some(effective as u64);
             let link = full.then(|| {
                 let last = newest.map_or(String::new(), |t| t.to_string());
-                format!("<{}?after={last}&limit={effective}>; rel=\"next\"", log_url(&path))
+                // The path as requested, so that the link works under any mount point.
+                format!("<{}?after={last}&limit={effective}>; rel=\"next\"", original.path())
             });
             let meta = Meta { newest, cache: if immutable { IMMUTABLE } else { NO_CACHE }, link };
-            respond(&shared2, &headers, meta, || Body::from(body))
+            respond(&headers, meta, || Body::from(body))
         }
         LogQuery::All | LogQuery::Last(_) => {
             let (p, q) = (path.clone(), query);
             let log2 = log.clone();
-            let bounds = tokio::task::spawn_blocking(move || stream_bounds(&*log2, &p, q)).await;
+            let bounds = tokio::task::spawn_blocking(move || stream_bounds(&*log2, &p, q, visible)).await;
             let (start_after, newest) = match bounds {
                 Ok(Ok(b)) => b,
                 Ok(Err(e)) => return server_error(e),
                 Err(e) => return server_error(io::Error::other(e)),
             };
             let meta = Meta { newest, cache: NO_CACHE, link: None };
-            respond(&shared, &headers, meta, move || match newest {
+            respond(&headers, meta, move || match newest {
                 None => Body::empty(),
                 Some(until) => stream_body(log, path, start_after, until),
             })
@@ -136,16 +144,18 @@ pub(crate) async fn handler(State(shared): State<Arc<Shared>>, uri: Uri, RawQuer
     }
 }
 
-fn log_url(path: &str) -> String {
-    if path == "/" { "/log/".to_string() } else { format!("/log{path}") }
-}
-
 /// Reads one cursor page: the body, the number of events and the newest one.
-fn read_page(log: &dyn EventLog, path: &str, after: Option<Timestamp>, limit: usize) -> io::Result<(Vec<u8>, usize, Option<Timestamp>)> {
+fn read_page(
+    log: &dyn EventLog,
+    path: &str,
+    after: Option<Timestamp>,
+    until: Timestamp,
+    limit: usize,
+) -> io::Result<(Vec<u8>, usize, Option<Timestamp>)> {
     let mut body = Vec::new();
     let mut count = 0;
     let mut newest = None;
-    log.scan(path, after, None, Direction::Forward, &mut |ts, load| {
+    log.scan(path, after, Some(until), Direction::Forward, &mut |ts, load| {
         if count > 0 {
             body.push(b'\n');
         }
@@ -159,7 +169,7 @@ fn read_page(log: &dyn EventLog, path: &str, after: Option<Timestamp>, limit: us
 
 /// For a streamed read: the exclusive start and the newest event (the stream's end, so that
 /// the body matches its ETag even while events keep arriving).
-fn stream_bounds(log: &dyn EventLog, path: &str, q: LogQuery) -> io::Result<(Option<Timestamp>, Option<Timestamp>)> {
+fn stream_bounds(log: &dyn EventLog, path: &str, q: LogQuery, until: Timestamp) -> io::Result<(Option<Timestamp>, Option<Timestamp>)> {
     let want = match q {
         LogQuery::Last(k) => k,
         _ => 1,
@@ -167,7 +177,7 @@ fn stream_bounds(log: &dyn EventLog, path: &str, q: LogQuery) -> io::Result<(Opt
     let mut newest = None;
     let mut oldest = None;
     let mut seen = 0u64;
-    log.scan(path, None, None, Direction::Backward, &mut |ts, _| {
+    log.scan(path, None, Some(until), Direction::Backward, &mut |ts, _| {
         newest.get_or_insert(ts);
         oldest = Some(ts);
         seen += 1;
@@ -212,9 +222,8 @@ fn stream_body(log: Arc<dyn EventLog>, path: String, after: Option<Timestamp>, u
 }
 
 /// Answers `OPTIONS` preflights for the log endpoint.
-pub(crate) async fn preflight(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+pub(crate) async fn preflight() -> Response {
     let mut h = HeaderMap::new();
-    crate::cors_headers(&shared.config.allowed_origins, &headers, &mut h);
     h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, HEAD, OPTIONS"));
     h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("If-None-Match"));
     h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("86400"));

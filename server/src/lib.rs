@@ -62,10 +62,34 @@ use store::{EventLog, SledLog};
 /// How long connections get to finish their queued replies at shutdown before they are cut.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// The newest timestamp whose event is durable (or, with [`Durability::Async`], stored in
+/// memory) and may be shown to log readers. Events are appended before their flush completes;
+/// reads stop at this mark so that nobody sees, or caches as immutable, an event that a crash
+/// could still take back.
+#[derive(Debug, Default)]
+pub struct Watermark(Mutex<Timestamp>);
+
+impl Watermark {
+    /// A mark at `ts`.
+    pub fn new(ts: Timestamp) -> Watermark {
+        Watermark(Mutex::new(ts))
+    }
+    /// The current mark.
+    pub fn get(&self) -> Timestamp {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+    /// Raises the mark to `ts`.
+    pub fn raise(&self, ts: Timestamp) {
+        let mut m = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        *m = (*m).max(ts);
+    }
+}
+
 /// State shared by every handler.
 pub(crate) struct Shared {
     config: Config,
     log: Arc<dyn EventLog>,
+    visible: Arc<Watermark>,
     broker: Arc<dyn Broker>,
     clock: Arc<Clock>,
     publish_tx: mpsc::Sender<Input>,
@@ -104,11 +128,14 @@ impl Ivy {
         let log: Arc<dyn EventLog> = Arc::new(log);
         let broker: Arc<dyn Broker> = Arc::new(LocalBroker::new(last));
         let clock = Arc::new(Clock::new(wall, last));
-        let (publish_tx, handle) = sequencer::spawn(log.clone(), broker.clone(), clock.clone(), config.durability, 16 * 1024);
+        let visible = Arc::new(Watermark::new(last));
+        let (publish_tx, handle) =
+            sequencer::spawn(log.clone(), broker.clone(), clock.clone(), visible.clone(), config.durability, 16 * 1024);
         tracing::info!(data = %config.data.display(), last = %last, durability = ?config.durability, "event store open");
         let shared = Arc::new(Shared {
             config,
             log,
+            visible,
             broker,
             clock,
             publish_tx,
@@ -122,12 +149,12 @@ impl Ivy {
 
     /// The routes `/ws`, `/log`, `/log/` and `/log/{*path}`, to serve or merge into an app.
     pub fn router(&self) -> Router {
-        Router::new()
-            .route("/ws", get(ws::handler))
+        let log = Router::new()
             .route("/log", get(http::handler).options(http::preflight))
             .route("/log/", get(http::handler).options(http::preflight))
             .route("/log/{*path}", get(http::handler).options(http::preflight))
-            .with_state(self.shared.clone())
+            .layer(axum::middleware::from_fn_with_state(self.shared.clone(), cors_layer));
+        Router::new().route("/ws", get(ws::handler)).merge(log).with_state(self.shared.clone())
     }
 
     /// Publishes an event from the embedding application (no sender is excluded). Resolves
@@ -135,7 +162,7 @@ impl Ivy {
     /// to the subscribers' queues.
     pub async fn publish(&self, path: &str, data: &str) -> Result<Timestamp, PublishError> {
         let path = ivy_client_core::path::normalize_with_limit(path.as_bytes(), self.shared.config.max_path_length)
-            .map_err(|e| PublishError::Storage(format!("invalid path: {e}")))?;
+            .map_err(PublishError::InvalidPath)?;
         let (tx, rx) = oneshot::channel();
         let request = PublishRequest {
             path: path.into_owned().into_boxed_str(),
@@ -176,18 +203,34 @@ impl Ivy {
     }
 }
 
-/// Adds CORS headers for an allowed `Origin`.
+/// Adds CORS headers for an allowed `Origin`. With a restricted origin list the answer
+/// depends on `Origin`, so `Vary: Origin` is always sent for caches.
 pub(crate) fn cors_headers(allowed: &[String], req: &HeaderMap, out: &mut HeaderMap) {
+    let any = allowed.is_empty() || allowed.iter().any(|a| a == "*");
+    if !any {
+        out.append(header::VARY, HeaderValue::from_static("Origin"));
+    }
     let Some(origin) = req.get(header::ORIGIN) else { return };
-    if allowed.is_empty() || allowed.iter().any(|a| a == "*") {
+    if any {
         out.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
     } else if ws::origin_allowed(allowed, req) {
         out.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
-        out.insert(header::VARY, HeaderValue::from_static("Origin"));
     } else {
         return;
     }
     out.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("Link, ETag, Last-Modified"));
+}
+
+/// Middleware: CORS headers on every log response, errors included.
+async fn cors_layer(
+    axum::extract::State(shared): axum::extract::State<Arc<Shared>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let req_headers = req.headers().clone();
+    let mut resp = next.run(req).await;
+    cors_headers(&shared.config.allowed_origins, &req_headers, resp.headers_mut());
+    resp
 }
 
 /// Serves Ivy on `listener` until `shutdown` resolves, then shuts down gracefully.

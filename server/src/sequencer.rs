@@ -15,6 +15,7 @@ use ivy_client_core::Timestamp;
 use ivy_client_core::wire::{ErrorCode, encode_ack, encode_error, encode_event};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::Watermark;
 use crate::broker::{Broker, Conn, Published};
 use crate::clock::Clock;
 use crate::config::Durability;
@@ -28,7 +29,11 @@ const MAX_BATCH_BYTES: usize = 8 << 20;
 /// Why a publish failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PublishError {
-    /// The store refused the write; the event was not published.
+    /// The path is invalid (only from [`crate::Ivy::publish`]; WebSocket sends are checked
+    /// when parsed).
+    InvalidPath(ivy_client_core::path::PathError),
+    /// The store failed; the event was not delivered live. If the failure came from the
+    /// flush, the event may still be in the log.
     Storage(String),
     /// The server is shutting down.
     ShuttingDown,
@@ -37,6 +42,7 @@ pub enum PublishError {
 impl std::fmt::Display for PublishError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            PublishError::InvalidPath(e) => write!(f, "invalid path: {e}"),
             PublishError::Storage(e) => write!(f, "event not stored: {e}"),
             PublishError::ShuttingDown => f.write_str("server is shutting down"),
         }
@@ -78,6 +84,7 @@ impl Reply {
                     (Err(e), key) => {
                         let code = match e {
                             PublishError::Storage(_) => ErrorCode::Storage,
+                            PublishError::InvalidPath(_) => ErrorCode::BadPath,
                             PublishError::ShuttingDown => ErrorCode::ShuttingDown,
                         };
                         encode_error(key.as_deref(), code, &e.to_string(), &mut line);
@@ -125,20 +132,21 @@ pub fn spawn(
     log: Arc<dyn EventLog>,
     broker: Arc<dyn Broker>,
     clock: Arc<Clock>,
+    visible: Arc<Watermark>,
     durability: Durability,
     queue: usize,
 ) -> (mpsc::Sender<Input>, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(queue);
     let handle = std::thread::Builder::new()
         .name("ivy-sequencer".into())
-        .spawn(move || run(rx, &*log, &*broker, &clock, durability))
+        .spawn(move || run(rx, &*log, &*broker, &clock, &visible, durability))
         .expect("spawn the sequencer thread");
     (tx, handle)
 }
 
 static SEQ: AtomicU64 = AtomicU64::new(1);
 
-fn run(mut rx: mpsc::Receiver<Input>, log: &dyn EventLog, broker: &dyn Broker, clock: &Clock, durability: Durability) {
+fn run(mut rx: mpsc::Receiver<Input>, log: &dyn EventLog, broker: &dyn Broker, clock: &Clock, visible: &Watermark, durability: Durability) {
     let mut batch: Vec<PublishRequest> = Vec::new();
     let mut stop = false;
     while !stop {
@@ -160,7 +168,7 @@ fn run(mut rx: mpsc::Receiver<Input>, log: &dyn EventLog, broker: &dyn Broker, c
                 Err(_) => break,
             }
         }
-        commit(&mut batch, log, broker, clock, durability);
+        commit(&mut batch, log, broker, clock, visible, durability);
     }
     // Requests still queued (sent after Stop) are refused, then the store is flushed.
     rx.close();
@@ -174,7 +182,14 @@ fn run(mut rx: mpsc::Receiver<Input>, log: &dyn EventLog, broker: &dyn Broker, c
     }
 }
 
-fn commit(batch: &mut Vec<PublishRequest>, log: &dyn EventLog, broker: &dyn Broker, clock: &Clock, durability: Durability) {
+fn commit(
+    batch: &mut Vec<PublishRequest>,
+    log: &dyn EventLog,
+    broker: &dyn Broker,
+    clock: &Clock,
+    visible: &Watermark,
+    durability: Durability,
+) {
     let lines: Vec<(Timestamp, Vec<u8>)> = clock.allocate(|next| {
         batch
             .iter()
@@ -194,6 +209,10 @@ fn commit(batch: &mut Vec<PublishRequest>, log: &dyn EventLog, broker: &dyn Brok
     drop(records);
     match stored {
         Ok(()) => {
+            // Durable: log readers may see the batch now, before any subscriber gets it.
+            if let Some((ts, _)) = lines.last() {
+                visible.raise(*ts);
+            }
             let published: Vec<Published> = batch
                 .iter_mut()
                 .zip(lines)
@@ -215,7 +234,7 @@ fn commit(batch: &mut Vec<PublishRequest>, log: &dyn EventLog, broker: &dyn Brok
             }
         }
         Err(e) => {
-            tracing::error!(error = %e, events = batch.len(), "storing events failed; they were not published");
+            tracing::error!(error = %e, events = batch.len(), "storing events failed; they were not delivered live");
             for r in batch.drain(..) {
                 r.reply.send(Err(PublishError::Storage(e.to_string())));
             }

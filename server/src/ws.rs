@@ -22,6 +22,8 @@ use crate::sequencer::{Input, PublishRequest, Reply};
 pub mod close_code {
     /// The server is shutting down.
     pub const GOING_AWAY: u16 = 1001;
+    /// The peer broke the WebSocket protocol (for example an unmasked frame).
+    pub const PROTOCOL_ERROR: u16 = 1002;
     /// A text frame was not valid UTF-8.
     pub const INVALID_UTF8: u16 = 1007;
     /// A message exceeded the size limit.
@@ -40,9 +42,10 @@ pub(crate) fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
     if allowed.is_empty() {
         return true;
     }
-    match headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
+    match headers.get(header::ORIGIN).map(|o| o.to_str()) {
         None => true, // not a browser
-        Some(origin) => allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin)),
+        Some(Ok(origin)) => allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin)),
+        Some(Err(_)) => allowed.iter().any(|a| a == "*"),
     }
 }
 
@@ -101,16 +104,15 @@ async fn read_loop(shared: &Shared, conn: Arc<Conn>, mut stream: futures_util::s
                 break;
             }
             Some(Err(e)) => {
-                let text = e.to_string();
-                // axum wraps tungstenite's error; classify by its message.
-                let code = if text.contains("too long") || text.contains("Space limit") {
-                    close_code::TOO_BIG
-                } else if text.contains("UTF-8") || text.contains("utf-8") || text.contains("UTF8") {
-                    close_code::INVALID_UTF8
-                } else {
-                    PEER_GONE
+                let e = e.into_inner();
+                // axum boxes tungstenite's error; the workspace pins the same tungstenite.
+                let code = match e.downcast_ref::<tungstenite::Error>() {
+                    Some(tungstenite::Error::Capacity(_)) => close_code::TOO_BIG,
+                    Some(tungstenite::Error::Utf8(_)) => close_code::INVALID_UTF8,
+                    Some(tungstenite::Error::Protocol(_)) => close_code::PROTOCOL_ERROR,
+                    _ => PEER_GONE,
                 };
-                tracing::debug!(conn = conn.id(), error = %text, "read error");
+                tracing::debug!(conn = conn.id(), error = %e, code, "read error");
                 ending.end(code);
                 break;
             }
@@ -220,6 +222,7 @@ async fn write_loop(shared: &Shared, mut rx: mpsc::Receiver<Message>, mut sink: 
         0 | close_code::GOING_AWAY => Some((close_code::GOING_AWAY, "server shutting down")),
         close_code::TOO_BIG => Some((close_code::TOO_BIG, "message too big")),
         close_code::INVALID_UTF8 => Some((close_code::INVALID_UTF8, "text frame is not valid UTF-8")),
+        close_code::PROTOCOL_ERROR => Some((close_code::PROTOCOL_ERROR, "WebSocket protocol error")),
         close_code::SLOW_CONSUMER => Some((close_code::SLOW_CONSUMER, "slow consumer: outbound queue full")),
         code => Some((code, "")),
     };
