@@ -7,7 +7,9 @@
 //! - [`wire`]: parse and encode every command and server line (events, acks, errors);
 //! - [`escape`]: the data escaping rules (`%` to `%25`, newline to `%0A`);
 //! - [`path`]: channel path normalization, validation and the ancestor chain;
-//! - [`timestamp`]: event timestamps, their wire form and their ordered storage key form.
+//! - [`timestamp`]: event timestamps, their wire form and their ordered storage key form;
+//! - [`client`]: the client state machine (subscriptions, acks, reconnect with backoff, log
+//!   backfill) that the tokio and browser drivers run.
 //!
 //! The wire protocol itself is specified in `docs/PROTOCOL.md` at the repository root.
 //!
@@ -23,6 +25,7 @@
 //! assert_eq!(&*ev.data, b"50% off\ntoday");
 //! ```
 
+pub mod client;
 pub mod escape;
 pub mod path;
 pub mod timestamp;

@@ -1,0 +1,555 @@
+//! Deterministic tests of the client state machine against a scripted in-memory server, with
+//! simulated time: the connection is cut at every step of a scenario, and every subscription
+//! must still deliver exactly the server's log for its channel, once, in order.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use ivy_client_core::Timestamp;
+use ivy_client_core::client::{Action, Client, ClientError, ClientEvent, Config, ConnState, LogRequest, Millis, RequestId, Start, SubId};
+use ivy_client_core::path::is_within;
+use ivy_client_core::wire::{Command, Op, encode_ack, encode_error, encode_event};
+
+/// A server that behaves like `ivy-server` for one client connection plus external publishers.
+#[derive(Debug, Default)]
+struct SimServer {
+    log: Vec<(Timestamp, String, Vec<u8>)>,
+    clock: u64,
+    conn: Option<SimConn>,
+    /// The server caps log pages at this many events (0: no cap).
+    page_cap: usize,
+    /// Paths whose subscription the server refuses.
+    refuse: HashSet<String>,
+}
+
+#[derive(Debug, Default)]
+struct SimConn {
+    subs: HashSet<String>,
+    outbox: VecDeque<String>,
+}
+
+impl SimServer {
+    fn last(&self) -> Timestamp {
+        self.log.last().map_or(Timestamp::ZERO, |e| e.0)
+    }
+
+    fn stamp(&mut self) -> Timestamp {
+        self.clock += 1;
+        Timestamp::new(1_700_000_000 + self.clock / 1000, (self.clock % 1000) as u32 * 1000).unwrap()
+    }
+
+    fn line(f: impl FnOnce(&mut Vec<u8>)) -> String {
+        let mut v = Vec::new();
+        f(&mut v);
+        String::from_utf8(v).unwrap()
+    }
+
+    fn publish(&mut self, path: &str, data: &[u8], from_client: bool) -> Timestamp {
+        let ts = self.stamp();
+        self.log.push((ts, path.to_string(), data.to_vec()));
+        if let Some(c) = &mut self.conn {
+            if !from_client && c.subs.iter().any(|s| is_within(path, s)) {
+                c.outbox.push_back(Self::line(|v| encode_event(ts, path, data, v)));
+            }
+        }
+        ts
+    }
+
+    fn frame(&mut self, text: &str) {
+        let cmd = Command::parse(text.as_bytes()).expect("the client sends valid commands");
+        let key = cmd.ack.expect("the client always uses ack keys").to_vec();
+        let reply = match cmd.op {
+            Op::Subscribe(p) if self.refuse.contains(&*p) => {
+                Self::line(|v| encode_error(Some(&key), ivy_client_core::ErrorCode::TooManySubscriptions, "refused", v))
+            }
+            Op::Subscribe(p) => {
+                self.conn.as_mut().unwrap().subs.insert(p.into_owned());
+                let last = self.last();
+                Self::line(|v| encode_ack(&key, last, v))
+            }
+            Op::Unsubscribe(p) => {
+                self.conn.as_mut().unwrap().subs.remove(&*p);
+                let last = self.last();
+                Self::line(|v| encode_ack(&key, last, v))
+            }
+            Op::Send { path, data } => {
+                let ts = self.publish(&path, data, true);
+                Self::line(|v| encode_ack(&key, ts, v))
+            }
+            Op::Timestamp => {
+                let t = self.last();
+                Self::line(|v| encode_ack(&key, t, v))
+            }
+        };
+        self.conn.as_mut().unwrap().outbox.push_back(reply);
+    }
+
+    fn page(&self, req: &LogRequest) -> String {
+        let mut limit = req.limit as usize;
+        if self.page_cap > 0 {
+            limit = limit.min(self.page_cap);
+        }
+        let after = req.after.unwrap_or(Timestamp::ZERO);
+        let lines: Vec<String> = self
+            .log
+            .iter()
+            .filter(|(ts, p, _)| *ts > after && is_within(p, &req.path))
+            .take(limit)
+            .map(|(ts, p, d)| Self::line(|v| encode_event(*ts, p, d, v)))
+            .collect();
+        lines.join("\n")
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Publish(&'static str, &'static str),
+    Send(&'static str, &'static str),
+    Subscribe(&'static str, Start),
+    Unsubscribe(usize),
+}
+
+struct Sim {
+    client: Client,
+    server: SimServer,
+    now: Millis,
+    rng: u64,
+    logs: VecDeque<LogRequest>,
+    delivered: HashMap<SubId, Vec<(Timestamp, String, Vec<u8>)>>,
+    subs: Vec<(SubId, String, Start)>,
+    removed: HashSet<SubId>,
+    sends: HashMap<RequestId, Option<Result<Timestamp, ClientError>>>,
+    lost: Vec<ClientEvent>,
+    micro: usize,
+}
+
+impl Sim {
+    fn new(seed: u64, config: Config) -> Sim {
+        let mut client = Client::new(config, seed);
+        client.start(0);
+        Sim {
+            client,
+            server: SimServer::default(),
+            now: 0,
+            rng: seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
+            logs: VecDeque::new(),
+            delivered: HashMap::new(),
+            subs: Vec::new(),
+            removed: HashSet::new(),
+            sends: HashMap::new(),
+            lost: Vec::new(),
+            micro: 0,
+        }
+    }
+
+    fn rand(&mut self, n: usize) -> usize {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng % n as u64) as usize
+    }
+
+    fn drain_events(&mut self) {
+        while let Some(e) = self.client.poll_event() {
+            match e {
+                ClientEvent::Event { sub, event } => {
+                    self.delivered.entry(sub).or_default().push((event.ts, event.path.into_owned(), event.data.into_owned()))
+                }
+                ClientEvent::Sent { id, result } => {
+                    let slot = self.sends.get_mut(&id).expect("known send");
+                    assert!(slot.is_none(), "one outcome per send");
+                    *slot = Some(result);
+                }
+                e @ (ClientEvent::ContinuityLost { .. } | ClientEvent::SubscribeFailed { .. }) => self.lost.push(e),
+                ClientEvent::Time { .. } | ClientEvent::State(_) | ClientEvent::Warning(_) => {}
+            }
+        }
+    }
+
+    fn cut(&mut self) {
+        if self.server.conn.take().is_some() {
+            self.client.handle_disconnected(self.now);
+        }
+    }
+
+    /// Performs one unit of work; false when there is nothing but timers.
+    fn step_once(&mut self) -> bool {
+        self.drain_events();
+        let mut choices = Vec::new();
+        if let Some(a) = self.client.poll_action() {
+            self.act(a);
+            self.drain_events();
+            return true;
+        }
+        if self.server.conn.as_ref().is_some_and(|c| !c.outbox.is_empty()) {
+            choices.push(0);
+        }
+        if !self.logs.is_empty() {
+            choices.push(1);
+        }
+        if choices.is_empty() {
+            return false;
+        }
+        match choices[self.rand(choices.len())] {
+            0 => {
+                let frame = self.server.conn.as_mut().unwrap().outbox.pop_front().unwrap();
+                self.client.handle_frame(self.now, &frame);
+            }
+            _ => {
+                // Log responses may come back in any order relative to frames.
+                let i = self.rand(self.logs.len());
+                let req = self.logs.remove(i).unwrap();
+                let body = self.server.page(&req);
+                self.client.handle_log_page(self.now, req.id, Ok(&body));
+            }
+        }
+        self.drain_events();
+        true
+    }
+
+    fn act(&mut self, a: Action) {
+        match a {
+            Action::Connect => {
+                self.server.conn = Some(SimConn::default());
+                self.client.handle_connected(self.now);
+            }
+            Action::Send(frame) => {
+                if self.server.conn.is_some() {
+                    self.server.frame(&frame);
+                }
+            }
+            Action::Disconnect => self.server.conn = None,
+            Action::FetchLog(req) => self.logs.push_back(req),
+        }
+    }
+
+    fn script(&mut self, step: &Step) {
+        match step {
+            Step::Publish(p, d) => {
+                self.server.publish(p, d.as_bytes(), false);
+            }
+            Step::Send(p, d) => match self.client.send(self.now, p, d) {
+                Ok(id) => {
+                    self.sends.insert(id, None);
+                }
+                Err(e) => panic!("send refused: {e}"),
+            },
+            Step::Subscribe(p, start) => {
+                let id = self.client.subscribe(p, *start).unwrap();
+                self.subs.push((id, ivy_client_core::path::normalize(p.as_bytes()).unwrap().into_owned(), *start));
+            }
+            Step::Unsubscribe(i) => {
+                let id = self.subs[*i].0;
+                self.client.unsubscribe(id);
+                self.removed.insert(id);
+            }
+        }
+        self.drain_events();
+    }
+
+    /// Runs the script, cutting the connection before the micro-steps in `cuts`.
+    fn run(&mut self, script: &[Step], cuts: &[usize]) {
+        let mut next = 0;
+        for _ in 0..200_000 {
+            if cuts.contains(&self.micro) {
+                self.cut();
+            }
+            self.micro += 1;
+            // Interleave script steps with the protocol's own work.
+            if next < script.len() && self.rand(3) == 0 {
+                self.script(&script[next]);
+                next += 1;
+                continue;
+            }
+            if self.step_once() {
+                continue;
+            }
+            if next < script.len() {
+                self.script(&script[next]);
+                next += 1;
+                continue;
+            }
+            let settled = self.client.is_live() && self.sends.values().all(Option::is_some) && self.logs.is_empty();
+            if settled {
+                return;
+            }
+            // Only timers left: jump to the next deadline.
+            let t = self.client.poll_timeout().expect("something to wait for");
+            self.now = self.now.max(t);
+            self.client.handle_timeout(self.now);
+        }
+        panic!("did not settle: state {:?}", self.client.state());
+    }
+
+    /// Every live subscription delivered exactly its channel's log (from its start), in order.
+    fn check(&self) {
+        for (id, path, start) in &self.subs {
+            if self.removed.contains(id) {
+                continue;
+            }
+            let got = self.delivered.get(id).cloned().unwrap_or_default();
+            let from = match start {
+                Start::Beginning => Timestamp::ZERO,
+                Start::After(t) => *t,
+                Start::Now => unreachable!("the checked scenarios start from the beginning or a cursor"),
+            };
+            let want: Vec<_> = self.server.log.iter().filter(|(ts, p, _)| *ts > from && is_within(p, path)).cloned().collect();
+            assert_eq!(got, want, "subscription {path} (micro-steps {})", self.micro);
+        }
+        assert!(self.lost.is_empty(), "{:?}", self.lost);
+    }
+}
+
+fn scenario() -> Vec<Step> {
+    vec![
+        Step::Publish("/a/old", "before anyone subscribed"),
+        Step::Subscribe("/a", Start::Beginning),
+        Step::Publish("/a/x", "1"),
+        Step::Send("/a/mine", "own 1"),
+        Step::Subscribe("/", Start::Beginning),
+        Step::Publish("/b", "2"),
+        Step::Publish("/a", "3\nwith newline and 50%"),
+        Step::Subscribe("/a/x", Start::Beginning),
+        Step::Send("/a/x/deep", "own 2"),
+        Step::Publish("/ab", "not a child of /a"),
+        Step::Publish("/a/x/y", "4"),
+        Step::Send("/c", "own 3"),
+        Step::Publish("/a/x", "5"),
+        Step::Publish("/a", "6"),
+        Step::Send("/a", "own 4"),
+        Step::Publish("/z", "7"),
+    ]
+}
+
+fn config() -> Config {
+    Config { page_limit: 2, ..Config::default() }
+}
+
+#[test]
+fn no_cut_delivers_every_event_once_in_order() {
+    for seed in 1..50 {
+        let mut sim = Sim::new(seed, config());
+        sim.run(&scenario(), &[]);
+        sim.check();
+        assert!(sim.sends.values().all(|r| matches!(r, Some(Ok(_)))));
+    }
+}
+
+#[test]
+fn a_cut_at_every_step_loses_and_repeats_nothing() {
+    // How many micro-steps does the scenario take without cuts? Cut at each of them.
+    let mut probe = Sim::new(7, config());
+    probe.run(&scenario(), &[]);
+    let total = probe.micro + 20;
+    for seed in [7, 8, 9] {
+        for cut in 0..total {
+            let mut sim = Sim::new(seed, config());
+            sim.run(&scenario(), &[cut]);
+            sim.check();
+        }
+    }
+}
+
+#[test]
+fn many_random_cuts_and_a_capped_page_limit() {
+    for seed in 1..200u64 {
+        let mut sim = Sim::new(seed, config());
+        // The server caps pages below the client's limit: fullness cannot be trusted.
+        sim.server.page_cap = 1 + (seed as usize % 2);
+        let cuts: Vec<usize> = (0..6).map(|i| (seed as usize * 7 + i * 13) % 90).collect();
+        sim.run(&scenario(), &cuts);
+        sim.check();
+        for r in sim.sends.values() {
+            match r {
+                Some(Ok(_)) | Some(Err(ClientError::ConnectionLost)) => {}
+                other => panic!("unexpected send outcome {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn bounded_buffer_during_backfill_still_delivers_everything() {
+    for seed in 1..30 {
+        let mut sim = Sim::new(seed, Config { page_limit: 1, max_buffered: 2, ..Config::default() });
+        let mut script = vec![Step::Publish("/h", "history 1"), Step::Publish("/h", "history 2"), Step::Subscribe("/h", Start::Beginning)];
+        for _ in 0..20 {
+            script.push(Step::Publish("/h/live", "x"));
+        }
+        sim.run(&script, &[(seed as usize) % 40]);
+        sim.check();
+    }
+}
+
+#[test]
+fn a_cursor_start_skips_what_came_before() {
+    let mut sim = Sim::new(3, config());
+    sim.run(&[Step::Publish("/k", "1"), Step::Publish("/k", "2")], &[]);
+    let cursor = sim.server.log[0].0;
+    sim.run(&[Step::Subscribe("/k", Start::After(cursor)), Step::Publish("/k", "3")], &[]);
+    sim.check();
+    assert_eq!(sim.delivered.values().next().unwrap().len(), 2);
+}
+
+#[test]
+fn start_now_delivers_only_later_events() {
+    let mut sim = Sim::new(5, config());
+    sim.run(&[Step::Publish("/n", "old")], &[]);
+    let id = sim.client.subscribe("/n", Start::Now).unwrap();
+    sim.run(&[], &[]);
+    sim.run(&[Step::Publish("/n", "new 1"), Step::Publish("/n/x", "new 2")], &[30]);
+    let got: Vec<&[u8]> = sim.delivered[&id].iter().map(|e| e.2.as_slice()).collect();
+    assert_eq!(got, [&b"new 1"[..], b"new 2"]);
+}
+
+#[test]
+fn a_server_that_lost_events_is_reported_as_continuity_lost() {
+    let mut sim = Sim::new(11, config());
+    sim.run(&[Step::Subscribe("/l", Start::Beginning), Step::Publish("/l", "1"), Step::Publish("/l", "2")], &[]);
+    // The server restarts having lost its last event (asynchronous durability crash).
+    sim.server.log.pop();
+    sim.cut();
+    // It renews its subscription before anything new is published: the position is before
+    // the last delivered event.
+    sim.run(&[], &[]);
+    sim.run(&[Step::Publish("/l", "3")], &[]);
+    assert!(matches!(sim.lost.as_slice(), [ClientEvent::ContinuityLost { .. }]), "{:?}", sim.lost);
+    // Delivery continued after the last delivered event, without repeats.
+    let ts: Vec<Timestamp> = sim.delivered.values().next().unwrap().iter().map(|e| e.0).collect();
+    assert!(ts.windows(2).all(|w| w[0] < w[1]));
+}
+
+#[test]
+fn refused_subscriptions_are_reported_and_removed() {
+    let mut sim = Sim::new(2, config());
+    sim.server.refuse.insert("/no".into());
+    let id = sim.client.subscribe("/no", Start::Beginning).unwrap();
+    sim.run(&[], &[]);
+    assert!(matches!(&sim.lost[..], [ClientEvent::SubscribeFailed { sub, error: ClientError::Server { code, .. } }] if *sub == id && code == "too-many-subscriptions"));
+    assert_eq!(sim.client.sub_path(id), None);
+    assert!(matches!(sim.client.subscribe("/BAD", Start::Now), Err(ClientError::InvalidPath(_))));
+}
+
+#[test]
+fn sends_while_disconnected_are_queued_then_sent_once() {
+    let mut c = Client::new(Config { offline_queue: 2, ..Config::default() }, 1);
+    let a = c.send(0, "/q", "1").unwrap();
+    let b = c.send(0, "/q", "2").unwrap();
+    assert_eq!(c.send(0, "/q", "3"), Err(ClientError::NotConnected));
+    c.start(0);
+    assert_eq!(c.poll_action(), Some(Action::Connect));
+    c.handle_connected(5);
+    assert_eq!(c.poll_action(), Some(Action::Send("#1#:/q:1".into())));
+    assert_eq!(c.poll_action(), Some(Action::Send("#2#:/q:2".into())));
+    assert_eq!(c.poll_action(), None);
+    c.handle_frame(6, "#1#@1700000000.000000001");
+    c.handle_disconnected(7);
+    let events: Vec<ClientEvent> = std::iter::from_fn(|| c.poll_event()).collect();
+    let sent: Vec<_> = events.iter().filter_map(|e| if let ClientEvent::Sent { id, result } = e { Some((*id, result.clone())) } else { None }).collect();
+    assert_eq!(sent, [(a, Ok(Timestamp::new(1_700_000_000, 1).unwrap())), (b, Err(ClientError::ConnectionLost))]);
+}
+
+#[test]
+fn offline_sends_time_out_and_disabled_queue_fails_at_once() {
+    let mut c = Client::new(Config { request_timeout: 100, ..Config::default() }, 1);
+    let id = c.send(0, "/q", "x").unwrap();
+    assert_eq!(c.poll_timeout(), Some(100));
+    c.handle_timeout(100);
+    assert!(std::iter::from_fn(|| c.poll_event()).any(|e| e == ClientEvent::Sent { id, result: Err(ClientError::Timeout) }));
+    let mut d = Client::new(Config { offline_queue: 0, ..Config::default() }, 1);
+    assert_eq!(d.send(0, "/q", "x"), Err(ClientError::NotConnected));
+    assert_eq!(d.timestamp(0), Err(ClientError::NotConnected));
+}
+
+#[test]
+fn backoff_is_exponential_with_full_jitter_and_resets_after_success() {
+    let cfg = Config { min_backoff: 100, max_backoff: 1600, connect_timeout: 50, ..Config::default() };
+    let mut c = Client::new(cfg, 42);
+    c.start(0);
+    let mut now = 0;
+    let mut delays = Vec::new();
+    for _ in 0..8 {
+        assert_eq!(c.poll_action(), Some(Action::Connect));
+        c.handle_disconnected(now); // refused
+        let ConnState::Reconnecting { attempt, retry_at } = c.state() else { panic!("{:?}", c.state()) };
+        let ceiling = (100u64 << (attempt - 1)).min(1600);
+        assert!(retry_at - now < ceiling, "attempt {attempt}: {} >= {ceiling}", retry_at - now);
+        delays.push(retry_at - now);
+        now = retry_at;
+        c.handle_timeout(now);
+    }
+    assert!(delays.iter().collect::<HashSet<_>>().len() > 3, "jittered: {delays:?}");
+    // A connection attempt that hangs is abandoned after connect_timeout.
+    assert_eq!(c.poll_action(), Some(Action::Connect));
+    assert_eq!(c.poll_timeout(), Some(now + 50));
+    c.handle_timeout(now + 50);
+    assert_eq!(c.poll_action(), Some(Action::Disconnect));
+    assert!(matches!(c.state(), ConnState::Reconnecting { attempt: 9, .. }));
+    // After a connection that answers, backoff starts over.
+    let ConnState::Reconnecting { retry_at, .. } = c.state() else { unreachable!() };
+    c.handle_timeout(retry_at);
+    assert_eq!(c.poll_action(), Some(Action::Connect));
+    c.handle_connected(retry_at);
+    let _ = c.timestamp(retry_at).unwrap();
+    c.handle_frame(retry_at + 1, "#1#@1700000000.000000000");
+    c.handle_disconnected(retry_at + 2);
+    assert!(matches!(c.state(), ConnState::Reconnecting { attempt: 1, .. }));
+}
+
+#[test]
+fn silence_triggers_a_probe_then_a_reconnect() {
+    let cfg = Config { idle_timeout: 1000, probe_timeout: 500, ..Config::default() };
+    let mut c = Client::new(cfg, 1);
+    c.start(0);
+    assert_eq!(c.poll_action(), Some(Action::Connect));
+    c.handle_connected(0);
+    assert_eq!(c.poll_timeout(), Some(1000));
+    c.handle_timeout(1000);
+    assert_eq!(c.poll_action(), Some(Action::Send("#1#@".into())));
+    // An answer keeps the connection.
+    c.handle_frame(1200, "#1#@1700000000.000000000");
+    assert_eq!(c.poll_timeout(), Some(2200));
+    c.handle_timeout(2200);
+    assert_eq!(c.poll_action(), Some(Action::Send("#2#@".into())));
+    // No answer: dead.
+    assert_eq!(c.poll_timeout(), Some(2700));
+    c.handle_timeout(2700);
+    assert_eq!(c.poll_action(), Some(Action::Disconnect));
+    assert!(matches!(c.state(), ConnState::Reconnecting { .. }));
+}
+
+#[test]
+fn close_fails_everything_pending() {
+    let mut c = Client::new(Config::default(), 1);
+    c.start(0);
+    let _ = c.poll_action();
+    c.handle_connected(0);
+    let s = c.send(0, "/a", "x").unwrap();
+    let t = c.timestamp(0).unwrap();
+    c.close();
+    let events: Vec<ClientEvent> = std::iter::from_fn(|| c.poll_event()).collect();
+    assert!(events.contains(&ClientEvent::Sent { id: s, result: Err(ClientError::Closed) }));
+    assert!(events.contains(&ClientEvent::Time { id: t, result: Err(ClientError::Closed) }));
+    assert!(events.contains(&ClientEvent::State(ConnState::Closed)));
+    assert_eq!(c.send(0, "/a", "x"), Err(ClientError::Closed));
+}
+
+#[test]
+fn unsubscribe_stops_delivery_at_once_and_keeps_shared_paths() {
+    for cut in [usize::MAX, 3, 10, 25] {
+        let mut sim = Sim::new(4, config());
+        let script = [
+            Step::Subscribe("/u", Start::Beginning),
+            Step::Subscribe("/u", Start::Beginning),
+            Step::Publish("/u", "1"),
+            Step::Unsubscribe(0),
+            Step::Publish("/u", "2"),
+            Step::Publish("/u/x", "3"),
+        ];
+        sim.run(&script, &[cut]);
+        sim.check(); // the second subscription to the same path got everything
+        let first = sim.subs[0].0;
+        let got = sim.delivered.get(&first).map_or(0, Vec::len);
+        assert!(got <= 1, "nothing after unsubscribe: {got}");
+        assert!(sim.server.conn.as_ref().is_none_or(|c| c.subs.contains("/u")), "the shared path stays subscribed");
+    }
+}
