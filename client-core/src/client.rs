@@ -800,7 +800,8 @@ impl Client {
                 if let Ok(ts) = result {
                     // The server does not echo our own events: insert them in place.
                     let ev = Event { ts, path: path.into(), data: data.into() };
-                    let matching: Vec<SubId> = self.subs.iter().filter(|(_, s)| path::is_within(&ev.path, &s.path)).map(|(id, _)| *id).collect();
+                    let matching: Vec<SubId> =
+                        self.subs.iter().filter(|(_, s)| path::is_within(&ev.path, &s.path)).map(|(id, _)| *id).collect();
                     for sid in matching {
                         self.offer(sid, ev.clone());
                     }

@@ -424,7 +424,9 @@ fn refused_subscriptions_are_reported_and_removed() {
     sim.server.refuse.insert("/no".into());
     let id = sim.client.subscribe("/no", Start::Beginning).unwrap();
     sim.run(&[], &[]);
-    assert!(matches!(&sim.lost[..], [ClientEvent::SubscribeFailed { sub, error: ClientError::Server { code, .. } }] if *sub == id && code == "too-many-subscriptions"));
+    assert!(
+        matches!(&sim.lost[..], [ClientEvent::SubscribeFailed { sub, error: ClientError::Server { code, .. } }] if *sub == id && code == "too-many-subscriptions")
+    );
     assert_eq!(sim.client.sub_path(id), None);
     assert!(matches!(sim.client.subscribe("/BAD", Start::Now), Err(ClientError::InvalidPath(_))));
 }
@@ -444,7 +446,8 @@ fn sends_while_disconnected_are_queued_then_sent_once() {
     c.handle_frame(6, "#1#@1700000000.000000001");
     c.handle_disconnected(7);
     let events: Vec<ClientEvent> = std::iter::from_fn(|| c.poll_event()).collect();
-    let sent: Vec<_> = events.iter().filter_map(|e| if let ClientEvent::Sent { id, result } = e { Some((*id, result.clone())) } else { None }).collect();
+    let sent: Vec<_> =
+        events.iter().filter_map(|e| if let ClientEvent::Sent { id, result } = e { Some((*id, result.clone())) } else { None }).collect();
     assert_eq!(sent, [(a, Ok(Timestamp::new(1_700_000_000, 1).unwrap())), (b, Err(ClientError::ConnectionLost))]);
 }
 

@@ -340,3 +340,131 @@ pub async fn log_text(addr: SocketAddr, target: &str) -> String {
     assert_eq!(r.status, 200, "GET {target}: {}", String::from_utf8_lossy(&r.body));
     r.text()
 }
+
+/// A TCP proxy on 127.0.0.1 that injects faults between clients and a server: it can cut
+/// every open connection, stall forwarding, and follow a server restarted on another port.
+#[derive(Debug, Clone)]
+pub struct FaultProxy {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    upstream: std::sync::Arc<std::sync::Mutex<SocketAddr>>,
+    cuts: tokio::sync::watch::Sender<u64>,
+    stalled: tokio::sync::watch::Sender<bool>,
+    /// Connections cut so far.
+    pub cut_count: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl FaultProxy {
+    /// Starts a proxy to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let proxy = FaultProxy {
+            addr: listener.local_addr().expect("addr"),
+            upstream: std::sync::Arc::new(std::sync::Mutex::new(upstream)),
+            cuts: tokio::sync::watch::channel(0).0,
+            stalled: tokio::sync::watch::channel(false).0,
+            cut_count: Default::default(),
+        };
+        let p = proxy.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let p = p.clone();
+                tokio::spawn(async move { p.serve(client).await });
+            }
+        });
+        proxy
+    }
+
+    /// The base URL clients use.
+    pub fn url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    /// Sends new connections to `addr` (a restarted server).
+    pub fn set_upstream(&self, addr: SocketAddr) {
+        *self.upstream.lock().expect("lock") = addr;
+    }
+
+    /// Drops every open connection (both sides see the TCP connection end).
+    pub fn cut_all(&self) {
+        self.cuts.send_modify(|g| *g += 1);
+    }
+
+    /// Stops (or resumes) forwarding bytes, without closing anything.
+    pub fn stall(&self, on: bool) {
+        self.stalled.send_replace(on);
+    }
+
+    /// Random cuts and stalls for `duration`, from a seeded generator; returns the seed.
+    pub fn chaos(&self, seed: u64, duration: Duration) -> JoinHandle<()> {
+        let p = self.clone();
+        tokio::spawn(async move {
+            let mut rng = seed | 1;
+            let mut next = move |n: u64| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng % n
+            };
+            let end = tokio::time::Instant::now() + duration;
+            while tokio::time::Instant::now() < end {
+                tokio::time::sleep(Duration::from_millis(30 + next(250))).await;
+                if next(4) == 0 {
+                    p.stall(true);
+                    tokio::time::sleep(Duration::from_millis(100 + next(900))).await;
+                    p.stall(false);
+                } else {
+                    p.cut_all();
+                }
+            }
+            p.stall(false);
+        })
+    }
+
+    async fn serve(&self, client: TcpStream) {
+        let mut cuts = self.cuts.subscribe();
+        let generation = *cuts.borrow_and_update();
+        let upstream = *self.upstream.lock().expect("lock");
+        let Ok(server) = TcpStream::connect(upstream).await else { return };
+        let (cr, cw) = client.into_split();
+        let (sr, sw) = server.into_split();
+        let a = pipe(cr, sw, self.stalled.subscribe());
+        let b = pipe(sr, cw, self.stalled.subscribe());
+        tokio::select! {
+            _ = async { tokio::join!(a, b) } => {}
+            _ = cuts.wait_for(|g| *g != generation) => {
+                self.cut_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut stalled: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if stalled.wait_for(|s| !*s).await.is_err() {
+            return;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown().await;
+                return;
+            }
+            Ok(n) => n,
+        };
+        if stalled.wait_for(|s| !*s).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The `ivy` command-line client, built next to the test executables.
+pub fn ivy_bin() -> PathBuf {
+    let bin = server_bin().with_file_name(format!("ivy{}", std::env::consts::EXE_SUFFIX));
+    assert!(bin.exists(), "{} not found: run `cargo build -p ivy-client-native` first", bin.display());
+    bin
+}

@@ -1,0 +1,643 @@
+//! A tokio client for Ivy, the hierarchical pub/sub protocol with persistent event logs.
+//!
+//! This crate is a thin driver around the sans-IO state machine of `ivy-client-core`: it owns
+//! the WebSocket (tokio-tungstenite), the HTTP client for log pages (hyper) and the timer, and
+//! forwards everything else to the core. So it inherits the core's promise: **a subscription
+//! delivers every event of its channel exactly once, in timestamp order, across disconnects,
+//! reconnects and server restarts**, or yields [`SubscriptionError::ContinuityLost`].
+//!
+//! ```no_run
+//! use futures_util::StreamExt;
+//!
+//! # async fn demo() -> Result<(), ivy_client_native::Error> {
+//! let client = ivy_client_native::Client::connect("ws://127.0.0.1:8080").await?;
+//! let mut room = client.subscribe("/chat/room1").await?;
+//! let ts = client.send("/chat/room1", "hello").await?;
+//! println!("stored at {ts}");
+//! while let Some(item) = room.next().await {
+//!     match item {
+//!         Ok(event) => println!("{} {}: {}", event.ts, event.path, String::from_utf8_lossy(&event.data)),
+//!         Err(e) => eprintln!("{e}"),
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! The base URL is the server's (`ws://host:port`, optionally with a path prefix); the
+//! WebSocket endpoint (`/ws`) and the log endpoint (`/log/...`) are derived from it. `http://`
+//! is accepted as a synonym. TLS (`wss://`) is not built in.
+//!
+//! What this crate is not: it does not retry failed sends by itself (a send that was written
+//! but not acknowledged may or may not be stored, and retrying could publish it twice), and
+//! it does not persist subscription cursors (use [`Client::subscribe_from`] with the last
+//! timestamp you processed to resume after a restart of your program).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, Stream, StreamExt};
+use http_body_util::{BodyExt, Empty};
+use proto::client::{self as core, Action, ClientEvent, RequestId, SubId};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+pub use proto::Timestamp;
+pub use proto::client::{ClientError, Config, ConnState, Start};
+
+/// An event as delivered: its timestamp, normalized path and data.
+pub type Event = proto::Event<'static>;
+
+/// Errors of this client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// The URL is not `ws://host[:port][/prefix]` (or `http://...`).
+    InvalidUrl(String),
+    /// The first connection failed (see [`ClientBuilder::retry_initial_connect`]).
+    Connect(String),
+    /// A request failed; see [`ClientError`] for what the caller should do.
+    Request(ClientError),
+    /// A log request failed (status and body, or the transport error).
+    Log(String),
+    /// The client is closed.
+    Closed,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::InvalidUrl(u) => write!(f, "invalid server URL {u:?}: expected ws://host:port (or http://host:port)"),
+            Error::Connect(e) => write!(f, "cannot connect: {e}"),
+            Error::Request(e) => e.fmt(f),
+            Error::Log(e) => write!(f, "log request failed: {e}"),
+            Error::Closed => f.write_str("client closed"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<ClientError> for Error {
+    fn from(e: ClientError) -> Error {
+        match e {
+            ClientError::Closed => Error::Closed,
+            e => Error::Request(e),
+        }
+    }
+}
+
+/// What a subscription stream yields besides events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubscriptionError {
+    /// The server no longer has events this subscription delivered (it lost them); delivery
+    /// continues after `last`. The stream goes on.
+    ContinuityLost {
+        /// The last event delivered.
+        last: Timestamp,
+        /// The server's position.
+        position: Timestamp,
+    },
+    /// The server refused the subscription (for example too many subscriptions); the stream
+    /// ends.
+    Refused(ClientError),
+}
+
+impl fmt::Display for SubscriptionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SubscriptionError::ContinuityLost { last, position } => {
+                write!(f, "continuity lost: the server's history ends at {position}, before the last event delivered ({last})")
+            }
+            SubscriptionError::Refused(e) => write!(f, "subscription refused: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for SubscriptionError {}
+
+/// The server's endpoints, derived from its base URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoints {
+    /// `ws://host:port/prefix/ws`
+    pub ws: String,
+    /// `http://host:port/prefix` (log targets are appended)
+    pub http: String,
+}
+
+impl Endpoints {
+    /// Derives the endpoints from `ws://host:port[/prefix]` or `http://host:port[/prefix]`
+    /// (a trailing `/ws` is accepted too).
+    pub fn from_base(url: &str) -> Result<Endpoints, Error> {
+        let bad = || Error::InvalidUrl(url.to_string());
+        let (scheme, rest) = url.trim().split_once("://").ok_or_else(bad)?;
+        if !matches!(scheme.to_ascii_lowercase().as_str(), "ws" | "http") {
+            return Err(Error::InvalidUrl(format!("{url} (only ws:// and http:// are supported)")));
+        }
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        if authority.is_empty() || authority.contains(['?', '#', '@']) {
+            return Err(bad());
+        }
+        let mut prefix = path.trim_end_matches('/');
+        if let Some(p) = prefix.strip_suffix("/ws") {
+            prefix = p;
+        }
+        if prefix.contains(['?', '#']) {
+            return Err(bad());
+        }
+        Ok(Endpoints { ws: format!("ws://{authority}{prefix}/ws"), http: format!("http://{authority}{prefix}") })
+    }
+}
+
+/// Parameters of [`Client::log`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LogQuery {
+    /// Only events after this timestamp.
+    pub after: Option<Timestamp>,
+    /// At most this many events (capped by the server).
+    pub limit: Option<u32>,
+    /// The last `n` events (not combinable with `after`/`limit`).
+    pub last: Option<u64>,
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Http = hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Empty<bytes::Bytes>>;
+
+enum Cmd {
+    Subscribe(String, Start, mpsc::UnboundedSender<Result<Event, SubscriptionError>>, oneshot::Sender<Result<SubId, ClientError>>),
+    Unsubscribe(SubId),
+    Send(String, String, oneshot::Sender<Result<Timestamp, ClientError>>),
+    Time(oneshot::Sender<Result<Timestamp, ClientError>>),
+    Close(oneshot::Sender<()>),
+}
+
+/// Builder of a [`Client`].
+#[derive(Debug, Clone)]
+pub struct ClientBuilder {
+    url: String,
+    config: Config,
+    retry_initial: bool,
+}
+
+impl ClientBuilder {
+    /// The state machine's tuning (backoff, timeouts, page size, offline queue).
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Reconnect backoff bounds.
+    pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.config.min_backoff = min.as_millis() as u64;
+        self.config.max_backoff = max.as_millis() as u64;
+        self
+    }
+
+    /// Silence after which the connection is probed, and how long the probe may take.
+    pub fn keepalive(mut self, idle: Duration, probe_timeout: Duration) -> Self {
+        self.config.idle_timeout = idle.as_millis() as u64;
+        self.config.probe_timeout = probe_timeout.as_millis() as u64;
+        self
+    }
+
+    /// Keep trying when the very first connection fails, instead of returning
+    /// [`Error::Connect`] (default: false).
+    pub fn retry_initial_connect(mut self, retry: bool) -> Self {
+        self.retry_initial = retry;
+        self
+    }
+
+    /// Starts the client and waits for the first connection.
+    pub async fn connect(self) -> Result<Client, Error> {
+        let endpoints = Endpoints::from_base(&self.url)?;
+        let http: Http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (state_tx, mut state_rx) = watch::channel(ConnState::Idle);
+        let last_error = Arc::new(Mutex::new(None::<String>));
+        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+        let driver = Driver {
+            core: core::Client::new(self.config, seed ^ u64::from(std::process::id())),
+            endpoints: endpoints.clone(),
+            http: http.clone(),
+            epoch: Instant::now(),
+            state_tx,
+            last_error: last_error.clone(),
+            subs: HashMap::new(),
+            sends: HashMap::new(),
+            times: HashMap::new(),
+        };
+        tokio::spawn(driver.run(rx));
+        let client = Client { tx, state: state_rx.clone(), endpoints, http };
+        loop {
+            let state = *state_rx.borrow_and_update();
+            match state {
+                ConnState::Connected => return Ok(client),
+                ConnState::Reconnecting { .. } if !self.retry_initial => {
+                    let reason = last_error.lock().ok().and_then(|e| e.clone()).unwrap_or_else(|| "connection failed".into());
+                    client.close().await;
+                    return Err(Error::Connect(reason));
+                }
+                ConnState::Closed => return Err(Error::Closed),
+                _ => {}
+            }
+            if state_rx.changed().await.is_err() {
+                return Err(Error::Closed);
+            }
+        }
+    }
+}
+
+/// A connection to an Ivy server that reconnects by itself. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Client {
+    tx: mpsc::UnboundedSender<Cmd>,
+    state: watch::Receiver<ConnState>,
+    endpoints: Endpoints,
+    http: Http,
+}
+
+impl fmt::Debug for Cmd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Cmd")
+    }
+}
+
+impl Client {
+    /// A builder for `url` (`ws://host:port`).
+    pub fn builder(url: impl Into<String>) -> ClientBuilder {
+        ClientBuilder { url: url.into(), config: Config::default(), retry_initial: false }
+    }
+
+    /// Connects with the default configuration.
+    pub async fn connect(url: impl Into<String>) -> Result<Client, Error> {
+        Client::builder(url).connect().await
+    }
+
+    /// The server's endpoints.
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.endpoints
+    }
+
+    /// Subscribes to `path` (and its descendants) from now on.
+    pub async fn subscribe(&self, path: &str) -> Result<Subscription, Error> {
+        self.subscribe_from(path, Start::Now).await
+    }
+
+    /// Subscribes to `path` from `start`: [`Start::Beginning`] for the whole history,
+    /// [`Start::After`] to resume after an event the application already processed.
+    pub async fn subscribe_from(&self, path: &str, start: Start) -> Result<Subscription, Error> {
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let (reply_tx, reply) = oneshot::channel();
+        self.tx.send(Cmd::Subscribe(path.to_string(), start, events_tx, reply_tx)).map_err(|_| Error::Closed)?;
+        let id = reply.await.map_err(|_| Error::Closed)??;
+        Ok(Subscription { id, events, tx: self.tx.clone() })
+    }
+
+    /// Publishes `data` on `path`; resolves to the event's timestamp once the server has
+    /// stored it.
+    pub async fn send(&self, path: &str, data: &str) -> Result<Timestamp, Error> {
+        let (reply_tx, reply) = oneshot::channel();
+        self.tx.send(Cmd::Send(path.to_string(), data.to_string(), reply_tx)).map_err(|_| Error::Closed)?;
+        Ok(reply.await.map_err(|_| Error::Closed)??)
+    }
+
+    /// The server's current time.
+    pub async fn timestamp(&self) -> Result<Timestamp, Error> {
+        let (reply_tx, reply) = oneshot::channel();
+        self.tx.send(Cmd::Time(reply_tx)).map_err(|_| Error::Closed)?;
+        Ok(reply.await.map_err(|_| Error::Closed)??)
+    }
+
+    /// Reads one page of a channel's log (its whole subtree, in timestamp order).
+    pub async fn log(&self, path: &str, query: LogQuery) -> Result<Vec<Event>, Error> {
+        let path = proto::path::normalize(path.as_bytes()).map_err(|e| Error::Request(ClientError::InvalidPath(e)))?;
+        let mut target = core::log_target(&path, query.after, query.limit);
+        if let Some(n) = query.last {
+            target.push(if target.contains('?') { '&' } else { '?' });
+            target.push_str(&format!("n={n}"));
+        }
+        let body = fetch(&self.http, &format!("{}{target}", self.endpoints.http)).await.map_err(Error::Log)?;
+        core::parse_log(&body).map_err(|e| Error::Log(format!("unparsable log line: {e}")))
+    }
+
+    /// A watch of the connection state.
+    pub fn state(&self) -> watch::Receiver<ConnState> {
+        self.state.clone()
+    }
+
+    /// Closes the connection; pending requests fail with [`Error::Closed`] and subscription
+    /// streams end.
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Cmd::Close(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// A stream of the events of one subscription, in timestamp order, each exactly once.
+/// Dropping it unsubscribes.
+#[derive(Debug)]
+pub struct Subscription {
+    id: SubId,
+    events: mpsc::UnboundedReceiver<Result<Event, SubscriptionError>>,
+    tx: mpsc::UnboundedSender<Cmd>,
+}
+
+impl Stream for Subscription {
+    type Item = Result<Event, SubscriptionError>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.events.poll_recv(cx)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Cmd::Unsubscribe(self.id));
+    }
+}
+
+async fn fetch(http: &Http, url: &str) -> Result<String, String> {
+    let uri: hyper::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+    let resp = tokio::time::timeout(Duration::from_secs(30), http.get(uri))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    let text = String::from_utf8(body.to_vec()).map_err(|_| "log body is not UTF-8".to_string())?;
+    if status != hyper::StatusCode::OK {
+        return Err(format!("HTTP {}: {}", status.as_u16(), text.trim_end()));
+    }
+    Ok(text)
+}
+
+struct Driver {
+    core: core::Client,
+    endpoints: Endpoints,
+    http: Http,
+    epoch: Instant,
+    state_tx: watch::Sender<ConnState>,
+    last_error: Arc<Mutex<Option<String>>>,
+    subs: HashMap<SubId, mpsc::UnboundedSender<Result<Event, SubscriptionError>>>,
+    sends: HashMap<RequestId, oneshot::Sender<Result<Timestamp, ClientError>>>,
+    times: HashMap<RequestId, oneshot::Sender<Result<Timestamp, ClientError>>>,
+}
+
+type Connecting = Pin<Box<dyn Future<Output = Result<Ws, String>> + Send>>;
+
+impl Driver {
+    fn now(&self) -> core::Millis {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<Cmd>) {
+        let mut ws: Option<Ws> = None;
+        let mut connecting: Option<Connecting> = None;
+        let (log_tx, mut log_rx) = mpsc::unbounded_channel::<(u64, Result<String, String>)>();
+        let mut closing: Option<oneshot::Sender<()>> = None;
+        self.core.start(self.now());
+        loop {
+            // Carry out the core's actions, then hand its events to the application.
+            let mut wrote = false;
+            while let Some(action) = self.core.poll_action() {
+                match action {
+                    Action::Connect => {
+                        let url = self.endpoints.ws.clone();
+                        connecting = Some(Box::pin(async move {
+                            let mut req = url.into_client_request().map_err(|e| e.to_string())?;
+                            req.headers_mut().insert("Sec-WebSocket-Protocol", hyper::header::HeaderValue::from_static("ivy1"));
+                            let (ws, _) = tokio_tungstenite::connect_async(req).await.map_err(|e| e.to_string())?;
+                            Ok(ws)
+                        }));
+                    }
+                    Action::Send(text) => {
+                        if let Some(w) = ws.as_mut() {
+                            if w.feed(Message::text(text)).await.is_err() {
+                                ws = None;
+                                self.core.handle_disconnected(self.now());
+                            } else {
+                                wrote = true;
+                            }
+                        }
+                    }
+                    Action::Disconnect => {
+                        connecting = None;
+                        if let Some(mut w) = ws.take() {
+                            let _ = tokio::time::timeout(Duration::from_secs(1), w.close(None)).await;
+                        }
+                    }
+                    Action::FetchLog(req) => {
+                        let (http, url, tx) = (self.http.clone(), format!("{}{}", self.endpoints.http, req.target()), log_tx.clone());
+                        tokio::spawn(async move {
+                            let _ = tx.send((req.id, fetch(&http, &url).await));
+                        });
+                    }
+                }
+            }
+            if wrote {
+                if let Some(w) = ws.as_mut() {
+                    if w.flush().await.is_err() {
+                        ws = None;
+                        self.core.handle_disconnected(self.now());
+                        continue;
+                    }
+                }
+            }
+            self.dispatch();
+            if let Some(done) = closing.take() {
+                let _ = done.send(());
+                return;
+            }
+            let deadline = self.core.poll_timeout().map(|t| self.epoch + Duration::from_millis(t));
+            tokio::select! {
+                cmd = cmds.recv() => match cmd {
+                    Some(Cmd::Close(done)) => {
+                        self.core.close();
+                        closing = Some(done);
+                    }
+                    Some(cmd) => self.command(cmd),
+                    None => {
+                        // Every handle was dropped.
+                        self.core.close();
+                        closing = Some(oneshot::channel().0);
+                    }
+                },
+                msg = next_message(&mut ws) => {
+                    let now = self.now();
+                    match msg {
+                        Some(Ok(Message::Text(t))) => self.core.handle_frame(now, t.as_str()),
+                        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => self.core.handle_activity(now),
+                        Some(Ok(Message::Binary(_))) => self.core.handle_activity(now),
+                        Some(Ok(Message::Close(frame))) => {
+                            self.note_error(format!("server closed the connection: {frame:?}"));
+                            ws = None;
+                            self.core.handle_disconnected(now);
+                        }
+                        Some(Err(e)) => {
+                            self.note_error(e.to_string());
+                            ws = None;
+                            self.core.handle_disconnected(now);
+                        }
+                        None => {
+                            ws = None;
+                            self.core.handle_disconnected(now);
+                        }
+                    }
+                }
+                result = poll_connecting(&mut connecting) => {
+                    connecting = None;
+                    let now = self.now();
+                    match result {
+                        Ok(stream) => {
+                            ws = Some(stream);
+                            self.core.handle_connected(now);
+                        }
+                        Err(e) => {
+                            self.note_error(e);
+                            self.core.handle_disconnected(now);
+                        }
+                    }
+                }
+                Some((id, result)) = log_rx.recv() => {
+                    let now = self.now();
+                    match &result {
+                        Ok(body) => self.core.handle_log_page(now, id, Ok(body)),
+                        Err(e) => self.core.handle_log_page(now, id, Err(e.clone())),
+                    }
+                }
+                () = sleep_until(deadline) => {
+                    let now = self.now();
+                    self.core.handle_timeout(now);
+                }
+            }
+        }
+    }
+
+    fn note_error(&self, e: String) {
+        tracing::debug!(error = %e, "connection problem");
+        if let Ok(mut slot) = self.last_error.lock() {
+            *slot = Some(e);
+        }
+    }
+
+    fn command(&mut self, cmd: Cmd) {
+        let now = self.now();
+        match cmd {
+            Cmd::Subscribe(path, start, events, reply) => {
+                let r = self.core.subscribe(&path, start);
+                if let Ok(id) = r {
+                    self.subs.insert(id, events);
+                }
+                let _ = reply.send(r);
+            }
+            Cmd::Unsubscribe(id) => {
+                self.subs.remove(&id);
+                self.core.unsubscribe(id);
+            }
+            Cmd::Send(path, data, reply) => match self.core.send(now, &path, &data) {
+                Ok(id) => {
+                    self.sends.insert(id, reply);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Cmd::Time(reply) => match self.core.timestamp(now) {
+                Ok(id) => {
+                    self.times.insert(id, reply);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Cmd::Close(_) => {}
+        }
+    }
+
+    fn dispatch(&mut self) {
+        while let Some(event) = self.core.poll_event() {
+            match event {
+                ClientEvent::Event { sub, event } => {
+                    if let Some(tx) = self.subs.get(&sub) {
+                        let _ = tx.send(Ok(event));
+                    }
+                }
+                ClientEvent::ContinuityLost { sub, last, position } => {
+                    if let Some(tx) = self.subs.get(&sub) {
+                        let _ = tx.send(Err(SubscriptionError::ContinuityLost { last, position }));
+                    }
+                }
+                ClientEvent::SubscribeFailed { sub, error } => {
+                    if let Some(tx) = self.subs.remove(&sub) {
+                        let _ = tx.send(Err(SubscriptionError::Refused(error)));
+                    }
+                }
+                ClientEvent::Sent { id, result } => {
+                    if let Some(tx) = self.sends.remove(&id) {
+                        let _ = tx.send(result);
+                    }
+                }
+                ClientEvent::Time { id, result } => {
+                    if let Some(tx) = self.times.remove(&id) {
+                        let _ = tx.send(result);
+                    }
+                }
+                ClientEvent::State(state) => {
+                    tracing::debug!(?state, "connection state");
+                    if state == ConnState::Closed {
+                        self.subs.clear();
+                    }
+                    let _ = self.state_tx.send(state);
+                }
+                ClientEvent::Warning(w) => tracing::warn!("{w}"),
+            }
+        }
+    }
+}
+
+async fn next_message(ws: &mut Option<Ws>) -> Option<Result<Message, tokio_tungstenite::tungstenite::Error>> {
+    match ws {
+        Some(w) => w.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn poll_connecting(c: &mut Option<Connecting>) -> Result<Ws, String> {
+    match c {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_from_base_urls() {
+        let e = Endpoints::from_base("ws://127.0.0.1:8080").unwrap();
+        assert_eq!(e, Endpoints { ws: "ws://127.0.0.1:8080/ws".into(), http: "http://127.0.0.1:8080".into() });
+        assert_eq!(Endpoints::from_base("http://h:1/").unwrap().ws, "ws://h:1/ws");
+        assert_eq!(Endpoints::from_base("ws://h:1/ws").unwrap().http, "http://h:1");
+        let p = Endpoints::from_base("ws://h/ivy/").unwrap();
+        assert_eq!((p.ws.as_str(), p.http.as_str()), ("ws://h/ivy/ws", "http://h/ivy"));
+        for bad in ["h:1", "wss://h", "ftp://h", "ws://", "ws://h/x?y"] {
+            assert!(Endpoints::from_base(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! The tokio client against the real server: its API, and its central promise under faults.
+//! A fault-injecting proxy cuts and stalls connections at random while events flow, and the
+//! server is killed and restarted mid-stream: every subscription must deliver exactly the
+//! log of its channel, once, in order.
+//!
+//! `IVY_CHAOS_SECS` lengthens the chaos phase (default 3 seconds).
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use ivy_client_native::{Client, ConnState, Error, Event, LogQuery, Start, Subscription, SubscriptionError, Timestamp};
+use ivy_tests::{FaultProxy, ServerProcess, TestServer, log_text, temp_dir};
+
+fn chaos_duration() -> Duration {
+    Duration::from_secs(std::env::var("IVY_CHAOS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3))
+}
+
+async fn resilient(url: &str) -> Client {
+    Client::builder(url)
+        .backoff(Duration::from_millis(20), Duration::from_millis(300))
+        .keepalive(Duration::from_millis(400), Duration::from_millis(400))
+        .connect()
+        .await
+        .expect("connect")
+}
+
+/// Collects `n` events from a subscription, failing on any error item or a long silence.
+async fn collect(sub: &mut Subscription, n: usize) -> Vec<Event> {
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        match tokio::time::timeout(Duration::from_secs(30), sub.next()).await {
+            Ok(Some(Ok(e))) => got.push(e),
+            Ok(Some(Err(e))) => panic!("subscription error after {} events: {e}", got.len()),
+            Ok(None) => panic!("stream ended after {} events", got.len()),
+            Err(_) => panic!("no event for 30 s after {} of {n}", got.len()),
+        }
+    }
+    got
+}
+
+fn lines(events: &[Event]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| {
+            let mut v = Vec::new();
+            e.encode(&mut v);
+            String::from_utf8(v).unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_basics_against_the_real_server() {
+    let dir = temp_dir();
+    let server = TestServer::start_in(dir.path()).await;
+    let url = format!("ws://{}", server.addr);
+    let a = Client::connect(&url).await.unwrap();
+    let b = Client::connect(&url).await.unwrap();
+    assert_eq!(*a.state().borrow(), ConnState::Connected);
+    let mut sub = a.subscribe("/room").await.unwrap();
+    let mut child = a.subscribe_from("room/x/", Start::Now).await.unwrap();
+    // Give the subscriptions time to take effect before b publishes.
+    let _ = a.timestamp().await.unwrap();
+
+    let t1 = b.send("/room/x", "hello\nworld 100%").await.unwrap();
+    let t2 = a.send("/room", "my own").await.unwrap();
+    assert!(t2 > t1);
+    let got = collect(&mut sub, 2).await;
+    assert_eq!((got[0].ts, &*got[0].path, &*got[0].data), (t1, "/room/x", &b"hello\nworld 100%"[..]));
+    // The client's own event appears in its stream, in place, once.
+    assert_eq!((got[1].ts, &*got[1].data), (t2, &b"my own"[..]));
+    assert_eq!(collect(&mut child, 1).await[0].ts, t1);
+
+    // History: from the beginning, after a cursor, and the log API.
+    let mut hist = b.subscribe_from("/room", Start::Beginning).await.unwrap();
+    assert_eq!(collect(&mut hist, 2).await.iter().map(|e| e.ts).collect::<Vec<_>>(), [t1, t2]);
+    let mut after = b.subscribe_from("/room", Start::After(t1)).await.unwrap();
+    assert_eq!(collect(&mut after, 1).await[0].ts, t2);
+    let page = a.log("/room", LogQuery { limit: Some(1), ..LogQuery::default() }).await.unwrap();
+    assert_eq!(page.iter().map(|e| e.ts).collect::<Vec<_>>(), [t1]);
+    let last = a.log("/room", LogQuery { last: Some(1), ..LogQuery::default() }).await.unwrap();
+    assert_eq!(last[0].ts, t2);
+    assert!(matches!(a.log("/Bad", LogQuery::default()).await, Err(Error::Request(_))));
+
+    let now = a.timestamp().await.unwrap();
+    assert!(now >= t2);
+    assert!(matches!(a.send("/Bad", "x").await, Err(Error::Request(_))));
+
+    // A refused subscription ends its stream with the reason.
+    drop(sub);
+    a.close().await;
+    assert!(matches!(a.send("/room", "x").await, Err(Error::Closed)));
+    assert_eq!(*a.state().borrow(), ConnState::Closed);
+    b.close().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_subscription_and_unreachable_server() {
+    let dir = temp_dir();
+    let mut cfg = ivy_tests::config(dir.path());
+    cfg.max_subscriptions = 1;
+    let server = TestServer::start(cfg).await;
+    let c = Client::connect(format!("ws://{}", server.addr)).await.unwrap();
+    let _one = c.subscribe("/one").await.unwrap();
+    let mut two = c.subscribe("/two").await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), two.next()).await.unwrap() {
+        Some(Err(SubscriptionError::Refused(e))) => assert!(e.to_string().contains("too-many-subscriptions"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(tokio::time::timeout(Duration::from_secs(5), two.next()).await.unwrap().is_none());
+    c.close().await;
+    server.stop().await;
+
+    // Nothing listens there any more.
+    let r = Client::connect(format!("ws://{}", server_addr_gone().await)).await;
+    assert!(matches!(r, Err(Error::Connect(_))), "{r:?}");
+    assert!(matches!(Client::connect("wss://example.invalid").await, Err(Error::InvalidUrl(_))));
+}
+
+async fn server_addr_gone() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Publishes `n` events on `/f/<i % 3>` through its own direct connection, returning the
+/// acked timestamps. Sends that fail (connection lost) are retried with new data, so the log is
+/// the truth to compare against.
+async fn publish(url: String, n: usize, tag: &'static str) -> Vec<Timestamp> {
+    let client = resilient(&url).await;
+    let mut acked = Vec::new();
+    let mut i = 0;
+    while acked.len() < n {
+        let path = format!("/f/{}", i % 3);
+        match client.send(&path, &format!("{tag} {i} %0A\n")).await {
+            Ok(t) => acked.push(t),
+            Err(Error::Request(_)) => tokio::time::sleep(Duration::from_millis(10)).await,
+            Err(e) => panic!("{e}"),
+        }
+        i += 1;
+    }
+    client.close().await;
+    acked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_cuts_and_stalls_lose_and_repeat_nothing() {
+    let dir = temp_dir();
+    let server = TestServer::start_in(dir.path()).await;
+    let proxy = FaultProxy::start(server.addr).await;
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    println!("chaos seed {seed}");
+
+    // Subscribers through the proxy: the channel, its parent (root), and one child.
+    let subscriber = resilient(&proxy.url()).await;
+    let mut f = subscriber.subscribe_from("/f", Start::Beginning).await.unwrap();
+    let mut root = subscriber.subscribe_from("/", Start::Beginning).await.unwrap();
+    let other = resilient(&proxy.url()).await;
+    let mut f1 = other.subscribe_from("/f/1", Start::Beginning).await.unwrap();
+
+    let chaos = proxy.chaos(seed, chaos_duration());
+    // Two publishers, one direct and one through the proxy, while the chaos runs.
+    let direct = tokio::spawn(publish(format!("ws://{}", server.addr), 1500, "direct"));
+    let proxied = tokio::spawn(publish(proxy.url(), 300, "proxied"));
+    let mut acked = direct.await.unwrap();
+    acked.extend(proxied.await.unwrap());
+    chaos.await.unwrap();
+    assert!(proxy.cut_count.load(std::sync::atomic::Ordering::Relaxed) > 0, "the chaos cut connections");
+
+    let log: Vec<String> = log_text(server.addr, "/log/f").await.lines().map(str::to_string).collect();
+    assert!(log.len() >= acked.len());
+    for t in &acked {
+        assert!(log.iter().any(|l| l[1..21] == t.to_string()), "acked {t} is in the log");
+    }
+    assert_eq!(lines(&collect(&mut f, log.len()).await), log, "/f delivered its log exactly");
+    assert_eq!(lines(&collect(&mut root, log.len()).await), log, "/ delivered every child event exactly");
+    let log1: Vec<String> = log_text(server.addr, "/log/f/1").await.lines().map(str::to_string).collect();
+    assert_eq!(lines(&collect(&mut f1, log1.len()).await), log1);
+    // Nothing more: no duplicates trailing behind.
+    assert!(tokio::time::timeout(Duration::from_millis(500), f.next()).await.is_err());
+    subscriber.close().await;
+    other.close().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_killed_and_restarted_mid_stream() {
+    let dir = temp_dir();
+    let server = ServerProcess::start(dir.path(), &[]).await;
+    let proxy = FaultProxy::start(server.addr).await;
+    let subscriber = resilient(&proxy.url()).await;
+    let mut f = subscriber.subscribe_from("/f", Start::Beginning).await.unwrap();
+    let mut root = subscriber.subscribe_from("/", Start::Beginning).await.unwrap();
+    let publisher = tokio::spawn(publish(proxy.url(), 2000, "p"));
+
+    // Kill the server twice while events flow, restarting it on the same data directory.
+    let mut server = server;
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        server.kill().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        server = ServerProcess::start(dir.path(), &[]).await;
+        proxy.set_upstream(server.addr);
+        proxy.cut_all();
+    }
+    publisher.await.unwrap();
+    let log: Vec<String> = log_text(server.addr, "/log/f").await.lines().map(str::to_string).collect();
+    assert!(log.len() >= 2000);
+    assert_eq!(lines(&collect(&mut f, log.len()).await), log);
+    // The parent (root) subscription gets every child event across the restarts.
+    assert_eq!(lines(&collect(&mut root, log.len()).await), log);
+    subscriber.close().await;
+    server.kill().await;
+}
