@@ -6,20 +6,47 @@
 //! delivers every event of its channel exactly once, in timestamp order, across disconnects,
 //! reconnects and server restarts**, or yields [`SubscriptionError::ContinuityLost`].
 //!
-//! ```no_run
+//! ```
+//! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # // A real server on a free port with a temporary store, for this example.
+//! # let dir = tempfile::tempdir()?;
+//! # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! # let url = format!("ws://{}", listener.local_addr()?);
+//! # let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+//! # let server = tokio::spawn(ivy_server::run(ivy_server::Config::new(dir.path()), listener, async { let _ = stopped.await; }));
 //! use futures_util::StreamExt;
+//! use ivy_client_native::{Client, Start};
 //!
-//! # async fn demo() -> Result<(), ivy_client_native::Error> {
-//! let client = ivy_client_native::Client::connect("ws://127.0.0.1:8080").await?;
-//! let mut room = client.subscribe("/chat/room1").await?;
+//! let client = Client::connect(&url).await?; // for example "ws://127.0.0.1:8080"
+//! let mut room = client.subscribe_from("/chat", Start::Beginning).await?;
+//!
+//! // Resolves once the server has stored the event.
 //! let ts = client.send("/chat/room1", "hello").await?;
-//! println!("stored at {ts}");
-//! while let Some(item) = room.next().await {
-//!     match item {
-//!         Ok(event) => println!("{} {}: {}", event.ts, event.path, String::from_utf8_lossy(&event.data)),
-//!         Err(e) => eprintln!("{e}"),
-//!     }
-//! }
+//!
+//! // Events of /chat and its descendants, each once, in order (our own included).
+//! let event = room.next().await.expect("stream open")?;
+//! assert_eq!(event.ts, ts);
+//! assert_eq!(&*event.path, "/chat/room1");
+//! assert_eq!(&*event.data, b"hello");
+//!
+//! // The stored history, page by page.
+//! let page = client.log("/chat", ivy_client_native::LogQuery { limit: Some(100), ..Default::default() }).await?;
+//! assert_eq!(page.len(), 1);
+//! client.close().await;
+//! # let _ = stop.send(());
+//! # server.await??;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Resuming in a later run of the program, after the last event it processed:
+//!
+//! ```no_run
+//! # async fn demo(last_processed: ivy_client_native::Timestamp) -> Result<(), ivy_client_native::Error> {
+//! use ivy_client_native::{Client, Start};
+//! let client = Client::builder("ws://127.0.0.1:8080").retry_initial_connect(true).connect().await?;
+//! let events = client.subscribe_from("/chat", Start::After(last_processed)).await?;
 //! # Ok(()) }
 //! ```
 //!
