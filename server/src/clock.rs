@@ -2,8 +2,13 @@
 //!
 //! An event's timestamp is `max(wall clock, previous timestamp + 1 ns)`, so timestamps stay
 //! unique and increasing when many events arrive in one nanosecond and when the wall clock
-//! steps backwards. At startup the clock resumes after the newest stored event, which keeps
-//! them increasing across restarts.
+//! steps backwards. At startup the clock resumes after the newest stored event and after the
+//! store's clock floor, which keeps them increasing across restarts.
+//!
+//! The clock can be given a limit: it then refuses to hand out event timestamps above it
+//! ([`Clock::allocate`] fails with the timestamp it would need). With asynchronous durability
+//! the sequencer keeps the limit equal to a clock floor it has recorded durably, so that
+//! timestamps of events lost in a crash are never handed out again.
 
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -51,34 +56,63 @@ impl Default for WallClock {
 #[derive(Debug)]
 pub struct Clock {
     wall: WallClock,
-    last: Mutex<Timestamp>,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct State {
+    /// The greatest timestamp handed out (event or `@`).
+    last: Timestamp,
+    /// No event timestamp above this is handed out.
+    limit: Timestamp,
 }
 
 impl Clock {
-    /// A clock whose first timestamp is after `floor`.
+    /// A clock whose first timestamp is after `floor`, without limit.
     pub fn new(wall: WallClock, floor: Timestamp) -> Clock {
-        Clock { wall, last: Mutex::new(floor) }
+        Clock { wall, state: Mutex::new(State { last: floor, limit: Timestamp::MAX }) }
     }
 
-    /// Calls `f` with a generator of fresh event timestamps, holding the clock for the batch.
-    pub fn allocate<R>(&self, f: impl FnOnce(&mut dyn FnMut() -> Timestamp) -> R) -> R {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sets the greatest event timestamp the clock may hand out.
+    pub fn set_limit(&self, limit: Timestamp) {
+        self.state().limit = limit;
+    }
+
+    /// The greatest timestamp handed out so far (events and `@` replies).
+    pub fn last(&self) -> Timestamp {
+        self.state().last
+    }
+
+    /// Calls `f` with a generator of `count` fresh event timestamps, holding the clock for the
+    /// batch (`f` must call it at most `count` times). If the last of them would be above the
+    /// limit, nothing is handed out and the error is that timestamp: raise the limit and retry.
+    pub fn allocate<R>(&self, count: usize, f: impl FnOnce(&mut dyn FnMut() -> Timestamp) -> R) -> Result<R, Timestamp> {
         let now = self.wall.now();
-        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.state();
+        let first = now.max(state.last.next());
+        let newest = Timestamp::from_nanos(first.as_nanos().saturating_add(count.saturating_sub(1) as u128));
+        if newest > state.limit {
+            return Err(newest);
+        }
         let mut next = || {
-            let t = now.max(last.next());
-            *last = t;
+            let t = now.max(state.last.next());
+            state.last = t;
             t
         };
-        f(&mut next)
+        Ok(f(&mut next))
     }
 
     /// The current time for `@`: at least every timestamp handed out so far, and every
-    /// later event gets a greater one.
+    /// later event gets a greater one. It follows the wall clock and is not bound by the limit.
     pub fn now(&self) -> Timestamp {
         let now = self.wall.now();
-        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
-        *last = now.max(*last);
-        *last
+        let mut state = self.state();
+        state.last = now.max(state.last);
+        state.last
     }
 }
 
@@ -93,14 +127,32 @@ mod tests {
         let s = secs.clone();
         let clock = Clock::new(WallClock::from_fn(move || Timestamp::new(s.load(Ordering::SeqCst), 0).unwrap()), Timestamp::ZERO);
         let mut seen = Vec::new();
-        clock.allocate(|next| (0..3).for_each(|_| seen.push(next())));
+        clock.allocate(3, |next| (0..3).for_each(|_| seen.push(next()))).unwrap();
         secs.store(50, Ordering::SeqCst);
-        clock.allocate(|next| seen.push(next()));
+        clock.allocate(1, |next| seen.push(next())).unwrap();
         let t = clock.now();
-        clock.allocate(|next| seen.push(next()));
+        clock.allocate(1, |next| seen.push(next())).unwrap();
         assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
         assert!(seen[3] <= t && t < seen[4]);
         assert_eq!(seen[0], Timestamp::new(100, 0).unwrap());
         assert_eq!(seen[4], Timestamp::new(100, 4).unwrap());
+    }
+
+    #[test]
+    fn the_limit_refuses_a_batch_whole_and_names_the_timestamp_it_needs() {
+        let at = |s, n| Timestamp::new(s, n).unwrap();
+        let clock = Clock::new(WallClock::from_fn(move || at(100, 0)), at(100, 5));
+        clock.set_limit(at(100, 8));
+        assert_eq!(clock.allocate(3, |next| (next(), next(), next())), Ok((at(100, 6), at(100, 7), at(100, 8))));
+        // Two more would need 100.000000010: nothing is handed out.
+        assert_eq!(clock.allocate(2, |next| next()), Err(at(100, 10)));
+        assert_eq!(clock.last(), at(100, 8));
+        clock.set_limit(at(101, 0));
+        assert_eq!(clock.allocate(2, |next| (next(), next())), Ok((at(100, 9), at(100, 10))));
+        // `@` follows the wall clock, beyond the limit; the next batch must then ask again.
+        let later = Clock::new(WallClock::from_fn(move || at(200, 0)), at(100, 0));
+        later.set_limit(at(150, 0));
+        assert_eq!(later.now(), at(200, 0));
+        assert_eq!(later.allocate(1, |next| next()), Err(at(200, 1)));
     }
 }

@@ -14,7 +14,8 @@ pub enum Durability {
     Sync,
     /// Acknowledge and broadcast once the event is in the store's memory, and flush in the
     /// background (every `--flush-interval-ms`). A crash of the machine or of the process can
-    /// lose the events of the last interval, even though they were acknowledged.
+    /// lose the events of the last interval, even though they were acknowledged; their
+    /// timestamps are never handed out again (a durable clock floor).
     Async,
 }
 

@@ -125,13 +125,22 @@ impl Ivy {
         std::fs::create_dir_all(&config.data)?;
         let log = SledLog::open(&config.data, config.durability, config.flush_interval_ms)?;
         let last = log.last_timestamp()?.unwrap_or(Timestamp::ZERO);
+        // After a crash with async durability the floor is above the newest surviving event:
+        // lost events had timestamps up to it, which must not be handed out again.
+        let floor = log.clock_floor()?.unwrap_or(Timestamp::ZERO).max(last);
         let log: Arc<dyn EventLog> = Arc::new(log);
+        // Positions start at the newest stored event, below the floor after a crash that lost
+        // events: a client that saw them finds P < L and knows (docs/PROTOCOL.md 8.4).
         let broker: Arc<dyn Broker> = Arc::new(LocalBroker::new(last));
-        let clock = Arc::new(Clock::new(wall, last));
+        let clock = Arc::new(Clock::new(wall, floor));
+        if config.durability == Durability::Async {
+            // Every timestamp above the floor must first be covered by a durable floor.
+            clock.set_limit(floor);
+        }
         let visible = Arc::new(Watermark::new(last));
         let (publish_tx, handle) =
             sequencer::spawn(log.clone(), broker.clone(), clock.clone(), visible.clone(), config.durability, 16 * 1024);
-        tracing::info!(data = %config.data.display(), last = %last, durability = ?config.durability, "event store open");
+        tracing::info!(data = %config.data.display(), last = %last, floor = %floor, durability = ?config.durability, "event store open");
         let shared = Arc::new(Shared {
             config,
             log,

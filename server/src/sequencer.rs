@@ -5,6 +5,12 @@
 //! batch durable with one flush, and only then hands the events to the broker and answers
 //! their senders. Concurrent senders share each flush, so throughput grows with concurrency
 //! instead of staying at one flush per event.
+//!
+//! Clock floor: when the clock has a limit (asynchronous durability, where an acknowledged
+//! event can still be lost in a crash), a batch whose timestamps would go above it first
+//! records a new floor in the store, durably, one second ahead of what it needs; so a restart
+//! after a crash never hands out the timestamp of a lost event again, at the cost of one
+//! extra flush per second of timestamps. A graceful stop records the clock's exact position.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +31,8 @@ use crate::store::{EventLog, Record};
 const MAX_BATCH: usize = 4096;
 /// Most data bytes in one group commit.
 const MAX_BATCH_BYTES: usize = 8 << 20;
+/// How far beyond the timestamps it needs a new clock floor is recorded.
+const FLOOR_AHEAD_NANOS: u128 = 1_000_000_000;
 
 /// Why a publish failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,6 +185,10 @@ fn run(mut rx: mpsc::Receiver<Input>, log: &dyn EventLog, broker: &dyn Broker, c
             r.reply.send(Err(PublishError::ShuttingDown));
         }
     }
+    // Nothing after the clock's position was handed out: a clean restart resumes right there.
+    if let Err(e) = log.set_clock_floor(clock.last()) {
+        tracing::error!(error = %e, "recording the clock floor failed");
+    }
     if let Err(e) = log.sync() {
         tracing::error!(error = %e, "final flush of the event store failed");
     }
@@ -190,17 +202,16 @@ fn commit(
     visible: &Watermark,
     durability: Durability,
 ) {
-    let lines: Vec<(Timestamp, Vec<u8>)> = clock.allocate(|next| {
-        batch
-            .iter()
-            .map(|r| {
-                let ts = next();
-                let mut line = Vec::new();
-                encode_event(ts, &r.path, r.data(), &mut line);
-                (ts, line)
-            })
-            .collect()
-    });
+    let lines = match stamp(batch, log, clock) {
+        Ok(lines) => lines,
+        Err(e) => {
+            tracing::error!(error = %e, events = batch.len(), "recording the clock floor failed; the events were not stored");
+            for r in batch.drain(..) {
+                r.reply.send(Err(PublishError::Storage(e.to_string())));
+            }
+            return;
+        }
+    };
     let records: Vec<Record<'_>> = batch.iter().zip(&lines).map(|(r, (ts, line))| Record { ts: *ts, path: &r.path, line }).collect();
     let stored = log.append(&records).and_then(|()| match durability {
         Durability::Sync => log.sync(),
@@ -240,4 +251,33 @@ fn commit(
             }
         }
     }
+}
+
+/// Gives the batch its timestamps and encodes its lines, first raising the clock floor when
+/// the clock's limit is in the way.
+fn stamp(batch: &[PublishRequest], log: &dyn EventLog, clock: &Clock) -> std::io::Result<Vec<(Timestamp, Vec<u8>)>> {
+    let encode = |next: &mut dyn FnMut() -> Timestamp| -> Vec<(Timestamp, Vec<u8>)> {
+        batch
+            .iter()
+            .map(|r| {
+                let ts = next();
+                let mut line = Vec::new();
+                encode_event(ts, &r.path, r.data(), &mut line);
+                (ts, line)
+            })
+            .collect()
+    };
+    // One raise is normally enough; the wall clock would have to jump a second ahead between
+    // two attempts for another one to be needed.
+    for _ in 0..4 {
+        match clock.allocate(batch.len(), encode) {
+            Ok(lines) => return Ok(lines),
+            Err(needed) => {
+                let floor = Timestamp::from_nanos(needed.as_nanos().saturating_add(FLOOR_AHEAD_NANOS));
+                log.set_clock_floor(floor)?;
+                clock.set_limit(floor);
+            }
+        }
+    }
+    Err(std::io::Error::other("the clock floor could not be raised ahead of the wall clock"))
 }

@@ -5,6 +5,8 @@
 //! so that a batch of events is written atomically:
 //!
 //! - `v` → the layout version (`1`);
+//! - `c` → the clock floor (12 bytes, big-endian; optional): no timestamp above it has been
+//!   handed out, so a restarted clock resumes after `max(floor, newest event)`;
 //! - `e` ‖ ts (12 bytes, big-endian) → the event line exactly as delivered (`@ts:/path:data`);
 //! - `i` ‖ channel ‖ `0x00` ‖ ts → empty, for the event's own path and each ancestor except
 //!   the root (the root's log is the whole `e` range).
@@ -52,6 +54,14 @@ pub trait EventLog: Send + Sync + 'static {
     fn sync(&self) -> io::Result<()>;
     /// The newest stored timestamp.
     fn last_timestamp(&self) -> io::Result<Option<Timestamp>>;
+    /// Durably records the clock floor `ts` (flushed and fsynced when this returns, together
+    /// with every event appended before): the server promises to hand out no timestamp above
+    /// it before recording a higher one, and resumes its clock after it when the store is
+    /// opened again. This is what keeps timestamps unique after a crash that lost events
+    /// which had already been acknowledged (asynchronous durability).
+    fn set_clock_floor(&self, ts: Timestamp) -> io::Result<()>;
+    /// The last recorded clock floor, if any.
+    fn clock_floor(&self) -> io::Result<Option<Timestamp>>;
     /// Visits the events of `channel`'s subtree with `after < ts <= until`, in `dir` order,
     /// until the visitor breaks.
     fn scan(
@@ -71,6 +81,7 @@ pub struct SledLog {
 }
 
 const LAYOUT_VERSION: &[u8] = b"1";
+const CLOCK_FLOOR_KEY: &[u8] = b"c";
 
 fn to_io(e: sled::Error) -> io::Error {
     match e {
@@ -155,6 +166,20 @@ impl EventLog for SledLog {
         }
     }
 
+    fn set_clock_floor(&self, ts: Timestamp) -> io::Result<()> {
+        self.db.insert(CLOCK_FLOOR_KEY, &ts.to_be_bytes()[..]).map_err(to_io)?;
+        self.sync()
+    }
+
+    fn clock_floor(&self) -> io::Result<Option<Timestamp>> {
+        match self.db.get(CLOCK_FLOOR_KEY).map_err(to_io)? {
+            None => Ok(None),
+            Some(v) => Timestamp::from_be_bytes(&v)
+                .map(Some)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "corrupt clock floor in event store")),
+        }
+    }
+
     fn scan(
         &self,
         channel: &str,
@@ -212,5 +237,36 @@ impl EventLog for SledLog {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clock_floor_survives_reopening_and_is_not_an_event() {
+        let dir = std::env::temp_dir().join(format!("ivy-store-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let ts = |n| Timestamp::new(1_700_000_000, n).unwrap();
+        {
+            let log = SledLog::open(&dir, Durability::Async, 100).unwrap();
+            assert_eq!(log.clock_floor().unwrap(), None);
+            log.append(&[Record { ts: ts(1), path: "/a", line: b"@1700000000.000000001:/a:x" }]).unwrap();
+            log.set_clock_floor(ts(9)).unwrap();
+            assert_eq!(log.last_timestamp().unwrap(), Some(ts(1)));
+        }
+        let log = SledLog::open(&dir, Durability::Sync, 100).unwrap();
+        assert_eq!(log.clock_floor().unwrap(), Some(ts(9)));
+        assert_eq!(log.last_timestamp().unwrap(), Some(ts(1)));
+        let mut seen = Vec::new();
+        log.scan(ROOT, None, None, Direction::Forward, &mut |t, _| {
+            seen.push(t);
+            Ok(ControlFlow::Continue(()))
+        })
+        .unwrap();
+        assert_eq!(seen, vec![ts(1)]);
+        drop(log);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -99,13 +99,20 @@ impl ServerProcess {
     /// Starts `ivy-server --listen 127.0.0.1:0 --data DIR` plus `extra` flags, and waits for its
     /// "listening" line.
     pub async fn start(dir: &Path, extra: &[&str]) -> ServerProcess {
-        let mut child = tokio::process::Command::new(server_bin())
+        ServerProcess::start_bin(&server_bin(), dir, extra, &[]).await
+    }
+
+    /// Starts the server binary `bin` (`ivy-server` or a test build of it such as
+    /// `ivy-test-server`) like [`ServerProcess::start`], with extra environment variables.
+    pub async fn start_bin(bin: &Path, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> ServerProcess {
+        let mut child = tokio::process::Command::new(bin)
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data")
             .arg(dir)
             .args(extra)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -124,6 +131,23 @@ impl ServerProcess {
     /// The WebSocket URL.
     pub fn ws_url(&self) -> String {
         format!("ws://{}/ws", self.addr)
+    }
+
+    /// The HTTP base URL (`http://127.0.0.1:PORT`).
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    /// The resident memory of the process in bytes (Linux `/proc`; `None` elsewhere).
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        let kb: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+        Some(kb * 1024)
     }
 
     /// SIGKILL: no chance to flush anything.
@@ -272,49 +296,74 @@ impl HttpResponse {
 
 /// `GET target` with extra headers, over a fresh connection.
 pub async fn http_get(addr: SocketAddr, target: &str, headers: &[(&str, &str)]) -> HttpResponse {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
+    try_http_get(addr, target, headers).await.unwrap_or_else(|e| panic!("GET {target}: {e}"))
+}
+
+/// [`http_get`] that reports failures (connection refused or reset, a truncated response, no
+/// answer within [`WAIT`]) instead of panicking: for tests where the server may be killed.
+pub async fn try_http_get(addr: SocketAddr, target: &str, headers: &[(&str, &str)]) -> Result<HttpResponse, String> {
+    let mut s = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
     let mut req = format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
-    s.write_all(req.as_bytes()).await.expect("write");
+    s.write_all(req.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
     let mut raw = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut raw)).await.expect("response in time").expect("read");
-    parse_http(&raw)
+    tokio::time::timeout(WAIT, s.read_to_end(&mut raw))
+        .await
+        .map_err(|_| "no response in time".to_string())?
+        .map_err(|e| format!("read: {e}"))?;
+    let r = parse_http(&raw)?;
+    if let Some(len) = r.header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        if r.body.len() < len {
+            return Err(format!("truncated body: {} of {len} bytes", r.body.len()));
+        }
+    }
+    Ok(r)
 }
 
-fn parse_http(raw: &[u8]) -> HttpResponse {
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("end of headers");
-    let head = std::str::from_utf8(&raw[..end]).expect("ASCII headers");
+fn parse_http(raw: &[u8]) -> Result<HttpResponse, String> {
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or("response ends before its headers")?;
+    let head = std::str::from_utf8(&raw[..end]).map_err(|_| "headers are not UTF-8")?;
     let mut lines = head.split("\r\n");
-    let status: u16 = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).expect("status");
+    let status: u16 = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).ok_or("no status code")?;
     let headers: Vec<(String, String)> =
         lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
     let mut body = raw[end + 4..].to_vec();
     let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
     if chunked {
+        let truncated = || "truncated chunked body".to_string();
         let mut out = Vec::new();
         let mut rest = &body[..];
         loop {
-            let nl = rest.windows(2).position(|w| w == b"\r\n").expect("chunk size line");
-            let size = usize::from_str_radix(std::str::from_utf8(&rest[..nl]).expect("hex").split(';').next().unwrap_or("0").trim(), 16)
-                .expect("chunk size");
+            let nl = rest.windows(2).position(|w| w == b"\r\n").ok_or_else(truncated)?;
+            let line = std::str::from_utf8(&rest[..nl]).map_err(|_| "chunk size is not ASCII")?;
+            let size = usize::from_str_radix(line.split(';').next().unwrap_or("0").trim(), 16).map_err(|_| "bad chunk size")?;
             rest = &rest[nl + 2..];
             if size == 0 {
                 break;
             }
-            out.extend_from_slice(&rest[..size]);
-            rest = &rest[size + 2..];
+            out.extend_from_slice(rest.get(..size).ok_or_else(truncated)?);
+            rest = rest.get(size + 2..).ok_or_else(truncated)?;
         }
         body = out;
     }
-    HttpResponse { status, headers, body }
+    Ok(HttpResponse { status, headers, body })
 }
 
 /// A raw WebSocket handshake on `/ws` with extra headers: the status and headers of the reply.
 pub async fn raw_handshake(addr: SocketAddr, headers: &[(&str, &str)]) -> (u16, Vec<(String, String)>) {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let (r, _) = raw_ws_open(addr, headers).await.unwrap_or_else(|e| panic!("handshake: {e}"));
+    (r.status, r.headers)
+}
+
+/// A raw WebSocket handshake on `/ws` that keeps the TCP stream, for tests that then misbehave
+/// on the socket (stay silent, never read). Returns the response (for a refusal, with its
+/// `Content-Length` body; for `101`, the body holds any bytes that followed the headers) and
+/// the stream positioned after them.
+pub async fn raw_ws_open(addr: SocketAddr, headers: &[(&str, &str)]) -> Result<(HttpResponse, TcpStream), String> {
+    let mut s = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
     let mut req = format!(
         "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
     );
@@ -322,16 +371,27 @@ pub async fn raw_handshake(addr: SocketAddr, headers: &[(&str, &str)]) -> (u16, 
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
-    s.write_all(req.as_bytes()).await.expect("write");
+    s.write_all(req.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
     let mut raw = Vec::new();
     let mut buf = [0u8; 1024];
-    while !raw.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = tokio::time::timeout(WAIT, s.read(&mut buf)).await.expect("reply in time").expect("read");
-        assert!(n > 0, "connection closed during handshake");
-        raw.extend_from_slice(&buf[..n]);
-    }
-    let r = parse_http(&raw);
-    (r.status, r.headers)
+    let read = async {
+        loop {
+            if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = parse_http(&raw[..end + 4])?;
+                let want = head.header("content-length").and_then(|v| v.parse::<usize>().ok()).unwrap_or(0);
+                if head.status == 101 || raw.len() >= end + 4 + want {
+                    return Ok::<(), String>(());
+                }
+            }
+            let n = s.read(&mut buf).await.map_err(|e| format!("read: {e}"))?;
+            if n == 0 {
+                return Err("connection closed during the handshake".into());
+            }
+            raw.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(WAIT, read).await.map_err(|_| "no handshake reply in time".to_string())??;
+    Ok((parse_http(&raw)?, s))
 }
 
 /// The body of `GET /log<path>[?query]` as text; panics unless 200.

@@ -1,0 +1,67 @@
+//! `ivy-test-server`: the `ivy-server` binary with a wall clock that tests can freeze.
+//!
+//! Same flags as `ivy-server`. With `IVY_TEST_FROZEN_CLOCK=SECONDS` set, the wall clock reads
+//! that second forever, which models a clock that stepped back: event timestamps then advance
+//! by one nanosecond per event from the newest one, which is exactly the situation in which a
+//! server that resumed after the newest surviving event would hand out the timestamps of
+//! events lost in a crash a second time. The crash tests use it; nothing else should.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use ivy_client_core::Timestamp;
+use ivy_server::{Config, Ivy, WallClock};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = Config::parse();
+    let wall = match std::env::var("IVY_TEST_FROZEN_CLOCK") {
+        Ok(v) => match v.parse::<u64>() {
+            Ok(secs) => {
+                let frozen = Timestamp::new(secs, 0).unwrap_or(Timestamp::ZERO);
+                WallClock::from_fn(move || frozen)
+            }
+            Err(_) => {
+                eprintln!("ivy-test-server: IVY_TEST_FROZEN_CLOCK must be whole seconds, got {v:?}");
+                return ExitCode::from(2);
+            }
+        },
+        Err(_) => WallClock::system(),
+    };
+    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("ivy-test-server: cannot listen on {}: {e}", config.listen);
+            return ExitCode::from(2);
+        }
+    };
+    let ivy = match Ivy::open_with_clock(config, wall) {
+        Ok(ivy) => ivy,
+        Err(e) => {
+            eprintln!("ivy-test-server: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match listener.local_addr() {
+        Ok(addr) => println!("ivy-test-server listening on http://{addr}"),
+        Err(e) => eprintln!("ivy-test-server: {e}"),
+    }
+    let stop = ivy.stop_signal();
+    let app = ivy.router();
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                () = stop.cancelled() => {}
+            }
+        })
+        .await;
+    ivy.shutdown().await;
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ivy-test-server: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
