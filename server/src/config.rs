@@ -77,6 +77,11 @@ pub struct Config {
     /// separate with commas). Empty: every origin.
     #[arg(long = "allowed-origin", env = "IVY_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
+
+    /// Serve the files of this directory at `/` (`index.html` for a directory), next to `/ws`
+    /// and `/log/`, which take precedence. Off when not set.
+    #[arg(long, env = "IVY_STATIC_DIR")]
+    pub static_dir: Option<PathBuf>,
 }
 impl Config {
     /// The defaults, with the data directory `data`. Reads no flags and no environment.
@@ -92,6 +97,7 @@ impl Config {
             queue_length: DEFAULT_QUEUE_LENGTH,
             log_page_limit: DEFAULT_LOG_PAGE_LIMIT,
             allowed_origins: Vec::new(),
+            static_dir: None,
         }
     }
 }

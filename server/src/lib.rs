@@ -31,6 +31,7 @@ pub mod config;
 mod http;
 pub mod logquery;
 pub mod sequencer;
+mod static_files;
 pub mod store;
 mod ws;
 
@@ -122,6 +123,9 @@ impl Ivy {
 
     /// [`Ivy::open`] with a custom wall clock (for tests of clock steps).
     pub fn open_with_clock(config: Config, wall: WallClock) -> io::Result<Ivy> {
+        if let Some(dir) = &config.static_dir {
+            static_files::check(dir)?;
+        }
         std::fs::create_dir_all(&config.data)?;
         let log = SledLog::open(&config.data, config.durability, config.flush_interval_ms)?;
         let last = log.last_timestamp()?.unwrap_or(Timestamp::ZERO);
@@ -157,13 +161,19 @@ impl Ivy {
     }
 
     /// The routes `/ws`, `/log`, `/log/` and `/log/{*path}`, to serve or merge into an app.
+    /// With [`Config::static_dir`] set, also a fallback serving that directory at `/` (an
+    /// application that has a fallback of its own should leave `static_dir` unset).
     pub fn router(&self) -> Router {
         let log = Router::new()
             .route("/log", get(http::handler).options(http::preflight))
             .route("/log/", get(http::handler).options(http::preflight))
             .route("/log/{*path}", get(http::handler).options(http::preflight))
             .layer(axum::middleware::from_fn_with_state(self.shared.clone(), cors_layer));
-        Router::new().route("/ws", get(ws::handler)).merge(log).with_state(self.shared.clone())
+        let router = Router::new().route("/ws", get(ws::handler)).merge(log).with_state(self.shared.clone());
+        match &self.shared.config.static_dir {
+            Some(dir) => router.merge(static_files::router(dir)),
+            None => router,
+        }
     }
 
     /// Publishes an event from the embedding application (no sender is excluded). Resolves
