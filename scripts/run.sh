@@ -1,6 +1,30 @@
 #!/usr/bin/env bash
-# Builds and starts the Ivy server on http://127.0.0.1:8080 with its embedded sled store in
-# ./ivy-data. Extra arguments go to ivy-server (see --help).
+# Builds everything (the wasm client package, the chat web demo, the server) and starts the
+# server with the demo on http://127.0.0.1:8080 and its embedded sled store in ./ivy-data.
+# Installs what is missing: the wasm32 target and the wasm-bindgen CLI (client-wasm/build.sh),
+# the demo's npm packages. Extra arguments go to ivy-server (see --help); for example
+# `./scripts/run.sh --listen 0.0.0.0:8080` to let phones on your network join.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec cargo run --release -p ivy-server -- "$@"
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+if ! command -v node >/dev/null || ! node -e 'const [a,b]=process.versions.node.split(".").map(Number); process.exit(a>20||(a===20&&b>=19)?0:1)'; then
+  echo "Node.js >= 20.19 with npm is needed to build the web demo (found: $(node --version 2>/dev/null || echo none))" >&2
+  exit 1
+fi
+
+step "wasm client package (client-wasm/build.sh)"
+client-wasm/build.sh >&2
+
+step "chat web demo (npm install, vite build)"
+(cd web-demo && npm install --no-audit --no-fund >&2 && npm run --silent build >&2)
+
+step "server (cargo build --release)"
+cargo build --release -p ivy-server
+
+step "starting ivy-server with the demo; open http://127.0.0.1:8080 (Ctrl-C stops it)"
+# Defaults through the environment, so that flags given to this script override them.
+export IVY_STATIC_DIR="${IVY_STATIC_DIR:-web-demo/dist}"
+export IVY_DATA="${IVY_DATA:-./ivy-data}"
+exec "${CARGO_TARGET_DIR:-target}/release/ivy-server" "$@"

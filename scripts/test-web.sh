@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The chat web demo's checks: builds the wasm package and the demo, type-checks it, and runs
+# the browser end-to-end tests (Playwright through playwright-core, driving Debian's Chromium)
+# against the real ivy-server binary. Installs what is missing: Chromium (apt), npm packages.
+# Prints 'check: N passed, N failed ...' lines that scripts/test.sh adds to its summary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "web demo: Node.js"
+if ! command -v node >/dev/null || ! node -e 'const [a,b]=process.versions.node.split(".").map(Number); process.exit(a>20||(a===20&&b>=19)?0:1)'; then
+  echo "Node.js >= 20.19 with npm is needed for the web demo (found: $(node --version 2>/dev/null || echo none))" >&2
+  exit 1
+fi
+echo "node $(node --version), npm $(npm --version)"
+
+if [ "${IVY_WASM_PKG_FRESH:-}" != 1 ]; then
+  step "web demo: wasm package (client-wasm/build.sh)"
+  client-wasm/build.sh
+fi
+
+step "web demo: Chromium"
+if [ ! -x /usr/bin/chromium ]; then
+  apt-get update
+  DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver fonts-noto-color-emoji
+fi
+/usr/bin/chromium --version
+
+step "web demo: npm install"
+(cd web-demo && npm install --no-audit --no-fund)
+
+step "web demo: TypeScript check (tsc --noEmit)"
+(cd web-demo && npm run --silent typecheck) && echo "check: 1 passed, 0 failed (TypeScript: web demo and its tests)"
+
+step "web demo: vite build"
+(cd web-demo && npm run --silent build)
+
+step "web demo: browser end-to-end tests"
+cargo build -p ivy-server -p ivy-client-native --bins
+(cd web-demo && node e2e/run.mjs)

@@ -1,0 +1,230 @@
+// Ivy chat: pick a nickname and a room (/chat/<room>); history, then live messages.
+// The room is in the URL hash (#lobby), the nickname in localStorage.
+
+import init, { IvyClient, type IvyStatus } from "ivy-client-wasm";
+import { normalizeNick, normalizeRoom, nickError, roomError } from "./message";
+import { Room, errorText } from "./room";
+import { MessageList } from "./view";
+import "./style.css";
+
+const NICK_KEY = "ivy-chat.nick";
+const RECENT_KEY = "ivy-chat.recent";
+
+function el<T extends HTMLElement = HTMLElement>(id: string): T {
+  const e = document.getElementById(id);
+  if (!e) throw new Error(`#${id} missing from index.html`);
+  return e as T;
+}
+
+const ui = {
+  join: el("join"),
+  joinForm: el<HTMLFormElement>("join-form"),
+  nick: el<HTMLInputElement>("nick"),
+  room: el<HTMLInputElement>("room"),
+  joinError: el("join-error"),
+  recent: el("recent"),
+  recentList: el("recent-list"),
+  chat: el("chat"),
+  leave: el<HTMLButtonElement>("leave"),
+  roomName: el("room-name"),
+  me: el("me"),
+  status: el("status"),
+  statusText: el("status-text"),
+  notice: el("notice"),
+  scroller: el("scroller"),
+  earlier: el<HTMLButtonElement>("earlier"),
+  empty: el("empty"),
+  messages: el<HTMLOListElement>("messages"),
+  pending: el<HTMLOListElement>("pending"),
+  jump: el<HTMLButtonElement>("jump"),
+  composer: el<HTMLFormElement>("composer"),
+  text: el<HTMLTextAreaElement>("text"),
+  send: el<HTMLButtonElement>("send"),
+};
+
+/** The server: the one that served this page, or `?server=ws://host:port`. */
+function serverUrl(): string {
+  return new URLSearchParams(location.search).get("server") ?? new URL("./", location.href).href;
+}
+
+const STATUS_TEXT: Record<IvyStatus, string> = {
+  connecting: "Connecting…",
+  connected: "Connected",
+  reconnecting: "Reconnecting…",
+  closed: "Disconnected",
+};
+
+let client: IvyClient;
+let room: Room | undefined;
+
+function showStatus(status: IvyStatus): void {
+  ui.status.dataset.status = status;
+  ui.statusText.textContent = STATUS_TEXT[status] ?? status;
+}
+
+function setNotice(text: string | null): void {
+  ui.notice.hidden = text === null;
+  ui.notice.textContent = text ?? "";
+}
+
+function recentRooms(): string[] {
+  try {
+    const v: unknown = JSON.parse(localStorage.getItem(RECENT_KEY) ?? "[]");
+    return Array.isArray(v) ? v.filter((r): r is string => typeof r === "string" && roomError(r) === null) : [];
+  } catch {
+    return [];
+  }
+}
+
+function remember(roomName: string): void {
+  const list = [roomName, ...recentRooms().filter((r) => r !== roomName)].slice(0, 6);
+  localStorage.setItem(RECENT_KEY, JSON.stringify(list));
+}
+
+function showJoin(roomName: string): void {
+  room?.close();
+  room = undefined;
+  ui.chat.hidden = true;
+  ui.join.hidden = false;
+  document.title = "Ivy chat";
+  ui.nick.value = localStorage.getItem(NICK_KEY) ?? "";
+  ui.room.value = roomName || ui.room.value || "lobby";
+  ui.joinError.hidden = true;
+  const recent = recentRooms();
+  ui.recent.hidden = recent.length === 0;
+  ui.recentList.replaceChildren(
+    ...recent.map((r) => {
+      const b = document.createElement("button");
+      b.type = "button";
+      b.className = "chip";
+      b.textContent = `#${r}`;
+      b.onclick = () => {
+        ui.room.value = r;
+        ui.joinForm.requestSubmit();
+      };
+      return b;
+    }),
+  );
+  (ui.nick.value ? ui.room : ui.nick).focus();
+}
+
+function showChat(roomName: string, nick: string): void {
+  room?.close();
+  ui.join.hidden = true;
+  ui.chat.hidden = false;
+  document.title = `#${roomName} · Ivy chat`;
+  ui.roomName.textContent = `#${roomName}`;
+  ui.me.textContent = `as ${nick}`;
+  ui.messages.replaceChildren();
+  ui.pending.replaceChildren();
+  setNotice(null);
+  const view = new MessageList(ui.scroller, ui.messages, ui.pending, ui.earlier, ui.empty, ui.jump, nick, {
+    retry: (id) => room?.retry(id),
+    discard: (id) => room?.discard(id),
+  });
+  const r = new Room(client, roomName, nick, view, setNotice);
+  room = r;
+  ui.earlier.onclick = async () => {
+    ui.earlier.disabled = true;
+    try {
+      await r.loadEarlier();
+    } catch (e) {
+      setNotice(`Could not load earlier messages: ${errorText(e)}`);
+    } finally {
+      ui.earlier.disabled = false;
+    }
+  };
+  delete ui.chat.dataset.ready;
+  void r.open().then(() => {
+    // History shown and subscribed: end-to-end tests wait for this.
+    if (room === r) ui.chat.dataset.ready = "true";
+  });
+  remember(roomName);
+  ui.text.focus();
+}
+
+/** Opens the room in the hash, or the join form. */
+function route(): void {
+  const roomName = normalizeRoom(decodeURIComponent(location.hash.slice(1)));
+  const nick = normalizeNick(localStorage.getItem(NICK_KEY) ?? "");
+  if (roomName !== "" && roomError(roomName) === null && nickError(nick) === null) {
+    if (room?.path !== `/chat/${roomName}` || ui.chat.hidden) showChat(roomName, nick);
+  } else {
+    showJoin(roomName);
+  }
+}
+
+function joinSubmitted(e: SubmitEvent): void {
+  e.preventDefault();
+  const nick = normalizeNick(ui.nick.value);
+  const roomName = normalizeRoom(ui.room.value);
+  const error = nickError(nick) ?? roomError(roomName);
+  if (error) {
+    ui.joinError.textContent = error;
+    ui.joinError.hidden = false;
+    return;
+  }
+  localStorage.setItem(NICK_KEY, nick);
+  if (location.hash === `#${roomName}`) {
+    showChat(roomName, nick);
+  } else {
+    location.hash = roomName; // hashchange opens it
+  }
+}
+
+function autosize(): void {
+  ui.text.style.height = "auto";
+  ui.text.style.height = `${ui.text.scrollHeight}px`;
+}
+
+function sendTyped(): void {
+  const text = ui.text.value;
+  if (!room || text.trim() === "") return;
+  const error = room.send(text);
+  if (error) {
+    setNotice(error);
+    return;
+  }
+  ui.text.value = "";
+  autosize();
+  ui.text.focus();
+}
+
+async function main(): Promise<void> {
+  await init();
+  client = new IvyClient(serverUrl(), { maxBackoffMs: 4000 });
+  showStatus(client.status);
+  client.onStatus((s) => {
+    showStatus(s);
+    room?.onStatus(s);
+  });
+
+  ui.joinForm.addEventListener("submit", joinSubmitted);
+  ui.room.addEventListener("input", () => (ui.joinError.hidden = true));
+  ui.nick.addEventListener("input", () => (ui.joinError.hidden = true));
+  ui.leave.onclick = () => {
+    history.pushState(null, "", location.pathname + location.search);
+    showJoin(room?.path.slice("/chat/".length) ?? "");
+  };
+  ui.composer.addEventListener("submit", (e) => {
+    e.preventDefault();
+    sendTyped();
+  });
+  // Enter sends, Shift+Enter makes a new line; on touch screens Enter is a new line and the
+  // Send button sends.
+  const touch = matchMedia("(pointer: coarse)").matches;
+  ui.text.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing && !touch) {
+      e.preventDefault();
+      sendTyped();
+    }
+  });
+  ui.text.addEventListener("input", autosize);
+  window.addEventListener("hashchange", route);
+  route();
+}
+
+main().catch((e: unknown) => {
+  document.body.textContent = `Ivy chat could not start: ${errorText(e)}`;
+  throw e;
+});

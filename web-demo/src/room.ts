@@ -1,0 +1,201 @@
+// One open room: history, then live messages, and our own sends until they are confirmed.
+
+import type { IvyClient, IvyEvent, IvySubscription } from "ivy-client-wasm";
+import { type ChatMessage, MAX_DATA_BYTES, dataBytes, decode, encode, newId, roomPath } from "./message";
+import type { MessageList } from "./view";
+
+/** Messages shown when a room opens; older ones on demand. */
+export const HISTORY = 200;
+
+/** What the client says when a send's connection dropped before its reply. */
+const UNCERTAIN = "may or may not have been stored";
+
+interface Pending {
+  text: string;
+  data: string;
+  /** The newest timestamp this room had seen when the message was first sent: if it was
+   * stored, it is in the log after this. */
+  after: string | undefined;
+}
+
+export class Room {
+  readonly path: string;
+  private sub: IvySubscription | undefined;
+  private closed = false;
+  private lastTs: string | undefined;
+  private pending = new Map<string, Pending>();
+
+  constructor(
+    private client: IvyClient,
+    room: string,
+    private nick: string,
+    private view: MessageList,
+    private notice: (text: string | null) => void,
+  ) {
+    this.path = roomPath(room);
+  }
+
+  /**
+   * History, then live. The last HISTORY messages come from one log request (`n`), and the
+   * subscription resumes right after the newest of them (`from: ts`): a room with a long history
+   * opens as fast as a short one, and the client guarantees that everything after that
+   * timestamp arrives once and in order, also across reconnects. An empty room subscribes
+   * `from: "beginning"` so that nothing sent in between is missed.
+   */
+  async open(): Promise<void> {
+    let history: IvyEvent[] | undefined;
+    for (let attempt = 0; history === undefined; attempt++) {
+      try {
+        history = await this.client.log(this.path, { n: HISTORY });
+      } catch (e) {
+        if (this.closed) return;
+        this.notice(`Waiting for the server… (${errorText(e)})`);
+        await sleep(Math.min(500 * 2 ** attempt, 5000));
+        if (this.closed) return;
+      }
+    }
+    if (this.closed) return;
+    this.notice(null);
+    const messages = history.map(toMessage);
+    this.view.setEarlier(history.length === HISTORY);
+    this.view.add(messages);
+    this.lastTs = history.at(-1)?.ts;
+    this.sub = this.client.subscribe(this.path, (e) => this.onEvent(e), {
+      from: this.lastTs ?? "beginning",
+      onError: (err) => this.notice(`${err.message}`),
+    });
+  }
+
+  private onEvent(e: IvyEvent): void {
+    if (this.closed) return;
+    this.lastTs = e.ts;
+    const m = toMessage(e);
+    if (m.id !== undefined) this.pending.delete(m.id);
+    this.view.add([m]);
+  }
+
+  /** Loads up to HISTORY messages older than the first rendered one. */
+  async loadEarlier(): Promise<void> {
+    const first = this.view.firstTs();
+    if (first === undefined) return;
+    // The log pages forward only: the last K events, of which the ones before `first` are new.
+    const k = this.view.renderedCount() + HISTORY;
+    const events = await this.client.log(this.path, { n: k });
+    if (this.closed) return;
+    const older = events.filter((e) => e.ts < first).map(toMessage);
+    this.view.prepend(older);
+    this.view.setEarlier(events.length === k && older.length > 0);
+  }
+
+  /** Sends a message; it shows as pending until the subscription delivers it back. */
+  send(text: string): string | null {
+    const id = newId();
+    const data = encode({ nick: this.nick, text, id });
+    const bytes = dataBytes(data);
+    if (bytes > MAX_DATA_BYTES) {
+      return `This message is too long (${Math.ceil(bytes / 1024)} KiB; the limit is ${Math.floor(MAX_DATA_BYTES / 1024)} KiB).`;
+    }
+    this.pending.set(id, { text, data, after: this.lastTs });
+    this.view.addPending(id, text, { kind: this.client.status === "connected" ? "sending" : "queued" });
+    this.transmit(id);
+    return null;
+  }
+
+  /** Pending messages: the view marks the ones waiting for a connection. */
+  onStatus(status: string): void {
+    for (const [id] of this.pending) {
+      const state = this.view.pendingState(id);
+      if (state === "sending" && status !== "connected") this.view.setPending(id, { kind: "queued" });
+      if (state === "queued" && status === "connected") this.view.setPending(id, { kind: "sending" });
+    }
+  }
+
+  retry(id: string): void {
+    const p = this.pending.get(id);
+    if (!p) return;
+    this.view.setPending(id, { kind: this.client.status === "connected" ? "sending" : "queued" });
+    this.transmit(id);
+  }
+
+  discard(id: string): void {
+    this.pending.delete(id);
+    this.view.removePending(id);
+  }
+
+  close(): void {
+    this.closed = true;
+    this.sub?.unsubscribe();
+    this.sub = undefined;
+  }
+
+  private transmit(id: string): void {
+    const p = this.pending.get(id);
+    if (!p) return;
+    // The client queues the send while disconnected and sends it once the connection is
+    // back; the promise resolves with the timestamp once the server has stored it.
+    this.client.send(this.path, p.data).then(
+      () => {
+        // Stored. The subscription delivers it (our own sends included, in place).
+      },
+      (err: unknown) => {
+        if (this.closed || !this.pending.has(id)) return;
+        const message = errorText(err);
+        if (message.includes(UNCERTAIN)) {
+          this.view.setPending(id, { kind: "checking" });
+          void this.settleUncertain(id);
+        } else {
+          this.view.setPending(id, { kind: "failed", error: message });
+        }
+      },
+    );
+  }
+
+  /**
+   * The connection dropped between sending and the server's reply: the message may or may
+   * not have been stored. Once connected again, look for it in the log: if it is there the
+   * subscription delivers it (nothing to do); if not, send it again. Never both, so it is
+   * neither lost nor doubled. (If the old connection's send were still being stored while the
+   * log is read, a duplicate could result; the short wait makes that unlikely.)
+   */
+  private async settleUncertain(id: string): Promise<void> {
+    for (let attempt = 0; ; attempt++) {
+      await sleep(attempt === 0 ? 500 : Math.min(1000 * attempt, 5000));
+      if (this.closed || !this.pending.has(id)) return;
+      if (this.client.status !== "connected") continue;
+      const p = this.pending.get(id);
+      if (!p) return;
+      try {
+        if (await this.inLog(id, p.after)) return; // the subscription will deliver it
+        if (this.closed || !this.pending.has(id)) return;
+        this.view.setPending(id, { kind: "sending" });
+        this.transmit(id);
+        return;
+      } catch {
+        // log unavailable: try again
+      }
+    }
+  }
+
+  private async inLog(id: string, after: string | undefined): Promise<boolean> {
+    const limit = 500;
+    let cursor = after ?? "0000000000.000000000";
+    for (;;) {
+      const page = await this.client.log(this.path, { after: cursor, limit });
+      for (const e of page) if (toMessage(e).id === id) return true;
+      if (page.length === 0) return false;
+      cursor = page[page.length - 1].ts;
+    }
+  }
+}
+
+function toMessage(e: IvyEvent): ChatMessage {
+  return decode(e.ts, e.path, e.data);
+}
+
+export function errorText(e: unknown): string {
+  return e instanceof Error ? e.message : String(e);
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
