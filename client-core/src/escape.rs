@@ -82,7 +82,10 @@ pub fn unescape(data: &[u8]) -> Result<Cow<'_, [u8]>, UnescapeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(not(target_arch = "wasm32"))]
     use proptest::prelude::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn original_rules() {
@@ -96,6 +99,7 @@ mod tests {
         assert_eq!(unescape(b"ab%0a"), Err(UnescapeError { at: 2 }));
     }
 
+    #[cfg(not(target_arch = "wasm32"))]
     proptest! {
         #[test]
         fn round_trip(data in proptest::collection::vec(any::<u8>(), 0..256)) {

@@ -144,7 +144,10 @@ pub fn is_within(path: &str, channel: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(not(target_arch = "wasm32"))]
     use proptest::prelude::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn n(s: &str) -> Result<String, PathError> {
         normalize(s.as_bytes()).map(Cow::into_owned)
@@ -188,6 +191,7 @@ mod tests {
         assert!(is_within("/x", "/"));
     }
 
+    #[cfg(not(target_arch = "wasm32"))]
     proptest! {
         #[test]
         fn normalize_is_idempotent(raw in proptest::collection::vec(any::<u8>(), 0..40)) {

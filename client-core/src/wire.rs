@@ -395,7 +395,10 @@ pub fn parse_line(line: &[u8]) -> Result<ServerLine<'_>, LineError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(not(target_arch = "wasm32"))]
     use proptest::prelude::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn cmd(s: &str) -> Result<Command<'_>, CommandError<'_>> {
         Command::parse(s.as_bytes())
@@ -454,14 +457,17 @@ mod tests {
         }
     }
 
+    #[cfg(not(target_arch = "wasm32"))]
     fn arb_path() -> impl Strategy<Value = String> {
         "(/[a-z0-9.-]{1,6}){0,4}".prop_map(|p| if p.is_empty() { "/".to_string() } else { p })
     }
 
+    #[cfg(not(target_arch = "wasm32"))]
     fn arb_op() -> impl Strategy<Value = (u8, String, Vec<u8>)> {
         (0u8..4, arb_path(), proptest::collection::vec(any::<u8>(), 0..64))
     }
 
+    #[cfg(not(target_arch = "wasm32"))]
     proptest! {
         #[test]
         fn command_round_trip(ack in proptest::option::of(proptest::collection::vec(any::<u8>().prop_filter("no #", |b| *b != b'#'), 0..8)), (k, p, data) in arb_op()) {

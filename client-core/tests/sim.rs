@@ -4,6 +4,9 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
 use ivy_client_core::Timestamp;
 use ivy_client_core::client::{Action, Client, ClientError, ClientEvent, Config, ConnState, LogRequest, Millis, RequestId, Start, SubId};
 use ivy_client_core::path::is_within;

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Builds the npm package of the WebAssembly client into client-wasm/pkg/, installing what it
+# needs where missing (wasm32 target, the exact wasm-bindgen CLI, wasm-opt from npm's
+# binaryen), and prints the gzipped size of the .wasm plus its JavaScript glue.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/.." && pwd)"
+cd "$root"
+
+WASM_BINDGEN_VERSION=0.2.130   # must equal the `wasm-bindgen = "=..."` pin in client-wasm/Cargo.toml
+BINARYEN_VERSION=132
+
+if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then
+  rustup target add wasm32-unknown-unknown
+fi
+if ! wasm-bindgen --version 2>/dev/null | grep -qx "wasm-bindgen $WASM_BINDGEN_VERSION"; then
+  echo "installing wasm-bindgen-cli $WASM_BINDGEN_VERSION (a few minutes, once)"
+  cargo install wasm-bindgen-cli --version "$WASM_BINDGEN_VERSION"
+fi
+tools="$here/.tools"
+if [ ! -x "$tools/node_modules/.bin/wasm-opt" ]; then
+  echo "installing wasm-opt (npm binaryen@$BINARYEN_VERSION)"
+  npm install --prefix "$tools" --no-audit --no-fund --silent "binaryen@$BINARYEN_VERSION"
+fi
+
+cargo build -p ivy-client-wasm --target wasm32-unknown-unknown --profile wasm-release
+target_dir="${CARGO_TARGET_DIR:-$root/target}"
+out="$here/pkg"
+rm -rf "$out"
+wasm-bindgen --target web --out-dir "$out" --out-name ivy_client_wasm \
+  "$target_dir/wasm32-unknown-unknown/wasm-release/ivy_client_wasm.wasm"
+"$tools/node_modules/.bin/wasm-opt" -Oz --strip-debug --strip-producers \
+  --enable-bulk-memory --enable-nontrapping-float-to-int --enable-sign-ext --enable-mutable-globals \
+  --enable-reference-types --enable-multivalue \
+  -o "$out/ivy_client_wasm_bg.wasm" "$out/ivy_client_wasm_bg.wasm"
+
+version=$(cargo metadata --no-deps --format-version 1 | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const p=JSON.parse(s).packages.find(p=>p.name==="ivy-client-wasm");process.stdout.write(p.version)})')
+cat > "$out/package.json" <<JSON
+{
+  "name": "ivy-client-wasm",
+  "version": "$version",
+  "description": "Browser client for Ivy, the hierarchical pub/sub server with persistent event logs (WebAssembly)",
+  "license": "MIT OR Apache-2.0",
+  "type": "module",
+  "main": "./ivy_client_wasm.js",
+  "module": "./ivy_client_wasm.js",
+  "types": "./ivy_client_wasm.d.ts",
+  "exports": {
+    ".": {
+      "types": "./ivy_client_wasm.d.ts",
+      "default": "./ivy_client_wasm.js"
+    },
+    "./ivy_client_wasm_bg.wasm": "./ivy_client_wasm_bg.wasm"
+  },
+  "files": [
+    "ivy_client_wasm.js",
+    "ivy_client_wasm.d.ts",
+    "ivy_client_wasm_bg.wasm",
+    "ivy_client_wasm_bg.wasm.d.ts",
+    "README.md"
+  ],
+  "sideEffects": false,
+  "keywords": ["pubsub", "websocket", "realtime", "ivy", "wasm"]
+}
+JSON
+cp "$here/README.md" "$out/README.md"
+rm -f "$out/.gitignore"
+
+wasm_gz=$(gzip -9 -c "$out/ivy_client_wasm_bg.wasm" | wc -c)
+js_gz=$(gzip -9 -c "$out/ivy_client_wasm.js" | wc -c)
+wasm_raw=$(wc -c < "$out/ivy_client_wasm_bg.wasm")
+echo "package: $out"
+echo "size: wasm ${wasm_raw} bytes raw, ${wasm_gz} gzipped; glue ${js_gz} gzipped; total $((wasm_gz + js_gz)) bytes gzipped ($(( (wasm_gz + js_gz + 512) / 1024 )) KiB)"

@@ -1,0 +1,613 @@
+//! The Ivy client for web applications: the sans-IO core of `ivy-client-core` driven by the
+//! browser (WebSocket, `fetch` for log pages, `setTimeout` for deadlines), exported to
+//! JavaScript with wasm-bindgen.
+//!
+//! Web apps get exactly the guarantees of the Rust client, from the same code: every
+//! subscription delivers each event of its channel exactly once, in order, across reconnects
+//! and server restarts (or reports that continuity was lost); sends resolve to the event's
+//! timestamp once stored; sends made while disconnected are queued.
+//!
+//! ```js
+//! import init, { IvyClient } from "ivy-client-wasm";
+//! await init();
+//! const client = new IvyClient("ws://127.0.0.1:8080");
+//! const sub = client.subscribe("/chat/room1", (e) => console.log(e.ts, e.path, e.data), { from: "beginning" });
+//! const ts = await client.send("/chat/room1", "hello");
+//! sub.unsubscribe();
+//! client.close();
+//! ```
+//!
+//! Rules kept here: no panic reaches JavaScript (errors are `Error` objects); callbacks are
+//! never invoked while Rust state is borrowed (they are queued and run after each step, so a
+//! callback may call back into the client).
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::rc::{Rc, Weak};
+
+use js_sys::{Array, Function, Object, Promise, Reflect, Uint8Array};
+use proto::client::{self as core, Action, ClientError, ClientEvent, ConnState, RequestId, Start, SubId};
+use wasm_bindgen::JsCast;
+use wasm_bindgen::prelude::*;
+use web_sys::{CloseEvent, Event, MessageEvent, WebSocket};
+
+#[wasm_bindgen(typescript_custom_section)]
+const TS_TYPES: &'static str = r#"
+/** Connection state. */
+export type IvyStatus = "connecting" | "connected" | "reconnecting" | "closed";
+/** An event: its unique timestamp (fixed width, compares as a string), normalized path and data. */
+export interface IvyEvent { ts: string; path: string; data: string }
+/** Tuning; all optional. */
+export interface IvyOptions {
+  minBackoffMs?: number; maxBackoffMs?: number; connectTimeoutMs?: number; requestTimeoutMs?: number;
+  idleTimeoutMs?: number; probeTimeoutMs?: number; offlineQueue?: number; pageLimit?: number;
+}
+/** Where a subscription starts ("now" by default), and where its notices go. */
+export interface SubscribeOptions {
+  from?: "now" | "beginning" | string;
+  onError?: (err: Error) => void;
+}
+/** Parameters of a log read. */
+export interface LogOptions { after?: string; limit?: number; n?: number }
+"#;
+
+#[wasm_bindgen]
+extern "C" {
+    /// `IvyOptions` in TypeScript.
+    #[wasm_bindgen(typescript_type = "IvyOptions")]
+    pub type IvyOptions;
+    /// `SubscribeOptions` in TypeScript.
+    #[wasm_bindgen(typescript_type = "SubscribeOptions")]
+    pub type SubscribeOptions;
+    /// `LogOptions` in TypeScript.
+    #[wasm_bindgen(typescript_type = "LogOptions")]
+    pub type LogOptions;
+    #[wasm_bindgen(js_name = setTimeout)]
+    fn set_timeout(handler: &Function, timeout: f64) -> JsValue;
+    #[wasm_bindgen(js_name = clearTimeout)]
+    fn clear_timeout(handle: &JsValue);
+    #[wasm_bindgen(js_name = fetch)]
+    fn fetch(url: &str) -> Promise;
+    #[wasm_bindgen(js_namespace = performance, js_name = now)]
+    fn performance_now() -> f64;
+    #[wasm_bindgen(js_namespace = Math, js_name = random)]
+    fn math_random() -> f64;
+}
+
+fn js_error(msg: impl AsRef<str>) -> JsValue {
+    js_sys::Error::new(msg.as_ref()).into()
+}
+
+fn client_error(e: &ClientError) -> JsValue {
+    js_error(e.to_string())
+}
+
+fn now() -> core::Millis {
+    performance_now().max(0.0) as u64
+}
+
+/// Derives `ws://host/prefix/ws` and `http://host/prefix` from the base URL.
+fn endpoints(url: &str) -> Result<(String, String), String> {
+    let bad = || format!("invalid server URL {url:?}: expected ws://host:port, wss://, http:// or https://");
+    let (scheme, rest) = url.trim().split_once("://").ok_or_else(bad)?;
+    let (ws, http) = match scheme.to_ascii_lowercase().as_str() {
+        "ws" | "http" => ("ws", "http"),
+        "wss" | "https" => ("wss", "https"),
+        _ => return Err(bad()),
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    if authority.is_empty() || authority.contains(['?', '#', '@']) {
+        return Err(bad());
+    }
+    let mut prefix = path.trim_end_matches('/');
+    if let Some(p) = prefix.strip_suffix("/ws") {
+        prefix = p;
+    }
+    Ok((format!("{ws}://{authority}{prefix}/ws"), format!("{http}://{authority}{prefix}")))
+}
+
+fn status_str(s: ConnState) -> &'static str {
+    match s {
+        ConnState::Idle | ConnState::Connecting { .. } => "connecting",
+        ConnState::Connected => "connected",
+        ConnState::Reconnecting { .. } => "reconnecting",
+        ConnState::Closed => "closed",
+    }
+}
+
+fn event_object(e: &proto::Event<'_>) -> JsValue {
+    let o = Object::new();
+    let _ = Reflect::set(&o, &"ts".into(), &e.ts.to_string().into());
+    let _ = Reflect::set(&o, &"path".into(), &JsValue::from_str(&e.path));
+    let _ = Reflect::set(&o, &"data".into(), &JsValue::from_str(&String::from_utf8_lossy(&e.data)));
+    o.into()
+}
+
+/// A callback to run once no Rust state is borrowed: a function and its one argument.
+struct Call(Function, JsValue);
+
+struct Socket {
+    ws: WebSocket,
+    _on_open: Closure<dyn FnMut(Event)>,
+    _on_message: Closure<dyn FnMut(MessageEvent)>,
+    _on_close: Closure<dyn FnMut(CloseEvent)>,
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        self.ws.set_onopen(None);
+        self.ws.set_onmessage(None);
+        self.ws.set_onclose(None);
+        self.ws.set_onerror(None);
+        let _ = self.ws.close();
+    }
+}
+
+struct SubCallbacks {
+    on_event: Function,
+    on_error: Option<Function>,
+}
+
+struct State {
+    core: core::Client,
+    ws_url: String,
+    http_base: String,
+    socket: Option<Socket>,
+    /// Increments per socket, so that late events of a replaced socket are ignored.
+    socket_gen: u64,
+    timer: Option<(core::Millis, JsValue)>,
+    subs: HashMap<SubId, SubCallbacks>,
+    requests: HashMap<RequestId, (Function, Function)>,
+    status_callbacks: Vec<Function>,
+}
+
+struct Inner {
+    state: RefCell<State>,
+    calls: RefCell<VecDeque<Call>>,
+    draining: Cell<bool>,
+    timer_closure: RefCell<Option<Closure<dyn FnMut()>>>,
+}
+
+/// A connection to an Ivy server that reconnects by itself.
+#[wasm_bindgen]
+pub struct IvyClient {
+    inner: Rc<Inner>,
+}
+
+/// A subscription; call `unsubscribe()` to end it.
+#[wasm_bindgen]
+pub struct IvySubscription {
+    inner: Weak<Inner>,
+    id: SubId,
+    path: String,
+}
+
+impl std::fmt::Debug for IvyClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IvyClient").field("status", &self.status()).finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for IvySubscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IvySubscription").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+#[wasm_bindgen]
+impl IvySubscription {
+    /// The subscription's normalized channel path.
+    #[wasm_bindgen(getter)]
+    pub fn path(&self) -> String {
+        self.path.clone()
+    }
+
+    /// Ends the subscription: its callback is not called again.
+    pub fn unsubscribe(&self) {
+        if let Some(inner) = self.inner.upgrade() {
+            if let Ok(mut st) = inner.state.try_borrow_mut() {
+                st.subs.remove(&self.id);
+                st.core.unsubscribe(self.id);
+            }
+            pump(&inner);
+        }
+    }
+}
+
+fn number(options: &JsValue, key: &str) -> Option<u64> {
+    Reflect::get(options, &key.into()).ok().and_then(|v| v.as_f64()).filter(|n| n.is_finite() && *n >= 0.0).map(|n| n as u64)
+}
+
+#[wasm_bindgen]
+impl IvyClient {
+    /// Starts connecting to the server at `url` (`ws://host:port`, or `http://`, `wss://`,
+    /// `https://`); the WebSocket (`/ws`) and log (`/log/`) endpoints are derived from it.
+    #[wasm_bindgen(constructor)]
+    pub fn new(url: &str, options: Option<IvyOptions>) -> Result<IvyClient, JsValue> {
+        let options: Option<JsValue> = options.map(Into::into);
+        let (ws_url, http_base) = endpoints(url).map_err(js_error)?;
+        let mut cfg = core::Config::default();
+        if let Some(o) = options.filter(|o| o.is_object()) {
+            let set = |field: &mut u64, key| {
+                if let Some(v) = number(&o, key) {
+                    *field = v;
+                }
+            };
+            set(&mut cfg.min_backoff, "minBackoffMs");
+            set(&mut cfg.max_backoff, "maxBackoffMs");
+            set(&mut cfg.connect_timeout, "connectTimeoutMs");
+            set(&mut cfg.request_timeout, "requestTimeoutMs");
+            set(&mut cfg.idle_timeout, "idleTimeoutMs");
+            set(&mut cfg.probe_timeout, "probeTimeoutMs");
+            if let Some(v) = number(&o, "offlineQueue") {
+                cfg.offline_queue = v as usize;
+            }
+            if let Some(v) = number(&o, "pageLimit").filter(|v| *v >= 1) {
+                cfg.page_limit = v.min(u64::from(u32::MAX)) as u32;
+            }
+        }
+        let seed = (math_random() * 9_007_199_254_740_992.0) as u64;
+        let state = State {
+            core: core::Client::new(cfg, seed),
+            ws_url,
+            http_base,
+            socket: None,
+            socket_gen: 0,
+            timer: None,
+            subs: HashMap::new(),
+            requests: HashMap::new(),
+            status_callbacks: Vec::new(),
+        };
+        let inner = Rc::new(Inner {
+            state: RefCell::new(state),
+            calls: RefCell::new(VecDeque::new()),
+            draining: Cell::new(false),
+            timer_closure: RefCell::new(None),
+        });
+        let weak = Rc::downgrade(&inner);
+        *inner.timer_closure.borrow_mut() = Some(Closure::new(move || {
+            if let Some(inner) = weak.upgrade() {
+                if let Ok(mut st) = inner.state.try_borrow_mut() {
+                    st.timer = None;
+                    st.core.handle_timeout(now());
+                }
+                pump(&inner);
+            }
+        }));
+        inner.state.borrow_mut().core.start(now());
+        pump(&inner);
+        Ok(IvyClient { inner })
+    }
+
+    /// The connection state: "connecting", "connected", "reconnecting" or "closed".
+    #[wasm_bindgen(getter, unchecked_return_type = "IvyStatus")]
+    pub fn status(&self) -> String {
+        self.inner.state.try_borrow().map_or("connecting", |st| status_str(st.core.state())).to_string()
+    }
+
+    /// Calls `callback` with the new state on every change.
+    #[wasm_bindgen(js_name = onStatus)]
+    pub fn on_status(&self, #[wasm_bindgen(unchecked_param_type = "(status: IvyStatus) => void")] callback: Function) {
+        if let Ok(mut st) = self.inner.state.try_borrow_mut() {
+            st.status_callbacks.push(callback);
+        }
+    }
+
+    /// Subscribes to `path` and its descendants; `callback` gets every event exactly once, in
+    /// timestamp order, across reconnects (this client's own events included, in place).
+    /// `options.from`: "now" (default), "beginning", or a timestamp to resume after.
+    /// `options.onError` gets continuity-lost notices and a refusal by the server.
+    pub fn subscribe(
+        &self,
+        path: &str,
+        #[wasm_bindgen(unchecked_param_type = "(event: IvyEvent) => void")] callback: Function,
+        options: Option<SubscribeOptions>,
+    ) -> Result<IvySubscription, JsValue> {
+        let options: Option<JsValue> = options.map(Into::into);
+        let mut start = Start::Now;
+        let mut on_error = None;
+        if let Some(o) = options.filter(|o| o.is_object()) {
+            if let Ok(from) = Reflect::get(&o, &"from".into()) {
+                if let Some(f) = from.as_string() {
+                    start = match f.as_str() {
+                        "now" => Start::Now,
+                        "beginning" => Start::Beginning,
+                        t => Start::After(t.parse().map_err(|e| js_error(format!("invalid `from` timestamp {t:?}: {e}")))?),
+                    };
+                } else if !from.is_undefined() && !from.is_null() {
+                    return Err(js_error("`from` must be \"now\", \"beginning\" or a timestamp string"));
+                }
+            }
+            on_error = Reflect::get(&o, &"onError".into()).ok().and_then(|f| f.dyn_into::<Function>().ok());
+        }
+        let result = {
+            let mut st = self.inner.state.try_borrow_mut().map_err(|_| js_error("client busy"))?;
+            let id = st.core.subscribe(path, start).map_err(|e| client_error(&e))?;
+            st.subs.insert(id, SubCallbacks { on_event: callback, on_error });
+            let path = st.core.sub_path(id).unwrap_or(path).to_string();
+            IvySubscription { inner: Rc::downgrade(&self.inner), id, path }
+        };
+        pump(&self.inner);
+        Ok(result)
+    }
+
+    /// Publishes `data` (a string, or UTF-8 bytes) on `path`. Resolves to the event's
+    /// timestamp once the server stored it; while disconnected the send is queued.
+    #[wasm_bindgen(unchecked_return_type = "Promise<string>")]
+    pub fn send(&self, path: &str, #[wasm_bindgen(unchecked_param_type = "string | Uint8Array")] data: JsValue) -> Promise {
+        let text = if let Some(s) = data.as_string() {
+            Ok(s)
+        } else if let Some(bytes) = data.dyn_ref::<Uint8Array>() {
+            String::from_utf8(bytes.to_vec()).map_err(|_| js_error("data must be valid UTF-8: the protocol carries text"))
+        } else {
+            Err(js_error("data must be a string or a Uint8Array"))
+        };
+        self.request(|core| {
+            let text = text?;
+            core.send(now(), path, &text).map_err(|e| client_error(&e))
+        })
+    }
+
+    /// The server's current time.
+    #[wasm_bindgen(unchecked_return_type = "Promise<string>")]
+    pub fn timestamp(&self) -> Promise {
+        self.request(|core| core.timestamp(now()).map_err(|e| client_error(&e)))
+    }
+
+    /// One page of a channel's stored history (its whole subtree), oldest first.
+    #[wasm_bindgen(unchecked_return_type = "Promise<IvyEvent[]>")]
+    pub fn log(&self, path: &str, options: Option<LogOptions>) -> Promise {
+        let options: Option<JsValue> = options.map(Into::into);
+        let target = (|| -> Result<String, JsValue> {
+            let path = proto::path::normalize(path.as_bytes()).map_err(|e| js_error(format!("invalid path: {e}")))?;
+            let (mut after, mut limit, mut n) = (None, None, None);
+            if let Some(o) = options.filter(|o| o.is_object()) {
+                if let Some(a) = Reflect::get(&o, &"after".into()).ok().and_then(|v| v.as_string()) {
+                    after = Some(a.parse().map_err(|e| js_error(format!("invalid `after` timestamp {a:?}: {e}")))?);
+                }
+                limit = number(&o, "limit").map(|v| v.min(u64::from(u32::MAX)) as u32);
+                n = number(&o, "n");
+            }
+            let mut t = core::log_target(&path, after, limit);
+            if let Some(n) = n {
+                t.push(if t.contains('?') { '&' } else { '?' });
+                t.push_str(&format!("n={n}"));
+            }
+            Ok(t)
+        })();
+        let base = self.inner.state.try_borrow().map(|st| st.http_base.clone()).unwrap_or_default();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let body = get_text(&format!("{base}{}", target?)).await.map_err(js_error)?;
+            let events = core::parse_log(&body).map_err(|e| js_error(format!("unparsable log line: {e}")))?;
+            Ok(events.iter().map(event_object).collect::<Array>().into())
+        })
+    }
+
+    /// Closes the connection; pending requests reject and callbacks stop.
+    pub fn close(&self) {
+        if let Ok(mut st) = self.inner.state.try_borrow_mut() {
+            st.core.close();
+        }
+        pump(&self.inner);
+    }
+
+    fn request(&self, f: impl FnOnce(&mut core::Client) -> Result<RequestId, JsValue>) -> Promise {
+        let mut resolve_reject = None;
+        let promise = Promise::new(&mut |resolve, reject| resolve_reject = Some((resolve, reject)));
+        let Some((resolve, reject)) = resolve_reject else { return promise };
+        match self.inner.state.try_borrow_mut() {
+            Ok(mut st) => match f(&mut st.core) {
+                Ok(id) => {
+                    st.requests.insert(id, (resolve, reject));
+                }
+                Err(e) => {
+                    drop(st);
+                    let _ = reject.call1(&JsValue::NULL, &e);
+                }
+            },
+            Err(_) => {
+                let _ = reject.call1(&JsValue::NULL, &js_error("client busy"));
+            }
+        }
+        pump(&self.inner);
+        promise
+    }
+}
+
+async fn get_text(url: &str) -> Result<String, String> {
+    let resp = wasm_bindgen_futures::JsFuture::from(fetch(url)).await.map_err(|e| format!("fetch {url}: {}", describe(&e)))?;
+    let resp: web_sys::Response = resp.dyn_into().map_err(|_| "fetch did not return a Response".to_string())?;
+    let text = wasm_bindgen_futures::JsFuture::from(resp.text().map_err(|e| describe(&e))?).await.map_err(|e| describe(&e))?;
+    let text = text.as_string().unwrap_or_default();
+    if resp.status() != 200 {
+        return Err(format!("HTTP {}: {}", resp.status(), text.trim_end()));
+    }
+    Ok(text)
+}
+
+fn describe(e: &JsValue) -> String {
+    e.dyn_ref::<js_sys::Error>().map(|e| String::from(e.message())).or_else(|| e.as_string()).unwrap_or_else(|| "unknown error".into())
+}
+
+/// Runs the core's actions, queues its events as callbacks, re-arms the timer, then (in the
+/// outermost call only) invokes the queued callbacks with no Rust state borrowed.
+fn pump(inner: &Rc<Inner>) {
+    if let Ok(mut st) = inner.state.try_borrow_mut() {
+        step(inner, &mut st);
+    }
+    if inner.draining.get() {
+        return; // an outer pump is invoking callbacks and will run these in order
+    }
+    inner.draining.set(true);
+    loop {
+        let next = inner.calls.borrow_mut().pop_front();
+        match next {
+            Some(Call(f, arg)) => {
+                let _ = f.call1(&JsValue::NULL, &arg);
+            }
+            None => break,
+        }
+    }
+    inner.draining.set(false);
+}
+
+fn step(inner: &Rc<Inner>, st: &mut State) {
+    loop {
+        let mut progressed = false;
+        while let Some(action) = st.core.poll_action() {
+            progressed = true;
+            match action {
+                Action::Connect => connect(inner, st),
+                Action::Send(text) => {
+                    let failed = st.socket.as_ref().is_some_and(|s| s.ws.send_with_str(&text).is_err());
+                    if failed {
+                        st.socket = None;
+                        st.core.handle_disconnected(now());
+                    }
+                }
+                Action::Disconnect => st.socket = None,
+                Action::FetchLog(req) => {
+                    let url = format!("{}{}", st.http_base, req.target());
+                    let weak = Rc::downgrade(inner);
+                    wasm_bindgen_futures::spawn_local(async move {
+                        let result = get_text(&url).await;
+                        if let Some(inner) = weak.upgrade() {
+                            if let Ok(mut st) = inner.state.try_borrow_mut() {
+                                st.core.handle_log_page(now(), req.id, result.as_deref().map_err(Clone::clone));
+                            }
+                            pump(&inner);
+                        }
+                    });
+                }
+            }
+        }
+        while let Some(event) = st.core.poll_event() {
+            progressed = true;
+            queue_event(inner, st, event);
+        }
+        if !progressed {
+            break;
+        }
+    }
+    // Re-arm the timer for the core's next deadline.
+    let deadline = st.core.poll_timeout();
+    if st.timer.as_ref().map(|t| t.0) != deadline {
+        if let Some((_, handle)) = st.timer.take() {
+            clear_timeout(&handle);
+        }
+        if let Some(d) = deadline {
+            if let Some(cb) = inner.timer_closure.borrow().as_ref() {
+                let delay = d.saturating_sub(now()) as f64;
+                st.timer = Some((d, set_timeout(cb.as_ref().unchecked_ref(), delay)));
+            }
+        }
+    }
+}
+
+fn queue_event(inner: &Rc<Inner>, st: &mut State, event: ClientEvent) {
+    let mut calls = inner.calls.borrow_mut();
+    match event {
+        ClientEvent::Event { sub, event } => {
+            if let Some(cb) = st.subs.get(&sub) {
+                calls.push_back(Call(cb.on_event.clone(), event_object(&event)));
+            }
+        }
+        ClientEvent::ContinuityLost { sub, last, position } => {
+            if let Some(f) = st.subs.get(&sub).and_then(|c| c.on_error.clone()) {
+                let msg = format!("continuity lost: the server's history ends at {position}, before the last event delivered ({last})");
+                calls.push_back(Call(f, js_error(msg)));
+            }
+        }
+        ClientEvent::SubscribeFailed { sub, error } => {
+            if let Some(f) = st.subs.remove(&sub).and_then(|c| c.on_error) {
+                calls.push_back(Call(f, js_error(format!("subscription refused: {error}"))));
+            }
+        }
+        ClientEvent::Sent { id, result } | ClientEvent::Time { id, result } => {
+            if let Some((resolve, reject)) = st.requests.remove(&id) {
+                match result {
+                    Ok(ts) => calls.push_back(Call(resolve, ts.to_string().into())),
+                    Err(e) => calls.push_back(Call(reject, client_error(&e))),
+                }
+            }
+        }
+        ClientEvent::State(s) => {
+            if s == ConnState::Closed {
+                st.subs.clear();
+            }
+            for f in &st.status_callbacks {
+                calls.push_back(Call(f.clone(), status_str(s).into()));
+            }
+        }
+        ClientEvent::Warning(w) => web_sys_warn(&w),
+    }
+}
+
+#[wasm_bindgen]
+extern "C" {
+    #[wasm_bindgen(js_namespace = console, js_name = warn)]
+    fn console_warn(s: &str);
+}
+
+fn web_sys_warn(s: &str) {
+    console_warn(&format!("ivy: {s}"));
+}
+
+fn connect(inner: &Rc<Inner>, st: &mut State) {
+    st.socket = None;
+    st.socket_gen += 1;
+    let generation = st.socket_gen;
+    let ws = match WebSocket::new_with_str(&st.ws_url, "ivy1") {
+        Ok(ws) => ws,
+        Err(e) => {
+            web_sys_warn(&format!("cannot open WebSocket: {}", describe(&e)));
+            st.core.handle_disconnected(now());
+            return;
+        }
+    };
+    // Each handler checks that its socket is still the current one, then steps the core.
+    let handler = |f: fn(&mut core::Client, Option<String>)| {
+        let weak = Rc::downgrade(inner);
+        move |text: Option<String>| {
+            let Some(inner) = weak.upgrade() else { return };
+            if let Ok(mut st) = inner.state.try_borrow_mut() {
+                if st.socket_gen != generation {
+                    return;
+                }
+                f(&mut st.core, text);
+            }
+            pump(&inner);
+        }
+    };
+    let on_open = handler(|core, _| core.handle_connected(now()));
+    let on_message = handler(|core, text| match text {
+        Some(t) => core.handle_frame(now(), &t),
+        None => core.handle_activity(now()),
+    });
+    let on_close = handler(|core, _| core.handle_disconnected(now()));
+    let on_open = Closure::<dyn FnMut(Event)>::new(move |_| on_open(None));
+    let on_message = Closure::<dyn FnMut(MessageEvent)>::new(move |e: MessageEvent| on_message(e.data().as_string()));
+    let on_close = Closure::<dyn FnMut(CloseEvent)>::new(move |_| on_close(None));
+    ws.set_onopen(Some(on_open.as_ref().unchecked_ref()));
+    ws.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
+    // A failed connection fires `error` then `close`; `close` alone is enough.
+    ws.set_onclose(Some(on_close.as_ref().unchecked_ref()));
+    st.socket = Some(Socket { ws, _on_open: on_open, _on_message: on_message, _on_close: on_close });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::endpoints;
+
+    #[test]
+    fn derives_endpoints() {
+        assert_eq!(endpoints("ws://h:1").unwrap(), ("ws://h:1/ws".into(), "http://h:1".into()));
+        assert_eq!(endpoints("https://h/p/").unwrap(), ("wss://h/p/ws".into(), "https://h/p".into()));
+        assert_eq!(endpoints("ws://h/ws").unwrap(), ("ws://h/ws".into(), "http://h".into()));
+        assert!(endpoints("h:1").is_err());
+        assert!(endpoints("ftp://h").is_err());
+    }
+}

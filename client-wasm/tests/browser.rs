@@ -1,0 +1,235 @@
+//! The WebAssembly client in headless Chromium against a real `ivy-server`.
+//!
+//! Run by `scripts/test.sh`, which starts `ivy-test-control` (a real server it can restart)
+//! and passes its addresses at compile time in `IVY_TEST_SERVER` and `IVY_TEST_CONTROL`.
+#![cfg(target_arch = "wasm32")]
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use ivy_client_wasm::{IvyClient, IvyOptions, LogOptions, SubscribeOptions};
+use js_sys::{Function, Object, Promise, Reflect, Uint8Array};
+use wasm_bindgen::JsCast;
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::JsFuture;
+use wasm_bindgen_test::*;
+
+wasm_bindgen_test_configure!(run_in_browser);
+
+const SERVER: Option<&str> = option_env!("IVY_TEST_SERVER");
+const CONTROL: Option<&str> = option_env!("IVY_TEST_CONTROL");
+
+fn server() -> &'static str {
+    SERVER.expect("IVY_TEST_SERVER must be set at build time (scripts/test.sh does it)")
+}
+
+#[wasm_bindgen]
+extern "C" {
+    #[wasm_bindgen(js_name = setTimeout)]
+    fn set_timeout(f: &Function, ms: i32);
+}
+
+/// `globalThis.fetch(url)` (not declared as an import: the library declares one already).
+fn fetch(url: &str) -> Promise {
+    let f: Function = Reflect::get(&js_sys::global(), &"fetch".into()).unwrap().unchecked_into();
+    f.call1(&JsValue::NULL, &url.into()).unwrap().unchecked_into()
+}
+
+async fn sleep(ms: i32) {
+    let p = Promise::new(&mut |resolve, _| set_timeout(&resolve, ms));
+    let _ = JsFuture::from(p).await;
+}
+
+type Events = Rc<RefCell<Vec<(String, String, String)>>>;
+
+fn get(o: &JsValue, k: &str) -> String {
+    Reflect::get(o, &k.into()).ok().and_then(|v| v.as_string()).unwrap_or_default()
+}
+
+/// A callback that records events, and the record.
+fn recorder() -> (Function, Events) {
+    let events: Events = Rc::default();
+    let e = events.clone();
+    let cb =
+        Closure::<dyn FnMut(JsValue)>::new(move |ev: JsValue| e.borrow_mut().push((get(&ev, "ts"), get(&ev, "path"), get(&ev, "data"))));
+    let f: Function = cb.as_ref().unchecked_ref::<Function>().clone();
+    cb.forget();
+    (f, events)
+}
+
+fn options(from: &str) -> SubscribeOptions {
+    let o = Object::new();
+    Reflect::set(&o, &"from".into(), &from.into()).unwrap();
+    o.unchecked_into()
+}
+
+async fn wait_for(events: &Events, n: usize, what: &str) {
+    for _ in 0..400 {
+        if events.borrow().len() >= n {
+            return;
+        }
+        sleep(25).await;
+    }
+    panic!("{what}: {} of {n} events after 10 s", events.borrow().len());
+}
+
+async fn ok(p: Promise) -> JsValue {
+    JsFuture::from(p).await.unwrap_or_else(|e| panic!("rejected: {e:?}"))
+}
+
+async fn err(p: Promise) -> String {
+    match JsFuture::from(p).await {
+        Ok(v) => panic!("expected a rejection, got {v:?}"),
+        Err(e) => {
+            assert!(e.is_instance_of::<js_sys::Error>(), "rejections are Error objects");
+            String::from(e.unchecked_into::<js_sys::Error>().message())
+        }
+    }
+}
+
+fn unique(prefix: &str) -> String {
+    format!("/{prefix}/{}", (js_sys::Math::random() * 1e9) as u64)
+}
+
+fn fast() -> IvyOptions {
+    let o = Object::new();
+    for (k, v) in [("minBackoffMs", 20.0), ("maxBackoffMs", 300.0), ("idleTimeoutMs", 1000.0), ("probeTimeoutMs", 1000.0)] {
+        Reflect::set(&o, &k.into(), &v.into()).unwrap();
+    }
+    o.unchecked_into()
+}
+
+async fn connected(c: &IvyClient) {
+    for _ in 0..400 {
+        if c.status() == "connected" {
+            return;
+        }
+        sleep(25).await;
+    }
+    panic!("not connected: {}", c.status());
+}
+
+#[wasm_bindgen_test]
+async fn subscribe_send_with_ack_and_escaping() {
+    let path = unique("w");
+    let a = IvyClient::new(server(), Some(fast())).unwrap();
+    let b = IvyClient::new(server(), Some(fast())).unwrap();
+    let (cb, events) = recorder();
+    let sub = a.subscribe(&path, cb, Some(options("beginning"))).unwrap();
+    assert_eq!(sub.path(), path);
+    connected(&a).await;
+    connected(&b).await;
+    let tricky = "line1\nline2 50% literal %0A and %25 🎉";
+    let ts = ok(b.send(&format!("{path}/x"), tricky.into())).await.as_string().unwrap();
+    assert_eq!(ts.len(), 20);
+    // Our own send shows up in our own subscription, in place, once.
+    let bytes = Uint8Array::from("from a: ünï".as_bytes());
+    let own = ok(a.send(&path, bytes.into())).await.as_string().unwrap();
+    wait_for(&events, 2, "two events").await;
+    sleep(200).await;
+    let got = events.borrow().clone();
+    assert_eq!(got, vec![(ts.clone(), format!("{path}/x"), tricky.to_string()), (own, path.clone(), "from a: ünï".to_string())]);
+    // The server time is at least every timestamp handed out.
+    let now = ok(a.timestamp()).await.as_string().unwrap();
+    assert!(now >= ts);
+    sub.unsubscribe();
+    ok(b.send(&path, "after unsubscribe".into())).await;
+    sleep(300).await;
+    assert_eq!(events.borrow().len(), 2, "nothing after unsubscribe");
+    a.close();
+    b.close();
+    assert_eq!(a.status(), "closed");
+}
+
+#[wasm_bindgen_test]
+async fn errors_are_error_objects() {
+    let c = IvyClient::new(server(), Some(fast())).unwrap();
+    connected(&c).await;
+    assert!(err(c.send("/Bad", "x".into())).await.contains("invalid path"));
+    let invalid = Uint8Array::from(&[0xff, 0xfe][..]);
+    assert!(err(c.send("/ok", invalid.into())).await.contains("UTF-8"));
+    assert!(err(c.send("/ok", JsValue::from(42))).await.contains("string or a Uint8Array"));
+    assert!(err(c.log("/Bad", None)).await.contains("invalid path"));
+    let (cb, _) = recorder();
+    let e = c.subscribe("/ok", cb, Some(options("yesterday"))).unwrap_err();
+    assert!(e.is_instance_of::<js_sys::Error>());
+    assert!(IvyClient::new("ftp://nowhere", None).is_err());
+    c.close();
+    assert!(err(c.send("/ok", "x".into())).await.contains("closed"));
+}
+
+#[wasm_bindgen_test]
+async fn log_paging() {
+    let path = unique("l");
+    let c = IvyClient::new(server(), Some(fast())).unwrap();
+    connected(&c).await;
+    let mut ts = Vec::new();
+    for i in 0..5 {
+        ts.push(ok(c.send(&format!("{path}/{i}"), format!("e{i}").into())).await.as_string().unwrap());
+    }
+    let page = |after: Option<&str>, limit: u32| {
+        let o = Object::new();
+        if let Some(a) = after {
+            Reflect::set(&o, &"after".into(), &a.into()).unwrap();
+        }
+        Reflect::set(&o, &"limit".into(), &limit.into()).unwrap();
+        c.log(&path, Some(o.unchecked_into::<LogOptions>()))
+    };
+    let tss = |v: JsValue| -> Vec<String> { js_sys::Array::from(&v).iter().map(|e| get(&e, "ts")).collect() };
+    assert_eq!(tss(ok(page(None, 2)).await), ts[0..2]);
+    assert_eq!(tss(ok(page(Some(&ts[1]), 2)).await), ts[2..4]);
+    assert_eq!(tss(ok(page(Some(&ts[3]), 2)).await), ts[4..5]);
+    let last = Object::new();
+    Reflect::set(&last, &"n".into(), &1.into()).unwrap();
+    let l = ok(c.log(&path, Some(last.unchecked_into::<LogOptions>()))).await;
+    assert_eq!(tss(l.clone()), ts[4..5]);
+    assert_eq!(get(&js_sys::Array::from(&l).get(0), "data"), "e4");
+    c.close();
+}
+
+#[wasm_bindgen_test]
+async fn a_server_restart_loses_and_repeats_nothing() {
+    let control = CONTROL.expect("IVY_TEST_CONTROL must be set at build time");
+    let path = unique("r");
+    let sub_client = IvyClient::new(server(), Some(fast())).unwrap();
+    let pub_client = IvyClient::new(server(), Some(fast())).unwrap();
+    let (cb, events) = recorder();
+    let _sub = sub_client.subscribe(&path, cb, Some(options("beginning"))).unwrap();
+    connected(&sub_client).await;
+    connected(&pub_client).await;
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        acked.push(ok(pub_client.send(&path, format!("before {i}").into())).await.as_string().unwrap());
+    }
+    // Restart the server (SIGKILL, then start on the same port and data directory).
+    let restarted = JsFuture::from(fetch(&format!("{control}/restart")));
+    // Sends made meanwhile are queued or fail with a clear error; none is lost silently.
+    let mut pending = Vec::new();
+    for i in 0..20 {
+        pending.push(JsFuture::from(pub_client.send(&path, format!("during {i}").into())));
+    }
+    restarted.await.expect("restart");
+    for p in pending {
+        match p.await {
+            Ok(ts) => acked.push(ts.as_string().unwrap()),
+            Err(e) => {
+                let msg = String::from(e.unchecked_into::<js_sys::Error>().message());
+                assert!(msg.contains("may or may not have been stored") || msg.contains("connection"), "{msg}");
+            }
+        }
+    }
+    for i in 0..20 {
+        acked.push(ok(pub_client.send(&path, format!("after {i}").into())).await.as_string().unwrap());
+    }
+    // The truth: the server's log for the channel.
+    let log: Vec<String> = js_sys::Array::from(&ok(sub_client.log(&path, None)).await).iter().map(|e| get(&e, "ts")).collect();
+    for t in &acked {
+        assert!(log.contains(t), "acked {t} is in the log");
+    }
+    wait_for(&events, log.len(), "all events after the restart").await;
+    sleep(300).await;
+    let got: Vec<String> = events.borrow().iter().map(|e| e.0.clone()).collect();
+    assert_eq!(got, log, "exactly the log, once, in order");
+    sub_client.close();
+    pub_client.close();
+}

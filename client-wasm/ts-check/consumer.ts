@@ -1,0 +1,37 @@
+// A small consumer of the package, type-checked with `tsc --noEmit --strict` against the
+// generated .d.ts (scripts/test-wasm.sh). It is not run: it proves the types are complete.
+import init, { IvyClient, IvySubscription, type IvyEvent, type IvyStatus, type IvyOptions, type LogOptions } from "ivy-client-wasm";
+
+export async function demo(): Promise<string> {
+  await init();
+  const options: IvyOptions = { minBackoffMs: 100, maxBackoffMs: 5000, offlineQueue: 10 };
+  const client: IvyClient = new IvyClient("ws://127.0.0.1:8080", options);
+  const statuses: IvyStatus[] = [];
+  client.onStatus((s: IvyStatus) => statuses.push(s));
+  const current: IvyStatus = client.status;
+  const seen: IvyEvent[] = [];
+  const sub: IvySubscription = client.subscribe("/chat/room1", (e: IvyEvent) => {
+    const ts: string = e.ts;
+    const path: string = e.path;
+    const data: string = e.data;
+    seen.push({ ts, path, data });
+  }, { from: "beginning", onError: (err: Error) => console.warn(err.message) });
+  const path: string = sub.path;
+  // Options are optional everywhere.
+  const bare = new IvyClient("ws://127.0.0.1:8080");
+  bare.subscribe("/chat", (e) => seen.push(e)).unsubscribe();
+  void bare.log("/chat");
+  const ts: string = await client.send(path, "hello");
+  const ts2: string = await client.send(path, new TextEncoder().encode("bytes"));
+  const query: LogOptions = { after: ts, limit: 10 };
+  const page: IvyEvent[] = await client.log("/chat", query);
+  const last: IvyEvent[] = await client.log("/chat", { n: 5 });
+  const now: string = await client.timestamp();
+  sub.unsubscribe();
+  client.close();
+  // @ts-expect-error: data must be a string or bytes
+  void client.send(path, 42);
+  // @ts-expect-error: the callback receives an IvyEvent
+  client.subscribe("/x", (e: number) => e);
+  return [current, ts, ts2, now, String(page.length + last.length)].join(" ");
+}

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The WebAssembly tests: the client core's unit and simulation tests compiled to wasm32 and run
+# in Node; the browser client's tests in headless Chromium against a real ivy-server (which
+# they restart); a strict TypeScript check of a consumer against the generated types; and a
+# check that the .wasm imports only wasm-bindgen's glue. Installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "wasm package (client-wasm/build.sh)"
+client-wasm/build.sh
+
+step "Chromium and chromedriver"
+if [ ! -x /usr/bin/chromium ] || ! command -v chromedriver >/dev/null; then
+  apt-get update
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver
+fi
+
+step "client-core tests compiled to wasm32, in Node"
+cargo test -p ivy-client-core --target wasm32-unknown-unknown
+
+step "browser client tests in headless Chromium against a real server"
+cargo build -p ivy-server --bin ivy-server
+cargo build -p ivy-tests --bin ivy-test-control
+data=$(mktemp -d)
+coproc CONTROL { exec "${CARGO_TARGET_DIR:-target}/debug/ivy-test-control" --data "$data"; }
+trap 'kill "${CONTROL_PID:-}" 2>/dev/null || true; rm -rf "$data"' EXIT
+read -r -u "${CONTROL[0]}" line
+control=$(echo "$line" | sed -E 's/^control (http:[^ ]+) server .*/\1/')
+server=$(echo "$line" | sed -E 's/.* server (ws:[^ ]+)$/\1/')
+echo "server $server, control $control"
+IVY_TEST_SERVER="$server" IVY_TEST_CONTROL="$control" CHROMEDRIVER="$(command -v chromedriver)" \
+  WASM_BINDGEN_TEST_TIMEOUT=120 \
+  cargo test -p ivy-client-wasm --target wasm32-unknown-unknown --test browser
+kill "$CONTROL_PID" 2>/dev/null || true
+
+step "TypeScript: tsc --noEmit --strict of a consumer against the generated types"
+(cd client-wasm/ts-check && npm install --no-audit --no-fund --silent && npx tsc -p . && echo "check: 1 passed, 0 failed (TypeScript consumer)")
+
+step "the .wasm imports only wasm-bindgen's glue"
+node client-wasm/check-imports.mjs
