@@ -26,7 +26,10 @@ cargo test --workspace 2>&1 | tee -a "$results"
 step "WebAssembly: core tests in Node, browser client in headless Chromium, TypeScript types, imports"
 ./scripts/test-wasm.sh 2>&1 | tee -a "$results"
 
+step "Web demo: TypeScript check, vite build, browser end-to-end tests (Playwright + Chromium)"
+IVY_WASM_PKG_FRESH=1 ./scripts/test-web.sh 2>&1 | tee -a "$results"
+
 # One closing line for everything above: 'summary: N passed, N failed, N skipped'.
-awk '/^check: [0-9]+ passed, [0-9]+ failed/ { p += $2; f += $4 }
+awk '/^check: [0-9]+ passed, [0-9]+ failed/ { p += $2; f += $4; if ($7 ~ /^skipped/) s += $6 }
      /^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
      END { printf "\nsummary: %d passed, %d failed, %d skipped\n", p, f, s; if (p == 0 || f > 0) exit 1 }' "$results"
