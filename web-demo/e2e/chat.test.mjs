@@ -17,6 +17,7 @@ import {
   serverLog,
   serverMessages,
   shown,
+  startProxy,
   startServer,
   tempDir,
   waitReady,
@@ -279,6 +280,58 @@ test("a long history opens with its latest messages, pages back, and stays bound
       rendered.map((m) => m.ts),
       log.slice(-rendered.length).map((e) => e.ts),
     );
+  });
+});
+
+test("a send whose connection drops before the reply is neither lost nor doubled", async () => {
+  await withServer("in-flight", async ({ server, page }) => {
+    const proxy = await startProxy(server.port);
+    try {
+      // Ada talks to the server through the proxy; Bob directly.
+      const ada = await page();
+      const bob = await page(PHONE);
+      await joinRoom(ada, server, "ada", "flaky", `?server=${encodeURIComponent(proxy.url)}`);
+      await joinRoom(bob, server, "bob", "flaky");
+      await say(ada, "warm-up");
+      await waitShown(bob, 1);
+
+      // 1. The request is lost: the server never sees it. The page finds it missing from
+      // the log after reconnecting and sends it again.
+      proxy.hold("up");
+      await say(ada, "lost on the way, sent again");
+      await ada.locator('#pending li[data-state="sending"]').waitFor({ timeout: WAIT });
+      await new Promise((r) => setTimeout(r, 300));
+      proxy.cutAll();
+      proxy.release();
+      await ada.locator('#pending li[data-state="checking"]').waitFor({ timeout: WAIT });
+      await waitForLog(server, "flaky", 2);
+      await waitShown(ada, 2);
+      await waitShown(bob, 2);
+
+      // 2. The reply is lost: the server stored it but the page never hears so. The page
+      // finds it in the log and does not send it again; the subscription delivers it.
+      proxy.hold("down");
+      await say(ada, "stored, reply lost");
+      await waitForLog(server, "flaky", 3);
+      proxy.cutAll();
+      proxy.release();
+      await ada.locator('#pending li[data-state="checking"]').waitFor({ timeout: WAIT });
+      await screenshot(ada, "in-flight-checking");
+      await waitStatus(ada, "connected");
+      await say(ada, "and one more after that");
+      const expected = await waitForLog(server, "flaky", 4);
+      assert.deepEqual(
+        expected.map((m) => m.text),
+        ["warm-up", "lost on the way, sent again", "stored, reply lost", "and one more after that"],
+      );
+      assert.deepEqual(await waitShown(ada, 4), expected);
+      assert.deepEqual(await waitShown(bob, 4), expected);
+      // Nothing more arrives later (no resend of an already stored message).
+      await new Promise((r) => setTimeout(r, 1500));
+      assert.equal((await serverLog(server, "flaky")).length, 4);
+    } finally {
+      await proxy.close();
+    }
   });
 });
 

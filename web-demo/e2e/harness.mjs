@@ -6,6 +6,7 @@ import { spawn } from "node:child_process";
 import { mkdirSync, mkdtempSync, rmSync, existsSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
+import { createServer, connect } from "node:net";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
@@ -108,6 +109,61 @@ function spawnServer(dataDir, port) {
   });
 }
 
+/**
+ * A TCP proxy on 127.0.0.1 between pages and the server that can hold back the bytes of one
+ * direction ("up": page to server, "down": server to page) and cut every open connection, to
+ * lose a request or its reply on purpose. New connections after a cut go through normally.
+ */
+export async function startProxy(upstreamPort) {
+  /** @type {Set<{ client: import("node:net").Socket, server: import("node:net").Socket }>} */
+  const pairs = new Set();
+  const hold = { up: false, down: false };
+  const proxy = createServer((client) => {
+    const server = connect(upstreamPort, "127.0.0.1");
+    const pair = { client, server };
+    pairs.add(pair);
+    const forward = (from, to, dir) =>
+      from.on("data", (chunk) => {
+        if (!hold[dir]) to.write(chunk); // held bytes are dropped: the cut that follows loses them
+      });
+    forward(client, server, "up");
+    forward(server, client, "down");
+    const end = () => {
+      pairs.delete(pair);
+      client.destroy();
+      server.destroy();
+    };
+    client.on("close", end).on("error", end);
+    server.on("close", end).on("error", end);
+  });
+  await new Promise((r) => proxy.listen(0, "127.0.0.1", () => r(undefined)));
+  const address = proxy.address();
+  const port = typeof address === "object" && address ? address.port : 0;
+  return {
+    url: `http://127.0.0.1:${port}`,
+    /** Drops the bytes of `dir` from now on (until `release`). */
+    hold(dir) {
+      hold[dir] = true;
+    },
+    release() {
+      hold.up = false;
+      hold.down = false;
+    },
+    /** Closes every open connection (both sides see it end). */
+    cutAll() {
+      for (const { client, server } of pairs) {
+        client.destroy();
+        server.destroy();
+      }
+      pairs.clear();
+    },
+    close() {
+      this.cutAll();
+      return new Promise((r) => proxy.close(() => r(undefined)));
+    },
+  };
+}
+
 /** Debian's Chromium, headless, with the flags this machine needs (see shared/GUIDE.md). */
 export async function launchBrowser() {
   return chromium.launch({
@@ -144,8 +200,8 @@ export async function openPage(browser, options = DESKTOP) {
 }
 
 /** Opens the demo, picks `nick` and `room` in the join form, waits until the room is ready. */
-export async function joinRoom(page, server, nick, room) {
-  await page.goto(`${server.url}/#${room}`);
+export async function joinRoom(page, server, nick, room, query = "") {
+  await page.goto(`${server.url}/${query}#${room}`);
   await page.locator("#nick").fill(nick);
   await page.locator("#room").fill(room);
   await page.locator("#join-button").click();
