@@ -20,10 +20,13 @@ if [ "${IVY_WASM_PKG_FRESH:-}" != 1 ]; then
   client-wasm/build.sh
 fi
 
-step "web demo: Chromium"
-if [ ! -x /usr/bin/chromium ]; then
+step "web demo: Chromium (and an emoji font, for readable screenshots)"
+packages=()
+[ -x /usr/bin/chromium ] || packages+=(chromium chromium-driver)
+dpkg -s fonts-noto-color-emoji >/dev/null 2>&1 || packages+=(fonts-noto-color-emoji)
+if [ ${#packages[@]} -gt 0 ]; then
   apt-get update
-  DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver fonts-noto-color-emoji
+  DEBIAN_FRONTEND=noninteractive apt-get install -y "${packages[@]}"
 fi
 /usr/bin/chromium --version
 

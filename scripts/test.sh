@@ -20,6 +20,9 @@ cargo build -p ivy-client-core --target wasm32-unknown-unknown
 results=$(mktemp)
 trap 'rm -f "$results"' EXIT
 
+step "binaries the integration tests start (ivy-server, ivy; cargo test does not build a dependency's binaries)"
+cargo build --workspace --bins
+
 step "Rust unit, property, doc and integration tests"
 cargo test --workspace 2>&1 | tee -a "$results"
 
