@@ -22,7 +22,7 @@
 //! callback may call back into the client).
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::rc::{Rc, Weak};
 
 use js_sys::{Array, Function, Object, Promise, Reflect, Uint8Array};
@@ -88,7 +88,7 @@ fn now() -> core::Millis {
 
 /// Derives `ws://host/prefix/ws` and `http://host/prefix` from the base URL.
 fn endpoints(url: &str) -> Result<(String, String), String> {
-    let bad = || format!("invalid server URL {url:?}: expected ws://host:port, wss://, http:// or https://");
+    let bad = || format!("invalid server URL \"{url}\": expected ws://host:port, wss://, http:// or https://");
     let (scheme, rest) = url.trim().split_once("://").ok_or_else(bad)?;
     let (ws, http) = match scheme.to_ascii_lowercase().as_str() {
         "ws" | "http" => ("ws", "http"),
@@ -159,8 +159,9 @@ struct State {
     /// Increments per socket, so that late events of a replaced socket are ignored.
     socket_gen: u64,
     timer: Option<(core::Millis, JsValue)>,
-    subs: HashMap<SubId, SubCallbacks>,
-    requests: HashMap<RequestId, (Function, Function)>,
+    /// Few entries: vectors (a hash map would cost code size in the .wasm).
+    subs: Vec<(SubId, SubCallbacks)>,
+    requests: Vec<(RequestId, Function, Function)>,
     status_callbacks: Vec<Function>,
 }
 
@@ -209,7 +210,7 @@ impl IvySubscription {
     pub fn unsubscribe(&self) {
         if let Some(inner) = self.inner.upgrade() {
             if let Ok(mut st) = inner.state.try_borrow_mut() {
-                st.subs.remove(&self.id);
+                st.subs.retain(|(id, _)| *id != self.id);
                 st.core.unsubscribe(self.id);
             }
             pump(&inner);
@@ -257,8 +258,8 @@ impl IvyClient {
             socket: None,
             socket_gen: 0,
             timer: None,
-            subs: HashMap::new(),
-            requests: HashMap::new(),
+            subs: Vec::new(),
+            requests: Vec::new(),
             status_callbacks: Vec::new(),
         };
         let inner = Rc::new(Inner {
@@ -315,7 +316,7 @@ impl IvyClient {
                     start = match f.as_str() {
                         "now" => Start::Now,
                         "beginning" => Start::Beginning,
-                        t => Start::After(t.parse().map_err(|e| js_error(format!("invalid `from` timestamp {t:?}: {e}")))?),
+                        t => Start::After(t.parse().map_err(|e| js_error(format!("invalid `from` timestamp \"{t}\": {e}")))?),
                     };
                 } else if !from.is_undefined() && !from.is_null() {
                     return Err(js_error("`from` must be \"now\", \"beginning\" or a timestamp string"));
@@ -326,7 +327,7 @@ impl IvyClient {
         let result = {
             let mut st = self.inner.state.try_borrow_mut().map_err(|_| js_error("client busy"))?;
             let id = st.core.subscribe(path, start).map_err(|e| client_error(&e))?;
-            st.subs.insert(id, SubCallbacks { on_event: callback, on_error });
+            st.subs.push((id, SubCallbacks { on_event: callback, on_error }));
             let path = st.core.sub_path(id).unwrap_or(path).to_string();
             IvySubscription { inner: Rc::downgrade(&self.inner), id, path }
         };
@@ -366,7 +367,7 @@ impl IvyClient {
             let (mut after, mut limit, mut n) = (None, None, None);
             if let Some(o) = options.filter(|o| o.is_object()) {
                 if let Some(a) = Reflect::get(&o, &"after".into()).ok().and_then(|v| v.as_string()) {
-                    after = Some(a.parse().map_err(|e| js_error(format!("invalid `after` timestamp {a:?}: {e}")))?);
+                    after = Some(a.parse().map_err(|e| js_error(format!("invalid `after` timestamp \"{a}\": {e}")))?);
                 }
                 limit = number(&o, "limit").map(|v| v.min(u64::from(u32::MAX)) as u32);
                 n = number(&o, "n");
@@ -401,7 +402,7 @@ impl IvyClient {
         match self.inner.state.try_borrow_mut() {
             Ok(mut st) => match f(&mut st.core) {
                 Ok(id) => {
-                    st.requests.insert(id, (resolve, reject));
+                    st.requests.push((id, resolve, reject));
                 }
                 Err(e) => {
                     drop(st);
@@ -507,27 +508,33 @@ fn step(inner: &Rc<Inner>, st: &mut State) {
     }
 }
 
+fn sub_callbacks(st: &State, sub: SubId) -> Option<&SubCallbacks> {
+    st.subs.iter().find(|(id, _)| *id == sub).map(|(_, c)| c)
+}
+
 fn queue_event(inner: &Rc<Inner>, st: &mut State, event: ClientEvent) {
     let mut calls = inner.calls.borrow_mut();
     match event {
         ClientEvent::Event { sub, event } => {
-            if let Some(cb) = st.subs.get(&sub) {
+            if let Some(cb) = sub_callbacks(st, sub) {
                 calls.push_back(Call(cb.on_event.clone(), event_object(&event)));
             }
         }
         ClientEvent::ContinuityLost { sub, last, position } => {
-            if let Some(f) = st.subs.get(&sub).and_then(|c| c.on_error.clone()) {
+            if let Some(f) = sub_callbacks(st, sub).and_then(|c| c.on_error.clone()) {
                 let msg = format!("continuity lost: the server's history ends at {position}, before the last event delivered ({last})");
                 calls.push_back(Call(f, js_error(msg)));
             }
         }
         ClientEvent::SubscribeFailed { sub, error } => {
-            if let Some(f) = st.subs.remove(&sub).and_then(|c| c.on_error) {
+            let removed = st.subs.iter().position(|(id, _)| *id == sub).map(|i| st.subs.remove(i).1);
+            if let Some(f) = removed.and_then(|c| c.on_error) {
                 calls.push_back(Call(f, js_error(format!("subscription refused: {error}"))));
             }
         }
         ClientEvent::Sent { id, result } | ClientEvent::Time { id, result } => {
-            if let Some((resolve, reject)) = st.requests.remove(&id) {
+            let found = st.requests.iter().position(|(r, _, _)| *r == id).map(|i| st.requests.remove(i));
+            if let Some((_, resolve, reject)) = found {
                 match result {
                     Ok(ts) => calls.push_back(Call(resolve, ts.to_string().into())),
                     Err(e) => calls.push_back(Call(reject, client_error(&e))),

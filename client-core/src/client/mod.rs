@@ -43,7 +43,10 @@
 //! was, it appears in the subscriptions' backfill. Nothing is retried behind the
 //! application's back, so nothing is ever published twice.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::VecDeque;
+
+mod collections;
+use collections::{MergeBuf, VecMap};
 use std::fmt;
 
 use crate::path::{self, PathError};
@@ -307,7 +310,7 @@ struct Sub {
     last: Timestamp,
     phase: Phase,
     /// Events waiting for delivery, by timestamp (deduplicates).
-    buf: BTreeMap<Timestamp, Event<'static>>,
+    buf: MergeBuf,
     /// Everything up to here is in `buf` or delivered.
     complete: Timestamp,
     /// The subscription position: backfill until `complete >= target`.
@@ -338,8 +341,9 @@ pub struct Client {
     deadline: Option<Millis>,
     next_key: u64,
     next_id: u64,
-    pending: HashMap<String, Pending>,
-    subs: BTreeMap<SubId, Sub>,
+    /// Outstanding requests by ack key (keys are decimal numbers on the wire).
+    pending: VecMap<u64, Pending>,
+    subs: VecMap<SubId, Sub>,
     offline: VecDeque<QueuedSend>,
     actions: VecDeque<Action>,
     events: VecDeque<ClientEvent>,
@@ -359,8 +363,8 @@ impl Client {
             deadline: None,
             next_key: 1,
             next_id: 1,
-            pending: HashMap::new(),
-            subs: BTreeMap::new(),
+            pending: VecMap::new(),
+            subs: VecMap::new(),
             offline: VecDeque::new(),
             actions: VecDeque::new(),
             events: VecDeque::new(),
@@ -453,7 +457,7 @@ impl Client {
             start: Some(start),
             last: Timestamp::ZERO,
             phase: Phase::Offline,
-            buf: BTreeMap::new(),
+            buf: MergeBuf::default(),
             complete: Timestamp::ZERO,
             target: Timestamp::ZERO,
             log_req: None,
@@ -471,8 +475,8 @@ impl Client {
     pub fn unsubscribe(&mut self, sub: SubId) {
         let Some(s) = self.subs.remove(&sub) else { return };
         if self.state == ConnState::Connected && s.phase != Phase::Offline && !self.subs.values().any(|o| o.path == s.path) {
-            let key = self.key();
-            let line = Command { ack: Some(key.as_bytes()), op: Op::Unsubscribe(s.path.as_str().into()) }.to_bytes();
+            let (key, wire) = self.key();
+            let line = Command { ack: Some(wire.as_bytes()), op: Op::Unsubscribe(s.path.as_str().into()) }.to_bytes();
             self.pending.insert(key, Pending::Unsubscribe);
             self.push_frame(line);
         }
@@ -501,8 +505,8 @@ impl Client {
         match self.state {
             ConnState::Connected => {
                 let id = RequestId(self.id());
-                let key = self.key();
-                let line = Command { ack: Some(key.as_bytes()), op: Op::Timestamp }.to_bytes();
+                let (key, wire) = self.key();
+                let line = Command { ack: Some(wire.as_bytes()), op: Op::Timestamp }.to_bytes();
                 self.pending.insert(key, Pending::Time { id, deadline: now.saturating_add(self.cfg.request_timeout) });
                 self.push_frame(line);
                 Ok(id)
@@ -570,19 +574,15 @@ impl Client {
         }
         match parse_line(frame.as_bytes()) {
             Ok(ServerLine::Event(ev)) => self.route(ev.into_owned()),
-            Ok(ServerLine::Ack { key, ts }) => {
-                let key = String::from_utf8_lossy(key).into_owned();
-                self.on_reply(now, &key, Ok(ts));
-            }
+            Ok(ServerLine::Ack { key, ts }) => self.on_reply(now, key, Ok(ts)),
             Ok(ServerLine::Error { key: Some(key), code, message }) => {
-                let key = String::from_utf8_lossy(key).into_owned();
                 let err = ClientError::Server { code: code.to_string(), message: message.to_string() };
-                self.on_reply(now, &key, Err(err));
+                self.on_reply(now, key, Err(err));
             }
             Ok(ServerLine::Error { key: None, code, message }) => {
                 self.events.push_back(ClientEvent::Warning(format!("server error without ack key: {code} {message}")));
             }
-            Err(e) => self.events.push_back(ClientEvent::Warning(format!("unparsable line from the server ({e}): {frame:?}"))),
+            Err(e) => self.events.push_back(ClientEvent::Warning(format!("unparsable line from the server ({e}): \"{frame}\""))),
         }
     }
 
@@ -644,7 +644,7 @@ impl Client {
                 }
                 for ev in events {
                     if ev.ts > s.last && path::is_within(&ev.path, &s.path) {
-                        s.buf.insert(ev.ts, ev);
+                        s.buf.push_page(ev);
                     }
                 }
                 self.advance(sid);
@@ -660,10 +660,11 @@ impl Client {
         id
     }
 
-    fn key(&mut self) -> String {
+    /// A fresh ack key and its wire form.
+    fn key(&mut self) -> (u64, String) {
         let k = self.next_key;
         self.next_key += 1;
-        k.to_string()
+        (k, k.to_string())
     }
 
     fn random(&mut self) -> u64 {
@@ -722,11 +723,7 @@ impl Client {
                 Pending::Subscribe(_) | Pending::Unsubscribe | Pending::Probe => {}
             }
         }
-        // Report in request order.
-        failed.sort_by_key(|e| match e {
-            ClientEvent::Sent { id, .. } | ClientEvent::Time { id, .. } => *id,
-            _ => RequestId(0),
-        });
+        // `pending` is ordered by ack key, which follows request order.
         self.events.extend(failed);
     }
 
@@ -740,8 +737,8 @@ impl Client {
                 return;
             }
             None if self.last_rx.saturating_add(self.cfg.idle_timeout) <= now => {
-                let key = self.key();
-                let line = Command { ack: Some(key.as_bytes()), op: Op::Timestamp }.to_bytes();
+                let (key, wire) = self.key();
+                let line = Command { ack: Some(wire.as_bytes()), op: Op::Timestamp }.to_bytes();
                 self.pending.insert(key, Pending::Probe);
                 self.push_frame(line);
                 self.probe_deadline = Some(now.saturating_add(self.cfg.probe_timeout));
@@ -749,11 +746,11 @@ impl Client {
             _ => {}
         }
         // Requests without a reply in time.
-        let expired: Vec<String> = self
+        let expired: Vec<u64> = self
             .pending
             .iter()
             .filter(|(_, p)| matches!(p, Pending::Send { deadline, .. } | Pending::Time { deadline, .. } if *deadline <= now))
-            .map(|(k, _)| k.clone())
+            .map(|(k, _)| *k)
             .collect();
         for key in expired {
             match self.pending.remove(&key) {
@@ -773,24 +770,24 @@ impl Client {
     }
 
     fn send_subscribe(&mut self, id: SubId) {
-        let key = self.key();
+        let (key, wire) = self.key();
         let Some(s) = self.subs.get_mut(&id) else { return };
         s.phase = Phase::Subscribing;
-        let line = Command { ack: Some(key.as_bytes()), op: Op::Subscribe(s.path.as_str().into()) }.to_bytes();
+        let line = Command { ack: Some(wire.as_bytes()), op: Op::Subscribe(s.path.as_str().into()) }.to_bytes();
         self.pending.insert(key, Pending::Subscribe(id));
         self.push_frame(line);
     }
 
     fn transmit_send(&mut self, now: Millis, id: RequestId, path: String, data: Vec<u8>) {
-        let key = self.key();
-        let line = Command { ack: Some(key.as_bytes()), op: Op::Send { path: path.as_str().into(), data: &data } }.to_bytes();
+        let (key, wire) = self.key();
+        let line = Command { ack: Some(wire.as_bytes()), op: Op::Send { path: path.as_str().into(), data: &data } }.to_bytes();
         self.pending.insert(key, Pending::Send { id, path, data, deadline: now.saturating_add(self.cfg.request_timeout) });
         self.push_frame(line);
     }
 
-    fn on_reply(&mut self, _now: Millis, key: &str, result: Result<Timestamp, ClientError>) {
-        let Some(p) = self.pending.remove(key) else {
-            self.events.push_back(ClientEvent::Warning(format!("reply with unknown ack key {key:?}")));
+    fn on_reply(&mut self, _now: Millis, key: &[u8], result: Result<Timestamp, ClientError>) {
+        let Some(p) = std::str::from_utf8(key).ok().and_then(|k| k.parse::<u64>().ok()).and_then(|k| self.pending.remove(&k)) else {
+            self.events.push_back(ClientEvent::Warning(format!("reply with unknown ack key \"{}\"", String::from_utf8_lossy(key))));
             return;
         };
         match p {
@@ -840,7 +837,7 @@ impl Client {
         s.target = s.target.max(s.last);
         // Live events up to the cursor are old news.
         let last = s.last;
-        s.buf.retain(|ts, _| *ts > last);
+        s.buf.drop_upto(last);
         s.phase = Phase::Backfilling;
         self.advance(sid);
     }
@@ -852,11 +849,7 @@ impl Client {
             s.phase = Phase::Live;
         }
         let upto = if s.phase == Phase::Live { Timestamp::MAX } else { s.complete };
-        while let Some(entry) = s.buf.first_entry() {
-            if *entry.key() > upto {
-                break;
-            }
-            let ev = entry.remove();
+        while let Some(ev) = s.buf.pop_upto(upto) {
             if ev.ts > s.last {
                 s.last = ev.ts;
                 self.events.push_back(ClientEvent::Event { sub: sid, event: ev });
@@ -893,18 +886,16 @@ impl Client {
                 self.events.push_back(ClientEvent::Event { sub: sid, event: ev });
             }
             Phase::Live => {
-                s.buf.insert(ev.ts, ev);
+                s.buf.push_live(ev);
                 self.advance(sid);
             }
             Phase::Subscribing | Phase::Backfilling => {
-                s.buf.insert(ev.ts, ev);
+                s.buf.push_live(ev);
                 if s.buf.len() > max {
                     // Bounded memory: everything live is also in the log, so forget the
                     // buffered events beyond what is complete and fetch them from the log.
-                    let complete = s.complete;
-                    let beyond = s.buf.split_off(&complete.next());
-                    if let Some((newest, _)) = beyond.last_key_value() {
-                        s.target = s.target.max(*newest);
+                    if let Some(newest) = s.buf.forget_live_after(s.complete) {
+                        s.target = s.target.max(newest);
                     }
                 }
             }
