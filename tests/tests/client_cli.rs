@@ -93,22 +93,28 @@ async fn sub_prints_exactly_the_log_through_random_cuts() {
     let server = TestServer::start_in(dir.path()).await;
     let proxy = FaultProxy::start(server.addr).await;
     let n = 1000;
+    let url = format!("ws://{}", server.addr);
     let mut child = tokio::process::Command::new(ivy_bin())
-        .args(["--url", &proxy.url(), "sub", "--from-beginning", "/s", "--count", &n.to_string()])
+        .args(["--url", &proxy.url(), "sub", "--from-beginning", "/s", "--count", &(n + 1).to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // The first connection must succeed (a failed first connect is exit code 3, by design):
+    // wait for one event to come through before the chaos starts.
+    let (code, _, err) = ivy(&url, &["send", "/s/x", "warm-up"], None).await;
+    assert_eq!(code, 0, "{err}");
+    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await.expect("first line in time").unwrap().unwrap();
+    let mut printed = vec![first];
     let chaos = proxy.chaos(42, Duration::from_secs(3));
     // Publish through the CLI too: stdin lines, pipelined.
     let input: String = (0..n).map(|i| format!("event {i} 50%\n")).collect();
-    let url = format!("ws://{}", server.addr);
     let (code, out, err) = ivy(&url, &["send", "/s/x"], Some(&input)).await;
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.lines().count(), n);
-    let mut printed = Vec::new();
+    let n = n + 1;
     while printed.len() < n {
         match tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await {
             Ok(Ok(Some(l))) => printed.push(l),
