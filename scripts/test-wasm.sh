@@ -24,8 +24,11 @@ step "browser client tests in headless Chromium against a real server"
 cargo build -p ivy-server --bin ivy-server
 cargo build -p ivy-tests --bin ivy-test-control
 data=$(mktemp -d)
-coproc CONTROL { exec "${CARGO_TARGET_DIR:-target}/debug/ivy-test-control" --data "$data"; }
-trap 'kill "${CONTROL_PID:-}" 2>/dev/null || true; rm -rf "$data"' EXIT
+# The controller runs in its own process group so that it and its server are stopped together
+# (a server left behind would keep this script's output pipe open).
+coproc CONTROL { exec setsid "${CARGO_TARGET_DIR:-target}/debug/ivy-test-control" --data "$data"; }
+stop_control() { kill -TERM -- "-${CONTROL_PID:-0}" 2>/dev/null || kill -TERM "${CONTROL_PID:-0}" 2>/dev/null || true; }
+trap 'stop_control; rm -rf "$data"' EXIT
 read -r -u "${CONTROL[0]}" line
 control=$(echo "$line" | sed -E 's/^control (http:[^ ]+) server .*/\1/')
 server=$(echo "$line" | sed -E 's/.* server (ws:[^ ]+)$/\1/')
@@ -33,7 +36,7 @@ echo "server $server, control $control"
 IVY_TEST_SERVER="$server" IVY_TEST_CONTROL="$control" CHROMEDRIVER="$(command -v chromedriver)" \
   WASM_BINDGEN_TEST_TIMEOUT=120 \
   cargo test -p ivy-client-wasm --target wasm32-unknown-unknown --test browser
-kill "$CONTROL_PID" 2>/dev/null || true
+stop_control
 
 step "TypeScript: tsc --noEmit --strict of a consumer against the generated types"
 (cd client-wasm/ts-check && npm install --no-audit --no-fund --silent && npx tsc -p . && echo "check: 1 passed, 0 failed (TypeScript consumer)")

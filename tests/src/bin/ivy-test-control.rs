@@ -73,5 +73,14 @@ async fn main() {
     let app = Router::new().route("/restart", get(restart)).route("/stop", get(stop));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     println!("control http://{} server ws://{addr}", listener.local_addr().expect("addr"));
-    axum::serve(listener, app).await.expect("serve");
+    // Never leave the server behind: it would outlive us and hold our caller's pipes open.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        r = axum::serve(listener, app) => r.expect("serve"),
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    if let Some(mut c) = state.lock().await.child.take() {
+        let _ = c.kill().await;
+    }
 }
