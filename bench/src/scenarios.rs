@@ -1,0 +1,468 @@
+//! The scenarios. Each starts a fresh server, drives it over WebSockets (or HTTP) on loopback,
+//! and returns its figures as JSON.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{self, Decoder, Ws};
+use crate::servers::{Kind, Launch, Server};
+
+/// Settings shared by the scenarios.
+#[derive(Debug, Clone)]
+pub struct Common {
+    pub launch: Launch,
+    pub payload: usize,
+    pub per_address: usize,
+    pub base: Instant,
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg").map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")).unwrap_or_default()
+}
+
+fn progress(msg: impl AsRef<str>) {
+    eprintln!("[ivy-bench] {}", msg.as_ref());
+}
+
+/// Connects `n` clients (subscribed to the benchmark channel), 128 handshakes at a time.
+async fn connect_subscribers(kind: Kind, addr: SocketAddr, n: usize, per_address: usize) -> Result<Vec<Ws>, String> {
+    let done = AtomicU64::new(0);
+    let conns: Vec<Result<Ws, String>> = futures_util::stream::iter(0..n)
+        .map(|i| {
+            let done = &done;
+            async move {
+                let src = (n > per_address).then(|| client::source_ip(i, per_address));
+                let mut ws = client::connect(kind, addr, src).await?;
+                client::subscribe(kind, &mut ws).await?;
+                let d = done.fetch_add(1, Ordering::Relaxed) + 1;
+                if d % 1000 == 0 {
+                    progress(format!("{}: {d}/{n} subscribers connected", kind.name()));
+                }
+                Ok(ws)
+            }
+        })
+        .buffer_unordered(128)
+        .collect()
+        .await;
+    let conns = conns.into_iter().collect::<Result<Vec<_>, _>>()?;
+    if kind == Kind::Ideal {
+        // Registration happens right after the handshake, on the server's side.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Ok(conns)
+}
+
+/// Reads deliveries until `stop`; counts them in `delivered`; with `base`, returns the
+/// publish-to-receive latencies in microseconds.
+async fn subscriber(kind: Kind, mut ws: Ws, stop: CancellationToken, delivered: Arc<AtomicU64>, base: Option<Instant>) -> Vec<u32> {
+    let mut lat = Vec::new();
+    let mut dec = Decoder::default();
+    loop {
+        let msg = tokio::select! {
+            _ = stop.cancelled() => break,
+            m = ws.next() => m,
+        };
+        let bytes = match msg {
+            Some(Ok(Message::Text(t))) => tokio_tungstenite::tungstenite::Bytes::from(t),
+            Some(Ok(Message::Binary(b))) => b,
+            Some(Ok(Message::Close(f))) => {
+                progress(format!("{}: a subscriber was closed: {f:?}", kind.name()));
+                break;
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => {
+                progress(format!("{}: a subscriber failed: {e}", kind.name()));
+                break;
+            }
+            None => break,
+        };
+        let mut n = 0;
+        let now = base.map(|b| b.elapsed().as_nanos() as u64);
+        dec.feed(kind, &bytes, |p| {
+            n += 1;
+            if let (Some(now), Some(sent)) = (now, client::sent_ns(p)) {
+                lat.push((now.saturating_sub(sent) / 1000).min(u32::MAX as u64) as u32);
+            }
+        });
+        if n > 0 {
+            delivered.fetch_add(n, Ordering::Relaxed);
+        }
+        if dec.ping {
+            dec.ping = false;
+            let _ = ws.send(Message::text("PONG\r\n")).await;
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_millis(200), ws.close(None)).await;
+    lat
+}
+
+/// Waits until `delivered` reaches `target` or makes no progress for `stall`.
+async fn wait_for(delivered: &AtomicU64, target: u64, stall: Duration) -> u64 {
+    let mut last = delivered.load(Ordering::Relaxed);
+    let mut since = Instant::now();
+    loop {
+        let d = delivered.load(Ordering::Relaxed);
+        if d >= target {
+            return d;
+        }
+        if d != last {
+            last = d;
+            since = Instant::now();
+        } else if since.elapsed() > stall {
+            return d;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn spawn_meter(name: &'static str, what: &'static str, counter: Arc<AtomicU64>, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let mut last = counter.load(Ordering::Relaxed);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            let now = counter.load(Ordering::Relaxed);
+            progress(format!("{name}: {now} {what} ({}/s)", now - last));
+            last = now;
+        }
+    });
+}
+
+/// Fan-out: one publisher, `subs` subscribers, `events` events, at most `window` events in
+/// flight (so that no queue overflows and no peer drops a slow consumer).
+pub async fn fanout(kind: Kind, c: &Common, subs: usize, events: usize, window: usize) -> Result<Value, String> {
+    let load_before = loadavg();
+    let server = Server::start(kind, &c.launch).await?;
+    progress(format!("fan-out {}: {subs} subscribers, {events} events", kind.name()));
+    let conns = connect_subscribers(kind, server.addr, subs, c.per_address).await?;
+    let delivered = Arc::new(AtomicU64::new(0));
+    let stop = CancellationToken::new();
+    let tasks: Vec<_> = conns.into_iter().map(|ws| tokio::spawn(subscriber(kind, ws, stop.clone(), delivered.clone(), None))).collect();
+    let mut publisher = client::connect(kind, server.addr, None).await?;
+    client::publisher_hello(kind, &mut publisher).await?;
+    spawn_meter(kind.name(), "deliveries", delivered.clone(), stop.clone());
+    let (subs_u, window_u) = (subs as u64, window as u64);
+    let cpu0 = server.cpu_secs();
+    let self0 = crate::servers::proc_cpu_secs(std::process::id());
+    let t0 = Instant::now();
+    for i in 0..events as u64 {
+        while i * subs_u > delivered.load(Ordering::Relaxed) + window_u * subs_u {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let msg = client::publish_message(kind, &client::payload(c.base, c.payload), None);
+        publisher.send(msg).await.map_err(|e| format!("publish: {e}"))?;
+    }
+    let target = events as u64 * subs_u;
+    let got = wait_for(&delivered, target, Duration::from_secs(5)).await;
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = cpu0.zip(server.cpu_secs()).map(|(a, b)| b - a);
+    let client_cpu = self0.zip(crate::servers::proc_cpu_secs(std::process::id())).map(|(a, b)| b - a);
+    stop.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    server.stop().await;
+    let rate = got as f64 / secs;
+    progress(format!("fan-out {}: {got}/{target} deliveries in {secs:.2} s: {rate:.0}/s, server CPU {cpu:?} s", kind.name()));
+    Ok(json!({
+        "server": kind.name(), "subscribers": subs, "events": events, "payload_bytes": c.payload, "window": window,
+        "expected": target, "delivered": got, "secs": secs, "deliveries_per_s": rate,
+        "server_cpu_s": cpu,
+        "server_cpu_s_per_million": cpu.map(|c| c / got.max(1) as f64 * 1e6),
+        "deliveries_per_server_cpu_s": cpu.map(|c| got as f64 / c.max(1e-9)),
+        "client_cpu_s": client_cpu,
+        "load_before": load_before, "load_after": loadavg(),
+    }))
+}
+
+fn percentile(sorted: &[u32], p: f64) -> Option<u32> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    Some(sorted[i])
+}
+
+/// Latency: `rate` events/s for `secs` seconds to `subs` subscribers.
+pub async fn latency(kind: Kind, c: &Common, subs: usize, rate: f64, secs: f64) -> Result<Value, String> {
+    let load_before = loadavg();
+    let server = Server::start(kind, &c.launch).await?;
+    progress(format!("latency {}: {subs} subscribers, {rate} events/s for {secs} s", kind.name()));
+    let conns = connect_subscribers(kind, server.addr, subs, c.per_address).await?;
+    let delivered = Arc::new(AtomicU64::new(0));
+    let stop = CancellationToken::new();
+    let tasks: Vec<_> =
+        conns.into_iter().map(|ws| tokio::spawn(subscriber(kind, ws, stop.clone(), delivered.clone(), Some(c.base)))).collect();
+    let mut publisher = client::connect(kind, server.addr, None).await?;
+    client::publisher_hello(kind, &mut publisher).await?;
+    spawn_meter(kind.name(), "deliveries", delivered.clone(), stop.clone());
+    let total = (rate * secs) as u64;
+    let cpu0 = server.cpu_secs();
+    let t0 = Instant::now();
+    let mut sent = 0u64;
+    while sent < total {
+        let due = ((t0.elapsed().as_secs_f64() * rate) as u64 + 1).min(total);
+        while sent < due {
+            let msg = client::publish_message(kind, &client::payload(c.base, c.payload), None);
+            publisher.feed(msg).await.map_err(|e| format!("publish: {e}"))?;
+            sent += 1;
+        }
+        publisher.flush().await.map_err(|e| format!("publish: {e}"))?;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let send_secs = t0.elapsed().as_secs_f64();
+    let target = total * subs as u64;
+    let got = wait_for(&delivered, target, Duration::from_secs(3)).await;
+    let cpu = cpu0.zip(server.cpu_secs()).map(|(a, b)| b - a);
+    stop.cancel();
+    let mut samples = Vec::with_capacity(target as usize);
+    for t in tasks {
+        if let Ok(v) = t.await {
+            samples.extend(v);
+        }
+    }
+    server.stop().await;
+    samples.sort_unstable();
+    let (p50, p99, p999) = (percentile(&samples, 0.5), percentile(&samples, 0.99), percentile(&samples, 0.999));
+    progress(format!("latency {}: {got}/{target} delivered; p50 {p50:?} us, p99 {p99:?} us, p99.9 {p999:?} us", kind.name()));
+    Ok(json!({
+        "server": kind.name(), "subscribers": subs, "rate": rate, "secs": secs, "send_secs": send_secs,
+        "expected": target, "delivered": got,
+        "p50_us": p50, "p99_us": p99, "p999_us": p999, "max_us": samples.last(),
+        "server_cpu_s": cpu,
+        "load_before": load_before, "load_after": loadavg(),
+    }))
+}
+
+/// Durable publish: `senders` connections, each sending with an ack key and waiting for the
+/// ack before the next, for `secs` seconds.
+pub async fn durable(kind: Kind, c: &Common, senders: usize, secs: f64) -> Result<Value, String> {
+    let load_before = loadavg();
+    let server = Server::start(kind, &c.launch).await?;
+    progress(format!("durable {}: {senders} senders for {secs} s", kind.name()));
+    let mut conns = Vec::new();
+    for _ in 0..senders {
+        conns.push(client::connect(kind, server.addr, None).await?);
+    }
+    let acked = Arc::new(AtomicU64::new(0));
+    let stop = CancellationToken::new();
+    spawn_meter(kind.name(), "acked", acked.clone(), stop.clone());
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let cpu0 = server.cpu_secs();
+    let t0 = Instant::now();
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .map(|mut ws| {
+            let (acked, base, size) = (acked.clone(), c.base, c.payload);
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut errors = 0u64;
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    let msg = client::publish_message(kind, &client::payload(base, size), Some("a"));
+                    if ws.send(msg).await.is_err() {
+                        errors += 1;
+                        break;
+                    }
+                    loop {
+                        match client::next(&mut ws).await {
+                            Ok(m) if m.starts_with(b"#a#@") => {
+                                acked.fetch_add(1, Ordering::Relaxed);
+                                lat.push(t.elapsed().as_micros() as u32);
+                                break;
+                            }
+                            Ok(m) if m.starts_with(b"#a#!") => {
+                                errors += 1;
+                                break;
+                            }
+                            Ok(_) => {}
+                            Err(_) => return (lat, errors + 1),
+                        }
+                    }
+                }
+                (lat, errors)
+            })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        if let Ok((l, e)) = t.await {
+            lat.extend(l);
+            errors += e;
+        }
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let cpu = cpu0.zip(server.cpu_secs()).map(|(a, b)| b - a);
+    stop.cancel();
+    server.stop().await;
+    lat.sort_unstable();
+    let n = acked.load(Ordering::Relaxed);
+    let rate = n as f64 / elapsed;
+    progress(format!("durable {}: {senders} senders: {n} acked in {elapsed:.2} s: {rate:.0}/s", kind.name()));
+    Ok(json!({
+        "server": kind.name(), "senders": senders, "secs": elapsed, "acked": n, "acked_per_s": rate, "errors": errors,
+        "ack_p50_us": percentile(&lat, 0.5), "ack_p99_us": percentile(&lat, 0.99),
+        "server_cpu_s": cpu,
+        "load_before": load_before, "load_after": loadavg(),
+    }))
+}
+
+/// Backfill: stores `events` events (one connection, `window` acked sends in flight), then
+/// reads them back over HTTP in cursor pages of each size in `limits`, as the client core does.
+pub async fn backfill(kind: Kind, c: &Common, events: usize, window: usize, limits: &[usize]) -> Result<Value, String> {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    let load_before = loadavg();
+    let server = Server::start(kind, &c.launch).await?;
+    progress(format!("backfill {}: storing {events} events", kind.name()));
+    // A channel of its own, also when --ivy-addr reuses one server for every scenario.
+    let channel =
+        format!("/backfill/{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    let mut ws = client::connect(kind, server.addr, None).await?;
+    let t0 = Instant::now();
+    let (mut sent, mut acked) = (0usize, 0usize);
+    while acked < events {
+        while sent < events && sent - acked < window {
+            let msg = Message::text(format!("#f#:{channel}:{}", client::payload(c.base, c.payload)));
+            ws.feed(msg).await.map_err(|e| e.to_string())?;
+            sent += 1;
+        }
+        ws.flush().await.map_err(|e| e.to_string())?;
+        let m = client::next(&mut ws).await?;
+        if m.starts_with(b"#f#@") {
+            acked += 1;
+            if acked % 20000 == 0 {
+                progress(format!("backfill {}: {acked} stored", kind.name()));
+            }
+        } else if m.starts_with(b"#f#!") {
+            return Err(String::from_utf8_lossy(&m).into_owned());
+        }
+    }
+    let fill_secs = t0.elapsed().as_secs_f64();
+    drop(ws);
+    let http: Client<_, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut reads = Vec::new();
+    for &limit in limits {
+        let t0 = Instant::now();
+        let mut after = "0000000000.000000000".to_owned();
+        let (mut total, mut pages, mut bytes) = (0usize, 0usize, 0usize);
+        loop {
+            let uri: hyper::Uri =
+                format!("http://{}/log{channel}?after={after}&limit={limit}", server.addr).parse().map_err(|e| format!("{e}"))?;
+            let resp = http.get(uri).await.map_err(|e| format!("GET: {e}"))?;
+            if !resp.status().is_success() {
+                return Err(format!("GET /log: {}", resp.status()));
+            }
+            let body = resp.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
+            pages += 1;
+            bytes += body.len();
+            if body.is_empty() {
+                break;
+            }
+            let n = body.iter().filter(|b| **b == b'\n').count() + 1;
+            total += n;
+            let last = &body[body.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1)..];
+            let ts = last.get(1..).and_then(|l| l.split(|b| *b == b':').next()).ok_or("bad log line")?;
+            after = String::from_utf8_lossy(ts).into_owned();
+            if n < limit {
+                break;
+            }
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        progress(format!(
+            "backfill {}: page limit {limit}: {total} events in {pages} pages, {secs:.3} s: {:.0}/s",
+            kind.name(),
+            total as f64 / secs
+        ));
+        reads.push(json!({
+            "page_limit": limit, "events": total, "pages": pages, "bytes": bytes, "secs": secs, "events_per_s": total as f64 / secs,
+        }));
+    }
+    server.stop().await;
+    Ok(json!({
+        "server": kind.name(), "events": events, "fill_window": window, "fill_secs": fill_secs,
+        "fill_acked_per_s": events as f64 / fill_secs, "reads": reads,
+        "load_before": load_before, "load_after": loadavg(),
+    }))
+}
+
+/// Idle connections: opens `n` WebSockets (each subscribed to one channel where the protocol
+/// has channels) and reads the server's resident memory before and after.
+pub async fn idle(kind: Kind, c: &Common, n: usize) -> Result<Value, String> {
+    let load_before = loadavg();
+    let server = Server::start(kind, &c.launch).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss0 = server.rss_kib();
+    progress(format!("idle {}: opening {n} connections (server RSS {rss0:?} KiB)", kind.name()));
+    let first = match kind {
+        Kind::Ivy | Kind::IvyAsync => Some(format!("+{}", client::IVY_CHANNEL)),
+        Kind::Nats => Some(format!("CONNECT {{\"verbose\":false,\"pedantic\":false}}\r\nSUB {} 1\r\n", client::NATS_SUBJECT)),
+        Kind::Ideal => None,
+    };
+    let t0 = Instant::now();
+    let done = AtomicU64::new(0);
+    let conns: Vec<Result<tokio::net::TcpStream, String>> = futures_util::stream::iter(0..n)
+        .map(|i| {
+            let (first, done) = (first.as_deref(), &done);
+            let src = Some(client::source_ip(i, c.per_address));
+            async move {
+                let s = client::raw_connect(kind, server.addr, src, first).await;
+                let d = done.fetch_add(1, Ordering::Relaxed) + 1;
+                if d % 5000 == 0 {
+                    progress(format!("idle {}: {d}/{n} connections", kind.name()));
+                }
+                s
+            }
+        })
+        .buffer_unordered(256)
+        .collect()
+        .await;
+    let open_secs = t0.elapsed().as_secs_f64();
+    let failed = conns.iter().filter(|c| c.is_err()).count();
+    if let Some(Err(e)) = conns.iter().find(|c| c.is_err()) {
+        progress(format!("idle {}: {failed} connections failed, first: {e}", kind.name()));
+    }
+    let open = n - failed;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss1 = server.rss_kib();
+    drop(conns);
+    server.stop().await;
+    let per_conn = rss0.zip(rss1).map(|(a, b)| (b.saturating_sub(a) as f64 * 1024.0) / open.max(1) as f64);
+    progress(format!("idle {}: {open} open, RSS {rss0:?} -> {rss1:?} KiB: {per_conn:?} bytes per connection", kind.name()));
+    Ok(json!({
+        "server": kind.name(), "connections": n, "open": open, "failed": failed, "open_secs": open_secs,
+        "rss_before_kib": rss0, "rss_after_kib": rss1, "rss_bytes_per_conn": per_conn,
+        "load_before": load_before, "load_after": loadavg(),
+    }))
+}
+
+/// The wasm package: runs `client-wasm/build.sh` and reads its size line.
+pub fn wasm(repo: &std::path::Path) -> Value {
+    progress("wasm: client-wasm/build.sh");
+    let out = std::process::Command::new("bash").arg(repo.join("client-wasm/build.sh")).current_dir(repo).output();
+    let out = match out {
+        Ok(o) if o.status.success() => o,
+        Ok(o) => return json!({ "error": format!("build.sh failed: {}", String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("")) }),
+        Err(e) => return json!({ "error": e.to_string() }),
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let Some(line) = stdout.lines().find(|l| l.starts_with("size:")) else { return json!({ "error": "no size line" }) };
+    // size: wasm R bytes raw, W gzipped; glue J gzipped; total T bytes gzipped (K KiB)
+    let nums: Vec<u64> = line.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).filter_map(|s| s.parse().ok()).collect();
+    progress(format!("wasm: {line}"));
+    json!({
+        "wasm_raw_bytes": nums.first(), "wasm_gzip_bytes": nums.get(1), "glue_gzip_bytes": nums.get(2),
+        "total_gzip_bytes": nums.get(3), "line": line,
+    })
+}

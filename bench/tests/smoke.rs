@@ -1,0 +1,52 @@
+//! Keeps the benchmark tool from rotting: a tiny run of every scenario but wasm, against an
+//! in-process ivy-server and the ideal broadcast server. Asserts only that everything arrived,
+//! never a timing.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+#[test]
+fn tiny_run_delivers_everything() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = ivy_server::Config::new(dir.path().join("data"));
+    rt.spawn(ivy_server::run(config, listener, std::future::pending()));
+
+    let out = dir.path().join("results.json");
+    let plots = dir.path().join("plots");
+    let doc = dir.path().join("BENCH.md");
+    let status = Command::new(env!("CARGO_BIN_EXE_ivy-bench"))
+        .args(["--scenarios", "fanout,latency,durable,backfill,idle", "--servers", "ivy,ideal"])
+        .args(["--ivy-addr", &addr.to_string()])
+        .args(["--subscribers", "10", "--fanout-events", "20", "--senders", "1,4", "--durable-secs", "0.3"])
+        .args(["--latency-subscribers", "5", "--latency-rate", "100", "--latency-secs", "0.3"])
+        .args(["--backfill-events", "300", "--backfill-limits", "100", "--idle-connections", "20"])
+        .arg("--out")
+        .arg(&out)
+        .arg("--doc")
+        .arg(&doc)
+        .arg("--plots")
+        .arg(&plots)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let r: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    for row in r["fanout"].as_array().unwrap() {
+        assert_eq!(row["delivered"], 200, "{row}");
+    }
+    for row in r["latency"].as_array().unwrap() {
+        assert_eq!(row["delivered"], row["expected"], "{row}");
+    }
+    for row in r["durable"].as_array().unwrap() {
+        assert!(row["acked"].as_u64().unwrap() > 0, "{row}");
+    }
+    assert_eq!(r["backfill"][0]["reads"][0]["events"], 300);
+    for row in r["idle"].as_array().unwrap() {
+        assert_eq!(row["open"], 20, "{row}");
+    }
+    let md = std::fs::read_to_string(&doc).unwrap();
+    assert!(md.contains("### Fan-out"), "{md}");
+}
