@@ -12,9 +12,20 @@ step "wasm package (client-wasm/build.sh)"
 client-wasm/build.sh
 
 step "Chromium and chromedriver"
+# apt may be busy (another install, unattended upgrades): wait for its lock, then retry.
+apt_install() {
+  for attempt in 1 2 3 4 5 6 7 8 9 10; do
+    if apt-get -o DPkg::Lock::Timeout=120 update && \
+       DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120 install -y --no-install-recommends "$@"; then
+      return 0
+    fi
+    echo "apt-get failed (attempt $attempt); retrying in 15 s" >&2
+    sleep 15
+  done
+  return 1
+}
 if [ ! -x /usr/bin/chromium ] || ! command -v chromedriver >/dev/null; then
-  apt-get update
-  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver
+  apt_install chromium chromium-driver
 fi
 
 step "client-core tests compiled to wasm32, in Node"
