@@ -248,12 +248,16 @@ impl ClientBuilder {
         let (tx, rx) = mpsc::unbounded_channel();
         let (state_tx, mut state_rx) = watch::channel(ConnState::Idle);
         let last_error = Arc::new(Mutex::new(None::<String>));
+        // A write that cannot complete (a peer that stopped reading, a half-open TCP
+        // connection) must not stall the driver past the dead-connection deadline.
+        let write_timeout = Duration::from_millis(self.config.probe_timeout.max(1000));
         let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
         let driver = Driver {
             core: core::Client::new(self.config, seed ^ u64::from(std::process::id())),
             endpoints: endpoints.clone(),
             http: http.clone(),
             epoch: Instant::now(),
+            write_timeout,
             state_tx,
             last_error: last_error.clone(),
             subs: HashMap::new(),
@@ -411,6 +415,7 @@ struct Driver {
     endpoints: Endpoints,
     http: Http,
     epoch: Instant,
+    write_timeout: Duration,
     state_tx: watch::Sender<ConnState>,
     last_error: Arc<Mutex<Option<String>>>,
     subs: HashMap<SubId, mpsc::UnboundedSender<Result<Event, SubscriptionError>>>,
@@ -447,11 +452,18 @@ impl Driver {
                     }
                     Action::Send(text) => {
                         if let Some(w) = ws.as_mut() {
-                            if w.feed(Message::text(text)).await.is_err() {
-                                ws = None;
-                                self.core.handle_disconnected(self.now());
-                            } else {
-                                wrote = true;
+                            match tokio::time::timeout(self.write_timeout, w.feed(Message::text(text))).await {
+                                Ok(Ok(())) => wrote = true,
+                                Ok(Err(e)) => {
+                                    self.note_error(e.to_string());
+                                    ws = None;
+                                    self.core.handle_disconnected(self.now());
+                                }
+                                Err(_) => {
+                                    self.note_error("write timed out: the connection is stuck".into());
+                                    ws = None;
+                                    self.core.handle_disconnected(self.now());
+                                }
                             }
                         }
                     }
@@ -471,7 +483,8 @@ impl Driver {
             }
             if wrote {
                 if let Some(w) = ws.as_mut() {
-                    if w.flush().await.is_err() {
+                    if !matches!(tokio::time::timeout(self.write_timeout, w.flush()).await, Ok(Ok(()))) {
+                        self.note_error("write failed or timed out".into());
                         ws = None;
                         self.core.handle_disconnected(self.now());
                         continue;

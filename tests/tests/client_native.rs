@@ -212,3 +212,46 @@ async fn server_killed_and_restarted_mid_stream() {
     subscriber.close().await;
     server.kill().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_connection_is_detected_even_while_writes_block() {
+    let dir = temp_dir();
+    let server = TestServer::start_in(dir.path()).await;
+    let proxy = FaultProxy::start(server.addr).await;
+    let client = Client::builder(proxy.url())
+        .backoff(Duration::from_millis(20), Duration::from_millis(200))
+        .keepalive(Duration::from_millis(500), Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap();
+    let mut state = client.state();
+    // Nothing gets through any more, and the client has far more to write than the socket
+    // buffers hold: its writes block.
+    proxy.stall(true);
+    let big = "x".repeat(60_000);
+    let sends: Vec<_> = (0..100)
+        .map(|_| {
+            let (c, d) = (client.clone(), big.clone());
+            tokio::spawn(async move { c.send("/stuck", &d).await })
+        })
+        .collect();
+    // The dead connection is still detected (probe, then a bounded write).
+    let detected = tokio::time::timeout(Duration::from_secs(8), state.wait_for(|s| matches!(s, ConnState::Reconnecting { .. })))
+        .await
+        .map(|r| r.map(|s| *s));
+    assert!(matches!(detected, Ok(Ok(_))), "not detected while stalled: {detected:?}");
+    proxy.stall(false);
+    proxy.cut_all();
+    let reconnected =
+        tokio::time::timeout(Duration::from_secs(20), state.wait_for(|s| *s == ConnState::Connected)).await.map(|r| r.is_ok());
+    assert_eq!(reconnected, Ok(true), "reconnects after the stall");
+    // Every send has an outcome: stored, or failed with a clear error; none hangs.
+    for s in sends {
+        match tokio::time::timeout(Duration::from_secs(30), s).await.expect("send resolved").unwrap() {
+            Ok(_) | Err(Error::Request(_)) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    client.close().await;
+    server.stop().await;
+}
