@@ -90,17 +90,64 @@ impl Conn {
         }
     }
 
+    /// Waits for a free place in the outbound queue and reserves it for one reply; `None` once
+    /// the connection is closed. Replies to a connection's own commands go through reserved
+    /// places, so they never overflow its queue: a client that does not read its replies is
+    /// slowed down (its commands stop being read) instead of disconnected. Only events can
+    /// overflow the queue.
+    pub async fn reserve(&self) -> Option<ReplySlot> {
+        self.tx.clone().reserve_owned().await.ok().map(ReplySlot)
+    }
+
+    /// [`Conn::reserve`] without waiting: `Err(true)` when the queue is full, `Err(false)`
+    /// when the connection is closed.
+    pub fn try_reserve(&self) -> Result<ReplySlot, bool> {
+        match self.tx.clone().try_reserve_owned() {
+            Ok(permit) => Ok(ReplySlot(permit)),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(true),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(false),
+        }
+    }
+
+    /// Queues a ping unless the queue is full: a full queue means the writer is stuck, and
+    /// the next line will close the connection anyway; a ping never makes a slow consumer.
+    pub fn push_ping(&self) {
+        let _ = self.tx.try_send(Message::Ping(bytes::Bytes::new()));
+    }
+
     /// Queues a text line.
     pub fn push_line(&self, line: Vec<u8>) -> bool {
-        match String::from_utf8(line) {
-            Ok(s) => self.push(Message::Text(s.into())),
-            Err(e) => self.push(Message::Text(String::from_utf8_lossy(e.as_bytes()).into_owned().into())),
-        }
+        self.push(text(line))
     }
 
     /// How the connection ends.
     pub fn ending(&self) -> &Ending {
         &self.ending
+    }
+}
+
+/// A text message from a line that is UTF-8 (lines are built from text frames and `&str`).
+fn text(line: Vec<u8>) -> Message {
+    match String::from_utf8(line) {
+        Ok(s) => Message::Text(s.into()),
+        Err(e) => Message::Text(String::from_utf8_lossy(e.as_bytes()).into_owned().into()),
+    }
+}
+
+/// A place reserved in a connection's outbound queue for one reply ([`Conn::reserve`]).
+/// Dropping it unused gives the place back.
+#[derive(Debug)]
+pub struct ReplySlot(mpsc::OwnedPermit<Message>);
+
+impl ReplySlot {
+    /// Queues `msg` in the reserved place (never fails; a closed connection drops it).
+    pub fn send(self, msg: Message) {
+        self.0.send(msg);
+    }
+
+    /// Queues a text line in the reserved place.
+    pub fn send_line(self, line: Vec<u8>) {
+        self.send(text(line));
     }
 }
 

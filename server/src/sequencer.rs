@@ -22,7 +22,7 @@ use ivy_client_core::wire::{ErrorCode, encode_ack, encode_error, encode_event};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::Watermark;
-use crate::broker::{Broker, Conn, Published};
+use crate::broker::{Broker, Conn, Published, ReplySlot};
 use crate::clock::Clock;
 use crate::config::Durability;
 use crate::store::{EventLog, Record};
@@ -71,6 +71,8 @@ pub enum Reply {
         conn: Arc<Conn>,
         /// Its ack key.
         key: Option<Box<[u8]>>,
+        /// The place reserved for the reply in the connection's queue, if any.
+        slot: Option<ReplySlot>,
     },
     /// To an in-process caller.
     Channel(oneshot::Sender<Result<Timestamp, PublishError>>),
@@ -84,7 +86,7 @@ impl Reply {
             Reply::Channel(tx) => {
                 let _ = tx.send(result);
             }
-            Reply::Conn { conn, key } => {
+            Reply::Conn { conn, key, slot } => {
                 let mut line = Vec::new();
                 match (result, key) {
                     (Ok(ts), Some(key)) => encode_ack(&key, ts, &mut line),
@@ -98,7 +100,12 @@ impl Reply {
                         encode_error(key.as_deref(), code, &e.to_string(), &mut line);
                     }
                 }
-                conn.push_line(line);
+                match slot {
+                    Some(slot) => slot.send_line(line),
+                    None => {
+                        conn.push_line(line);
+                    }
+                }
             }
         }
     }

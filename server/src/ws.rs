@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -13,9 +13,11 @@ use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
 use ivy_client_core::wire::{Command, ErrorCode, Op, encode_ack, encode_error};
 use tokio::sync::mpsc;
+use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use crate::Shared;
-use crate::broker::{Conn, Ending};
+use crate::broker::{Conn, Ending, ReplySlot};
+use crate::ratelimit::RateLimiter;
 use crate::sequencer::{Input, PublishRequest, Reply};
 
 /// Close codes the server sends (see `docs/PROTOCOL.md`).
@@ -30,6 +32,8 @@ pub mod close_code {
     pub const TOO_BIG: u16 = 1009;
     /// The connection's outbound queue overflowed: it did not read fast enough.
     pub const SLOW_CONSUMER: u16 = crate::broker::SLOW_CONSUMER;
+    /// Nothing, not even a pong, arrived for a whole ping interval after a ping.
+    pub const PING_TIMEOUT: u16 = 4001;
 }
 
 /// The subprotocol echoed when the client offers it.
@@ -49,18 +53,82 @@ pub(crate) fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
     }
 }
 
+/// One of the `--max-connections` WebSocket slots, given back when dropped (when the
+/// connection ends, or when the upgrade never completes).
+pub(crate) struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(count: &Arc<AtomicUsize>, max: usize) -> Option<Slot> {
+        count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
+        Some(Slot(count.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Replies prepared once, so that refusing a flood allocates nothing per command when it
+/// carries no ack key.
+#[derive(Debug)]
+pub(crate) struct Refusals {
+    rate_limited_message: Box<str>,
+    rate_limited_keyless: Utf8Bytes,
+}
+
+impl Refusals {
+    pub(crate) fn new(config: &crate::Config) -> Refusals {
+        let message = format!(
+            "too many commands: the limit is {} per second (bursts of {}); this command was not executed",
+            config.rate_limit,
+            config.rate_burst.max(1)
+        );
+        let mut line = Vec::new();
+        encode_error(None, ErrorCode::RateLimited, &message, &mut line);
+        Refusals {
+            rate_limited_keyless: String::from_utf8_lossy(&line).into_owned().into(),
+            rate_limited_message: message.into_boxed_str(),
+        }
+    }
+
+    /// Replies `[#key#]!rate-limited ...` in `slot`.
+    fn rate_limited(&self, key: Option<&[u8]>, slot: ReplySlot) {
+        match key {
+            None => slot.send(Message::Text(self.rate_limited_keyless.clone())),
+            Some(key) => {
+                let mut line = Vec::new();
+                encode_error(Some(key), ErrorCode::RateLimited, &self.rate_limited_message, &mut line);
+                slot.send_line(line);
+            }
+        }
+    }
+}
+
+/// `Retry-After` of the refusal at the connection limit, in seconds.
+const RETRY_AFTER: &str = "5";
+
 pub(crate) async fn handler(State(shared): State<Arc<Shared>>, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {
     if !origin_allowed(&shared.config.allowed_origins, &headers) {
         return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
     }
+    let Some(slot) = Slot::take(&shared.connections, shared.config.max_connections) else {
+        tracing::debug!(limit = shared.config.max_connections, "WebSocket refused: connection limit reached");
+        let body = format!("too many connections: the limit is {}; try again later\n", shared.config.max_connections);
+        let headers = [(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::RETRY_AFTER, RETRY_AFTER)];
+        return (StatusCode::SERVICE_UNAVAILABLE, headers, body).into_response();
+    };
     let max = shared.config.max_message_size;
     let tracker = shared.tracker.clone();
-    ws.protocols([SUBPROTOCOL])
-        .max_message_size(max)
-        .max_frame_size(max)
-        .read_buffer_size(4096)
-        .write_buffer_size(16 * 1024)
-        .on_upgrade(move |socket| tracker.track_future(connection(shared, socket)))
+    ws.protocols([SUBPROTOCOL]).max_message_size(max).max_frame_size(max).read_buffer_size(4096).write_buffer_size(16 * 1024).on_upgrade(
+        move |socket| {
+            tracker.track_future(async move {
+                connection(shared, socket).await;
+                drop(slot);
+            })
+        },
+    )
 }
 
 async fn connection(shared: Arc<Shared>, socket: WebSocket) {
@@ -68,14 +136,68 @@ async fn connection(shared: Arc<Shared>, socket: WebSocket) {
     let (conn, rx, ending) = Conn::new(id, shared.config.queue_length);
     let (sink, stream) = socket.split();
     tracing::debug!(conn = id, "connected");
-    tokio::join!(read_loop(&shared, conn, stream), write_loop(&shared, rx, sink, &ending));
+    let reader = async {
+        let stream = read_loop(&shared, conn, stream).await;
+        linger(&shared, stream, &ending).await;
+    };
+    tokio::join!(reader, write_loop(&shared, rx, sink, &ending));
     tracing::debug!(conn = id, code = ending.code(), "disconnected");
 }
 
-async fn read_loop(shared: &Shared, conn: Arc<Conn>, mut stream: futures_util::stream::SplitStream<WebSocket>) {
+type Stream = futures_util::stream::SplitStream<WebSocket>;
+
+/// After the server closed a connection that may still be sending (a slow consumer, a message
+/// too big or not UTF-8), reads and discards its input until it closes too, at most
+/// `CLOSE_TIMEOUT`: a socket closed with unread input is reset by the kernel, and the reset
+/// can destroy the close frame on its way to the client. (After a framing error nothing more
+/// can be read, so a client that keeps sending then may still see a reset.)
+async fn linger(shared: &Shared, mut stream: Stream, ending: &Ending) {
+    if !matches!(ending.code(), close_code::SLOW_CONSUMER | close_code::TOO_BIG | close_code::INVALID_UTF8) {
+        return;
+    }
+    let deadline = Instant::now() + CLOSE_TIMEOUT;
+    loop {
+        tokio::select! {
+            _ = shared.force_close.cancelled() => return,
+            next = tokio::time::timeout_at(deadline, stream.next()) => match next {
+                Ok(Some(Ok(_))) => {}
+                _ => return,
+            },
+        }
+    }
+}
+
+/// Waits for the next ping tick; forever when pings are off.
+async fn tick(pings: &mut Option<Interval>) {
+    match pings {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The ack key of a command that is refused before parsing (`#key#...`), if complete.
+fn ack_key(msg: &[u8]) -> Option<&[u8]> {
+    let rest = msg.strip_prefix(b"#")?;
+    rest.iter().position(|&b| b == b'#').map(|end| &rest[..end])
+}
+
+/// Reads and executes commands until the connection ends; gives the stream back.
+async fn read_loop(shared: &Shared, conn: Arc<Conn>, mut stream: Stream) -> Stream {
     let mut subs: HashSet<Box<str>> = HashSet::new();
     let ending = conn.ending();
     let kill = ending.kill().clone();
+    let mut limiter = RateLimiter::new(shared.config.rate_limit, shared.config.rate_burst);
+    let started = Instant::now();
+    let every = shared.config.ping_interval;
+    let mut pings = (!every.is_zero()).then(|| {
+        let mut interval = tokio::time::interval_at(started + every, every);
+        interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        interval
+    });
+    // A ping went out and nothing has arrived since.
+    let mut awaiting_pong = false;
     loop {
         let msg = tokio::select! {
             biased;
@@ -85,10 +207,64 @@ async fn read_loop(shared: &Shared, conn: Arc<Conn>, mut stream: futures_util::s
                 break;
             }
             m = stream.next() => m,
+            () = tick(&mut pings) => {
+                if awaiting_pong {
+                    tracing::debug!(conn = conn.id(), "no pong for a whole ping interval: closing");
+                    ending.end(close_code::PING_TIMEOUT);
+                    break;
+                }
+                awaiting_pong = true;
+                conn.push_ping();
+                continue;
+            }
         };
-        match msg {
-            Some(Ok(Message::Text(text))) => handle_command(shared, &conn, &mut subs, text).await,
-            Some(Ok(Message::Binary(_))) => {
+        // Anything at all (a pong, a command, even a bad frame) shows the peer is alive.
+        awaiting_pong = false;
+        let command = match msg {
+            Some(Ok(Message::Text(text))) => Ok(text),
+            Some(Ok(Message::Binary(_))) => Err(()),
+            other => {
+                if end_of_stream(other, &conn) {
+                    break;
+                }
+                continue;
+            }
+        };
+        // Every command may have a reply: wait for a place for it in the queue. A client that
+        // does not read its replies is not read either, and is closed after a whole ping
+        // interval of that.
+        let slot = match conn.try_reserve() {
+            Ok(slot) => slot,
+            Err(false) => break,
+            Err(true) => tokio::select! {
+                biased;
+                _ = kill.cancelled() => break,
+                _ = shared.stop_reading.cancelled() => {
+                    ending.set(close_code::GOING_AWAY);
+                    break;
+                }
+                slot = conn.reserve() => match slot {
+                    Some(slot) => slot,
+                    None => break,
+                },
+                () = stall(every) => {
+                    tracing::debug!(conn = conn.id(), "replies unread for a whole ping interval: closing");
+                    ending.end(close_code::SLOW_CONSUMER);
+                    break;
+                }
+            },
+        };
+        if let Some(limiter) = &mut limiter {
+            let now = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            if !limiter.check(now) {
+                let key = command.as_ref().ok().and_then(|t| ack_key(t.as_bytes()));
+                shared.refusals.rate_limited(key, slot);
+                continue;
+            }
+        }
+        match command {
+            Ok(text) => handle_command(shared, &conn, &mut subs, text, slot).await,
+            Err(()) => {
                 let mut line = Vec::new();
                 encode_error(
                     None,
@@ -96,48 +272,66 @@ async fn read_loop(shared: &Shared, conn: Arc<Conn>, mut stream: futures_util::s
                     "binary frames are not part of the protocol; send each command as a text frame",
                     &mut line,
                 );
-                conn.push_line(line);
-            }
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-            Some(Ok(Message::Close(_))) | None => {
-                ending.end(PEER_GONE);
-                break;
-            }
-            Some(Err(e)) => {
-                let e = e.into_inner();
-                // axum boxes tungstenite's error; the workspace pins the same tungstenite.
-                let code = match e.downcast_ref::<tungstenite::Error>() {
-                    Some(tungstenite::Error::Capacity(_)) => close_code::TOO_BIG,
-                    Some(tungstenite::Error::Utf8(_)) => close_code::INVALID_UTF8,
-                    Some(tungstenite::Error::Protocol(_)) => close_code::PROTOCOL_ERROR,
-                    _ => PEER_GONE,
-                };
-                tracing::debug!(conn = conn.id(), error = %e, code, "read error");
-                ending.end(code);
-                break;
+                slot.send_line(line);
             }
         }
     }
     shared.broker.unsubscribe_all(&conn, &mut subs.iter().map(|s| &**s));
+    stream
 }
 
-async fn handle_command(shared: &Shared, conn: &Arc<Conn>, subs: &mut HashSet<Box<str>>, text: Utf8Bytes) {
+/// Waits `limit`, forever when it is zero.
+async fn stall(limit: Duration) {
+    if limit.is_zero() {
+        std::future::pending::<()>().await;
+    }
+    tokio::time::sleep(limit).await;
+}
+
+/// Handles what the stream gave besides a command; whether the connection is over.
+fn end_of_stream(msg: Option<Result<Message, axum::Error>>, conn: &Conn) -> bool {
+    let ending = conn.ending();
+    match msg {
+        Some(Ok(Message::Text(_) | Message::Binary(_) | Message::Ping(_) | Message::Pong(_))) => false,
+        Some(Ok(Message::Close(_))) | None => {
+            ending.end(PEER_GONE);
+            true
+        }
+        Some(Err(e)) => {
+            let e = e.into_inner();
+            // axum boxes tungstenite's error; the workspace pins the same tungstenite.
+            let code = match e.downcast_ref::<tungstenite::Error>() {
+                Some(tungstenite::Error::Capacity(_)) => close_code::TOO_BIG,
+                Some(tungstenite::Error::Utf8(_)) => close_code::INVALID_UTF8,
+                Some(tungstenite::Error::Protocol(_)) => close_code::PROTOCOL_ERROR,
+                _ => PEER_GONE,
+            };
+            tracing::debug!(conn = conn.id(), error = %e, code, "read error");
+            ending.end(code);
+            true
+        }
+    }
+}
+
+/// Executes one command; its reply (if any) goes into `slot`.
+async fn handle_command(shared: &Shared, conn: &Arc<Conn>, subs: &mut HashSet<Box<str>>, text: Utf8Bytes, slot: ReplySlot) {
     let bytes = text.as_bytes();
     let cmd = match Command::parse_with_limit(bytes, shared.config.max_path_length) {
         Ok(cmd) => cmd,
         Err(e) => {
             let mut line = Vec::new();
             encode_error(e.ack, e.kind.code(), &e.kind.to_string(), &mut line);
-            conn.push_line(line);
+            slot.send_line(line);
             return;
         }
     };
     let ack = cmd.ack;
-    let ack_line = |ts| {
-        if let Some(key) = ack {
+    let mut slot = Some(slot);
+    let mut ack_line = |ts| {
+        if let (Some(key), Some(slot)) = (ack, slot.take()) {
             let mut line = Vec::new();
             encode_ack(key, ts, &mut line);
-            conn.push_line(line);
+            slot.send_line(line);
         }
     };
     match cmd.op {
@@ -146,20 +340,24 @@ async fn handle_command(shared: &Shared, conn: &Arc<Conn>, subs: &mut HashSet<Bo
                 let mut line = Vec::new();
                 let msg = format!("this connection already holds {} subscriptions, the limit", subs.len());
                 encode_error(ack, ErrorCode::TooManySubscriptions, &msg, &mut line);
-                conn.push_line(line);
+                if let Some(slot) = slot.take() {
+                    slot.send_line(line);
+                }
                 return;
             }
-            shared.broker.subscribe(conn, &path, &mut |ts| ack_line(ts));
+            shared.broker.subscribe(conn, &path, &mut ack_line);
             subs.insert(path.into_owned().into_boxed_str());
         }
         Op::Unsubscribe(path) => {
             subs.remove(&*path);
-            shared.broker.unsubscribe(conn, &path, &mut |ts| ack_line(ts));
+            shared.broker.unsubscribe(conn, &path, &mut ack_line);
         }
         Op::Timestamp => {
             let mut line = Vec::new();
             encode_ack(ack.unwrap_or_default(), shared.clock.now(), &mut line);
-            conn.push_line(line);
+            if let Some(slot) = slot.take() {
+                slot.send_line(line);
+            }
         }
         Op::Send { path, data } => {
             let data_start = data.as_ptr() as usize - bytes.as_ptr() as usize;
@@ -168,7 +366,7 @@ async fn handle_command(shared: &Shared, conn: &Arc<Conn>, subs: &mut HashSet<Bo
                 message: text.clone(),
                 data_start,
                 sender: Some(conn.id()),
-                reply: Reply::Conn { conn: conn.clone(), key: ack.map(Box::from) },
+                reply: Reply::Conn { conn: conn.clone(), key: ack.map(Box::from), slot: slot.take() },
             };
             if let Err(mpsc::error::SendError(Input::Publish(r))) = shared.publish_tx.send(Input::Publish(request)).await {
                 r.reply.send(Err(crate::sequencer::PublishError::ShuttingDown));
@@ -224,6 +422,7 @@ async fn write_loop(shared: &Shared, mut rx: mpsc::Receiver<Message>, mut sink: 
         close_code::INVALID_UTF8 => Some((close_code::INVALID_UTF8, "text frame is not valid UTF-8")),
         close_code::PROTOCOL_ERROR => Some((close_code::PROTOCOL_ERROR, "WebSocket protocol error")),
         close_code::SLOW_CONSUMER => Some((close_code::SLOW_CONSUMER, "slow consumer: outbound queue full")),
+        close_code::PING_TIMEOUT => Some((close_code::PING_TIMEOUT, "ping timeout: nothing received for a whole ping interval")),
         code => Some((code, "")),
     };
     // Free the queue now; a slow consumer's close frame may have to wait for it to read.

@@ -164,7 +164,8 @@ impl ServerProcess {
     }
 }
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+/// The WebSocket stream of a [`Client`].
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// A plain WebSocket client speaking raw protocol lines.
 #[derive(Debug)]
@@ -203,6 +204,11 @@ impl Client {
             tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req)).await.expect("connect in time").expect("connect");
         let protocol = resp.headers().get("Sec-WebSocket-Protocol").map(|v| v.to_str().unwrap_or_default().to_string());
         Client { ws, protocol }
+    }
+
+    /// Wraps an open WebSocket (for example one made with `tokio_tungstenite::connect_async`).
+    pub fn from_stream(ws: Ws) -> Client {
+        Client { ws, protocol: None }
     }
 
     /// Sends one command as a text message.

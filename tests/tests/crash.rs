@@ -312,6 +312,19 @@ impl History {
                 }
             }
         }
+        // What survives a crash is a prefix of what that server run handed out: an acked
+        // event may be missing only if no later event of the same run was stored.
+        let run_of = |data: &[u8]| data.split(|&b| b == b':').next().map(<[u8]>::to_vec).unwrap_or_default();
+        let mut newest_stored: HashMap<Vec<u8>, Timestamp> = HashMap::new();
+        for ev in log {
+            let t = newest_stored.entry(run_of(&ev.data)).or_insert(ev.ts);
+            *t = (*t).max(ev.ts);
+        }
+        for a in self.acked.iter().filter(|a| !by_ts.contains_key(&a.ts)) {
+            if let Some(newest) = newest_stored.get(&run_of(&a.data)) {
+                assert!(a.ts > *newest, "{when}: acked event {a:?} lost although the later {newest} of the same run survived");
+            }
+        }
         let acked: HashSet<Timestamp> = self.acked.iter().map(|a| a.ts).collect();
         let unacked: HashSet<&[u8]> = self.unacked.iter().map(|d| &d[..]).collect();
         for ev in log {

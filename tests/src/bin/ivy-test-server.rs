@@ -46,18 +46,10 @@ async fn main() -> ExitCode {
         Ok(addr) => println!("ivy-test-server listening on http://{addr}"),
         Err(e) => eprintln!("ivy-test-server: {e}"),
     }
-    let stop = ivy.stop_signal();
-    let app = ivy.router();
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                () = stop.cancelled() => {}
-            }
-        })
-        .await;
-    ivy.shutdown().await;
-    match served {
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    match ivy_server::serve(&ivy, ivy.router(), listener, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ivy-test-server: {e}");

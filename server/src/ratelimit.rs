@@ -1,0 +1,91 @@
+//! The per-connection command rate limit: a token bucket, kept in its GCRA form (one
+//! "theoretical arrival time" per connection), so a check is a few integer operations with no
+//! allocation and no timer.
+//!
+//! A bucket of `burst` tokens refills at `rate` tokens per second; each command takes one.
+//! Equivalently, commands are allowed as long as they do not run ahead of an ideal schedule of
+//! one every `1/rate` seconds by more than `burst - 1` intervals.
+
+/// Nanoseconds in one second.
+const NANOS_PER_SEC: u64 = 1_000_000_000;
+
+/// A token bucket over a monotonic clock read in nanoseconds (the caller supplies the time).
+#[derive(Debug, Clone)]
+pub struct RateLimiter {
+    /// Nanoseconds per command at the sustained rate.
+    interval: u64,
+    /// How far (in nanoseconds) the schedule may run ahead of the clock: `(burst - 1) * interval`.
+    tolerance: u64,
+    /// The theoretical arrival time of the next command on the ideal schedule.
+    tat: u64,
+}
+
+impl RateLimiter {
+    /// A full bucket of `burst` commands (at least 1) refilling at `rate` per second; `None`
+    /// for `rate == 0` (no limit).
+    pub fn new(rate: u32, burst: u32) -> Option<RateLimiter> {
+        if rate == 0 {
+            return None;
+        }
+        let interval = NANOS_PER_SEC / u64::from(rate);
+        let tolerance = u64::from(burst.max(1) - 1).saturating_mul(interval);
+        Some(RateLimiter { interval, tolerance, tat: 0 })
+    }
+
+    /// Whether a command arriving at `now` (nanoseconds, never decreasing between calls) may
+    /// run. An allowed command takes a token; a refused one takes nothing.
+    pub fn check(&mut self, now: u64) -> bool {
+        let tat = self.tat.max(now);
+        if tat - now > self.tolerance {
+            return false;
+        }
+        self.tat = tat.saturating_add(self.interval);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn a_full_burst_then_the_sustained_rate() {
+        // 1000 per second (one per ms), bursts of 5.
+        let mut r = RateLimiter::new(1000, 5).unwrap();
+        let t0 = 7 * NANOS_PER_SEC;
+        assert!((0..5).all(|_| r.check(t0)), "the burst passes at once");
+        assert!(!r.check(t0), "the sixth is refused");
+        assert!(!r.check(t0 + MS / 2));
+        assert!(r.check(t0 + MS), "one token back after 1 ms");
+        assert!(!r.check(t0 + MS));
+        // Refused commands cost nothing: after 10 quiet ms the bucket is full again, no more.
+        assert!((0..5).all(|_| r.check(t0 + 11 * MS)));
+        assert!(!r.check(t0 + 11 * MS));
+    }
+
+    #[test]
+    fn a_steady_sender_at_the_rate_is_never_refused() {
+        let mut r = RateLimiter::new(20_000, 1).unwrap();
+        let step = NANOS_PER_SEC / 20_000;
+        assert!((0..100_000u64).all(|i| r.check(i * step)));
+        // Twice the rate: about half refused.
+        let mut r = RateLimiter::new(20_000, 1).unwrap();
+        let allowed = (0..100_000u64).filter(|i| r.check(i * step / 2)).count();
+        assert_eq!(allowed, 50_000);
+    }
+
+    #[test]
+    fn zero_rate_is_no_limit_and_extremes_do_not_overflow() {
+        assert!(RateLimiter::new(0, 10).is_none());
+        let mut r = RateLimiter::new(u32::MAX, u32::MAX).unwrap();
+        assert!((0..1000).all(|_| r.check(u64::MAX)));
+        let mut r = RateLimiter::new(1, u32::MAX).unwrap();
+        assert!(r.check(0));
+        assert!(r.check(u64::MAX));
+        let mut r = RateLimiter::new(1, 0).unwrap(); // burst 0 counts as 1
+        assert!(r.check(5));
+        assert!(!r.check(5));
+    }
+}

@@ -1,0 +1,524 @@
+//! Hostile and broken clients against a server that other clients are using at the same time.
+//! Every scenario has a defined outcome (documented in `docs/PROTOCOL.md`, sections 2, 6.4
+//! and 7), and a bystander (a publisher and a subscriber of its own channel) keeps working
+//! throughout: every one of its sends is acked and delivered, in order.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use ivy_tests::{Client, Got, ServerProcess, TestServer, WAIT, config, raw_ws_open, server_bin, temp_dir};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+/// A well-behaved pair of clients that must not notice the abuse around them.
+struct Bystander {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<usize>,
+}
+
+impl Bystander {
+    /// Two connections: a subscriber of `/bystander` and a publisher sending to it.
+    async fn start(url: &str) -> Bystander {
+        let mut sub = Client::connect(url).await;
+        sub.subscribe("/bystander").await;
+        let mut publisher = Client::connect(url).await;
+        let (stop, mut stopped) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut n = 0;
+            loop {
+                // `publish` and `recv` panic after 10 s without an answer.
+                let ts = publisher.publish("/bystander", &format!("b{n}")).await;
+                assert_eq!(sub.recv().await, format!("@{ts}:/bystander:b{n}"), "the bystander's stream");
+                n += 1;
+                if stopped.try_recv() != Err(oneshot::error::TryRecvError::Empty) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            publisher.close().await;
+            sub.close().await;
+            n
+        });
+        Bystander { stop, task }
+    }
+
+    /// Stops it and checks it kept working.
+    async fn finish(self) {
+        let _ = self.stop.send(());
+        let n = self.task.await.expect("the bystander never failed");
+        assert!(n > 0, "the bystander got nothing through");
+        println!("bystander: {n} events sent, acked and received in order");
+    }
+}
+
+/// Reads frames from a raw server-to-client byte stream until EOF, an error or `WAIT`:
+/// (opcode, payload) pairs. Server frames are never masked.
+async fn read_frames(s: &mut TcpStream, mut buf: Vec<u8>) -> Vec<(u8, Vec<u8>)> {
+    let mut chunk = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => break,
+        }
+    }
+    let mut frames = Vec::new();
+    let mut rest = &buf[..];
+    while rest.len() >= 2 {
+        let opcode = rest[0] & 0x0f;
+        let (len, header) = match rest[1] & 0x7f {
+            126 if rest.len() >= 4 => (usize::from(u16::from_be_bytes([rest[2], rest[3]])), 4),
+            127 if rest.len() >= 10 => (u64::from_be_bytes(rest[2..10].try_into().unwrap()) as usize, 10),
+            126 | 127 => break,
+            n => (usize::from(n), 2),
+        };
+        let Some(payload) = rest.get(header..header + len) else { break };
+        frames.push((opcode, payload.to_vec()));
+        rest = &rest[header + len..];
+    }
+    frames
+}
+
+/// The close code and reason of a close frame payload.
+fn close_of(payload: &[u8]) -> (u16, String) {
+    (u16::from_be_bytes([payload[0], payload[1]]), String::from_utf8_lossy(&payload[2..]).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_and_commands_get_their_documented_outcome() {
+    let dir = temp_dir();
+    let server = TestServer::start_in(dir.path()).await;
+    let url = server.ws_url();
+    let bystander = Bystander::start(&url).await;
+    for round in 0..20 {
+        // Over the size limit: close 1009.
+        let mut c = Client::connect(&url).await;
+        let _ = c.send_raw(Message::text(format!("#k#:/x:{}", "x".repeat(70_000)))).await;
+        assert!(matches!(c.next_within(WAIT).await, Got::Close(1009, _)), "round {round}: oversized");
+        // Invalid UTF-8 in a text frame: close 1007.
+        let mut c = Client::connect(&url).await;
+        let _ = c.send_raw(Message::Frame(Frame::message(b":/x:\xc3\x28".to_vec(), OpCode::Data(Data::Text), true))).await;
+        assert!(matches!(c.next_within(WAIT).await, Got::Close(1007, _)), "round {round}: invalid UTF-8");
+        // A binary frame, bad commands and paths: error lines, and the connection stays usable.
+        let mut c = Client::connect(&url).await;
+        c.send_raw(Message::binary(vec![0xff; 100])).await.unwrap();
+        assert!(c.recv().await.starts_with("!unsupported "));
+        let long = format!("/{}", "a".repeat(300));
+        for (cmd, code) in [
+            (format!("#1#+{long}"), "#1#!path-too-long path is 301 bytes long, the limit is 255"),
+            ("#2#+/Ünïcode".to_string(), "#2#!bad-path "),
+            ("#3#:/a b:data".to_string(), "#3#!bad-path "),
+            ("#4#+/a//".to_string(), "#4#!bad-path "),
+            ("#5#?".to_string(), "#5#!malformed "),
+            ("#6".to_string(), "!malformed "),
+            (String::new(), "!malformed "),
+        ] {
+            let reply = c.request(&cmd).await;
+            assert!(reply.starts_with(code), "round {round}: {cmd:?} got {reply:?}");
+        }
+        assert!(c.request("#ok#@").await.starts_with("#ok#@"));
+        c.close().await;
+    }
+    // A frame that breaks RFC 6455 (not masked): close 1002.
+    let (resp, mut raw) = raw_ws_open(server.addr, &[]).await.expect("handshake");
+    assert_eq!(resp.status, 101);
+    raw.write_all(&[0x81, 0x03, b'+', b'/', b'a']).await.unwrap();
+    let frames = read_frames(&mut raw, resp.body).await;
+    let close = frames.iter().find(|(op, _)| *op == 0x8).map(|(_, p)| close_of(p));
+    assert_eq!(close.map(|c| c.0), Some(1002), "{frames:?}");
+    bystander.finish().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_subscriptions_stop_at_the_limit_and_memory_stays_bounded() {
+    let dir = temp_dir();
+    // The rate limit is off here so that only the subscription limit is at work.
+    let server = ServerProcess::start(dir.path(), &["--rate-limit", "0"]).await;
+    let bystander = Bystander::start(&server.ws_url()).await;
+    let before = server.rss_bytes();
+    let (conns, attempts) = (8, 5000);
+    let long = "x".repeat(200);
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        let url = server.ws_url();
+        let long = long.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("connect");
+            let (mut acks, mut refusals) = (0, 0);
+            // Pipelined in windows of 200, like a client that does not want to be a slow consumer.
+            for window in (0..attempts).collect::<Vec<_>>().chunks(200) {
+                for i in window {
+                    ws.feed(Message::text(format!("#{i}#+/c{c}/{long}/{i}"))).await.expect("send");
+                }
+                ws.flush().await.expect("send");
+                for i in window {
+                    match tokio::time::timeout(WAIT, ws.next()).await {
+                        Ok(Some(Ok(Message::Text(t)))) => {
+                            let key = format!("#{i}#");
+                            assert!(t.starts_with(&key), "{t}");
+                            if t[key.len()..].starts_with('@') {
+                                acks += 1;
+                            } else {
+                                assert_eq!(
+                                    &t[key.len()..],
+                                    "!too-many-subscriptions this connection already holds 1024 subscriptions, the limit"
+                                );
+                                refusals += 1;
+                            }
+                        }
+                        other => panic!("connection {c}: {other:?} after {acks} acks and {refusals} refusals"),
+                    }
+                }
+            }
+            // Keep the connection (and its subscriptions) open until memory is measured.
+            ((acks, refusals), ws)
+        }));
+    }
+    let mut open = Vec::new();
+    for t in tasks {
+        let (counts, ws) = t.await.expect("subscriber");
+        assert_eq!(counts, (1024, attempts - 1024));
+        open.push(ws);
+    }
+    if let (Some(before), Some(after)) = (before, server.rss_bytes()) {
+        let grown = after.saturating_sub(before);
+        println!("server RSS grew by {} KiB for {conns} connections at the subscription limit", grown / 1024);
+        assert!(grown < 64 << 20, "server RSS grew by {grown} bytes");
+    }
+    bystander.finish().await;
+    drop(open);
+    server.kill().await;
+}
+
+/// Sends `#key#@` until one is not rate-limited (at most `WAIT`): the limiter refills.
+async fn wait_for_a_token(c: &mut Client) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for k in 0.. {
+        let reply = c.request(&format!("#t{k}#@")).await;
+        if reply.starts_with(&format!("#t{k}#@")) {
+            return;
+        }
+        assert!(reply.starts_with(&format!("#t{k}#!rate-limited ")), "{reply}");
+        assert!(tokio::time::Instant::now() < deadline, "still rate-limited after {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_flood_is_rate_limited_and_the_connection_stays_open() {
+    let dir = temp_dir();
+    let mut cfg = config(dir.path());
+    cfg.rate_limit = 1000;
+    cfg.rate_burst = 100;
+    let server = TestServer::start(cfg).await;
+    let url = server.ws_url();
+    let bystander = Bystander::start(&url).await;
+    let refused_text = "!rate-limited too many commands: the limit is 1000 per second (bursts of 100); this command was not executed";
+
+    // Phase 1: 20,000 acked commands as fast as possible (sending them takes far less than the
+    // 20 s the limit would need), replies read concurrently: each gets exactly one.
+    let n = 20_000;
+    let (ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("connect");
+    let (mut tx, mut rx) = ws.split();
+    let reader = tokio::spawn(async move {
+        let (mut ok, mut refused) = (0, 0);
+        for i in 0..n {
+            let Ok(Some(Ok(Message::Text(t)))) = tokio::time::timeout(WAIT, rx.next()).await else {
+                panic!("no reply to command {i}");
+            };
+            let key = format!("#{i}#");
+            assert!(t.starts_with(&key), "replies in order: {t}");
+            if t[key.len()..].starts_with('@') {
+                ok += 1;
+            } else {
+                assert_eq!(&t[key.len()..], refused_text);
+                refused += 1;
+            }
+        }
+        (ok, refused, rx)
+    });
+    for i in 0..n {
+        tx.feed(Message::text(format!("#{i}#@"))).await.expect("send");
+    }
+    tx.flush().await.expect("send");
+    let (ok, refused, rx) = reader.await.expect("reader");
+    println!("flood of {n} commands: {ok} executed, {refused} refused");
+    assert!(ok >= 100, "at least the burst passes: {ok}");
+    assert!(refused > 0);
+
+    // Phase 2: keyless sends are refused with a keyless error and not stored.
+    let mut c = Client::from_stream(tx.reunite(rx).expect("same stream"));
+    wait_for_a_token(&mut c).await;
+    let sends = 5_000;
+    for i in 0..sends {
+        c.send(&format!(":/flood:{i}")).await;
+    }
+    // Their refusals come back in order; an acked send after them settles them all (acks of
+    // one connection's sends come in send order), once a token is back for it.
+    let mut refused = 0;
+    let last = 'probe: loop {
+        c.send("#last#:/flood:last").await;
+        loop {
+            let reply = c.recv().await;
+            if reply == refused_text {
+                refused += 1;
+            } else if let Some(ts) = reply.strip_prefix("#last#@") {
+                break 'probe ts.to_string();
+            } else {
+                assert_eq!(reply, format!("#last#{refused_text}"));
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let stored = ivy_tests::log_text(server.addr, "/log/flood").await;
+    let stored: Vec<&str> = stored.lines().collect();
+    assert!(stored.last().is_some_and(|l| l.starts_with(&format!("@{last}:"))));
+    assert_eq!(stored.len() - 1, sends - refused, "exactly the sends that were not refused are stored");
+    println!("flood of {sends} keyless sends: {} stored, {refused} refused", stored.len() - 1);
+    assert!(refused > 0);
+    bystander.finish().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_that_never_reads_is_closed_as_a_slow_consumer() {
+    let dir = temp_dir();
+    // A client that leaves its replies unread for a whole ping interval is closed.
+    let server = ServerProcess::start(dir.path(), &["--queue-length", "256", "--ping-interval", "0.5"]).await;
+    let bystander = Bystander::start(&server.ws_url()).await;
+    let before = server.rss_bytes();
+    let (mut ws, _) = tokio_tungstenite::connect_async(server.ws_url()).await.expect("connect");
+    // Every command has a reply (some `rate-limited`); none is read. Once 256 replies wait,
+    // the server stops reading the commands, then closes the connection. 100,000 commands
+    // (about 12 MB) are far more than the queue and the socket buffers hold.
+    let key = "k".repeat(100);
+    let mut sent = 0u64;
+    while sent < 100_000 {
+        match tokio::time::timeout(Duration::from_secs(1), ws.send(Message::text(format!("#{key}{sent}#@")))).await {
+            Ok(Ok(())) => sent += 1,
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    let during = server.rss_bytes();
+    // Now read: some replies, then the close frame 4000.
+    let mut replies = 0u64;
+    let close = loop {
+        match tokio::time::timeout(WAIT, ws.next()).await {
+            Ok(Some(Ok(Message::Text(_)))) => replies += 1,
+            Ok(Some(Ok(Message::Close(f)))) => break f.map(|f| (u16::from(f.code), f.reason.to_string())),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("expected replies then a close frame, got {other:?} after {replies} replies"),
+        }
+    };
+    println!("never-reading flooder: {sent} commands sent, {replies} replies read before {close:?}");
+    assert_eq!(close, Some((4000, "slow consumer: outbound queue full".to_string())));
+    assert!(replies < sent, "the server dropped the replies it could not deliver");
+    if let (Some(before), Some(during)) = (before, during) {
+        let grown = during.saturating_sub(before);
+        println!("server RSS grew by {} KiB during the flood", grown / 1024);
+        assert!(grown < 64 << 20, "server RSS grew by {grown} bytes");
+    }
+    bystander.finish().await;
+    server.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_are_refused_with_503_and_their_slots_come_back() {
+    let dir = temp_dir();
+    let mut cfg = config(dir.path());
+    cfg.max_connections = 10;
+    let server = TestServer::start(cfg).await;
+    let url = server.ws_url();
+    let bystander = Bystander::start(&url).await; // two of the ten
+    let open_until_refused = |url: String| async move {
+        let mut held = Vec::new();
+        loop {
+            let (resp, stream) = raw_ws_open(server_addr(&url), &[]).await.expect("an answer");
+            match resp.status {
+                101 => held.push(stream),
+                503 => {
+                    assert_eq!(resp.text(), "too many connections: the limit is 10; try again later\n");
+                    assert_eq!(resp.header("retry-after"), Some("5"));
+                    assert_eq!(resp.header("content-type"), Some("text/plain; charset=utf-8"));
+                    return held;
+                }
+                other => panic!("status {other}"),
+            }
+            assert!(held.len() <= 10, "the limit is not enforced");
+        }
+    };
+    let held = open_until_refused(url.clone()).await;
+    assert_eq!(held.len(), 8);
+    // Closing them (abruptly: TCP FIN without a close frame) gives the slots back.
+    drop(held);
+    let held = eventually_all_slots(&url, 8).await;
+    drop(held);
+    // A client reconnecting in a loop (politely, then abruptly) leaks no slot.
+    for i in 0..300 {
+        let mut c = connect_retrying(&url).await;
+        if i % 2 == 0 {
+            assert!(c.request("#k#@").await.starts_with("#k#@"));
+            c.close().await;
+        }
+    }
+    drop(eventually_all_slots(&url, 8).await);
+    bystander.finish().await;
+    server.stop().await;
+}
+
+fn server_addr(url: &str) -> SocketAddr {
+    url.trim_start_matches("ws://").trim_end_matches("/ws").parse().expect("address")
+}
+
+/// Connects, retrying while the server still counts connections that were just closed.
+async fn connect_retrying(url: &str) -> Client {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio_tungstenite::connect_async(url).await {
+            Ok((ws, _)) => return Client::from_stream(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 503 => {
+                assert!(tokio::time::Instant::now() < deadline, "slots did not come back within {WAIT:?}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("connect: {e}"),
+        }
+    }
+}
+
+/// Opens `n` raw connections at once, retrying refusals until the slots of closed connections
+/// are back (at most `WAIT`).
+async fn eventually_all_slots(url: &str, n: usize) -> Vec<TcpStream> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut held = Vec::new();
+    while held.len() < n {
+        let (resp, stream) = raw_ws_open(server_addr(url), &[]).await.expect("an answer");
+        match resp.status {
+            101 => held.push(stream),
+            503 => {
+                assert!(tokio::time::Instant::now() < deadline, "only {} slots came back within {WAIT:?}", held.len());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            other => panic!("status {other}"),
+        }
+    }
+    held
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_half_open_connection_is_closed_by_the_ping_timeout() {
+    let dir = temp_dir();
+    let mut cfg = config(dir.path());
+    cfg.ping_interval = Duration::from_millis(200);
+    cfg.max_connections = 4;
+    let server = TestServer::start(cfg).await;
+    let url = server.ws_url();
+    let bystander = Bystander::start(&url).await;
+    // A client that only listens (it reads all the time, so its library answers pings) stays
+    // connected.
+    let mut listener = Client::connect(&url).await;
+    listener.subscribe("/quiet").await;
+    let listening = tokio::spawn(async move {
+        loop {
+            match listener.next_within(WAIT).await {
+                Got::Line(l) => return l,
+                Got::Timeout => {}
+                other => panic!("the listener was cut: {other:?}"),
+            }
+        }
+    });
+    // A client that completes the handshake, then neither reads nor writes: half-open.
+    let (resp, mut silent) = raw_ws_open(server.addr, &[]).await.expect("handshake");
+    assert_eq!(resp.status, 101);
+    // All four slots are taken: the silent connection holds one.
+    let (refused, _) = raw_ws_open(server.addr, &[]).await.expect("an answer");
+    assert_eq!(refused.status, 503);
+    // Its slot comes back once the server gives up on it (after one to two intervals).
+    drop(eventually_all_slots(&url, 1).await);
+    // What the silent client would have read: pings, then the close frame 4001, then the end.
+    let frames = read_frames(&mut silent, resp.body).await;
+    let pings = frames.iter().filter(|(op, _)| *op == 0x9).count();
+    let close = frames.iter().find(|(op, _)| *op == 0x8).map(|(_, p)| close_of(p));
+    assert!(pings >= 1, "{frames:?}");
+    assert_eq!(close, Some((4001, "ping timeout: nothing received for a whole ping interval".to_string())));
+    // The listener was pinged many times meanwhile, answered, and is still served.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut p = Client::connect(&url).await;
+    let ts = p.publish("/quiet/x", "still there").await;
+    assert_eq!(listening.await.expect("listener"), format!("@{ts}:/quiet/x:still there"));
+    bystander.finish().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_clients_that_never_finish_a_request_are_cut_by_the_header_timeout() {
+    let dir = temp_dir();
+    let mut cfg = config(dir.path());
+    cfg.header_timeout = Duration::from_millis(300);
+    let server = TestServer::start(cfg).await;
+    let bystander = Bystander::start(&server.ws_url()).await;
+    let mut idle = Vec::new();
+    for i in 0..50 {
+        let mut s = TcpStream::connect(server.addr).await.expect("connect");
+        if i % 2 == 1 {
+            // Half a request head, never finished.
+            s.write_all(b"GET /log/ HTTP/1.1\r\nHost: x\r\n").await.expect("write");
+        }
+        idle.push(s);
+    }
+    for (i, s) in idle.iter_mut().enumerate() {
+        let mut buf = [0u8; 1024];
+        let mut got = Vec::new();
+        loop {
+            match tokio::time::timeout(WAIT, s.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => break, // closed by the server
+                Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                Err(_) => panic!("connection {i} still open after {WAIT:?}"),
+            }
+        }
+        // Nothing or an error status, never a 200.
+        assert!(got.is_empty() || got.starts_with(b"HTTP/1.1 4"), "{:?}", String::from_utf8_lossy(&got));
+    }
+    // A normal request is still answered.
+    assert_eq!(ivy_tests::http_get(server.addr, "/log/nothing", &[]).await.status, 200);
+    bystander.finish().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_limits_are_flags_with_clear_errors() {
+    let out = std::process::Command::new(server_bin()).arg("--help").output().expect("run --help");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--max-connections",
+        "IVY_MAX_CONNECTIONS",
+        "--rate-limit",
+        "IVY_RATE_LIMIT",
+        "--rate-burst",
+        "IVY_RATE_BURST",
+        "--ping-interval",
+        "IVY_PING_INTERVAL",
+        "--header-timeout",
+        "IVY_HEADER_TIMEOUT",
+    ] {
+        assert!(help.contains(flag), "--help mentions {flag}");
+    }
+    for (arg, error) in [
+        ("--ping-interval=soon", "\"soon\" is not a number of seconds"),
+        ("--header-timeout=-1", "\"-1\" is not a number of seconds"),
+        ("--max-connections=many", "invalid value 'many'"),
+        ("--rate-limit=-5", "invalid value '-5'"),
+    ] {
+        let out = std::process::Command::new(server_bin()).arg(arg).output().expect("run");
+        assert_eq!(out.status.code(), Some(2), "{arg}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(error), "{arg}: {err}");
+    }
+}
