@@ -17,6 +17,9 @@
 //! # Ok(()) }
 //! ```
 //!
+//! [`serve`] runs such a router the way the binary does (an HTTP header timeout against idle
+//! connections, `TCP_NODELAY`, graceful shutdown of `ivy` at the end).
+//!
 //! Endpoints: `GET /ws` (the command protocol, subprotocol `ivy1`) and `GET /log/<path>` (the
 //! stored events of a channel's subtree). The protocol is specified in `docs/PROTOCOL.md`.
 //!

@@ -463,12 +463,22 @@ async fn sigkill_with_async_durability_never_reuses_a_timestamp() {
 async fn a_graceful_restart_with_async_durability_resumes_right_after_the_last_timestamp() {
     let dir = temp_dir();
     let frozen = Timestamp::new(4_102_444_800, 0).expect("timestamp");
-    let open = || {
+    let open = || async {
         let mut cfg = ivy_tests::config(dir.path());
         cfg.durability = ivy_server::Durability::Async;
-        ivy_server::Ivy::open_with_clock(cfg, ivy_server::WallClock::from_fn(move || frozen)).expect("open")
+        // sled releases its lock from a background thread shortly after the store is dropped.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match ivy_server::Ivy::open_with_clock(cfg.clone(), ivy_server::WallClock::from_fn(move || frozen)) {
+                Ok(ivy) => return ivy,
+                Err(e) if e.to_string().contains("could not acquire lock") && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("open: {e}"),
+            }
+        }
     };
-    let ivy = open();
+    let ivy = open().await;
     let mut last = Timestamp::ZERO;
     for i in 0..3 {
         last = ivy.publish("/g", &i.to_string()).await.expect("publish");
@@ -476,7 +486,7 @@ async fn a_graceful_restart_with_async_durability_resumes_right_after_the_last_t
     assert_eq!(last, Timestamp::new(4_102_444_800, 2).expect("timestamp"));
     ivy.shutdown().await;
     drop(ivy);
-    let ivy = open();
+    let ivy = open().await;
     assert_eq!(ivy.publish("/g", "after").await.expect("publish"), last.next());
     ivy.shutdown().await;
 }
