@@ -38,7 +38,14 @@ data=$(mktemp -d)
 # The controller runs in its own process group so that it and its server are stopped together
 # (a server left behind would keep this script's output pipe open).
 coproc CONTROL { exec setsid "${CARGO_TARGET_DIR:-target}/debug/ivy-test-control" --data "$data"; }
-stop_control() { kill -TERM -- "-${CONTROL_PID:-0}" 2>/dev/null || kill -TERM "${CONTROL_PID:-0}" 2>/dev/null || true; }
+# Keep the PID: bash unsets CONTROL_PID once the coprocess exits.
+control_pid=$CONTROL_PID
+stop_control() {
+  if [ -n "$control_pid" ]; then
+    kill -TERM -- "-$control_pid" 2>/dev/null || kill -TERM "$control_pid" 2>/dev/null || true
+    control_pid=
+  fi
+}
 trap 'stop_control; rm -rf "$data"' EXIT
 read -r -u "${CONTROL[0]}" line
 control=$(echo "$line" | sed -E 's/^control (http:[^ ]+) server .*/\1/')
