@@ -6,6 +6,11 @@ use clap::Parser;
 use ivy_server::Config;
 use tracing_subscriber::EnvFilter;
 
+// The sequencer spends much of its time in the allocator under sled's inserts (issue 7,
+// docs/BENCHMARKS.md): mimalloc is faster there than glibc's malloc.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();

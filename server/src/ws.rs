@@ -121,7 +121,7 @@ pub(crate) async fn handler(State(shared): State<Arc<Shared>>, headers: HeaderMa
     };
     let max = shared.config.max_message_size;
     let tracker = shared.tracker.clone();
-    ws.protocols([SUBPROTOCOL]).max_message_size(max).max_frame_size(max).read_buffer_size(4096).write_buffer_size(16 * 1024).on_upgrade(
+    ws.protocols([SUBPROTOCOL]).max_message_size(max).max_frame_size(max).read_buffer_size(2048).write_buffer_size(16 * 1024).on_upgrade(
         move |socket| {
             tracker.track_future(async move {
                 connection(shared, socket).await;
