@@ -75,7 +75,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 pub use proto::Timestamp;
-pub use proto::client::{ClientError, Config, ConnState, Start};
+pub use proto::client::{ClientError, Config, ConnState, Endpoints, Start};
 
 /// An event as delivered: its timestamp, normalized path and data.
 pub type Event = proto::Event<'static>;
@@ -83,7 +83,7 @@ pub type Event = proto::Event<'static>;
 /// Errors of this client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {
-    /// The URL is not `ws://host[:port][/prefix]` (or `http://...`).
+    /// The URL is not `ws://host[:port][/prefix]` (or `http://...`); the message says why.
     InvalidUrl(String),
     /// The first connection failed (see [`ClientBuilder::retry_initial_connect`]).
     Connect(String),
@@ -98,7 +98,7 @@ pub enum Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::InvalidUrl(u) => write!(f, "invalid server URL {u:?}: expected ws://host:port (or http://host:port)"),
+            Error::InvalidUrl(e) => f.write_str(e),
             Error::Connect(e) => write!(f, "cannot connect: {e}"),
             Error::Request(e) => e.fmt(f),
             Error::Log(e) => write!(f, "log request failed: {e}"),
@@ -147,40 +147,13 @@ impl fmt::Display for SubscriptionError {
 
 impl std::error::Error for SubscriptionError {}
 
-/// The server's endpoints, derived from its base URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Endpoints {
-    /// `ws://host:port/prefix/ws`
-    pub ws: String,
-    /// `http://host:port/prefix` (log targets are appended)
-    pub http: String,
-}
-
-impl Endpoints {
-    /// Derives the endpoints from `ws://host:port[/prefix]` or `http://host:port[/prefix]`
-    /// (a trailing `/ws` is accepted too).
-    pub fn from_base(url: &str) -> Result<Endpoints, Error> {
-        let bad = || Error::InvalidUrl(url.to_string());
-        let (scheme, rest) = url.trim().split_once("://").ok_or_else(bad)?;
-        if !matches!(scheme.to_ascii_lowercase().as_str(), "ws" | "http") {
-            return Err(Error::InvalidUrl(format!("{url} (only ws:// and http:// are supported)")));
-        }
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, ""),
-        };
-        if authority.is_empty() || authority.contains(['?', '#', '@']) {
-            return Err(bad());
-        }
-        let mut prefix = path.trim_end_matches('/');
-        if let Some(p) = prefix.strip_suffix("/ws") {
-            prefix = p;
-        }
-        if prefix.contains(['?', '#']) {
-            return Err(bad());
-        }
-        Ok(Endpoints { ws: format!("ws://{authority}{prefix}/ws"), http: format!("http://{authority}{prefix}") })
+/// Derives the endpoints from the base URL; TLS is not built into this client.
+fn endpoints(url: &str) -> Result<Endpoints, Error> {
+    let e = Endpoints::from_base(url).map_err(Error::InvalidUrl)?;
+    if e.tls {
+        return Err(Error::InvalidUrl(format!("invalid server URL \"{url}\": TLS is not built into this client; use ws:// or http://")));
     }
+    Ok(e)
 }
 
 /// Parameters of [`Client::log`].
@@ -243,7 +216,7 @@ impl ClientBuilder {
 
     /// Starts the client and waits for the first connection.
     pub async fn connect(self) -> Result<Client, Error> {
-        let endpoints = Endpoints::from_base(&self.url)?;
+        let endpoints = endpoints(&self.url)?;
         let http: Http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
         let (tx, rx) = mpsc::unbounded_channel();
         let (state_tx, mut state_rx) = watch::channel(ConnState::Idle);
@@ -670,14 +643,15 @@ mod tests {
 
     #[test]
     fn endpoints_from_base_urls() {
-        let e = Endpoints::from_base("ws://127.0.0.1:8080").unwrap();
-        assert_eq!(e, Endpoints { ws: "ws://127.0.0.1:8080/ws".into(), http: "http://127.0.0.1:8080".into() });
-        assert_eq!(Endpoints::from_base("http://h:1/").unwrap().ws, "ws://h:1/ws");
-        assert_eq!(Endpoints::from_base("ws://h:1/ws").unwrap().http, "http://h:1");
-        let p = Endpoints::from_base("ws://h/ivy/").unwrap();
+        let e = endpoints("ws://127.0.0.1:8080").unwrap();
+        assert_eq!((e.ws.as_str(), e.http.as_str()), ("ws://127.0.0.1:8080/ws", "http://127.0.0.1:8080"));
+        assert_eq!(endpoints("http://h:1/").unwrap().ws, "ws://h:1/ws");
+        assert_eq!(endpoints("ws://h:1/ws").unwrap().http, "http://h:1");
+        let p = endpoints("ws://h/ivy/").unwrap();
         assert_eq!((p.ws.as_str(), p.http.as_str()), ("ws://h/ivy/ws", "http://h/ivy"));
-        for bad in ["h:1", "wss://h", "ftp://h", "ws://", "ws://h/x?y"] {
-            assert!(Endpoints::from_base(bad).is_err(), "{bad}");
+        for bad in ["h:1", "ftp://h", "ws://", "ws://h/x?y"] {
+            assert!(matches!(endpoints(bad), Err(Error::InvalidUrl(m)) if m.contains("invalid server URL")), "{bad}");
         }
+        assert!(matches!(endpoints("wss://h"), Err(Error::InvalidUrl(m)) if m.contains("TLS is not built in")));
     }
 }

@@ -86,27 +86,10 @@ fn now() -> core::Millis {
     performance_now().max(0.0) as u64
 }
 
-/// Derives `ws://host/prefix/ws` and `http://host/prefix` from the base URL.
+/// Derives the WebSocket URL and the HTTP base from the base URL (shared with the native
+/// client through the core).
 fn endpoints(url: &str) -> Result<(String, String), String> {
-    let bad = || format!("invalid server URL \"{url}\": expected ws://host:port, wss://, http:// or https://");
-    let (scheme, rest) = url.trim().split_once("://").ok_or_else(bad)?;
-    let (ws, http) = match scheme.to_ascii_lowercase().as_str() {
-        "ws" | "http" => ("ws", "http"),
-        "wss" | "https" => ("wss", "https"),
-        _ => return Err(bad()),
-    };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, ""),
-    };
-    if authority.is_empty() || authority.contains(['?', '#', '@']) {
-        return Err(bad());
-    }
-    let mut prefix = path.trim_end_matches('/');
-    if let Some(p) = prefix.strip_suffix("/ws") {
-        prefix = p;
-    }
-    Ok((format!("{ws}://{authority}{prefix}/ws"), format!("{http}://{authority}{prefix}")))
+    core::Endpoints::from_base(url).map(|e| (e.ws, e.http))
 }
 
 fn status_str(s: ConnState) -> &'static str {

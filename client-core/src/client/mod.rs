@@ -174,6 +174,48 @@ impl LogRequest {
     }
 }
 
+/// A server's endpoints, derived from its base URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoints {
+    /// The WebSocket endpoint: `ws://host:port/prefix/ws` (`wss://` with TLS).
+    pub ws: String,
+    /// The HTTP base of the log endpoint: `http://host:port/prefix` (`https://` with TLS);
+    /// log targets ([`LogRequest::target`]) are appended to it.
+    pub http: String,
+    /// Whether the URL asked for TLS (`wss://` or `https://`).
+    pub tls: bool,
+}
+
+impl Endpoints {
+    /// Derives the endpoints from `ws://host[:port][/prefix]` (or `http://`, `wss://`,
+    /// `https://`); a trailing `/` or `/ws` is accepted.
+    pub fn from_base(url: &str) -> Result<Endpoints, String> {
+        let bad = || format!("invalid server URL \"{url}\": expected ws://host:port (or wss://, http://, https://)");
+        let (scheme, rest) = url.trim().split_once("://").ok_or_else(bad)?;
+        let tls = match scheme.to_ascii_lowercase().as_str() {
+            "ws" | "http" => false,
+            "wss" | "https" => true,
+            _ => return Err(bad()),
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        if authority.is_empty() || authority.contains(['?', '#', '@']) {
+            return Err(bad());
+        }
+        let mut prefix = path.trim_end_matches('/');
+        if let Some(p) = prefix.strip_suffix("/ws") {
+            prefix = p;
+        }
+        if prefix.contains(['?', '#']) {
+            return Err(bad());
+        }
+        let (ws, http) = if tls { ("wss", "https") } else { ("ws", "http") };
+        Ok(Endpoints { ws: format!("{ws}://{authority}{prefix}/ws"), http: format!("{http}://{authority}{prefix}"), tls })
+    }
+}
+
 /// The target of a log request: `/log{path}?after=..&limit=..` (root: `/log/`).
 pub fn log_target(path: &str, after: Option<Timestamp>, limit: Option<u32>) -> String {
     let mut t = if path == path::ROOT { "/log/".to_string() } else { format!("/log{path}") };
