@@ -81,6 +81,14 @@ pub struct SledLog {
 }
 
 const LAYOUT_VERSION: &[u8] = b"1";
+
+/// How long opening waits for the store's lock to be released by an instance going away.
+const LOCK_WAIT_MS: u64 = 3000;
+
+/// Whether sled refused to open because another instance holds the store's file lock.
+fn is_lock_error(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock")
+}
 const CLOCK_FLOOR_KEY: &[u8] = b"c";
 
 fn to_io(e: sled::Error) -> io::Error {
@@ -120,7 +128,20 @@ impl SledLog {
             Durability::Sync => Some(1000),
             Durability::Async => Some(flush_interval_ms.max(1)),
         };
-        let db = sled::Config::new().path(dir).flush_every_ms(flush_every).open().map_err(to_io)?;
+        let config = sled::Config::new().path(dir).flush_every_ms(flush_every);
+        // sled releases its file lock from a background thread after the previous instance is
+        // dropped: a reopen right after a shutdown (in-process restarts, quick service restarts)
+        // waits for it briefly instead of failing. Another live process keeps it: then fail.
+        let mut waited = 0;
+        let db = loop {
+            match config.open().map_err(to_io) {
+                Err(e) if is_lock_error(&e) && waited < LOCK_WAIT_MS => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    waited += 50;
+                }
+                other => break other?,
+            }
+        };
         match db.get(b"v").map_err(to_io)? {
             None => {
                 db.insert(b"v", LAYOUT_VERSION).map_err(to_io)?;

@@ -115,3 +115,24 @@ async fn sigkill_loses_no_acked_event_and_timestamps_keep_increasing() {
     let status = server.terminate().await;
     assert!(status.success(), "SIGTERM exits cleanly: {status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_store_one_instance_and_a_reopen_waits_for_the_lock() {
+    let dir = temp_dir();
+    let first = Ivy::open(config(dir.path())).unwrap();
+    // A second live instance on the same directory is refused, clearly.
+    let second = tokio::task::spawn_blocking({
+        let cfg = config(dir.path());
+        move || Ivy::open(cfg).map(|_| ())
+    })
+    .await
+    .unwrap();
+    let err = second.expect_err("the store is in use");
+    assert!(err.to_string().contains("lock"), "{err}");
+    // Right after the first one is shut down and dropped, opening succeeds (sled releases its
+    // lock in the background; opening waits for it).
+    first.shutdown().await;
+    drop(first);
+    let again = Ivy::open(config(dir.path())).expect("reopen right after a shutdown");
+    again.shutdown().await;
+}
