@@ -559,3 +559,29 @@ fn unsubscribe_stops_delivery_at_once_and_keeps_shared_paths() {
         assert!(sim.server.conn.as_ref().is_none_or(|c| c.subs.contains("/u")), "the shared path stays subscribed");
     }
 }
+
+#[test]
+fn a_log_page_that_never_comes_back_is_requested_again() {
+    let cfg = Config { page_limit: 2, request_timeout: 1000, ..Config::default() };
+    let mut sim = Sim::new(6, cfg);
+    sim.run(&[Step::Publish("/p", "1"), Step::Publish("/p", "2"), Step::Publish("/p", "3")], &[]);
+    let id = sim.client.subscribe("/p", Start::Beginning).unwrap();
+    sim.subs.push((id, "/p".into(), Start::Beginning));
+    // Run until the first log request goes out, then lose it.
+    for _ in 0..100 {
+        if !sim.logs.is_empty() {
+            break;
+        }
+        assert!(sim.step_once(), "the client asks for a log page");
+    }
+    let lost = sim.logs.pop_front().expect("a log request");
+    // Nothing else to do but wait: the deadline brings a new request, and delivery completes.
+    sim.run(&[], &[]);
+    sim.check();
+    assert_eq!(sim.delivered[&id].len(), 3);
+    // The lost page's late answer is ignored.
+    let body = sim.server.page(&lost);
+    sim.client.handle_log_page(sim.now, lost.id, Ok(&body));
+    sim.drain_events();
+    assert_eq!(sim.delivered[&id].len(), 3);
+}

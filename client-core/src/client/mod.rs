@@ -361,6 +361,8 @@ struct Sub {
     log_req: Option<(u64, Option<Timestamp>)>,
     /// When to retry a failed log request.
     log_retry: Option<Millis>,
+    /// When the outstanding log request counts as lost and is made again.
+    log_deadline: Option<Millis>,
     log_failures: u32,
 }
 
@@ -390,6 +392,8 @@ pub struct Client {
     actions: VecDeque<Action>,
     events: VecDeque<ClientEvent>,
     last_rx: Millis,
+    /// The latest time given by any input (for deadlines set inside the machine).
+    now: Millis,
     probe_deadline: Option<Millis>,
     got_frame: bool,
 }
@@ -411,6 +415,7 @@ impl Client {
             actions: VecDeque::new(),
             events: VecDeque::new(),
             last_rx: 0,
+            now: 0,
             probe_deadline: None,
             got_frame: false,
         }
@@ -470,6 +475,7 @@ impl Client {
             }
             for s in self.subs.values() {
                 min(s.log_retry);
+                min(s.log_deadline);
             }
         }
         for q in &self.offline {
@@ -482,6 +488,7 @@ impl Client {
 
     /// Starts connecting (once; later connections are automatic).
     pub fn start(&mut self, now: Millis) {
+        self.now = self.now.max(now);
         if self.state == ConnState::Idle {
             self.begin_attempt(now);
         }
@@ -504,6 +511,7 @@ impl Client {
             target: Timestamp::ZERO,
             log_req: None,
             log_retry: None,
+            log_deadline: None,
             log_failures: 0,
         };
         self.subs.insert(id, sub);
@@ -526,6 +534,7 @@ impl Client {
 
     /// Publishes `data` on `path`. The outcome arrives as [`ClientEvent::Sent`].
     pub fn send(&mut self, now: Millis, path: &str, data: &str) -> Result<RequestId, ClientError> {
+        self.now = self.now.max(now);
         let path = path::normalize(path.as_bytes()).map_err(ClientError::InvalidPath)?.into_owned();
         let id = RequestId(self.id());
         match self.state {
@@ -580,6 +589,7 @@ impl Client {
 
     /// The WebSocket is open.
     pub fn handle_connected(&mut self, now: Millis) {
+        self.now = self.now.max(now);
         if !matches!(self.state, ConnState::Connecting { .. }) {
             return;
         }
@@ -599,6 +609,7 @@ impl Client {
 
     /// A non-text frame (ping, pong) arrived: the connection is alive.
     pub fn handle_activity(&mut self, now: Millis) {
+        self.now = self.now.max(now);
         self.last_rx = now;
         self.probe_deadline = None;
     }
@@ -630,6 +641,7 @@ impl Client {
 
     /// The WebSocket closed or failed, or the connection attempt failed.
     pub fn handle_disconnected(&mut self, now: Millis) {
+        self.now = self.now.max(now);
         if matches!(self.state, ConnState::Connected | ConnState::Connecting { .. }) {
             self.on_disconnect(now);
         }
@@ -637,6 +649,7 @@ impl Client {
 
     /// A deadline from [`Client::poll_timeout`] passed.
     pub fn handle_timeout(&mut self, now: Millis) {
+        self.now = self.now.max(now);
         // Offline sends that waited too long.
         while self.offline.front().is_some_and(|q| q.queued_at.saturating_add(self.cfg.request_timeout) <= now) {
             if let Some(q) = self.offline.pop_front() {
@@ -656,6 +669,7 @@ impl Client {
 
     /// A log page requested by [`Action::FetchLog`] arrived (`Ok(body)`) or failed.
     pub fn handle_log_page(&mut self, now: Millis, id: u64, result: Result<&str, String>) {
+        self.now = self.now.max(now);
         let Some((sid, after)) = self.subs.iter().find_map(|(sid, s)| match s.log_req {
             Some((rid, after)) if rid == id => Some((*sid, after)),
             _ => None,
@@ -665,6 +679,7 @@ impl Client {
         let parsed = result.and_then(|body| parse_log(body).map_err(|e| format!("unparsable log line: {e}")));
         let s = self.subs.get_mut(&sid).expect("found above");
         s.log_req = None;
+        s.log_deadline = None;
         match parsed {
             Err(e) => {
                 s.log_failures += 1;
@@ -745,6 +760,7 @@ impl Client {
             s.buf.clear();
             s.log_req = None;
             s.log_retry = None;
+            s.log_deadline = None;
         }
         self.probe_deadline = None;
         self.attempt = self.attempt.saturating_add(1);
@@ -800,6 +816,20 @@ impl Client {
                 Some(Pending::Time { id, .. }) => self.events.push_back(ClientEvent::Time { id, result: Err(ClientError::Timeout) }),
                 _ => {}
             }
+        }
+        // Log pages with no answer in time: the request is abandoned (a late answer is ignored,
+        // its id no longer matches) and made again.
+        let mut lost_page = false;
+        for s in self.subs.values_mut() {
+            if s.log_deadline.is_some_and(|d| d <= now) {
+                s.log_req = None;
+                s.log_deadline = None;
+                s.log_retry = Some(now);
+                lost_page = true;
+            }
+        }
+        if lost_page {
+            self.events.push_back(ClientEvent::Warning("a log page got no answer in time; requesting it again".into()));
         }
         // Log fetches to retry.
         let due: Vec<SubId> = self.subs.iter().filter(|(_, s)| s.log_retry.is_some_and(|r| r <= now)).map(|(id, _)| *id).collect();
@@ -911,6 +941,7 @@ impl Client {
         }
         let after = (s.complete > Timestamp::ZERO).then_some(s.complete);
         s.log_req = Some((id, after));
+        s.log_deadline = Some(self.now.saturating_add(self.cfg.request_timeout));
         self.actions.push_back(Action::FetchLog(LogRequest { id, path: s.path.clone(), after, limit }));
     }
 
