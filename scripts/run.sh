@@ -23,7 +23,7 @@ step "chat web demo (npm install, vite build)"
 step "server (cargo build --release)"
 cargo build --release -p ivy-server
 
-step "starting ivy-server with the demo; open http://127.0.0.1:8080 (Ctrl-C stops it)"
+step "starting ivy-server with the demo: open the address it prints (http://127.0.0.1:8080 by default); Ctrl-C stops it"
 # Defaults through the environment, so that flags given to this script override them.
 export IVY_STATIC_DIR="${IVY_STATIC_DIR:-web-demo/dist}"
 export IVY_DATA="${IVY_DATA:-./ivy-data}"
