@@ -283,7 +283,7 @@ pub fn markdown(r: &Value, plots: Option<&str>) -> String {
             }
             let _ = writeln!(
                 md,
-                "\nStoring them first (one connection, {} acked sends in flight): {} s, {} acked events/s.",
+                "\nStoring them first (4 connections, {} acked sends in flight in all): {} s, {} acked events/s.",
                 row["fill_window"],
                 opt(f(row, "fill_secs"), 2),
                 opt(f(row, "fill_acked_per_s"), 0)

@@ -317,7 +317,11 @@ pub async fn durable(kind: Kind, c: &Common, senders: usize, secs: f64) -> Resul
     }))
 }
 
-/// Backfill: stores `events` events (one connection, `window` acked sends in flight), then
+/// Connections that store the events of the backfill scenario.
+const FILL_CONNECTIONS: usize = 4;
+
+/// Backfill: stores `events` events ([`FILL_CONNECTIONS`] connections, `window` acked sends in
+/// flight in all), then
 /// reads them back over HTTP in cursor pages of each size in `limits`, as the client core does.
 pub async fn backfill(kind: Kind, c: &Common, events: usize, window: usize, limits: &[usize]) -> Result<Value, String> {
     use http_body_util::{BodyExt, Empty};
@@ -329,28 +333,49 @@ pub async fn backfill(kind: Kind, c: &Common, events: usize, window: usize, limi
     // A channel of its own, also when --ivy-addr reuses one server for every scenario.
     let channel =
         format!("/backfill/{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
-    let mut ws = client::connect(kind, server.addr, None).await?;
+    // Several connections, each with its share of the window: one connection alone would be
+    // held to the server's per-connection command rate limit.
+    let mut conns = Vec::new();
+    for _ in 0..FILL_CONNECTIONS {
+        conns.push(client::connect(kind, server.addr, None).await?);
+    }
     let t0 = Instant::now();
-    let (mut sent, mut acked) = (0usize, 0usize);
-    while acked < events {
-        while sent < events && sent - acked < window {
-            let msg = Message::text(format!("#f#:{channel}:{}", client::payload(c.base, c.payload)));
-            ws.feed(msg).await.map_err(|e| e.to_string())?;
-            sent += 1;
-        }
-        ws.flush().await.map_err(|e| e.to_string())?;
-        let m = client::next(&mut ws).await?;
-        if m.starts_with(b"#f#@") {
-            acked += 1;
-            if acked % 20000 == 0 {
-                progress(format!("backfill {}: {acked} stored", kind.name()));
-            }
-        } else if m.starts_with(b"#f#!") {
-            return Err(String::from_utf8_lossy(&m).into_owned());
-        }
+    let stored = Arc::new(AtomicU64::new(0));
+    let fills: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut ws)| {
+            let share = events / FILL_CONNECTIONS + usize::from(i < events % FILL_CONNECTIONS);
+            let window = (window / FILL_CONNECTIONS).max(1);
+            let (channel, stored, base, size, name) = (channel.clone(), stored.clone(), c.base, c.payload, kind.name());
+            tokio::spawn(async move {
+                let (mut sent, mut acked) = (0usize, 0usize);
+                while acked < share {
+                    while sent < share && sent - acked < window {
+                        let msg = Message::text(format!("#f#:{channel}:{}", client::payload(base, size)));
+                        ws.feed(msg).await.map_err(|e| e.to_string())?;
+                        sent += 1;
+                    }
+                    ws.flush().await.map_err(|e| e.to_string())?;
+                    let m = client::next(&mut ws).await?;
+                    if m.starts_with(b"#f#@") {
+                        acked += 1;
+                        let all = stored.fetch_add(1, Ordering::Relaxed) + 1;
+                        if all % 20000 == 0 {
+                            progress(format!("backfill {name}: {all} stored"));
+                        }
+                    } else if m.starts_with(b"#f#!") {
+                        return Err(String::from_utf8_lossy(&m).into_owned());
+                    }
+                }
+                Ok::<_, String>(())
+            })
+        })
+        .collect();
+    for f in fills {
+        f.await.map_err(|e| e.to_string())??;
     }
     let fill_secs = t0.elapsed().as_secs_f64();
-    drop(ws);
     let http: Client<_, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mut reads = Vec::new();
     for &limit in limits {
