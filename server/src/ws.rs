@@ -198,11 +198,15 @@ async fn read_loop(shared: &Shared, conn: Arc<Conn>, mut stream: Stream) -> Stre
     });
     // A ping went out and nothing has arrived since.
     let mut awaiting_pong = false;
+    // Created once, not per command: registering and dropping a waiter costs on every message.
+    let killed = kill.cancelled();
+    let stopping = shared.stop_reading.cancelled();
+    tokio::pin!(killed, stopping);
     loop {
         let msg = tokio::select! {
             biased;
-            _ = kill.cancelled() => break,
-            _ = shared.stop_reading.cancelled() => {
+            _ = &mut killed => break,
+            _ = &mut stopping => {
                 ending.set(close_code::GOING_AWAY);
                 break;
             }
@@ -238,8 +242,8 @@ async fn read_loop(shared: &Shared, conn: Arc<Conn>, mut stream: Stream) -> Stre
             Err(false) => break,
             Err(true) => tokio::select! {
                 biased;
-                _ = kill.cancelled() => break,
-                _ = shared.stop_reading.cancelled() => {
+                _ = &mut killed => break,
+                _ = &mut stopping => {
                     ending.set(close_code::GOING_AWAY);
                     break;
                 }
@@ -385,11 +389,15 @@ const COALESCE: usize = 256;
 
 async fn write_loop(shared: &Shared, mut rx: mpsc::Receiver<Message>, mut sink: Sink, ending: &Ending) {
     let kill = ending.kill();
+    // Created once, not per message (see `read_loop`).
+    let killed = kill.cancelled();
+    let forced = shared.force_close.cancelled();
+    tokio::pin!(killed, forced);
     loop {
         let first = tokio::select! {
             biased;
-            _ = kill.cancelled() => break,
-            _ = shared.force_close.cancelled() => break,
+            _ = &mut killed => break,
+            _ = &mut forced => break,
             m = rx.recv() => match m {
                 Some(m) => m,
                 None => break,
@@ -407,8 +415,8 @@ async fn write_loop(shared: &Shared, mut rx: mpsc::Receiver<Message>, mut sink: 
         };
         tokio::select! {
             biased;
-            _ = kill.cancelled() => break,
-            _ = shared.force_close.cancelled() => break,
+            _ = &mut killed => break,
+            _ = &mut forced => break,
             r = write => if r.is_err() {
                 ending.end(PEER_GONE);
                 break;
