@@ -45,7 +45,7 @@ mkdir -p results docs/bench
 out="results/bench-$date.json"
 
 if [ "$full" = 1 ]; then
-  sizes=(--subscribers 1000,10000 --fanout-events 1000 --latency-subscribers 1000 --latency-rate 500 --idle-connections 50000)
+  sizes=(--subscribers 1000,10000 --latency-subscribers 1000 --latency-rate 500 --idle-connections 50000)
   shown="./scripts/bench.sh --full"
 else
   sizes=()

@@ -32,9 +32,13 @@ struct Args {
     /// Fan-out: subscriber counts, comma-separated (for example 1000,10000).
     #[arg(long, default_value = "1000")]
     subscribers: String,
-    /// Fan-out: events published (per subscriber count).
-    #[arg(long, default_value_t = 1000)]
-    fanout_events: usize,
+    /// Fan-out: deliveries per subscriber count (events published = this / subscribers, at
+    /// least 100), so that every size runs long enough for CPU times to be meaningful.
+    #[arg(long, default_value_t = 5_000_000)]
+    fanout_deliveries: usize,
+    /// Fan-out: events published per subscriber count (overrides --fanout-deliveries).
+    #[arg(long)]
+    fanout_events: Option<usize>,
     /// Fan-out: most events in flight (published, not yet delivered to every subscriber).
     #[arg(long, default_value_t = 64)]
     window: usize,
@@ -233,7 +237,8 @@ async fn bench(args: &Args) -> Result<Value, String> {
         let mut rows = Vec::new();
         for subs in list::<usize>(&args.subscribers) {
             for &k in &kinds {
-                rows.push(scenarios::fanout(k, &common, subs, args.fanout_events, args.window).await.unwrap_or_else(|e| err_row(k, e)));
+                let events = args.fanout_events.unwrap_or((args.fanout_deliveries / subs.max(1)).max(100));
+                rows.push(scenarios::fanout(k, &common, subs, events, args.window).await.unwrap_or_else(|e| err_row(k, e)));
             }
         }
         out["fanout"] = Value::Array(rows);

@@ -394,13 +394,18 @@ async fn write_loop(shared: &Shared, mut rx: mpsc::Receiver<Message>, mut sink: 
     let forced = shared.force_close.cancelled();
     tokio::pin!(killed, forced);
     loop {
-        let first = tokio::select! {
-            biased;
-            _ = &mut killed => break,
-            _ = &mut forced => break,
-            m = rx.recv() => match m {
-                Some(m) => m,
-                None => break,
+        // A message already queued needs no wait (the write below still watches for the end).
+        let first = match rx.try_recv() {
+            Ok(m) => m,
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+            Err(mpsc::error::TryRecvError::Empty) => tokio::select! {
+                biased;
+                _ = &mut killed => break,
+                _ = &mut forced => break,
+                m = rx.recv() => match m {
+                    Some(m) => m,
+                    None => break,
+                },
             },
         };
         let write = async {
