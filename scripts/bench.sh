@@ -8,7 +8,7 @@
 # Installs what is missing (nats-server, fonts for the plots) with apt, builds in release,
 # runs ivy-bench, writes results/bench-<date>.json, the plots in docs/bench/, and the
 # generated section of docs/BENCHMARKS.md. Servers listen on 127.0.0.1 only; the client
-# spreads its connections over 127.0.0.2 and up.
+# spreads its connections over loopback source addresses (fresh ones for each scenario).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -20,9 +20,31 @@ pub type Ws = WebSocketStream<TcpStream>;
 pub const IVY_CHANNEL: &str = "/bench";
 pub const NATS_SUBJECT: &str = "bench";
 
-/// Source address number `i` of 127.0.0.2 upwards, `per_address` connections each.
-pub fn source_ip(i: usize, per_address: usize) -> IpAddr {
-    let n = 2 + i / per_address.max(1);
+/// The first loopback source address not yet used by this process (see [`reserve_sources`]).
+static NEXT_SOURCE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(usize::MAX);
+
+/// Reserves fresh loopback source addresses for `n` connections, `per_address` each, and
+/// returns the first one's number (for [`source_ip`]). Every scenario and server gets
+/// addresses of its own: the ports of the connections just closed stay in TIME_WAIT for a
+/// minute, and a port in TIME_WAIT cannot be bound again, so reusing an address for another
+/// 20,000 connections would run out of ports. The first number depends on the time of day, so
+/// that runs one after the other do not meet their predecessors' TIME_WAIT ports either.
+pub fn reserve_sources(n: usize, per_address: usize) -> usize {
+    use std::sync::atomic::Ordering;
+    let count = n.div_ceil(per_address.max(1)).max(1);
+    let _ = NEXT_SOURCE.compare_exchange(
+        usize::MAX,
+        2 + (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as usize) % 4096) * 1024,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    NEXT_SOURCE.fetch_add(count, Ordering::Relaxed)
+}
+
+/// Source address for connection `i` of a group whose addresses start at number `first`
+/// (from [`reserve_sources`]), `per_address` connections each: 127.x.y.z with x.y.z = the number.
+pub fn source_ip(first: usize, i: usize, per_address: usize) -> IpAddr {
+    let n = first + i / per_address.max(1);
     IpAddr::from([127, ((n >> 16) & 0xff) as u8, ((n >> 8) & 0xff) as u8, (n & 0xff) as u8])
 }
 

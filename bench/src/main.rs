@@ -69,7 +69,7 @@ struct Args {
     /// Idle: connections held open.
     #[arg(long, default_value_t = 10_000)]
     idle_connections: usize,
-    /// Connections per source address (127.0.0.2, 127.0.0.3, ...).
+    /// Connections per loopback source address (each scenario uses fresh addresses in 127.0.0.0/8).
     #[arg(long, default_value_t = 20_000)]
     per_address: usize,
     /// Client worker threads (the servers get the same machine: report ratios).

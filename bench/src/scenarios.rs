@@ -34,11 +34,12 @@ fn progress(msg: impl AsRef<str>) {
 /// Connects `n` clients (subscribed to the benchmark channel), 128 handshakes at a time.
 async fn connect_subscribers(kind: Kind, addr: SocketAddr, n: usize, per_address: usize) -> Result<Vec<Ws>, String> {
     let done = AtomicU64::new(0);
+    let first = (n > per_address).then(|| client::reserve_sources(n, per_address));
     let conns: Vec<Result<Ws, String>> = futures_util::stream::iter(0..n)
         .map(|i| {
             let done = &done;
             async move {
-                let src = (n > per_address).then(|| client::source_ip(i, per_address));
+                let src = first.map(|first| client::source_ip(first, i, per_address));
                 let mut ws = client::connect(kind, addr, src).await?;
                 client::subscribe(kind, &mut ws).await?;
                 let d = done.fetch_add(1, Ordering::Relaxed) + 1;
@@ -437,10 +438,11 @@ pub async fn idle(kind: Kind, c: &Common, n: usize) -> Result<Value, String> {
     };
     let t0 = Instant::now();
     let done = AtomicU64::new(0);
+    let sources = client::reserve_sources(n, c.per_address);
     let conns: Vec<Result<tokio::net::TcpStream, String>> = futures_util::stream::iter(0..n)
         .map(|i| {
             let (first, done) = (first.as_deref(), &done);
-            let src = Some(client::source_ip(i, c.per_address));
+            let src = Some(client::source_ip(sources, i, c.per_address));
             async move {
                 let s = client::raw_connect(kind, server.addr, src, first).await;
                 let d = done.fetch_add(1, Ordering::Relaxed) + 1;
