@@ -2,8 +2,9 @@
 //! `%0A`. Nothing else is escaped (not `\r`, `:`, tabs or non-ASCII bytes). Data sent by a
 //! client is raw and is never unescaped by the server.
 
-use std::borrow::Cow;
-use std::fmt;
+use alloc::borrow::Cow;
+use alloc::vec::Vec;
+use core::fmt;
 
 /// An escape sequence other than `%25` and `%0A` in escaped data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,7 +19,7 @@ impl fmt::Display for UnescapeError {
     }
 }
 
-impl std::error::Error for UnescapeError {}
+impl core::error::Error for UnescapeError {}
 
 /// The length of `data` once escaped.
 pub fn escaped_len(data: &[u8]) -> usize {
@@ -84,6 +85,7 @@ mod tests {
     use super::*;
     #[cfg(not(target_arch = "wasm32"))]
     use proptest::prelude::*;
+    use std::prelude::rust_2024::*;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 

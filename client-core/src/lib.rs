@@ -25,6 +25,14 @@
 //! assert_eq!(&*ev.data, b"50% off\ntoday");
 //! ```
 
+#![no_std]
+// Only `core` and `alloc`: the WebAssembly package is built without the standard library
+// (no formatting machinery from its panic handler), see client-wasm/README.md.
+
+extern crate alloc;
+#[cfg(test)]
+extern crate std;
+
 pub mod client;
 pub mod escape;
 pub mod path;

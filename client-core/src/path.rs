@@ -8,8 +8,9 @@
 //! `/a//b` and `/a/../b` are distinct, valid channels: paths are names, not file-system paths.
 //! Normalization is idempotent: a normalized path sent again names the same channel.
 
-use std::borrow::Cow;
-use std::fmt;
+use alloc::borrow::Cow;
+use alloc::string::String;
+use core::fmt;
 
 /// The root channel, whose subscribers receive every event.
 pub const ROOT: &str = "/";
@@ -51,7 +52,7 @@ impl fmt::Display for PathError {
     }
 }
 
-impl std::error::Error for PathError {}
+impl core::error::Error for PathError {}
 
 /// Whether `b` may appear in a normalized path.
 #[inline]
@@ -77,7 +78,7 @@ pub fn normalize(raw: &[u8]) -> Result<Cow<'_, str>, PathError> {
         }
     }
     // Only path bytes (ASCII) remain, so this cannot fail.
-    let s = std::str::from_utf8(body).map_err(|_| PathError::InvalidChar { byte: 0, at: 0 })?;
+    let s = core::str::from_utf8(body).map_err(|_| PathError::InvalidChar { byte: 0, at: 0 })?;
     if leading {
         Ok(Cow::Borrowed(s))
     } else if s.is_empty() {
@@ -146,6 +147,7 @@ mod tests {
     use super::*;
     #[cfg(not(target_arch = "wasm32"))]
     use proptest::prelude::*;
+    use std::prelude::rust_2024::*;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 

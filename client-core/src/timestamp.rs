@@ -2,6 +2,7 @@
 //! always nine nanosecond digits). A timestamp is an event's identity: the server makes them
 //! unique and strictly increasing, so they order events and serve as log cursors.
 
+use alloc::vec::Vec;
 use core::fmt;
 use core::str::FromStr;
 
@@ -36,7 +37,7 @@ impl fmt::Display for TimestampError {
     }
 }
 
-impl std::error::Error for TimestampError {}
+impl core::error::Error for TimestampError {}
 
 impl Timestamp {
     /// The zero timestamp, before every event.
@@ -194,6 +195,7 @@ impl FromStr for Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::prelude::rust_2024::*;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 

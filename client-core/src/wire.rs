@@ -10,8 +10,9 @@
 //!         | [ "#" ack-key "#" ] "!" code " " message    ; error reply (extension)
 //! ```
 
-use std::borrow::Cow;
-use std::fmt;
+use alloc::borrow::Cow;
+use alloc::vec::Vec;
+use core::fmt;
 
 use crate::escape::{UnescapeError, escape_into, escaped_len, unescape};
 use crate::path::{self, PathError};
@@ -160,7 +161,7 @@ impl fmt::Display for CommandError<'_> {
     }
 }
 
-impl std::error::Error for CommandError<'_> {}
+impl core::error::Error for CommandError<'_> {}
 
 impl<'a> Command<'a> {
     /// Parses one command message with no path length limit.
@@ -348,7 +349,7 @@ impl fmt::Display for LineError {
     }
 }
 
-impl std::error::Error for LineError {}
+impl core::error::Error for LineError {}
 
 /// Parses an event line `@ts:path:escaped-data` (a live event or a log line).
 pub fn parse_event(line: &[u8]) -> Result<Event<'_>, LineError> {
@@ -384,7 +385,7 @@ pub fn parse_line(line: &[u8]) -> Result<ServerLine<'_>, LineError> {
             Ok(ServerLine::Ack { key, ts: Timestamp::parse(ts).map_err(LineError::Timestamp)? })
         }
         Some((b'!', rest)) => {
-            let text = std::str::from_utf8(rest).map_err(|_| LineError::Syntax("error reply is not UTF-8"))?;
+            let text = core::str::from_utf8(rest).map_err(|_| LineError::Syntax("error reply is not UTF-8"))?;
             let (code, message) = text.split_once(' ').unwrap_or((text, ""));
             Ok(ServerLine::Error { key, code, message })
         }
@@ -397,6 +398,7 @@ mod tests {
     use super::*;
     #[cfg(not(target_arch = "wasm32"))]
     use proptest::prelude::*;
+    use std::prelude::rust_2024::*;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 

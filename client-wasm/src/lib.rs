@@ -20,16 +20,37 @@
 //! Rules kept here: no panic reaches JavaScript (errors are `Error` objects); callbacks are
 //! never invoked while Rust state is borrowed (they are queued and run after each step, so a
 //! callback may call back into the client).
+//!
+//! The crate uses `core` and `alloc` only: the package links no standard library, whose panic
+//! handler would bring Rust's formatting machinery into the `.wasm` (see the README's size
+//! section). A panic aborts the module (`RuntimeError: unreachable`), as it did with the
+//! standard library and `panic = "abort"`.
+#![no_std]
 
-use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
-use std::rc::{Rc, Weak};
+extern crate alloc;
+
+use ::core::cell::{Cell, RefCell};
+use alloc::collections::VecDeque;
+use alloc::format;
+use alloc::rc::{Rc, Weak};
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
 
 use js_sys::{Array, Function, Object, Promise, Reflect, Uint8Array};
 use proto::client::{self as core, Action, ClientError, ClientEvent, ConnState, RequestId, Start, SubId};
 use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
 use web_sys::{CloseEvent, Event, MessageEvent, WebSocket};
+
+#[cfg(target_arch = "wasm32")]
+#[global_allocator]
+static ALLOC: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
+
+#[cfg(all(target_arch = "wasm32", not(feature = "std")))]
+#[panic_handler]
+fn panic(_: &::core::panic::PanicInfo<'_>) -> ! {
+    ::core::arch::wasm32::unreachable()
+}
 
 #[wasm_bindgen(typescript_custom_section)]
 const TS_TYPES: &'static str = r#"
@@ -169,14 +190,14 @@ pub struct IvySubscription {
     path: String,
 }
 
-impl std::fmt::Debug for IvyClient {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl ::core::fmt::Debug for IvyClient {
+    fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
         f.debug_struct("IvyClient").field("status", &self.status()).finish_non_exhaustive()
     }
 }
 
-impl std::fmt::Debug for IvySubscription {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl ::core::fmt::Debug for IvySubscription {
+    fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
         f.debug_struct("IvySubscription").field("path", &self.path).finish_non_exhaustive()
     }
 }

@@ -2,7 +2,7 @@
 //! 11 KB of code per instantiation there) and fit how the client uses its data: keys that
 //! only grow, and events that arrive in order on each of two channels.
 
-use std::collections::VecDeque;
+use alloc::collections::VecDeque;
 
 use crate::timestamp::Timestamp;
 use crate::wire::Event;

@@ -43,11 +43,14 @@
 //! was, it appears in the subscriptions' backfill. Nothing is retried behind the
 //! application's back, so nothing is ever published twice.
 
-use std::collections::VecDeque;
+use alloc::collections::VecDeque;
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
 
 mod collections;
 use collections::{MergeBuf, VecMap};
-use std::fmt;
+use core::fmt;
 
 use crate::path::{self, PathError};
 use crate::timestamp::Timestamp;
@@ -272,7 +275,7 @@ impl fmt::Display for ClientError {
     }
 }
 
-impl std::error::Error for ClientError {}
+impl core::error::Error for ClientError {}
 
 /// What the client tells the application.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -858,7 +861,7 @@ impl Client {
     }
 
     fn on_reply(&mut self, _now: Millis, key: &[u8], result: Result<Timestamp, ClientError>) {
-        let Some(p) = std::str::from_utf8(key).ok().and_then(|k| k.parse::<u64>().ok()).and_then(|k| self.pending.remove(&k)) else {
+        let Some(p) = core::str::from_utf8(key).ok().and_then(|k| k.parse::<u64>().ok()).and_then(|k| self.pending.remove(&k)) else {
             self.events.push_back(ClientEvent::Warning(format!("reply with unknown ack key \"{}\"", String::from_utf8_lossy(key))));
             return;
         };
