@@ -94,9 +94,11 @@ pub struct SledLog {
 const LAYOUT_VERSION: &[u8] = b"2";
 const LAYOUT_V1: &[u8] = b"1";
 
-/// Most line bytes in one block (unless one event alone is larger). Bounds what a read that
-/// starts in the middle of a block reads for nothing.
-pub const BLOCK_BYTES: usize = 32 * 1024;
+/// Most line bytes in one block (unless one event alone is larger). Small enough that a sled
+/// leaf (split at 17 entries) stays below the size sled writes as a separate blob file (128 KiB
+/// with its default 512 KiB segments), and that a read starting in the middle of a block
+/// reads little for nothing; large enough to make a group commit a few keys.
+pub const BLOCK_BYTES: usize = 4 * 1024;
 /// Bytes before each line in a block.
 const ENTRY_HEADER: usize = Timestamp::BYTES + 4;
 
