@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the npm package of the WebAssembly client into client-wasm/pkg/, installing what it
 # needs where missing (wasm32 target, the exact wasm-bindgen CLI, wasm-opt from npm's
-# binaryen), and prints the gzipped size of the .wasm plus its JavaScript glue.
+# binaryen, terser), and prints the gzipped size of the .wasm plus its JavaScript glue.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/.." && pwd)"
@@ -9,6 +9,7 @@ cd "$root"
 
 WASM_BINDGEN_VERSION=0.2.130   # must equal the `wasm-bindgen = "=..."` pin in client-wasm/Cargo.toml
 BINARYEN_VERSION=132
+TERSER_VERSION=5.51.2
 
 if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then
   rustup target add wasm32-unknown-unknown
@@ -18,9 +19,9 @@ if ! wasm-bindgen --version 2>/dev/null | grep -qx "wasm-bindgen $WASM_BINDGEN_V
   cargo install wasm-bindgen-cli --version "$WASM_BINDGEN_VERSION"
 fi
 tools="$here/.tools"
-if [ ! -x "$tools/node_modules/.bin/wasm-opt" ]; then
-  echo "installing wasm-opt (npm binaryen@$BINARYEN_VERSION)"
-  npm install --prefix "$tools" --no-audit --no-fund --silent "binaryen@$BINARYEN_VERSION"
+if [ ! -x "$tools/node_modules/.bin/wasm-opt" ] || [ ! -x "$tools/node_modules/.bin/terser" ]; then
+  echo "installing wasm-opt and terser (npm binaryen@$BINARYEN_VERSION, terser@$TERSER_VERSION)"
+  npm install --prefix "$tools" --no-audit --no-fund --silent "binaryen@$BINARYEN_VERSION" "terser@$TERSER_VERSION"
 fi
 
 cargo build -p ivy-client-wasm --target wasm32-unknown-unknown --profile wasm-release
@@ -29,10 +30,15 @@ out="$here/pkg"
 rm -rf "$out"
 wasm-bindgen --target web --out-dir "$out" --out-name ivy_client_wasm \
   "$target_dir/wasm32-unknown-unknown/wasm-release/ivy_client_wasm.wasm"
-"$tools/node_modules/.bin/wasm-opt" -Oz --strip-debug --strip-producers \
+# --converge repeats -Oz while it still shrinks the module.
+"$tools/node_modules/.bin/wasm-opt" -Oz --converge --strip-debug --strip-producers \
   --enable-bulk-memory --enable-nontrapping-float-to-int --enable-sign-ext --enable-mutable-globals \
   --enable-reference-types --enable-multivalue \
   -o "$out/ivy_client_wasm_bg.wasm" "$out/ivy_client_wasm_bg.wasm"
+# The glue is shipped minified, as a bundler would produce it (exports, the
+# `new URL("ivy_client_wasm_bg.wasm", import.meta.url)` pattern and the .d.ts are unchanged).
+"$tools/node_modules/.bin/terser" "$out/ivy_client_wasm.js" --module --compress passes=2 --mangle \
+  -o "$out/ivy_client_wasm.js"
 
 version=$(cargo metadata --no-deps --format-version 1 | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const p=JSON.parse(s).packages.find(p=>p.name==="ivy-client-wasm");process.stdout.write(p.version)})')
 cat > "$out/package.json" <<JSON
