@@ -40,7 +40,7 @@ use js_sys::{Array, Function, Object, Promise, Reflect, Uint8Array};
 use proto::client::{self as core, Action, ClientError, ClientEvent, ConnState, RequestId, Start, SubId};
 use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
-use web_sys::{CloseEvent, Event, MessageEvent, WebSocket};
+use web_sys::{MessageEvent, WebSocket};
 
 /// The allocator: a first-fit free list that merges neighbouring free blocks (lol_alloc),
 /// about 2.4 KB gzipped smaller than dlmalloc. Allocation walks the free list, which is short
@@ -138,11 +138,15 @@ fn event_object(e: &proto::Event<'_>) -> JsValue {
 /// A callback to run once no Rust state is borrowed: a function and its one argument.
 struct Call(Function, JsValue);
 
+/// The one closure type of every handler given to JavaScript (WebSocket events, the timer):
+/// each closure type costs its own glue. The argument is the event (undefined for the timer).
+type Handler = Closure<dyn FnMut(JsValue)>;
+
 struct Socket {
     ws: WebSocket,
-    _on_open: Closure<dyn FnMut(Event)>,
-    _on_message: Closure<dyn FnMut(MessageEvent)>,
-    _on_close: Closure<dyn FnMut(CloseEvent)>,
+    _on_open: Handler,
+    _on_message: Handler,
+    _on_close: Handler,
 }
 
 impl Drop for Socket {
@@ -178,7 +182,7 @@ struct Inner {
     state: RefCell<State>,
     calls: RefCell<VecDeque<Call>>,
     draining: Cell<bool>,
-    timer_closure: RefCell<Option<Closure<dyn FnMut()>>>,
+    timer_closure: RefCell<Option<Handler>>,
 }
 
 /// A connection to an Ivy server that reconnects by itself.
@@ -278,7 +282,7 @@ impl IvyClient {
             timer_closure: RefCell::new(None),
         });
         let weak = Rc::downgrade(&inner);
-        *inner.timer_closure.borrow_mut() = Some(Closure::new(move || {
+        *inner.timer_closure.borrow_mut() = Some(Closure::new(move |_| {
             if let Some(inner) = weak.upgrade() {
                 if let Ok(mut st) = inner.state.try_borrow_mut() {
                     st.timer = None;
@@ -604,9 +608,9 @@ fn connect(inner: &Rc<Inner>, st: &mut State) {
         None => core.handle_activity(now()),
     });
     let on_close = handler(|core, _| core.handle_disconnected(now()));
-    let on_open = Closure::<dyn FnMut(Event)>::new(move |_| on_open(None));
-    let on_message = Closure::<dyn FnMut(MessageEvent)>::new(move |e: MessageEvent| on_message(e.data().as_string()));
-    let on_close = Closure::<dyn FnMut(CloseEvent)>::new(move |_| on_close(None));
+    let on_open = Handler::new(move |_| on_open(None));
+    let on_message = Handler::new(move |e: JsValue| on_message(e.unchecked_into::<MessageEvent>().data().as_string()));
+    let on_close = Handler::new(move |_| on_close(None));
     ws.set_onopen(Some(on_open.as_ref().unchecked_ref()));
     ws.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
     // A failed connection fires `error` then `close`; `close` alone is enough.
