@@ -64,7 +64,7 @@ pub type Millis = u64;
 pub struct Config {
     /// Smallest reconnect backoff ceiling (the first retry waits a random time up to this).
     pub min_backoff: Millis,
-    /// Largest reconnect backoff ceiling.
+    /// Largest reconnect backoff ceiling (it wins when below `min_backoff`).
     pub max_backoff: Millis,
     /// How long one connection attempt may take.
     pub connect_timeout: Millis,
@@ -989,5 +989,24 @@ impl Client {
 
 fn backoff_ceiling(cfg: &Config, attempt: u32) -> Millis {
     let exp = cfg.min_backoff.saturating_mul(1u64 << attempt.min(32).saturating_sub(1));
-    exp.clamp(cfg.min_backoff.max(1), cfg.max_backoff.max(1))
+    // Not `clamp`, which panics when the bounds are crossed: a `max_backoff` below
+    // `min_backoff` (a user's option) caps it.
+    exp.max(cfg.min_backoff).min(cfg.max_backoff).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_ceiling_and_crossed_bounds_do_not_panic() {
+        let cfg = Config { min_backoff: 250, max_backoff: 30_000, ..Config::default() };
+        let ceilings: alloc::vec::Vec<Millis> = (0..10).map(|a| backoff_ceiling(&cfg, a)).collect();
+        assert_eq!(ceilings, [250, 250, 500, 1000, 2000, 4000, 8000, 16_000, 30_000, 30_000]);
+        assert_eq!(backoff_ceiling(&cfg, u32::MAX), 30_000);
+        let crossed = Config { min_backoff: 250, max_backoff: 100, ..Config::default() };
+        assert!((0..40).all(|a| backoff_ceiling(&crossed, a) == 100));
+        let zero = Config { min_backoff: 0, max_backoff: 0, ..Config::default() };
+        assert_eq!(backoff_ceiling(&zero, 3), 1);
+    }
 }
