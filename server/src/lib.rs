@@ -23,9 +23,8 @@
 //! Endpoints: `GET /ws` (the command protocol, subprotocol `ivy1`) and `GET /log/<path>` (the
 //! stored events of a channel's subtree). The protocol is specified in `docs/PROTOCOL.md`.
 //!
-//! Inside: a sequencer thread stamps and stores every event in order (group commit, a few
-//! blocks per group), and a committer thread flushes each group and then publishes and
-//! acknowledges it, while the sequencer already stores the next one; storage sits behind [`store::EventLog`] (sled by default) and fan-out behind
+//! Inside: a sequencer thread stamps, stores (group commit, a few blocks per group) and
+//! publishes every event in order; storage sits behind [`store::EventLog`] (sled by default) and fan-out behind
 //! [`broker::Broker`] (in-process by default), so other engines can replace them without
 //! touching the protocol code.
 

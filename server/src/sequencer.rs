@@ -1,12 +1,10 @@
 //! The sequencer: one thread that stamps, stores and publishes every event, in order.
 //!
 //! Group commit: the thread takes every request waiting in its queue (up to a batch limit),
-//! gives them consecutive timestamps and appends them to the log in one atomic batch; a second
-//! thread, the committer, makes the batch durable with one flush, and only then hands the
-//! events to the broker and answers their senders. Concurrent senders share each flush, so
-//! throughput grows with concurrency instead of staying at one flush per event; and while the
-//! committer waits for one flush, the sequencer already appends the next batch (at most
-//! [`PIPELINE_DEPTH`] batches wait for the committer; one flush covers all that wait).
+//! gives them consecutive timestamps, appends them to the log in one atomic batch, makes the
+//! batch durable with one flush, and only then hands the events to the broker and answers
+//! their senders. Concurrent senders share each flush, so throughput grows with concurrency
+//! instead of staying at one flush per event.
 //!
 //! Clock floor: when the clock has a limit (asynchronous durability, where an acknowledged
 //! event can still be lost in a crash), a batch whose timestamps would go above it first
@@ -144,12 +142,7 @@ pub enum Input {
     Stop,
 }
 
-/// Batches stored but not yet flushed that may wait for the committer thread. While the
-/// committer flushes, the sequencer stores the next batch: the CPU work of one batch overlaps
-/// the fsync of the one before.
-const PIPELINE_DEPTH: usize = 2;
-
-/// Starts the sequencer thread (which starts the committer thread).
+/// Starts the sequencer thread.
 pub fn spawn(
     log: Arc<dyn EventLog>,
     broker: Arc<dyn Broker>,
@@ -161,44 +154,17 @@ pub fn spawn(
     let (tx, rx) = mpsc::channel(queue);
     let handle = std::thread::Builder::new()
         .name("ivy-sequencer".into())
-        .spawn(move || run(rx, log, broker, &clock, visible, durability))
+        .spawn(move || run(rx, &*log, &*broker, &clock, &visible, durability))
         .expect("spawn the sequencer thread");
     (tx, handle)
 }
 
 static SEQ: AtomicU64 = AtomicU64::new(1);
 
-/// A batch handed from the sequencer to the committer, in timestamp order.
-enum Stage {
-    /// Appended to the log (not yet flushed): flush, then publish and acknowledge.
-    Appended(Vec<PublishRequest>, Vec<(Timestamp, Vec<u8>)>),
-    /// Not stored: answer every request with this error.
-    Failed(Vec<PublishRequest>, String),
-}
-
-/// The sequencer thread: gathers a batch, stamps it and appends it to the log, then hands it
-/// to the committer thread, which flushes, publishes and acknowledges. Batches go through the
-/// committer in order, so events are published in timestamp order and every acknowledgement
-/// follows the flush that made its event durable.
-fn run(
-    mut rx: mpsc::Receiver<Input>,
-    log: Arc<dyn EventLog>,
-    broker: Arc<dyn Broker>,
-    clock: &Clock,
-    visible: Arc<Watermark>,
-    durability: Durability,
-) {
-    let (stage_tx, stage_rx) = std::sync::mpsc::sync_channel::<Stage>(PIPELINE_DEPTH);
-    let committer = {
-        let log = log.clone();
-        std::thread::Builder::new()
-            .name("ivy-committer".into())
-            .spawn(move || commit_stages(&stage_rx, &*log, &*broker, &visible, durability))
-            .expect("spawn the committer thread")
-    };
+fn run(mut rx: mpsc::Receiver<Input>, log: &dyn EventLog, broker: &dyn Broker, clock: &Clock, visible: &Watermark, durability: Durability) {
+    let mut batch: Vec<PublishRequest> = Vec::new();
     let mut stop = false;
     while !stop {
-        let mut batch: Vec<PublishRequest> = Vec::new();
         match rx.blocking_recv() {
             None | Some(Input::Stop) => break,
             Some(Input::Publish(r)) => batch.push(r),
@@ -217,15 +183,7 @@ fn run(
                 Err(_) => break,
             }
         }
-        let stage = append(batch, &*log, clock);
-        if stage_tx.send(stage).is_err() {
-            break; // the committer panicked
-        }
-    }
-    // Everything appended is flushed, published and acknowledged before the final steps.
-    drop(stage_tx);
-    if committer.join().is_err() {
-        tracing::error!("the committer thread panicked");
+        commit(&mut batch, log, broker, clock, visible, durability);
     }
     // Requests still queued (sent after Stop) are refused, then the store is flushed.
     rx.close();
@@ -243,90 +201,62 @@ fn run(
     }
 }
 
-/// Stamps a batch and appends it to the log (without flushing).
-fn append(batch: Vec<PublishRequest>, log: &dyn EventLog, clock: &Clock) -> Stage {
-    let lines = match stamp(&batch, log, clock) {
-        Ok(lines) => lines,
-        Err(e) => {
-            tracing::error!(error = %e, events = batch.len(), "recording the clock floor failed; the events were not stored");
-            return Stage::Failed(batch, e.to_string());
-        }
-    };
-    let records: Vec<Record<'_>> = batch.iter().zip(&lines).map(|(r, (ts, line))| Record { ts: *ts, path: &r.path, line }).collect();
-    let appended = log.append(&records);
-    drop(records);
-    match appended {
-        Ok(()) => Stage::Appended(batch, lines),
-        Err(e) => {
-            tracing::error!(error = %e, events = batch.len(), "storing events failed; they were not delivered live");
-            Stage::Failed(batch, e.to_string())
-        }
-    }
-}
-
-/// The committer thread: takes every batch waiting (one flush covers them all), flushes, then
-/// publishes and answers each batch in order.
-fn commit_stages(
-    rx: &std::sync::mpsc::Receiver<Stage>,
+fn commit(
+    batch: &mut Vec<PublishRequest>,
     log: &dyn EventLog,
     broker: &dyn Broker,
+    clock: &Clock,
     visible: &Watermark,
     durability: Durability,
 ) {
-    let mut stages = Vec::with_capacity(PIPELINE_DEPTH + 1);
-    while let Ok(stage) = rx.recv() {
-        stages.push(stage);
-        while let Ok(stage) = rx.try_recv() {
-            stages.push(stage);
+    let lines = match stamp(batch, log, clock) {
+        Ok(lines) => lines,
+        Err(e) => {
+            tracing::error!(error = %e, events = batch.len(), "recording the clock floor failed; the events were not stored");
+            for r in batch.drain(..) {
+                r.reply.send(Err(PublishError::Storage(e.to_string())));
+            }
+            return;
         }
-        let any_appended = stages.iter().any(|s| matches!(s, Stage::Appended(..)));
-        let flushed = match durability {
-            Durability::Sync if any_appended => log.sync().map_err(|e| {
-                tracing::error!(error = %e, "flushing events failed; they were not delivered live");
-                e.to_string()
-            }),
-            _ => Ok(()),
-        };
-        for stage in stages.drain(..) {
-            let (batch, error) = match (stage, &flushed) {
-                (Stage::Appended(batch, lines), Ok(())) => {
-                    publish(batch, lines, broker, visible);
-                    continue;
-                }
-                (Stage::Appended(batch, _), Err(e)) => (batch, e.clone()),
-                (Stage::Failed(batch, e), _) => (batch, e),
-            };
-            for r in batch {
-                r.reply.send(Err(PublishError::Storage(error.clone())));
+    };
+    let records: Vec<Record<'_>> = batch.iter().zip(&lines).map(|(r, (ts, line))| Record { ts: *ts, path: &r.path, line }).collect();
+    let stored = log.append(&records).and_then(|()| match durability {
+        Durability::Sync => log.sync(),
+        Durability::Async => Ok(()),
+    });
+    drop(records);
+    match stored {
+        Ok(()) => {
+            // Durable: log readers may see the batch now, before any subscriber gets it.
+            if let Some((ts, _)) = lines.last() {
+                visible.raise(*ts);
+            }
+            let published: Vec<Published> = batch
+                .iter_mut()
+                .zip(lines)
+                .map(|(r, (ts, line))| Published {
+                    seq: SEQ.fetch_add(1, Ordering::Relaxed),
+                    ts,
+                    path: std::mem::take(&mut r.path),
+                    sender: r.sender,
+                    line: match String::from_utf8(line) {
+                        Ok(s) => Utf8Bytes::from(s),
+                        // Data comes from text frames or `&str`, so this cannot happen.
+                        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned().into(),
+                    },
+                })
+                .collect();
+            broker.publish(&published);
+            for (r, p) in batch.drain(..).zip(&published) {
+                r.reply.send(Ok(p.ts));
             }
         }
-    }
-}
-
-/// Publishes a durable batch and acknowledges it.
-fn publish(mut batch: Vec<PublishRequest>, lines: Vec<(Timestamp, Vec<u8>)>, broker: &dyn Broker, visible: &Watermark) {
-    // Durable: log readers may see the batch now, before any subscriber gets it.
-    if let Some((ts, _)) = lines.last() {
-        visible.raise(*ts);
-    }
-    let published: Vec<Published> = batch
-        .iter_mut()
-        .zip(lines)
-        .map(|(r, (ts, line))| Published {
-            seq: SEQ.fetch_add(1, Ordering::Relaxed),
-            ts,
-            path: std::mem::take(&mut r.path),
-            sender: r.sender,
-            line: match String::from_utf8(line) {
-                Ok(s) => Utf8Bytes::from(s),
-                // Data comes from text frames or `&str`, so this cannot happen.
-                Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned().into(),
-            },
-        })
-        .collect();
-    broker.publish(&published);
-    for (r, p) in batch.into_iter().zip(&published) {
-        r.reply.send(Ok(p.ts));
+        Err(e) => {
+            tracing::error!(error = %e, events = batch.len(), "storing events failed; they were not delivered live");
+            for r in batch.drain(..) {
+                r.reply.send(Err(PublishError::Storage(e.to_string())));
+            }
+        }
     }
 }
 
