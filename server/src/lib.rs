@@ -103,6 +103,8 @@ pub(crate) struct Shared {
     stop_reading: CancellationToken,
     /// Stop writing, even with replies queued (graceful shutdown, last resort).
     force_close: CancellationToken,
+    /// The open WebSocket connections, which get the two signals above.
+    live: Arc<ws::Live>,
     tracker: TaskTracker,
     /// Open WebSocket connections (bounded by `--max-connections`).
     connections: Arc<AtomicUsize>,
@@ -163,10 +165,12 @@ impl Ivy {
             next_id: AtomicU64::new(1),
             stop_reading: CancellationToken::new(),
             force_close: CancellationToken::new(),
+            live: Arc::default(),
             tracker: TaskTracker::new(),
             connections: Arc::new(AtomicUsize::new(0)),
             refusals,
         });
+        tokio::spawn(shared.live.clone().watch(shared.stop_reading.clone(), shared.force_close.clone()));
         Ok(Ivy { shared, sequencer: Mutex::new(Some(handle)) })
     }
 

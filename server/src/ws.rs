@@ -2,8 +2,8 @@
 //! (the bounded outbound queue, coalesced into one flush per burst).
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -14,9 +14,10 @@ use futures_util::{SinkExt, StreamExt};
 use ivy_client_core::wire::{Command, ErrorCode, Op, encode_ack, encode_error};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
-use crate::broker::{Conn, Ending, ReplySlot};
+use crate::broker::{Conn, Ending, Half, ReplySlot, Stop};
 use crate::ratelimit::RateLimiter;
 use crate::sequencer::{Input, PublishRequest, Reply};
 
@@ -106,6 +107,73 @@ impl Refusals {
     }
 }
 
+/// The open connections' [`Ending`]s, so that the server-wide shutdown signals reach each
+/// connection's own (cheap to wait on) signal; touched once when a connection opens and once
+/// when it closes, never per message. A slab: 8 bytes per connection, places reused.
+#[derive(Debug, Default)]
+pub(crate) struct Live(Mutex<Slab>);
+
+#[derive(Debug, Default)]
+struct Slab {
+    places: Vec<Option<Arc<Ending>>>,
+    free: Vec<usize>,
+}
+
+/// Removes a connection from [`Live`] when dropped.
+pub(crate) struct Registered<'a>(&'a Live, usize);
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        let mut slab = self.0.0.lock().unwrap_or_else(PoisonError::into_inner);
+        slab.places[self.1] = None;
+        slab.free.push(self.1);
+    }
+}
+
+impl Live {
+    /// Adds a connection; it gets the shutdown signals already given.
+    pub(crate) fn register<'a>(&'a self, ending: &Arc<Ending>, stop: &CancellationToken, force: &CancellationToken) -> Registered<'a> {
+        let place = {
+            let mut slab = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            match slab.free.pop() {
+                Some(place) => {
+                    slab.places[place] = Some(ending.clone());
+                    place
+                }
+                None => {
+                    slab.places.push(Some(ending.clone()));
+                    slab.places.len() - 1
+                }
+            }
+        };
+        // After the insertion: a signal given before it is seen here, one given after it
+        // finds the connection in the slab (see `Live::watch`).
+        if stop.is_cancelled() {
+            ending.stop_reading();
+        }
+        if force.is_cancelled() {
+            ending.force();
+        }
+        Registered(self, place)
+    }
+
+    /// Passes `stop` (stop reading) and then `force` (stop writing) to every open connection
+    /// when they are cancelled. `Ivy::stop_signal` is public, so an embedding application may
+    /// cancel it directly instead of calling `Ivy::shutdown`.
+    pub(crate) async fn watch(self: Arc<Live>, stop: CancellationToken, force: CancellationToken) {
+        stop.cancelled().await;
+        self.each(Ending::stop_reading);
+        force.cancelled().await;
+        self.each(Ending::force);
+    }
+
+    fn each(&self, f: fn(&Ending)) {
+        for ending in self.0.lock().unwrap_or_else(PoisonError::into_inner).places.iter().flatten() {
+            f(ending);
+        }
+    }
+}
+
 /// `Retry-After` of the refusal at the connection limit, in seconds.
 const RETRY_AFTER: &str = "5";
 
@@ -134,13 +202,14 @@ pub(crate) async fn handler(State(shared): State<Arc<Shared>>, headers: HeaderMa
 async fn connection(shared: Arc<Shared>, socket: WebSocket) {
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let (conn, rx, ending) = Conn::new(id, shared.config.queue_length);
+    let _registered = shared.live.register(&ending, &shared.stop_reading, &shared.force_close);
     let (sink, stream) = socket.split();
     tracing::debug!(conn = id, "connected");
     let reader = async {
         let stream = read_loop(&shared, conn, stream).await;
-        linger(&shared, stream, &ending).await;
+        linger(stream, &ending).await;
     };
-    tokio::join!(reader, write_loop(&shared, rx, sink, &ending));
+    tokio::join!(reader, write_loop(rx, sink, &ending));
     tracing::debug!(conn = id, code = ending.code(), "disconnected");
 }
 
@@ -151,14 +220,14 @@ type Stream = futures_util::stream::SplitStream<WebSocket>;
 /// `CLOSE_TIMEOUT`: a socket closed with unread input is reset by the kernel, and the reset
 /// can destroy the close frame on its way to the client. (After a framing error nothing more
 /// can be read, so a client that keeps sending then may still see a reset.)
-async fn linger(shared: &Shared, mut stream: Stream, ending: &Ending) {
+async fn linger(mut stream: Stream, ending: &Ending) {
     if !matches!(ending.code(), close_code::SLOW_CONSUMER | close_code::TOO_BIG | close_code::INVALID_UTF8) {
         return;
     }
     let deadline = Instant::now() + CLOSE_TIMEOUT;
     loop {
         tokio::select! {
-            _ = shared.force_close.cancelled() => return,
+            _ = ending.stopped(Half::Reader, &[Stop::Forced]) => return,
             next = tokio::time::timeout_at(deadline, stream.next()) => match next {
                 Ok(Some(Ok(_))) => {}
                 _ => return,
@@ -187,7 +256,6 @@ fn ack_key(msg: &[u8]) -> Option<&[u8]> {
 async fn read_loop(shared: &Shared, conn: Arc<Conn>, mut stream: Stream) -> Stream {
     let mut subs: HashSet<Box<str>> = HashSet::new();
     let ending = conn.ending();
-    let kill = ending.kill().clone();
     let mut limiter = RateLimiter::new(shared.config.rate_limit, shared.config.rate_burst);
     let started = Instant::now();
     let every = shared.config.ping_interval;
@@ -198,16 +266,16 @@ async fn read_loop(shared: &Shared, conn: Arc<Conn>, mut stream: Stream) -> Stre
     });
     // A ping went out and nothing has arrived since.
     let mut awaiting_pong = false;
-    // Created once, not per command: registering and dropping a waiter costs on every message.
-    let killed = kill.cancelled();
-    let stopping = shared.stop_reading.cancelled();
-    tokio::pin!(killed, stopping);
+    // Created once, not per command.
+    let stopped = ending.stopped(Half::Reader, &[Stop::Killed, Stop::StopReading]);
+    tokio::pin!(stopped);
     loop {
         let msg = tokio::select! {
             biased;
-            _ = &mut killed => break,
-            _ = &mut stopping => {
-                ending.set(close_code::GOING_AWAY);
+            stop = &mut stopped => {
+                if stop == Stop::StopReading {
+                    ending.set(close_code::GOING_AWAY);
+                }
                 break;
             }
             m = stream.next() => m,
@@ -242,9 +310,10 @@ async fn read_loop(shared: &Shared, conn: Arc<Conn>, mut stream: Stream) -> Stre
             Err(false) => break,
             Err(true) => tokio::select! {
                 biased;
-                _ = &mut killed => break,
-                _ = &mut stopping => {
-                    ending.set(close_code::GOING_AWAY);
+                stop = &mut stopped => {
+                    if stop == Stop::StopReading {
+                        ending.set(close_code::GOING_AWAY);
+                    }
                     break;
                 }
                 slot = conn.reserve() => match slot {
@@ -387,12 +456,10 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most queued messages written before one flush.
 const COALESCE: usize = 256;
 
-async fn write_loop(shared: &Shared, mut rx: mpsc::Receiver<Message>, mut sink: Sink, ending: &Ending) {
-    let kill = ending.kill();
-    // Created once, not per message (see `read_loop`).
-    let killed = kill.cancelled();
-    let forced = shared.force_close.cancelled();
-    tokio::pin!(killed, forced);
+async fn write_loop(mut rx: mpsc::Receiver<Message>, mut sink: Sink, ending: &Ending) {
+    // Created once, not per message.
+    let stopped = ending.stopped(Half::Writer, &[Stop::Killed, Stop::Forced]);
+    tokio::pin!(stopped);
     loop {
         // A message already queued needs no wait (the write below still watches for the end).
         let first = match rx.try_recv() {
@@ -400,8 +467,7 @@ async fn write_loop(shared: &Shared, mut rx: mpsc::Receiver<Message>, mut sink: 
             Err(mpsc::error::TryRecvError::Disconnected) => break,
             Err(mpsc::error::TryRecvError::Empty) => tokio::select! {
                 biased;
-                _ = &mut killed => break,
-                _ = &mut forced => break,
+                _ = &mut stopped => break,
                 m = rx.recv() => match m {
                     Some(m) => m,
                     None => break,
@@ -420,8 +486,7 @@ async fn write_loop(shared: &Shared, mut rx: mpsc::Receiver<Message>, mut sink: 
         };
         tokio::select! {
             biased;
-            _ = &mut killed => break,
-            _ = &mut forced => break,
+            _ = &mut stopped => break,
             r = write => if r.is_err() {
                 ending.end(PEER_GONE);
                 break;
@@ -448,6 +513,6 @@ async fn write_loop(shared: &Shared, mut rx: mpsc::Receiver<Message>, mut sink: 
     };
     tokio::select! {
         _ = tokio::time::timeout(CLOSE_TIMEOUT, close) => {}
-        _ = shared.force_close.cancelled() => {}
+        _ = ending.stopped(Half::Writer, &[Stop::Forced]) => {}
     }
 }

@@ -91,6 +91,33 @@ async fn shutdown_sends_queued_replies_then_close_1001_and_flushes() {
 }
 
 #[tokio::test]
+async fn shutdown_closes_a_connection_that_does_not_read_after_the_grace_period() {
+    let dir = temp_dir();
+    let server = TestServer::start_in(dir.path()).await;
+    // A subscriber that never reads: its socket buffers fill up and its writer is stuck in a
+    // write, with events still queued (fewer than the queue holds, so it is no slow consumer).
+    let mut stuck = Client::connect(&server.ws_url()).await;
+    stuck.subscribe("/g").await;
+    let mut p = Client::connect(&server.ws_url()).await;
+    let data = "y".repeat(60_000);
+    let n = 300; // 18 MB: more than loopback socket buffers hold
+    for i in 0..n {
+        p.send(&format!("#{i}#:/g:{data}")).await;
+        assert!(p.recv().await.starts_with(&format!("#{i}#@")));
+    }
+    // The graceful shutdown waits for the stuck writer, then closes it (5 s grace) and finishes.
+    let t = std::time::Instant::now();
+    server.stop().await;
+    let took = t.elapsed();
+    assert!(took >= Duration::from_secs(4), "the stuck connection was cut before its grace period ({took:?})");
+    // Everything acked is stored.
+    let server = TestServer::start_in(dir.path()).await;
+    assert_eq!(log_text(server.addr, "/log/g").await.lines().count(), n);
+    server.stop().await;
+    drop(stuck);
+}
+
+#[tokio::test]
 async fn binary_help_flags_and_environment() {
     let out = std::process::Command::new(server_bin()).arg("--help").output().unwrap();
     assert!(out.status.success());
