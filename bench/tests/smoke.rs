@@ -12,8 +12,8 @@ fn tiny_run_delivers_everything() {
     let dir = tempfile::tempdir().unwrap();
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let addr = listener.local_addr().unwrap();
-    let config = ivy_server::Config::new(dir.path().join("data"));
-    rt.spawn(ivy_server::run(config, listener, std::future::pending()));
+    let ivy = ivy_server::Ivy::builder(ivy_server::Config::default()).engine(ivy_server::engine::SledEngine::new(dir.path().join("data")));
+    rt.spawn(ivy_server::run(ivy, listener, std::future::pending()));
 
     let out = dir.path().join("results.json");
     let plots = dir.path().join("plots");

@@ -14,7 +14,8 @@
 //! # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 //! # let url = format!("ws://{}", listener.local_addr()?);
 //! # let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-//! # let server = tokio::spawn(ivy_server::run(ivy_server::Config::new(dir.path()), listener, async { let _ = stopped.await; }));
+//! # let ivy = ivy_server::Ivy::builder(ivy_server::Config::default()).engine(ivy_server::engine::SledEngine::new(dir.path()));
+//! # let server = tokio::spawn(ivy_server::run(ivy, listener, async { let _ = stopped.await; }));
 //! use futures_util::StreamExt;
 //! use ivy_client_native::{Client, Start};
 //!

@@ -1,10 +1,10 @@
-//! The HTTP log endpoint: `GET /log/<path>`.
+//! The HTTP log endpoint: `GET /log/<path>`, read through the engine.
 //!
-//! Whole-log and `n=K` reads are streamed in chunks from a blocking thread, so a large log
-//! never sits in memory; cursor pages (`after`, `limit`) are bounded by the page limit.
+//! Whole-log and `n=K` reads are streamed as a sequence of pages of about [`CHUNK`] bytes, so
+//! a large log never sits in memory; cursor pages (`after`, `limit`) are bounded by the page
+//! limit.
 
 use std::io;
-use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -14,11 +14,10 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use ivy_client_core::Timestamp;
 use ivy_client_core::path::normalize_with_limit;
-use tokio::sync::mpsc;
 
 use crate::Shared;
+use crate::engine::{Engine, ReadRequest};
 use crate::logquery::{self, LogQuery};
-use crate::store::{Direction, EventLog};
 
 /// Size of the chunks a streamed log is sent in.
 const CHUNK: usize = 64 * 1024;
@@ -102,87 +101,57 @@ pub(crate) async fn handler(
         Ok(q) => q,
         Err(reason) => return bad_request(reason),
     };
-    let log = shared.log.clone();
-    // Only durable events are shown (see `Watermark`).
-    let visible = shared.visible.get();
+    let engine = shared.engine.clone();
+    // Only durable events are shown (see `Engine::visible`).
+    let visible = engine.visible();
     match query {
         LogQuery::Page { after, limit } => {
             let cap = shared.config.log_page_limit.max(1);
             let effective = limit.map_or(cap, |l| usize::try_from(l).unwrap_or(usize::MAX).min(cap));
-            let p = path.clone();
-            let page = tokio::task::spawn_blocking(move || read_page(&*log, &p, after, visible, effective)).await;
-            let (body, count, newest) = match page {
-                Ok(Ok(page)) => page,
-                Ok(Err(e)) => return server_error(e),
-                Err(e) => return server_error(io::Error::other(e)),
+            let page = match engine.read(ReadRequest::new(path.as_str(), after, visible, effective)).await {
+                Ok(page) => page,
+                Err(e) => return server_error(e),
             };
-            let full = count == effective;
+            let full = page.count == effective;
             let immutable = full && limit == Some(effective as u64);
+            let newest = page.last;
             let link = full.then(|| {
                 let last = newest.map_or(String::new(), |t| t.to_string());
                 // The path as requested, so that the link works under any mount point.
                 format!("<{}?after={last}&limit={effective}>; rel=\"next\"", original.path())
             });
             let meta = Meta { newest, cache: if immutable { IMMUTABLE } else { NO_CACHE }, link };
-            respond(&headers, meta, || Body::from(body))
+            respond(&headers, meta, || Body::from(page.lines))
         }
         LogQuery::All | LogQuery::Last(_) => {
-            let (p, q) = (path.clone(), query);
-            let log2 = log.clone();
-            let bounds = tokio::task::spawn_blocking(move || stream_bounds(&*log2, &p, q, visible)).await;
-            let (start_after, newest) = match bounds {
-                Ok(Ok(b)) => b,
-                Ok(Err(e)) => return server_error(e),
-                Err(e) => return server_error(io::Error::other(e)),
+            let (start_after, newest) = match stream_bounds(&*engine, &path, query, visible).await {
+                Ok(b) => b,
+                Err(e) => return server_error(e),
             };
             let meta = Meta { newest, cache: NO_CACHE, link: None };
             respond(&headers, meta, move || match newest {
                 None => Body::empty(),
-                Some(until) => stream_body(log, path, start_after, until),
+                Some(until) => stream_body(engine, path, start_after, until),
             })
         }
     }
 }
 
-/// Reads one cursor page: the body, the number of events and the newest one.
-fn read_page(
-    log: &dyn EventLog,
-    path: &str,
-    after: Option<Timestamp>,
-    until: Timestamp,
-    limit: usize,
-) -> io::Result<(Vec<u8>, usize, Option<Timestamp>)> {
-    let mut body = Vec::new();
-    let mut count = 0;
-    let mut newest = None;
-    log.scan(path, after, Some(until), Direction::Forward, &mut |ts, load| {
-        if count > 0 {
-            body.push(b'\n');
-        }
-        load(&mut body)?;
-        count += 1;
-        newest = Some(ts);
-        Ok(if count >= limit { ControlFlow::Break(()) } else { ControlFlow::Continue(()) })
-    })?;
-    Ok((body, count, newest))
-}
-
 /// For a streamed read: the exclusive start and the newest event (the stream's end, so that
 /// the body matches its ETag even while events keep arriving).
-fn stream_bounds(log: &dyn EventLog, path: &str, q: LogQuery, until: Timestamp) -> io::Result<(Option<Timestamp>, Option<Timestamp>)> {
+async fn stream_bounds(
+    engine: &dyn Engine,
+    path: &str,
+    q: LogQuery,
+    until: Timestamp,
+) -> io::Result<(Option<Timestamp>, Option<Timestamp>)> {
     let want = match q {
-        LogQuery::Last(k) => k,
+        LogQuery::Last(k) => usize::try_from(k).unwrap_or(usize::MAX),
         _ => 1,
     };
-    let mut newest = None;
-    let mut oldest = None;
-    let mut seen = 0u64;
-    log.scan(path, None, Some(until), Direction::Backward, &mut |ts, _| {
-        newest.get_or_insert(ts);
-        oldest = Some(ts);
-        seen += 1;
-        Ok(if seen >= want { ControlFlow::Break(()) } else { ControlFlow::Continue(()) })
-    })?;
+    let page = engine.read(ReadRequest::new(path, None, until, want).backward().without_lines()).await?;
+    // Backward: the first is the newest, the last the oldest.
+    let (newest, oldest) = (page.first, page.last);
     let start_after = match q {
         LogQuery::Last(_) => oldest.filter(|&t| t != Timestamp::ZERO).map(Timestamp::prev),
         _ => None,
@@ -190,35 +159,43 @@ fn stream_bounds(log: &dyn EventLog, path: &str, q: LogQuery, until: Timestamp) 
     Ok((start_after, newest))
 }
 
-fn stream_body(log: Arc<dyn EventLog>, path: String, after: Option<Timestamp>, until: Timestamp) -> Body {
-    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
-    tokio::task::spawn_blocking(move || {
-        let mut buf = Vec::with_capacity(CHUNK + 1024);
-        let mut first = true;
-        let r = log.scan(&path, after, Some(until), Direction::Forward, &mut |_, load| {
-            if !first {
-                buf.push(b'\n');
-            }
-            first = false;
-            load(&mut buf)?;
-            if buf.len() >= CHUNK {
-                let chunk = Bytes::from(std::mem::replace(&mut buf, Vec::with_capacity(CHUNK + 1024)));
-                if tx.blocking_send(Ok(chunk)).is_err() {
-                    return Ok(ControlFlow::Break(())); // client went away
+/// The body of a streamed read: pages of about [`CHUNK`] bytes, read one after another as
+/// the client takes them, joined by newlines.
+fn stream_body(engine: Arc<dyn Engine>, path: String, after: Option<Timestamp>, until: Timestamp) -> Body {
+    struct Cursor {
+        engine: Arc<dyn Engine>,
+        path: String,
+        after: Option<Timestamp>,
+        until: Timestamp,
+        first: bool,
+        done: bool,
+    }
+    let cursor = Cursor { engine, path, after, until, first: true, done: false };
+    Body::from_stream(futures_util::stream::unfold(cursor, |mut c| async move {
+        if c.done {
+            return None;
+        }
+        let request = ReadRequest::new(c.path.as_str(), c.after, c.until, usize::MAX).max_bytes(CHUNK);
+        match c.engine.read(request).await {
+            Ok(page) if page.count == 0 => None,
+            Ok(page) => {
+                let mut chunk = Vec::with_capacity(page.lines.len() + 1);
+                if !c.first {
+                    chunk.push(b'\n');
                 }
+                chunk.extend_from_slice(&page.lines);
+                c.first = false;
+                c.after = page.last;
+                c.done = page.last >= Some(c.until);
+                Some((Ok::<_, io::Error>(Bytes::from(chunk)), c))
             }
-            Ok(ControlFlow::Continue(()))
-        });
-        let _ = match r {
-            Ok(()) if !buf.is_empty() => tx.blocking_send(Ok(Bytes::from(buf))),
-            Ok(()) => Ok(()),
             Err(e) => {
                 tracing::error!(error = %e, "streaming the log failed");
-                tx.blocking_send(Err(e))
+                c.done = true;
+                Some((Err(e), c))
             }
-        };
-    });
-    Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) }))
+        }
+    }))
 }
 
 /// Answers `OPTIONS` preflights for the log endpoint.
@@ -228,4 +205,34 @@ pub(crate) async fn preflight() -> Response {
     h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("If-None-Match"));
     h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("86400"));
     (StatusCode::NO_CONTENT, h).into_response()
+}
+
+/// Adds CORS headers for an allowed `Origin`. With a restricted origin list the answer
+/// depends on `Origin`, so `Vary: Origin` is always sent for caches.
+fn cors_headers(allowed: &[String], req: &HeaderMap, out: &mut HeaderMap) {
+    let any = allowed.is_empty() || allowed.iter().any(|a| a == "*");
+    if !any {
+        out.append(header::VARY, HeaderValue::from_static("Origin"));
+    }
+    let Some(origin) = req.get(header::ORIGIN) else { return };
+    if any {
+        out.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    } else if crate::ws::origin_allowed(allowed, req) {
+        out.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+    } else {
+        return;
+    }
+    out.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("Link, ETag, Last-Modified"));
+}
+
+/// Middleware: CORS headers on every log response, errors included.
+pub(crate) async fn cors_layer(
+    axum::extract::State(shared): axum::extract::State<Arc<Shared>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let req_headers = req.headers().clone();
+    let mut resp = next.run(req).await;
+    cors_headers(&shared.config.allowed_origins, &req_headers, resp.headers_mut());
+    resp
 }

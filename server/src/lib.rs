@@ -1,12 +1,12 @@
 //! The Ivy reference server: hierarchical pub/sub over WebSocket with persistent event logs.
 //!
-//! Usable as the `ivy-server` binary and as a library, either whole ([`run`]) or embedded in a
-//! larger axum application ([`Ivy::router`]):
+//! Usable as the `ivy-server` binary ([`cli`]) and as a library, either whole ([`run`]) or
+//! embedded in a larger axum application ([`Ivy::router`]):
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
-//! let config = ivy_server::Config::new("/var/lib/ivy");
-//! let ivy = ivy_server::Ivy::open(config)?;
+//! use ivy_server::{Config, Ivy, engine::SledEngine};
+//! let ivy = Ivy::builder(Config::default()).engine(SledEngine::new("/var/lib/ivy")).open()?;
 //! let app = axum::Router::new()
 //!     .route("/health", axum::routing::get(|| async { "ok" }))
 //!     .merge(ivy.router());
@@ -23,98 +23,72 @@
 //! Endpoints: `GET /ws` (the command protocol, subprotocol `ivy1`) and `GET /log/<path>` (the
 //! stored events of a channel's subtree). The protocol is specified in `docs/PROTOCOL.md`.
 //!
-//! Inside: a sequencer thread stamps, stores (group commit, a few blocks per group) and
-//! publishes every event in order; storage sits behind [`store::EventLog`] (sled by default) and fan-out behind
-//! [`broker::Broker`] (in-process by default), so other engines can replace them without
-//! touching the protocol code.
+//! Inside, one concept per module:
+//!
+//! - [`engine`]: ordering, storage and the bus, behind the [`engine::Engine`] trait; the sled
+//!   engine is the default, the in-memory engine a second one. Another engine (Redis, for
+//!   several nodes) goes in as one more implementation, with no change to what follows;
+//! - [`fanout`]: this node's subscriptions and the delivery of each event to them;
+//! - `session`: one connection's protocol, sans-IO (a command in, a decision out);
+//! - `ws`: the WebSocket I/O that feeds the session and carries out its decisions;
+//! - `conn`: a connection's outbound queue and ending, and the registry of connections;
+//! - `http`: the log endpoint, CORS; `serve`: the accept loop; [`cli`]: the binary.
 
-pub mod broker;
-pub mod clock;
+pub mod cli;
 pub mod config;
+mod conn;
+pub mod engine;
+pub mod fanout;
 mod http;
 pub mod logquery;
 pub mod ratelimit;
-pub mod sequencer;
+mod serve;
+mod session;
 mod static_files;
-pub mod store;
 mod ws;
 
 use std::future::Future;
 use std::io;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::http::{HeaderMap, HeaderValue, header};
 use axum::routing::get;
+use bytes::Bytes;
 use ivy_client_core::Timestamp;
-use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use clock::WallClock;
-pub use config::{Config, Durability};
-pub use sequencer::PublishError;
-pub use ws::{SUBPROTOCOL, close_code};
+pub use config::Config;
+pub use conn::close_code;
+pub use engine::sled::Durability;
+pub use engine::{PublishError, WallClock};
+pub use serve::serve;
+pub use ws::SUBPROTOCOL;
 
-use broker::{Broker, LocalBroker};
-use clock::Clock;
-use sequencer::{Input, PublishRequest, Reply};
-use store::{EventLog, SledLog};
+use conn::Connections;
+use engine::{Completion, Engine, Open, Publish, Publisher, SledEngine};
+use fanout::FanOut;
 
 /// How long connections get to finish their queued replies at shutdown before they are cut.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// The newest timestamp whose event is durable (or, with [`Durability::Async`], stored in
-/// memory) and may be shown to log readers. Events are appended before their flush completes;
-/// reads stop at this mark so that nobody sees, or caches as immutable, an event that a crash
-/// could still take back.
-#[derive(Debug, Default)]
-pub struct Watermark(Mutex<Timestamp>);
-
-impl Watermark {
-    /// A mark at `ts`.
-    pub fn new(ts: Timestamp) -> Watermark {
-        Watermark(Mutex::new(ts))
-    }
-    /// The current mark.
-    pub fn get(&self) -> Timestamp {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-    /// Raises the mark to `ts`.
-    pub fn raise(&self, ts: Timestamp) {
-        let mut m = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        *m = (*m).max(ts);
-    }
-}
-
 /// State shared by every handler.
 pub(crate) struct Shared {
     config: Config,
-    log: Arc<dyn EventLog>,
-    visible: Arc<Watermark>,
-    broker: Arc<dyn Broker>,
-    clock: Arc<Clock>,
-    publish_tx: mpsc::Sender<Input>,
-    next_id: AtomicU64,
-    /// Stop reading commands (graceful shutdown, first step).
+    engine: Arc<dyn Engine>,
+    fanout: Arc<FanOut>,
+    publisher: Publisher,
+    connections: Arc<Connections>,
+    /// Cancelled when shutdown begins (stop reading commands).
     stop_reading: CancellationToken,
-    /// Stop writing, even with replies queued (graceful shutdown, last resort).
-    force_close: CancellationToken,
-    /// The open WebSocket connections, which get the two signals above.
-    live: Arc<ws::Live>,
     tracker: TaskTracker,
-    /// Open WebSocket connections (bounded by `--max-connections`).
-    connections: Arc<AtomicUsize>,
-    refusals: ws::Refusals,
+    refusals: session::Refusals,
 }
 
-/// A running Ivy instance: its store, sequencer and fan-out.
+/// A running Ivy instance: its engine, fan-out and connections.
 pub struct Ivy {
     shared: Arc<Shared>,
-    sequencer: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Ivy {
@@ -123,55 +97,65 @@ impl std::fmt::Debug for Ivy {
     }
 }
 
-impl Ivy {
-    /// Opens the store in `config.data` and starts the sequencer. Must be called within a
-    /// tokio runtime.
-    pub fn open(config: Config) -> io::Result<Ivy> {
-        Ivy::open_with_clock(config, WallClock::system())
+/// Builds an [`Ivy`]: its [`Config`] and its engine ([`IvyBuilder::engine`]).
+#[must_use]
+pub struct IvyBuilder {
+    config: Config,
+    engine: Box<dyn Open>,
+}
+
+impl std::fmt::Debug for IvyBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IvyBuilder").field("config", &self.config).field("engine", &self.engine.describe()).finish()
+    }
+}
+
+impl IvyBuilder {
+    /// The engine (default: [`SledEngine`] in `./ivy-data`).
+    pub fn engine(self, engine: impl Open) -> IvyBuilder {
+        self.engine_boxed(Box::new(engine))
     }
 
-    /// [`Ivy::open`] with a custom wall clock (for tests of clock steps).
-    pub fn open_with_clock(config: Config, wall: WallClock) -> io::Result<Ivy> {
+    /// [`IvyBuilder::engine`] with an engine chosen at run time.
+    pub fn engine_boxed(mut self, engine: Box<dyn Open>) -> IvyBuilder {
+        self.engine = engine;
+        self
+    }
+
+    /// Opens the engine and starts the server's machinery. Must be called within a tokio
+    /// runtime.
+    pub fn open(self) -> io::Result<Ivy> {
+        let IvyBuilder { config, engine } = self;
         if let Some(dir) = &config.static_dir {
             static_files::check(dir)?;
         }
-        std::fs::create_dir_all(&config.data)?;
-        let log = SledLog::open(&config.data, config.durability, config.flush_interval_ms)?;
-        let last = log.last_timestamp()?.unwrap_or(Timestamp::ZERO);
-        // After a crash with async durability the floor is above the newest surviving event:
-        // lost events had timestamps up to it, which must not be handed out again.
-        let floor = log.clock_floor()?.unwrap_or(Timestamp::ZERO).max(last);
-        let log: Arc<dyn EventLog> = Arc::new(log);
-        // Positions start at the newest stored event, below the floor after a crash that lost
-        // events: a client that saw them finds P < L and knows (docs/PROTOCOL.md 8.4).
-        let broker: Arc<dyn Broker> = Arc::new(LocalBroker::new(last));
-        let clock = Arc::new(Clock::new(wall, floor));
-        if config.durability == Durability::Async {
-            // Every timestamp above the floor must first be covered by a durable floor.
-            clock.set_limit(floor);
+        let (publisher, requests) = engine::queue();
+        let fanout = Arc::new(FanOut::new());
+        let description = engine.describe();
+        let engine = engine.open(engine::Context { requests, fanout: fanout.clone() })?;
+        tracing::info!(engine = %description, "engine open");
+        let connections = Arc::new(Connections::new(config.max_connections));
+        let stop_reading = CancellationToken::new();
+        {
+            // An embedding application may cancel `stop_signal` itself instead of calling
+            // `shutdown`: the connections stop reading either way.
+            let (stop, connections) = (stop_reading.clone(), connections.clone());
+            tokio::spawn(async move {
+                stop.cancelled().await;
+                connections.stop_reading();
+            });
         }
-        let visible = Arc::new(Watermark::new(last));
-        let (publish_tx, handle) =
-            sequencer::spawn(log.clone(), broker.clone(), clock.clone(), visible.clone(), config.durability, 16 * 1024);
-        tracing::info!(data = %config.data.display(), last = %last, floor = %floor, durability = ?config.durability, "event store open");
-        let refusals = ws::Refusals::new(&config);
-        let shared = Arc::new(Shared {
-            config,
-            log,
-            visible,
-            broker,
-            clock,
-            publish_tx,
-            next_id: AtomicU64::new(1),
-            stop_reading: CancellationToken::new(),
-            force_close: CancellationToken::new(),
-            live: Arc::default(),
-            tracker: TaskTracker::new(),
-            connections: Arc::new(AtomicUsize::new(0)),
-            refusals,
-        });
-        tokio::spawn(shared.live.clone().watch(shared.stop_reading.clone(), shared.force_close.clone()));
-        Ok(Ivy { shared, sequencer: Mutex::new(Some(handle)) })
+        let refusals = session::Refusals::new(&config);
+        let shared =
+            Arc::new(Shared { config, engine, fanout, publisher, connections, stop_reading, tracker: TaskTracker::new(), refusals });
+        Ok(Ivy { shared })
+    }
+}
+
+impl Ivy {
+    /// A builder with `config` and the default engine ([`SledEngine`] in `./ivy-data`).
+    pub fn builder(config: Config) -> IvyBuilder {
+        IvyBuilder { config, engine: Box::new(SledEngine::default()) }
     }
 
     /// The routes `/ws`, `/log`, `/log/` and `/log/{*path}`, to serve or merge into an app.
@@ -182,7 +166,7 @@ impl Ivy {
             .route("/log", get(http::handler).options(http::preflight))
             .route("/log/", get(http::handler).options(http::preflight))
             .route("/log/{*path}", get(http::handler).options(http::preflight))
-            .layer(axum::middleware::from_fn_with_state(self.shared.clone(), cors_layer));
+            .layer(axum::middleware::from_fn_with_state(self.shared.clone(), http::cors_layer));
         let router = Router::new().route("/ws", get(ws::handler)).merge(log).with_state(self.shared.clone());
         match &self.shared.config.static_dir {
             Some(dir) => router.merge(static_files::router(dir)),
@@ -191,28 +175,19 @@ impl Ivy {
     }
 
     /// Publishes an event from the embedding application (no sender is excluded). Resolves
-    /// to its timestamp once it is stored (durably with [`Durability::Sync`]) and delivered
+    /// to its timestamp once it is stored (as durably as the engine promises) and delivered
     /// to the subscribers' queues.
     pub async fn publish(&self, path: &str, data: &str) -> Result<Timestamp, PublishError> {
         let path = ivy_client_core::path::normalize_with_limit(path.as_bytes(), self.shared.config.max_path_length)
             .map_err(PublishError::InvalidPath)?;
-        let (tx, rx) = oneshot::channel();
-        let request = PublishRequest {
-            path: path.into_owned().into_boxed_str(),
-            message: data.to_string().into(),
-            data_start: 0,
-            sender: None,
-            reply: Reply::Channel(tx),
-        };
-        if self.shared.publish_tx.send(Input::Publish(request)).await.is_err() {
-            return Err(PublishError::ShuttingDown);
-        }
-        rx.await.unwrap_or(Err(PublishError::ShuttingDown))
+        let (done, outcome) = Completion::channel();
+        self.shared.publisher.publish(Publish::new(path.into_owned(), Bytes::copy_from_slice(data.as_bytes()), done)).await;
+        outcome.await.unwrap_or(Err(PublishError::ShuttingDown))
     }
 
     /// The number of open WebSocket connections (at most `--max-connections`).
     pub fn connections(&self) -> usize {
-        self.shared.connections.load(Ordering::Acquire)
+        self.shared.connections.len()
     }
 
     /// Cancelled when shutdown begins; also a handy trigger for `with_graceful_shutdown`.
@@ -221,147 +196,32 @@ impl Ivy {
     }
 
     /// Shuts down: connections stop reading, get their queued replies and a close frame
-    /// (1001), the sequencer finishes every accepted event and the store is flushed. The
-    /// store's files are closed (and its lock released) when the `Ivy` and every router made
-    /// from it are dropped.
+    /// (1001), the engine finishes every accepted event and flushes. A sled store's files are
+    /// closed (and its lock released) when the `Ivy` and every router made from it are
+    /// dropped.
     pub async fn shutdown(&self) {
-        self.shared.stop_reading.cancel();
-        self.shared.tracker.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, self.shared.tracker.wait()).await.is_err() {
+        let shared = &self.shared;
+        shared.stop_reading.cancel();
+        shared.connections.stop_reading();
+        shared.tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, shared.tracker.wait()).await.is_err() {
             tracing::warn!("connections did not finish in time; closing them");
-            self.shared.force_close.cancel();
-            self.shared.tracker.wait().await;
+            shared.connections.force();
+            shared.tracker.wait().await;
         }
-        let _ = self.shared.publish_tx.send(Input::Stop).await;
-        let handle = self.sequencer.lock().unwrap_or_else(PoisonError::into_inner).take();
-        if let Some(handle) = handle {
-            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
-        }
+        shared.publisher.stop().await;
+        shared.engine.shutdown().await;
         tracing::info!("shut down; event store flushed");
     }
 }
 
-/// Adds CORS headers for an allowed `Origin`. With a restricted origin list the answer
-/// depends on `Origin`, so `Vary: Origin` is always sent for caches.
-pub(crate) fn cors_headers(allowed: &[String], req: &HeaderMap, out: &mut HeaderMap) {
-    let any = allowed.is_empty() || allowed.iter().any(|a| a == "*");
-    if !any {
-        out.append(header::VARY, HeaderValue::from_static("Origin"));
-    }
-    let Some(origin) = req.get(header::ORIGIN) else { return };
-    if any {
-        out.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
-    } else if ws::origin_allowed(allowed, req) {
-        out.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
-    } else {
-        return;
-    }
-    out.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("Link, ETag, Last-Modified"));
-}
-
-/// Middleware: CORS headers on every log response, errors included.
-async fn cors_layer(
-    axum::extract::State(shared): axum::extract::State<Arc<Shared>>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let req_headers = req.headers().clone();
-    let mut resp = next.run(req).await;
-    cors_headers(&shared.config.allowed_origins, &req_headers, resp.headers_mut());
-    resp
-}
-
-/// Serves Ivy on `listener` until `shutdown` resolves, then shuts down gracefully: the
-/// binary's whole life. See [`serve`] for what the accept loop does.
-pub async fn run(config: Config, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> io::Result<()> {
-    let ivy = Ivy::open(config)?;
-    serve(&ivy, ivy.router(), listener, shutdown).await
-}
-
-/// Serves `app` ([`Ivy::router`], alone or merged into an application's routes) on
-/// `listener` until `shutdown` resolves or [`Ivy::stop_signal`] is cancelled, then shuts
-/// `ivy` down gracefully (section 8.3 of `docs/PROTOCOL.md`); in-flight HTTP requests get
-/// 5 seconds to finish.
-///
-/// Compared with a bare `axum::serve`, the accept loop protects the server from clients that
-/// open connections and send nothing: an HTTP connection that does not complete a request head
-/// within [`Config::header_timeout`] is closed (WebSockets, once upgraded, are bounded by
-/// `--max-connections` and the ping timeout instead). It also sets `TCP_NODELAY`, so that
-/// small lines are not held back, and survives accept errors such as running out of file
-/// descriptors (it logs them and retries shortly).
-pub async fn serve(
-    ivy: &Ivy,
-    app: Router,
+/// Serves Ivy (built by `builder`) on `listener` until `shutdown` resolves, then shuts down
+/// gracefully: the binary's whole life. See [`serve`] for what the accept loop does.
+pub async fn run(
+    builder: IvyBuilder,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    use hyper_util::service::TowerToHyperService;
-
-    let stop = ivy.stop_signal();
-    let stopper = stop.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            () = shutdown => {}
-            () = stopper.cancelled() => {}
-        }
-        stopper.cancel();
-    });
-    let header_timeout = Some(ivy.shared.config.header_timeout).filter(|t| !t.is_zero());
-    let mut connections = tokio::task::JoinSet::new();
-    loop {
-        let (stream, peer) = tokio::select! {
-            biased;
-            () = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(c) => c,
-                Err(e) if is_connection_error(&e) => continue,
-                Err(e) => {
-                    // Out of file descriptors or memory: wait for some to be freed.
-                    tracing::warn!(error = %e, "accepting a connection failed; retrying in 100 ms");
-                    tokio::select! {
-                        () = stop.cancelled() => break,
-                        () = tokio::time::sleep(Duration::from_millis(100)) => continue,
-                    }
-                }
-            },
-        };
-        while connections.try_join_next().is_some() {}
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(%peer, error = %e, "setting TCP_NODELAY failed");
-        }
-        let service = TowerToHyperService::new(app.clone());
-        let stop = stop.clone();
-        connections.spawn(async move {
-            let mut http = hyper::server::conn::http1::Builder::new();
-            http.timer(TokioTimer::new()).header_read_timeout(header_timeout);
-            let conn = http.serve_connection(TokioIo::new(stream), service).with_upgrades();
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
-                    }
-                    return;
-                }
-                () = stop.cancelled() => {}
-            }
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        });
-    }
-    drop(listener);
-    let http_done = async {
-        if tokio::time::timeout(SHUTDOWN_GRACE, async { while connections.join_next().await.is_some() {} }).await.is_err() {
-            tracing::warn!("HTTP requests did not finish in time; closing them");
-            connections.shutdown().await;
-        }
-    };
-    tokio::join!(ivy.shutdown(), http_done);
-    Ok(())
-}
-
-/// Accept errors that concern only the connection being accepted.
-fn is_connection_error(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset)
+    let ivy = builder.open()?;
+    serve(&ivy, ivy.router(), listener, shutdown).await
 }

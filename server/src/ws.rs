@@ -1,47 +1,26 @@
-//! The WebSocket endpoint: one task per connection, joining a reader (commands) and a writer
-//! (the bounded outbound queue, coalesced into one flush per burst).
+//! The WebSocket endpoint, I/O only: one task per connection, joining a reader (frames into
+//! the connection's [`Session`], its decisions carried out) and a writer (the bounded outbound
+//! queue, coalesced into one flush per burst).
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use ivy_client_core::wire::{Command, ErrorCode, Op, encode_ack, encode_error};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
-use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
-use crate::broker::{Conn, Ending, Half, ReplySlot, Stop};
-use crate::ratelimit::RateLimiter;
-use crate::sequencer::{Input, PublishRequest, Reply};
-
-/// Close codes the server sends (see `docs/PROTOCOL.md`).
-pub mod close_code {
-    /// The server is shutting down.
-    pub const GOING_AWAY: u16 = 1001;
-    /// The peer broke the WebSocket protocol (for example an unmasked frame).
-    pub const PROTOCOL_ERROR: u16 = 1002;
-    /// A text frame was not valid UTF-8.
-    pub const INVALID_UTF8: u16 = 1007;
-    /// A message exceeded the size limit.
-    pub const TOO_BIG: u16 = 1009;
-    /// The connection's outbound queue overflowed: it did not read fast enough.
-    pub const SLOW_CONSUMER: u16 = crate::broker::SLOW_CONSUMER;
-    /// Nothing, not even a pong, arrived for a whole ping interval after a ping.
-    pub const PING_TIMEOUT: u16 = 4001;
-}
+use crate::conn::{Conn, Ending, PEER_GONE, ReaderStop, ReplySlot, Slot, Stop, WriterStop, close_code};
+use crate::engine::{Completion, Publish};
+use crate::session::{Outcome, PendingReply, Session, ack_line};
 
 /// The subprotocol echoed when the client offers it.
 pub const SUBPROTOCOL: &str = "ivy1";
-
-/// Recorded when the peer closed or vanished: nothing more to send.
-const PEER_GONE: u16 = 1;
 
 pub(crate) fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
     if allowed.is_empty() {
@@ -54,126 +33,6 @@ pub(crate) fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
     }
 }
 
-/// One of the `--max-connections` WebSocket slots, given back when dropped (when the
-/// connection ends, or when the upgrade never completes).
-pub(crate) struct Slot(Arc<AtomicUsize>);
-
-impl Slot {
-    fn take(count: &Arc<AtomicUsize>, max: usize) -> Option<Slot> {
-        count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
-        Some(Slot(count.clone()))
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// Replies prepared once, so that refusing a flood allocates nothing per command when it
-/// carries no ack key.
-#[derive(Debug)]
-pub(crate) struct Refusals {
-    rate_limited_message: Box<str>,
-    rate_limited_keyless: Utf8Bytes,
-}
-
-impl Refusals {
-    pub(crate) fn new(config: &crate::Config) -> Refusals {
-        let message = format!(
-            "too many commands: the limit is {} per second (bursts of {}); this command was not executed",
-            config.rate_limit,
-            config.rate_burst.max(1)
-        );
-        let mut line = Vec::new();
-        encode_error(None, ErrorCode::RateLimited, &message, &mut line);
-        Refusals {
-            rate_limited_keyless: String::from_utf8_lossy(&line).into_owned().into(),
-            rate_limited_message: message.into_boxed_str(),
-        }
-    }
-
-    /// Replies `[#key#]!rate-limited ...` in `slot`.
-    fn rate_limited(&self, key: Option<&[u8]>, slot: ReplySlot) {
-        match key {
-            None => slot.send(Message::Text(self.rate_limited_keyless.clone())),
-            Some(key) => {
-                let mut line = Vec::new();
-                encode_error(Some(key), ErrorCode::RateLimited, &self.rate_limited_message, &mut line);
-                slot.send_line(line);
-            }
-        }
-    }
-}
-
-/// The open connections' [`Ending`]s, so that the server-wide shutdown signals reach each
-/// connection's own (cheap to wait on) signal; touched once when a connection opens and once
-/// when it closes, never per message. A slab: 8 bytes per connection, places reused.
-#[derive(Debug, Default)]
-pub(crate) struct Live(Mutex<Slab>);
-
-#[derive(Debug, Default)]
-struct Slab {
-    places: Vec<Option<Arc<Ending>>>,
-    free: Vec<usize>,
-}
-
-/// Removes a connection from [`Live`] when dropped.
-pub(crate) struct Registered<'a>(&'a Live, usize);
-
-impl Drop for Registered<'_> {
-    fn drop(&mut self) {
-        let mut slab = self.0.0.lock().unwrap_or_else(PoisonError::into_inner);
-        slab.places[self.1] = None;
-        slab.free.push(self.1);
-    }
-}
-
-impl Live {
-    /// Adds a connection; it gets the shutdown signals already given.
-    pub(crate) fn register<'a>(&'a self, ending: &Arc<Ending>, stop: &CancellationToken, force: &CancellationToken) -> Registered<'a> {
-        let place = {
-            let mut slab = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-            match slab.free.pop() {
-                Some(place) => {
-                    slab.places[place] = Some(ending.clone());
-                    place
-                }
-                None => {
-                    slab.places.push(Some(ending.clone()));
-                    slab.places.len() - 1
-                }
-            }
-        };
-        // After the insertion: a signal given before it is seen here, one given after it
-        // finds the connection in the slab (see `Live::watch`).
-        if stop.is_cancelled() {
-            ending.stop_reading();
-        }
-        if force.is_cancelled() {
-            ending.force();
-        }
-        Registered(self, place)
-    }
-
-    /// Passes `stop` (stop reading) and then `force` (stop writing) to every open connection
-    /// when they are cancelled. `Ivy::stop_signal` is public, so an embedding application may
-    /// cancel it directly instead of calling `Ivy::shutdown`.
-    pub(crate) async fn watch(self: Arc<Live>, stop: CancellationToken, force: CancellationToken) {
-        stop.cancelled().await;
-        self.each(Ending::stop_reading);
-        force.cancelled().await;
-        self.each(Ending::force);
-    }
-
-    fn each(&self, f: fn(&Ending)) {
-        for ending in self.0.lock().unwrap_or_else(PoisonError::into_inner).places.iter().flatten() {
-            f(ending);
-        }
-    }
-}
-
 /// `Retry-After` of the refusal at the connection limit, in seconds.
 const RETRY_AFTER: &str = "5";
 
@@ -181,36 +40,38 @@ pub(crate) async fn handler(State(shared): State<Arc<Shared>>, headers: HeaderMa
     if !origin_allowed(&shared.config.allowed_origins, &headers) {
         return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
     }
-    let Some(slot) = Slot::take(&shared.connections, shared.config.max_connections) else {
-        tracing::debug!(limit = shared.config.max_connections, "WebSocket refused: connection limit reached");
-        let body = format!("too many connections: the limit is {}; try again later\n", shared.config.max_connections);
+    let Some(slot) = shared.connections.admit() else {
+        let max = shared.connections.max();
+        tracing::debug!(limit = max, "WebSocket refused: connection limit reached");
+        let body = format!("too many connections: the limit is {max}; try again later\n");
         let headers = [(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::RETRY_AFTER, RETRY_AFTER)];
         return (StatusCode::SERVICE_UNAVAILABLE, headers, body).into_response();
     };
     let max = shared.config.max_message_size;
     let tracker = shared.tracker.clone();
-    ws.protocols([SUBPROTOCOL]).max_message_size(max).max_frame_size(max).read_buffer_size(2048).write_buffer_size(16 * 1024).on_upgrade(
-        move |socket| {
-            tracker.track_future(async move {
-                connection(shared, socket).await;
-                drop(slot);
-            })
-        },
-    )
+    ws.protocols([SUBPROTOCOL])
+        .max_message_size(max)
+        .max_frame_size(max)
+        .read_buffer_size(2048)
+        .write_buffer_size(16 * 1024)
+        .on_upgrade(move |socket| tracker.track_future(connection(shared, socket, slot)))
 }
 
-async fn connection(shared: Arc<Shared>, socket: WebSocket) {
-    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+async fn connection(shared: Arc<Shared>, socket: WebSocket, mut slot: Slot) {
+    let id = shared.connections.next_id();
     let (conn, rx, ending) = Conn::new(id, shared.config.queue_length);
-    let _registered = shared.live.register(&ending, &shared.stop_reading, &shared.force_close);
+    slot.register(&ending);
+    let Some((reader_stop, writer_stop)) = ending.halves() else { return };
+    let session = Session::new(&shared.config);
     let (sink, stream) = socket.split();
-    tracing::debug!(conn = id, "connected");
+    tracing::debug!(conn = %id, "connected");
     let reader = async {
-        let stream = read_loop(&shared, conn, stream).await;
-        linger(stream, &ending).await;
+        let (stream, stop) = read_loop(&shared, conn, session, stream, reader_stop).await;
+        linger(stream, stop).await;
     };
-    tokio::join!(reader, write_loop(rx, sink, &ending));
-    tracing::debug!(conn = id, code = ending.code(), "disconnected");
+    tokio::join!(reader, write_loop(rx, sink, writer_stop, &ending));
+    tracing::debug!(conn = %id, code = ending.code(), "disconnected");
+    drop(slot);
 }
 
 type Stream = futures_util::stream::SplitStream<WebSocket>;
@@ -220,14 +81,16 @@ type Stream = futures_util::stream::SplitStream<WebSocket>;
 /// `CLOSE_TIMEOUT`: a socket closed with unread input is reset by the kernel, and the reset
 /// can destroy the close frame on its way to the client. (After a framing error nothing more
 /// can be read, so a client that keeps sending then may still see a reset.)
-async fn linger(mut stream: Stream, ending: &Ending) {
-    if !matches!(ending.code(), close_code::SLOW_CONSUMER | close_code::TOO_BIG | close_code::INVALID_UTF8) {
+async fn linger(mut stream: Stream, mut stop: ReaderStop) {
+    if !matches!(stop.ending().code(), close_code::SLOW_CONSUMER | close_code::TOO_BIG | close_code::INVALID_UTF8) {
         return;
     }
     let deadline = Instant::now() + CLOSE_TIMEOUT;
+    let forced = stop.stopped(&[Stop::Forced]);
+    tokio::pin!(forced);
     loop {
         tokio::select! {
-            _ = ending.stopped(Half::Reader, &[Stop::Forced]) => return,
+            _ = &mut forced => return,
             next = tokio::time::timeout_at(deadline, stream.next()) => match next {
                 Ok(Some(Ok(_))) => {}
                 _ => return,
@@ -246,17 +109,16 @@ async fn tick(pings: &mut Option<Interval>) {
     }
 }
 
-/// The ack key of a command that is refused before parsing (`#key#...`), if complete.
-fn ack_key(msg: &[u8]) -> Option<&[u8]> {
-    let rest = msg.strip_prefix(b"#")?;
-    rest.iter().position(|&b| b == b'#').map(|end| &rest[..end])
-}
-
-/// Reads and executes commands until the connection ends; gives the stream back.
-async fn read_loop(shared: &Shared, conn: Arc<Conn>, mut stream: Stream) -> Stream {
-    let mut subs: HashSet<Box<str>> = HashSet::new();
+/// Reads frames and carries out the session's decisions until the connection ends; gives the
+/// stream and the reader's stop back.
+async fn read_loop(
+    shared: &Shared,
+    conn: Arc<Conn>,
+    mut session: Session,
+    mut stream: Stream,
+    mut stop: ReaderStop,
+) -> (Stream, ReaderStop) {
     let ending = conn.ending();
-    let mut limiter = RateLimiter::new(shared.config.rate_limit, shared.config.rate_burst);
     let started = Instant::now();
     let every = shared.config.ping_interval;
     let mut pings = (!every.is_zero()).then(|| {
@@ -266,91 +128,110 @@ async fn read_loop(shared: &Shared, conn: Arc<Conn>, mut stream: Stream) -> Stre
     });
     // A ping went out and nothing has arrived since.
     let mut awaiting_pong = false;
-    // Created once, not per command.
-    let stopped = ending.stopped(Half::Reader, &[Stop::Killed, Stop::StopReading]);
-    tokio::pin!(stopped);
-    loop {
-        let msg = tokio::select! {
-            biased;
-            stop = &mut stopped => {
-                if stop == Stop::StopReading {
-                    ending.set(close_code::GOING_AWAY);
-                }
-                break;
-            }
-            m = stream.next() => m,
-            () = tick(&mut pings) => {
-                if awaiting_pong {
-                    tracing::debug!(conn = conn.id(), "no pong for a whole ping interval: closing");
-                    ending.end(close_code::PING_TIMEOUT);
-                    break;
-                }
-                awaiting_pong = true;
-                conn.push_ping();
-                continue;
-            }
-        };
-        // Anything at all (a pong, a command, even a bad frame) shows the peer is alive.
-        awaiting_pong = false;
-        let command = match msg {
-            Some(Ok(Message::Text(text))) => Ok(text),
-            Some(Ok(Message::Binary(_))) => Err(()),
-            other => {
-                if end_of_stream(other, &conn) {
-                    break;
-                }
-                continue;
-            }
-        };
-        // Every command may have a reply: wait for a place for it in the queue. A client that
-        // does not read its replies is not read either, and is closed after a whole ping
-        // interval of that.
-        let slot = match conn.try_reserve() {
-            Ok(slot) => slot,
-            Err(false) => break,
-            Err(true) => tokio::select! {
+    {
+        // Created once, not per command.
+        let stopped = stop.stopped(&[Stop::Killed, Stop::Shutdown]);
+        tokio::pin!(stopped);
+        loop {
+            let msg = tokio::select! {
                 biased;
-                stop = &mut stopped => {
-                    if stop == Stop::StopReading {
+                s = &mut stopped => {
+                    if s == Stop::Shutdown {
                         ending.set(close_code::GOING_AWAY);
                     }
                     break;
                 }
-                slot = conn.reserve() => match slot {
-                    Some(slot) => slot,
-                    None => break,
-                },
-                () = stall(every) => {
-                    tracing::debug!(conn = conn.id(), "replies unread for a whole ping interval: closing");
-                    ending.end(close_code::SLOW_CONSUMER);
-                    break;
+                m = stream.next() => m,
+                () = tick(&mut pings) => {
+                    if awaiting_pong {
+                        tracing::debug!(conn = %conn.id(), "no pong for a whole ping interval: closing");
+                        ending.end(close_code::PING_TIMEOUT);
+                        break;
+                    }
+                    awaiting_pong = true;
+                    conn.push_ping();
+                    continue;
                 }
-            },
-        };
-        if let Some(limiter) = &mut limiter {
+            };
+            // Anything at all (a pong, a command, even a bad frame) shows the peer is alive.
+            awaiting_pong = false;
+            let frame = match msg {
+                Some(Ok(Message::Text(text))) => Some(text),
+                Some(Ok(Message::Binary(_))) => None,
+                other => {
+                    if end_of_stream(other, &conn) {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            // Every command may have a reply: wait for a place for it in the queue. A client that
+            // does not read its replies is not read either, and is closed after a whole ping
+            // interval of that.
+            let slot = match conn.try_reserve() {
+                Ok(slot) => slot,
+                Err(false) => break,
+                Err(true) => tokio::select! {
+                    biased;
+                    s = &mut stopped => {
+                        if s == Stop::Shutdown {
+                            ending.set(close_code::GOING_AWAY);
+                        }
+                        break;
+                    }
+                    slot = conn.reserve() => match slot {
+                        Some(slot) => slot,
+                        None => break,
+                    },
+                    () = stall(every) => {
+                        tracing::debug!(conn = %conn.id(), "replies unread for a whole ping interval: closing");
+                        ending.end(close_code::SLOW_CONSUMER);
+                        break;
+                    }
+                },
+            };
             let now = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            if !limiter.check(now) {
-                let key = command.as_ref().ok().and_then(|t| ack_key(t.as_bytes()));
-                shared.refusals.rate_limited(key, slot);
-                continue;
-            }
-        }
-        match command {
-            Ok(text) => handle_command(shared, &conn, &mut subs, text, slot).await,
-            Err(()) => {
-                let mut line = Vec::new();
-                encode_error(
-                    None,
-                    ErrorCode::Unsupported,
-                    "binary frames are not part of the protocol; send each command as a text frame",
-                    &mut line,
-                );
-                slot.send_line(line);
+            match frame {
+                Some(text) => {
+                    let outcome = session.on_text(now, text.as_bytes(), &shared.refusals);
+                    execute(shared, &conn, &text, outcome, slot).await;
+                }
+                None => {
+                    let outcome = session.on_binary(now, &shared.refusals);
+                    execute(shared, &conn, &Utf8Bytes::from_static(""), outcome, slot).await;
+                }
             }
         }
     }
-    shared.broker.unsubscribe_all(&conn, &mut subs.iter().map(|s| &**s));
-    stream
+    shared.fanout.unsubscribe_all(&conn, session.subscriptions());
+    (stream, stop)
+}
+
+/// Carries out one decision of the session; its reply (if any) goes into `slot`.
+async fn execute(shared: &Shared, conn: &Arc<Conn>, frame: &Utf8Bytes, outcome: Outcome<'_>, slot: ReplySlot) {
+    match outcome {
+        Outcome::Reply(line) => slot.send_line(line),
+        Outcome::Prepared(line) => slot.send(Message::Text(line)),
+        Outcome::Subscribe { ack, path } => shared.fanout.subscribe(conn, &path, |ts| {
+            if let Some(key) = ack {
+                slot.send_line(ack_line(key, ts));
+            }
+        }),
+        Outcome::Unsubscribe { ack, path } => shared.fanout.unsubscribe(conn, &path, |ts| {
+            if let Some(key) = ack {
+                slot.send_line(ack_line(key, ts));
+            }
+        }),
+        Outcome::Time { ack } => slot.send_line(ack_line(ack.unwrap_or_default(), shared.engine.now())),
+        Outcome::Send { ack, path, data } => {
+            // The frame's bytes are shared, not copied: the request keeps a slice of them.
+            let data = Bytes::from(frame.clone()).slice(data);
+            let done = Completion::reply(PendingReply::new(slot, ack));
+            let mut request = Publish::new(path, data, done);
+            request.sender = Some(conn.id());
+            shared.publisher.publish(request).await;
+        }
+    }
 }
 
 /// Waits `limit`, forever when it is zero.
@@ -379,71 +260,9 @@ fn end_of_stream(msg: Option<Result<Message, axum::Error>>, conn: &Conn) -> bool
                 Some(tungstenite::Error::Protocol(_)) => close_code::PROTOCOL_ERROR,
                 _ => PEER_GONE,
             };
-            tracing::debug!(conn = conn.id(), error = %e, code, "read error");
+            tracing::debug!(conn = %conn.id(), error = %e, code, "read error");
             ending.end(code);
             true
-        }
-    }
-}
-
-/// Executes one command; its reply (if any) goes into `slot`.
-async fn handle_command(shared: &Shared, conn: &Arc<Conn>, subs: &mut HashSet<Box<str>>, text: Utf8Bytes, slot: ReplySlot) {
-    let bytes = text.as_bytes();
-    let cmd = match Command::parse_with_limit(bytes, shared.config.max_path_length) {
-        Ok(cmd) => cmd,
-        Err(e) => {
-            let mut line = Vec::new();
-            encode_error(e.ack, e.kind.code(), &e.kind.to_string(), &mut line);
-            slot.send_line(line);
-            return;
-        }
-    };
-    let ack = cmd.ack;
-    let mut slot = Some(slot);
-    let mut ack_line = |ts| {
-        if let (Some(key), Some(slot)) = (ack, slot.take()) {
-            let mut line = Vec::new();
-            encode_ack(key, ts, &mut line);
-            slot.send_line(line);
-        }
-    };
-    match cmd.op {
-        Op::Subscribe(path) => {
-            if !subs.contains(&*path) && subs.len() >= shared.config.max_subscriptions {
-                let mut line = Vec::new();
-                let msg = format!("this connection already holds {} subscriptions, the limit", subs.len());
-                encode_error(ack, ErrorCode::TooManySubscriptions, &msg, &mut line);
-                if let Some(slot) = slot.take() {
-                    slot.send_line(line);
-                }
-                return;
-            }
-            shared.broker.subscribe(conn, &path, &mut ack_line);
-            subs.insert(path.into_owned().into_boxed_str());
-        }
-        Op::Unsubscribe(path) => {
-            subs.remove(&*path);
-            shared.broker.unsubscribe(conn, &path, &mut ack_line);
-        }
-        Op::Timestamp => {
-            let mut line = Vec::new();
-            encode_ack(ack.unwrap_or_default(), shared.clock.now(), &mut line);
-            if let Some(slot) = slot.take() {
-                slot.send_line(line);
-            }
-        }
-        Op::Send { path, data } => {
-            let data_start = data.as_ptr() as usize - bytes.as_ptr() as usize;
-            let request = PublishRequest {
-                path: path.into_owned().into_boxed_str(),
-                message: text.clone(),
-                data_start,
-                sender: Some(conn.id()),
-                reply: Reply::Conn { conn: conn.clone(), key: ack.map(Box::from), slot: slot.take() },
-            };
-            if let Err(mpsc::error::SendError(Input::Publish(r))) = shared.publish_tx.send(Input::Publish(request)).await {
-                r.reply.send(Err(crate::sequencer::PublishError::ShuttingDown));
-            }
         }
     }
 }
@@ -456,53 +275,46 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most queued messages written before one flush.
 const COALESCE: usize = 256;
 
-async fn write_loop(mut rx: mpsc::Receiver<Message>, mut sink: Sink, ending: &Ending) {
-    // Created once, not per message.
-    let stopped = ending.stopped(Half::Writer, &[Stop::Killed, Stop::Forced]);
-    tokio::pin!(stopped);
-    loop {
-        // A message already queued needs no wait (the write below still watches for the end).
-        let first = match rx.try_recv() {
-            Ok(m) => m,
-            Err(mpsc::error::TryRecvError::Disconnected) => break,
-            Err(mpsc::error::TryRecvError::Empty) => tokio::select! {
+async fn write_loop(mut rx: mpsc::Receiver<Message>, mut sink: Sink, mut stop: WriterStop, ending: &Ending) {
+    {
+        // Created once, not per message.
+        let stopped = stop.stopped(&[Stop::Killed, Stop::Forced]);
+        tokio::pin!(stopped);
+        loop {
+            // A message already queued needs no wait (the write below still watches for the end).
+            let first = match rx.try_recv() {
+                Ok(m) => m,
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => tokio::select! {
+                    biased;
+                    _ = &mut stopped => break,
+                    m = rx.recv() => match m {
+                        Some(m) => m,
+                        None => break,
+                    },
+                },
+            };
+            let write = async {
+                sink.feed(first).await?;
+                for _ in 1..COALESCE {
+                    match rx.try_recv() {
+                        Ok(m) => sink.feed(m).await?,
+                        Err(_) => break,
+                    }
+                }
+                sink.flush().await
+            };
+            tokio::select! {
                 biased;
                 _ = &mut stopped => break,
-                m = rx.recv() => match m {
-                    Some(m) => m,
-                    None => break,
+                r = write => if r.is_err() {
+                    ending.end(PEER_GONE);
+                    break;
                 },
-            },
-        };
-        let write = async {
-            sink.feed(first).await?;
-            for _ in 1..COALESCE {
-                match rx.try_recv() {
-                    Ok(m) => sink.feed(m).await?,
-                    Err(_) => break,
-                }
             }
-            sink.flush().await
-        };
-        tokio::select! {
-            biased;
-            _ = &mut stopped => break,
-            r = write => if r.is_err() {
-                ending.end(PEER_GONE);
-                break;
-            },
         }
     }
-    let frame = match ending.code() {
-        PEER_GONE => None,
-        0 | close_code::GOING_AWAY => Some((close_code::GOING_AWAY, "server shutting down")),
-        close_code::TOO_BIG => Some((close_code::TOO_BIG, "message too big")),
-        close_code::INVALID_UTF8 => Some((close_code::INVALID_UTF8, "text frame is not valid UTF-8")),
-        close_code::PROTOCOL_ERROR => Some((close_code::PROTOCOL_ERROR, "WebSocket protocol error")),
-        close_code::SLOW_CONSUMER => Some((close_code::SLOW_CONSUMER, "slow consumer: outbound queue full")),
-        close_code::PING_TIMEOUT => Some((close_code::PING_TIMEOUT, "ping timeout: nothing received for a whole ping interval")),
-        code => Some((code, "")),
-    };
+    let frame = close_frame(ending);
     // Free the queue now; a slow consumer's close frame may have to wait for it to read.
     drop(rx);
     let close = async {
@@ -513,6 +325,20 @@ async fn write_loop(mut rx: mpsc::Receiver<Message>, mut sink: Sink, ending: &En
     };
     tokio::select! {
         _ = tokio::time::timeout(CLOSE_TIMEOUT, close) => {}
-        _ = ending.stopped(Half::Writer, &[Stop::Forced]) => {}
+        _ = stop.stopped(&[Stop::Forced]) => {}
+    }
+}
+
+/// The close frame for how the connection ended (none when the peer is gone).
+fn close_frame(ending: &Ending) -> Option<(u16, &'static str)> {
+    match ending.code() {
+        PEER_GONE => None,
+        0 | close_code::GOING_AWAY => Some((close_code::GOING_AWAY, "server shutting down")),
+        close_code::TOO_BIG => Some((close_code::TOO_BIG, "message too big")),
+        close_code::INVALID_UTF8 => Some((close_code::INVALID_UTF8, "text frame is not valid UTF-8")),
+        close_code::PROTOCOL_ERROR => Some((close_code::PROTOCOL_ERROR, "WebSocket protocol error")),
+        close_code::SLOW_CONSUMER => Some((close_code::SLOW_CONSUMER, "slow consumer: outbound queue full")),
+        close_code::PING_TIMEOUT => Some((close_code::PING_TIMEOUT, "ping timeout: nothing received for a whole ping interval")),
+        code => Some((code, "")),
     }
 }

@@ -2,8 +2,14 @@
 //! store in a temporary directory (in-process or as the `ivy-server` binary), a plain
 //! WebSocket client, and a raw HTTP/1.1 client so that headers and bodies are checked byte for
 //! byte.
+//!
+//! The engine switch: the tests about protocol behaviour run on the engine named by
+//! `IVY_TEST_ENGINE` (`sled`, the default, or `memory`), so that every engine runs the same
+//! suite; the tests about stored files and restarts ask for sled explicitly
+//! ([`Setup::sled`], [`TestServer::start_sled_in`], [`ServerProcess::start_sled`]).
 
 use std::net::SocketAddr;
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -36,26 +42,101 @@ pub fn temp_dir() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("ivy-test-").tempdir().expect("temp dir")
 }
 
-/// A config for tests: data in `dir`, listen address irrelevant (the listener is passed in).
-pub fn config(dir: &Path) -> Config {
-    Config::new(dir)
+/// An engine the tests can run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    /// The sled engine, its store in the test's directory.
+    Sled,
+    /// The in-memory engine.
+    Memory,
+}
+
+impl EngineKind {
+    /// The engine of the protocol tests: `IVY_TEST_ENGINE=memory`, or sled.
+    pub fn from_env() -> EngineKind {
+        match std::env::var("IVY_TEST_ENGINE").as_deref() {
+            Ok("memory") => EngineKind::Memory,
+            Ok("sled") | Err(_) => EngineKind::Sled,
+            Ok(other) => panic!("IVY_TEST_ENGINE={other:?}: expected sled or memory"),
+        }
+    }
+
+    /// The `ivy-server` flags that select it.
+    pub fn flags(self) -> &'static [&'static str] {
+        match self {
+            EngineKind::Sled => &[],
+            EngineKind::Memory => &["--memory"],
+        }
+    }
+}
+
+/// A test server's setup: its [`Config`] (it derefs to it, so limits are set as fields), its
+/// data directory and its engine.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    /// The server's configuration.
+    pub config: Config,
+    /// The data directory (used by sled).
+    pub data: PathBuf,
+    /// The engine.
+    pub engine: EngineKind,
+}
+
+impl Setup {
+    /// On sled whatever the switch says: for tests about stored files and restarts.
+    pub fn sled(mut self) -> Setup {
+        self.engine = EngineKind::Sled;
+        self
+    }
+
+    /// A builder of the server.
+    pub fn builder(&self) -> ivy_server::IvyBuilder {
+        let b = ivy_server::Ivy::builder(self.config.clone());
+        match self.engine {
+            EngineKind::Sled => b.engine(ivy_server::engine::SledEngine::new(&self.data)),
+            EngineKind::Memory => b.engine(ivy_server::engine::MemoryEngine::new()),
+        }
+    }
+}
+
+impl Deref for Setup {
+    type Target = Config;
+    fn deref(&self) -> &Config {
+        &self.config
+    }
+}
+
+impl DerefMut for Setup {
+    fn deref_mut(&mut self) -> &mut Config {
+        &mut self.config
+    }
+}
+
+/// A setup for tests: default limits, data in `dir`, the engine of [`EngineKind::from_env`].
+pub fn config(dir: &Path) -> Setup {
+    Setup { config: Config::default(), data: dir.to_path_buf(), engine: EngineKind::from_env() }
 }
 
 impl TestServer {
-    /// Starts a server with `config` on 127.0.0.1, port 0.
-    pub async fn start(config: Config) -> TestServer {
+    /// Starts a server with `setup` on 127.0.0.1, port 0.
+    pub async fn start(setup: Setup) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(ivy_server::run(config, listener, async move {
+        let task = tokio::spawn(ivy_server::run(setup.builder(), listener, async move {
             let _ = rx.await;
         }));
         TestServer { addr, stop: Some(tx), task: Some(task) }
     }
 
-    /// Starts a server with default limits on `dir`.
+    /// Starts a server with default limits on `dir` (the switch's engine).
     pub async fn start_in(dir: &Path) -> TestServer {
         TestServer::start(config(dir)).await
+    }
+
+    /// Starts a server with default limits on a sled store in `dir`.
+    pub async fn start_sled_in(dir: &Path) -> TestServer {
+        TestServer::start(config(dir).sled()).await
     }
 
     /// The WebSocket URL.
@@ -96,9 +177,15 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
-    /// Starts `ivy-server --listen 127.0.0.1:0 --data DIR` plus `extra` flags, and waits for its
-    /// "listening" line.
+    /// Starts `ivy-server --listen 127.0.0.1:0 --data DIR` plus `extra` flags (and `--memory`
+    /// when the switch says so), and waits for its "listening" line.
     pub async fn start(dir: &Path, extra: &[&str]) -> ServerProcess {
+        let flags: Vec<&str> = EngineKind::from_env().flags().iter().chain(extra).copied().collect();
+        ServerProcess::start_bin(&server_bin(), dir, &flags, &[]).await
+    }
+
+    /// Starts `ivy-server` on a sled store in `dir`, whatever the switch says.
+    pub async fn start_sled(dir: &Path, extra: &[&str]) -> ServerProcess {
         ServerProcess::start_bin(&server_bin(), dir, extra, &[]).await
     }
 

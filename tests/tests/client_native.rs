@@ -186,7 +186,7 @@ async fn random_cuts_and_stalls_lose_and_repeat_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_killed_and_restarted_mid_stream() {
     let dir = temp_dir();
-    let server = ServerProcess::start(dir.path(), &[]).await;
+    let server = ServerProcess::start_sled(dir.path(), &[]).await;
     let proxy = FaultProxy::start(server.addr).await;
     let subscriber = resilient(&proxy.url()).await;
     let mut f = subscriber.subscribe_from("/f", Start::Beginning).await.unwrap();
@@ -199,7 +199,7 @@ async fn server_killed_and_restarted_mid_stream() {
         tokio::time::sleep(Duration::from_millis(400)).await;
         server.kill().await;
         tokio::time::sleep(Duration::from_millis(200)).await;
-        server = ServerProcess::start(dir.path(), &[]).await;
+        server = ServerProcess::start_sled(dir.path(), &[]).await;
         proxy.set_upstream(server.addr);
         proxy.cut_all();
     }

@@ -464,12 +464,13 @@ async fn a_graceful_restart_with_async_durability_resumes_right_after_the_last_t
     let dir = temp_dir();
     let frozen = Timestamp::new(4_102_444_800, 0).expect("timestamp");
     let open = || async {
-        let mut cfg = ivy_tests::config(dir.path());
-        cfg.durability = ivy_server::Durability::Async;
+        let engine = ivy_server::engine::SledEngine::new(dir.path())
+            .durability(ivy_server::Durability::Async)
+            .wall_clock(ivy_server::WallClock::from_fn(move || frozen));
         // sled releases its lock from a background thread shortly after the store is dropped.
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            match ivy_server::Ivy::open_with_clock(cfg.clone(), ivy_server::WallClock::from_fn(move || frozen)) {
+            match ivy_server::Ivy::builder(ivy_server::Config::default()).engine(engine.clone()).open() {
                 Ok(ivy) => return ivy,
                 Err(e) if e.to_string().contains("could not acquire lock") && tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(20)).await;

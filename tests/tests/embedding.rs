@@ -2,13 +2,14 @@
 
 use std::sync::Arc;
 
-use ivy_server::{Ivy, PublishError};
+use ivy_server::engine::SledEngine;
+use ivy_server::{Config, Ivy, PublishError};
 use ivy_tests::{Client, config, http_get, temp_dir};
 
 #[tokio::test]
 async fn nested_under_a_prefix_next_to_the_apps_own_routes() {
     let dir = temp_dir();
-    let ivy = Arc::new(Ivy::open(config(dir.path())).unwrap());
+    let ivy = Arc::new(Ivy::builder(Config::default()).engine(SledEngine::new(dir.path())).open().unwrap());
     let app = axum::Router::new().route("/health", axum::routing::get(|| async { "ok" })).nest("/ivy", ivy.router());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

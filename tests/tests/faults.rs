@@ -53,7 +53,7 @@ async fn a_slow_consumer_is_disconnected_and_never_blocks_the_others() {
 #[tokio::test]
 async fn shutdown_sends_queued_replies_then_close_1001_and_flushes() {
     let dir = temp_dir();
-    let server = TestServer::start_in(dir.path()).await;
+    let server = TestServer::start_sled_in(dir.path()).await;
     let mut c = Client::connect(&server.ws_url()).await;
     let mut r = Client::connect(&server.ws_url()).await;
     r.subscribe("/s").await;
@@ -83,7 +83,7 @@ async fn shutdown_sends_queued_replies_then_close_1001_and_flushes() {
     }
     stopping.await.unwrap();
     // Every stored event was acked before the close frame, and every acked one is stored.
-    let server = TestServer::start_in(dir.path()).await;
+    let server = TestServer::start_sled_in(dir.path()).await;
     let log = log_text(server.addr, "/log/s").await;
     let stored: Vec<&str> = log.lines().map(|l| &l[1..21]).collect();
     assert_eq!(stored, acked.iter().map(String::as_str).collect::<Vec<_>>());
@@ -93,7 +93,7 @@ async fn shutdown_sends_queued_replies_then_close_1001_and_flushes() {
 #[tokio::test]
 async fn shutdown_closes_a_connection_that_does_not_read_after_the_grace_period() {
     let dir = temp_dir();
-    let server = TestServer::start_in(dir.path()).await;
+    let server = TestServer::start_sled_in(dir.path()).await;
     // A subscriber that never reads: its socket buffers fill up and its writer is stuck in a
     // write, with events still queued (fewer than the queue holds, so it is no slow consumer).
     let mut stuck = Client::connect(&server.ws_url()).await;
@@ -111,7 +111,7 @@ async fn shutdown_closes_a_connection_that_does_not_read_after_the_grace_period(
     let took = t.elapsed();
     assert!(took >= Duration::from_secs(4), "the stuck connection was cut before its grace period ({took:?})");
     // Everything acked is stored.
-    let server = TestServer::start_in(dir.path()).await;
+    let server = TestServer::start_sled_in(dir.path()).await;
     assert_eq!(log_text(server.addr, "/log/g").await.lines().count(), n);
     server.stop().await;
     drop(stuck);

@@ -5,13 +5,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use ivy_client_core::Timestamp;
+use ivy_server::engine::SledEngine;
 use ivy_server::{Ivy, WallClock};
 use ivy_tests::{Client, ServerProcess, TestServer, config, log_text, temp_dir};
 
 #[tokio::test]
 async fn a_graceful_restart_keeps_every_event() {
     let dir = temp_dir();
-    let server = TestServer::start_in(dir.path()).await;
+    let server = TestServer::start_sled_in(dir.path()).await;
     let mut c = Client::connect(&server.ws_url()).await;
     let mut acked = Vec::new();
     for i in 0..100 {
@@ -21,7 +22,7 @@ async fn a_graceful_restart_keeps_every_event() {
     let before_r1 = log_text(server.addr, "/log/r/1").await;
     server.stop().await;
 
-    let server = TestServer::start_in(dir.path()).await;
+    let server = TestServer::start_sled_in(dir.path()).await;
     assert_eq!(log_text(server.addr, "/log/").await, before);
     assert_eq!(log_text(server.addr, "/log/r/1").await, before_r1);
     let logged: Vec<&str> = before.lines().map(|l| &l[1..21]).collect();
@@ -35,7 +36,7 @@ async fn a_graceful_restart_keeps_every_event() {
 
 /// Serves an instance with a custom wall clock; returns its address and the instance.
 async fn serve_with_clock(dir: &std::path::Path, wall: WallClock) -> (std::net::SocketAddr, Arc<Ivy>, tokio::task::JoinHandle<()>) {
-    let ivy = Arc::new(Ivy::open_with_clock(config(dir), wall).unwrap());
+    let ivy = Arc::new(Ivy::builder(config(dir).config).engine(SledEngine::new(dir).wall_clock(wall)).open().unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let app = ivy.router();
@@ -90,7 +91,7 @@ async fn sigkill_loses_no_acked_event_and_timestamps_keep_increasing() {
     let dir = temp_dir();
     let mut all_acked: Vec<String> = Vec::new();
     for round in 0..3 {
-        let server = ServerProcess::start(dir.path(), &[]).await;
+        let server = ServerProcess::start_sled(dir.path(), &[]).await;
         let before = log_text(server.addr, "/log/").await;
         let stored: Vec<&str> = before.lines().map(|l| &l[1..21]).collect();
         assert_eq!(stored, all_acked.iter().map(String::as_str).collect::<Vec<_>>(), "round {round}: every acked event survived, once");
@@ -108,7 +109,7 @@ async fn sigkill_loses_no_acked_event_and_timestamps_keep_increasing() {
         }
         server.kill().await;
     }
-    let server = ServerProcess::start(dir.path(), &[]).await;
+    let server = ServerProcess::start_sled(dir.path(), &[]).await;
     let log = log_text(server.addr, "/log/k").await;
     assert_eq!(log.lines().map(|l| &l[1..21]).collect::<Vec<_>>(), all_acked.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(log_text(server.addr, "/log/k/1").await.lines().count(), 200);
@@ -119,11 +120,11 @@ async fn sigkill_loses_no_acked_event_and_timestamps_keep_increasing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_store_one_instance_and_a_reopen_waits_for_the_lock() {
     let dir = temp_dir();
-    let first = Ivy::open(config(dir.path())).unwrap();
+    let first = Ivy::builder(config(dir.path()).config).engine(SledEngine::new(dir.path())).open().unwrap();
     // A second live instance on the same directory is refused, clearly.
     let second = tokio::task::spawn_blocking({
-        let cfg = config(dir.path());
-        move || Ivy::open(cfg).map(|_| ())
+        let cfg = config(dir.path()).sled();
+        move || cfg.builder().open().map(|_| ())
     })
     .await
     .unwrap();
@@ -133,6 +134,6 @@ async fn one_store_one_instance_and_a_reopen_waits_for_the_lock() {
     // lock in the background; opening waits for it).
     first.shutdown().await;
     drop(first);
-    let again = Ivy::open(config(dir.path())).expect("reopen right after a shutdown");
+    let again = Ivy::builder(config(dir.path()).config).engine(SledEngine::new(dir.path())).open().expect("reopen right after a shutdown");
     again.shutdown().await;
 }

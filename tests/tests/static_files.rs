@@ -3,7 +3,6 @@
 
 use std::path::Path;
 
-use ivy_server::Ivy;
 use ivy_tests::{Client, ServerProcess, TestServer, config, http_get, temp_dir};
 
 /// A site in `root/site` and a secret file next to it, outside the served directory.
@@ -120,7 +119,7 @@ async fn a_missing_directory_is_an_error_at_startup() {
     let data = temp_dir();
     let mut cfg = config(data.path());
     cfg.static_dir = Some(data.path().join("no-such-dir"));
-    let err = Ivy::open(cfg).expect_err("a missing static directory must be refused");
+    let err = cfg.builder().open().expect_err("a missing static directory must be refused");
     assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
 }
 

@@ -1,4 +1,5 @@
-//! `ivy-test-server`: the `ivy-server` binary with a wall clock that tests can freeze.
+//! `ivy-test-server`: the `ivy-server` binary (the same code, [`ivy_server::cli::main_with`])
+//! with a wall clock that tests can freeze.
 //!
 //! Same flags as `ivy-server`. With `IVY_TEST_FROZEN_CLOCK=SECONDS` set, the wall clock reads
 //! that second forever, which models a clock that stepped back: event timestamps then advance
@@ -8,13 +9,11 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use ivy_client_core::Timestamp;
-use ivy_server::{Config, Ivy, WallClock};
+use ivy_server::WallClock;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = Config::parse();
     let wall = match std::env::var("IVY_TEST_FROZEN_CLOCK") {
         Ok(v) => match v.parse::<u64>() {
             Ok(secs) => {
@@ -28,32 +27,5 @@ async fn main() -> ExitCode {
         },
         Err(_) => WallClock::system(),
     };
-    let listener = match tokio::net::TcpListener::bind(config.listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("ivy-test-server: cannot listen on {}: {e}", config.listen);
-            return ExitCode::from(2);
-        }
-    };
-    let ivy = match Ivy::open_with_clock(config, wall) {
-        Ok(ivy) => ivy,
-        Err(e) => {
-            eprintln!("ivy-test-server: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match listener.local_addr() {
-        Ok(addr) => println!("ivy-test-server listening on http://{addr}"),
-        Err(e) => eprintln!("ivy-test-server: {e}"),
-    }
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    match ivy_server::serve(&ivy, ivy.router(), listener, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("ivy-test-server: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    ivy_server::cli::main_with(wall).await
 }

@@ -1,8 +1,14 @@
-//! The event log: the storage interface and its sled implementation.
+//! The sled engine (the default): the single-node sequencer over an embedded sled store.
 //!
-//! [`EventLog`] is the narrow interface the rest of the server uses, so that a distributed
-//! engine can replace sled without touching the protocol code. The sled layout (version 2), in
-//! one tree so that a batch of events is written atomically:
+//! ```no_run
+//! # fn main() -> std::io::Result<()> {
+//! use ivy_server::engine::{Durability, SledEngine};
+//! let engine = SledEngine::new("/var/lib/ivy").durability(Durability::Sync);
+//! # let _ = engine; Ok(()) }
+//! ```
+//!
+//! The store layout (version 2), in one sled tree so that a batch of events is written
+//! atomically:
 //!
 //! - `v` → the layout version (`2`);
 //! - `c` → the clock floor (12 bytes, big-endian; optional): no timestamp above it has been
@@ -27,68 +33,100 @@
 
 use std::io;
 use std::ops::ControlFlow;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use ivy_client_core::Timestamp;
 use ivy_client_core::path::{ROOT, ancestors};
 
-use crate::config::Durability;
+use super::local::{LocalEngine, Record, Storage, WallClock};
+use super::{Context, Direction, Engine, Open};
 
-/// One event to append.
-#[derive(Debug, Clone, Copy)]
-pub struct Record<'a> {
-    /// Its timestamp (unique, greater than every stored one).
-    pub ts: Timestamp,
-    /// Its normalized path.
-    pub path: &'a str,
-    /// The encoded event line.
-    pub line: &'a [u8],
+/// When an event is acknowledged relative to its durable write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Durability {
+    /// Acknowledge and broadcast an event only after the write that holds it has been
+    /// flushed and fsynced (group commit: concurrent events share one flush).
+    #[default]
+    Sync,
+    /// Acknowledge and broadcast once the event is in the store's memory, and flush in the
+    /// background (every [`SledEngine::flush_interval`]). A crash of the machine or of the
+    /// process can lose the events of the last interval, even though they were acknowledged;
+    /// their timestamps are never handed out again (a durable clock floor).
+    Async,
 }
 
-/// Scan direction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    /// Oldest first.
-    Forward,
-    /// Newest first.
-    Backward,
-}
+/// Default of [`SledEngine::data`] (`--data`).
+pub const DEFAULT_DATA_DIR: &str = "./ivy-data";
+/// Default of [`SledEngine::flush_interval`] (`--flush-interval-ms`).
+pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 
-/// A visitor of log entries: gets each timestamp and a loader that appends its line to a buffer.
-pub type Visit<'a> = dyn FnMut(Timestamp, &mut dyn FnMut(&mut Vec<u8>) -> io::Result<()>) -> io::Result<ControlFlow<()>> + 'a;
-
-/// Storage of events.
-pub trait EventLog: Send + Sync + 'static {
-    /// Appends events atomically (all or none), in timestamp order.
-    fn append(&self, records: &[Record<'_>]) -> io::Result<()>;
-    /// Makes every appended event durable (flush and fsync).
-    fn sync(&self) -> io::Result<()>;
-    /// The newest stored timestamp.
-    fn last_timestamp(&self) -> io::Result<Option<Timestamp>>;
-    /// Durably records the clock floor `ts` (flushed and fsynced when this returns, together
-    /// with every event appended before): the server promises to hand out no timestamp above
-    /// it before recording a higher one, and resumes its clock after it when the store is
-    /// opened again. This is what keeps timestamps unique after a crash that lost events
-    /// which had already been acknowledged (asynchronous durability).
-    fn set_clock_floor(&self, ts: Timestamp) -> io::Result<()>;
-    /// The last recorded clock floor, if any.
-    fn clock_floor(&self) -> io::Result<Option<Timestamp>>;
-    /// Visits the events of `channel`'s subtree with `after < ts <= until`, in `dir` order,
-    /// until the visitor breaks.
-    fn scan(
-        &self,
-        channel: &str,
-        after: Option<Timestamp>,
-        until: Option<Timestamp>,
-        dir: Direction,
-        visit: &mut Visit<'_>,
-    ) -> io::Result<()>;
-}
-
-/// The sled-backed [`EventLog`].
+/// Opens the sled engine: the store in a directory (created if missing), its durability and
+/// its clock. See the [module docs](self) for the layout.
 #[derive(Debug, Clone)]
-pub struct SledLog {
+#[non_exhaustive]
+pub struct SledEngine {
+    /// The store's directory. Default [`DEFAULT_DATA_DIR`].
+    pub data: PathBuf,
+    /// When events are acknowledged. Default [`Durability::Sync`].
+    pub durability: Durability,
+    /// How often [`Durability::Async`] flushes in the background. Default
+    /// [`DEFAULT_FLUSH_INTERVAL`].
+    pub flush_interval: Duration,
+    /// The wall clock timestamps follow. Default: the system clock.
+    pub wall: WallClock,
+}
+
+impl Default for SledEngine {
+    fn default() -> SledEngine {
+        SledEngine::new(DEFAULT_DATA_DIR)
+    }
+}
+
+impl SledEngine {
+    /// The store in `data`, with the defaults.
+    pub fn new(data: impl Into<PathBuf>) -> SledEngine {
+        SledEngine { data: data.into(), durability: Durability::Sync, flush_interval: DEFAULT_FLUSH_INTERVAL, wall: WallClock::system() }
+    }
+
+    /// When events are acknowledged.
+    pub fn durability(mut self, durability: Durability) -> SledEngine {
+        self.durability = durability;
+        self
+    }
+
+    /// The background flush interval of [`Durability::Async`].
+    pub fn flush_interval(mut self, interval: Duration) -> SledEngine {
+        self.flush_interval = interval;
+        self
+    }
+
+    /// Timestamps from `wall` instead of the system clock (for tests of clock steps).
+    pub fn wall_clock(mut self, wall: WallClock) -> SledEngine {
+        self.wall = wall;
+        self
+    }
+}
+
+impl Open for SledEngine {
+    fn open(self: Box<Self>, context: Context) -> io::Result<Arc<dyn Engine>> {
+        std::fs::create_dir_all(&self.data)?;
+        let log = SledLog::open(&self.data, self.durability, self.flush_interval)?;
+        tracing::info!(data = %self.data.display(), durability = ?self.durability, "sled store open");
+        LocalEngine::open(Arc::new(log), self.wall, context)
+    }
+
+    fn describe(&self) -> String {
+        format!("sled store in {} ({:?} durability)", self.data.display(), self.durability)
+    }
+}
+
+/// The sled-backed [`Storage`].
+#[derive(Debug, Clone)]
+pub(crate) struct SledLog {
     db: sled::Db,
+    durability: Durability,
 }
 
 const LAYOUT_VERSION: &[u8] = b"2";
@@ -266,11 +304,11 @@ fn migrate_v1(db: &sled::Db, dir: &Path) -> io::Result<()> {
 
 impl SledLog {
     /// Opens (or creates) the store in `dir`. With [`Durability::Async`], sled flushes in the
-    /// background every `flush_interval_ms`.
-    pub fn open(dir: &Path, durability: Durability, flush_interval_ms: u64) -> io::Result<SledLog> {
+    /// background every `flush_interval`.
+    pub(crate) fn open(dir: &Path, durability: Durability, flush_interval: Duration) -> io::Result<SledLog> {
         let flush_every = match durability {
             Durability::Sync => Some(1000),
-            Durability::Async => Some(flush_interval_ms.max(1)),
+            Durability::Async => Some(u64::try_from(flush_interval.as_millis()).unwrap_or(u64::MAX).max(1)),
         };
         let config = sled::Config::new().path(dir).flush_every_ms(flush_every);
         // sled releases its file lock from a background thread after the previous instance is
@@ -299,11 +337,11 @@ impl SledLog {
                 ));
             }
         }
-        Ok(SledLog { db })
+        Ok(SledLog { db, durability })
     }
 }
 
-impl EventLog for SledLog {
+impl Storage for SledLog {
     fn append(&self, records: &[Record<'_>]) -> io::Result<()> {
         let mut batch = sled::Batch::default();
         let mut blocks = Blocks::default();
@@ -314,7 +352,18 @@ impl EventLog for SledLog {
         self.db.apply_batch(batch).map_err(to_io)
     }
 
-    fn sync(&self) -> io::Result<()> {
+    fn commit(&self) -> io::Result<()> {
+        match self.durability {
+            Durability::Sync => self.flush(),
+            Durability::Async => Ok(()),
+        }
+    }
+
+    fn acks_before_durable(&self) -> bool {
+        self.durability == Durability::Async
+    }
+
+    fn flush(&self) -> io::Result<()> {
         self.db.flush().map(|_| ()).map_err(to_io)
     }
 
@@ -333,7 +382,7 @@ impl EventLog for SledLog {
 
     fn set_clock_floor(&self, ts: Timestamp) -> io::Result<()> {
         self.db.insert(CLOCK_FLOOR_KEY, &ts.to_be_bytes()[..]).map_err(to_io)?;
-        self.sync()
+        self.flush()
     }
 
     fn clock_floor(&self) -> io::Result<Option<Timestamp>> {
@@ -349,14 +398,13 @@ impl EventLog for SledLog {
         &self,
         channel: &str,
         after: Option<Timestamp>,
-        until: Option<Timestamp>,
+        until: Timestamp,
         dir: Direction,
-        visit: &mut Visit<'_>,
+        visit: &mut dyn FnMut(Timestamp, &[u8]) -> ControlFlow<()>,
     ) -> io::Result<()> {
         use std::ops::Bound::Included;
         let prefix = block_prefix(channel);
         let key_len = prefix.len() + Timestamp::BYTES;
-        let until = until.unwrap_or(Timestamp::MAX);
         let hi = with_ts(&prefix, until);
         // The first block that can hold an event after `after` is the last one starting at or
         // before it (or the channel's first block).
@@ -375,12 +423,6 @@ impl EventLog for SledLog {
         }
         let after_ok = |ts: Timestamp| after.is_none_or(|a| ts > a);
         let iter = self.db.range::<Vec<u8>, _>((Included(lo), Included(hi)));
-        let mut visit_one = |ts: Timestamp, line: &[u8]| {
-            visit(ts, &mut |out: &mut Vec<u8>| {
-                out.extend_from_slice(line);
-                Ok(())
-            })
-        };
         match dir {
             Direction::Forward => {
                 for kv in iter {
@@ -393,7 +435,7 @@ impl EventLog for SledLog {
                         if ts > until {
                             return Ok(());
                         }
-                        if after_ok(ts) && visit_one(ts, line)?.is_break() {
+                        if after_ok(ts) && visit(ts, line).is_break() {
                             return Ok(());
                         }
                     }
@@ -410,7 +452,7 @@ impl EventLog for SledLog {
                         if !after_ok(ts) {
                             return Ok(());
                         }
-                        if ts <= until && visit_one(ts, line)?.is_break() {
+                        if ts <= until && visit(ts, line).is_break() {
                             return Ok(());
                         }
                     }
@@ -431,19 +473,19 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let ts = |n| Timestamp::new(1_700_000_000, n).unwrap();
         {
-            let log = SledLog::open(&dir, Durability::Async, 100).unwrap();
+            let log = SledLog::open(&dir, Durability::Async, DEFAULT_FLUSH_INTERVAL).unwrap();
             assert_eq!(log.clock_floor().unwrap(), None);
             log.append(&[Record { ts: ts(1), path: "/a", line: b"@1700000000.000000001:/a:x" }]).unwrap();
             log.set_clock_floor(ts(9)).unwrap();
             assert_eq!(log.last_timestamp().unwrap(), Some(ts(1)));
         }
-        let log = SledLog::open(&dir, Durability::Sync, 100).unwrap();
+        let log = SledLog::open(&dir, Durability::Sync, DEFAULT_FLUSH_INTERVAL).unwrap();
         assert_eq!(log.clock_floor().unwrap(), Some(ts(9)));
         assert_eq!(log.last_timestamp().unwrap(), Some(ts(1)));
         let mut seen = Vec::new();
-        log.scan(ROOT, None, None, Direction::Forward, &mut |t, _| {
+        log.scan(ROOT, None, Timestamp::MAX, Direction::Forward, &mut |t, _| {
             seen.push(t);
-            Ok(ControlFlow::Continue(()))
+            ControlFlow::Continue(())
         })
         .unwrap();
         assert_eq!(seen, vec![ts(1)]);
@@ -466,11 +508,9 @@ mod tests {
         limit: usize,
     ) -> Vec<(Timestamp, Vec<u8>)> {
         let mut out = Vec::new();
-        log.scan(channel, after, until, dir, &mut |ts, load| {
-            let mut line = Vec::new();
-            load(&mut line)?;
-            out.push((ts, line));
-            Ok(if out.len() >= limit { ControlFlow::Break(()) } else { ControlFlow::Continue(()) })
+        log.scan(channel, after, until.unwrap_or(Timestamp::MAX), dir, &mut |ts, line| {
+            out.push((ts, line.to_vec()));
+            if out.len() >= limit { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
         })
         .unwrap();
         out
@@ -481,7 +521,7 @@ mod tests {
     #[test]
     fn scans_match_a_model_across_blocks_and_batches() {
         let dir = temp_dir("model");
-        let log = SledLog::open(&dir, Durability::Async, 100).unwrap();
+        let log = SledLog::open(&dir, Durability::Async, DEFAULT_FLUSH_INTERVAL).unwrap();
         let paths = ["/a", "/a/b", "/a/b/c", "/ab", "/x/y", "/a/bc"];
         let mut events: Vec<(Timestamp, String, Vec<u8>)> = Vec::new();
         let mut rng = 0x2545_f491_4f6c_dd1du64;
@@ -587,13 +627,13 @@ mod tests {
             }
         };
         {
-            let log = SledLog::open(&dir, Durability::Sync, 100).unwrap();
+            let log = SledLog::open(&dir, Durability::Sync, DEFAULT_FLUSH_INTERVAL).unwrap();
             assert_eq!(log.db.get(b"v").unwrap().as_deref(), Some(LAYOUT_VERSION));
             assert_eq!(log.db.scan_prefix(b"e").count(), 0);
             assert_eq!(log.db.scan_prefix(b"i").count(), 0);
             check(&log);
         }
-        let log = SledLog::open(&dir, Durability::Sync, 100).unwrap();
+        let log = SledLog::open(&dir, Durability::Sync, DEFAULT_FLUSH_INTERVAL).unwrap();
         check(&log);
         drop(log);
         let _ = std::fs::remove_dir_all(&dir);
@@ -603,13 +643,13 @@ mod tests {
     #[test]
     fn a_damaged_block_is_an_error() {
         let dir = temp_dir("damaged");
-        let log = SledLog::open(&dir, Durability::Async, 100).unwrap();
+        let log = SledLog::open(&dir, Durability::Async, DEFAULT_FLUSH_INTERVAL).unwrap();
         let ts = Timestamp::new(1_700_000_000, 1).unwrap();
         let mut block = ts.to_be_bytes().to_vec();
         block.extend_from_slice(&1000u32.to_be_bytes());
         block.extend_from_slice(b"@short");
         log.db.insert(with_ts(b"b", ts), block).unwrap();
-        let r = log.scan(ROOT, None, None, Direction::Forward, &mut |_, _| Ok(ControlFlow::Continue(())));
+        let r = log.scan(ROOT, None, Timestamp::MAX, Direction::Forward, &mut |_, _| ControlFlow::Continue(()));
         assert_eq!(r.unwrap_err().kind(), io::ErrorKind::InvalidData);
         assert_eq!(log.last_timestamp().unwrap_err().kind(), io::ErrorKind::InvalidData);
         drop(log);

@@ -1,0 +1,254 @@
+//! The `ivy-server` command line: flags (each also an environment variable), logging,
+//! binding, running until SIGINT or SIGTERM.
+//!
+//! The binary's `main` is [`main`]; a test build of the binary with another wall clock calls
+//! [`main_with`], so that it runs exactly the same code.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{self, Config, parse_seconds};
+use crate::engine::sled::{self as sled_engine, Durability, SledEngine};
+use crate::engine::{MemoryEngine, Open, WallClock};
+
+/// Default of `--listen`.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
+/// The flags of `ivy-server`.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "ivy-server", version, about = "Reference server for the Ivy hierarchical pub/sub protocol with persistent event logs")]
+#[non_exhaustive]
+pub struct Cli {
+    /// Address to listen on.
+    #[arg(long, env = "IVY_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+
+    /// Directory of the sled event store (created if missing).
+    #[arg(long, env = "IVY_DATA", default_value = sled_engine::DEFAULT_DATA_DIR)]
+    pub data: PathBuf,
+
+    /// Keep events in memory only (no store on disk, nothing survives the process): for tests
+    /// and throw-away servers. `--data`, `--durability` and `--flush-interval-ms` are ignored.
+    #[arg(long, env = "IVY_MEMORY")]
+    pub memory: bool,
+
+    /// When events are acknowledged: `sync` (after fsync, the default) or `async`.
+    #[arg(long, env = "IVY_DURABILITY", value_enum, default_value_t = Durability::Sync)]
+    pub durability: Durability,
+
+    /// Background flush interval of `--durability async`, in milliseconds.
+    #[arg(long, env = "IVY_FLUSH_INTERVAL_MS", default_value_t = sled_engine::DEFAULT_FLUSH_INTERVAL.as_millis() as u64)]
+    pub flush_interval_ms: u64,
+
+    /// Largest WebSocket message accepted, in bytes; larger ones close the connection with 1009.
+    #[arg(long, env = "IVY_MAX_MESSAGE_SIZE", default_value_t = config::DEFAULT_MAX_MESSAGE_SIZE)]
+    pub max_message_size: usize,
+
+    /// Longest channel path accepted, in bytes after normalization.
+    #[arg(long, env = "IVY_MAX_PATH_LENGTH", default_value_t = config::DEFAULT_MAX_PATH_LENGTH)]
+    pub max_path_length: usize,
+
+    /// Most subscriptions one connection may hold.
+    #[arg(long, env = "IVY_MAX_SUBSCRIPTIONS", default_value_t = config::DEFAULT_MAX_SUBSCRIPTIONS)]
+    pub max_subscriptions: usize,
+
+    /// Messages queued for one connection before it counts as a slow consumer and is closed
+    /// with code 4000.
+    #[arg(long, env = "IVY_QUEUE_LENGTH", default_value_t = config::DEFAULT_QUEUE_LENGTH)]
+    pub queue_length: usize,
+
+    /// Most events one log page returns (`limit` above it is capped).
+    #[arg(long, env = "IVY_LOG_PAGE_LIMIT", default_value_t = config::DEFAULT_LOG_PAGE_LIMIT)]
+    pub log_page_limit: usize,
+
+    /// Origins allowed to open WebSockets and read logs from a browser (repeat the flag or
+    /// separate with commas). Empty: every origin.
+    #[arg(long = "allowed-origin", env = "IVY_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// Most WebSocket connections at once; beyond it the handshake is refused with 503.
+    #[arg(long, env = "IVY_MAX_CONNECTIONS", default_value_t = config::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+
+    /// Commands (text or binary messages) one connection may send per second, on average;
+    /// excess commands are refused with `!rate-limited` and not executed. 0: no limit.
+    #[arg(long, env = "IVY_RATE_LIMIT", default_value_t = config::DEFAULT_RATE_LIMIT)]
+    pub rate_limit: u32,
+
+    /// Commands one connection may send in a burst above the average rate (minimum 1).
+    #[arg(long, env = "IVY_RATE_BURST", default_value_t = config::DEFAULT_RATE_BURST)]
+    pub rate_burst: u32,
+
+    /// Seconds between the server's pings on each WebSocket (fractions allowed); a connection
+    /// from which nothing, not even a pong, arrives for a whole interval after a ping is
+    /// closed with 4001. 0: no pings.
+    #[arg(long, env = "IVY_PING_INTERVAL", value_parser = seconds, default_value_t = Seconds(config::DEFAULT_PING_INTERVAL))]
+    pub ping_interval: Seconds,
+
+    /// Seconds an HTTP connection gets to send a complete request head (fractions allowed);
+    /// slower ones, and idle keep-alive connections waiting for a next request, are closed.
+    /// 0: no limit.
+    #[arg(long, env = "IVY_HEADER_TIMEOUT", value_parser = seconds, default_value_t = Seconds(config::DEFAULT_HEADER_TIMEOUT))]
+    pub header_timeout: Seconds,
+
+    /// Serve the files of this directory at `/` (`index.html` for a directory), next to `/ws`
+    /// and `/log/`, which take precedence. Off when not set.
+    #[arg(long, env = "IVY_STATIC_DIR")]
+    pub static_dir: Option<PathBuf>,
+}
+
+/// A duration given in seconds on the command line (its default shown in seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seconds(pub Duration);
+
+fn seconds(s: &str) -> Result<Seconds, String> {
+    parse_seconds(s).map(Seconds)
+}
+
+impl std::fmt::Display for Seconds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0.as_secs_f64())
+    }
+}
+
+impl Cli {
+    /// The server's configuration from the flags.
+    pub fn config(&self) -> Config {
+        Config {
+            max_message_size: self.max_message_size,
+            max_path_length: self.max_path_length,
+            max_subscriptions: self.max_subscriptions,
+            queue_length: self.queue_length,
+            log_page_limit: self.log_page_limit,
+            allowed_origins: self.allowed_origins.clone(),
+            max_connections: self.max_connections,
+            rate_limit: self.rate_limit,
+            rate_burst: self.rate_burst,
+            ping_interval: self.ping_interval.0,
+            header_timeout: self.header_timeout.0,
+            static_dir: self.static_dir.clone(),
+        }
+    }
+
+    /// The sled engine's settings from the flags.
+    pub fn sled(&self, wall: WallClock) -> SledEngine {
+        SledEngine::new(&self.data)
+            .durability(self.durability)
+            .flush_interval(Duration::from_millis(self.flush_interval_ms))
+            .wall_clock(wall)
+    }
+
+    /// The engine the flags ask for, with timestamps from `wall`.
+    pub fn engine(&self, wall: WallClock) -> Box<dyn Open> {
+        if self.memory { Box::new(MemoryEngine::new().wall_clock(wall)) } else { Box::new(self.sled(wall)) }
+    }
+}
+
+/// The `ivy-server` binary.
+pub async fn main() -> ExitCode {
+    main_with(WallClock::system()).await
+}
+
+/// The `ivy-server` binary with timestamps from `wall` (tests of clock steps use a frozen
+/// one): parses the flags, sets up logging to stderr (`RUST_LOG`), binds, prints
+/// `ivy-server listening on http://ADDR` on stdout and serves until SIGINT or SIGTERM.
+pub async fn main_with(wall: WallClock) -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let listener = match tokio::net::TcpListener::bind(cli.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("ivy-server: cannot listen on {}: {e}", cli.listen);
+            return ExitCode::from(2);
+        }
+    };
+    let ivy = match crate::Ivy::builder(cli.config()).engine_boxed(cli.engine(wall)).open() {
+        Ok(ivy) => ivy,
+        Err(e) => {
+            eprintln!("ivy-server: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match listener.local_addr() {
+        // A stable line for scripts and tests that bind port 0.
+        Ok(addr) => println!("ivy-server listening on http://{addr}"),
+        Err(e) => eprintln!("ivy-server: {e}"),
+    }
+    match crate::serve(&ivy, ivy.router(), listener, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ivy-server: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutdown signal received");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The command line's defaults are the library's: one source for each.
+    #[test]
+    fn defaults_are_the_librarys() {
+        let cli = Cli::try_parse_from(["ivy-server"]).unwrap();
+        assert_eq!(cli.config(), Config::default());
+        let sled = cli.sled(WallClock::system());
+        let lib = SledEngine::default();
+        assert_eq!((&sled.data, sled.durability, sled.flush_interval), (&lib.data, lib.durability, lib.flush_interval));
+        assert_eq!(cli.listen, DEFAULT_LISTEN.parse::<SocketAddr>().unwrap());
+        assert!(!cli.memory);
+    }
+
+    #[test]
+    fn flags_reach_the_config() {
+        let cli = Cli::try_parse_from([
+            "ivy-server",
+            "--ping-interval",
+            "0.5",
+            "--allowed-origin",
+            "http://a,http://b",
+            "--durability",
+            "async",
+            "--flush-interval-ms",
+            "7",
+            "--memory",
+        ])
+        .unwrap();
+        let c = cli.config();
+        assert_eq!(c.ping_interval, Duration::from_millis(500));
+        assert_eq!(c.allowed_origins, ["http://a", "http://b"]);
+        let s = cli.sled(WallClock::system());
+        assert_eq!((s.durability, s.flush_interval), (Durability::Async, Duration::from_millis(7)));
+        assert!(cli.memory);
+    }
+}

@@ -1,0 +1,295 @@
+//! The single-node engine: one sequencer thread, a clock, and a [`Storage`] (sled or memory).
+//!
+//! # The sequencer
+//!
+//! One thread stamps, stores and delivers every event, in order. Group commit: it takes every
+//! request waiting in the queue (up to a batch limit), gives them consecutive timestamps,
+//! appends them to the storage in one atomic batch, makes the batch as durable as the storage
+//! promises with one flush ([`Storage::commit`]), raises the visible mark, and only then hands
+//! the events to the fan-out and completes their requests. Concurrent senders share each
+//! flush, so throughput grows with concurrency instead of staying at one flush per event.
+//!
+//! # Timestamps
+//!
+//! [`Clock`]: an event's timestamp is `max(wall clock, previous + 1 ns)`. At startup the clock
+//! resumes after the newest stored event and after the storage's clock floor.
+//!
+//! Clock floor: when the storage acknowledges events before they are durable (sled with
+//! `--durability async`, where an acknowledged event can still be lost in a crash), the clock
+//! gets a limit; a batch whose timestamps would go above it first records a new floor in the
+//! storage, durably, one second ahead of what it needs, so a restart after a crash never hands
+//! out the timestamp of a lost event again, at the cost of one extra flush per second of
+//! timestamps. A graceful stop records the clock's exact position.
+//!
+//! # The three marks
+//!
+//! handed out ([`Clock::last`]) ≥ visible to log readers ([`Watermark`], raised after the
+//! batch is committed) ≥ delivered (the fan-out's position, raised by [`FanOut::deliver`]
+//! after the visible mark). A subscriber's position is therefore always in the log.
+
+use std::io;
+use std::ops::ControlFlow;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use ivy_client_core::Timestamp;
+use ivy_client_core::wire::encode_event;
+
+use super::clock::Clock;
+use super::{BoxFuture, Context, Direction, Engine, Page, Publish, PublishError, ReadRequest, Requests};
+use crate::fanout::{FanOut, Line, Published};
+
+pub use super::clock::WallClock;
+
+/// Most events in one group commit.
+const MAX_BATCH: usize = 4096;
+/// Most data bytes in one group commit.
+const MAX_BATCH_BYTES: usize = 8 << 20;
+/// How far beyond the timestamps it needs a new clock floor is recorded.
+const FLOOR_AHEAD_NANOS: u128 = 1_000_000_000;
+
+/// One event to append.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Record<'a> {
+    /// Its timestamp (unique, greater than every stored one).
+    pub(crate) ts: Timestamp,
+    /// Its normalized path.
+    pub(crate) path: &'a str,
+    /// The encoded event line.
+    pub(crate) line: &'a [u8],
+}
+
+/// What the single-node engine stores in: sled ([`super::sled`]) or memory
+/// ([`super::memory`]). Called from the sequencer thread (writes) and tokio's blocking pool
+/// (reads), never from an async task.
+pub(crate) trait Storage: Send + Sync + 'static {
+    /// Appends events atomically (all or none), in timestamp order.
+    fn append(&self, records: &[Record<'_>]) -> io::Result<()>;
+    /// Makes the appended events as durable as the storage promises before their acks (sled
+    /// with sync durability: flush and fsync; otherwise nothing).
+    fn commit(&self) -> io::Result<()>;
+    /// Whether an acknowledged event can still be lost in a crash (then the clock needs a
+    /// durable floor).
+    fn acks_before_durable(&self) -> bool;
+    /// Makes everything appended durable (the final flush).
+    fn flush(&self) -> io::Result<()>;
+    /// The newest stored timestamp.
+    fn last_timestamp(&self) -> io::Result<Option<Timestamp>>;
+    /// Durably records the clock floor `ts` (flushed with every event appended before when
+    /// this returns): no timestamp above it is handed out before a higher one is recorded, and
+    /// a reopened clock resumes after it.
+    fn set_clock_floor(&self, ts: Timestamp) -> io::Result<()>;
+    /// The last recorded clock floor, if any.
+    fn clock_floor(&self) -> io::Result<Option<Timestamp>>;
+    /// Visits the events of `channel`'s subtree with `after < ts <= until`, in `dir` order,
+    /// until the visitor breaks.
+    fn scan(
+        &self,
+        channel: &str,
+        after: Option<Timestamp>,
+        until: Timestamp,
+        dir: Direction,
+        visit: &mut dyn FnMut(Timestamp, &[u8]) -> ControlFlow<()>,
+    ) -> io::Result<()>;
+}
+
+/// Reads one page from `storage`.
+pub(crate) fn read_page(storage: &dyn Storage, request: &ReadRequest) -> io::Result<Page> {
+    let mut page = Page::default();
+    if request.limit == 0 {
+        return Ok(page);
+    }
+    storage.scan(&request.channel, request.after, request.until, request.direction, &mut |ts, line| {
+        page.push(ts, line, request.lines);
+        if page.is_full(request) { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+    })?;
+    Ok(page)
+}
+
+/// The newest timestamp visible to log readers (see the module docs).
+#[derive(Debug, Default)]
+struct Watermark(Mutex<Timestamp>);
+
+impl Watermark {
+    fn get(&self) -> Timestamp {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn raise(&self, ts: Timestamp) {
+        let mut m = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        *m = (*m).max(ts);
+    }
+}
+
+/// State shared by the engine's handle and its sequencer thread.
+struct Shared {
+    storage: Arc<dyn Storage>,
+    clock: Clock,
+    visible: Watermark,
+}
+
+/// The single-node engine (see the module docs).
+pub(crate) struct LocalEngine {
+    shared: Arc<Shared>,
+    sequencer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl LocalEngine {
+    /// Opens the engine over `storage`, with timestamps from `wall`.
+    pub(crate) fn open(storage: Arc<dyn Storage>, wall: WallClock, context: Context) -> io::Result<Arc<dyn Engine>> {
+        let last = storage.last_timestamp()?.unwrap_or(Timestamp::ZERO);
+        // After a crash with async durability the floor is above the newest surviving event:
+        // lost events had timestamps up to it, which must not be handed out again.
+        let floor = storage.clock_floor()?.unwrap_or(Timestamp::ZERO).max(last);
+        // Positions start at the newest stored event, below the floor after a crash that lost
+        // events: a client that saw them finds P < L and knows (docs/PROTOCOL.md 8.4).
+        context.fanout.start_at(last);
+        let clock = Clock::new(wall, floor);
+        if storage.acks_before_durable() {
+            // Every timestamp above the floor must first be covered by a durable floor.
+            clock.set_limit(floor);
+        }
+        tracing::info!(last = %last, floor = %floor, "event store open");
+        let shared = Arc::new(Shared { storage, clock, visible: Watermark(Mutex::new(last)) });
+        let sequencer = Sequencer { shared: shared.clone(), fanout: context.fanout, requests: context.requests };
+        let handle = std::thread::Builder::new().name("ivy-sequencer".into()).spawn(move || sequencer.run())?;
+        Ok(Arc::new(LocalEngine { shared, sequencer: Mutex::new(Some(handle)) }))
+    }
+}
+
+impl Engine for LocalEngine {
+    fn now(&self) -> Timestamp {
+        self.shared.clock.now()
+    }
+
+    fn visible(&self) -> Timestamp {
+        self.shared.visible.get()
+    }
+
+    fn read(&self, request: ReadRequest) -> BoxFuture<'static, io::Result<Page>> {
+        let storage = self.shared.storage.clone();
+        Box::pin(async move { tokio::task::spawn_blocking(move || read_page(&*storage, &request)).await.map_err(io::Error::other)? })
+    }
+
+    fn shutdown(&self) -> BoxFuture<'static, ()> {
+        let handle = self.sequencer.lock().unwrap_or_else(PoisonError::into_inner).take();
+        Box::pin(async move {
+            if let Some(handle) = handle {
+                let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+            }
+        })
+    }
+}
+
+/// The sequencer thread's state.
+struct Sequencer {
+    shared: Arc<Shared>,
+    fanout: Arc<FanOut>,
+    requests: Requests,
+}
+
+impl Sequencer {
+    fn run(mut self) {
+        let mut batch: Vec<Publish> = Vec::new();
+        while let Some(first) = self.requests.blocking_next() {
+            let mut bytes = first.data.len();
+            batch.push(first);
+            while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+                match self.requests.try_next() {
+                    Some(r) => {
+                        bytes += r.data.len();
+                        batch.push(r);
+                    }
+                    None => break,
+                }
+            }
+            self.commit(&mut batch);
+            if self.requests.is_ended() {
+                break;
+            }
+        }
+        // Requests still queued (sent after the end) are refused, then the store is flushed.
+        self.requests.refuse_rest();
+        let storage = &self.shared.storage;
+        // Nothing after the clock's position was handed out: a clean restart resumes right there.
+        if let Err(e) = storage.set_clock_floor(self.shared.clock.last()) {
+            tracing::error!(error = %e, "recording the clock floor failed");
+        }
+        if let Err(e) = storage.flush() {
+            tracing::error!(error = %e, "final flush of the event store failed");
+        }
+    }
+
+    fn commit(&self, batch: &mut Vec<Publish>) {
+        let storage = &*self.shared.storage;
+        let lines = match self.stamp(batch) {
+            Ok(lines) => lines,
+            Err(e) => {
+                tracing::error!(error = %e, events = batch.len(), "recording the clock floor failed; the events were not stored");
+                let e = PublishError::storage(e);
+                for r in batch.drain(..) {
+                    r.done.complete(Err(e.clone()));
+                }
+                return;
+            }
+        };
+        let records: Vec<Record<'_>> = batch.iter().zip(&lines).map(|(r, (ts, line))| Record { ts: *ts, path: &r.path, line }).collect();
+        let stored = storage.append(&records).and_then(|()| storage.commit());
+        drop(records);
+        if let Err(e) = stored {
+            tracing::error!(error = %e, events = batch.len(), "storing events failed; they were not delivered live");
+            let e = PublishError::storage(e);
+            for r in batch.drain(..) {
+                r.done.complete(Err(e.clone()));
+            }
+            return;
+        }
+        // Stored: log readers may see the batch now, before any subscriber gets it.
+        if let Some((ts, _)) = lines.last() {
+            self.shared.visible.raise(*ts);
+        }
+        let mut done = Vec::with_capacity(batch.len());
+        let published: Vec<Published> = batch
+            .drain(..)
+            .zip(lines)
+            .map(|(r, (ts, line))| {
+                done.push((r.done, ts));
+                Published { ts, path: r.path, sender: r.sender, line: Line::from_utf8_lossy(line) }
+            })
+            .collect();
+        self.fanout.deliver(&published);
+        for (d, ts) in done {
+            d.complete(Ok(ts));
+        }
+    }
+
+    /// Gives the batch its timestamps and encodes its lines, first raising the clock floor when
+    /// the clock's limit is in the way.
+    fn stamp(&self, batch: &[Publish]) -> io::Result<Vec<(Timestamp, Vec<u8>)>> {
+        let encode = |next: &mut dyn FnMut() -> Timestamp| -> Vec<(Timestamp, Vec<u8>)> {
+            batch
+                .iter()
+                .map(|r| {
+                    let ts = next();
+                    let mut line = Vec::new();
+                    encode_event(ts, &r.path, &r.data, &mut line);
+                    (ts, line)
+                })
+                .collect()
+        };
+        let clock = &self.shared.clock;
+        // One raise is normally enough; the wall clock would have to jump a second ahead between
+        // two attempts for another one to be needed.
+        for _ in 0..4 {
+            match clock.allocate(batch.len(), encode) {
+                Ok(lines) => return Ok(lines),
+                Err(needed) => {
+                    let floor = Timestamp::from_nanos(needed.as_nanos().saturating_add(FLOOR_AHEAD_NANOS));
+                    self.shared.storage.set_clock_floor(floor)?;
+                    clock.set_limit(floor);
+                }
+            }
+        }
+        Err(io::Error::other("the clock floor could not be raised ahead of the wall clock"))
+    }
+}

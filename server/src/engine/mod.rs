@@ -1,0 +1,400 @@
+//! The engine seam: ordering, storage and delivery between connections.
+//!
+//! An engine owns three things, and the protocol code (WebSocket sessions, the HTTP log) owns
+//! none of them:
+//!
+//! - **ordering**: it hands out every event's timestamp, unique and strictly increasing over
+//!   everything it ever stored (and answers `@` with [`Engine::now`]);
+//! - **storage**: it appends events to the logs of their channel and its ancestors, and reads
+//!   them back page by page ([`Engine::read`]), showing only what is durable
+//!   ([`Engine::visible`]);
+//! - **the bus**: it hands every stored event, once, in timestamp order, to this node's
+//!   [`FanOut`] ([`FanOut::deliver`]), which routes it to the subscribed connections.
+//!
+//! The order of those steps is the contract every engine keeps, because subscribe positions
+//! and the clients' gap-free recipe (`docs/PROTOCOL.md` 8.1 and 8.4) rest on it: an event is
+//! stored (durably, as the engine promises) and visible to [`Engine::read`] *before* it is
+//! delivered to the fan-out, and delivered to the fan-out *before* its sender's completion
+//! runs. The fan-out's position (the newest event it was given) is then always visible in the
+//! log, which is what a subscription's position means.
+//!
+//! An engine is given to the server through [`crate::IvyBuilder::engine`] as an [`Open`]: the
+//! server creates the queue of publish requests ([`Requests`]) and the fan-out, and the engine
+//! opens with them ([`Context`]). Engines here:
+//!
+//! - [`SledEngine`] (the default, `ivy-server --data DIR`): an embedded sled store, one
+//!   sequencer thread, group commit, a durable clock floor;
+//! - [`MemoryEngine`] (`ivy-server --memory`): the same sequencer over a store in memory;
+//!   nothing survives the process. Fast tests and ephemeral deployments use it.
+//!
+//! # Async engines
+//!
+//! The seam is asynchronous, so that an engine whose client is async (Redis, a network store)
+//! implements it directly, with no runtime of its own:
+//!
+//! - writes arrive through [`Requests`], a bounded queue that an engine drains in batches
+//!   either from a thread ([`Requests::blocking_next`], as the sled engine's sequencer does) or
+//!   from a task ([`Requests::next`]); the senders wait when it is full (back-pressure), and
+//!   each request carries a [`Completion`] the engine calls from wherever it finishes;
+//! - reads return futures ([`Engine::read`] returns a boxed future of one [`Page`]): a network
+//!   engine awaits its client there, and a blocking engine (sled) runs the read on tokio's
+//!   blocking pool. The HTTP layer streams a large log as a sequence of bounded pages, so no
+//!   engine ever holds a whole log in memory;
+//! - [`Engine::shutdown`] returns a future that resolves once every accepted request is
+//!   completed and what was stored is flushed.
+//!
+//! Nothing engine-specific is in the server's [`crate::Config`]: the data directory, the
+//! durability mode, the flush interval and the clock floor belong to the sled engine's
+//! builder ([`SledEngine`]).
+
+mod clock;
+mod local;
+pub mod memory;
+pub mod sled;
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use ivy_client_core::Timestamp;
+use tokio::sync::{mpsc, oneshot};
+
+pub use crate::fanout::{ConnId, FanOut, Line, Published};
+pub use local::WallClock;
+pub use memory::MemoryEngine;
+pub use sled::{Durability, SledEngine};
+
+/// A boxed future, as the engine's methods return.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A running engine. See the [module docs](self) for the contract.
+pub trait Engine: Send + Sync + 'static {
+    /// The current time for `@`: at least every timestamp handed out so far; every later
+    /// event gets a greater one.
+    fn now(&self) -> Timestamp;
+
+    /// The newest timestamp whose event may be shown to log readers (durable, or stored as
+    /// durably as the engine promises). Reads pass it as [`ReadRequest::until`].
+    fn visible(&self) -> Timestamp;
+
+    /// Reads one page of a channel's log (the channel and everything below it).
+    fn read(&self, request: ReadRequest) -> BoxFuture<'static, io::Result<Page>>;
+
+    /// Finishes: completes every request accepted before [`Requests`] reported the end of
+    /// the queue, flushes what was stored, and resolves. Called once, by the server.
+    fn shutdown(&self) -> BoxFuture<'static, ()>;
+}
+
+/// How an engine is opened: what [`crate::IvyBuilder::engine`] takes.
+pub trait Open: Send + 'static {
+    /// Opens the engine, which takes over `context`. Called once, within a tokio runtime.
+    fn open(self: Box<Self>, context: Context) -> io::Result<Arc<dyn Engine>>;
+
+    /// A short description for the startup log line (for example the data directory).
+    fn describe(&self) -> String;
+}
+
+/// What the server gives an engine when it opens.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Context {
+    /// The publish requests, in arrival order.
+    pub requests: Requests,
+    /// This node's fan-out: give it every stored event, in timestamp order, after the event is
+    /// visible and before its completion runs. Before the first delivery, set its starting
+    /// position with [`FanOut::start_at`] (the newest event already stored).
+    pub fanout: Arc<FanOut>,
+}
+
+/// Scan direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Oldest first.
+    Forward,
+    /// Newest first.
+    Backward,
+}
+
+/// One page to read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReadRequest {
+    /// The channel (normalized path): its events and those of every path below it.
+    pub channel: Box<str>,
+    /// Only events after this one (exclusive).
+    pub after: Option<Timestamp>,
+    /// Only events up to this one (inclusive): [`Engine::visible`] at the time of the request.
+    pub until: Timestamp,
+    /// Order of the page.
+    pub direction: Direction,
+    /// Most events in the page.
+    pub limit: usize,
+    /// The page ends after the event that brings its lines to this many bytes or more.
+    pub max_bytes: usize,
+    /// Whether the page carries the lines, or only their count and bounds.
+    pub lines: bool,
+}
+
+impl ReadRequest {
+    /// The first `limit` events of `channel` after `after`, up to `until`, oldest first, with
+    /// their lines and no byte bound.
+    pub fn new(channel: impl Into<Box<str>>, after: Option<Timestamp>, until: Timestamp, limit: usize) -> ReadRequest {
+        ReadRequest { channel: channel.into(), after, until, direction: Direction::Forward, limit, max_bytes: usize::MAX, lines: true }
+    }
+
+    /// Newest first.
+    pub fn backward(mut self) -> ReadRequest {
+        self.direction = Direction::Backward;
+        self
+    }
+
+    /// Ends the page once its lines reach `bytes`.
+    pub fn max_bytes(mut self, bytes: usize) -> ReadRequest {
+        self.max_bytes = bytes;
+        self
+    }
+
+    /// Counts and bounds only, no lines.
+    pub fn without_lines(mut self) -> ReadRequest {
+        self.lines = false;
+        self
+    }
+}
+
+/// One page of a log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Page {
+    /// The event lines in the page's order, joined by `\n` (the log endpoint's body format);
+    /// empty when the request asked for no lines.
+    pub lines: Vec<u8>,
+    /// How many events the page has.
+    pub count: usize,
+    /// The timestamp of its first event (in the page's order).
+    pub first: Option<Timestamp>,
+    /// The timestamp of its last event (in the page's order).
+    pub last: Option<Timestamp>,
+}
+
+impl Page {
+    /// Adds an event at the end of the page.
+    pub fn push(&mut self, ts: Timestamp, line: &[u8], with_line: bool) {
+        if with_line {
+            if self.count > 0 {
+                self.lines.push(b'\n');
+            }
+            self.lines.extend_from_slice(line);
+        }
+        self.count += 1;
+        self.first.get_or_insert(ts);
+        self.last = Some(ts);
+    }
+
+    /// Whether `request` wants no more events after these.
+    pub fn is_full(&self, request: &ReadRequest) -> bool {
+        self.count >= request.limit || (request.lines && self.lines.len() >= request.max_bytes)
+    }
+}
+
+/// A request to publish one event.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Publish {
+    /// The normalized path.
+    pub path: Box<str>,
+    /// The event data, raw (escaped when the engine encodes the line).
+    pub data: Bytes,
+    /// The sending connection, which does not receive its own event.
+    pub sender: Option<ConnId>,
+    /// Where the outcome goes.
+    pub done: Completion,
+}
+
+impl Publish {
+    /// A request to publish `data` on `path` (normalized) with no sending connection.
+    pub fn new(path: impl Into<Box<str>>, data: Bytes, done: Completion) -> Publish {
+        Publish { path: path.into(), data, sender: None, done }
+    }
+}
+
+/// Why a publish failed.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// The path is invalid (only from [`crate::Ivy::publish`]; WebSocket sends are checked
+    /// when parsed).
+    InvalidPath(ivy_client_core::path::PathError),
+    /// The store failed; the event was not delivered live. If the failure came from the
+    /// flush, the event may still be in the log.
+    Storage(Arc<io::Error>),
+    /// The server is shutting down.
+    ShuttingDown,
+}
+
+impl PublishError {
+    /// A storage failure.
+    pub fn storage(e: io::Error) -> PublishError {
+        PublishError::Storage(Arc::new(e))
+    }
+}
+
+impl fmt::Display for PublishError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PublishError::InvalidPath(e) => write!(f, "invalid path: {e}"),
+            PublishError::Storage(e) => write!(f, "event not stored: {e}"),
+            PublishError::ShuttingDown => f.write_str("server is shutting down"),
+        }
+    }
+}
+
+impl std::error::Error for PublishError {}
+
+/// Where the outcome of a publish goes: to the sending WebSocket connection (encoded there as
+/// its ack or error line, in the place reserved for it) or to an in-process caller.
+#[derive(Debug)]
+pub struct Completion(CompletionTo);
+
+#[derive(Debug)]
+enum CompletionTo {
+    Reply(crate::session::PendingReply),
+    Channel(oneshot::Sender<Result<Timestamp, PublishError>>),
+}
+
+impl Completion {
+    /// A completion whose outcome the returned receiver gets.
+    pub fn channel() -> (Completion, oneshot::Receiver<Result<Timestamp, PublishError>>) {
+        let (tx, rx) = oneshot::channel();
+        (Completion(CompletionTo::Channel(tx)), rx)
+    }
+
+    pub(crate) fn reply(reply: crate::session::PendingReply) -> Completion {
+        Completion(CompletionTo::Reply(reply))
+    }
+
+    /// Delivers the outcome (never blocks).
+    pub fn complete(self, result: Result<Timestamp, PublishError>) {
+        match self.0 {
+            CompletionTo::Reply(reply) => reply.complete(result),
+            CompletionTo::Channel(tx) => {
+                let _ = tx.send(result);
+            }
+        }
+    }
+}
+
+enum Input {
+    Publish(Publish),
+    Stop,
+}
+
+/// The server's end of the publish queue.
+#[derive(Debug, Clone)]
+pub(crate) struct Publisher(mpsc::Sender<Input>);
+
+impl fmt::Debug for Input {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Input::Publish(p) => p.fmt(f),
+            Input::Stop => f.write_str("Stop"),
+        }
+    }
+}
+
+impl Publisher {
+    /// Queues `request`, waiting while the queue is full; a closed engine completes it with
+    /// [`PublishError::ShuttingDown`].
+    pub(crate) async fn publish(&self, request: Publish) {
+        if let Err(mpsc::error::SendError(Input::Publish(r))) = self.0.send(Input::Publish(request)).await {
+            r.done.complete(Err(PublishError::ShuttingDown));
+        }
+    }
+
+    /// Marks the end of the queue: requests queued before this are still served.
+    pub(crate) async fn stop(&self) {
+        let _ = self.0.send(Input::Stop).await;
+    }
+}
+
+/// The engine's end of the publish queue: requests in arrival order, until the server stops
+/// it. Requests that arrive after the end are refused with [`PublishError::ShuttingDown`]
+/// ([`Requests::refuse_rest`]).
+#[derive(Debug)]
+pub struct Requests {
+    rx: mpsc::Receiver<Input>,
+    ended: bool,
+}
+
+/// How many publish requests wait in the queue before senders wait.
+const QUEUE: usize = 16 * 1024;
+
+pub(crate) fn queue() -> (Publisher, Requests) {
+    let (tx, rx) = mpsc::channel(QUEUE);
+    (Publisher(tx), Requests { rx, ended: false })
+}
+
+impl Requests {
+    fn take(&mut self, input: Option<Input>) -> Option<Publish> {
+        match input {
+            Some(Input::Publish(p)) if !self.ended => Some(p),
+            Some(Input::Publish(p)) => {
+                p.done.complete(Err(PublishError::ShuttingDown));
+                None
+            }
+            Some(Input::Stop) | None => {
+                self.ended = true;
+                None
+            }
+        }
+    }
+
+    /// The next request, blocking the thread while there is none; `None` at the end of the
+    /// queue. Never call it from an async task.
+    pub fn blocking_next(&mut self) -> Option<Publish> {
+        if self.ended {
+            return None;
+        }
+        let input = self.rx.blocking_recv();
+        self.take(input)
+    }
+
+    /// The next request; `None` at the end of the queue.
+    pub async fn next(&mut self) -> Option<Publish> {
+        if self.ended {
+            return None;
+        }
+        let input = self.rx.recv().await;
+        self.take(input)
+    }
+
+    /// A request already waiting, without waiting; `None` when there is none or at the end.
+    pub fn try_next(&mut self) -> Option<Publish> {
+        if self.ended {
+            return None;
+        }
+        let input = match self.rx.try_recv() {
+            Ok(input) => Some(input),
+            Err(mpsc::error::TryRecvError::Empty) => return None,
+            Err(mpsc::error::TryRecvError::Disconnected) => None,
+        };
+        self.take(input)
+    }
+
+    /// Whether the end of the queue was reached.
+    pub fn is_ended(&self) -> bool {
+        self.ended
+    }
+
+    /// After the end: refuses every request still queued or arriving later.
+    pub fn refuse_rest(&mut self) {
+        self.ended = true;
+        self.rx.close();
+        while let Ok(input) = self.rx.try_recv() {
+            if let Input::Publish(p) = input {
+                p.done.complete(Err(PublishError::ShuttingDown));
+            }
+        }
+    }
+}

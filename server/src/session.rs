@@ -1,0 +1,303 @@
+//! The protocol of one WebSocket connection, sans-IO: a frame in, a decision out.
+//!
+//! [`Session`] holds what a connection's commands depend on (its subscriptions and their
+//! limit, its rate limiter; later its principal and presence) and decides what each frame
+//! asks for ([`Outcome`]). It does no I/O and reads no clock: the WebSocket module
+//! (`ws.rs`) feeds it frames with the time, carries out its decisions (queue a reply,
+//! subscribe on the fan-out, publish through the engine) and writes the results.
+//!
+//! Adding a command means: a variant in the core's `wire::Op`, an [`Outcome`] here, and
+//! carrying it out in `ws::execute`.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::ops::Range;
+
+use axum::extract::ws::Utf8Bytes;
+use ivy_client_core::Timestamp;
+use ivy_client_core::wire::{Command, ErrorCode, Op, encode_ack, encode_error};
+
+use crate::Config;
+use crate::conn::ReplySlot;
+use crate::engine::PublishError;
+use crate::ratelimit::RateLimiter;
+
+/// What a frame asks the connection to do.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Outcome<'a> {
+    /// Reply with this line (a refusal or an error).
+    Reply(Vec<u8>),
+    /// Reply with this prepared line (allocates nothing).
+    Prepared(Utf8Bytes),
+    /// Subscribe to `path`; acknowledge with the position when `ack` is set.
+    Subscribe {
+        /// The ack key.
+        ack: Option<&'a [u8]>,
+        /// The normalized path.
+        path: Cow<'a, str>,
+    },
+    /// Unsubscribe from `path`; acknowledge with the position when `ack` is set.
+    Unsubscribe {
+        /// The ack key.
+        ack: Option<&'a [u8]>,
+        /// The normalized path.
+        path: Cow<'a, str>,
+    },
+    /// Publish the bytes `data` of the frame on `path`.
+    Send {
+        /// The ack key.
+        ack: Option<&'a [u8]>,
+        /// The normalized path.
+        path: Cow<'a, str>,
+        /// Where the data is in the frame.
+        data: Range<usize>,
+    },
+    /// Reply with the server time, `#key#@ts` (`##@ts` without a key).
+    Time {
+        /// The ack key.
+        ack: Option<&'a [u8]>,
+    },
+}
+
+/// Replies prepared once per server, so that refusing a flood allocates nothing per command
+/// when it carries no ack key.
+#[derive(Debug)]
+pub(crate) struct Refusals {
+    rate_limited_message: Box<str>,
+    rate_limited_keyless: Utf8Bytes,
+}
+
+impl Refusals {
+    pub(crate) fn new(config: &Config) -> Refusals {
+        let message = format!(
+            "too many commands: the limit is {} per second (bursts of {}); this command was not executed",
+            config.rate_limit,
+            config.rate_burst.max(1)
+        );
+        let mut line = Vec::new();
+        encode_error(None, ErrorCode::RateLimited, &message, &mut line);
+        Refusals {
+            rate_limited_keyless: String::from_utf8_lossy(&line).into_owned().into(),
+            rate_limited_message: message.into_boxed_str(),
+        }
+    }
+
+    fn rate_limited(&self, key: Option<&[u8]>) -> Outcome<'static> {
+        match key {
+            None => Outcome::Prepared(self.rate_limited_keyless.clone()),
+            Some(key) => Outcome::Reply(error_line(Some(key), ErrorCode::RateLimited, &self.rate_limited_message)),
+        }
+    }
+}
+
+/// One connection's protocol state.
+#[derive(Debug)]
+pub(crate) struct Session {
+    subs: HashSet<Box<str>>,
+    max_subscriptions: usize,
+    max_path_length: usize,
+    limiter: Option<RateLimiter>,
+}
+
+impl Session {
+    /// A new connection's session under `config`'s limits.
+    pub(crate) fn new(config: &Config) -> Session {
+        Session {
+            subs: HashSet::new(),
+            max_subscriptions: config.max_subscriptions,
+            max_path_length: config.max_path_length,
+            limiter: RateLimiter::new(config.rate_limit, config.rate_burst),
+        }
+    }
+
+    /// Whether a command arriving at `now` (nanoseconds from any fixed origin, never
+    /// decreasing) is within the rate limit; a refused one costs nothing.
+    fn allowed(&mut self, now: u64) -> bool {
+        self.limiter.as_mut().is_none_or(|l| l.check(now))
+    }
+
+    /// A text frame arrived at `now`.
+    pub(crate) fn on_text<'a>(&mut self, now: u64, frame: &'a [u8], refusals: &Refusals) -> Outcome<'a> {
+        if !self.allowed(now) {
+            return refusals.rate_limited(ack_key(frame));
+        }
+        let cmd = match Command::parse_with_limit(frame, self.max_path_length) {
+            Ok(cmd) => cmd,
+            Err(e) => return Outcome::Reply(error_line(e.ack, e.kind.code(), &e.kind.to_string())),
+        };
+        let ack = cmd.ack;
+        match cmd.op {
+            Op::Subscribe(path) => {
+                if !self.subs.contains(&*path) {
+                    if self.subs.len() >= self.max_subscriptions {
+                        let msg = format!("this connection already holds {} subscriptions, the limit", self.subs.len());
+                        return Outcome::Reply(error_line(ack, ErrorCode::TooManySubscriptions, &msg));
+                    }
+                    self.subs.insert(path.as_ref().into());
+                }
+                Outcome::Subscribe { ack, path }
+            }
+            Op::Unsubscribe(path) => {
+                self.subs.remove(&*path);
+                Outcome::Unsubscribe { ack, path }
+            }
+            Op::Timestamp => Outcome::Time { ack },
+            Op::Send { path, data } => match offset_in(frame, data) {
+                Some(start) => Outcome::Send { ack, path, data: start..start + data.len() },
+                // The parser returns a slice of the frame; anything else is a bug, refused
+                // rather than trusted.
+                None => Outcome::Reply(error_line(ack, ErrorCode::Malformed, "internal error: data outside the command")),
+            },
+        }
+    }
+
+    /// A binary frame arrived at `now`.
+    pub(crate) fn on_binary(&mut self, now: u64, refusals: &Refusals) -> Outcome<'static> {
+        if !self.allowed(now) {
+            return refusals.rate_limited(None);
+        }
+        Outcome::Reply(error_line(
+            None,
+            ErrorCode::Unsupported,
+            "binary frames are not part of the protocol; send each command as a text frame",
+        ))
+    }
+
+    /// The connection's subscriptions, to remove from the fan-out when it closes.
+    pub(crate) fn subscriptions(&self) -> impl Iterator<Item = &str> {
+        self.subs.iter().map(|s| &**s)
+    }
+}
+
+/// Where `inner` starts in `outer`, if it is a part of it.
+fn offset_in(outer: &[u8], inner: &[u8]) -> Option<usize> {
+    let start = (inner.as_ptr() as usize).checked_sub(outer.as_ptr() as usize)?;
+    (start.checked_add(inner.len())? <= outer.len()).then_some(start)
+}
+
+/// The ack key of a command that is refused before parsing (`#key#...`), if complete.
+fn ack_key(msg: &[u8]) -> Option<&[u8]> {
+    let rest = msg.strip_prefix(b"#")?;
+    rest.iter().position(|&b| b == b'#').map(|end| &rest[..end])
+}
+
+/// `#key#@ts`.
+pub(crate) fn ack_line(key: &[u8], ts: Timestamp) -> Vec<u8> {
+    let mut line = Vec::new();
+    encode_ack(key, ts, &mut line);
+    line
+}
+
+/// `[#key#]!code message`.
+pub(crate) fn error_line(key: Option<&[u8]>, code: ErrorCode, message: &str) -> Vec<u8> {
+    let mut line = Vec::new();
+    encode_error(key, code, message, &mut line);
+    line
+}
+
+/// The wire code of a failed publish.
+fn publish_error_code(e: &PublishError) -> ErrorCode {
+    match e {
+        PublishError::Storage(_) => ErrorCode::Storage,
+        PublishError::InvalidPath(_) => ErrorCode::BadPath,
+        PublishError::ShuttingDown => ErrorCode::ShuttingDown,
+    }
+}
+
+/// The reply a send is owed: its ack key and the place reserved for it in the connection's
+/// queue. The engine completes it; it encodes the outcome as `#key#@ts` or an error line.
+#[derive(Debug)]
+pub(crate) struct PendingReply {
+    slot: ReplySlot,
+    key: Option<Box<[u8]>>,
+}
+
+impl PendingReply {
+    pub(crate) fn new(slot: ReplySlot, key: Option<&[u8]>) -> PendingReply {
+        PendingReply { slot, key: key.map(Box::from) }
+    }
+
+    /// Queues the reply (a keyless send that succeeded gets none: its place is given back).
+    pub(crate) fn complete(self, result: Result<Timestamp, PublishError>) {
+        let line = match (result, self.key) {
+            (Ok(ts), Some(key)) => ack_line(&key, ts),
+            (Ok(_), None) => return,
+            (Err(e), key) => error_line(key.as_deref(), publish_error_code(&e), &e.to_string()),
+        };
+        self.slot.send(crate::conn::text(line));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(config: &Config) -> (Session, Refusals) {
+        (Session::new(config), Refusals::new(config))
+    }
+
+    fn reply(o: Outcome<'_>) -> String {
+        match o {
+            Outcome::Reply(line) => String::from_utf8(line).unwrap(),
+            Outcome::Prepared(line) => line.as_str().to_string(),
+            other => panic!("not a reply: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn commands_become_decisions() {
+        let (mut s, r) = session(&Config::default());
+        assert_eq!(s.on_text(0, b"#1#+/a/", &r), Outcome::Subscribe { ack: Some(b"1"), path: "/a".into() });
+        assert_eq!(s.on_text(0, b"-/a", &r), Outcome::Unsubscribe { ack: None, path: "/a".into() });
+        assert_eq!(s.on_text(0, b"##@x", &r), Outcome::Time { ack: Some(b"") });
+        let frame = b"#k#:/a/b:x:y";
+        assert_eq!(s.on_text(0, frame, &r), Outcome::Send { ack: Some(b"k"), path: "/a/b".into(), data: 9..12 });
+        assert_eq!(&frame[9..12], b"x:y");
+        assert_eq!(reply(s.on_text(0, b"#2#+/A", &r)), "#2#!bad-path invalid character 'A' at byte 1 of path (allowed: a-z 0-9 . - /)");
+        assert!(reply(s.on_text(0, b"#3#?", &r)).starts_with("#3#!malformed unknown command '?'"));
+        assert!(reply(s.on_binary(0, &r)).starts_with("!unsupported binary frames"));
+    }
+
+    #[test]
+    fn the_subscription_limit_counts_distinct_paths_and_frees_on_unsubscribe() {
+        let config = Config::default().max_subscriptions(2);
+        let (mut s, r) = session(&config);
+        assert!(matches!(s.on_text(0, b"+/a", &r), Outcome::Subscribe { .. }));
+        assert!(matches!(s.on_text(0, b"+/a", &r), Outcome::Subscribe { .. }), "again: idempotent, not counted twice");
+        assert!(matches!(s.on_text(0, b"+/b", &r), Outcome::Subscribe { .. }));
+        assert_eq!(
+            reply(s.on_text(0, b"#9#+/c", &r)),
+            "#9#!too-many-subscriptions this connection already holds 2 subscriptions, the limit"
+        );
+        assert!(matches!(s.on_text(0, b"-/a", &r), Outcome::Unsubscribe { .. }));
+        assert!(matches!(s.on_text(0, b"+/c", &r), Outcome::Subscribe { .. }));
+        let mut subs: Vec<&str> = s.subscriptions().collect();
+        subs.sort();
+        assert_eq!(subs, ["/b", "/c"]);
+    }
+
+    #[test]
+    fn the_rate_limit_refuses_with_the_key_and_then_recovers() {
+        let config = Config::default().rate_limit(1000).rate_burst(2);
+        let (mut s, r) = session(&config);
+        assert!(matches!(s.on_text(0, b"@", &r), Outcome::Time { .. }));
+        assert!(matches!(s.on_text(0, b"@", &r), Outcome::Time { .. }));
+        let keyed = reply(s.on_text(0, b"#5#:/a:x", &r));
+        assert!(keyed.starts_with("#5#!rate-limited too many commands: the limit is 1000 per second (bursts of 2)"), "{keyed}");
+        assert!(matches!(s.on_text(0, b"@", &r), Outcome::Prepared(_)), "keyless refusals are prepared lines");
+        assert!(reply(s.on_binary(0, &r)).starts_with("!rate-limited"));
+        // A refused command is not executed: the subscription below is not recorded.
+        assert!(reply(s.on_text(0, b"+/z", &r)).starts_with("!rate-limited"));
+        assert_eq!(s.subscriptions().count(), 0);
+        assert!(matches!(s.on_text(1_000_000, b"+/z", &r), Outcome::Subscribe { .. }), "a token back after 1 ms");
+    }
+
+    #[test]
+    fn offsets_are_checked() {
+        let outer = b"abcdef";
+        assert_eq!(offset_in(outer, &outer[2..4]), Some(2));
+        assert_eq!(offset_in(outer, &outer[6..]), Some(6));
+        let elsewhere = outer[2..4].to_vec();
+        assert_eq!(offset_in(outer, &elsewhere), None);
+    }
+}
