@@ -51,6 +51,8 @@ mod clock;
 mod local;
 pub mod memory;
 pub mod sled;
+#[cfg(test)]
+mod tests;
 
 use std::fmt;
 use std::future::Future;

@@ -1,0 +1,254 @@
+//! Unit tests of the single-node engine and the fan-out on the in-memory store: group commit,
+//! subscribe positions, one delivery per connection, sender exclusion, the slow-consumer
+//! rule and the shutdown order. No sockets, no files.
+
+use std::io;
+use std::ops::ControlFlow;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use axum::extract::ws::Message;
+use bytes::Bytes;
+use ivy_client_core::Timestamp;
+use tokio::sync::mpsc;
+
+use super::local::{LocalEngine, Record, Storage, WallClock};
+use super::memory::MemStorage;
+use super::{Completion, Context, Direction, Engine, Publish, PublishError, Publisher, ReadRequest, queue};
+use crate::conn::{Conn, close_code};
+use crate::fanout::{ConnId, FanOut};
+
+/// A memory store whose appends can be held at a gate, and which records each batch's size.
+#[derive(Default)]
+struct Gated {
+    inner: MemStorage,
+    batches: Mutex<Vec<usize>>,
+    gate: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl Gated {
+    fn close_gate(&self) {
+        *self.gate.lock().unwrap() = true;
+    }
+
+    fn open_gate(&self) {
+        *self.gate.lock().unwrap() = false;
+        self.opened.notify_all();
+    }
+
+    fn batches(&self) -> Vec<usize> {
+        self.batches.lock().unwrap().clone()
+    }
+}
+
+impl Storage for Gated {
+    fn append(&self, records: &[Record<'_>]) -> io::Result<()> {
+        self.batches.lock().unwrap().push(records.len());
+        let mut closed = self.gate.lock().unwrap();
+        while *closed {
+            closed = self.opened.wait(closed).unwrap();
+        }
+        drop(closed);
+        self.inner.append(records)
+    }
+    fn commit(&self) -> io::Result<()> {
+        self.inner.commit()
+    }
+    fn acks_before_durable(&self) -> bool {
+        false
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.inner.flush()
+    }
+    fn last_timestamp(&self) -> io::Result<Option<Timestamp>> {
+        self.inner.last_timestamp()
+    }
+    fn set_clock_floor(&self, ts: Timestamp) -> io::Result<()> {
+        self.inner.set_clock_floor(ts)
+    }
+    fn clock_floor(&self) -> io::Result<Option<Timestamp>> {
+        self.inner.clock_floor()
+    }
+    fn scan(
+        &self,
+        channel: &str,
+        after: Option<Timestamp>,
+        until: Timestamp,
+        dir: Direction,
+        visit: &mut dyn FnMut(Timestamp, &[u8]) -> ControlFlow<()>,
+    ) -> io::Result<()> {
+        self.inner.scan(channel, after, until, dir, visit)
+    }
+}
+
+struct Fixture {
+    engine: Arc<dyn Engine>,
+    publisher: Publisher,
+    fanout: Arc<FanOut>,
+}
+
+fn at(secs: u64, nanos: u32) -> Timestamp {
+    Timestamp::new(secs, nanos).unwrap()
+}
+
+/// An engine over `storage` whose wall clock stands still at 100 s (timestamps then advance
+/// one nanosecond per event).
+fn open(storage: Arc<dyn Storage>) -> Fixture {
+    let (publisher, requests) = queue();
+    let fanout = Arc::new(FanOut::new());
+    let engine = LocalEngine::open(storage, WallClock::from_fn(|| at(100, 0)), Context { requests, fanout: fanout.clone() }).unwrap();
+    Fixture { engine, publisher, fanout }
+}
+
+impl Fixture {
+    async fn publish(&self, path: &str, data: &str, sender: Option<ConnId>) -> Result<Timestamp, PublishError> {
+        let (done, outcome) = Completion::channel();
+        let mut request = Publish::new(path, Bytes::copy_from_slice(data.as_bytes()), done);
+        request.sender = sender;
+        self.publisher.publish(request).await;
+        outcome.await.unwrap()
+    }
+
+    /// A connection subscribed to `paths`, its queue holding `capacity` messages.
+    fn subscriber(&self, id: u64, capacity: usize, paths: &[&str]) -> (Arc<Conn>, mpsc::Receiver<Message>, Vec<Timestamp>) {
+        let (conn, rx, _ending) = Conn::new(ConnId(id), capacity);
+        let mut positions = Vec::new();
+        for p in paths {
+            self.fanout.subscribe(&conn, p, |ts| positions.push(ts));
+        }
+        (conn, rx, positions)
+    }
+
+    async fn stop(self) {
+        self.publisher.stop().await;
+        self.engine.shutdown().await;
+    }
+}
+
+fn lines(rx: &mut mpsc::Receiver<Message>) -> Vec<String> {
+    let mut out = Vec::new();
+    while let Ok(m) = rx.try_recv() {
+        match m {
+            Message::Text(t) => out.push(t.as_str().to_string()),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn requests_waiting_while_a_batch_is_stored_share_the_next_commit() {
+    let storage = Arc::new(Gated::default());
+    let f = Arc::new(open(storage.clone()));
+    storage.close_gate();
+    // The first request is taken alone and held at the gate; 99 more queue up meanwhile.
+    let first = tokio::spawn({
+        let f = f.clone();
+        async move { f.publish("/g", "0", None).await }
+    });
+    while storage.batches().is_empty() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let mut rest = Vec::new();
+    for i in 1..100 {
+        let f = f.clone();
+        rest.push(tokio::spawn(async move { f.publish("/g", &i.to_string(), None).await }));
+        // Let each one reach the queue in order.
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    storage.open_gate();
+    let mut acks = vec![first.await.unwrap().unwrap()];
+    for r in rest {
+        acks.push(r.await.unwrap().unwrap());
+    }
+    assert_eq!(storage.batches(), [1, 99], "one commit for everything that waited");
+    // Consecutive timestamps in the order the requests were queued (the clock stands still).
+    assert_eq!(acks, (0..100).map(|n| at(100, n)).collect::<Vec<_>>());
+    let page = f.engine.read(ReadRequest::new("/g", None, f.engine.visible(), 1000)).await.unwrap();
+    assert_eq!(page.count, 100);
+    assert_eq!(page.last, Some(at(100, 99)));
+    Arc::into_inner(f).unwrap().stop().await;
+}
+
+#[tokio::test]
+async fn a_subscription_gets_what_follows_its_position_and_the_log_has_the_rest() {
+    let f = open(Arc::new(MemStorage::default()));
+    let before = f.publish("/a/b", "before", None).await.unwrap();
+    let (_conn, mut rx, positions) = f.subscriber(1, 16, &["/a"]);
+    assert_eq!(positions, [before], "the position is the newest delivered event");
+    let after = f.publish("/a/b", "after", None).await.unwrap();
+    assert_eq!(lines(&mut rx), [format!("@{after}:/a/b:after")]);
+    // Everything up to the position is in the log, visible.
+    let page = f.engine.read(ReadRequest::new("/a", None, positions[0], 10)).await.unwrap();
+    assert_eq!(page.lines, format!("@{before}:/a/b:before").into_bytes());
+    assert!(f.engine.visible() >= after);
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn an_event_reaches_a_connection_once_however_many_of_its_subscriptions_match() {
+    let f = open(Arc::new(MemStorage::default()));
+    let (_a, mut rx_a, _) = f.subscriber(1, 16, &["/", "/x", "/x/y", "/x/y/z"]);
+    let (_b, mut rx_b, _) = f.subscriber(2, 16, &["/x/y/z"]);
+    let (_c, mut rx_c, _) = f.subscriber(3, 16, &["/x/yz", "/q"]);
+    let t1 = f.publish("/x/y/z", "1", None).await.unwrap();
+    let t2 = f.publish("/x", "2", None).await.unwrap();
+    assert_eq!(lines(&mut rx_a), [format!("@{t1}:/x/y/z:1"), format!("@{t2}:/x:2")]);
+    assert_eq!(lines(&mut rx_b), [format!("@{t1}:/x/y/z:1")]);
+    assert!(lines(&mut rx_c).is_empty(), "/x/yz is not an ancestor of /x/y/z");
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn the_sender_does_not_get_its_own_event() {
+    let f = open(Arc::new(MemStorage::default()));
+    let (sender, mut rx_sender, _) = f.subscriber(1, 16, &["/s"]);
+    let (_other, mut rx_other, _) = f.subscriber(2, 16, &["/s"]);
+    let t = f.publish("/s", "mine", Some(sender.id())).await.unwrap();
+    assert!(lines(&mut rx_sender).is_empty());
+    assert_eq!(lines(&mut rx_other), [format!("@{t}:/s:mine")]);
+    // Its next event from elsewhere it gets.
+    let t2 = f.publish("/s", "theirs", None).await.unwrap();
+    assert_eq!(lines(&mut rx_sender), [format!("@{t2}:/s:theirs")]);
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn a_full_queue_makes_a_slow_consumer_and_nobody_else_waits() {
+    let f = open(Arc::new(MemStorage::default()));
+    let (slow, mut rx_slow, _) = f.subscriber(1, 2, &["/q"]);
+    let (_fast, mut rx_fast, _) = f.subscriber(2, 16, &["/q"]);
+    for i in 0..3 {
+        f.publish("/q", &i.to_string(), None).await.unwrap();
+    }
+    assert_eq!(slow.ending().code(), close_code::SLOW_CONSUMER);
+    assert_eq!(lines(&mut rx_slow).len(), 2, "what fit in the queue");
+    assert_eq!(lines(&mut rx_fast).len(), 3);
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_completes_what_was_queued_and_refuses_what_comes_after() {
+    let storage = Arc::new(Gated::default());
+    let f = Arc::new(open(storage.clone()));
+    storage.close_gate();
+    let queued: Vec<_> = (0..5)
+        .map(|i| {
+            let f = f.clone();
+            tokio::spawn(async move { f.publish("/z", &i.to_string(), None).await })
+        })
+        .collect();
+    while storage.batches().is_empty() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    f.publisher.stop().await;
+    storage.open_gate();
+    for q in queued {
+        assert!(q.await.unwrap().is_ok(), "queued before the end: stored");
+    }
+    f.engine.shutdown().await;
+    assert!(matches!(f.publish("/z", "late", None).await, Err(PublishError::ShuttingDown)));
+}
