@@ -140,11 +140,15 @@ impl FanOut {
     }
 
     /// Delivers stored events, in timestamp order (each batch after the previous one), and
-    /// moves the position to the newest.
-    pub fn deliver(&self, batch: &[Published]) {
+    /// moves the position to the newest. `delivered(i)` runs right after the `i`th event was
+    /// queued for every subscriber and before any later one is: the engine completes the
+    /// event's send there, so that every connection gets its own send's ack before the events
+    /// with later timestamps (otherwise a client could take its own event, acked after a later
+    /// one, for one it had already delivered).
+    pub fn deliver(&self, batch: &[Published], mut delivered: impl FnMut(usize)) {
         let Some(newest) = batch.last() else { return };
         let map = self.channels.read().unwrap_or_else(PoisonError::into_inner);
-        for ev in batch {
+        for (i, ev) in batch.iter().enumerate() {
             for channel in ancestors(&ev.path) {
                 let Some(subs) = map.get(channel) else { continue };
                 for c in subs {
@@ -153,6 +157,7 @@ impl FanOut {
                     }
                 }
             }
+            delivered(i);
         }
         // Under the read lock: a subscribe (write lock) sees either none or all of the batch.
         *self.position.lock().unwrap_or_else(PoisonError::into_inner) = newest.ts;

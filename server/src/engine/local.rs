@@ -6,7 +6,8 @@
 //! request waiting in the queue (up to a batch limit), gives them consecutive timestamps,
 //! appends them to the storage in one atomic batch, makes the batch as durable as the storage
 //! promises with one flush ([`Storage::commit`]), raises the visible mark, and only then hands
-//! the events to the fan-out and completes their requests. Concurrent senders share each
+//! the events to the fan-out, completing each request right after its event (so a sender's
+//! ack precedes, on its connection, every event with a later timestamp). Concurrent senders share each
 //! flush, so throughput grows with concurrency instead of staying at one flush per event.
 //!
 //! # Timestamps
@@ -253,14 +254,16 @@ impl Sequencer {
             .drain(..)
             .zip(lines)
             .map(|(r, (ts, line))| {
-                done.push((r.done, ts));
+                done.push(Some(r.done));
                 Published { ts, path: r.path, sender: r.sender, line: Line::from_utf8_lossy(line) }
             })
             .collect();
-        self.fanout.deliver(&published);
-        for (d, ts) in done {
-            d.complete(Ok(ts));
-        }
+        // Each send completes right after its event is delivered, before the later ones.
+        self.fanout.deliver(&published, |i| {
+            if let (Some(d), Some(p)) = (done.get_mut(i).and_then(Option::take), published.get(i)) {
+                d.complete(Ok(p.ts));
+            }
+        });
     }
 
     /// Gives the batch its timestamps and encodes its lines, first raising the clock floor when

@@ -14,9 +14,11 @@
 //! The order of those steps is the contract every engine keeps, because subscribe positions
 //! and the clients' gap-free recipe (`docs/PROTOCOL.md` 8.1 and 8.4) rest on it: an event is
 //! stored (durably, as the engine promises) and visible to [`Engine::read`] *before* it is
-//! delivered to the fan-out, and delivered to the fan-out *before* its sender's completion
-//! runs. The fan-out's position (the newest event it was given) is then always visible in the
-//! log, which is what a subscription's position means.
+//! delivered to the fan-out; its sender's completion runs *after* it was delivered and
+//! *before* any later event is ([`FanOut::deliver`] calls back between events), so that a
+//! connection receives its send's ack before every event with a later timestamp. The
+//! fan-out's position (the newest event it was given) is then always visible in the log,
+//! which is what a subscription's position means.
 //!
 //! An engine is given to the server through [`crate::IvyBuilder::engine`] as an [`Open`]: the
 //! server creates the queue of publish requests ([`Requests`]) and the fan-out, and the engine

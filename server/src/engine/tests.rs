@@ -252,3 +252,31 @@ async fn shutdown_completes_what_was_queued_and_refuses_what_comes_after() {
     f.engine.shutdown().await;
     assert!(matches!(f.publish("/z", "late", None).await, Err(PublishError::ShuttingDown)));
 }
+
+#[tokio::test]
+async fn a_senders_ack_comes_before_the_later_events_of_its_group_commit() {
+    let storage = Arc::new(Gated::default());
+    let f = open(storage.clone());
+    let (me, mut rx_me, _) = f.subscriber(1, 16, &["/r"]);
+    storage.close_gate();
+    // Something is being stored; meanwhile this connection's send and then another's wait, and
+    // are committed together.
+    let (first, _) = Completion::channel();
+    f.publisher.publish(Publish::new("/x", Bytes::from_static(b"first"), first)).await;
+    while storage.batches().is_empty() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let slot = me.try_reserve().unwrap();
+    let mut mine = Publish::new("/r", Bytes::from_static(b"mine"), Completion::reply(crate::session::PendingReply::new(slot, Some(b"7"))));
+    mine.sender = Some(me.id());
+    f.publisher.publish(mine).await;
+    let (theirs, theirs_ts) = Completion::channel();
+    f.publisher.publish(Publish::new("/r", Bytes::from_static(b"theirs"), theirs)).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    storage.open_gate();
+    let t = theirs_ts.await.unwrap().unwrap();
+    assert_eq!(storage.batches(), [1, 2], "both sends in one commit");
+    let got = lines(&mut rx_me);
+    assert_eq!(got, [format!("#7#@{}", t.prev()), format!("@{t}:/r:theirs")], "the ack first, then the later event");
+    f.stop().await;
+}
