@@ -34,6 +34,13 @@ pub enum PathError {
         /// The limit.
         max: usize,
     },
+    /// More levels than the configured limit ([`depth`]).
+    TooDeep {
+        /// The path's depth.
+        depth: usize,
+        /// The limit.
+        max: usize,
+    },
 }
 
 impl fmt::Display for PathError {
@@ -48,11 +55,26 @@ impl fmt::Display for PathError {
             }
             PathError::TrailingSlash => f.write_str("path must not end with '/' (only one trailing '/' is removed)"),
             PathError::TooLong { len, max } => write!(f, "path is {len} bytes long, the limit is {max}"),
+            PathError::TooDeep { depth, max } => write!(f, "path has {depth} levels, the limit is {max}"),
         }
     }
 }
 
 impl core::error::Error for PathError {}
+
+/// The number of levels of a normalized path below the root: 0 for `/`, 1 for `/a`, 2 for
+/// `/a/b`. An event of a path of depth d is in d + 1 logs (its own and its ancestors').
+pub fn depth(path: &str) -> usize {
+    if path == ROOT { 0 } else { path.bytes().filter(|&b| b == b'/').count() }
+}
+
+/// Refuses a normalized path deeper than `max` levels.
+pub fn check_depth(path: &str, max: usize) -> Result<(), PathError> {
+    match depth(path) {
+        d if d > max => Err(PathError::TooDeep { depth: d, max }),
+        _ => Ok(()),
+    }
+}
 
 /// Whether `b` may appear in a normalized path.
 #[inline]
@@ -153,6 +175,15 @@ mod tests {
 
     fn n(s: &str) -> Result<String, PathError> {
         normalize(s.as_bytes()).map(Cow::into_owned)
+    }
+
+    #[test]
+    fn depth_counts_levels_below_the_root() {
+        assert_eq!([depth("/"), depth("/a"), depth("/a/b"), depth("/a//b")], [0, 1, 2, 3]);
+        assert_eq!(check_depth("/a/b", 2), Ok(()));
+        assert_eq!(check_depth("/a/b/c", 2), Err(PathError::TooDeep { depth: 3, max: 2 }));
+        assert_eq!(PathError::TooDeep { depth: 3, max: 2 }.to_string(), "path has 3 levels, the limit is 2");
+        assert_eq!(depth("/a/b"), ancestors("/a/b").count() - 1);
     }
 
     #[test]

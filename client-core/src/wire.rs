@@ -124,7 +124,7 @@ impl CommandErrorKind {
     /// The error code this refusal is reported with.
     pub fn code(&self) -> ErrorCode {
         match self {
-            CommandErrorKind::Path(PathError::TooLong { .. }) => ErrorCode::PathTooLong,
+            CommandErrorKind::Path(PathError::TooLong { .. } | PathError::TooDeep { .. }) => ErrorCode::PathTooLong,
             CommandErrorKind::Path(_) => ErrorCode::BadPath,
             _ => ErrorCode::Malformed,
         }

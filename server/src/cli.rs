@@ -53,6 +53,11 @@ pub struct Cli {
     #[arg(long, env = "IVY_MAX_PATH_LENGTH", default_value_t = config::DEFAULT_MAX_PATH_LENGTH)]
     pub max_path_length: usize,
 
+    /// Most levels of a channel path (`/a/b` has 2); deeper ones get `!path-too-long`. An event
+    /// is stored once per level, so this bounds what one event costs on disk.
+    #[arg(long, env = "IVY_MAX_PATH_DEPTH", default_value_t = config::DEFAULT_MAX_PATH_DEPTH)]
+    pub max_path_depth: usize,
+
     /// Most subscriptions one connection may hold.
     #[arg(long, env = "IVY_MAX_SUBSCRIPTIONS", default_value_t = config::DEFAULT_MAX_SUBSCRIPTIONS)]
     pub max_subscriptions: usize,
@@ -122,6 +127,7 @@ impl Cli {
         Config {
             max_message_size: self.max_message_size,
             max_path_length: self.max_path_length,
+            max_path_depth: self.max_path_depth,
             max_subscriptions: self.max_subscriptions,
             queue_length: self.queue_length,
             log_page_limit: self.log_page_limit,

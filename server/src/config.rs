@@ -9,6 +9,9 @@ use std::time::Duration;
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 65_536;
 /// Default of [`Config::max_path_length`].
 pub const DEFAULT_MAX_PATH_LENGTH: usize = 255;
+/// Default of [`Config::max_path_depth`]: an event is stored once per level of its path, so
+/// the depth bounds what one event costs on disk.
+pub const DEFAULT_MAX_PATH_DEPTH: usize = 16;
 /// Default of [`Config::max_subscriptions`].
 pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 1024;
 /// Default of [`Config::queue_length`].
@@ -47,6 +50,8 @@ pub struct Config {
     /// Longest channel path accepted, in bytes after normalization. Default
     /// [`DEFAULT_MAX_PATH_LENGTH`].
     pub max_path_length: usize,
+    /// Most levels of a channel path (`/a/b` has 2). Default [`DEFAULT_MAX_PATH_DEPTH`].
+    pub max_path_depth: usize,
     /// Most subscriptions one connection may hold. Default [`DEFAULT_MAX_SUBSCRIPTIONS`].
     pub max_subscriptions: usize,
     /// Messages queued for one connection before it counts as a slow consumer and is closed
@@ -85,6 +90,7 @@ impl Default for Config {
         Config {
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             max_path_length: DEFAULT_MAX_PATH_LENGTH,
+            max_path_depth: DEFAULT_MAX_PATH_DEPTH,
             max_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
             queue_length: DEFAULT_QUEUE_LENGTH,
             log_page_limit: DEFAULT_LOG_PAGE_LIMIT,
@@ -118,6 +124,8 @@ setters! {
     max_message_size: usize;
     /// Sets [`Config::max_path_length`].
     max_path_length: usize;
+    /// Sets [`Config::max_path_depth`].
+    max_path_depth: usize;
     /// Sets [`Config::max_subscriptions`].
     max_subscriptions: usize;
     /// Sets [`Config::queue_length`].

@@ -13,7 +13,7 @@ use axum::extract::{OriginalUri, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use ivy_client_core::Timestamp;
-use ivy_client_core::path::normalize_with_limit;
+use ivy_client_core::path::{check_depth, normalize_with_limit};
 
 use crate::Shared;
 use crate::engine::{Engine, ReadRequest};
@@ -93,7 +93,9 @@ pub(crate) async fn handler(
     headers: HeaderMap,
 ) -> Response {
     let raw = uri.path().strip_prefix("/log").unwrap_or("");
-    let path = match normalize_with_limit(raw.as_bytes(), shared.config.max_path_length) {
+    let path = match normalize_with_limit(raw.as_bytes(), shared.config.max_path_length)
+        .and_then(|p| check_depth(&p, shared.config.max_path_depth).map(|()| p))
+    {
         Ok(p) => p.into_owned(),
         Err(e) => return bad_request(format!("invalid path: {e}")),
     };

@@ -178,7 +178,9 @@ impl Ivy {
     /// to its timestamp once it is stored (as durably as the engine promises) and delivered
     /// to the subscribers' queues.
     pub async fn publish(&self, path: &str, data: &str) -> Result<Timestamp, PublishError> {
-        let path = ivy_client_core::path::normalize_with_limit(path.as_bytes(), self.shared.config.max_path_length)
+        let config = &self.shared.config;
+        let path = ivy_client_core::path::normalize_with_limit(path.as_bytes(), config.max_path_length)
+            .and_then(|p| ivy_client_core::path::check_depth(&p, config.max_path_depth).map(|()| p))
             .map_err(PublishError::InvalidPath)?;
         let (done, outcome) = Completion::channel();
         self.shared.publisher.publish(Publish::new(path.into_owned(), Bytes::copy_from_slice(data.as_bytes()), done)).await;

@@ -15,7 +15,10 @@ use std::ops::Range;
 
 use axum::extract::ws::Utf8Bytes;
 use ivy_client_core::Timestamp;
+use ivy_client_core::path;
 use ivy_client_core::wire::{Command, ErrorCode, Op, encode_ack, encode_error};
+
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::Config;
 use crate::conn::ReplySlot;
@@ -96,6 +99,7 @@ pub(crate) struct Session {
     subs: HashSet<Box<str>>,
     max_subscriptions: usize,
     max_path_length: usize,
+    max_path_depth: usize,
     limiter: Option<RateLimiter>,
 }
 
@@ -106,6 +110,7 @@ impl Session {
             subs: HashSet::new(),
             max_subscriptions: config.max_subscriptions,
             max_path_length: config.max_path_length,
+            max_path_depth: config.max_path_depth,
             limiter: RateLimiter::new(config.rate_limit, config.rate_burst),
         }
     }
@@ -126,6 +131,11 @@ impl Session {
             Err(e) => return Outcome::Reply(error_line(e.ack, e.kind.code(), &e.kind.to_string())),
         };
         let ack = cmd.ack;
+        if let Op::Subscribe(p) | Op::Unsubscribe(p) | Op::Send { path: p, .. } = &cmd.op {
+            if let Err(e) = path::check_depth(p, self.max_path_depth) {
+                return Outcome::Reply(error_line(ack, ErrorCode::PathTooLong, &e.to_string()));
+            }
+        }
         match cmd.op {
             Op::Subscribe(path) => {
                 if !self.subs.contains(&*path) {
@@ -210,11 +220,13 @@ fn publish_error_code(e: &PublishError) -> ErrorCode {
 pub(crate) struct PendingReply {
     slot: ReplySlot,
     key: Option<Box<[u8]>>,
+    /// The connection's share of the engine's queue, given back with the reply.
+    _share: Option<OwnedSemaphorePermit>,
 }
 
 impl PendingReply {
-    pub(crate) fn new(slot: ReplySlot, key: Option<&[u8]>) -> PendingReply {
-        PendingReply { slot, key: key.map(Box::from) }
+    pub(crate) fn new(slot: ReplySlot, key: Option<&[u8]>, share: Option<OwnedSemaphorePermit>) -> PendingReply {
+        PendingReply { slot, key: key.map(Box::from), _share: share }
     }
 
     /// Queues the reply (a keyless send that succeeded gets none: its place is given back).
@@ -290,6 +302,16 @@ mod tests {
         assert!(reply(s.on_text(0, b"+/z", &r)).starts_with("!rate-limited"));
         assert_eq!(s.subscriptions().count(), 0);
         assert!(matches!(s.on_text(1_000_000, b"+/z", &r), Outcome::Subscribe { .. }), "a token back after 1 ms");
+    }
+
+    #[test]
+    fn paths_deeper_than_the_limit_are_refused() {
+        let (mut s, r) = session(&Config::default().max_path_depth(2));
+        assert!(matches!(s.on_text(0, b"+/a/b", &r), Outcome::Subscribe { .. }));
+        for cmd in [&b"#1#+/a/b/c"[..], b"#1#-/a/b/c", b"#1#:/a/b/c:x"] {
+            assert_eq!(reply(s.on_text(0, cmd, &r)), "#1#!path-too-long path has 3 levels, the limit is 2");
+        }
+        assert_eq!(s.subscriptions().count(), 1);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use crate::Shared;
@@ -56,6 +56,11 @@ pub(crate) async fn handler(State(shared): State<Arc<Shared>>, headers: HeaderMa
         .write_buffer_size(16 * 1024)
         .on_upgrade(move |socket| tracker.track_future(connection(shared, socket, slot)))
 }
+
+/// Most sends of one connection waiting in the engine's queue or being stored: its fair share,
+/// so that one connection's flood cannot fill the queue that every connection's sends go
+/// through (a send beyond it waits, and the connection's next commands with it).
+const SENDS_IN_FLIGHT: usize = 256;
 
 async fn connection(shared: Arc<Shared>, socket: WebSocket, mut slot: Slot) {
     let id = shared.connections.next_id();
@@ -128,6 +133,7 @@ async fn read_loop(
     });
     // A ping went out and nothing has arrived since.
     let mut awaiting_pong = false;
+    let sends = Arc::new(Semaphore::new(SENDS_IN_FLIGHT));
     {
         // Created once, not per command.
         let stopped = stop.stopped(&[Stop::Killed, Stop::Shutdown]);
@@ -194,11 +200,11 @@ async fn read_loop(
             match frame {
                 Some(text) => {
                     let outcome = session.on_text(now, text.as_bytes(), &shared.refusals);
-                    execute(shared, &conn, &text, outcome, slot).await;
+                    execute(shared, &conn, &sends, &text, outcome, slot).await;
                 }
                 None => {
                     let outcome = session.on_binary(now, &shared.refusals);
-                    execute(shared, &conn, &Utf8Bytes::from_static(""), outcome, slot).await;
+                    execute(shared, &conn, &sends, &Utf8Bytes::from_static(""), outcome, slot).await;
                 }
             }
         }
@@ -208,7 +214,7 @@ async fn read_loop(
 }
 
 /// Carries out one decision of the session; its reply (if any) goes into `slot`.
-async fn execute(shared: &Shared, conn: &Arc<Conn>, frame: &Utf8Bytes, outcome: Outcome<'_>, slot: ReplySlot) {
+async fn execute(shared: &Shared, conn: &Arc<Conn>, sends: &Arc<Semaphore>, frame: &Utf8Bytes, outcome: Outcome<'_>, slot: ReplySlot) {
     match outcome {
         Outcome::Reply(line) => slot.send_line(line),
         Outcome::Prepared(line) => slot.send(Message::Text(line)),
@@ -226,7 +232,9 @@ async fn execute(shared: &Shared, conn: &Arc<Conn>, frame: &Utf8Bytes, outcome: 
         Outcome::Send { ack, path, data } => {
             // The frame's bytes are shared, not copied: the request keeps a slice of them.
             let data = Bytes::from(frame.clone()).slice(data);
-            let done = Completion::reply(PendingReply::new(slot, ack));
+            // Never closed, so this waits only for one of the connection's sends to complete.
+            let share = sends.clone().acquire_owned().await.ok();
+            let done = Completion::reply(PendingReply::new(slot, ack, share));
             let mut request = Publish::new(path, data, done);
             request.sender = Some(conn.id());
             shared.publisher.publish(request).await;

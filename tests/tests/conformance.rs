@@ -273,6 +273,25 @@ async fn malformed_commands_get_errors_and_the_connection_stays_usable() {
     server.stop().await;
 }
 
+/// Paths deeper than `--max-path-depth` (default 16) are refused everywhere, before anything
+/// is stored (PROTOCOL.md 3.1, step 7).
+#[tokio::test]
+async fn paths_deeper_than_the_limit_are_refused() {
+    let dir = temp_dir();
+    let server = TestServer::start_in(dir.path()).await;
+    let mut c = Client::connect(&server.ws_url()).await;
+    let sixteen = "/a".repeat(16);
+    let seventeen = "/a".repeat(17);
+    assert!(c.request(&format!("#1#+{sixteen}")).await.starts_with("#1#@"));
+    for cmd in [format!("#2#+{seventeen}"), format!("#2#-{seventeen}"), format!("#2#:{seventeen}:x")] {
+        assert_eq!(c.request(&cmd).await, "#2#!path-too-long path has 17 levels, the limit is 16", "{cmd}");
+    }
+    let r = http_get(server.addr, &format!("/log{seventeen}"), &[]).await;
+    assert_eq!((r.status, r.text()), (400, "invalid path: path has 17 levels, the limit is 16\n".to_string()));
+    assert_eq!(log_text(server.addr, "/log/").await, "");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn binary_frames_get_an_error_and_the_connection_stays_open() {
     let dir = temp_dir();

@@ -127,6 +127,8 @@ async fn binary_help_flags_and_environment() {
         "--data",
         "--max-message-size",
         "--max-path-length",
+        "--max-path-depth",
+        "--memory",
         "--max-subscriptions",
         "--queue-length",
         "--durability",

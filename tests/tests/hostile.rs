@@ -522,3 +522,32 @@ async fn the_limits_are_flags_with_clear_errors() {
         assert!(err.contains(error), "{arg}: {err}");
     }
 }
+
+/// One connection sends 600 keyless events to distinct 119-level paths as fast as it can.
+/// Storing them costs O(events x depth) (it was quadratic: 1,600 such sends froze every ack of
+/// the server for 89 s), a group commit is bounded by the entries and bytes it stores, and a
+/// connection has at most 256 sends in the engine's queue, so the bystander keeps getting its
+/// acks within the usual wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_distinct_paths_do_not_freeze_the_group_commit() {
+    let dir = temp_dir();
+    let mut cfg = config(dir.path());
+    cfg.max_path_depth = 120;
+    let server = TestServer::start(cfg).await;
+    let bystander = Bystander::start(&server.ws_url()).await;
+    let mut attacker = Client::connect(&server.ws_url()).await;
+    let deep = "/a".repeat(118);
+    for i in 0..600 {
+        attacker.send(&format!(":/p{i}{deep}:x")).await;
+    }
+    // Everything gets stored (slowly: each event is written 120 times), while the bystander,
+    // whose every send must be acked within the usual wait, keeps going.
+    let deadline = tokio::time::Instant::now() + 6 * WAIT;
+    while ivy_tests::log_text(server.addr, "/log/p599/a").await.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "the deep events were not stored");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bystander.finish().await;
+    attacker.close().await;
+    server.stop().await;
+}

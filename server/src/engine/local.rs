@@ -34,6 +34,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use ivy_client_core::Timestamp;
+use ivy_client_core::path::ancestors;
 use ivy_client_core::wire::encode_event;
 
 use super::clock::Clock;
@@ -44,8 +45,18 @@ pub use super::clock::WallClock;
 
 /// Most events in one group commit.
 const MAX_BATCH: usize = 4096;
-/// Most data bytes in one group commit.
-const MAX_BATCH_BYTES: usize = 8 << 20;
+/// Most bytes one group commit stores, counting each event once per level of its path (the
+/// sled store keeps a copy in the log of the root and of each ancestor).
+const MAX_BATCH_STORED_BYTES: usize = 16 << 20;
+/// Most log entries one group commit writes (an event is one entry per level of its path).
+const MAX_BATCH_ENTRIES: usize = 64 * 1024;
+
+/// What storing `r` costs: its log entries and the bytes they hold.
+fn cost(r: &Publish) -> (usize, usize) {
+    let levels = ancestors(&r.path).count();
+    // The line: the data (escaping aside), the path and about 25 bytes of timestamp and colons.
+    (levels, levels.saturating_mul(r.data.len() + r.path.len() + 32))
+}
 /// How far beyond the timestamps it needs a new clock floor is recorded.
 const FLOOR_AHEAD_NANOS: u128 = 1_000_000_000;
 
@@ -193,12 +204,14 @@ impl Sequencer {
     fn run(mut self) {
         let mut batch: Vec<Publish> = Vec::new();
         while let Some(first) = self.requests.blocking_next() {
-            let mut bytes = first.data.len();
+            let (mut entries, mut bytes) = cost(&first);
             batch.push(first);
-            while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+            while batch.len() < MAX_BATCH && bytes < MAX_BATCH_STORED_BYTES && entries < MAX_BATCH_ENTRIES {
                 match self.requests.try_next() {
                     Some(r) => {
-                        bytes += r.data.len();
+                        let (e, b) = cost(&r);
+                        entries += e;
+                        bytes += b;
                         batch.push(r);
                     }
                     None => break,

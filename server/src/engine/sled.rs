@@ -31,6 +31,7 @@
 //! entries) is converted to layout 2 when such a store is opened, in atomic steps that a crash
 //! can interrupt and a restart resumes.
 
+use std::collections::HashMap;
 use std::io;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -162,14 +163,21 @@ fn corrupt(what: &str) -> io::Error {
 
 /// The key prefix of `channel`'s blocks.
 fn block_prefix(channel: &str) -> Vec<u8> {
-    if channel == ROOT {
-        return b"b".to_vec();
-    }
     let mut k = Vec::with_capacity(channel.len() + 2 + Timestamp::BYTES);
-    k.push(b'j');
-    k.extend_from_slice(channel.as_bytes());
-    k.push(0);
+    block_prefix_into(channel, &mut k);
     k
+}
+
+/// Writes the key prefix of `channel`'s blocks into `out` (cleared first).
+fn block_prefix_into(channel: &str, out: &mut Vec<u8>) {
+    out.clear();
+    if channel == ROOT {
+        out.push(b'b');
+    } else {
+        out.push(b'j');
+        out.extend_from_slice(channel.as_bytes());
+        out.push(0);
+    }
 }
 
 fn with_ts(prefix: &[u8], ts: Timestamp) -> Vec<u8> {
@@ -209,19 +217,25 @@ impl<'a> Iterator for Entries<'a> {
 }
 
 /// Builds the blocks of one append: one open block per key prefix, written to the batch when
-/// full or at the end.
+/// full or at the end. Finding a prefix's block is a hash lookup, so an append costs
+/// O(events × depth) whatever the number of distinct channels in it.
 #[derive(Default)]
 struct Blocks {
-    /// (prefix, first timestamp, entries).
-    open: Vec<(Vec<u8>, Timestamp, Vec<u8>)>,
+    /// Each prefix's open block: (prefix, first timestamp, entries), in the order first seen.
+    open: Vec<(Box<[u8]>, Timestamp, Vec<u8>)>,
+    /// Where each prefix's block is in `open`.
+    index: HashMap<Box<[u8]>, usize>,
+    /// Room to build a prefix in, reused.
+    scratch: Vec<u8>,
 }
 
 impl Blocks {
     fn push(&mut self, batch: &mut sled::Batch, prefix: &[u8], ts: Timestamp, line: &[u8]) {
-        let at = match self.open.iter().position(|(p, ..)| p == prefix) {
-            Some(at) => at,
+        let at = match self.index.get(prefix) {
+            Some(&at) => at,
             None => {
-                self.open.push((prefix.to_vec(), ts, Vec::new()));
+                self.open.push((prefix.into(), ts, Vec::new()));
+                self.index.insert(prefix.into(), self.open.len() - 1);
                 self.open.len() - 1
             }
         };
@@ -241,10 +255,12 @@ impl Blocks {
     /// Adds an event to the root's blocks and those of each ancestor of its path.
     fn add(&mut self, batch: &mut sled::Batch, ts: Timestamp, path: &str, line: &[u8]) {
         self.push(batch, b"b", ts, line);
+        let mut prefix = std::mem::take(&mut self.scratch);
         for anc in ancestors(path).filter(|a| *a != ROOT) {
-            let prefix = block_prefix(anc);
+            block_prefix_into(anc, &mut prefix);
             self.push(batch, &prefix, ts, line);
         }
+        self.scratch = prefix;
     }
 
     fn finish(self, batch: &mut sled::Batch) {

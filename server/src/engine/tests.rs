@@ -267,7 +267,8 @@ async fn a_senders_ack_comes_before_the_later_events_of_its_group_commit() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let slot = me.try_reserve().unwrap();
-    let mut mine = Publish::new("/r", Bytes::from_static(b"mine"), Completion::reply(crate::session::PendingReply::new(slot, Some(b"7"))));
+    let mut mine =
+        Publish::new("/r", Bytes::from_static(b"mine"), Completion::reply(crate::session::PendingReply::new(slot, Some(b"7"), None)));
     mine.sender = Some(me.id());
     f.publisher.publish(mine).await;
     let (theirs, theirs_ts) = Completion::channel();
