@@ -24,17 +24,22 @@ const CHUNK: usize = 64 * 1024;
 
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 const NO_CACHE: &str = "no-cache";
+/// Browsers must not guess another type than the `text/plain` of a log (whose lines anyone
+/// can write).
+const NOSNIFF: (header::HeaderName, &str) = (header::X_CONTENT_TYPE_OPTIONS, "nosniff");
 
 fn bad_request(reason: impl Into<String>) -> Response {
     let mut body = reason.into();
     body.push('\n');
-    (StatusCode::BAD_REQUEST, [(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::CACHE_CONTROL, NO_CACHE)], body)
+    (StatusCode::BAD_REQUEST, [(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::CACHE_CONTROL, NO_CACHE), NOSNIFF], body)
         .into_response()
 }
 
+/// A failed read: the details go to the server's log, not to the client.
 fn server_error(e: io::Error) -> Response {
     tracing::error!(error = %e, "reading the log failed");
-    (StatusCode::INTERNAL_SERVER_ERROR, format!("reading the log failed: {e}\n")).into_response()
+    let headers = [(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::CACHE_CONTROL, NO_CACHE), NOSNIFF];
+    (StatusCode::INTERNAL_SERVER_ERROR, headers, "reading the log failed; the server's log has the details\n").into_response()
 }
 
 fn etag(newest: Option<Timestamp>) -> String {
@@ -66,6 +71,7 @@ fn respond(headers: &HeaderMap, meta: Meta, body: impl FnOnce() -> Body) -> Resp
     let mut h = HeaderMap::new();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static(meta.cache));
+    h.insert(NOSNIFF.0, HeaderValue::from_static(NOSNIFF.1));
     if let Ok(v) = HeaderValue::from_str(&tag) {
         h.insert(header::ETAG, v);
     }

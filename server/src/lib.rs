@@ -84,6 +84,8 @@ pub(crate) struct Shared {
     stop_reading: CancellationToken,
     tracker: TaskTracker,
     refusals: session::Refusals,
+    /// The `--static-dir` router, if any.
+    static_files: Option<Router>,
 }
 
 /// A running Ivy instance: its engine, fan-out and connections.
@@ -126,9 +128,13 @@ impl IvyBuilder {
     /// runtime.
     pub fn open(self) -> io::Result<Ivy> {
         let IvyBuilder { config, engine } = self;
-        if let Some(dir) = &config.static_dir {
-            static_files::check(dir)?;
-        }
+        let static_files = match &config.static_dir {
+            Some(dir) => {
+                static_files::check(dir)?;
+                Some(static_files::router(dir)?)
+            }
+            None => None,
+        };
         let (publisher, requests) = engine::queue();
         let fanout = Arc::new(FanOut::new());
         let description = engine.describe();
@@ -146,8 +152,17 @@ impl IvyBuilder {
             });
         }
         let refusals = session::Refusals::new(&config);
-        let shared =
-            Arc::new(Shared { config, engine, fanout, publisher, connections, stop_reading, tracker: TaskTracker::new(), refusals });
+        let shared = Arc::new(Shared {
+            config,
+            engine,
+            fanout,
+            publisher,
+            connections,
+            stop_reading,
+            tracker: TaskTracker::new(),
+            refusals,
+            static_files,
+        });
         Ok(Ivy { shared })
     }
 }
@@ -168,8 +183,8 @@ impl Ivy {
             .route("/log/{*path}", get(http::handler).options(http::preflight))
             .layer(axum::middleware::from_fn_with_state(self.shared.clone(), http::cors_layer));
         let router = Router::new().route("/ws", get(ws::handler)).merge(log).with_state(self.shared.clone());
-        match &self.shared.config.static_dir {
-            Some(dir) => router.merge(static_files::router(dir)),
+        match &self.shared.static_files {
+            Some(files) => router.merge(files.clone()),
             None => router,
         }
     }

@@ -234,6 +234,10 @@ impl PendingReply {
         let line = match (result, self.key) {
             (Ok(ts), Some(key)) => ack_line(&key, ts),
             (Ok(_), None) => return,
+            // The store's own error (paths, OS codes) is for the server's log, not the client.
+            (Err(PublishError::Storage(_)), key) => {
+                error_line(key.as_deref(), ErrorCode::Storage, "event not stored: the store failed; the server's log has the details")
+            }
             (Err(e), key) => error_line(key.as_deref(), publish_error_code(&e), &e.to_string()),
         };
         self.slot.send(crate::conn::text(line));
@@ -312,6 +316,20 @@ mod tests {
             assert_eq!(reply(s.on_text(0, cmd, &r)), "#1#!path-too-long path has 3 levels, the limit is 2");
         }
         assert_eq!(s.subscriptions().count(), 1);
+    }
+
+    #[test]
+    fn a_storage_failure_reaches_the_client_without_the_stores_own_error() {
+        let (conn, mut rx, _) = crate::conn::Conn::new(crate::fanout::ConnId(1), 4);
+        let e = std::io::Error::other("Os { code: 28, kind: StorageFull } in /var/lib/ivy/db");
+        PendingReply::new(conn.try_reserve().unwrap(), Some(b"k"), None).complete(Err(PublishError::storage(e)));
+        PendingReply::new(conn.try_reserve().unwrap(), None, None).complete(Err(PublishError::ShuttingDown));
+        let text = |m| match m {
+            Some(axum::extract::ws::Message::Text(t)) => t.as_str().to_string(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(text(rx.try_recv().ok()), "#k#!storage event not stored: the store failed; the server's log has the details");
+        assert_eq!(text(rx.try_recv().ok()), "!shutting-down server is shutting down");
     }
 
     #[test]

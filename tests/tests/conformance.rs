@@ -288,6 +288,8 @@ async fn paths_deeper_than_the_limit_are_refused() {
     }
     let r = http_get(server.addr, &format!("/log{seventeen}"), &[]).await;
     assert_eq!((r.status, r.text()), (400, "invalid path: path has 17 levels, the limit is 16\n".to_string()));
+    assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+    assert_eq!(http_get(server.addr, "/log/", &[]).await.header("x-content-type-options"), Some("nosniff"));
     assert_eq!(log_text(server.addr, "/log/").await, "");
     server.stop().await;
 }

@@ -80,6 +80,42 @@ async fn path_traversal_is_refused() {
     server.stop().await;
 }
 
+/// Symbolic links that lead out of the directory, dot-files and scheme-relative redirects
+/// (`GET //assets` once redirected to `//assets/`, another host) are refused.
+#[tokio::test]
+async fn symlinks_out_of_the_directory_dotfiles_and_open_redirects_are_refused() {
+    let data = temp_dir();
+    let www = temp_dir();
+    let dir = site(www.path());
+    std::os::unix::fs::symlink(www.path().join("secret.txt"), dir.join("leak.txt")).unwrap();
+    std::os::unix::fs::symlink(www.path(), dir.join("up")).unwrap();
+    std::os::unix::fs::symlink(dir.join("assets/app.js"), dir.join("app.js")).unwrap();
+    std::fs::write(dir.join(".env"), "SECRET=1").unwrap();
+    std::fs::create_dir_all(dir.join(".git")).unwrap();
+    std::fs::write(dir.join(".git/config"), "SECRET").unwrap();
+    let mut cfg = config(data.path());
+    cfg.static_dir = Some(dir);
+    let server = TestServer::start(cfg).await;
+    for target in ["/leak.txt", "/up/secret.txt", "/.env", "/.git/config", "/%2eenv", "/assets/.hidden"] {
+        let r = http_get(server.addr, target, &[]).await;
+        assert_eq!(r.status, 404, "{target}");
+        assert!(!String::from_utf8_lossy(&r.body).contains("SECRET"), "{target} leaked");
+    }
+    // A link that stays inside is fine.
+    let r = http_get(server.addr, "/app.js", &[]).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "console.log('hi');"));
+    for target in ["//assets", "//assets/", "///example.com/", "/assets"] {
+        let r = http_get(server.addr, target, &[]).await;
+        if let Some(location) = r.header("location") {
+            assert!(location.starts_with('/') && !location.starts_with("//"), "{target} redirected to {location}");
+        }
+    }
+    // Responses say what they are: no content sniffing.
+    let r = http_get(server.addr, "/index.html", &[]).await;
+    assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn ws_and_log_keep_precedence() {
     let data = temp_dir();
