@@ -1,6 +1,7 @@
-//! Conformance of the reference server with the Ivy contract (`../shared/ivy-reference.md`)
-//! and `docs/PROTOCOL.md`: every observed behaviour we keep, every decision, every error case.
-//! Each test runs a real server on 127.0.0.1 port 0 with sled in a temporary directory.
+//! Conformance of the reference server with `docs/PROTOCOL.md` (which records the original
+//! server's observed behaviour that we keep, and every difference): every decision, every
+//! error case. Each test runs a real server on 127.0.0.1 port 0, on the engine of the
+//! `IVY_TEST_ENGINE` switch (sled in a temporary directory by default).
 
 use std::time::Duration;
 
