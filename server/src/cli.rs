@@ -76,6 +76,11 @@ pub struct Cli {
     #[arg(long = "allowed-origin", env = "IVY_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 
+    /// Host names the server answers to (the `Host` header; repeat the flag or separate with
+    /// commas; a name without a port allows any port); other requests get 421. Empty: any.
+    #[arg(long = "allowed-host", env = "IVY_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+
     /// Most WebSocket connections at once; beyond it the handshake is refused with 503.
     #[arg(long, env = "IVY_MAX_CONNECTIONS", default_value_t = config::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
@@ -132,6 +137,7 @@ impl Cli {
             queue_length: self.queue_length,
             log_page_limit: self.log_page_limit,
             allowed_origins: self.allowed_origins.clone(),
+            allowed_hosts: self.allowed_hosts.clone(),
             max_connections: self.max_connections,
             rate_limit: self.rate_limit,
             rate_burst: self.rate_burst,

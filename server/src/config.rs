@@ -63,6 +63,10 @@ pub struct Config {
     /// Origins allowed to open WebSockets and read logs from a browser. Empty (the default):
     /// every origin.
     pub allowed_origins: Vec<String>,
+    /// Host names (`Host` header) the server answers to, each with or without a port (without:
+    /// any port); others get 421. Empty (the default): any. Set it when the server is reachable
+    /// under names a browser could be tricked into using (DNS rebinding).
+    pub allowed_hosts: Vec<String>,
     /// Most WebSocket connections at once; beyond it the handshake is refused with 503.
     /// Default [`DEFAULT_MAX_CONNECTIONS`].
     pub max_connections: usize,
@@ -95,6 +99,7 @@ impl Default for Config {
             queue_length: DEFAULT_QUEUE_LENGTH,
             log_page_limit: DEFAULT_LOG_PAGE_LIMIT,
             allowed_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             rate_limit: DEFAULT_RATE_LIMIT,
             rate_burst: DEFAULT_RATE_BURST,
@@ -134,6 +139,8 @@ setters! {
     log_page_limit: usize;
     /// Sets [`Config::allowed_origins`].
     allowed_origins: Vec<String>;
+    /// Sets [`Config::allowed_hosts`].
+    allowed_hosts: Vec<String>;
     /// Sets [`Config::max_connections`].
     max_connections: usize;
     /// Sets [`Config::rate_limit`].

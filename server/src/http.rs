@@ -206,6 +206,26 @@ fn stream_body(engine: Arc<dyn Engine>, path: String, after: Option<Timestamp>, 
     }))
 }
 
+/// Whether the `Host` header names one of `allowed` (an entry without a port allows any).
+pub(crate) fn host_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else { return false };
+    // `[::1]:8080`, `example.com:8080`, `example.com`.
+    let name = match host.rfind(':') {
+        Some(i) if !host[i..].contains(']') => &host[..i],
+        _ => host,
+    };
+    allowed.iter().any(|a| a.eq_ignore_ascii_case(host) || (!a.contains(':') || a.ends_with(']')) && a.eq_ignore_ascii_case(name))
+}
+
+/// Middleware (with `--allowed-host`): 421 for a request to another host name.
+pub(crate) async fn host_guard(State(shared): State<Arc<Shared>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if host_allowed(&shared.config.allowed_hosts, req.headers()) {
+        return next.run(req).await;
+    }
+    let headers = [(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::CACHE_CONTROL, NO_CACHE), NOSNIFF];
+    (StatusCode::MISDIRECTED_REQUEST, headers, "host not allowed\n").into_response()
+}
+
 /// Answers `OPTIONS` preflights for the log endpoint.
 pub(crate) async fn preflight() -> Response {
     let mut h = HeaderMap::new();
@@ -243,4 +263,22 @@ pub(crate) async fn cors_layer(
     let mut resp = next.run(req).await;
     cors_headers(&shared.config.allowed_origins, &req_headers, resp.headers_mut());
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names_with_and_without_ports() {
+        let allowed = ["chat.example".to_string(), "localhost:8080".to_string(), "[::1]".to_string()];
+        let ok = |host: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::HOST, HeaderValue::from_str(host).unwrap());
+            host_allowed(&allowed, &h)
+        };
+        assert!(ok("chat.example") && ok("CHAT.example:443") && ok("localhost:8080") && ok("[::1]:9000") && ok("[::1]"));
+        assert!(!ok("localhost") && !ok("localhost:8081") && !ok("evil.example") && !ok("chat.example.evil"));
+        assert!(!host_allowed(&allowed, &HeaderMap::new()), "no Host header");
+    }
 }

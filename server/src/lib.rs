@@ -183,9 +183,14 @@ impl Ivy {
             .route("/log/{*path}", get(http::handler).options(http::preflight))
             .layer(axum::middleware::from_fn_with_state(self.shared.clone(), http::cors_layer));
         let router = Router::new().route("/ws", get(ws::handler)).merge(log).with_state(self.shared.clone());
-        match &self.shared.static_files {
+        let router = match &self.shared.static_files {
             Some(files) => router.merge(files.clone()),
             None => router,
+        };
+        if self.shared.config.allowed_hosts.is_empty() {
+            router
+        } else {
+            router.layer(axum::middleware::from_fn_with_state(self.shared.clone(), http::host_guard))
         }
     }
 

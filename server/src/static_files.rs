@@ -26,7 +26,8 @@ pub(crate) fn check(dir: &Path) -> io::Result<()> {
 /// 404 for anything missing or outside `dir`. Responses say `no-cache`: browsers revalidate
 /// (`Last-Modified`, 304), so a rebuilt app is picked up at once; and `nosniff`.
 ///
-/// Refused with 404 before the file is looked at: a path with a segment starting with `.`
+/// Refused with 404 before the file is looked at: `/ws` or `/log` spelled with percent
+/// escapes (the protocol's names, which the routes above match only unescaped), a path with a segment starting with `.`
 /// (dot-files such as `.env` or `.git/`, and `..`), a backslash or an empty segment (`//x`,
 /// whose directory redirect would be the scheme-relative `//x/`, another host), and a path
 /// that resolves, through symbolic links, outside the directory.
@@ -50,6 +51,11 @@ async fn guard(root: Arc<PathBuf>, req: Request, next: Next) -> Response {
 async fn allowed(root: &Path, raw: &str) -> bool {
     let Ok(path) = percent_encoding::percent_decode_str(raw).decode_utf8() else { return false };
     let Some(rel) = path.strip_prefix('/') else { return false };
+    // `/ws` and `/log` reached the file fallback only if they were spelled encoded (`/%6cog/`):
+    // those names are the protocol's, never a file's.
+    if matches!(rel.split('/').next(), Some("ws" | "log")) {
+        return false;
+    }
     let mut segments = rel.split('/').peekable();
     while let Some(seg) = segments.next() {
         // An empty segment is allowed only last (`/docs/`).

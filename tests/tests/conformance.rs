@@ -505,3 +505,30 @@ async fn origin_restriction_when_configured() {
     assert_eq!(r.header("access-control-allow-origin"), None);
     server.stop().await;
 }
+
+/// With `--allowed-host`, requests for another host name (DNS rebinding) get 421, on every
+/// endpoint; the allowed name works.
+#[tokio::test]
+async fn only_allowed_host_names_are_answered() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = temp_dir();
+    let mut cfg = config(dir.path());
+    cfg.allowed_hosts = vec!["chat.example".into()];
+    let server = TestServer::start(cfg).await;
+    let status = |target: &'static str, host: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let upgrade =
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+        let extra = if target == "/ws" { upgrade } else { "Connection: close\r\n" };
+        s.write_all(format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n").as_bytes()).await.unwrap();
+        let mut buf = vec![0; 12];
+        s.read_exact(&mut buf).await.unwrap();
+        String::from_utf8(buf).unwrap()
+    };
+    for target in ["/log/", "/ws", "/anything"] {
+        assert_eq!(status(target, "rebound.example:80").await, "HTTP/1.1 421", "{target}");
+    }
+    assert_eq!(status("/log/", "chat.example:8080").await, "HTTP/1.1 200");
+    assert_eq!(status("/ws", "chat.example").await, "HTTP/1.1 101");
+    server.stop().await;
+}

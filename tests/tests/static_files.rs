@@ -96,7 +96,9 @@ async fn symlinks_out_of_the_directory_dotfiles_and_open_redirects_are_refused()
     let mut cfg = config(data.path());
     cfg.static_dir = Some(dir);
     let server = TestServer::start(cfg).await;
-    for target in ["/leak.txt", "/up/secret.txt", "/.env", "/.git/config", "/%2eenv", "/assets/.hidden"] {
+    for target in
+        ["/leak.txt", "/up/secret.txt", "/.env", "/.git/config", "/%2eenv", "/assets/.hidden", "/%6cog/", "/%6Cog/index.html", "/%77s"]
+    {
         let r = http_get(server.addr, target, &[]).await;
         assert_eq!(r.status, 404, "{target}");
         assert!(!String::from_utf8_lossy(&r.body).contains("SECRET"), "{target} leaked");
