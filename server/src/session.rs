@@ -25,6 +25,11 @@ use crate::conn::ReplySlot;
 use crate::engine::PublishError;
 use crate::ratelimit::RateLimiter;
 
+/// Longest ack key accepted, in bytes. A reply repeats its command's key, and a connection
+/// can have `--queue-length` replies pending: long keys would multiply its memory (64 KiB
+/// keys cost about 127 MiB per connection before this limit).
+pub(crate) const MAX_ACK_KEY: usize = 64;
+
 /// What a frame asks the connection to do.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Outcome<'a> {
@@ -124,7 +129,12 @@ impl Session {
     /// A text frame arrived at `now`.
     pub(crate) fn on_text<'a>(&mut self, now: u64, frame: &'a [u8], refusals: &Refusals) -> Outcome<'a> {
         if !self.allowed(now) {
-            return refusals.rate_limited(ack_key(frame));
+            return refusals.rate_limited(ack_key(frame).filter(|k| k.len() <= MAX_ACK_KEY));
+        }
+        let key_len = frame.strip_prefix(b"#").map(|rest| rest.iter().position(|&b| b == b'#').unwrap_or(rest.len()));
+        if key_len.is_some_and(|n| n > MAX_ACK_KEY) {
+            let msg = format!("ack key longer than {MAX_ACK_KEY} bytes; the command was not executed");
+            return Outcome::Reply(error_line(None, ErrorCode::Malformed, &msg));
         }
         let cmd = match Command::parse_with_limit(frame, self.max_path_length) {
             Ok(cmd) => cmd,
@@ -330,6 +340,24 @@ mod tests {
         };
         assert_eq!(text(rx.try_recv().ok()), "#k#!storage event not stored: the store failed; the server's log has the details");
         assert_eq!(text(rx.try_recv().ok()), "!shutting-down server is shutting down");
+    }
+
+    #[test]
+    fn ack_keys_are_short() {
+        let (mut s, r) = session(&Config::default());
+        let key = "k".repeat(MAX_ACK_KEY);
+        assert_eq!(s.on_text(0, format!("#{key}#@").as_bytes(), &r), Outcome::Time { ack: Some(key.as_bytes()) });
+        let long = "k".repeat(MAX_ACK_KEY + 1);
+        assert_eq!(
+            reply(s.on_text(0, format!("#{long}#+/a").as_bytes(), &r)),
+            "!malformed ack key longer than 64 bytes; the command was not executed"
+        );
+        assert_eq!(reply(s.on_text(0, "#".repeat(1).as_bytes(), &r)), "!malformed ack key has no closing '#'");
+        assert_eq!(
+            reply(s.on_text(0, format!("#{long}").as_bytes(), &r)),
+            "!malformed ack key longer than 64 bytes; the command was not executed"
+        );
+        assert_eq!(s.subscriptions().count(), 0);
     }
 
     #[test]
