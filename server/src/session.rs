@@ -352,7 +352,7 @@ mod tests {
             reply(s.on_text(0, format!("#{long}#+/a").as_bytes(), &r)),
             "!malformed ack key longer than 64 bytes; the command was not executed"
         );
-        assert_eq!(reply(s.on_text(0, "#".repeat(1).as_bytes(), &r)), "!malformed ack key has no closing '#'");
+        assert_eq!(reply(s.on_text(0, b"#k", &r)), "!malformed ack key has no closing '#'");
         assert_eq!(
             reply(s.on_text(0, format!("#{long}").as_bytes(), &r)),
             "!malformed ack key longer than 64 bytes; the command was not executed"
