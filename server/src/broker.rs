@@ -21,7 +21,7 @@ use ivy_client_core::path::ancestors;
 use tokio::sync::mpsc;
 
 /// Close code recorded when the queue overflows (see `docs/PROTOCOL.md`).
-pub const SLOW_CONSUMER: u16 = 4000;
+pub const SLOW_CONSUMER: u16 = ivy_client_core::close_code::SLOW_CONSUMER;
 
 /// How a connection ends: the first close code recorded wins; [`Ending::end`] stops both
 /// halves, and the server's shutdown steps stop the reader ([`Ending::stop_reading`]) and then

@@ -4,6 +4,7 @@
 //! never sits in memory; cursor pages (`after`, `limit`) are bounded by the page limit.
 
 use std::io;
+use std::num::NonZeroU64;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -100,7 +101,7 @@ pub(crate) async fn handler(
     };
     let query = match logquery::parse(query.as_deref()) {
         Ok(q) => q,
-        Err(reason) => return bad_request(reason),
+        Err(reason) => return bad_request(reason.to_string()),
     };
     let log = shared.log.clone();
     // Only durable events are shown (see `Watermark`).
@@ -108,7 +109,7 @@ pub(crate) async fn handler(
     match query {
         LogQuery::Page { after, limit } => {
             let cap = shared.config.log_page_limit.max(1);
-            let effective = limit.map_or(cap, |l| usize::try_from(l).unwrap_or(usize::MAX).min(cap));
+            let effective = limit.map_or(cap, |l| usize::try_from(l.get()).unwrap_or(usize::MAX).min(cap));
             let p = path.clone();
             let page = tokio::task::spawn_blocking(move || read_page(&*log, &p, after, visible, effective)).await;
             let (body, count, newest) = match page {
@@ -117,7 +118,7 @@ pub(crate) async fn handler(
                 Err(e) => return server_error(io::Error::other(e)),
             };
             let full = count == effective;
-            let immutable = full && limit == Some(effective as u64);
+            let immutable = full && limit.map(NonZeroU64::get) == Some(effective as u64);
             let link = full.then(|| {
                 let last = newest.map_or(String::new(), |t| t.to_string());
                 // The path as requested, so that the link works under any mount point.
@@ -171,7 +172,7 @@ fn read_page(
 /// the body matches its ETag even while events keep arriving).
 fn stream_bounds(log: &dyn EventLog, path: &str, q: LogQuery, until: Timestamp) -> io::Result<(Option<Timestamp>, Option<Timestamp>)> {
     let want = match q {
-        LogQuery::Last(k) => k,
+        LogQuery::Last(k) => k.get(),
         _ => 1,
     };
     let mut newest = None;
