@@ -369,6 +369,48 @@ mod tests {
         assert_eq!(LogQuery::Page { after: Some(t), limit: Some(nz(2)) }.target("/"), "/log/?after=1700000000.000000005&limit=2");
     }
 
+    /// Query strings made of the parameters' names, other names and tricky values.
+    #[cfg(not(target_arch = "wasm32"))]
+    fn arb_query() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let name = prop_oneof![Just("n"), Just("after"), Just("limit"), Just("x"), Just("N"), Just("")];
+        let value = prop_oneof![
+            Just(String::new()),
+            (0u64..30).prop_map(|n| n.to_string()),
+            any::<u64>().prop_map(|n| n.to_string()),
+            Just("1700000000.000000005".to_string()),
+            Just("%401700000000.000000005".to_string()),
+            Just("+12+".to_string()),
+            Just("%zz".to_string()),
+            Just("%ff".to_string()),
+            "[0-9a-f%.@+ -]{0,12}",
+        ];
+        let part = (name, proptest::option::of(value)).prop_map(|(k, v)| match v {
+            Some(v) => format!("{k}={v}"),
+            None => k.to_string(),
+        });
+        proptest::collection::vec(part, 0..4).prop_map(|parts| parts.join("&"))
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    proptest::proptest! {
+        #[test]
+        fn accepted_queries_round_trip_through_their_canonical_form(raw in arb_query()) {
+            match LogQuery::parse(Some(&raw)) {
+                Ok(q) => {
+                    if let LogQuery::Page { after, limit } = q {
+                        proptest::prop_assert!(after.is_some() || limit.is_some());
+                    }
+                    proptest::prop_assert_eq!(LogQuery::parse(Some(&q.to_query())), Ok(q));
+                }
+                Err(e) => {
+                    let reason = e.to_string();
+                    proptest::prop_assert!(!reason.is_empty() && !reason.contains('\n'));
+                }
+            }
+        }
+    }
+
     #[test]
     fn endpoints_from_base_urls() {
         let e = Endpoints::from_base("ws://127.0.0.1:8080").unwrap();
