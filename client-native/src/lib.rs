@@ -222,7 +222,9 @@ pub struct ClientBuilder {
 }
 
 impl ClientBuilder {
-    /// The state machine's tuning (backoff, timeouts, page size, offline queue).
+    /// The state machine's tuning (backoff, timeouts, page size, offline queue), for example
+    /// `Config::default().offline_queue(0).page_limit(500)`; each default is in its field's
+    /// documentation.
     pub fn config(mut self, config: Config) -> Self {
         self.config = config;
         self
