@@ -63,7 +63,7 @@ pub async fn connect(kind: Kind, addr: SocketAddr, src: Option<IpAddr>) -> Resul
     let url = format!("ws://{addr}{}", kind.ws_path());
     let mut req = url.as_str().into_client_request().map_err(|e| e.to_string())?;
     if kind.is_ivy() {
-        req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("ivy1"));
+        req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static(ivy_client_core::SUBPROTOCOL));
     }
     let config = WebSocketConfig::default().read_buffer_size(16 * 1024).write_buffer_size(16 * 1024);
     let (ws, _) =
@@ -218,7 +218,7 @@ impl Decoder {
 pub async fn raw_connect(kind: Kind, addr: SocketAddr, src: Option<IpAddr>, first: Option<&str>) -> Result<TcpStream, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tcp(addr, src).await.map_err(|e| format!("connect {addr} from {src:?}: {e}"))?;
-    let proto = if kind.is_ivy() { "Sec-WebSocket-Protocol: ivy1\r\n" } else { "" };
+    let proto = if kind.is_ivy() { format!("Sec-WebSocket-Protocol: {}\r\n", ivy_client_core::SUBPROTOCOL) } else { String::new() };
     let req = format!(
         "GET {} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{proto}\r\n",
         kind.ws_path()

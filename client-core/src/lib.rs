@@ -8,8 +8,13 @@
 //! - [`escape`]: the data escaping rules (`%` to `%25`, newline to `%0A`);
 //! - [`path`]: channel path normalization, validation and the ancestor chain;
 //! - [`timestamp`]: event timestamps, their wire form and their ordered storage key form;
+//! - [`http`]: the server's endpoints from its base URL, and the log endpoint's query
+//!   ([`http::LogQuery`], parsed by the server and written by the clients) and body;
 //! - [`client`]: the client state machine (subscriptions, acks, reconnect with backoff, log
 //!   backfill) that the tokio and browser drivers run.
+//!
+//! The subprotocol name ([`SUBPROTOCOL`]) and the close codes ([`close_code`]) are defined
+//! here once, for the server, both clients, the tests and the benchmarks.
 //!
 //! The wire protocol itself is specified in `docs/PROTOCOL.md` at the repository root.
 //!
@@ -35,9 +40,10 @@ extern crate std;
 
 pub mod client;
 pub mod escape;
+pub mod http;
 pub mod path;
 pub mod timestamp;
 pub mod wire;
 
 pub use timestamp::Timestamp;
-pub use wire::{Command, ErrorCode, Event, Op, ServerLine};
+pub use wire::{Command, ErrorCode, Event, Op, SUBPROTOCOL, ServerLine, close_code};

@@ -18,6 +18,34 @@ use crate::escape::{UnescapeError, escape_into, escaped_len, unescape};
 use crate::path::{self, PathError};
 use crate::timestamp::{Timestamp, TimestampError};
 
+/// The WebSocket subprotocol: a client offers it in `Sec-WebSocket-Protocol`, and the server
+/// echoes it when offered (`docs/PROTOCOL.md`, section 2.1).
+pub const SUBPROTOCOL: &str = "ivy1";
+
+/// The close codes the server ends a connection with (`docs/PROTOCOL.md`, section 7).
+///
+/// For every code but [`GOING_AWAY`](close_code::GOING_AWAY) the connection stops at once and
+/// the lines still queued for it are discarded; a client reconnects and resumes from its
+/// cursor in every case.
+pub mod close_code {
+    /// 1001: the server is shutting down; it wrote the lines already queued first (within 5
+    /// seconds).
+    pub const GOING_AWAY: u16 = 1001;
+    /// 1002: the client broke the WebSocket protocol (for example an unmasked frame or a bad
+    /// opcode).
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// 1007: a text frame was not valid UTF-8.
+    pub const INVALID_UTF8: u16 = 1007;
+    /// 1009: a message or frame exceeded the server's `--max-message-size`.
+    pub const TOO_BIG: u16 = 1009;
+    /// 4000 (extension): slow consumer. The connection's outbound queue overflowed because the
+    /// client did not read fast enough.
+    pub const SLOW_CONSUMER: u16 = 4000;
+    /// 4001 (extension): ping timeout. Nothing, not even a pong, arrived for a whole ping
+    /// interval after a ping: the peer is gone or the connection is half-open.
+    pub const PING_TIMEOUT: u16 = 4001;
+}
+
 /// What a command asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op<'a> {

@@ -237,12 +237,12 @@ impl Sim {
                 Err(e) => panic!("send refused: {e}"),
             },
             Step::Subscribe(p, start) => {
-                let id = self.client.subscribe(p, *start).unwrap();
+                let id = self.client.subscribe(self.now, p, *start).unwrap();
                 self.subs.push((id, ivy_client_core::path::normalize(p.as_bytes()).unwrap().into_owned(), *start));
             }
             Step::Unsubscribe(i) => {
                 let id = self.subs[*i].0;
-                self.client.unsubscribe(id);
+                self.client.unsubscribe(self.now, id);
                 self.removed.insert(id);
             }
         }
@@ -324,7 +324,7 @@ fn scenario() -> Vec<Step> {
 }
 
 fn config() -> Config {
-    Config { page_limit: 2, ..Config::default() }
+    Config::default().page_limit(2)
 }
 
 #[test]
@@ -373,7 +373,7 @@ fn many_random_cuts_and_a_capped_page_limit() {
 #[test]
 fn bounded_buffer_during_backfill_still_delivers_everything() {
     for seed in 1..30 {
-        let mut sim = Sim::new(seed, Config { page_limit: 1, max_buffered: 2, ..Config::default() });
+        let mut sim = Sim::new(seed, Config::default().page_limit(1).max_buffered(2));
         let mut script = vec![Step::Publish("/h", "history 1"), Step::Publish("/h", "history 2"), Step::Subscribe("/h", Start::Beginning)];
         for _ in 0..20 {
             script.push(Step::Publish("/h/live", "x"));
@@ -397,7 +397,7 @@ fn a_cursor_start_skips_what_came_before() {
 fn start_now_delivers_only_later_events() {
     let mut sim = Sim::new(5, config());
     sim.run(&[Step::Publish("/n", "old")], &[]);
-    let id = sim.client.subscribe("/n", Start::Now).unwrap();
+    let id = sim.client.subscribe(sim.now, "/n", Start::Now).unwrap();
     sim.run(&[], &[]);
     sim.run(&[Step::Publish("/n", "new 1"), Step::Publish("/n/x", "new 2")], &[30]);
     let got: Vec<&[u8]> = sim.delivered[&id].iter().map(|e| e.2.as_slice()).collect();
@@ -425,18 +425,18 @@ fn a_server_that_lost_events_is_reported_as_continuity_lost() {
 fn refused_subscriptions_are_reported_and_removed() {
     let mut sim = Sim::new(2, config());
     sim.server.refuse.insert("/no".into());
-    let id = sim.client.subscribe("/no", Start::Beginning).unwrap();
+    let id = sim.client.subscribe(sim.now, "/no", Start::Beginning).unwrap();
     sim.run(&[], &[]);
     assert!(
         matches!(&sim.lost[..], [ClientEvent::SubscribeFailed { sub, error: ClientError::Server { code, .. } }] if *sub == id && code == "too-many-subscriptions")
     );
     assert_eq!(sim.client.sub_path(id), None);
-    assert!(matches!(sim.client.subscribe("/BAD", Start::Now), Err(ClientError::InvalidPath(_))));
+    assert!(matches!(sim.client.subscribe(sim.now, "/BAD", Start::Now), Err(ClientError::InvalidPath(_))));
 }
 
 #[test]
 fn sends_while_disconnected_are_queued_then_sent_once() {
-    let mut c = Client::new(Config { offline_queue: 2, ..Config::default() }, 1);
+    let mut c = Client::new(Config::default().offline_queue(2), 1);
     let a = c.send(0, "/q", "1").unwrap();
     let b = c.send(0, "/q", "2").unwrap();
     assert_eq!(c.send(0, "/q", "3"), Err(ClientError::NotConnected));
@@ -456,19 +456,19 @@ fn sends_while_disconnected_are_queued_then_sent_once() {
 
 #[test]
 fn offline_sends_time_out_and_disabled_queue_fails_at_once() {
-    let mut c = Client::new(Config { request_timeout: 100, ..Config::default() }, 1);
+    let mut c = Client::new(Config::default().request_timeout(100), 1);
     let id = c.send(0, "/q", "x").unwrap();
     assert_eq!(c.poll_timeout(), Some(100));
     c.handle_timeout(100);
     assert!(std::iter::from_fn(|| c.poll_event()).any(|e| e == ClientEvent::Sent { id, result: Err(ClientError::Timeout) }));
-    let mut d = Client::new(Config { offline_queue: 0, ..Config::default() }, 1);
+    let mut d = Client::new(Config::default().offline_queue(0), 1);
     assert_eq!(d.send(0, "/q", "x"), Err(ClientError::NotConnected));
     assert_eq!(d.timestamp(0), Err(ClientError::NotConnected));
 }
 
 #[test]
 fn backoff_is_exponential_with_full_jitter_and_resets_after_success() {
-    let cfg = Config { min_backoff: 100, max_backoff: 1600, connect_timeout: 50, ..Config::default() };
+    let cfg = Config::default().min_backoff(100).max_backoff(1600).connect_timeout(50);
     let mut c = Client::new(cfg, 42);
     c.start(0);
     let mut now = 0;
@@ -503,7 +503,7 @@ fn backoff_is_exponential_with_full_jitter_and_resets_after_success() {
 
 #[test]
 fn silence_triggers_a_probe_then_a_reconnect() {
-    let cfg = Config { idle_timeout: 1000, probe_timeout: 500, ..Config::default() };
+    let cfg = Config::default().idle_timeout(1000).probe_timeout(500);
     let mut c = Client::new(cfg, 1);
     c.start(0);
     assert_eq!(c.poll_action(), Some(Action::Connect));
@@ -531,7 +531,7 @@ fn close_fails_everything_pending() {
     c.handle_connected(0);
     let s = c.send(0, "/a", "x").unwrap();
     let t = c.timestamp(0).unwrap();
-    c.close();
+    c.close(0);
     let events: Vec<ClientEvent> = std::iter::from_fn(|| c.poll_event()).collect();
     assert!(events.contains(&ClientEvent::Sent { id: s, result: Err(ClientError::Closed) }));
     assert!(events.contains(&ClientEvent::Time { id: t, result: Err(ClientError::Closed) }));
@@ -562,10 +562,10 @@ fn unsubscribe_stops_delivery_at_once_and_keeps_shared_paths() {
 
 #[test]
 fn a_log_page_that_never_comes_back_is_requested_again() {
-    let cfg = Config { page_limit: 2, request_timeout: 1000, ..Config::default() };
+    let cfg = Config::default().page_limit(2).request_timeout(1000);
     let mut sim = Sim::new(6, cfg);
     sim.run(&[Step::Publish("/p", "1"), Step::Publish("/p", "2"), Step::Publish("/p", "3")], &[]);
-    let id = sim.client.subscribe("/p", Start::Beginning).unwrap();
+    let id = sim.client.subscribe(sim.now, "/p", Start::Beginning).unwrap();
     sim.subs.push((id, "/p".into(), Start::Beginning));
     // Run until the first log request goes out, then lose it.
     for _ in 0..100 {

@@ -16,8 +16,10 @@
 //! # let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
 //! # let ivy = ivy_server::Ivy::builder(ivy_server::Config::default()).engine(ivy_server::engine::SledEngine::new(dir.path()));
 //! # let server = tokio::spawn(ivy_server::run(ivy, listener, async { let _ = stopped.await; }));
+//! use std::num::NonZeroU64;
+//!
 //! use futures_util::StreamExt;
-//! use ivy_client_native::{Client, Start};
+//! use ivy_client_native::{Client, LogQuery, Start};
 //!
 //! let client = Client::connect(&url).await?; // for example "ws://127.0.0.1:8080"
 //! let mut room = client.subscribe_from("/chat", Start::Beginning).await?;
@@ -32,7 +34,8 @@
 //! assert_eq!(&*event.data, b"hello");
 //!
 //! // The stored history, page by page.
-//! let page = client.log("/chat", ivy_client_native::LogQuery { limit: Some(100), ..Default::default() }).await?;
+//! let first_page = LogQuery::Page { after: None, limit: NonZeroU64::new(100) };
+//! let page = client.log("/chat", first_page).await?;
 //! assert_eq!(page.len(), 1);
 //! client.close().await;
 //! # let _ = stop.send(());
@@ -55,10 +58,16 @@
 //! WebSocket endpoint (`/ws`) and the log endpoint (`/log/...`) are derived from it. `http://`
 //! is accepted as a synonym. TLS (`wss://`) is not built in.
 //!
+//! Errors are types to branch on, not messages to parse: [`Error`] says what failed (the URL,
+//! the first connection with the HTTP status of a refused handshake, a request, a log read),
+//! [`ClientError`] why a request failed (with the server's [`ServerCode`]), and
+//! [`Error::is_uncertain`] whether a failed send may nevertheless have been stored.
+//!
 //! What this crate is not: it does not retry failed sends by itself (a send that was written
-//! but not acknowledged may or may not be stored, and retrying could publish it twice), and
-//! it does not persist subscription cursors (use [`Client::subscribe_from`] with the last
-//! timestamp you processed to resume after a restart of your program).
+//! but not acknowledged may or may not be stored, [`Error::is_uncertain`], and retrying could
+//! publish it twice), and it does not persist subscription cursors (use
+//! [`Client::subscribe_from`] with the last timestamp you processed to resume after a restart
+//! of your program).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -70,36 +79,51 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, Stream, StreamExt};
 use http_body_util::{BodyExt, Empty};
-use proto::client::{self as core, Action, ClientEvent, RequestId, SubId};
+use ivy_client_core as ivy_core;
+use ivy_core::client::{self, Action, ClientEvent, RequestId, SubId};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message};
 
-pub use proto::Timestamp;
-pub use proto::client::{ClientError, Config, ConnState, Endpoints, Start};
+pub use ivy_core::client::{ClientError, Config, ConnState, ServerCode, Start, SubscriptionError};
+pub use ivy_core::http::{Endpoints, LogQuery, LogQueryError, UrlError};
+pub use ivy_core::{ErrorCode, Timestamp};
 
 /// An event as delivered: its timestamp, normalized path and data.
-pub type Event = proto::Event<'static>;
+pub type Event = ivy_core::Event<'static>;
 
 /// Errors of this client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {
-    /// The URL is not `ws://host[:port][/prefix]` (or `http://...`); the message says why.
-    InvalidUrl(String),
-    /// The first connection failed (see [`ClientBuilder::retry_initial_connect`]).
-    Connect(String),
-    /// A request failed; see [`ClientError`] for what the caller should do.
+    /// The URL cannot be used: not `ws://host[:port][/prefix]` (or `http://...`), or `wss://`,
+    /// which this client does not build in. Nothing was attempted; fix the URL.
+    InvalidUrl(UrlError),
+    /// The first connection failed (see [`ClientBuilder::retry_initial_connect`]): the server
+    /// is unreachable, or it refused the handshake ([`ConnectError::status`]).
+    Connect(ConnectError),
+    /// A request failed; see [`ClientError`] for what the caller should do, and
+    /// [`Error::is_uncertain`].
     Request(ClientError),
-    /// A log request failed (status and body, or the transport error).
-    Log(String),
+    /// A log request failed: the server answered with an error status, or the request or
+    /// its body failed. Reading the log has no side effect: retrying is safe.
+    Log(LogError),
     /// The client is closed.
     Closed,
+}
+
+impl Error {
+    /// Whether a failed send may nevertheless have been stored (the connection dropped or no
+    /// reply came in time, [`ClientError::is_uncertain`]): look for it in the log before
+    /// sending it again. False for every other error, after which nothing was stored.
+    pub fn is_uncertain(&self) -> bool {
+        matches!(self, Error::Request(e) if e.is_uncertain())
+    }
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::InvalidUrl(e) => f.write_str(e),
+            Error::InvalidUrl(e) => e.fmt(f),
             Error::Connect(e) => write!(f, "cannot connect: {e}"),
             Error::Request(e) => e.fmt(f),
             Error::Log(e) => write!(f, "log request failed: {e}"),
@@ -110,6 +134,57 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// Why the first connection failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectError {
+    /// The HTTP status with which the server refused the WebSocket handshake (for example
+    /// 403 for an origin it does not allow, 503 when it holds its maximum of connections);
+    /// `None` when the server could not be reached or the attempt failed otherwise.
+    pub status: Option<u16>,
+    /// What happened.
+    pub message: String,
+}
+
+impl ConnectError {
+    fn from_ws(e: &tungstenite::Error) -> ConnectError {
+        let status = match e {
+            tungstenite::Error::Http(response) => Some(response.status().as_u16()),
+            _ => None,
+        };
+        ConnectError { status, message: e.to_string() }
+    }
+}
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConnectError {}
+
+/// Why a log request failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogError {
+    /// The HTTP status when the server answered with one other than 200 (400 for an invalid
+    /// path or query, 500 when it could not read its store); `None` when the request or its
+    /// body failed, or the body could not be parsed.
+    pub status: Option<u16>,
+    /// With a status, the server's one-line reason (the response body); otherwise what failed.
+    pub message: String,
+}
+
+impl fmt::Display for LogError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.status {
+            Some(status) => write!(f, "HTTP {status}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for LogError {}
+
 impl From<ClientError> for Error {
     fn from(e: ClientError) -> Error {
         match e {
@@ -119,53 +194,13 @@ impl From<ClientError> for Error {
     }
 }
 
-/// What a subscription stream yields besides events.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SubscriptionError {
-    /// The server no longer has events this subscription delivered (it lost them); delivery
-    /// continues after `last`. The stream goes on.
-    ContinuityLost {
-        /// The last event delivered.
-        last: Timestamp,
-        /// The server's position.
-        position: Timestamp,
-    },
-    /// The server refused the subscription (for example too many subscriptions); the stream
-    /// ends.
-    Refused(ClientError),
-}
-
-impl fmt::Display for SubscriptionError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SubscriptionError::ContinuityLost { last, position } => {
-                write!(f, "continuity lost: the server's history ends at {position}, before the last event delivered ({last})")
-            }
-            SubscriptionError::Refused(e) => write!(f, "subscription refused: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for SubscriptionError {}
-
 /// Derives the endpoints from the base URL; TLS is not built into this client.
 fn endpoints(url: &str) -> Result<Endpoints, Error> {
     let e = Endpoints::from_base(url).map_err(Error::InvalidUrl)?;
     if e.tls {
-        return Err(Error::InvalidUrl(format!("invalid server URL \"{url}\": TLS is not built into this client; use ws:// or http://")));
+        return Err(Error::InvalidUrl(UrlError::TlsUnsupported { url: url.into() }));
     }
     Ok(e)
-}
-
-/// Parameters of [`Client::log`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct LogQuery {
-    /// Only events after this timestamp.
-    pub after: Option<Timestamp>,
-    /// At most this many events (capped by the server).
-    pub limit: Option<u32>,
-    /// The last `n` events (not combinable with `after`/`limit`).
-    pub last: Option<u64>,
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -188,23 +223,24 @@ pub struct ClientBuilder {
 }
 
 impl ClientBuilder {
-    /// The state machine's tuning (backoff, timeouts, page size, offline queue).
+    /// The state machine's tuning (backoff, timeouts, page size, offline queue), for example
+    /// `Config::default().offline_queue(0).page_limit(500)`; each default is in its field's
+    /// documentation.
     pub fn config(mut self, config: Config) -> Self {
         self.config = config;
         self
     }
 
-    /// Reconnect backoff bounds.
+    /// Reconnect backoff bounds (defaults: 250 ms and 30 s).
     pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
-        self.config.min_backoff = min.as_millis() as u64;
-        self.config.max_backoff = max.as_millis() as u64;
+        self.config = self.config.min_backoff(millis(min)).max_backoff(millis(max));
         self
     }
 
-    /// Silence after which the connection is probed, and how long the probe may take.
+    /// Silence after which the connection is probed, and how long the probe may take
+    /// (defaults: 30 s and 10 s).
     pub fn keepalive(mut self, idle: Duration, probe_timeout: Duration) -> Self {
-        self.config.idle_timeout = idle.as_millis() as u64;
-        self.config.probe_timeout = probe_timeout.as_millis() as u64;
+        self.config = self.config.idle_timeout(millis(idle)).probe_timeout(millis(probe_timeout));
         self
     }
 
@@ -221,13 +257,13 @@ impl ClientBuilder {
         let http: Http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
         let (tx, rx) = mpsc::unbounded_channel();
         let (state_tx, mut state_rx) = watch::channel(ConnState::Idle);
-        let last_error = Arc::new(Mutex::new(None::<String>));
+        let last_error = Arc::new(Mutex::new(None::<ConnectError>));
         // A write that cannot complete (a peer that stopped reading, a half-open TCP
         // connection) must not stall the driver past the dead-connection deadline.
         let write_timeout = Duration::from_millis(self.config.probe_timeout.max(1000));
         let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
         let driver = Driver {
-            core: core::Client::new(self.config, seed ^ u64::from(std::process::id())),
+            core: client::Client::new(self.config, seed ^ u64::from(std::process::id())),
             endpoints: endpoints.clone(),
             http: http.clone(),
             epoch: Instant::now(),
@@ -245,7 +281,8 @@ impl ClientBuilder {
             match state {
                 ConnState::Connected => return Ok(client),
                 ConnState::Reconnecting { .. } if !self.retry_initial => {
-                    let reason = last_error.lock().ok().and_then(|e| e.clone()).unwrap_or_else(|| "connection failed".into());
+                    let reason = last_error.lock().ok().and_then(|e| e.clone());
+                    let reason = reason.unwrap_or_else(|| ConnectError { status: None, message: "connection failed".into() });
                     client.close().await;
                     return Err(Error::Connect(reason));
                 }
@@ -320,16 +357,13 @@ impl Client {
         Ok(reply.await.map_err(|_| Error::Closed)??)
     }
 
-    /// Reads one page of a channel's log (its whole subtree, in timestamp order).
+    /// Reads a channel's log (its whole subtree, in timestamp order): all of it
+    /// ([`LogQuery::All`]), its last events ([`LogQuery::Last`]) or one page
+    /// ([`LogQuery::Page`]).
     pub async fn log(&self, path: &str, query: LogQuery) -> Result<Vec<Event>, Error> {
-        let path = proto::path::normalize(path.as_bytes()).map_err(|e| Error::Request(ClientError::InvalidPath(e)))?;
-        let mut target = core::log_target(&path, query.after, query.limit);
-        if let Some(n) = query.last {
-            target.push(if target.contains('?') { '&' } else { '?' });
-            target.push_str(&format!("n={n}"));
-        }
-        let body = fetch(&self.http, &format!("{}{target}", self.endpoints.http)).await.map_err(Error::Log)?;
-        core::parse_log(&body).map_err(|e| Error::Log(format!("unparsable log line: {e}")))
+        let path = ivy_core::path::normalize(path.as_bytes()).map_err(|e| Error::Request(ClientError::InvalidPath(e)))?;
+        let body = fetch(&self.http, &format!("{}{}", self.endpoints.http, query.target(&path))).await.map_err(Error::Log)?;
+        ivy_core::http::parse_log(&body).map_err(|e| Error::Log(LogError { status: None, message: format!("unparsable log line: {e}") }))
     }
 
     /// A watch of the connection state.
@@ -369,45 +403,50 @@ impl Drop for Subscription {
     }
 }
 
-async fn fetch(http: &Http, url: &str) -> Result<String, String> {
-    let uri: hyper::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+async fn fetch(http: &Http, url: &str) -> Result<String, LogError> {
+    let failed = |message: String| LogError { status: None, message };
+    let uri: hyper::Uri = url.parse().map_err(|e| failed(format!("{url}: {e}")))?;
     let resp = tokio::time::timeout(Duration::from_secs(30), http.get(uri))
         .await
-        .map_err(|_| "timed out".to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| failed("timed out".into()))?
+        .map_err(|e| failed(e.to_string()))?;
     let status = resp.status();
-    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-    let text = String::from_utf8(body.to_vec()).map_err(|_| "log body is not UTF-8".to_string())?;
+    let body = resp.into_body().collect().await.map_err(|e| failed(e.to_string()))?.to_bytes();
+    let text = String::from_utf8(body.to_vec()).map_err(|_| failed("log body is not UTF-8".into()))?;
     if status != hyper::StatusCode::OK {
-        return Err(format!("HTTP {}: {}", status.as_u16(), text.trim_end()));
+        return Err(LogError { status: Some(status.as_u16()), message: text.trim_end().into() });
     }
     Ok(text)
 }
 
+fn millis(d: Duration) -> client::Millis {
+    d.as_millis() as u64
+}
+
 struct Driver {
-    core: core::Client,
+    core: client::Client,
     endpoints: Endpoints,
     http: Http,
     epoch: Instant,
     write_timeout: Duration,
     state_tx: watch::Sender<ConnState>,
-    last_error: Arc<Mutex<Option<String>>>,
+    last_error: Arc<Mutex<Option<ConnectError>>>,
     subs: HashMap<SubId, mpsc::UnboundedSender<Result<Event, SubscriptionError>>>,
     sends: HashMap<RequestId, oneshot::Sender<Result<Timestamp, ClientError>>>,
     times: HashMap<RequestId, oneshot::Sender<Result<Timestamp, ClientError>>>,
 }
 
-type Connecting = Pin<Box<dyn Future<Output = Result<Ws, String>> + Send>>;
+type Connecting = Pin<Box<dyn Future<Output = Result<Ws, ConnectError>> + Send>>;
 
 impl Driver {
-    fn now(&self) -> core::Millis {
+    fn now(&self) -> client::Millis {
         self.epoch.elapsed().as_millis() as u64
     }
 
     async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<Cmd>) {
         let mut ws: Option<Ws> = None;
         let mut connecting: Option<Connecting> = None;
-        let (log_tx, mut log_rx) = mpsc::unbounded_channel::<(u64, Result<String, String>)>();
+        let (log_tx, mut log_rx) = mpsc::unbounded_channel::<(u64, Result<String, LogError>)>();
         let mut closing: Option<oneshot::Sender<()>> = None;
         self.core.start(self.now());
         loop {
@@ -418,9 +457,10 @@ impl Driver {
                     Action::Connect => {
                         let url = self.endpoints.ws.clone();
                         connecting = Some(Box::pin(async move {
-                            let mut req = url.into_client_request().map_err(|e| e.to_string())?;
-                            req.headers_mut().insert("Sec-WebSocket-Protocol", hyper::header::HeaderValue::from_static("ivy1"));
-                            let (ws, _) = tokio_tungstenite::connect_async(req).await.map_err(|e| e.to_string())?;
+                            let mut req = url.into_client_request().map_err(|e| ConnectError::from_ws(&e))?;
+                            req.headers_mut()
+                                .insert("Sec-WebSocket-Protocol", hyper::header::HeaderValue::from_static(ivy_core::SUBPROTOCOL));
+                            let (ws, _) = tokio_tungstenite::connect_async(req).await.map_err(|e| ConnectError::from_ws(&e))?;
                             Ok(ws)
                         }));
                     }
@@ -474,13 +514,13 @@ impl Driver {
             tokio::select! {
                 cmd = cmds.recv() => match cmd {
                     Some(Cmd::Close(done)) => {
-                        self.core.close();
+                        self.core.close(self.now());
                         closing = Some(done);
                     }
                     Some(cmd) => self.command(cmd),
                     None => {
                         // Every handle was dropped.
-                        self.core.close();
+                        self.core.close(self.now());
                         closing = Some(oneshot::channel().0);
                     }
                 },
@@ -515,7 +555,7 @@ impl Driver {
                             self.core.handle_connected(now);
                         }
                         Err(e) => {
-                            self.note_error(e);
+                            self.note(e);
                             self.core.handle_disconnected(now);
                         }
                     }
@@ -524,7 +564,7 @@ impl Driver {
                     let now = self.now();
                     match &result {
                         Ok(body) => self.core.handle_log_page(now, id, Ok(body)),
-                        Err(e) => self.core.handle_log_page(now, id, Err(e.clone())),
+                        Err(e) => self.core.handle_log_page(now, id, Err(e.to_string())),
                     }
                 }
                 () = sleep_until(deadline) => {
@@ -535,8 +575,12 @@ impl Driver {
         }
     }
 
-    fn note_error(&self, e: String) {
-        tracing::debug!(error = %e, "connection problem");
+    fn note_error(&self, message: String) {
+        self.note(ConnectError { status: None, message });
+    }
+
+    fn note(&self, e: ConnectError) {
+        tracing::debug!(error = %e, status = ?e.status, "connection problem");
         if let Ok(mut slot) = self.last_error.lock() {
             *slot = Some(e);
         }
@@ -546,7 +590,7 @@ impl Driver {
         let now = self.now();
         match cmd {
             Cmd::Subscribe(path, start, events, reply) => {
-                let r = self.core.subscribe(&path, start);
+                let r = self.core.subscribe(now, &path, start);
                 if let Ok(id) = r {
                     self.subs.insert(id, events);
                 }
@@ -554,7 +598,7 @@ impl Driver {
             }
             Cmd::Unsubscribe(id) => {
                 self.subs.remove(&id);
-                self.core.unsubscribe(id);
+                self.core.unsubscribe(now, id);
             }
             Cmd::Send(path, data, reply) => match self.core.send(now, &path, &data) {
                 Ok(id) => {
@@ -624,7 +668,7 @@ async fn next_message(ws: &mut Option<Ws>) -> Option<Result<Message, tokio_tungs
     }
 }
 
-async fn poll_connecting(c: &mut Option<Connecting>) -> Result<Ws, String> {
+async fn poll_connecting(c: &mut Option<Connecting>) -> Result<Ws, ConnectError> {
     match c {
         Some(f) => f.await,
         None => std::future::pending().await,
@@ -642,17 +686,28 @@ async fn sleep_until(deadline: Option<Instant>) {
 mod tests {
     use super::*;
 
+    // The URL rules themselves are tested in ivy-client-core (`http::tests`).
     #[test]
-    fn endpoints_from_base_urls() {
-        let e = endpoints("ws://127.0.0.1:8080").unwrap();
-        assert_eq!((e.ws.as_str(), e.http.as_str()), ("ws://127.0.0.1:8080/ws", "http://127.0.0.1:8080"));
-        assert_eq!(endpoints("http://h:1/").unwrap().ws, "ws://h:1/ws");
-        assert_eq!(endpoints("ws://h:1/ws").unwrap().http, "http://h:1");
-        let p = endpoints("ws://h/ivy/").unwrap();
-        assert_eq!((p.ws.as_str(), p.http.as_str()), ("ws://h/ivy/ws", "http://h/ivy"));
-        for bad in ["h:1", "ftp://h", "ws://", "ws://h/x?y"] {
-            assert!(matches!(endpoints(bad), Err(Error::InvalidUrl(m)) if m.contains("invalid server URL")), "{bad}");
+    fn tls_urls_are_refused_as_invalid() {
+        assert_eq!(endpoints("ws://h:1").unwrap().ws, "ws://h:1/ws");
+        assert!(matches!(endpoints("ftp://h"), Err(Error::InvalidUrl(UrlError::Malformed { .. }))));
+        for tls in ["wss://h", "https://h/p"] {
+            let e = endpoints(tls).unwrap_err();
+            assert_eq!(e, Error::InvalidUrl(UrlError::TlsUnsupported { url: tls.into() }));
+            assert!(e.to_string().contains("TLS is not built in"), "{e}");
         }
-        assert!(matches!(endpoints("wss://h"), Err(Error::InvalidUrl(m)) if m.contains("TLS is not built in")));
+    }
+
+    #[test]
+    fn errors_say_whether_a_send_may_have_been_stored() {
+        assert!(Error::Request(ClientError::ConnectionLost).is_uncertain());
+        assert!(Error::Request(ClientError::Timeout).is_uncertain());
+        assert!(!Error::Request(ClientError::NotConnected).is_uncertain());
+        assert!(!Error::Closed.is_uncertain());
+        assert!(!Error::Log(LogError { status: None, message: "timed out".into() }).is_uncertain());
+        let log = Error::Log(LogError { status: Some(400), message: "invalid line count".into() });
+        assert_eq!(log.to_string(), "log request failed: HTTP 400: invalid line count");
+        let refused = Error::Connect(ConnectError { status: Some(403), message: "HTTP error: 403 Forbidden".into() });
+        assert_eq!(refused.to_string(), "cannot connect: HTTP error: 403 Forbidden");
     }
 }

@@ -17,9 +17,10 @@
 //! client.close();
 //! ```
 //!
-//! Rules kept here: no panic reaches JavaScript (errors are `Error` objects); callbacks are
-//! never invoked while Rust state is borrowed (they are queued and run after each step, so a
-//! callback may call back into the client).
+//! Rules kept here: no panic reaches JavaScript (errors are `Error` objects, each with a
+//! machine-readable `code` and `uncertain`: the `IvyError` interface of the TypeScript
+//! types); callbacks are never invoked while Rust state is borrowed (they are queued and run
+//! after each step, so a callback may call back into the client).
 //!
 //! The crate uses `core` and `alloc` only: the package links no standard library, whose panic
 //! handler would bring Rust's formatting machinery into the `.wasm` (see the README's size
@@ -29,15 +30,17 @@
 
 extern crate alloc;
 
-use ::core::cell::{Cell, RefCell};
 use alloc::collections::VecDeque;
 use alloc::format;
 use alloc::rc::{Rc, Weak};
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
+use core::cell::{Cell, RefCell};
 
+use ivy_client_core as ivy_core;
+use ivy_core::client::{self, Action, ClientError, ClientEvent, ConnState, RequestId, Start, SubId, SubscriptionError};
+use ivy_core::http::{Endpoints, LogQuery};
 use js_sys::{Array, Function, Object, Promise, Reflect, Uint8Array};
-use proto::client::{self as core, Action, ClientError, ClientEvent, ConnState, RequestId, Start, SubId};
 use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
 use web_sys::{MessageEvent, WebSocket};
@@ -52,8 +55,8 @@ static ALLOC: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
 
 #[cfg(all(target_arch = "wasm32", not(feature = "std")))]
 #[panic_handler]
-fn panic(_: &::core::panic::PanicInfo<'_>) -> ! {
-    ::core::arch::wasm32::unreachable()
+fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
+    core::arch::wasm32::unreachable()
 }
 
 #[wasm_bindgen(typescript_custom_section)]
@@ -70,7 +73,28 @@ export interface IvyOptions {
 /** Where a subscription starts ("now" by default), and where its notices go. */
 export interface SubscribeOptions {
   from?: "now" | "beginning" | string;
-  onError?: (err: Error) => void;
+  onError?: (err: IvyError) => void;
+}
+/** What went wrong, for code to act on (the message is for people and may change):
+ * "connection-lost" and "timeout" (a send or request whose reply never came: a send may
+ * or may not have been stored, see `uncertain`), "not-connected" (a timestamp request while
+ * disconnected, or a send beyond the offline queue), "closed", "invalid-path",
+ * "invalid-argument" (an option, a timestamp, data or URL that cannot be used),
+ * "continuity-lost" (onError: the server lost events this subscription delivered; it goes
+ * on), "http" (a log read failed; `status` says how the server answered), "busy" (the
+ * client was called in the middle of an update), or the server's code when it refused a
+ * command ("too-many-subscriptions", "rate-limited", "storage", "shutting-down", ...). */
+export type IvyErrorCode = "connection-lost" | "timeout" | "not-connected" | "closed" | "invalid-path"
+  | "invalid-argument" | "continuity-lost" | "http" | "busy" | (string & {});
+/** Every rejected promise and every `onError` notice is an `IvyError`. */
+export interface IvyError extends Error {
+  code: IvyErrorCode;
+  /** True when a failed send may nevertheless have been stored ("connection-lost",
+   * "timeout"): if it was, it is in the log and the subscriptions deliver it; look for it
+   * in the log before sending it again. False otherwise: nothing was stored. */
+  uncertain: boolean;
+  /** With code "http": the HTTP status of the server's answer, if it answered. */
+  status?: number;
 }
 /** Parameters of a log read. */
 export interface LogOptions { after?: string; limit?: number; n?: number }
@@ -99,22 +123,57 @@ extern "C" {
     fn math_random() -> f64;
 }
 
-fn js_error(msg: impl AsRef<str>) -> JsValue {
-    js_sys::Error::new(msg.as_ref()).into()
+/// An `IvyError`: an `Error` with `code` and `uncertain`.
+fn ivy_error(message: &str, code: &str, uncertain: bool) -> js_sys::Error {
+    let e = js_sys::Error::new(message);
+    let _ = Reflect::set(&e, &"code".into(), &code.into());
+    let _ = Reflect::set(&e, &"uncertain".into(), &uncertain.into());
+    e
+}
+
+fn invalid_argument(message: &str) -> JsValue {
+    ivy_error(message, "invalid-argument", false).into()
+}
+
+fn busy() -> JsValue {
+    ivy_error("client busy", "busy", false).into()
+}
+
+/// A failed log read; `status` when the server answered.
+fn http_error(status: Option<u16>, message: &str) -> JsValue {
+    let e = ivy_error(message, "http", false);
+    if let Some(s) = status {
+        let _ = Reflect::set(&e, &"status".into(), &s.into());
+    }
+    e.into()
+}
+
+/// The `code` of a request's failure.
+fn error_code(e: &ClientError) -> &str {
+    match e {
+        ClientError::InvalidPath(_) => "invalid-path",
+        ClientError::Server { code, .. } => code.as_str(),
+        ClientError::ConnectionLost => "connection-lost",
+        ClientError::NotConnected => "not-connected",
+        ClientError::Timeout => "timeout",
+        ClientError::Closed => "closed",
+    }
 }
 
 fn client_error(e: &ClientError) -> JsValue {
-    js_error(e.to_string())
+    ivy_error(&e.to_string(), error_code(e), e.is_uncertain()).into()
 }
 
-fn now() -> core::Millis {
+fn subscription_error(e: &SubscriptionError) -> JsValue {
+    let code = match e {
+        SubscriptionError::ContinuityLost { .. } => "continuity-lost",
+        SubscriptionError::Refused(e) => error_code(e),
+    };
+    ivy_error(&e.to_string(), code, false).into()
+}
+
+fn now() -> client::Millis {
     performance_now().max(0.0) as u64
-}
-
-/// Derives the WebSocket URL and the HTTP base from the base URL (shared with the native
-/// client through the core).
-fn endpoints(url: &str) -> Result<(String, String), String> {
-    core::Endpoints::from_base(url).map(|e| (e.ws, e.http))
 }
 
 fn status_str(s: ConnState) -> &'static str {
@@ -126,7 +185,7 @@ fn status_str(s: ConnState) -> &'static str {
     }
 }
 
-fn event_object(e: &proto::Event<'_>) -> JsValue {
+fn event_object(e: &ivy_core::Event<'_>) -> JsValue {
     let o = Object::new();
     let _ = Reflect::set(&o, &"ts".into(), &e.ts.to_string().into());
     let _ = Reflect::set(&o, &"path".into(), &JsValue::from_str(&e.path));
@@ -164,13 +223,13 @@ struct SubCallbacks {
 }
 
 struct State {
-    core: core::Client,
+    core: client::Client,
     ws_url: String,
     http_base: String,
     socket: Option<Socket>,
     /// Increments per socket, so that late events of a replaced socket are ignored.
     socket_gen: u64,
-    timer: Option<(core::Millis, JsValue)>,
+    timer: Option<(client::Millis, JsValue)>,
     /// Few entries: vectors (a hash map would cost code size in the .wasm).
     subs: Vec<(SubId, SubCallbacks)>,
     requests: Vec<(RequestId, Function, Function)>,
@@ -198,14 +257,14 @@ pub struct IvySubscription {
     path: String,
 }
 
-impl ::core::fmt::Debug for IvyClient {
-    fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+impl core::fmt::Debug for IvyClient {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("IvyClient").field("status", &self.status()).finish_non_exhaustive()
     }
 }
 
-impl ::core::fmt::Debug for IvySubscription {
-    fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+impl core::fmt::Debug for IvySubscription {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("IvySubscription").field("path", &self.path).finish_non_exhaustive()
     }
 }
@@ -223,12 +282,15 @@ impl IvySubscription {
         if let Some(inner) = self.inner.upgrade() {
             if let Ok(mut st) = inner.state.try_borrow_mut() {
                 st.subs.retain(|(id, _)| *id != self.id);
-                st.core.unsubscribe(self.id);
+                st.core.unsubscribe(now(), self.id);
             }
             pump(&inner);
         }
     }
 }
+
+/// A `Config` setter of a duration option.
+type Setter = fn(client::Config, client::Millis) -> client::Config;
 
 fn number(options: &JsValue, key: &str) -> Option<u64> {
     Reflect::get(options, &key.into()).ok().and_then(|v| v.as_f64()).filter(|n| n.is_finite() && *n >= 0.0).map(|n| n as u64)
@@ -238,33 +300,36 @@ fn number(options: &JsValue, key: &str) -> Option<u64> {
 impl IvyClient {
     /// Starts connecting to the server at `url` (`ws://host:port`, or `http://`, `wss://`,
     /// `https://`); the WebSocket (`/ws`) and log (`/log/`) endpoints are derived from it.
+    /// Throws an `IvyError` ("invalid-argument") for a URL that is none of these.
     #[wasm_bindgen(constructor)]
     pub fn new(url: &str, options: Option<IvyOptions>) -> Result<IvyClient, JsValue> {
         let options: Option<JsValue> = options.map(Into::into);
-        let (ws_url, http_base) = endpoints(url).map_err(js_error)?;
-        let mut cfg = core::Config::default();
+        let Endpoints { ws: ws_url, http: http_base, .. } = Endpoints::from_base(url).map_err(|e| invalid_argument(&e.to_string()))?;
+        let mut cfg = client::Config::default();
         if let Some(o) = options.filter(|o| o.is_object()) {
-            let set = |field: &mut u64, key| {
+            let durations: [(&str, Setter); 6] = [
+                ("minBackoffMs", client::Config::min_backoff),
+                ("maxBackoffMs", client::Config::max_backoff),
+                ("connectTimeoutMs", client::Config::connect_timeout),
+                ("requestTimeoutMs", client::Config::request_timeout),
+                ("idleTimeoutMs", client::Config::idle_timeout),
+                ("probeTimeoutMs", client::Config::probe_timeout),
+            ];
+            for (key, set) in durations {
                 if let Some(v) = number(&o, key) {
-                    *field = v;
+                    cfg = set(cfg, v);
                 }
-            };
-            set(&mut cfg.min_backoff, "minBackoffMs");
-            set(&mut cfg.max_backoff, "maxBackoffMs");
-            set(&mut cfg.connect_timeout, "connectTimeoutMs");
-            set(&mut cfg.request_timeout, "requestTimeoutMs");
-            set(&mut cfg.idle_timeout, "idleTimeoutMs");
-            set(&mut cfg.probe_timeout, "probeTimeoutMs");
+            }
             if let Some(v) = number(&o, "offlineQueue") {
-                cfg.offline_queue = v as usize;
+                cfg = cfg.offline_queue(v as usize);
             }
             if let Some(v) = number(&o, "pageLimit").filter(|v| *v >= 1) {
-                cfg.page_limit = v.min(u64::from(u32::MAX)) as u32;
+                cfg = cfg.page_limit(v.min(u64::from(u32::MAX)) as u32);
             }
         }
         let seed = (math_random() * 9_007_199_254_740_992.0) as u64;
         let state = State {
-            core: core::Client::new(cfg, seed),
+            core: client::Client::new(cfg, seed),
             ws_url,
             http_base,
             socket: None,
@@ -312,7 +377,8 @@ impl IvyClient {
     /// Subscribes to `path` and its descendants; `callback` gets every event exactly once, in
     /// timestamp order, across reconnects (this client's own events included, in place).
     /// `options.from`: "now" (default), "beginning", or a timestamp to resume after.
-    /// `options.onError` gets continuity-lost notices and a refusal by the server.
+    /// `options.onError` gets continuity-lost notices and a refusal by the server, as
+    /// `IvyError`s ("continuity-lost", or the server's code).
     pub fn subscribe(
         &self,
         path: &str,
@@ -328,17 +394,17 @@ impl IvyClient {
                     start = match f.as_str() {
                         "now" => Start::Now,
                         "beginning" => Start::Beginning,
-                        t => Start::After(t.parse().map_err(|e| js_error(format!("invalid `from` timestamp \"{t}\": {e}")))?),
+                        t => Start::After(t.parse().map_err(|e| invalid_argument(&format!("invalid `from` timestamp \"{t}\": {e}")))?),
                     };
                 } else if !from.is_undefined() && !from.is_null() {
-                    return Err(js_error("`from` must be \"now\", \"beginning\" or a timestamp string"));
+                    return Err(invalid_argument("`from` must be \"now\", \"beginning\" or a timestamp string"));
                 }
             }
             on_error = Reflect::get(&o, &"onError".into()).ok().and_then(|f| f.dyn_into::<Function>().ok());
         }
         let result = {
-            let mut st = self.inner.state.try_borrow_mut().map_err(|_| js_error("client busy"))?;
-            let id = st.core.subscribe(path, start).map_err(|e| client_error(&e))?;
+            let mut st = self.inner.state.try_borrow_mut().map_err(|_| busy())?;
+            let id = st.core.subscribe(now(), path, start).map_err(|e| client_error(&e))?;
             st.subs.push((id, SubCallbacks { on_event: callback, on_error }));
             let path = st.core.sub_path(id).unwrap_or(path).to_string();
             IvySubscription { inner: Rc::downgrade(&self.inner), id, path }
@@ -348,15 +414,16 @@ impl IvyClient {
     }
 
     /// Publishes `data` (a string, or UTF-8 bytes) on `path`. Resolves to the event's
-    /// timestamp once the server stored it; while disconnected the send is queued.
+    /// timestamp once the server stored it; while disconnected the send is queued. Rejects
+    /// with an `IvyError`; when its `uncertain` is true the event may have been stored.
     #[wasm_bindgen(unchecked_return_type = "Promise<string>")]
     pub fn send(&self, path: &str, #[wasm_bindgen(unchecked_param_type = "string | Uint8Array")] data: JsValue) -> Promise {
         let text = if let Some(s) = data.as_string() {
             Ok(s)
         } else if let Some(bytes) = data.dyn_ref::<Uint8Array>() {
-            String::from_utf8(bytes.to_vec()).map_err(|_| js_error("data must be valid UTF-8: the protocol carries text"))
+            String::from_utf8(bytes.to_vec()).map_err(|_| invalid_argument("data must be valid UTF-8: the protocol carries text"))
         } else {
-            Err(js_error("data must be a string or a Uint8Array"))
+            Err(invalid_argument("data must be a string or a Uint8Array"))
         };
         self.request(|core| {
             let text = text?;
@@ -370,31 +437,30 @@ impl IvyClient {
         self.request(|core| core.timestamp(now()).map_err(|e| client_error(&e)))
     }
 
-    /// One page of a channel's stored history (its whole subtree), oldest first.
+    /// A channel's stored history (its whole subtree), oldest first: all of it, the last `n`
+    /// events, or a page (`after`, `limit`). Rejects with an `IvyError`: "invalid-path",
+    /// "invalid-argument" (for example `n` with `after`), or "http" with the `status` of the
+    /// server's answer.
     #[wasm_bindgen(unchecked_return_type = "Promise<IvyEvent[]>")]
     pub fn log(&self, path: &str, options: Option<LogOptions>) -> Promise {
         let options: Option<JsValue> = options.map(Into::into);
         let target = (|| -> Result<String, JsValue> {
-            let path = proto::path::normalize(path.as_bytes()).map_err(|e| js_error(format!("invalid path: {e}")))?;
+            let path = ivy_core::path::normalize(path.as_bytes()).map_err(|e| client_error(&ClientError::InvalidPath(e)))?;
             let (mut after, mut limit, mut n) = (None, None, None);
             if let Some(o) = options.filter(|o| o.is_object()) {
                 if let Some(a) = Reflect::get(&o, &"after".into()).ok().and_then(|v| v.as_string()) {
-                    after = Some(a.parse().map_err(|e| js_error(format!("invalid `after` timestamp \"{a}\": {e}")))?);
+                    after = Some(a.parse().map_err(|e| invalid_argument(&format!("invalid `after` timestamp \"{a}\": {e}")))?);
                 }
-                limit = number(&o, "limit").map(|v| v.min(u64::from(u32::MAX)) as u32);
+                limit = number(&o, "limit").map(|v| v.min(u64::from(u32::MAX)));
                 n = number(&o, "n");
             }
-            let mut t = core::log_target(&path, after, limit);
-            if let Some(n) = n {
-                t.push(if t.contains('?') { '&' } else { '?' });
-                t.push_str(&format!("n={n}"));
-            }
-            Ok(t)
+            let query = LogQuery::from_parts(n, after, limit).map_err(|e| invalid_argument(&e.to_string()))?;
+            Ok(query.target(&path))
         })();
         let base = self.inner.state.try_borrow().map(|st| st.http_base.clone()).unwrap_or_default();
         wasm_bindgen_futures::future_to_promise(async move {
-            let body = get_text(&format!("{base}{}", target?)).await.map_err(js_error)?;
-            let events = core::parse_log(&body).map_err(|e| js_error(format!("unparsable log line: {e}")))?;
+            let body = get_text(&format!("{base}{}", target?)).await.map_err(|e| http_error(e.status, &e.to_string()))?;
+            let events = ivy_core::http::parse_log(&body).map_err(|e| http_error(None, &format!("unparsable log line: {e}")))?;
             Ok(events.iter().map(event_object).collect::<Array>().into())
         })
     }
@@ -402,12 +468,12 @@ impl IvyClient {
     /// Closes the connection; pending requests reject and callbacks stop.
     pub fn close(&self) {
         if let Ok(mut st) = self.inner.state.try_borrow_mut() {
-            st.core.close();
+            st.core.close(now());
         }
         pump(&self.inner);
     }
 
-    fn request(&self, f: impl FnOnce(&mut core::Client) -> Result<RequestId, JsValue>) -> Promise {
+    fn request(&self, f: impl FnOnce(&mut client::Client) -> Result<RequestId, JsValue>) -> Promise {
         let mut resolve_reject = None;
         let promise = Promise::new(&mut |resolve, reject| resolve_reject = Some((resolve, reject)));
         let Some((resolve, reject)) = resolve_reject else { return promise };
@@ -422,7 +488,7 @@ impl IvyClient {
                 }
             },
             Err(_) => {
-                let _ = reject.call1(&JsValue::NULL, &js_error("client busy"));
+                let _ = reject.call1(&JsValue::NULL, &busy());
             }
         }
         pump(&self.inner);
@@ -430,13 +496,30 @@ impl IvyClient {
     }
 }
 
-async fn get_text(url: &str) -> Result<String, String> {
-    let resp = wasm_bindgen_futures::JsFuture::from(fetch(url)).await.map_err(|e| format!("fetch {url}: {}", describe(&e)))?;
-    let resp: web_sys::Response = resp.dyn_into().map_err(|_| "fetch did not return a Response".to_string())?;
-    let text = wasm_bindgen_futures::JsFuture::from(resp.text().map_err(|e| describe(&e))?).await.map_err(|e| describe(&e))?;
+/// Why a fetch failed: the status when the server answered with one other than 200.
+struct FetchError {
+    status: Option<u16>,
+    message: String,
+}
+
+impl core::fmt::Display for FetchError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.status {
+            Some(status) => write!(f, "HTTP {status}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+async fn get_text(url: &str) -> Result<String, FetchError> {
+    let failed = |message: String| FetchError { status: None, message };
+    let resp = wasm_bindgen_futures::JsFuture::from(fetch(url)).await.map_err(|e| failed(format!("fetch {url}: {}", describe(&e))))?;
+    let resp: web_sys::Response = resp.dyn_into().map_err(|_| failed("fetch did not return a Response".into()))?;
+    let text = resp.text().map_err(|e| failed(describe(&e)))?;
+    let text = wasm_bindgen_futures::JsFuture::from(text).await.map_err(|e| failed(describe(&e)))?;
     let text = text.as_string().unwrap_or_default();
     if resp.status() != 200 {
-        return Err(format!("HTTP {}: {}", resp.status(), text.trim_end()));
+        return Err(FetchError { status: Some(resp.status()), message: text.trim_end().into() });
     }
     Ok(text)
 }
@@ -489,7 +572,7 @@ fn step(inner: &Rc<Inner>, st: &mut State) {
                         let result = get_text(&url).await;
                         if let Some(inner) = weak.upgrade() {
                             if let Ok(mut st) = inner.state.try_borrow_mut() {
-                                st.core.handle_log_page(now(), req.id, result.as_deref().map_err(Clone::clone));
+                                st.core.handle_log_page(now(), req.id, result.as_deref().map_err(ToString::to_string));
                             }
                             pump(&inner);
                         }
@@ -534,14 +617,13 @@ fn queue_event(inner: &Rc<Inner>, st: &mut State, event: ClientEvent) {
         }
         ClientEvent::ContinuityLost { sub, last, position } => {
             if let Some(f) = sub_callbacks(st, sub).and_then(|c| c.on_error.clone()) {
-                let msg = format!("continuity lost: the server's history ends at {position}, before the last event delivered ({last})");
-                calls.push_back(Call(f, js_error(msg)));
+                calls.push_back(Call(f, subscription_error(&SubscriptionError::ContinuityLost { last, position })));
             }
         }
         ClientEvent::SubscribeFailed { sub, error } => {
             let removed = st.subs.iter().position(|(id, _)| *id == sub).map(|i| st.subs.remove(i).1);
             if let Some(f) = removed.and_then(|c| c.on_error) {
-                calls.push_back(Call(f, js_error(format!("subscription refused: {error}"))));
+                calls.push_back(Call(f, subscription_error(&SubscriptionError::Refused(error))));
             }
         }
         ClientEvent::Sent { id, result } | ClientEvent::Time { id, result } => {
@@ -579,7 +661,7 @@ fn connect(inner: &Rc<Inner>, st: &mut State) {
     st.socket = None;
     st.socket_gen += 1;
     let generation = st.socket_gen;
-    let ws = match WebSocket::new_with_str(&st.ws_url, "ivy1") {
+    let ws = match WebSocket::new_with_str(&st.ws_url, ivy_core::SUBPROTOCOL) {
         Ok(ws) => ws,
         Err(e) => {
             web_sys_warn(&format!("cannot open WebSocket: {}", describe(&e)));
@@ -588,7 +670,7 @@ fn connect(inner: &Rc<Inner>, st: &mut State) {
         }
     };
     // Each handler checks that its socket is still the current one, then steps the core.
-    let handler = |f: fn(&mut core::Client, Option<String>)| {
+    let handler = |f: fn(&mut client::Client, Option<String>)| {
         let weak = Rc::downgrade(inner);
         move |text: Option<String>| {
             let Some(inner) = weak.upgrade() else { return };
@@ -601,12 +683,12 @@ fn connect(inner: &Rc<Inner>, st: &mut State) {
             pump(&inner);
         }
     };
-    let on_open = handler(|core, _| core.handle_connected(now()));
-    let on_message = handler(|core, text| match text {
-        Some(t) => core.handle_frame(now(), &t),
-        None => core.handle_activity(now()),
+    let on_open = handler(|c, _| c.handle_connected(now()));
+    let on_message = handler(|c, text| match text {
+        Some(t) => c.handle_frame(now(), &t),
+        None => c.handle_activity(now()),
     });
-    let on_close = handler(|core, _| core.handle_disconnected(now()));
+    let on_close = handler(|c, _| c.handle_disconnected(now()));
     let on_open = Handler::new(move |_| on_open(None));
     let on_message = Handler::new(move |e: JsValue| on_message(e.unchecked_into::<MessageEvent>().data().as_string()));
     let on_close = Handler::new(move |_| on_close(None));
@@ -615,18 +697,4 @@ fn connect(inner: &Rc<Inner>, st: &mut State) {
     // A failed connection fires `error` then `close`; `close` alone is enough.
     ws.set_onclose(Some(on_close.as_ref().unchecked_ref()));
     st.socket = Some(Socket { ws, _on_open: on_open, _on_message: on_message, _on_close: on_close });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::endpoints;
-
-    #[test]
-    fn derives_endpoints() {
-        assert_eq!(endpoints("ws://h:1").unwrap(), ("ws://h:1/ws".into(), "http://h:1".into()));
-        assert_eq!(endpoints("https://h/p/").unwrap(), ("wss://h/p/ws".into(), "https://h/p".into()));
-        assert_eq!(endpoints("ws://h/ws").unwrap(), ("ws://h/ws".into(), "http://h".into()));
-        assert!(endpoints("h:1").is_err());
-        assert!(endpoints("ftp://h").is_err());
-    }
 }

@@ -87,6 +87,25 @@ async fn err(p: Promise) -> String {
     }
 }
 
+/// The rejection of `p` (an `IvyError`), to read its `code`, `uncertain` and `status`.
+async fn rejection(p: Promise) -> JsValue {
+    match JsFuture::from(p).await {
+        Ok(v) => panic!("expected a rejection, got {v:?}"),
+        Err(e) => {
+            assert!(e.is_instance_of::<js_sys::Error>(), "rejections are Error objects");
+            e
+        }
+    }
+}
+
+fn uncertain(e: &JsValue) -> bool {
+    Reflect::get(e, &"uncertain".into()).ok().and_then(|v| v.as_bool()).expect("`uncertain` is a boolean")
+}
+
+fn message(e: &JsValue) -> String {
+    String::from(e.clone().unchecked_into::<js_sys::Error>().message())
+}
+
 fn unique(prefix: &str) -> String {
     format!("/{prefix}/{}", (js_sys::Math::random() * 1e9) as u64)
 }
@@ -159,6 +178,48 @@ async fn errors_are_error_objects() {
 }
 
 #[wasm_bindgen_test]
+async fn errors_carry_a_code_and_whether_a_send_may_have_been_stored() {
+    let c = IvyClient::new(server(), Some(fast())).unwrap();
+    connected(&c).await;
+    let e = rejection(c.send("/Bad", "x".into())).await;
+    assert_eq!((get(&e, "code"), uncertain(&e)), ("invalid-path".into(), false));
+    let e = rejection(c.send("/ok", Uint8Array::from(&[0xff][..]).into())).await;
+    assert_eq!((get(&e, "code"), uncertain(&e)), ("invalid-argument".into(), false));
+    let e = rejection(c.log("/Bad", None)).await;
+    assert_eq!(get(&e, "code"), "invalid-path");
+    // Log options are checked as the server checks them, with the server's reasons.
+    let o = Object::new();
+    Reflect::set(&o, &"n".into(), &1.into()).unwrap();
+    Reflect::set(&o, &"after".into(), &"1700000000.000000000".into()).unwrap();
+    let e = rejection(c.log("/ok", Some(o.unchecked_into()))).await;
+    assert_eq!((get(&e, "code"), message(&e)), ("invalid-argument".into(), "n cannot be combined with after or limit".into()));
+    let o = Object::new();
+    Reflect::set(&o, &"n".into(), &0.into()).unwrap();
+    let e = rejection(c.log("/ok", Some(o.unchecked_into()))).await;
+    assert_eq!((get(&e, "code"), message(&e)), ("invalid-argument".into(), "invalid line count".into()));
+    // The server's refusal of a log read: code "http" with its status.
+    let long = format!("/{}", "a".repeat(300));
+    let e = rejection(c.log(&long, None)).await;
+    assert_eq!(get(&e, "code"), "http");
+    assert_eq!(Reflect::get(&e, &"status".into()).unwrap().as_f64(), Some(400.0));
+    assert!(message(&e).starts_with("HTTP 400: invalid path"), "{}", message(&e));
+    // Thrown at once, with a code too.
+    let (cb, _) = recorder();
+    assert_eq!(get(&c.subscribe("/ok", cb, Some(options("yesterday"))).unwrap_err(), "code"), "invalid-argument");
+    assert_eq!(get(&IvyClient::new("ftp://nowhere", None).unwrap_err(), "code"), "invalid-argument");
+    c.close();
+    let e = rejection(c.timestamp()).await;
+    assert_eq!((get(&e, "code"), uncertain(&e)), ("closed".into(), false));
+    // Not connected, with no offline queue: nothing was sent.
+    let o = Object::new();
+    Reflect::set(&o, &"offlineQueue".into(), &0.into()).unwrap();
+    let d = IvyClient::new(server(), Some(o.unchecked_into())).unwrap();
+    let e = rejection(d.send("/ok", "x".into())).await;
+    assert_eq!((get(&e, "code"), uncertain(&e)), ("not-connected".into(), false));
+    d.close();
+}
+
+#[wasm_bindgen_test]
 async fn log_paging() {
     let path = unique("l");
     let c = IvyClient::new(server(), Some(fast())).unwrap();
@@ -213,6 +274,8 @@ async fn a_server_restart_loses_and_repeats_nothing() {
         match p.await {
             Ok(ts) => acked.push(ts.as_string().unwrap()),
             Err(e) => {
+                let code = get(&e, "code");
+                assert!(uncertain(&e) && (code == "connection-lost" || code == "timeout"), "{code}");
                 let msg = String::from(e.unchecked_into::<js_sys::Error>().message());
                 assert!(msg.contains("may or may not have been stored") || msg.contains("connection"), "{msg}");
             }

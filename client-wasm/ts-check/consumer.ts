@@ -1,6 +1,8 @@
 // A small consumer of the package, type-checked with `tsc --noEmit --strict` against the
 // generated .d.ts (scripts/test-wasm.sh). It is not run: it proves the types are complete.
-import init, { IvyClient, IvySubscription, type IvyEvent, type IvyStatus, type IvyOptions, type LogOptions } from "ivy-client-wasm";
+import init, {
+  IvyClient, IvySubscription, type IvyError, type IvyErrorCode, type IvyEvent, type IvyStatus, type IvyOptions, type LogOptions,
+} from "ivy-client-wasm";
 
 export async function demo(): Promise<string> {
   await init();
@@ -27,6 +29,22 @@ export async function demo(): Promise<string> {
   const page: IvyEvent[] = await client.log("/chat", query);
   const last: IvyEvent[] = await client.log("/chat", { n: 5 });
   const now: string = await client.timestamp();
+  // Errors carry a code and whether a failed send may have been stored.
+  client.subscribe("/chat", () => {}, {
+    onError: (err: IvyError) => {
+      const code: IvyErrorCode = err.code;
+      const message: string = err.message;
+      console.warn(code === "continuity-lost" ? "gap" : message);
+    },
+  });
+  try {
+    await client.send(path, "again");
+  } catch (e) {
+    const err = e as IvyError;
+    const uncertain: boolean = err.uncertain;
+    const status: number | undefined = err.status;
+    if (uncertain || err.code === "too-many-subscriptions" || status === 400) console.warn(err.code);
+  }
   sub.unsubscribe();
   client.close();
   // @ts-expect-error: data must be a string or bytes

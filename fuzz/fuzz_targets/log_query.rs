@@ -1,40 +1,29 @@
-//! The log endpoint's query string parser (`ivy_server::logquery::parse`).
+//! The log endpoint's query string parser (`ivy_client_core::http::LogQuery::parse`, which the
+//! server uses as `ivy_server::logquery::parse`).
 //!
-//! Invariants: no panic; a refusal is a one-line reason; `n` and `limit` are at least 1; an
-//! accepted query written back in canonical form parses to the same query.
+//! Invariants: no panic; a refusal is a one-line reason; an accepted page query has `after` or
+//! `limit` (`n` and `limit` are at least 1 by their type); the canonical form the clients write
+//! (`to_query`) parses back to the same query, and is what the server's parser reads too.
 
 #![no_main]
 
-use ivy_server::logquery::{LogQuery, parse};
+use ivy_client_core::http::LogQuery;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     // axum hands the handler the raw query as a `&str`.
     let Ok(raw) = std::str::from_utf8(data) else { return };
-    match parse(Some(raw)) {
+    match LogQuery::parse(Some(raw)) {
         Ok(q) => {
-            let canonical = match q {
-                LogQuery::All => String::new(),
-                LogQuery::Last(k) => {
-                    assert!(k >= 1);
-                    format!("n={k}")
-                }
-                LogQuery::Page { after, limit } => {
-                    assert!(after.is_some() || limit.is_some());
-                    let mut parts = Vec::new();
-                    if let Some(a) = after {
-                        parts.push(format!("after={a}"));
-                    }
-                    if let Some(l) = limit {
-                        assert!(l >= 1);
-                        parts.push(format!("limit={l}"));
-                    }
-                    parts.join("&")
-                }
-            };
-            assert_eq!(parse(Some(&canonical)), Ok(q), "canonical form {canonical:?}");
+            if let LogQuery::Page { after, limit } = q {
+                assert!(after.is_some() || limit.is_some(), "{raw:?}");
+            }
+            let canonical = q.to_query();
+            assert_eq!(LogQuery::parse(Some(&canonical)), Ok(q), "canonical form {canonical:?}");
+            assert_eq!(ivy_server::logquery::parse(Some(&canonical)), Ok(q), "the server reads {canonical:?}");
         }
         Err(reason) => {
+            let reason = reason.to_string();
             assert!(!reason.is_empty() && !reason.contains('\n'), "{reason:?}");
         }
     }

@@ -18,21 +18,9 @@ use tokio::sync::mpsc;
 
 use crate::fanout::ConnId;
 
-/// Close codes the server sends (see `docs/PROTOCOL.md` section 7).
-pub mod close_code {
-    /// The server is shutting down.
-    pub const GOING_AWAY: u16 = 1001;
-    /// The peer broke the WebSocket protocol (for example an unmasked frame).
-    pub const PROTOCOL_ERROR: u16 = 1002;
-    /// A text frame was not valid UTF-8.
-    pub const INVALID_UTF8: u16 = 1007;
-    /// A message exceeded the size limit.
-    pub const TOO_BIG: u16 = 1009;
-    /// The connection's outbound queue overflowed: it did not read fast enough.
-    pub const SLOW_CONSUMER: u16 = 4000;
-    /// Nothing, not even a pong, arrived for a whole ping interval after a ping.
-    pub const PING_TIMEOUT: u16 = 4001;
-}
+/// The close codes the server sends (`docs/PROTOCOL.md` section 7): one definition, in the
+/// protocol core.
+pub use ivy_client_core::close_code;
 
 /// Recorded when the peer closed or vanished: nothing more to send.
 pub(crate) const PEER_GONE: u16 = 1;

@@ -5,6 +5,7 @@
 //! limit.
 
 use std::io;
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -107,7 +108,7 @@ pub(crate) async fn handler(
     };
     let query = match logquery::parse(query.as_deref()) {
         Ok(q) => q,
-        Err(reason) => return bad_request(reason),
+        Err(reason) => return bad_request(reason.to_string()),
     };
     let engine = shared.engine.clone();
     // Only durable events are shown (see `Engine::visible`).
@@ -115,13 +116,13 @@ pub(crate) async fn handler(
     match query {
         LogQuery::Page { after, limit } => {
             let cap = shared.config.log_page_limit.max(1);
-            let effective = limit.map_or(cap, |l| usize::try_from(l).unwrap_or(usize::MAX).min(cap));
+            let effective = limit.map_or(cap, |l| usize::try_from(l.get()).unwrap_or(usize::MAX).min(cap));
             let page = match engine.read(ReadRequest::new(path.as_str(), after, visible, effective)).await {
                 Ok(page) => page,
                 Err(e) => return server_error(e),
             };
             let full = page.count == effective;
-            let immutable = full && limit == Some(effective as u64);
+            let immutable = full && limit.map(NonZeroU64::get) == Some(effective as u64);
             let newest = page.last;
             let link = full.then(|| {
                 let last = newest.map_or(String::new(), |t| t.to_string());
@@ -154,7 +155,7 @@ async fn stream_bounds(
     until: Timestamp,
 ) -> io::Result<(Option<Timestamp>, Option<Timestamp>)> {
     let want = match q {
-        LogQuery::Last(k) => usize::try_from(k).unwrap_or(usize::MAX),
+        LogQuery::Last(k) => usize::try_from(k.get()).unwrap_or(usize::MAX),
         _ => 1,
     };
     let page = engine.read(ReadRequest::new(path, None, until, want).backward().without_lines()).await?;

@@ -19,8 +19,8 @@ use crate::conn::{Conn, Ending, PEER_GONE, ReaderStop, ReplySlot, Slot, Stop, Wr
 use crate::engine::{Completion, Publish};
 use crate::session::{Outcome, PendingReply, Session, ack_line};
 
-/// The subprotocol echoed when the client offers it.
-pub const SUBPROTOCOL: &str = "ivy1";
+/// The subprotocol: one definition, in the protocol core.
+pub use ivy_client_core::SUBPROTOCOL;
 
 pub(crate) fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
     if allowed.is_empty() {

@@ -276,9 +276,9 @@ pub enum Got {
 }
 
 impl Client {
-    /// Connects to `url` offering the `ivy1` subprotocol.
+    /// Connects to `url` offering the `ivy1` subprotocol ([`ivy_client_core::SUBPROTOCOL`]).
     pub async fn connect(url: &str) -> Client {
-        Client::connect_with(url, Some("ivy1")).await
+        Client::connect_with(url, Some(ivy_client_core::SUBPROTOCOL)).await
     }
 
     /// Connects offering `protocol` (or none).

@@ -1,14 +1,11 @@
 // One open room: history, then live messages, and our own sends until they are confirmed.
 
-import type { IvyClient, IvyEvent, IvySubscription } from "ivy-client-wasm";
+import type { IvyClient, IvyError, IvyEvent, IvySubscription } from "ivy-client-wasm";
 import { type ChatMessage, MAX_DATA_BYTES, dataBytes, decode, encode, newId, roomPath } from "./message";
 import type { MessageList } from "./view";
 
 /** Messages shown when a room opens; older ones on demand. */
 export const HISTORY = 200;
-
-/** What the client says when a send's connection dropped before its reply. */
-const UNCERTAIN = "may or may not have been stored";
 
 interface Pending {
   text: string;
@@ -139,12 +136,13 @@ export class Room {
       },
       (err: unknown) => {
         if (this.closed || !this.pending.has(id)) return;
-        const message = errorText(err);
-        if (message.includes(UNCERTAIN)) {
+        // The connection dropped (or no reply came) after the send went out: it may or may
+        // not have been stored. Every other failure stored nothing.
+        if (isIvyError(err) && err.uncertain) {
           this.view.setPending(id, { kind: "checking" });
           void this.settleUncertain(id);
         } else {
-          this.view.setPending(id, { kind: "failed", error: message });
+          this.view.setPending(id, { kind: "failed", error: errorText(err) });
         }
       },
     );
@@ -190,6 +188,12 @@ export class Room {
 
 function toMessage(e: IvyEvent): ChatMessage {
   return decode(e.ts, e.path, e.data);
+}
+
+/** The client rejects with (and passes to `onError`) `Error`s that carry a `code` and `uncertain`. */
+function isIvyError(e: unknown): e is IvyError {
+  const fields = e as Partial<IvyError>;
+  return e instanceof Error && typeof fields.code === "string" && typeof fields.uncertain === "boolean";
 }
 
 export function errorText(e: unknown): string {

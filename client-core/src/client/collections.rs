@@ -42,12 +42,23 @@ impl<K: Ord + Copy, V> VecMap<K, V> {
         self.find(k).ok().and_then(|i| self.entries.remove(i)).map(|(_, v)| v)
     }
 
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
-        self.entries.iter().map(|(k, v)| (k, v))
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = (&K, &mut V)> {
+        self.entries.iter_mut().map(|(k, v)| (&*k, v))
     }
 
-    pub(crate) fn keys(&self) -> impl Iterator<Item = &K> {
-        self.entries.iter().map(|(k, _)| k)
+    /// The entry with the smallest key.
+    pub(crate) fn first(&self) -> Option<&V> {
+        self.entries.front().map(|(_, v)| v)
+    }
+
+    /// The entry with the largest key.
+    pub(crate) fn last(&self) -> Option<&V> {
+        self.entries.back().map(|(_, v)| v)
+    }
+
+    /// Removes the entry with the smallest key.
+    pub(crate) fn pop_first(&mut self) -> Option<V> {
+        self.entries.pop_front().map(|(_, v)| v)
     }
 
     pub(crate) fn values(&self) -> impl Iterator<Item = &V> {
@@ -60,10 +71,6 @@ impl<K: Ord + Copy, V> VecMap<K, V> {
 
     pub(crate) fn clear(&mut self) {
         self.entries.clear();
-    }
-
-    pub(crate) fn drain(&mut self) -> impl Iterator<Item = (K, V)> + '_ {
-        self.entries.drain(..)
     }
 }
 

@@ -1,15 +1,17 @@
 //! `ivy`: the command-line client.
 //!
-//! Exit codes: 0 success; 1 a request failed (refused by the server, lost, timed out); 2 bad
-//! usage; 3 cannot connect to the server.
+//! Exit codes: 0 success; 1 a request failed (refused by the server, lost, timed out), the log
+//! options are invalid (`-n 0`) or standard input cannot be read; 2 bad usage; 3 cannot
+//! connect to the server.
 
+use std::fmt;
 use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use futures_util::stream::{FuturesOrdered, SelectAll};
-use ivy_client_native::{Client, Error, Event, LogQuery, Start, SubscriptionError, Timestamp};
+use ivy_client_native::{Client, Error, Event, LogQuery, LogQueryError, Start, SubscriptionError, Timestamp};
 use tokio::io::AsyncBufReadExt;
 
 #[derive(Debug, Parser)]
@@ -69,10 +71,37 @@ enum Command {
     Time,
 }
 
-fn fail(e: &Error) -> ExitCode {
+/// Why a command failed.
+#[derive(Debug)]
+enum Failure {
+    /// The client: a bad URL, no connection, a refused or lost request.
+    Client(Error),
+    /// The log options given (`-n 0`, `--limit 0`), checked as the server checks a query.
+    Query(LogQueryError),
+    /// Standard input could not be read (`ivy send` without DATA).
+    Stdin(std::io::Error),
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Failure {
+        Failure::Client(e)
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Client(e) => e.fmt(f),
+            Failure::Query(e) => write!(f, "invalid log query: {e}"),
+            Failure::Stdin(e) => write!(f, "cannot read standard input: {e}"),
+        }
+    }
+}
+
+fn fail(e: &Failure) -> ExitCode {
     eprintln!("ivy: {e}");
     match e {
-        Error::Connect(_) | Error::InvalidUrl(_) => ExitCode::from(3),
+        Failure::Client(Error::Connect(_) | Error::InvalidUrl(_)) => ExitCode::from(3),
         _ => ExitCode::from(1),
     }
 }
@@ -97,13 +126,14 @@ fn line(e: &Event) -> Vec<u8> {
     v
 }
 
-async fn run(cli: Cli) -> Result<(), Error> {
+async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Log { path, after, limit, last } => {
             let client = Client::builder(&cli.url).retry_initial_connect(false);
             // The log needs no WebSocket, but connecting validates the URL and the server.
             let client = client.connect().await?;
-            let events = client.log(&path, LogQuery { after, limit, last }).await?;
+            let query = LogQuery::from_parts(last, after, limit.map(u64::from)).map_err(Failure::Query)?;
+            let events = client.log(&path, query).await?;
             let mut out = std::io::stdout().lock();
             for e in &events {
                 let _ = out.write_all(&line(e));
@@ -122,7 +152,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
         Command::Send { path, data } => {
             let client = Client::connect(&cli.url).await?;
             let result = match data {
-                Some(d) => client.send(&path, &d).await.map(|t| println!("{t}")),
+                Some(d) => client.send(&path, &d).await.map(|t| println!("{t}")).map_err(Failure::from),
                 None => send_lines(&client, &path).await,
             };
             client.close().await;
@@ -161,12 +191,10 @@ async fn run(cli: Cli) -> Result<(), Error> {
                         }
                         printed += 1;
                     }
-                    Some(Err(SubscriptionError::ContinuityLost { last, position })) => {
-                        eprintln!("ivy: warning: continuity lost: the server's history ends at {position}, before {last}");
-                    }
+                    Some(Err(e @ SubscriptionError::ContinuityLost { .. })) => eprintln!("ivy: warning: {e}"),
                     Some(Err(SubscriptionError::Refused(e))) => {
                         client.close().await;
-                        return Err(Error::Request(e));
+                        return Err(Error::Request(e).into());
                     }
                 }
             }
@@ -177,7 +205,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
 }
 
 /// Sends each stdin line as an event, with up to 256 in flight, printing timestamps in order.
-async fn send_lines(client: &Client, path: &str) -> Result<(), Error> {
+async fn send_lines(client: &Client, path: &str) -> Result<(), Failure> {
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut in_flight = FuturesOrdered::new();
     let mut out = std::io::stdout();
@@ -191,16 +219,14 @@ async fn send_lines(client: &Client, path: &str) -> Result<(), Error> {
                     in_flight.push_back(async move { c.send(&p, &l).await });
                 }
                 Ok(None) => eof = true,
-                Err(e) => {
-                    return Err(Error::Request(ivy_client_native::ClientError::Server { code: "stdin".into(), message: e.to_string() }));
-                }
+                Err(e) => return Err(Failure::Stdin(e)),
             }
         }
         match in_flight.next().await {
             Some(Ok(t)) => {
                 let _ = writeln!(out, "{t}");
             }
-            Some(Err(e)) => return Err(e),
+            Some(Err(e)) => return Err(e.into()),
             None if eof => break,
             None => {}
         }
