@@ -169,8 +169,9 @@ fn percent_decode(v: &str) -> Option<String> {
     while i < b.len() {
         match b[i] {
             b'%' => {
-                let hex = core::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
+                // Exactly two hex digits (`u8::from_str_radix` alone would take `+A`).
+                let (hi, lo) = (hex_digit(*b.get(i + 1)?)?, hex_digit(*b.get(i + 2)?)?);
+                out.push(hi << 4 | lo);
                 i += 3;
             }
             b'+' => {
@@ -184,6 +185,15 @@ fn percent_decode(v: &str) -> Option<String> {
         }
     }
     String::from_utf8(out).ok()
+}
+
+fn hex_digit(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
 }
 
 fn positive(v: &str) -> Option<NonZeroU64> {
@@ -314,6 +324,9 @@ mod tests {
             ("n=%ff", "parameter n is not valid percent-encoded UTF-8"),
             ("after=%zz", "parameter after is not valid percent-encoded UTF-8"),
             ("limit=%4", "parameter limit is not valid percent-encoded UTF-8"),
+            // Two hex digits exactly: `%+1` is no escape (it once decoded as 0x01).
+            ("limit=%+1", "parameter limit is not valid percent-encoded UTF-8"),
+            ("n=%-1", "parameter n is not valid percent-encoded UTF-8"),
             ("n=0&limit=0&after=x", "invalid line count"),
             ("limit=0&after=x", "invalid limit: must be an integer >= 1"),
             ("limit=12345678901234567890", "invalid limit: must be an integer >= 1"),
