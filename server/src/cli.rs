@@ -85,6 +85,16 @@ pub struct Cli {
     #[arg(long, env = "IVY_MAX_CONNECTIONS", default_value_t = config::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
 
+    /// Most TCP connections (HTTP and WebSocket) from one client IP address at once; more are
+    /// closed as soon as they are accepted. 0: no limit.
+    #[arg(long, env = "IVY_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = config::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS)]
+    pub max_connections_per_address: usize,
+
+    /// Seconds a new TCP connection gets to send its first byte (fractions allowed); silent
+    /// ones are closed. 0: no limit.
+    #[arg(long, env = "IVY_FIRST_BYTE_TIMEOUT", value_parser = seconds, default_value_t = Seconds(config::DEFAULT_FIRST_BYTE_TIMEOUT))]
+    pub first_byte_timeout: Seconds,
+
     /// Commands (text or binary messages) one connection may send per second, on average;
     /// excess commands are refused with `!rate-limited` and not executed. 0: no limit.
     #[arg(long, env = "IVY_RATE_LIMIT", default_value_t = config::DEFAULT_RATE_LIMIT)]
@@ -139,6 +149,8 @@ impl Cli {
             allowed_origins: self.allowed_origins.clone(),
             allowed_hosts: self.allowed_hosts.clone(),
             max_connections: self.max_connections,
+            max_connections_per_address: self.max_connections_per_address,
+            first_byte_timeout: self.first_byte_timeout.0,
             rate_limit: self.rate_limit,
             rate_burst: self.rate_burst,
             ping_interval: self.ping_interval.0,
@@ -175,6 +187,12 @@ pub async fn main_with(wall: WallClock) -> ExitCode {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
+    // Every connection is a file descriptor: take all the system allows (the soft limit is
+    // often 1024 while the hard one is far higher). `serve` keeps connections below it.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(limit = n, "file descriptor limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the file descriptor limit"),
+    }
     let listener = match tokio::net::TcpListener::bind(cli.listen).await {
         Ok(l) => l,
         Err(e) => {

@@ -27,6 +27,10 @@ pub const DEFAULT_RATE_LIMIT: u32 = 50_000;
 /// Default of [`Config::rate_burst`]: enough for a reconnecting client to resubscribe to the
 /// most channels it may hold (`--max-subscriptions`) and resend its pending events at once.
 pub const DEFAULT_RATE_BURST: u32 = 10_000;
+/// Default of [`Config::max_connections_per_address`].
+pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 1024;
+/// Default of [`Config::first_byte_timeout`].
+pub const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default of [`Config::ping_interval`].
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
 /// Default of [`Config::header_timeout`].
@@ -70,6 +74,14 @@ pub struct Config {
     /// Most WebSocket connections at once; beyond it the handshake is refused with 503.
     /// Default [`DEFAULT_MAX_CONNECTIONS`].
     pub max_connections: usize,
+    /// Most TCP connections (HTTP and WebSocket) from one client IP address at once; more are
+    /// closed as soon as they are accepted. 0: no limit. Applies when served by
+    /// [`crate::serve`]. Default [`DEFAULT_MAX_CONNECTIONS_PER_ADDRESS`].
+    pub max_connections_per_address: usize,
+    /// Time a new TCP connection gets to send its first byte before it is closed. Zero: no
+    /// limit (the header timeout still applies). Applies when served by [`crate::serve`].
+    /// Default [`DEFAULT_FIRST_BYTE_TIMEOUT`].
+    pub first_byte_timeout: Duration,
     /// Commands one connection may send per second, on average; excess ones get
     /// `!rate-limited`. 0: no limit. Default [`DEFAULT_RATE_LIMIT`].
     pub rate_limit: u32,
@@ -101,6 +113,8 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             allowed_hosts: Vec::new(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_address: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+            first_byte_timeout: DEFAULT_FIRST_BYTE_TIMEOUT,
             rate_limit: DEFAULT_RATE_LIMIT,
             rate_burst: DEFAULT_RATE_BURST,
             ping_interval: DEFAULT_PING_INTERVAL,
@@ -143,6 +157,10 @@ setters! {
     allowed_hosts: Vec<String>;
     /// Sets [`Config::max_connections`].
     max_connections: usize;
+    /// Sets [`Config::max_connections_per_address`].
+    max_connections_per_address: usize;
+    /// Sets [`Config::first_byte_timeout`].
+    first_byte_timeout: Duration;
     /// Sets [`Config::rate_limit`].
     rate_limit: u32;
     /// Sets [`Config::rate_burst`].

@@ -1,12 +1,84 @@
 //! The accept loop: serves a router the way the binary does.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::Router;
 
 use crate::{Ivy, SHUTDOWN_GRACE};
+
+/// File descriptors kept free of connections (the store, static files, blocking threads).
+const RESERVED_FDS: u64 = 256;
+
+/// The TCP connections `serve` holds: at most `total` (below the file-descriptor limit), at
+/// most `per_address` from one client IP address (0: any number).
+#[derive(Debug)]
+struct Admission {
+    total: usize,
+    per_address: usize,
+    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+/// One admitted TCP connection, given back when the last clone is dropped: the HTTP
+/// connection's task holds one, and an upgraded WebSocket another (through the request's
+/// extensions, see `ws::handler`), so a WebSocket counts for its whole life.
+#[derive(Debug)]
+pub(crate) struct Admitted {
+    admission: Arc<Admission>,
+    ip: IpAddr,
+}
+
+impl Admission {
+    fn new(total: usize, per_address: usize) -> Arc<Admission> {
+        Arc::new(Admission { total, per_address, open: Mutex::new((0, HashMap::new())) })
+    }
+
+    /// Takes a place for a connection from `ip`, unless a limit is reached.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Arc<Admitted>> {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let (total, per) = &mut *open;
+        if *total >= self.total {
+            return None;
+        }
+        if self.per_address > 0 {
+            let n = per.entry(ip).or_insert(0);
+            if *n >= self.per_address {
+                return None;
+            }
+            *n += 1;
+        }
+        *total += 1;
+        Some(Arc::new(Admitted { admission: self.clone(), ip }))
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut open = self.admission.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let (total, per) = &mut *open;
+        *total = total.saturating_sub(1);
+        if self.admission.per_address > 0 {
+            if let Some(n) = per.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
+/// How many connections fit below this process's file-descriptor limit.
+fn connection_capacity() -> usize {
+    match rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        Ok((soft, _)) if soft != rlimit::INFINITY => usize::try_from(soft.saturating_sub(RESERVED_FDS).max(16)).unwrap_or(usize::MAX),
+        _ => usize::MAX,
+    }
+}
 
 /// Serves `app` ([`Ivy::router`], alone or merged into an application's routes) on
 /// `listener` until `shutdown` resolves or [`Ivy::stop_signal`] is cancelled, then shuts
@@ -14,11 +86,19 @@ use crate::{Ivy, SHUTDOWN_GRACE};
 /// 5 seconds to finish.
 ///
 /// Compared with a bare `axum::serve`, the accept loop protects the server from clients that
-/// open connections and send nothing: an HTTP connection that does not complete a request head
-/// within [`Config::header_timeout`] is closed (WebSockets, once upgraded, are bounded by
-/// `--max-connections` and the ping timeout instead). It also sets `TCP_NODELAY`, so that
-/// small lines are not held back, and survives accept errors such as running out of file
-/// descriptors (it logs them and retries shortly).
+/// open connections and send nothing or too many:
+///
+/// - a connection that sends no byte within [`Config::first_byte_timeout`], or no complete
+///   request head within [`Config::header_timeout`], is closed (WebSockets, once upgraded, are
+///   bounded by `--max-connections` and the ping timeout instead);
+/// - it holds at most [`Config::max_connections_per_address`] TCP connections from one client
+///   IP address, and in all as many as fit below the process's file-descriptor limit (less 256
+///   kept for the store and files); a connection beyond either is closed as soon as it is
+///   accepted, so the server never runs out of descriptors (the binary first raises its soft
+///   limit to the hard one).
+///
+/// It also sets `TCP_NODELAY`, so that small lines are not held back, and survives accept
+/// errors such as running out of file descriptors (it logs them and retries shortly).
 pub async fn serve(
     ivy: &Ivy,
     app: Router,
@@ -37,7 +117,10 @@ pub async fn serve(
         }
         stopper.cancel();
     });
-    let header_timeout = Some(ivy.shared.config.header_timeout).filter(|t| !t.is_zero());
+    let config = &ivy.shared.config;
+    let header_timeout = Some(config.header_timeout).filter(|t| !t.is_zero());
+    let first_byte = Some(config.first_byte_timeout).filter(|t| !t.is_zero());
+    let admission = Admission::new(connection_capacity(), config.max_connections_per_address);
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -57,12 +140,28 @@ pub async fn serve(
             },
         };
         while connections.try_join_next().is_some() {}
+        let Some(admitted) = admission.admit(peer.ip()) else {
+            tracing::debug!(%peer, "connection refused: too many connections (from this address, or in all)");
+            continue;
+        };
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(%peer, error = %e, "setting TCP_NODELAY failed");
         }
-        let service = TowerToHyperService::new(app.clone());
+        let place = admitted.clone();
+        let app = tower::ServiceExt::map_request(app.clone(), move |mut req: axum::http::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(axum::Extension(place.clone()));
+            req
+        });
+        let service = TowerToHyperService::new(app);
         let stop = stop.clone();
         connections.spawn(async move {
+            let _admitted = admitted;
+            if let Some(limit) = first_byte {
+                if !matches!(tokio::time::timeout(limit, stream.peek(&mut [0u8; 1])).await, Ok(Ok(n)) if n > 0) {
+                    tracing::debug!(%peer, "no first byte in time: closing");
+                    return;
+                }
+            }
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new()).header_read_timeout(header_timeout);
             let conn = http.serve_connection(TokioIo::new(stream), service).with_upgrades();

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -17,6 +18,7 @@ use tokio::time::{Instant, Interval, MissedTickBehavior};
 use crate::Shared;
 use crate::conn::{Conn, Ending, PEER_GONE, ReaderStop, ReplySlot, Slot, Stop, WriterStop, close_code};
 use crate::engine::{Completion, Publish};
+use crate::serve::Admitted;
 use crate::session::{Outcome, PendingReply, Session, ack_line};
 
 /// The subprotocol: one definition, in the protocol core.
@@ -36,7 +38,12 @@ pub(crate) fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
 /// `Retry-After` of the refusal at the connection limit, in seconds.
 const RETRY_AFTER: &str = "5";
 
-pub(crate) async fn handler(State(shared): State<Arc<Shared>>, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {
+pub(crate) async fn handler(
+    State(shared): State<Arc<Shared>>,
+    admitted: Option<Extension<Arc<Admitted>>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
     if !origin_allowed(&shared.config.allowed_origins, &headers) {
         return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
     }
@@ -49,12 +56,15 @@ pub(crate) async fn handler(State(shared): State<Arc<Shared>>, headers: HeaderMa
     };
     let max = shared.config.max_message_size;
     let tracker = shared.tracker.clone();
-    ws.protocols([SUBPROTOCOL])
-        .max_message_size(max)
-        .max_frame_size(max)
-        .read_buffer_size(2048)
-        .write_buffer_size(16 * 1024)
-        .on_upgrade(move |socket| tracker.track_future(connection(shared, socket, slot)))
+    ws.protocols([SUBPROTOCOL]).max_message_size(max).max_frame_size(max).read_buffer_size(2048).write_buffer_size(16 * 1024).on_upgrade(
+        move |socket| {
+            tracker.track_future(async move {
+                // The TCP connection's place (under `serve`) is held for as long as it lives.
+                let _admitted = admitted;
+                connection(shared, socket, slot).await;
+            })
+        },
+    )
 }
 
 /// Most sends of one connection waiting in the engine's queue or being stored: its fair share,

@@ -551,3 +551,71 @@ async fn deep_distinct_paths_do_not_freeze_the_group_commit() {
     attacker.close().await;
     server.stop().await;
 }
+
+/// A wrapper script that starts `ivy-server` with its file-descriptor limits set by `ulimit`.
+fn with_ulimit(dir: &std::path::Path, limits: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let script = dir.join("ivy-server-ulimit.sh");
+    std::fs::write(&script, format!("#!/bin/sh\nulimit {limits}\nexec '{}' \"$@\"\n", server_bin().display())).unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    script
+}
+
+/// (soft, hard) "Max open files" of a process.
+fn nofile(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap().to_string();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    (fields[3].to_string(), fields[4].to_string())
+}
+
+/// The binary raises its soft file-descriptor limit to the hard one (commonly 1024 against
+/// hundreds of thousands).
+#[tokio::test]
+async fn the_binary_takes_every_file_descriptor_the_system_allows() {
+    let dir = temp_dir();
+    let script = with_ulimit(dir.path(), "-S -n 256");
+    let server = ServerProcess::start_bin(&script, &dir.path().join("data"), &[], &[]).await;
+    let (soft, hard) = nofile(server.pid());
+    assert_eq!(soft, hard, "soft limit raised to the hard one");
+    assert_ne!(soft, "256");
+    server.kill().await;
+}
+
+/// 600 idle TCP connections from one address against a server allowed 512 file descriptors
+/// (they once stopped it answering anyone): at most `--max-connections-per-address` of them
+/// are held, silent ones are closed after `--first-byte-timeout`, and a client from another
+/// address is served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_from_one_address_cannot_exhaust_file_descriptors() {
+    let dir = temp_dir();
+    let script = with_ulimit(dir.path(), "-n 512");
+    let flags = ["--max-connections-per-address", "100", "--first-byte-timeout", "1"];
+    let server = ServerProcess::start_bin(&script, &dir.path().join("data"), &flags, &[]).await;
+    let attacker: std::net::SocketAddr = "127.0.0.2:0".parse().unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..600 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(attacker).unwrap();
+        if let Ok(s) = socket.connect(server.addr).await {
+            idle.push(s);
+        }
+    }
+    let bystander = Bystander::start(&server.ws_url()).await;
+    let r = ivy_tests::http_get(server.addr, "/log/", &[]).await;
+    assert_eq!(r.status, 200);
+    // The attacker's connections beyond the first 100 were closed at once; the rest within the
+    // first-byte timeout.
+    let mut open = 0;
+    for s in &mut idle {
+        let mut b = [0u8; 1];
+        if !matches!(tokio::time::timeout(Duration::from_secs(3), s.read(&mut b)).await, Ok(Ok(0)) | Ok(Err(_))) {
+            open += 1;
+        }
+    }
+    assert_eq!(open, 0, "every idle connection was closed");
+    let r = ivy_tests::http_get(server.addr, "/log/bystander", &[]).await;
+    assert_eq!(r.status, 200);
+    bystander.finish().await;
+    server.kill().await;
+}
