@@ -71,6 +71,20 @@ pub struct Cli {
     #[arg(long, env = "IVY_LOG_PAGE_LIMIT", default_value_t = config::DEFAULT_LOG_PAGE_LIMIT)]
     pub log_page_limit: usize,
 
+    /// Most bytes of lines in one cursor page; a page ends after the event that reaches it,
+    /// with a `rel="next"` link.
+    #[arg(long, env = "IVY_LOG_PAGE_BYTES", default_value_t = config::DEFAULT_LOG_PAGE_BYTES)]
+    pub log_page_bytes: usize,
+
+    /// Most log requests in progress at once (a streamed log counts until it is sent); more
+    /// get 503.
+    #[arg(long, env = "IVY_MAX_LOG_REQUESTS", default_value_t = config::DEFAULT_MAX_LOG_REQUESTS)]
+    pub max_log_requests: usize,
+
+    /// Most log requests in progress from one client IP address; more get 503. 0: no limit.
+    #[arg(long, env = "IVY_MAX_LOG_REQUESTS_PER_ADDRESS", default_value_t = config::DEFAULT_MAX_LOG_REQUESTS_PER_ADDRESS)]
+    pub max_log_requests_per_address: usize,
+
     /// Origins allowed to open WebSockets and read logs from a browser (repeat the flag or
     /// separate with commas). Empty: every origin.
     #[arg(long = "allowed-origin", env = "IVY_ALLOWED_ORIGINS", value_delimiter = ',')]
@@ -94,6 +108,11 @@ pub struct Cli {
     /// ones are closed. 0: no limit.
     #[arg(long, env = "IVY_FIRST_BYTE_TIMEOUT", value_parser = seconds, default_value_t = Seconds(config::DEFAULT_FIRST_BYTE_TIMEOUT))]
     pub first_byte_timeout: Seconds,
+
+    /// Seconds a connection's writes may make no progress (a client that stopped reading)
+    /// before it is closed (fractions allowed). 0: no limit.
+    #[arg(long, env = "IVY_WRITE_TIMEOUT", value_parser = seconds, default_value_t = Seconds(config::DEFAULT_WRITE_TIMEOUT))]
+    pub write_timeout: Seconds,
 
     /// Commands (text or binary messages) one connection may send per second, on average;
     /// excess commands are refused with `!rate-limited` and not executed. 0: no limit.
@@ -146,11 +165,15 @@ impl Cli {
             max_subscriptions: self.max_subscriptions,
             queue_length: self.queue_length,
             log_page_limit: self.log_page_limit,
+            log_page_bytes: self.log_page_bytes,
+            max_log_requests: self.max_log_requests,
+            max_log_requests_per_address: self.max_log_requests_per_address,
             allowed_origins: self.allowed_origins.clone(),
             allowed_hosts: self.allowed_hosts.clone(),
             max_connections: self.max_connections,
             max_connections_per_address: self.max_connections_per_address,
             first_byte_timeout: self.first_byte_timeout.0,
+            write_timeout: self.write_timeout.0,
             rate_limit: self.rate_limit,
             rate_burst: self.rate_burst,
             ping_interval: self.ping_interval.0,

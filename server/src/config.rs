@@ -18,6 +18,12 @@ pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 1024;
 pub const DEFAULT_QUEUE_LENGTH: usize = 1024;
 /// Default of [`Config::log_page_limit`].
 pub const DEFAULT_LOG_PAGE_LIMIT: usize = 10_000;
+/// Default of [`Config::log_page_bytes`].
+pub const DEFAULT_LOG_PAGE_BYTES: usize = 4 << 20;
+/// Default of [`Config::max_log_requests`].
+pub const DEFAULT_MAX_LOG_REQUESTS: usize = 256;
+/// Default of [`Config::max_log_requests_per_address`].
+pub const DEFAULT_MAX_LOG_REQUESTS_PER_ADDRESS: usize = 16;
 /// Default of [`Config::max_connections`]: room for the 50,000 idle connections of the
 /// benchmarks, twice over, while bounding the memory idle connections can take.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
@@ -31,6 +37,8 @@ pub const DEFAULT_RATE_BURST: u32 = 10_000;
 pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 1024;
 /// Default of [`Config::first_byte_timeout`].
 pub const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default of [`Config::write_timeout`].
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default of [`Config::ping_interval`].
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
 /// Default of [`Config::header_timeout`].
@@ -64,6 +72,16 @@ pub struct Config {
     /// Most events one log page returns (`limit` above it is capped). Default
     /// [`DEFAULT_LOG_PAGE_LIMIT`].
     pub log_page_limit: usize,
+    /// Most bytes of lines in one cursor page: a page ends after the event that reaches it
+    /// (with a `rel="next"` link), whatever its `limit`. Default [`DEFAULT_LOG_PAGE_BYTES`].
+    pub log_page_bytes: usize,
+    /// Most log requests in progress at once (a streamed log counts until it is sent); more
+    /// get 503. Default [`DEFAULT_MAX_LOG_REQUESTS`].
+    pub max_log_requests: usize,
+    /// Most log requests in progress from one client IP address (when served by
+    /// [`crate::serve`]); more get 503. 0: no limit. Default
+    /// [`DEFAULT_MAX_LOG_REQUESTS_PER_ADDRESS`].
+    pub max_log_requests_per_address: usize,
     /// Origins allowed to open WebSockets and read logs from a browser. Empty (the default):
     /// every origin.
     pub allowed_origins: Vec<String>,
@@ -82,6 +100,10 @@ pub struct Config {
     /// limit (the header timeout still applies). Applies when served by [`crate::serve`].
     /// Default [`DEFAULT_FIRST_BYTE_TIMEOUT`].
     pub first_byte_timeout: Duration,
+    /// Time a connection's writes may make no progress (a client that stopped reading) before
+    /// it is closed. Zero: no limit. Applies when served by [`crate::serve`]. Default
+    /// [`DEFAULT_WRITE_TIMEOUT`].
+    pub write_timeout: Duration,
     /// Commands one connection may send per second, on average; excess ones get
     /// `!rate-limited`. 0: no limit. Default [`DEFAULT_RATE_LIMIT`].
     pub rate_limit: u32,
@@ -110,11 +132,15 @@ impl Default for Config {
             max_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
             queue_length: DEFAULT_QUEUE_LENGTH,
             log_page_limit: DEFAULT_LOG_PAGE_LIMIT,
+            log_page_bytes: DEFAULT_LOG_PAGE_BYTES,
+            max_log_requests: DEFAULT_MAX_LOG_REQUESTS,
+            max_log_requests_per_address: DEFAULT_MAX_LOG_REQUESTS_PER_ADDRESS,
             allowed_origins: Vec::new(),
             allowed_hosts: Vec::new(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_address: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
             first_byte_timeout: DEFAULT_FIRST_BYTE_TIMEOUT,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
             rate_limit: DEFAULT_RATE_LIMIT,
             rate_burst: DEFAULT_RATE_BURST,
             ping_interval: DEFAULT_PING_INTERVAL,
@@ -151,6 +177,12 @@ setters! {
     queue_length: usize;
     /// Sets [`Config::log_page_limit`].
     log_page_limit: usize;
+    /// Sets [`Config::log_page_bytes`].
+    log_page_bytes: usize;
+    /// Sets [`Config::max_log_requests`].
+    max_log_requests: usize;
+    /// Sets [`Config::max_log_requests_per_address`].
+    max_log_requests_per_address: usize;
     /// Sets [`Config::allowed_origins`].
     allowed_origins: Vec<String>;
     /// Sets [`Config::allowed_hosts`].
@@ -161,6 +193,8 @@ setters! {
     max_connections_per_address: usize;
     /// Sets [`Config::first_byte_timeout`].
     first_byte_timeout: Duration;
+    /// Sets [`Config::write_timeout`].
+    write_timeout: Duration;
     /// Sets [`Config::rate_limit`].
     rate_limit: u32;
     /// Sets [`Config::rate_burst`].

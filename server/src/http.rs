@@ -11,13 +11,14 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{OriginalUri, RawQuery, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use ivy_client_core::Timestamp;
 use ivy_client_core::path::{check_depth, normalize_with_limit};
 
 use crate::Shared;
 use crate::engine::{Engine, ReadRequest};
+use crate::limits::Admitted;
 use crate::logquery::{self, LogQuery};
 
 /// Size of the chunks a streamed log is sent in.
@@ -94,11 +95,21 @@ fn respond(headers: &HeaderMap, meta: Meta, body: impl FnOnce() -> Body) -> Resp
 /// `GET /log`, `/log/` and `/log/<path>`.
 pub(crate) async fn handler(
     State(shared): State<Arc<Shared>>,
+    connection: Option<axum::Extension<Arc<Admitted>>>,
+    method: Method,
     uri: Uri,
     OriginalUri(original): OriginalUri,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
+    // Counted until the response is built, and a streamed log until its body is sent.
+    let Some(place) = shared.log_requests.admit(connection.and_then(|c| c.ip())) else {
+        let headers =
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::RETRY_AFTER, "1"), (header::CACHE_CONTROL, NO_CACHE), NOSNIFF];
+        return (StatusCode::SERVICE_UNAVAILABLE, headers, "too many log requests in progress; try again shortly\n").into_response();
+    };
+    // A HEAD request gets the headers of the GET, and no body is read for it.
+    let head = method == Method::HEAD;
     let raw = uri.path().strip_prefix("/log").unwrap_or("");
     let path = match normalize_with_limit(raw.as_bytes(), shared.config.max_path_length)
         .and_then(|p| check_depth(&p, shared.config.max_path_depth).map(|()| p))
@@ -117,14 +128,21 @@ pub(crate) async fn handler(
         LogQuery::Page { after, limit } => {
             let cap = shared.config.log_page_limit.max(1);
             let effective = limit.map_or(cap, |l| usize::try_from(l.get()).unwrap_or(usize::MAX).min(cap));
-            let page = match engine.read(ReadRequest::new(path.as_str(), after, visible, effective)).await {
+            let mut request = ReadRequest::new(path.as_str(), after, visible, effective).max_bytes(shared.config.log_page_bytes.max(1));
+            if head {
+                request = request.without_lines();
+            }
+            let page = match engine.read(request).await {
                 Ok(page) => page,
                 Err(e) => return server_error(e),
             };
             let full = page.count == effective;
+            // A page that reached the byte cap first may be followed too, but its extent
+            // depends on the server's configuration: not immutable.
+            let more = full || (!head && page.lines.len() >= shared.config.log_page_bytes.max(1));
             let immutable = full && limit.map(NonZeroU64::get) == Some(effective as u64);
             let newest = page.last;
-            let link = full.then(|| {
+            let link = more.then(|| {
                 let last = newest.map_or(String::new(), |t| t.to_string());
                 // The path as requested, so that the link works under any mount point.
                 format!("<{}?after={last}&limit={effective}>; rel=\"next\"", original.path())
@@ -139,8 +157,8 @@ pub(crate) async fn handler(
             };
             let meta = Meta { newest, cache: NO_CACHE, link: None };
             respond(&headers, meta, move || match newest {
-                None => Body::empty(),
-                Some(until) => stream_body(engine, path, start_after, until),
+                Some(until) if !head => stream_body(engine, path, start_after, until, place),
+                _ => Body::empty(),
             })
         }
     }
@@ -170,7 +188,7 @@ async fn stream_bounds(
 
 /// The body of a streamed read: pages of about [`CHUNK`] bytes, read one after another as
 /// the client takes them, joined by newlines.
-fn stream_body(engine: Arc<dyn Engine>, path: String, after: Option<Timestamp>, until: Timestamp) -> Body {
+fn stream_body(engine: Arc<dyn Engine>, path: String, after: Option<Timestamp>, until: Timestamp, place: Arc<Admitted>) -> Body {
     struct Cursor {
         engine: Arc<dyn Engine>,
         path: String,
@@ -178,8 +196,10 @@ fn stream_body(engine: Arc<dyn Engine>, path: String, after: Option<Timestamp>, 
         until: Timestamp,
         first: bool,
         done: bool,
+        /// The request's place among the log requests in progress.
+        _place: Arc<Admitted>,
     }
-    let cursor = Cursor { engine, path, after, until, first: true, done: false };
+    let cursor = Cursor { engine, path, after, until, first: true, done: false, _place: place };
     Body::from_stream(futures_util::stream::unfold(cursor, |mut c| async move {
         if c.done {
             return None;

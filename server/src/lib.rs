@@ -40,6 +40,7 @@ mod conn;
 pub mod engine;
 pub mod fanout;
 mod http;
+mod limits;
 pub mod logquery;
 pub mod ratelimit;
 mod serve;
@@ -86,6 +87,8 @@ pub(crate) struct Shared {
     refusals: session::Refusals,
     /// The `--static-dir` router, if any.
     static_files: Option<Router>,
+    /// The log requests in progress.
+    log_requests: Arc<limits::Counted>,
 }
 
 /// A running Ivy instance: its engine, fan-out and connections.
@@ -152,6 +155,7 @@ impl IvyBuilder {
             });
         }
         let refusals = session::Refusals::new(&config);
+        let log_requests = limits::Counted::new(config.max_log_requests.max(1), config.max_log_requests_per_address);
         let shared = Arc::new(Shared {
             config,
             engine,
@@ -162,6 +166,7 @@ impl IvyBuilder {
             tracker: TaskTracker::new(),
             refusals,
             static_files,
+            log_requests,
         });
         Ok(Ivy { shared })
     }

@@ -1,74 +1,83 @@
 //! The accept loop: serves a router the way the binary does.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::IpAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use axum::Router;
 
+use crate::limits::Counted;
 use crate::{Ivy, SHUTDOWN_GRACE};
 
 /// File descriptors kept free of connections (the store, static files, blocking threads).
 const RESERVED_FDS: u64 = 256;
 
-/// The TCP connections `serve` holds: at most `total` (below the file-descriptor limit), at
-/// most `per_address` from one client IP address (0: any number).
-#[derive(Debug)]
-struct Admission {
-    total: usize,
-    per_address: usize,
-    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+/// A connection whose writes stay blocked for `limit` (the client stopped reading) fails
+/// with `TimedOut`, which ends it (HTTP responses and WebSockets alike).
+struct WriteTimeout<T> {
+    io: T,
+    limit: Option<Duration>,
+    /// Running while a write is blocked.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-/// One admitted TCP connection, given back when the last clone is dropped: the HTTP
-/// connection's task holds one, and an upgraded WebSocket another (through the request's
-/// extensions, see `ws::handler`), so a WebSocket counts for its whole life.
-#[derive(Debug)]
-pub(crate) struct Admitted {
-    admission: Arc<Admission>,
-    ip: IpAddr,
-}
-
-impl Admission {
-    fn new(total: usize, per_address: usize) -> Arc<Admission> {
-        Arc::new(Admission { total, per_address, open: Mutex::new((0, HashMap::new())) })
+impl<T> WriteTimeout<T> {
+    fn new(io: T, limit: Option<Duration>) -> WriteTimeout<T> {
+        WriteTimeout { io, limit, stalled: None }
     }
 
-    /// Takes a place for a connection from `ip`, unless a limit is reached.
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Arc<Admitted>> {
-        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
-        let (total, per) = &mut *open;
-        if *total >= self.total {
-            return None;
-        }
-        if self.per_address > 0 {
-            let n = per.entry(ip).or_insert(0);
-            if *n >= self.per_address {
-                return None;
-            }
-            *n += 1;
-        }
-        *total += 1;
-        Some(Arc::new(Admitted { admission: self.clone(), ip }))
-    }
-}
-
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        let mut open = self.admission.open.lock().unwrap_or_else(PoisonError::into_inner);
-        let (total, per) = &mut *open;
-        *total = total.saturating_sub(1);
-        if self.admission.per_address > 0 {
-            if let Some(n) = per.get_mut(&self.ip) {
-                *n -= 1;
-                if *n == 0 {
-                    per.remove(&self.ip);
+    /// The outcome of a write that returned `poll`.
+    fn watch<R>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        match (poll, self.limit) {
+            (Poll::Pending, Some(limit)) => {
+                let stalled = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                match stalled.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading"))),
+                    Poll::Pending => Poll::Pending,
                 }
             }
+            (poll, _) => {
+                if poll.is_ready() {
+                    self.stalled = None;
+                }
+                poll
+            }
         }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for WriteTimeout<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.watch(cx, poll)
+    }
+
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.watch(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let poll = Pin::new(&mut self.io).poll_flush(cx);
+        self.watch(cx, poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -120,7 +129,8 @@ pub async fn serve(
     let config = &ivy.shared.config;
     let header_timeout = Some(config.header_timeout).filter(|t| !t.is_zero());
     let first_byte = Some(config.first_byte_timeout).filter(|t| !t.is_zero());
-    let admission = Admission::new(connection_capacity(), config.max_connections_per_address);
+    let write_timeout = Some(config.write_timeout).filter(|t| !t.is_zero());
+    let admission = Counted::new(connection_capacity(), config.max_connections_per_address);
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -140,7 +150,7 @@ pub async fn serve(
             },
         };
         while connections.try_join_next().is_some() {}
-        let Some(admitted) = admission.admit(peer.ip()) else {
+        let Some(admitted) = admission.admit(Some(peer.ip())) else {
             tracing::debug!(%peer, "connection refused: too many connections (from this address, or in all)");
             continue;
         };
@@ -149,7 +159,7 @@ pub async fn serve(
         }
         let place = admitted.clone();
         let app = tower::ServiceExt::map_request(app.clone(), move |mut req: axum::http::Request<hyper::body::Incoming>| {
-            req.extensions_mut().insert(axum::Extension(place.clone()));
+            req.extensions_mut().insert(place.clone());
             req
         });
         let service = TowerToHyperService::new(app);
@@ -164,7 +174,7 @@ pub async fn serve(
             }
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new()).header_read_timeout(header_timeout);
-            let conn = http.serve_connection(TokioIo::new(stream), service).with_upgrades();
+            let conn = http.serve_connection(TokioIo::new(WriteTimeout::new(stream, write_timeout)), service).with_upgrades();
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => {

@@ -18,7 +18,7 @@ use tokio::time::{Instant, Interval, MissedTickBehavior};
 use crate::Shared;
 use crate::conn::{Conn, Ending, PEER_GONE, ReaderStop, ReplySlot, Slot, Stop, WriterStop, close_code};
 use crate::engine::{Completion, Publish};
-use crate::serve::Admitted;
+use crate::limits::Admitted;
 use crate::session::{Outcome, PendingReply, Session, ack_line};
 
 /// The subprotocol: one definition, in the protocol core.

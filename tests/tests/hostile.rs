@@ -619,3 +619,92 @@ async fn idle_connections_from_one_address_cannot_exhaust_file_descriptors() {
     bystander.finish().await;
     server.kill().await;
 }
+
+/// Sends `GET` (or `HEAD`) `target` from `from` and returns the raw response head and the
+/// stream, unread beyond what the first read gave.
+async fn raw_request(server: std::net::SocketAddr, from: &str, method: &str, target: &str) -> (String, TcpStream) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    // A small receive window, so that a response that is not read stays mostly unsent.
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(server).await.unwrap();
+    s.write_all(format!("{method} {target} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(WAIT, s.read(&mut buf)).await.expect("a response").unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+    (head.split("\r\n\r\n").next().unwrap_or_default().to_string() + "\r\n\r\n", s)
+}
+
+/// Log readers that stop reading cannot pin the server: a streamed log holds no thread while
+/// its client does not read, at most `--max-log-requests-per-address` of them are served at
+/// once (503 beyond), a connection whose writes stall for `--write-timeout` is closed, and
+/// others keep reading meanwhile. Pages are capped in bytes; `HEAD` builds no body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_log_readers_are_bounded_and_shed() {
+    let dir = temp_dir();
+    let mut cfg = config(dir.path());
+    cfg.max_log_requests_per_address = 3;
+    cfg.write_timeout = Duration::from_secs(1);
+    cfg.log_page_bytes = 200_000;
+    let server = TestServer::start(cfg).await;
+    let mut p = Client::connect(&server.ws_url()).await;
+    let data = "z".repeat(60_000);
+    for _ in 0..150 {
+        p.publish("/big", &data).await; // 9 MB: more than loopback socket buffers hold
+    }
+    let bystander = Bystander::start(&server.ws_url()).await;
+    // Three streams from one address that are never read, then a fourth: refused.
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        let (head, s) = raw_request(server.addr, "127.0.0.2", "GET", "/log/big").await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        stalled.push(s);
+    }
+    let (head, _) = raw_request(server.addr, "127.0.0.2", "GET", "/log/big").await;
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    assert!(head.contains("retry-after: 1"), "{head}");
+    // Another address reads at once, in pages capped in bytes (200 KB: 4 events of 60 KB).
+    let r = ivy_tests::http_get(server.addr, "/log/big?limit=1000", &[]).await;
+    assert_eq!((r.status, r.text().lines().count()), (200, 4));
+    assert!(r.header("link").is_some_and(|l| l.contains("rel=\"next\"")), "a byte-capped page links to the next one");
+    assert_eq!(r.header("cache-control"), Some("no-cache"));
+    // HEAD: the headers of the GET, no body.
+    let (head, _) = raw_request(server.addr, "127.0.0.1", "HEAD", "/log/big?limit=1000").await;
+    assert!(head.starts_with("HTTP/1.1 200") && head.contains("etag:") && head.ends_with("\r\n\r\n"), "{head}");
+    // The stalled writers are closed after the write timeout; their address is served again.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (head, _) = raw_request(server.addr, "127.0.0.2", "GET", "/log/bystander").await;
+        if head.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the stalled readers were never shed: {head}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(stalled);
+    bystander.finish().await;
+    server.stop().await;
+}
+
+/// A WebSocket keeps its TCP connection's place among `--max-connections-per-address` for as
+/// long as it lives.
+#[tokio::test]
+async fn websockets_count_against_the_per_address_limit() {
+    let dir = temp_dir();
+    let mut cfg = config(dir.path());
+    cfg.max_connections_per_address = 3;
+    let server = TestServer::start(cfg).await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(Client::connect(&server.ws_url()).await);
+    }
+    let refused = tokio_tungstenite::connect_async(server.ws_url()).await;
+    assert!(refused.is_err(), "a fourth connection from the address is closed on accept");
+    open.pop().unwrap().close().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio_tungstenite::connect_async(server.ws_url()).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "the closed WebSocket's place was never given back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.stop().await;
+}
