@@ -22,6 +22,23 @@ struct SimServer {
     page_cap: usize,
     /// Paths whose subscription the server refuses.
     refuse: HashSet<String>,
+    /// Group commit, as `ivy-server`'s sequencer does it: sends (and the external publishes
+    /// that come while some are waiting) wait in `staged` until [`SimServer::commit`], which
+    /// stamps them in order, hands every event of the batch to the connection and only then
+    /// queues the acks. So another sender's later event can reach the client before the ack
+    /// of its own earlier send. Off: each send is stored and acked at once.
+    group_commit: bool,
+    staged: Vec<Staged>,
+    /// Counts connections, so that a batch committed after a cut acks nobody.
+    conn_gen: u64,
+}
+
+#[derive(Debug)]
+struct Staged {
+    path: String,
+    data: Vec<u8>,
+    /// The sending connection's generation and its ack key (`None`: an external publisher).
+    from: Option<(u64, Vec<u8>)>,
 }
 
 #[derive(Debug, Default)]
@@ -57,6 +74,32 @@ impl SimServer {
         ts
     }
 
+    /// An external publish: joins the waiting batch when there is one.
+    fn publish_external(&mut self, path: &str, data: &[u8]) {
+        if self.group_commit && !self.staged.is_empty() {
+            self.staged.push(Staged { path: path.to_string(), data: data.to_vec(), from: None });
+        } else {
+            self.publish(path, data, false);
+        }
+    }
+
+    /// Stores the waiting batch, delivers its events, then acks its sends (see `group_commit`).
+    fn commit(&mut self) {
+        let batch = std::mem::take(&mut self.staged);
+        let mut acks = Vec::new();
+        for st in batch {
+            let ts = self.publish(&st.path, &st.data, st.from.is_some());
+            if let Some((generation, key)) = st.from {
+                if generation == self.conn_gen {
+                    acks.push(Self::line(|v| encode_ack(&key, ts, v)));
+                }
+            }
+        }
+        if let Some(c) = &mut self.conn {
+            c.outbox.extend(acks);
+        }
+    }
+
     fn frame(&mut self, text: &str) {
         let cmd = Command::parse(text.as_bytes()).expect("the client sends valid commands");
         let key = cmd.ack.expect("the client always uses ack keys").to_vec();
@@ -73,6 +116,10 @@ impl SimServer {
                 self.conn.as_mut().unwrap().subs.remove(&*p);
                 let last = self.last();
                 Self::line(|v| encode_ack(&key, last, v))
+            }
+            Op::Send { path, data } if self.group_commit => {
+                self.staged.push(Staged { path: path.into_owned(), data: data.to_vec(), from: Some((self.conn_gen, key)) });
+                return;
             }
             Op::Send { path, data } => {
                 let ts = self.publish(&path, data, true);
@@ -189,10 +236,14 @@ impl Sim {
         if !self.logs.is_empty() {
             choices.push(1);
         }
+        if !self.server.staged.is_empty() {
+            choices.push(2);
+        }
         if choices.is_empty() {
             return false;
         }
         match choices[self.rand(choices.len())] {
+            2 => self.server.commit(),
             0 => {
                 let frame = self.server.conn.as_mut().unwrap().outbox.pop_front().unwrap();
                 self.client.handle_frame(self.now, &frame);
@@ -213,6 +264,7 @@ impl Sim {
         match a {
             Action::Connect => {
                 self.server.conn = Some(SimConn::default());
+                self.server.conn_gen += 1;
                 self.client.handle_connected(self.now);
             }
             Action::Send(frame) => {
@@ -227,9 +279,7 @@ impl Sim {
 
     fn script(&mut self, step: &Step) {
         match step {
-            Step::Publish(p, d) => {
-                self.server.publish(p, d.as_bytes(), false);
-            }
+            Step::Publish(p, d) => self.server.publish_external(p, d.as_bytes()),
             Step::Send(p, d) => match self.client.send(self.now, p, d) {
                 Ok(id) => {
                     self.sends.insert(id, None);
@@ -584,4 +634,123 @@ fn a_log_page_that_never_comes_back_is_requested_again() {
     sim.client.handle_log_page(sim.now, lost.id, Ok(&body));
     sim.drain_events();
     assert_eq!(sim.delivered[&id].len(), 3);
+}
+
+/// The schedule of issue 18, at the lowest level: the client is live on `/r`, sends, and the
+/// server's group commit holds its send and another connection's later one. The server hands
+/// the batch's events to the connection first, then the acks, so the other sender's event
+/// (timestamp 2) arrives before the ack of our own (timestamp 1). Our event must still be
+/// delivered, in its place; before the fix it was taken for already delivered and dropped,
+/// and the page showed it as pending forever.
+#[test]
+fn own_send_acked_after_a_later_event_of_its_group_commit_is_delivered_in_place() {
+    let mut c = Client::new(Config::default(), 1);
+    c.start(0);
+    assert_eq!(c.poll_action(), Some(Action::Connect));
+    c.handle_connected(0);
+    let sub = c.subscribe(0, "/r", Start::Beginning).unwrap();
+    assert_eq!(c.poll_action(), Some(Action::Send("#1#+/r".into())));
+    c.handle_frame(1, "#1#@1700000000.000000000");
+    let Some(Action::FetchLog(req)) = c.poll_action() else { panic!("a log page is requested") };
+    c.handle_log_page(2, req.id, Ok(""));
+    assert!(c.is_live());
+    let mine = c.send(3, "/r", "mine").unwrap();
+    assert_eq!(c.poll_action(), Some(Action::Send("#2#:/r:mine".into())));
+    let _ = std::iter::from_fn(|| c.poll_event()).count();
+
+    c.handle_frame(4, "@1700000000.000000002:/r:theirs");
+    c.handle_frame(4, "#2#@1700000000.000000001");
+    let got: Vec<ClientEvent> = std::iter::from_fn(|| c.poll_event()).collect();
+    let ts = |n| Timestamp::new(1_700_000_000, n).unwrap();
+    let ev = |n, data: &str| ClientEvent::Event {
+        sub,
+        event: ivy_client_core::wire::Event { ts: ts(n), path: "/r".into(), data: data.as_bytes().to_vec().into() },
+    };
+    assert_eq!(got, [ev(1, "mine"), ev(2, "theirs"), ClientEvent::Sent { id: mine, result: Ok(ts(1)) }]);
+    assert_eq!(c.sub_last(sub), Some(ts(2)));
+}
+
+/// The same scenarios as above against a server with group commit: own sends share batches
+/// with external publishes, whose events reach the client before the sends' acks; with cuts
+/// anywhere, every subscription still delivers exactly its channel's log.
+#[test]
+fn group_commits_with_cuts_lose_and_repeat_nothing() {
+    let mut probe = Sim::new(7, config());
+    probe.server.group_commit = true;
+    probe.run(&scenario(), &[]);
+    let total = probe.micro + 20;
+    for seed in 1..40u64 {
+        let mut sim = Sim::new(seed, config());
+        sim.server.group_commit = true;
+        sim.run(&scenario(), &[]);
+        sim.check();
+        assert!(sim.sends.values().all(|r| matches!(r, Some(Ok(_)))));
+        for cut in (seed as usize % 3..total).step_by(3) {
+            let mut sim = Sim::new(seed, config());
+            sim.server.group_commit = true;
+            sim.run(&scenario(), &[cut]);
+            sim.check();
+        }
+    }
+}
+
+/// Live events held back while an own send waits for its ack stay bounded: beyond
+/// `max_buffered` the subscription forgets them and reads them from the log.
+#[test]
+fn held_back_live_events_stay_bounded_and_still_all_arrive() {
+    for seed in 1..60u64 {
+        let mut sim = Sim::new(seed, Config::default().page_limit(1).max_buffered(2));
+        sim.server.group_commit = true;
+        let mut script = vec![Step::Subscribe("/h", Start::Beginning), Step::Publish("/h", "history")];
+        for i in 0..6 {
+            script.push(Step::Send("/h/mine", if i % 2 == 0 { "own a" } else { "own b" }));
+            for _ in 0..5 {
+                script.push(Step::Publish("/h/live", "x"));
+            }
+        }
+        let cuts = if seed % 2 == 0 { vec![] } else { vec![(seed as usize * 11) % 120] };
+        sim.run(&script, &cuts);
+        sim.check();
+    }
+}
+
+/// Holding back for our sends is bounded by our acks: with two sends in flight, each ack
+/// releases what precedes it, so a client that always has a send out still delivers the others'
+/// events one ack later, never waiting for all of its sends to be answered.
+#[test]
+fn held_back_events_go_out_at_each_ack_up_to_its_timestamp() {
+    let mut c = Client::new(Config::default(), 1);
+    c.start(0);
+    let _ = c.poll_action();
+    c.handle_connected(0);
+    let sub = c.subscribe(0, "/r", Start::Beginning).unwrap();
+    let _ = c.poll_action();
+    c.handle_frame(1, "#1#@1700000000.000000000");
+    let Some(Action::FetchLog(req)) = c.poll_action() else { panic!("a log page is requested") };
+    c.handle_log_page(2, req.id, Ok(""));
+    assert!(c.is_live());
+    let a = c.send(3, "/r", "a").unwrap();
+    let b = c.send(3, "/r", "b").unwrap();
+    let _ = std::iter::from_fn(|| c.poll_action()).count();
+    let _ = std::iter::from_fn(|| c.poll_event()).count();
+    let ts = |n| Timestamp::new(1_700_000_000, n).unwrap();
+    let ev = |n, data: &str| ClientEvent::Event {
+        sub,
+        event: ivy_client_core::wire::Event { ts: ts(n), path: "/r".into(), data: data.as_bytes().to_vec().into() },
+    };
+    // Others' events while both sends are out: held (either send may come before them).
+    c.handle_frame(4, "@1700000000.000000003:/r:x3");
+    c.handle_frame(4, "@1700000000.000000005:/r:x5");
+    assert_eq!(c.poll_event(), None);
+    // The first ack releases what precedes it, our own event in its place.
+    c.handle_frame(5, "#2#@1700000000.000000004");
+    let got: Vec<ClientEvent> = std::iter::from_fn(|| c.poll_event()).collect();
+    assert_eq!(got, [ev(3, "x3"), ev(4, "a"), ClientEvent::Sent { id: a, result: Ok(ts(4)) }]);
+    // The second ack releases the rest.
+    c.handle_frame(6, "#3#@1700000000.000000006");
+    let got: Vec<ClientEvent> = std::iter::from_fn(|| c.poll_event()).collect();
+    assert_eq!(got, [ev(5, "x5"), ev(6, "b"), ClientEvent::Sent { id: b, result: Ok(ts(6)) }]);
+    // With nothing of ours out, live events go out at once again.
+    c.handle_frame(7, "@1700000000.000000007:/r:x7");
+    assert_eq!(c.poll_event(), Some(ev(7, "x7")));
 }

@@ -38,7 +38,11 @@
 //!   page, and merged with the live events that arrive meanwhile in one buffer ordered and
 //!   deduplicated by timestamp; an event is delivered only when everything before it is known;
 //! - the client's own sends (which the server does not echo) are inserted at their ack's
-//!   timestamp, so they appear in matching subscriptions in their place, once;
+//!   timestamp, so they appear in matching subscriptions in their place, once; while one is
+//!   unacknowledged, a live subscription of its channel holds back the live events it gets,
+//!   delivering at each of our acks those up to its timestamp (a server that acks a group
+//!   commit after handing out all its events would otherwise put another sender's later
+//!   event before our own, which would then be lost: issue 18);
 //! - if the server reports a position before the last delivered event (it lost events that
 //!   were delivered, for example after a crash in asynchronous durability mode),
 //!   [`ClientEvent::ContinuityLost`] says so and delivery resumes after the last event.
@@ -318,7 +322,11 @@ impl Client {
             return Err(ClientError::Closed);
         }
         let id = SubId(self.id());
-        self.subs.insert(id, Sub::new(path, start));
+        let mut sub = Sub::new(path, start);
+        for _ in 0..self.requests.sends_within(&sub.path) {
+            sub.own_sent();
+        }
+        self.subs.insert(id, sub);
         if self.state == ConnState::Connected {
             if let Some(s) = self.subs.get_mut(&id) {
                 s.subscribing();
@@ -542,7 +550,11 @@ impl Client {
             self.timers.set(Timer::Probe, now.saturating_add(self.cfg.probe_timeout));
         }
         // Requests without a reply in time.
-        self.requests.expire(now, &mut self.events);
+        let mut expired: alloc::vec::Vec<String> = alloc::vec::Vec::new();
+        self.requests.expire(now, &mut self.events, |path| expired.push(path));
+        for path in expired {
+            self.own_answered(now, &path, None);
+        }
         // Log pages with no answer in time, and failed ones whose retry time came.
         let (subs, mut cx, actions) = self.split(now);
         let mut lost_page = false;
@@ -557,8 +569,24 @@ impl Client {
     }
 
     fn transmit_send(&mut self, now: Millis, id: RequestId, path: String, data: alloc::vec::Vec<u8>) {
+        for s in self.subs.values_mut() {
+            if path::is_within(&path, &s.path) {
+                s.own_sent();
+            }
+        }
         let frame = self.requests.send(id, path, data, now.saturating_add(self.cfg.request_timeout));
         self.actions.push_back(Action::Send(frame));
+    }
+
+    /// One of our sends into `path` got its reply (`stored`: its event) or timed out: the
+    /// subscriptions it held back deliver what they may (see `Sub::own_sent`).
+    fn own_answered(&mut self, now: Millis, path: &str, stored: Option<Event<'static>>) {
+        let (subs, mut cx, actions) = self.split(now);
+        for (sid, s) in subs.iter_mut() {
+            if path::is_within(path, &s.path) {
+                actions.extend(s.own_answered(*sid, stored.clone(), &mut cx).map(Action::FetchLog));
+            }
+        }
     }
 
     fn on_reply(&mut self, now: Millis, key: &[u8], result: Result<Timestamp, ClientError>) {
@@ -570,10 +598,9 @@ impl Client {
             Answered::Control(Control::Probe | Control::Unsubscribe) => {}
             Answered::Time { id } => self.events.push_back(ClientEvent::Time { id, result }),
             Answered::Send { id, path, data } => {
-                if let Ok(ts) = result {
-                    // The server does not echo our own events: insert them in place.
-                    self.route(now, Event { ts, path: path.into(), data: data.into() });
-                }
+                // The server does not echo our own events: insert them in place.
+                let stored = result.as_ref().ok().map(|&ts| Event { ts, path: path.as_str().into(), data: data.into() });
+                self.own_answered(now, &path, stored.map(Event::into_owned));
                 self.events.push_back(ClientEvent::Sent { id, result });
             }
             Answered::Control(Control::Subscribe(sid)) => match result {

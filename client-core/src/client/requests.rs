@@ -148,13 +148,22 @@ impl Requests {
         self.timed.first().map(|t| t.deadline)
     }
 
-    /// Fails the requests whose deadline passed with [`ClientError::Timeout`].
-    pub(super) fn expire(&mut self, now: Millis, events: &mut VecDeque<ClientEvent>) {
+    /// Fails the requests whose deadline passed with [`ClientError::Timeout`]; `send_expired`
+    /// gets the path of each send among them.
+    pub(super) fn expire(&mut self, now: Millis, events: &mut VecDeque<ClientEvent>, mut send_expired: impl FnMut(String)) {
         while self.timed.first().is_some_and(|t| t.deadline <= now) {
-            if let Some(t) = self.timed.pop_first() {
+            if let Some(mut t) = self.timed.pop_first() {
+                if let Kind::Send { path, .. } = &mut t.kind {
+                    send_expired(core::mem::take(path));
+                }
                 events.push_back(t.outcome(Err(ClientError::Timeout)));
             }
         }
+    }
+
+    /// How many sends into `channel` (or below it) await their reply.
+    pub(super) fn sends_within(&self, channel: &str) -> usize {
+        self.timed.values().filter(|t| matches!(&t.kind, Kind::Send { path, .. } if crate::path::is_within(path, channel))).count()
     }
 
     /// Queues a send made while disconnected; false when `capacity` sends wait already.
@@ -230,9 +239,13 @@ mod tests {
         let _ = r.time(RequestId(2), 50); // a clock that went back: raised to 100
         let _ = r.time(RequestId(3), 200);
         assert_eq!(r.next_deadline(), Some(100));
-        r.expire(99, &mut events);
+        assert_eq!(r.sends_within("/"), 1);
+        let mut expired_sends = Vec::new();
+        r.expire(99, &mut events, |p| expired_sends.push(p));
         assert!(events.is_empty());
-        r.expire(100, &mut events);
+        r.expire(100, &mut events, |p| expired_sends.push(p));
+        assert_eq!(expired_sends, ["/a"]);
+        assert_eq!(r.sends_within("/"), 0);
         assert_eq!(
             drain(&mut events),
             [

@@ -84,11 +84,57 @@ pub(super) struct Sub {
     phase: Phase,
     /// Events waiting for delivery, by timestamp (deduplicates).
     buf: MergeBuf,
+    /// Our sends into this channel that await their reply (see [`Sub::own_sent`]).
+    own_unacked: u32,
+    /// While `own_unacked > 0`, live events up to here may be delivered: the newest of our
+    /// acks (our later sends get later timestamps).
+    released: Timestamp,
 }
 
 impl Sub {
     pub(super) fn new(path: String, start: Start) -> Sub {
-        Sub { path, start: Some(start), last: Timestamp::ZERO, phase: Phase::Offline, buf: MergeBuf::default() }
+        Sub {
+            path,
+            start: Some(start),
+            last: Timestamp::ZERO,
+            phase: Phase::Offline,
+            buf: MergeBuf::default(),
+            own_unacked: 0,
+            released: Timestamp::ZERO,
+        }
+    }
+
+    /// One of our sends into this channel went out (or was already out when the subscription
+    /// was made). Until its reply, live events are held back past the newest of our acks: its
+    /// timestamp is not known yet, and a server that acks a group commit only after handing
+    /// out all of its events (servers before the 5.7 rule of `docs/PROTOCOL.md`) sends another
+    /// sender's later event of the same commit first. Delivering that event at once would put
+    /// `last` past our own event, which would then be taken for one already delivered and
+    /// lost (issue 18: a chat page showed its own message as pending forever).
+    pub(super) fn own_sent(&mut self) {
+        if self.own_unacked == 0 {
+            self.released = self.last;
+        }
+        self.own_unacked = self.own_unacked.saturating_add(1);
+    }
+
+    /// The reply to one of our sends into this channel: its event when stored (`None`: it
+    /// failed or timed out). What it held back up to its timestamp is delivered, everything
+    /// once no send of ours is waiting.
+    #[must_use]
+    pub(super) fn own_answered(&mut self, sub: SubId, stored: Option<Event<'static>>, cx: &mut Ctx<'_>) -> Option<LogRequest> {
+        self.own_unacked = self.own_unacked.saturating_sub(1);
+        if let Some(ev) = stored {
+            self.released = self.released.max(ev.ts);
+            if let Some(request) = self.offer(sub, ev, cx) {
+                return Some(request);
+            }
+        }
+        self.advance(sub, cx)
+    }
+
+    fn holding(&self) -> bool {
+        self.own_unacked > 0
     }
 
     /// The last timestamp delivered (the resume cursor).
@@ -115,6 +161,8 @@ impl Sub {
     pub(super) fn disconnected(&mut self) {
         self.phase = Phase::Offline;
         self.buf.clear();
+        // The sends failed with the connection.
+        self.own_unacked = 0;
     }
 
     /// The subscription's ack: events after `position` arrive live, the others are in the log.
@@ -147,15 +195,24 @@ impl Sub {
             return None; // already delivered
         }
         let max = cx.cfg.max_buffered;
+        let deliverable = !self.holding() || ev.ts <= self.released;
         match &mut self.phase {
             Phase::Offline => None,
-            Phase::Live if self.buf.is_empty() => {
+            Phase::Live if self.buf.is_empty() && deliverable => {
                 self.last = ev.ts;
                 cx.events.push_back(ClientEvent::Event { sub, event: ev });
                 None
             }
             Phase::Live => {
                 self.buf.push_live(ev);
+                if self.buf.len() > max {
+                    // Held back too long (bounded memory): forget the held live events and
+                    // read them from the log, which has our sends too once they are stored.
+                    if let Some(newest) = self.buf.forget_live_after(self.last) {
+                        self.phase =
+                            Phase::Backfilling(Backfill { complete: self.last, target: newest, page: PageState::Idle, failures: 0 });
+                    }
+                }
                 self.advance(sub, cx)
             }
             // Bounded memory: everything live is also in the log, so past `max` forget the
@@ -262,6 +319,8 @@ impl Sub {
         }
         let upto = match &self.phase {
             Phase::Backfilling(b) => b.complete,
+            // Held back for a send of ours: up to the newest of our acks (see `own_sent`).
+            Phase::Live if self.holding() => self.released,
             Phase::Live => Timestamp::MAX,
             Phase::Offline | Phase::Subscribing { .. } => return None,
         };
