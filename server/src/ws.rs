@@ -187,24 +187,31 @@ async fn read_loop(
             let slot = match conn.try_reserve() {
                 Ok(slot) => slot,
                 Err(false) => break,
-                Err(true) => tokio::select! {
-                    biased;
-                    s = &mut stopped => {
-                        if s == Stop::Shutdown {
-                            ending.set(close_code::GOING_AWAY);
+                // The slow path, boxed: its futures (a reservation, a timer) would otherwise make
+                // every connection's task larger for a wait that idle connections never do.
+                Err(true) => {
+                    let wait = Box::pin(async {
+                        tokio::select! {
+                            biased;
+                            s = &mut stopped => {
+                                if s == Stop::Shutdown {
+                                    ending.set(close_code::GOING_AWAY);
+                                }
+                                None
+                            }
+                            slot = conn.reserve() => slot,
+                            () = stall(every) => {
+                                tracing::debug!(conn = %conn.id(), "replies unread for a whole ping interval: closing");
+                                ending.end(close_code::SLOW_CONSUMER);
+                                None
+                            }
                         }
-                        break;
-                    }
-                    slot = conn.reserve() => match slot {
+                    });
+                    match wait.await {
                         Some(slot) => slot,
                         None => break,
-                    },
-                    () = stall(every) => {
-                        tracing::debug!(conn = %conn.id(), "replies unread for a whole ping interval: closing");
-                        ending.end(close_code::SLOW_CONSUMER);
-                        break;
                     }
-                },
+                }
             };
             let now = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
             match frame {
@@ -242,12 +249,19 @@ async fn execute(shared: &Shared, conn: &Arc<Conn>, sends: &Arc<Semaphore>, fram
         Outcome::Send { ack, path, data } => {
             // The frame's bytes are shared, not copied: the request keeps a slice of them.
             let data = Bytes::from(frame.clone()).slice(data);
-            // Never closed, so this waits only for one of the connection's sends to complete.
-            let share = sends.clone().acquire_owned().await.ok();
+            // Waits (boxed, the rare case: see the reservation in `read_loop`) only when the
+            // connection has all its share of sends in the queue, or the queue is full.
+            let share = match sends.clone().try_acquire_owned() {
+                Ok(share) => Some(share),
+                // Never closed: this waits for one of the connection's sends to complete.
+                Err(_) => Box::pin(sends.clone().acquire_owned()).await.ok(),
+            };
             let done = Completion::reply(PendingReply::new(slot, ack, share));
             let mut request = Publish::new(path, data, done);
             request.sender = Some(conn.id());
-            shared.publisher.publish(request).await;
+            if let Err(request) = shared.publisher.try_publish(request) {
+                Box::pin(shared.publisher.publish(request)).await;
+            }
         }
     }
 }

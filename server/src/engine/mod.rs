@@ -316,6 +316,19 @@ impl Publisher {
         }
     }
 
+    /// Queues `request` if there is room now; gives it back when the queue is full.
+    pub(crate) fn try_publish(&self, request: Publish) -> Result<(), Publish> {
+        match self.0.try_send(Input::Publish(request)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(Input::Publish(r))) => Err(r),
+            Err(mpsc::error::TrySendError::Closed(Input::Publish(r))) => {
+                r.done.complete(Err(PublishError::ShuttingDown));
+                Ok(())
+            }
+            Err(_) => Ok(()),
+        }
+    }
+
     /// Marks the end of the queue: requests queued before this are still served.
     pub(crate) async fn stop(&self) {
         let _ = self.0.send(Input::Stop).await;
