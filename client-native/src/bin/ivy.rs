@@ -5,7 +5,7 @@
 //! connect to the server.
 
 use std::fmt;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -119,11 +119,40 @@ async fn main() -> ExitCode {
     }
 }
 
-fn line(e: &Event) -> Vec<u8> {
+/// An event as its wire line and a newline. For a terminal (`terminal`), control characters and
+/// the invisible or reordering Unicode formatting characters (bidi overrides and isolates,
+/// zero-width characters) are also written as `%XX` escapes of their bytes: a publisher must not
+/// be able to move a subscriber's cursor, recolour or rewrite their screen, or disguise text.
+/// (`%` itself is always escaped, as `%25`, so these escapes are unambiguous.) Pipes and files
+/// get the exact wire line.
+fn line(e: &Event, terminal: bool) -> Vec<u8> {
     let mut v = Vec::with_capacity(e.encoded_len() + 1);
     e.encode(&mut v);
+    if terminal {
+        v = for_terminal(&v);
+    }
     v.push(b'\n');
     v
+}
+
+/// See [`line`].
+fn for_terminal(line: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(line);
+    let mut out = Vec::with_capacity(line.len());
+    for c in text.chars() {
+        let dangerous =
+            c.is_control() || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}');
+        let mut buf = [0u8; 4];
+        let bytes = c.encode_utf8(&mut buf).as_bytes();
+        if dangerous {
+            for b in bytes {
+                out.extend_from_slice(format!("%{b:02X}").as_bytes());
+            }
+        } else {
+            out.extend_from_slice(bytes);
+        }
+    }
+    out
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
@@ -135,8 +164,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let query = LogQuery::from_parts(last, after, limit.map(u64::from)).map_err(Failure::Query)?;
             let events = client.log(&path, query).await?;
             let mut out = std::io::stdout().lock();
+            let terminal = out.is_terminal();
             for e in &events {
-                let _ = out.write_all(&line(e));
+                let _ = out.write_all(&line(e, terminal));
             }
             let _ = out.flush();
             client.close().await;
@@ -178,6 +208,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             });
             let mut printed = 0u64;
             let mut out = std::io::stdout();
+            let terminal = out.is_terminal();
             while count.is_none_or(|c| printed < c) {
                 let item = tokio::select! {
                     item = streams.next() => item,
@@ -186,7 +217,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 match item {
                     None => break,
                     Some(Ok(e)) => {
-                        if out.write_all(&line(&e)).and_then(|()| out.flush()).is_err() {
+                        if out.write_all(&line(&e, terminal)).and_then(|()| out.flush()).is_err() {
                             break; // stdout closed
                         }
                         printed += 1;
@@ -233,4 +264,17 @@ async fn send_lines(client: &Client, path: &str) -> Result<(), Failure> {
     }
     let _ = out.flush();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_terminal_gets_no_control_or_reordering_characters() {
+        let plain = "@1.000000000:/a:hello wörld 👋 50%25".as_bytes();
+        assert_eq!(for_terminal(plain), plain, "printable text is unchanged");
+        let hostile = "@1.000000000:/a:\u{1b}[2J\u{7}x\u{202E}gnp.exe\u{200B}\r\u{85}".as_bytes();
+        assert_eq!(String::from_utf8(for_terminal(hostile)).unwrap(), "@1.000000000:/a:%1B[2J%07x%E2%80%AEgnp.exe%E2%80%8B%0D%C2%85");
+    }
 }
