@@ -4,6 +4,7 @@
 //! The server parses queries with [`LogQuery::parse`] and the clients write them with
 //! [`LogQuery::to_query`], so the format has one definition (`docs/PROTOCOL.md`, section 9).
 
+use alloc::borrow::Cow;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -261,12 +262,35 @@ impl LogQuery {
     }
 
     /// The request target for a normalized channel `path`: `/log{path}` (`/log/` for the root)
-    /// followed by `?` and the query, if any. Append it to [`Endpoints::http`].
+    /// followed by `?` and the query, if any. Append it to [`Endpoints::http`]. A `.` or `..`
+    /// segment is written `%2e` or `%2e%2e`: HTTP clients (browsers, `fetch`, curl) remove
+    /// dot segments from a URL, which would read another channel's log.
     pub fn target(&self, path: &str) -> String {
         // The root `/` gives `/log/`.
         let query = self.to_query();
+        let path = escape_dot_segments(path);
         if query.is_empty() { format!("/log{path}") } else { format!("/log{path}?{query}") }
     }
+}
+
+/// `path` with its `.` and `..` segments percent-encoded (see [`LogQuery::target`]).
+pub fn escape_dot_segments(path: &str) -> Cow<'_, str> {
+    if !path.split('/').any(|s| s == "." || s == "..") {
+        return Cow::Borrowed(path);
+    }
+    let parts: Vec<&str> = path
+        .split('/')
+        .map(|s| {
+            if s == "." {
+                "%2e"
+            } else if s == ".." {
+                "%2e%2e"
+            } else {
+                s
+            }
+        })
+        .collect();
+    Cow::Owned(parts.join("/"))
 }
 
 /// Parses a log response body (event lines joined by `\n`).
@@ -378,6 +402,9 @@ mod tests {
         assert_eq!(LogQuery::Page { after: None, limit: None }.to_query(), "");
         assert_eq!(LogQuery::All.target("/"), "/log/");
         assert_eq!(LogQuery::All.target("/chat"), "/log/chat");
+        // Dot segments, which HTTP clients would remove, are escaped.
+        assert_eq!(LogQuery::All.target("/a/.."), "/log/a/%2e%2e");
+        assert_eq!(LogQuery::All.target("/./a/..b/.c"), "/log/%2e/a/..b/.c");
         assert_eq!(LogQuery::Last(nz(3)).target("/chat/room1"), "/log/chat/room1?n=3");
         assert_eq!(LogQuery::Page { after: Some(t), limit: Some(nz(2)) }.target("/"), "/log/?after=1700000000.000000005&limit=2");
     }

@@ -111,6 +111,15 @@ pub(crate) async fn handler(
     // A HEAD request gets the headers of the GET, and no body is read for it.
     let head = method == Method::HEAD;
     let raw = uri.path().strip_prefix("/log").unwrap_or("");
+    // `%2e` is the only escape in a log path: a `.` written so that HTTP clients keep the
+    // channel's `.` and `..` segments (they remove dot segments).
+    let unescaped;
+    let raw = if raw.contains('%') {
+        unescaped = raw.replace("%2e", ".").replace("%2E", ".");
+        unescaped.as_str()
+    } else {
+        raw
+    };
     let path = match normalize_with_limit(raw.as_bytes(), shared.config.max_path_length)
         .and_then(|p| check_depth(&p, shared.config.max_path_depth).map(|()| p))
     {

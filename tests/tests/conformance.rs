@@ -221,6 +221,9 @@ async fn path_forms_are_normalized() {
     ab.expect_silence(QUIET).await;
     assert_eq!(log_text(server.addr, "/log/a//b").await, format!("@{t1}:/a//b:1"));
     assert_eq!(log_text(server.addr, "/log/a/..").await, format!("@{t2}:/a/../b:2"));
+    // As HTTP clients that remove dot segments must write it.
+    assert_eq!(log_text(server.addr, "/log/a/%2e%2e").await, format!("@{t2}:/a/../b:2"));
+    assert_eq!(log_text(server.addr, "/log/a/%2E%2e/b").await, format!("@{t2}:/a/../b:2"));
     server.stop().await;
 }
 
