@@ -37,6 +37,11 @@ pub struct Cli {
     #[arg(long, env = "IVY_MEMORY")]
     pub memory: bool,
 
+    /// Start on a sled store that lost acknowledged events (damaged or truncated: the server
+    /// refuses it otherwise, saying what is lost), keeping what is intact.
+    #[arg(long, env = "IVY_REPAIR")]
+    pub repair: bool,
+
     /// When events are acknowledged: `sync` (after fsync, the default) or `async`.
     #[arg(long, env = "IVY_DURABILITY", value_enum, default_value_t = Durability::Sync)]
     pub durability: Durability,
@@ -188,6 +193,7 @@ impl Cli {
             .durability(self.durability)
             .flush_interval(Duration::from_millis(self.flush_interval_ms))
             .wall_clock(wall)
+            .repair(self.repair)
     }
 
     /// The engine the flags ask for, with timestamps from `wall`.

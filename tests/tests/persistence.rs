@@ -137,3 +137,98 @@ async fn one_store_one_instance_and_a_reopen_waits_for_the_lock() {
     let again = Ivy::builder(config(dir.path()).config).engine(SledEngine::new(dir.path())).open().expect("reopen right after a shutdown");
     again.shutdown().await;
 }
+
+/// A store that lost its newest events (an old backup restored over it, a bad copy, a damaged
+/// log that sled recovered by cutting it) is refused, saying what is lost, until `--repair`
+/// accepts it as it is; then it starts again normally, and never hands out a lost event's
+/// timestamp again (with a wall clock that stands still, the next timestamp would otherwise
+/// follow the newest surviving event).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_lost_acknowledged_events_is_refused_until_repaired() {
+    let dir = temp_dir();
+    let old = temp_dir();
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_ivy-test-server"));
+    let frozen = [("IVY_TEST_FROZEN_CLOCK", "4102444800")];
+    let start = |extra: &'static [&'static str]| ServerProcess::start_bin(bin, dir.path(), extra, &frozen);
+    let publish = |n: usize| async move {
+        let server = start(&[]).await;
+        let mut c = Client::connect(&server.ws_url()).await;
+        let mut last = String::new();
+        for i in 0..n {
+            last = c.publish(&format!("/t/{}", i % 7), "data").await;
+        }
+        assert!(server.terminate().await.success());
+        last
+    };
+    let kept_last = publish(300).await;
+    // The copy holds sled's files as they were (the mark inside the data directory is not
+    // part of what gets lost).
+    for f in ["conf", "db"] {
+        std::fs::copy(dir.path().join(f), old.path().join(f)).unwrap();
+    }
+    let last = publish(300).await;
+    for f in ["conf", "db"] {
+        std::fs::copy(old.path().join(f), dir.path().join(f)).unwrap();
+    }
+    let _ = std::fs::remove_dir_all(dir.path().join("blobs"));
+
+    let out = tokio::process::Command::new(bin)
+        .args(["--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .envs(frozen)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "a store that lost events is refused");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("it holds events up to {kept_last}, but events up to {last} were stored and acknowledged")), "{err}");
+    assert!(err.contains("--repair"), "{err}");
+
+    // --repair keeps what is intact and says what was lost.
+    let server = start(&["--repair"]).await;
+    assert_eq!(log_text(server.addr, "/log/").await.lines().count(), 300);
+    let mut c = Client::connect(&server.ws_url()).await;
+    let after = c.publish("/t/0", "after the repair").await;
+    assert!(after > last, "timestamps do not go back: {after} after {last}");
+    assert!(server.terminate().await.success());
+    // Accepted: later starts need no flag.
+    let server = start(&[]).await;
+    assert_eq!(log_text(server.addr, "/log/").await.lines().count(), 301);
+    assert!(server.terminate().await.success());
+}
+
+/// A store cut in the middle of a segment can make sled itself panic while opening it: the
+/// server reports a damaged store and exits with an error, it does not crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_sled_cannot_open_is_reported_not_a_crash() {
+    let dir = temp_dir();
+    let server = ServerProcess::start_sled(dir.path(), &[]).await;
+    let mut c = Client::connect(&server.ws_url()).await;
+    for i in 0..3000 {
+        c.send(&format!(":/u/{}:{}", i % 5, "u".repeat(150))).await;
+    }
+    c.publish("/u", "last").await;
+    assert!(server.terminate().await.success());
+    let db = dir.path().join("db");
+    let len = std::fs::metadata(&db).unwrap().len();
+    // Cuts at a few offsets inside segments: whatever sled makes of them, the outcome is a
+    // refusal with a reason, never a panic's exit code.
+    for cut in [len / 2 + 777, len / 3 + 4321, len / 4 + 99] {
+        let copy = temp_dir();
+        for f in ["conf", "db", "ivy-acked"] {
+            std::fs::copy(dir.path().join(f), copy.path().join(f)).unwrap();
+        }
+        std::fs::OpenOptions::new().write(true).open(copy.path().join("db")).unwrap().set_len(cut).unwrap();
+        let out = tokio::process::Command::new(ivy_tests::server_bin())
+            .args(["--listen", "127.0.0.1:0", "--data"])
+            .arg(copy.path())
+            .env("RUST_LOG", "off")
+            .output()
+            .await
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "a refusal, not a crash: {err}");
+        assert!(err.contains("is damaged") || err.contains("has lost acknowledged events"), "{err}");
+    }
+}

@@ -77,6 +77,9 @@ pub struct SledEngine {
     pub flush_interval: Duration,
     /// The wall clock timestamps follow. Default: the system clock.
     pub wall: WallClock,
+    /// Open a store that lost acknowledged events (damaged or truncated) as it is, instead of
+    /// refusing it: the loss is logged and the store's acknowledged mark reset. Default false.
+    pub repair: bool,
 }
 
 impl Default for SledEngine {
@@ -88,7 +91,13 @@ impl Default for SledEngine {
 impl SledEngine {
     /// The store in `data`, with the defaults.
     pub fn new(data: impl Into<PathBuf>) -> SledEngine {
-        SledEngine { data: data.into(), durability: Durability::Sync, flush_interval: DEFAULT_FLUSH_INTERVAL, wall: WallClock::system() }
+        SledEngine {
+            data: data.into(),
+            durability: Durability::Sync,
+            flush_interval: DEFAULT_FLUSH_INTERVAL,
+            wall: WallClock::system(),
+            repair: false,
+        }
     }
 
     /// When events are acknowledged.
@@ -108,12 +117,18 @@ impl SledEngine {
         self.wall = wall;
         self
     }
+
+    /// Accept a store that lost acknowledged events (see [`SledEngine::repair`]).
+    pub fn repair(mut self, repair: bool) -> SledEngine {
+        self.repair = repair;
+        self
+    }
 }
 
 impl Open for SledEngine {
     fn open(self: Box<Self>, context: Context) -> io::Result<Arc<dyn Engine>> {
         std::fs::create_dir_all(&self.data)?;
-        let log = SledLog::open(&self.data, self.durability, self.flush_interval)?;
+        let log = SledLog::open_checked(&self.data, self.durability, self.flush_interval, self.repair)?;
         tracing::info!(data = %self.data.display(), durability = ?self.durability, "sled store open");
         LocalEngine::open(Arc::new(log), self.wall, context)
     }
@@ -124,10 +139,75 @@ impl Open for SledEngine {
 }
 
 /// The sled-backed [`Storage`].
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct SledLog {
     db: sled::Db,
     durability: Durability,
+    mark: Mark,
+}
+
+/// The acknowledged mark: the file [`MARK_FILE`] beside sled's own files, holding the newest
+/// timestamp known to be durable in the store (written at most once a second in `sync` mode,
+/// at each durable clock floor in `async` mode, and at shutdown). It can lag the store, never
+/// lead it, so a store that opens with an older newest event than the mark lost events: it
+/// was damaged or truncated (sled recovers a damaged log by cutting it at the damage, which
+/// would otherwise go unnoticed and become permanent with the next writes).
+#[derive(Debug)]
+struct Mark {
+    path: PathBuf,
+    state: std::sync::Mutex<MarkState>,
+}
+
+#[derive(Debug, Default)]
+struct MarkState {
+    /// The newest event appended.
+    appended: Option<Timestamp>,
+    /// The mark on disk.
+    written: Option<Timestamp>,
+    /// When it was last written.
+    at: Option<std::time::Instant>,
+}
+
+/// The acknowledged mark's file name.
+pub const MARK_FILE: &str = "ivy-acked";
+
+impl Mark {
+    fn read(path: &Path) -> io::Result<Option<Timestamp>> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => text
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: unreadable mark ({e})", path.display()))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records that everything appended so far is durable (`always`: now; otherwise at most
+    /// once a second).
+    fn durable(&self, always: bool) {
+        let mut st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(ts) = st.appended.filter(|&a| Some(a) > st.written) else { return };
+        if !always && st.at.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(1)) {
+            return;
+        }
+        st.at = Some(std::time::Instant::now());
+        match Mark::write(&self.path, ts) {
+            Ok(()) => st.written = Some(ts),
+            // The mark only detects damage later; failing to write it loses nothing now.
+            Err(e) => tracing::warn!(error = %e, file = %self.path.display(), "writing the acknowledged mark failed"),
+        }
+    }
+
+    fn write(path: &Path, ts: Timestamp) -> io::Result<()> {
+        use std::io::Write;
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        writeln!(f, "{ts}")?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    }
 }
 
 const LAYOUT_VERSION: &[u8] = b"2";
@@ -321,7 +401,64 @@ fn migrate_v1(db: &sled::Db, dir: &Path) -> io::Result<()> {
 impl SledLog {
     /// Opens (or creates) the store in `dir`. With [`Durability::Async`], sled flushes in the
     /// background every `flush_interval`.
+    #[cfg(test)]
     pub(crate) fn open(dir: &Path, durability: Durability, flush_interval: Duration) -> io::Result<SledLog> {
+        SledLog::open_checked(dir, durability, flush_interval, false)
+    }
+
+    /// [`SledLog::open`], then the check against the acknowledged mark ([`Mark`]): a store
+    /// that lost acknowledged events is refused, unless `repair` accepts it as it is (the loss
+    /// is logged, and the mark set to what the store holds).
+    pub(crate) fn open_checked(dir: &Path, durability: Durability, flush_interval: Duration, repair: bool) -> io::Result<SledLog> {
+        // sled can panic on a damaged store (for example "tried to serialize Uninitialized" on a
+        // log cut in the middle of a segment): that is a damaged store, not a crash.
+        let opened = std::panic::catch_unwind(|| {
+            let log = SledLog::open_unchecked(dir, durability, flush_interval)?;
+            let last = log.last_timestamp()?;
+            Ok::<_, io::Error>((log, last))
+        });
+        let (mut log, last) = match opened {
+            Ok(result) => result?,
+            Err(panic) => {
+                let why = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "the event store in {} is damaged: sled cannot open it ({}); restore it from a backup, or move it aside to start with an empty store",
+                        dir.display(),
+                        why.unwrap_or_else(|| "no reason given".into())
+                    ),
+                ));
+            }
+        };
+        let path = dir.join(MARK_FILE);
+        let mark = Mark::read(&path)?;
+        if let Some(mark) = mark.filter(|&m| Some(m) > last) {
+            let held = last.map_or("no events".to_string(), |l| format!("events up to {l}"));
+            let what = format!(
+                "the event store in {} has lost acknowledged events: it holds {held}, but events up to {mark} were stored and acknowledged, so the events after {} up to {mark} are gone (the store was damaged or truncated)",
+                dir.display(),
+                last.map_or("the beginning".to_string(), |l| l.to_string()),
+            );
+            if !repair {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{what}; nothing was changed. To accept the store as it is, keeping what is intact, start once with --repair"),
+                ));
+            }
+            tracing::warn!("{what}; --repair: accepting the store as it is");
+            // The lost events' timestamps were handed out: never again (the clock floor, which
+            // may itself be lost, resumes after the mark).
+            let floor = log.clock_floor()?.map_or(mark, |f| f.max(mark));
+            log.set_clock_floor(floor)?;
+            Mark::write(&path, last.unwrap_or(Timestamp::ZERO))?;
+        }
+        let written = mark.min(last).or(last);
+        log.mark.state.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner).written = written;
+        Ok(log)
+    }
+
+    fn open_unchecked(dir: &Path, durability: Durability, flush_interval: Duration) -> io::Result<SledLog> {
         let flush_every = match durability {
             Durability::Sync => Some(1000),
             Durability::Async => Some(u64::try_from(flush_interval.as_millis()).unwrap_or(u64::MAX).max(1)),
@@ -353,7 +490,8 @@ impl SledLog {
                 ));
             }
         }
-        Ok(SledLog { db, durability })
+        let mark = Mark { path: dir.join(MARK_FILE), state: std::sync::Mutex::default() };
+        Ok(SledLog { db, durability, mark })
     }
 }
 
@@ -365,12 +503,20 @@ impl Storage for SledLog {
             blocks.add(&mut batch, r.ts, r.path, r.line);
         }
         blocks.finish(&mut batch);
-        self.db.apply_batch(batch).map_err(to_io)
+        self.db.apply_batch(batch).map_err(to_io)?;
+        if let Some(r) = records.last() {
+            self.mark.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).appended = Some(r.ts);
+        }
+        Ok(())
     }
 
     fn commit(&self) -> io::Result<()> {
         match self.durability {
-            Durability::Sync => self.flush(),
+            Durability::Sync => {
+                self.db.flush().map_err(to_io)?;
+                self.mark.durable(false);
+                Ok(())
+            }
             Durability::Async => Ok(()),
         }
     }
@@ -380,7 +526,9 @@ impl Storage for SledLog {
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.db.flush().map(|_| ()).map_err(to_io)
+        self.db.flush().map_err(to_io)?;
+        self.mark.durable(true);
+        Ok(())
     }
 
     fn last_timestamp(&self) -> io::Result<Option<Timestamp>> {
