@@ -92,11 +92,14 @@ pub enum ErrorCode {
     Storage,
     /// The server is shutting down and accepts no more events.
     ShuttingDown,
+    /// The store is full (its size limit, or the free-space reserve of its disk): the event was
+    /// not stored.
+    StoreFull,
 }
 
 impl ErrorCode {
     /// All codes.
-    pub const ALL: [ErrorCode; 8] = [
+    pub const ALL: [ErrorCode; 9] = [
         ErrorCode::Malformed,
         ErrorCode::BadPath,
         ErrorCode::PathTooLong,
@@ -105,6 +108,7 @@ impl ErrorCode {
         ErrorCode::RateLimited,
         ErrorCode::Storage,
         ErrorCode::ShuttingDown,
+        ErrorCode::StoreFull,
     ];
 
     /// The code as written on the wire.
@@ -118,6 +122,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate-limited",
             ErrorCode::Storage => "storage",
             ErrorCode::ShuttingDown => "shutting-down",
+            ErrorCode::StoreFull => "store-full",
         }
     }
 

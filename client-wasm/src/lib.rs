@@ -83,7 +83,7 @@ export interface SubscribeOptions {
  * "continuity-lost" (onError: the server lost events this subscription delivered; it goes
  * on), "http" (a log read failed; `status` says how the server answered), "busy" (the
  * client was called in the middle of an update), or the server's code when it refused a
- * command ("too-many-subscriptions", "rate-limited", "storage", "shutting-down", ...). */
+ * command ("too-many-subscriptions", "rate-limited", "storage", "store-full", "shutting-down", ...). */
 export type IvyErrorCode = "connection-lost" | "timeout" | "not-connected" | "closed" | "invalid-path"
   | "invalid-argument" | "continuity-lost" | "http" | "busy" | (string & {});
 /** Every rejected promise and every `onError` notice is an `IvyError`. */

@@ -42,6 +42,16 @@ pub struct Cli {
     #[arg(long, env = "IVY_REPAIR")]
     pub repair: bool,
 
+    /// Largest size of the sled store on disk, in bytes; beyond it sends are refused with
+    /// `store-full`. 0: no limit.
+    #[arg(long, env = "IVY_MAX_STORE_SIZE", default_value_t = 0)]
+    pub max_store_size: u64,
+
+    /// Free space kept on the store's file system, in bytes: below it sends are refused with
+    /// `store-full`, before the disk is full. 0: none.
+    #[arg(long, env = "IVY_MIN_FREE_SPACE", default_value_t = sled_engine::DEFAULT_MIN_FREE_SPACE)]
+    pub min_free_space: u64,
+
     /// When events are acknowledged: `sync` (after fsync, the default) or `async`.
     #[arg(long, env = "IVY_DURABILITY", value_enum, default_value_t = Durability::Sync)]
     pub durability: Durability,
@@ -128,6 +138,15 @@ pub struct Cli {
     #[arg(long, env = "IVY_RATE_BURST", default_value_t = config::DEFAULT_RATE_BURST)]
     pub rate_burst: u32,
 
+    /// Bytes one connection's sends may store per second, on average, counting an event once
+    /// per level of its path; excess sends get `!rate-limited`. 0: no limit.
+    #[arg(long, env = "IVY_BYTE_RATE", default_value_t = config::DEFAULT_BYTE_RATE)]
+    pub byte_rate: u64,
+
+    /// Bytes one connection may store in a burst above the byte rate.
+    #[arg(long, env = "IVY_BYTE_BURST", default_value_t = config::DEFAULT_BYTE_BURST)]
+    pub byte_burst: u64,
+
     /// Seconds between the server's pings on each WebSocket (fractions allowed); a connection
     /// from which nothing, not even a pong, arrives for a whole interval after a ping is
     /// closed with 4001. 0: no pings.
@@ -181,6 +200,8 @@ impl Cli {
             write_timeout: self.write_timeout.0,
             rate_limit: self.rate_limit,
             rate_burst: self.rate_burst,
+            byte_rate: self.byte_rate,
+            byte_burst: self.byte_burst,
             ping_interval: self.ping_interval.0,
             header_timeout: self.header_timeout.0,
             static_dir: self.static_dir.clone(),
@@ -194,6 +215,8 @@ impl Cli {
             .flush_interval(Duration::from_millis(self.flush_interval_ms))
             .wall_clock(wall)
             .repair(self.repair)
+            .max_size(self.max_store_size)
+            .min_free_space(self.min_free_space)
     }
 
     /// The engine the flags ask for, with timestamps from `wall`.
@@ -284,6 +307,7 @@ mod tests {
         let sled = cli.sled(WallClock::system());
         let lib = SledEngine::default();
         assert_eq!((&sled.data, sled.durability, sled.flush_interval), (&lib.data, lib.durability, lib.flush_interval));
+        assert_eq!((sled.max_size, sled.min_free_space, sled.repair), (lib.max_size, lib.min_free_space, lib.repair));
         assert_eq!(cli.listen, DEFAULT_LISTEN.parse::<SocketAddr>().unwrap());
         assert!(!cli.memory);
     }

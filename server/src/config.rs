@@ -39,6 +39,11 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 1024;
 pub const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default of [`Config::write_timeout`].
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default of [`Config::byte_rate`]: bytes stored per second per connection, counting an
+/// event once per level of its path (16 MiB).
+pub const DEFAULT_BYTE_RATE: u64 = 16 << 20;
+/// Default of [`Config::byte_burst`] (32 MiB).
+pub const DEFAULT_BYTE_BURST: u64 = 32 << 20;
 /// Default of [`Config::ping_interval`].
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
 /// Default of [`Config::header_timeout`].
@@ -110,6 +115,13 @@ pub struct Config {
     /// Commands one connection may send in a burst above the rate (minimum 1). Default
     /// [`DEFAULT_RATE_BURST`].
     pub rate_burst: u32,
+    /// Bytes one connection's sends may store per second, on average, counting an event's line
+    /// once per level of its path (its copies in the logs of its ancestors); excess sends get
+    /// `!rate-limited`. 0: no limit. Default [`DEFAULT_BYTE_RATE`].
+    pub byte_rate: u64,
+    /// Bytes one connection may store in a burst above the byte rate. Default
+    /// [`DEFAULT_BYTE_BURST`].
+    pub byte_burst: u64,
     /// Time between the server's pings on each WebSocket; a connection silent for a whole
     /// interval after a ping is closed with 4001. Zero: no pings. Default
     /// [`DEFAULT_PING_INTERVAL`].
@@ -143,6 +155,8 @@ impl Default for Config {
             write_timeout: DEFAULT_WRITE_TIMEOUT,
             rate_limit: DEFAULT_RATE_LIMIT,
             rate_burst: DEFAULT_RATE_BURST,
+            byte_rate: DEFAULT_BYTE_RATE,
+            byte_burst: DEFAULT_BYTE_BURST,
             ping_interval: DEFAULT_PING_INTERVAL,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             static_dir: None,
@@ -199,6 +213,10 @@ setters! {
     rate_limit: u32;
     /// Sets [`Config::rate_burst`].
     rate_burst: u32;
+    /// Sets [`Config::byte_rate`].
+    byte_rate: u64;
+    /// Sets [`Config::byte_burst`].
+    byte_burst: u64;
     /// Sets [`Config::ping_interval`].
     ping_interval: Duration;
     /// Sets [`Config::header_timeout`].

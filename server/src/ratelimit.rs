@@ -44,9 +44,57 @@ impl RateLimiter {
     }
 }
 
+/// A budget of bytes per second (the same schedule, each byte a fraction of a token): a
+/// command may run while the budget is not overdrawn by more than `burst` bytes, and then
+/// spends its bytes, so one large command can overdraw it and the next ones wait.
+#[derive(Debug, Clone)]
+pub struct ByteLimiter {
+    rate: u64,
+    /// How far (in nanoseconds) the schedule may run ahead of the clock: `burst` bytes' worth.
+    tolerance: u64,
+    tat: u64,
+}
+
+impl ByteLimiter {
+    /// `rate` bytes per second with bursts of `burst` bytes; `None` for `rate == 0` (no limit).
+    pub fn new(rate: u64, burst: u64) -> Option<ByteLimiter> {
+        (rate > 0).then(|| ByteLimiter { rate, tolerance: ByteLimiter::nanos(rate, burst), tat: 0 })
+    }
+
+    fn nanos(rate: u64, bytes: u64) -> u64 {
+        u64::try_from(u128::from(bytes) * u128::from(NANOS_PER_SEC) / u128::from(rate)).unwrap_or(u64::MAX)
+    }
+
+    /// Whether `bytes` arriving at `now` (nanoseconds, never decreasing) fit; if so they are
+    /// spent. Refused ones cost nothing.
+    pub fn check(&mut self, now: u64, bytes: u64) -> bool {
+        let tat = self.tat.max(now);
+        if tat - now > self.tolerance {
+            return false;
+        }
+        self.tat = tat.saturating_add(ByteLimiter::nanos(self.rate, bytes));
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bytes_are_spent_and_refill_at_the_rate() {
+        // 1,000 bytes per second, bursts of 2,000.
+        let mut b = ByteLimiter::new(1000, 2000).unwrap();
+        let t0 = NANOS_PER_SEC;
+        assert!(b.check(t0, 1500), "within the burst");
+        assert!(b.check(t0, 1500), "the budget is not overdrawn beyond the burst yet: spent");
+        assert!(!b.check(t0, 1), "now it is: refused, and free");
+        assert!(!b.check(t0 + 900 * MS, 1));
+        assert!(b.check(t0 + 1000 * MS, 10), "a second later, back within the burst");
+        assert!(ByteLimiter::new(0, 10).is_none());
+        let mut big = ByteLimiter::new(u64::MAX, u64::MAX).unwrap();
+        assert!((0..1000).all(|_| big.check(u64::MAX, u64::MAX)));
+    }
 
     const MS: u64 = 1_000_000;
 

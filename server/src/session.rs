@@ -23,7 +23,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::Config;
 use crate::conn::ReplySlot;
 use crate::engine::PublishError;
-use crate::ratelimit::RateLimiter;
+use crate::ratelimit::{ByteLimiter, RateLimiter};
 
 /// Longest ack key accepted, in bytes. A reply repeats its command's key, and a connection
 /// can have `--queue-length` replies pending: long keys would multiply its memory (64 KiB
@@ -73,6 +73,7 @@ pub(crate) enum Outcome<'a> {
 pub(crate) struct Refusals {
     rate_limited_message: Box<str>,
     rate_limited_keyless: Utf8Bytes,
+    bytes_limited_message: Box<str>,
 }
 
 impl Refusals {
@@ -87,6 +88,11 @@ impl Refusals {
         Refusals {
             rate_limited_keyless: String::from_utf8_lossy(&line).into_owned().into(),
             rate_limited_message: message.into_boxed_str(),
+            bytes_limited_message: format!(
+                "too many bytes: the limit is {} bytes stored per second (bursts of {}), an event counting once per level of its path; this send was not executed",
+                config.byte_rate, config.byte_burst
+            )
+            .into_boxed_str(),
         }
     }
 
@@ -106,6 +112,7 @@ pub(crate) struct Session {
     max_path_length: usize,
     max_path_depth: usize,
     limiter: Option<RateLimiter>,
+    bytes: Option<ByteLimiter>,
 }
 
 impl Session {
@@ -117,6 +124,7 @@ impl Session {
             max_path_length: config.max_path_length,
             max_path_depth: config.max_path_depth,
             limiter: RateLimiter::new(config.rate_limit, config.rate_burst),
+            bytes: ByteLimiter::new(config.byte_rate, config.byte_burst),
         }
     }
 
@@ -124,6 +132,14 @@ impl Session {
     /// decreasing) is within the rate limit; a refused one costs nothing.
     fn allowed(&mut self, now: u64) -> bool {
         self.limiter.as_mut().is_none_or(|l| l.check(now))
+    }
+
+    /// Whether storing `len` data bytes on `path` fits the byte budget at `now` (spent if so).
+    fn bytes_allowed(&mut self, now: u64, path: &str, len: usize) -> bool {
+        let Some(b) = self.bytes.as_mut() else { return true };
+        // What the store keeps: the line (data, path, about 32 bytes more) once per level.
+        let levels = path::depth(path) as u64 + 1;
+        b.check(now, levels.saturating_mul(len as u64 + path.len() as u64 + 32))
     }
 
     /// A text frame arrived at `now`.
@@ -163,6 +179,9 @@ impl Session {
             }
             Op::Timestamp => Outcome::Time { ack },
             Op::Send { path, data } => match offset_in(frame, data) {
+                Some(_) if !self.bytes_allowed(now, &path, data.len()) => {
+                    Outcome::Reply(error_line(ack, ErrorCode::RateLimited, &refusals.bytes_limited_message))
+                }
                 Some(start) => Outcome::Send { ack, path, data: start..start + data.len() },
                 // The parser returns a slice of the frame; anything else is a bug, refused
                 // rather than trusted.
@@ -221,6 +240,7 @@ fn publish_error_code(e: &PublishError) -> ErrorCode {
         PublishError::Storage(_) => ErrorCode::Storage,
         PublishError::InvalidPath(_) => ErrorCode::BadPath,
         PublishError::ShuttingDown => ErrorCode::ShuttingDown,
+        PublishError::StoreFull(_) => ErrorCode::StoreFull,
     }
 }
 
@@ -358,6 +378,20 @@ mod tests {
             "!malformed ack key longer than 64 bytes; the command was not executed"
         );
         assert_eq!(s.subscriptions().count(), 0);
+    }
+
+    #[test]
+    fn the_byte_rate_counts_stored_bytes_and_refuses_with_the_key() {
+        let config = Config::default().byte_rate(1000).byte_burst(1000);
+        let (mut s, r) = session(&config);
+        let data = "x".repeat(400);
+        // 400 + 2 + 32 bytes, twice (root and /a): within the burst, then overdrawn.
+        assert!(matches!(s.on_text(0, format!(":/a:{data}").as_bytes(), &r), Outcome::Send { .. }));
+        assert!(matches!(s.on_text(0, format!(":/a:{data}").as_bytes(), &r), Outcome::Send { .. }));
+        let refused = reply(s.on_text(0, format!("#k#:/a:{data}").as_bytes(), &r));
+        assert!(refused.starts_with("#k#!rate-limited too many bytes: the limit is 1000 bytes stored per second"), "{refused}");
+        assert!(matches!(s.on_text(0, b"+/a", &r), Outcome::Subscribe { .. }), "other commands are not affected");
+        assert!(matches!(s.on_text(2_000_000_000, format!(":/a:{data}").as_bytes(), &r), Outcome::Send { .. }), "refilled");
     }
 
     #[test]

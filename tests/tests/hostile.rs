@@ -708,3 +708,37 @@ async fn websockets_count_against_the_per_address_limit() {
     }
     server.stop().await;
 }
+
+/// Quotas on the store: with `--max-store-size`, sends are refused with `store-full` once the
+/// store reaches it (what was stored stays readable, nothing refused is stored); with a
+/// free-space reserve larger than the disk's free space, at once. The refusal names the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_store_refuses_sends_with_store_full_and_stays_readable() {
+    let dir = temp_dir();
+    let server = ServerProcess::start_sled(dir.path(), &["--max-store-size", "3000000"]).await;
+    let mut c = Client::connect(&server.ws_url()).await;
+    let data = "f".repeat(60_000);
+    let mut stored = 0;
+    let refusal = loop {
+        let reply = c.request(&format!("#{stored}#:/full:{data}")).await;
+        if reply.starts_with(&format!("#{stored}#@")) {
+            stored += 1;
+            // 3 MB: 25 events of 60 KB, stored twice each (the root's log and /full's).
+            assert!(stored <= 25, "the limit was overshot: {stored} events stored");
+            continue;
+        }
+        break reply;
+    };
+    assert!(refusal.starts_with(&format!("#{stored}#!store-full event not stored: the store is full: ")), "{refusal}");
+    assert!(refusal.ends_with("bytes on disk, the limit is 3000000"), "{refusal}");
+    assert_eq!(ivy_tests::log_text(server.addr, "/log/full").await.lines().count(), stored);
+    assert!(c.request("#t#@").await.starts_with("#t#@"), "the connection stays usable");
+    server.kill().await;
+
+    let server = ServerProcess::start_sled(dir.path(), &["--min-free-space", "1000000000000000000"]).await;
+    let mut c = Client::connect(&server.ws_url()).await;
+    let reply = c.request("#r#:/full:x").await;
+    assert!(reply.starts_with("#r#!store-full event not stored: the disk is nearly full: "), "{reply}");
+    assert!(reply.ends_with("bytes free, the server keeps 1000000000000000000"), "{reply}");
+    server.kill().await;
+}

@@ -93,6 +93,12 @@ pub(crate) trait Storage: Send + Sync + 'static {
     fn set_clock_floor(&self, ts: Timestamp) -> io::Result<()>;
     /// The last recorded clock floor, if any.
     fn clock_floor(&self) -> io::Result<Option<Timestamp>>;
+    /// Whether the store takes more events: `Err` with the reason when it is full (a size
+    /// limit or its disk's free-space reserve). Called once per group commit: cheap, or
+    /// refreshed in the background.
+    fn admit(&self) -> Result<(), Arc<str>> {
+        Ok(())
+    }
     /// Visits the events of `channel`'s subtree with `after < ts <= until`, in `dir` order,
     /// until the visitor breaks.
     fn scan(
@@ -236,6 +242,14 @@ impl Sequencer {
 
     fn commit(&self, batch: &mut Vec<Publish>) {
         let storage = &*self.shared.storage;
+        if let Err(why) = storage.admit() {
+            tracing::warn!(events = batch.len(), reason = %why, "store full: events refused");
+            let e = PublishError::StoreFull(why);
+            for r in batch.drain(..) {
+                r.done.complete(Err(e.clone()));
+            }
+            return;
+        }
         let lines = match self.stamp(batch) {
             Ok(lines) => lines,
             Err(e) => {

@@ -233,6 +233,9 @@ pub enum PublishError {
     /// The store failed; the event was not delivered live. If the failure came from the
     /// flush, the event may still be in the log.
     Storage(Arc<io::Error>),
+    /// The store is full: its size limit, or its disk's free-space reserve (the reason says
+    /// which). Nothing was stored.
+    StoreFull(Arc<str>),
     /// The server is shutting down.
     ShuttingDown,
 }
@@ -249,6 +252,7 @@ impl fmt::Display for PublishError {
         match self {
             PublishError::InvalidPath(e) => write!(f, "invalid path: {e}"),
             PublishError::Storage(e) => write!(f, "event not stored: {e}"),
+            PublishError::StoreFull(why) => write!(f, "event not stored: {why}"),
             PublishError::ShuttingDown => f.write_str("server is shutting down"),
         }
     }

@@ -60,6 +60,8 @@ pub enum Durability {
 
 /// Default of [`SledEngine::data`] (`--data`).
 pub const DEFAULT_DATA_DIR: &str = "./ivy-data";
+/// Default of [`SledEngine::min_free_space`] (`--min-free-space`): 64 MiB.
+pub const DEFAULT_MIN_FREE_SPACE: u64 = 64 << 20;
 /// Default of [`SledEngine::flush_interval`] (`--flush-interval-ms`).
 pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -80,6 +82,13 @@ pub struct SledEngine {
     /// Open a store that lost acknowledged events (damaged or truncated) as it is, instead of
     /// refusing it: the loss is logged and the store's acknowledged mark reset. Default false.
     pub repair: bool,
+    /// Largest size of the store on disk, in bytes; beyond it sends are refused with
+    /// `store-full` (checked once a second). 0 (the default): no limit.
+    pub max_size: u64,
+    /// Free space kept on the store's file system, in bytes: below it sends are refused with
+    /// `store-full`, before the disk is full (checked once a second). Default
+    /// [`DEFAULT_MIN_FREE_SPACE`].
+    pub min_free_space: u64,
 }
 
 impl Default for SledEngine {
@@ -97,6 +106,8 @@ impl SledEngine {
             flush_interval: DEFAULT_FLUSH_INTERVAL,
             wall: WallClock::system(),
             repair: false,
+            max_size: 0,
+            min_free_space: DEFAULT_MIN_FREE_SPACE,
         }
     }
 
@@ -118,6 +129,18 @@ impl SledEngine {
         self
     }
 
+    /// The store's size limit (see [`SledEngine::max_size`]).
+    pub fn max_size(mut self, bytes: u64) -> SledEngine {
+        self.max_size = bytes;
+        self
+    }
+
+    /// The free-space reserve (see [`SledEngine::min_free_space`]).
+    pub fn min_free_space(mut self, bytes: u64) -> SledEngine {
+        self.min_free_space = bytes;
+        self
+    }
+
     /// Accept a store that lost acknowledged events (see [`SledEngine::repair`]).
     pub fn repair(mut self, repair: bool) -> SledEngine {
         self.repair = repair;
@@ -128,7 +151,8 @@ impl SledEngine {
 impl Open for SledEngine {
     fn open(self: Box<Self>, context: Context) -> io::Result<Arc<dyn Engine>> {
         std::fs::create_dir_all(&self.data)?;
-        let log = SledLog::open_checked(&self.data, self.durability, self.flush_interval, self.repair)?;
+        let mut log = SledLog::open_checked(&self.data, self.durability, self.flush_interval, self.repair)?;
+        log.quota = Quota { dir: self.data.clone(), max_size: self.max_size, min_free: self.min_free_space, state: Default::default() };
         tracing::info!(data = %self.data.display(), durability = ?self.durability, "sled store open");
         LocalEngine::open(Arc::new(log), self.wall, context)
     }
@@ -144,6 +168,60 @@ pub(crate) struct SledLog {
     db: sled::Db,
     durability: Durability,
     mark: Mark,
+    quota: Quota,
+}
+
+/// The store's limits ([`SledEngine::max_size`], [`SledEngine::min_free_space`]). The size on
+/// disk and the free space are measured at most once a second (sled's size, a `statvfs`);
+/// in between, what was appended since counts against both, so a burst cannot overshoot.
+#[derive(Debug, Default)]
+struct Quota {
+    dir: PathBuf,
+    max_size: u64,
+    min_free: u64,
+    state: std::sync::Mutex<QuotaState>,
+}
+
+#[derive(Debug, Default)]
+struct QuotaState {
+    /// When last measured, the size on disk and the free space then.
+    measured: Option<(std::time::Instant, Option<u64>, Option<u64>)>,
+    /// Bytes appended since.
+    since: u64,
+}
+
+impl Quota {
+    fn active(&self) -> bool {
+        self.max_size > 0 || self.min_free > 0
+    }
+
+    fn appended(&self, bytes: u64) {
+        if self.active() {
+            let mut st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            st.since = st.since.saturating_add(bytes);
+        }
+    }
+
+    fn admit(&self, db: &sled::Db) -> Result<(), Arc<str>> {
+        if !self.active() {
+            return Ok(());
+        }
+        let mut st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if st.measured.is_none_or(|(at, ..)| at.elapsed() >= Duration::from_secs(1)) {
+            let size = (self.max_size > 0).then(|| db.size_on_disk().ok()).flatten();
+            let free = (self.min_free > 0).then(|| fs2::available_space(&self.dir).ok()).flatten();
+            st.measured = Some((std::time::Instant::now(), size, free));
+            st.since = 0;
+        }
+        let Some((_, size, free)) = st.measured else { return Ok(()) };
+        if let Some(size) = size.map(|s| s.saturating_add(st.since)).filter(|&s| s >= self.max_size) {
+            return Err(format!("the store is full: {size} bytes on disk, the limit is {}", self.max_size).into());
+        }
+        if let Some(free) = free.map(|f| f.saturating_sub(st.since)).filter(|&f| f < self.min_free) {
+            return Err(format!("the disk is nearly full: {free} bytes free, the server keeps {}", self.min_free).into());
+        }
+        Ok(())
+    }
 }
 
 /// The acknowledged mark: the file [`MARK_FILE`] beside sled's own files, holding the newest
@@ -307,6 +385,8 @@ struct Blocks {
     index: HashMap<Box<[u8]>, usize>,
     /// Room to build a prefix in, reused.
     scratch: Vec<u8>,
+    /// Bytes of entries written.
+    bytes: u64,
 }
 
 impl Blocks {
@@ -326,6 +406,7 @@ impl Blocks {
         if buf.is_empty() {
             *first = ts;
         }
+        self.bytes += (ENTRY_HEADER + line.len()) as u64;
         buf.extend_from_slice(&ts.to_be_bytes());
         // Lines are bounded far below 4 GiB by the maximum message size.
         buf.extend_from_slice(&u32::try_from(line.len()).unwrap_or(u32::MAX).to_be_bytes());
@@ -491,7 +572,7 @@ impl SledLog {
             }
         }
         let mark = Mark { path: dir.join(MARK_FILE), state: std::sync::Mutex::default() };
-        Ok(SledLog { db, durability, mark })
+        Ok(SledLog { db, durability, mark, quota: Quota::default() })
     }
 }
 
@@ -502,8 +583,10 @@ impl Storage for SledLog {
         for r in records {
             blocks.add(&mut batch, r.ts, r.path, r.line);
         }
+        let bytes = blocks.bytes;
         blocks.finish(&mut batch);
         self.db.apply_batch(batch).map_err(to_io)?;
+        self.quota.appended(bytes);
         if let Some(r) = records.last() {
             self.mark.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).appended = Some(r.ts);
         }
@@ -523,6 +606,10 @@ impl Storage for SledLog {
 
     fn acks_before_durable(&self) -> bool {
         self.durability == Durability::Async
+    }
+
+    fn admit(&self) -> Result<(), Arc<str>> {
+        self.quota.admit(&self.db)
     }
 
     fn flush(&self) -> io::Result<()> {
