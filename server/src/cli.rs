@@ -159,6 +159,11 @@ pub struct Cli {
     #[arg(long, env = "IVY_HEADER_TIMEOUT", value_parser = seconds, default_value_t = Seconds(config::DEFAULT_HEADER_TIMEOUT))]
     pub header_timeout: Seconds,
 
+    /// Seconds the engine gets at shutdown to store what it accepted and flush (a full or stuck
+    /// disk must not keep the process from exiting).
+    #[arg(long, env = "IVY_FLUSH_TIMEOUT", value_parser = seconds, default_value_t = Seconds(config::DEFAULT_FLUSH_TIMEOUT))]
+    pub flush_timeout: Seconds,
+
     /// Serve the files of this directory at `/` (`index.html` for a directory), next to `/ws`
     /// and `/log/`, which take precedence. Off when not set.
     #[arg(long, env = "IVY_STATIC_DIR")]
@@ -204,6 +209,7 @@ impl Cli {
             byte_burst: self.byte_burst,
             ping_interval: self.ping_interval.0,
             header_timeout: self.header_timeout.0,
+            flush_timeout: self.flush_timeout.0,
             static_dir: self.static_dir.clone(),
         }
     }
@@ -226,14 +232,29 @@ impl Cli {
 }
 
 /// The `ivy-server` binary.
-pub async fn main() -> ExitCode {
-    main_with(WallClock::system()).await
+pub fn main() -> ExitCode {
+    main_with(WallClock::system())
 }
 
 /// The `ivy-server` binary with timestamps from `wall` (tests of clock steps use a frozen
 /// one): parses the flags, sets up logging to stderr (`RUST_LOG`), binds, prints
-/// `ivy-server listening on http://ADDR` on stdout and serves until SIGINT or SIGTERM.
-pub async fn main_with(wall: WallClock) -> ExitCode {
+/// `ivy-server listening on http://ADDR` on stdout and serves until SIGINT or SIGTERM. The
+/// runtime is then given 2 seconds for what still runs (a read stuck on a failing disk must
+/// not keep the process from exiting once the shutdown is over).
+pub fn main_with(wall: WallClock) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ivy-server: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(serve_main(wall));
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    code
+}
+
+async fn serve_main(wall: WallClock) -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))

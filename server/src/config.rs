@@ -44,6 +44,8 @@ pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_BYTE_RATE: u64 = 16 << 20;
 /// Default of [`Config::byte_burst`] (32 MiB).
 pub const DEFAULT_BYTE_BURST: u64 = 32 << 20;
+/// Default of [`Config::flush_timeout`].
+pub const DEFAULT_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default of [`Config::ping_interval`].
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
 /// Default of [`Config::header_timeout`].
@@ -130,6 +132,10 @@ pub struct Config {
     /// keep-alive connections, are closed. Zero: no limit. Applies when served by
     /// [`crate::serve`]. Default [`DEFAULT_HEADER_TIMEOUT`].
     pub header_timeout: Duration,
+    /// Time the engine gets, at shutdown, to store what it accepted and flush: a full or stuck
+    /// disk must not keep the process from exiting (with sync durability every acknowledged
+    /// event is durable already). Default [`DEFAULT_FLUSH_TIMEOUT`].
+    pub flush_timeout: Duration,
     /// Serve the files of this directory at `/` (`index.html` for a directory), next to `/ws`
     /// and `/log/`, which take precedence. Default: none.
     pub static_dir: Option<PathBuf>,
@@ -159,6 +165,7 @@ impl Default for Config {
             byte_burst: DEFAULT_BYTE_BURST,
             ping_interval: DEFAULT_PING_INTERVAL,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
+            flush_timeout: DEFAULT_FLUSH_TIMEOUT,
             static_dir: None,
         }
     }
@@ -221,6 +228,8 @@ setters! {
     ping_interval: Duration;
     /// Sets [`Config::header_timeout`].
     header_timeout: Duration;
+    /// Sets [`Config::flush_timeout`].
+    flush_timeout: Duration;
     /// Sets [`Config::static_dir`].
     static_dir: Option<PathBuf>;
 }

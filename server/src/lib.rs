@@ -223,7 +223,11 @@ impl Ivy {
     }
 
     /// Shuts down: connections stop reading, get their queued replies and a close frame
-    /// (1001), the engine finishes every accepted event and flushes. A sled store's files are
+    /// (1001), the engine finishes every accepted event and flushes. Each step is bounded (5 s
+    /// for the connections, then they are cut; [`Config::flush_timeout`] for the engine, then it is abandoned and
+    /// this returns: with sync durability every acknowledged event is durable already, with
+    /// async the last flush interval may be lost as in a crash, and the clock floor keeps its
+    /// timestamps from being reused). A sled store's files are
     /// closed (and its lock released) when the `Ivy` and every router made from it are
     /// dropped.
     pub async fn shutdown(&self) {
@@ -237,7 +241,14 @@ impl Ivy {
             shared.tracker.wait().await;
         }
         shared.publisher.stop().await;
-        shared.engine.shutdown().await;
+        let grace = shared.config.flush_timeout;
+        if tokio::time::timeout(grace, shared.engine.shutdown()).await.is_err() {
+            tracing::error!(
+                ?grace,
+                "the engine did not finish storing and flushing in time (a full or stuck disk?); shutting down without it"
+            );
+            return;
+        }
         tracing::info!("shut down; event store flushed");
     }
 }

@@ -7,7 +7,6 @@ use std::process::ExitCode;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    ivy_server::cli::main().await
+fn main() -> ExitCode {
+    ivy_server::cli::main()
 }

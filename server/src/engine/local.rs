@@ -193,7 +193,17 @@ impl Engine for LocalEngine {
         let handle = self.sequencer.lock().unwrap_or_else(PoisonError::into_inner).take();
         Box::pin(async move {
             if let Some(handle) = handle {
-                let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+                // Joined from a thread of its own, not tokio's blocking pool: if the final flush
+                // never returns (a stuck disk) and the caller stops waiting, the runtime must
+                // still be able to shut down.
+                let (done, joined) = tokio::sync::oneshot::channel();
+                let joiner = std::thread::Builder::new().name("ivy-sequencer-join".into()).spawn(move || {
+                    let _ = handle.join();
+                    let _ = done.send(());
+                });
+                if joiner.is_ok() {
+                    let _ = joined.await;
+                }
             }
         })
     }

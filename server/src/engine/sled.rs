@@ -433,6 +433,29 @@ impl Blocks {
     }
 }
 
+/// Removes the snapshots sled began and never finished (`snap.<lsn>.generating`: sled writes a
+/// snapshot under that name, then renames it). sled reads the newest snapshot file and refuses
+/// a store whose newest one is empty or cut ("Read corrupted data"), which a crash or a full
+/// disk during a snapshot leaves behind; without it, sled recovers from the previous snapshot
+/// (kept until the new one is renamed) and the log.
+fn remove_unfinished_snapshots(dir: &Path) -> io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            tracing::warn!(file = %entry.path().display(), "removing a snapshot that sled began and never finished");
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
 /// Converts a layout 1 store to layout 2: a few thousand events per atomic step (their old keys
 /// removed, their blocks written), so a crash in the middle leaves a store this resumes.
 fn migrate_v1(db: &sled::Db, dir: &Path) -> io::Result<()> {
@@ -540,6 +563,7 @@ impl SledLog {
     }
 
     fn open_unchecked(dir: &Path, durability: Durability, flush_interval: Duration) -> io::Result<SledLog> {
+        remove_unfinished_snapshots(dir)?;
         let flush_every = match durability {
             Durability::Sync => Some(1000),
             Durability::Async => Some(u64::try_from(flush_interval.as_millis()).unwrap_or(u64::MAX).max(1)),

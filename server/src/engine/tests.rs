@@ -281,3 +281,59 @@ async fn a_senders_ack_comes_before_the_later_events_of_its_group_commit() {
     assert_eq!(got, [format!("#7#@{}", t.prev()), format!("@{t}:/r:theirs")], "the ack first, then the later event");
     f.stop().await;
 }
+
+/// The final flush is bounded: a store whose flush never returns (a full or stuck disk) does
+/// not keep `Ivy::shutdown` from returning.
+#[tokio::test]
+async fn shutdown_returns_when_the_final_flush_never_does() {
+    #[derive(Default)]
+    struct Stuck(MemStorage);
+    impl Storage for Stuck {
+        fn append(&self, records: &[Record<'_>]) -> io::Result<()> {
+            self.0.append(records)
+        }
+        fn commit(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn acks_before_durable(&self) -> bool {
+            false
+        }
+        fn flush(&self) -> io::Result<()> {
+            loop {
+                std::thread::park();
+            }
+        }
+        fn last_timestamp(&self) -> io::Result<Option<Timestamp>> {
+            self.0.last_timestamp()
+        }
+        fn set_clock_floor(&self, ts: Timestamp) -> io::Result<()> {
+            self.0.set_clock_floor(ts)
+        }
+        fn clock_floor(&self) -> io::Result<Option<Timestamp>> {
+            self.0.clock_floor()
+        }
+        fn scan(
+            &self,
+            channel: &str,
+            after: Option<Timestamp>,
+            until: Timestamp,
+            dir: Direction,
+            visit: &mut dyn FnMut(Timestamp, &[u8]) -> ControlFlow<()>,
+        ) -> io::Result<()> {
+            self.0.scan(channel, after, until, dir, visit)
+        }
+    }
+    struct OpenStuck;
+    impl super::Open for OpenStuck {
+        fn open(self: Box<Self>, context: Context) -> io::Result<Arc<dyn Engine>> {
+            LocalEngine::open(Arc::new(Stuck::default()), WallClock::from_fn(|| at(100, 0)), context)
+        }
+        fn describe(&self) -> String {
+            "a store whose flush never returns".into()
+        }
+    }
+    let config = crate::Config::default().flush_timeout(Duration::from_millis(200));
+    let ivy = crate::Ivy::builder(config).engine(OpenStuck).open().unwrap();
+    assert!(ivy.publish("/a", "x").await.is_ok());
+    tokio::time::timeout(Duration::from_secs(30), ivy.shutdown()).await.expect("shutdown returned");
+}

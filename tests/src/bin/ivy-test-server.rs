@@ -12,8 +12,7 @@ use std::process::ExitCode;
 use ivy_client_core::Timestamp;
 use ivy_server::WallClock;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let wall = match std::env::var("IVY_TEST_FROZEN_CLOCK") {
         Ok(v) => match v.parse::<u64>() {
             Ok(secs) => {
@@ -27,5 +26,5 @@ async fn main() -> ExitCode {
         },
         Err(_) => WallClock::system(),
     };
-    ivy_server::cli::main_with(wall).await
+    ivy_server::cli::main_with(wall)
 }
