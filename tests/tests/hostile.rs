@@ -308,9 +308,15 @@ async fn a_flood_that_never_reads_is_closed_as_a_slow_consumer() {
         }
     }
     let during = server.rss_bytes();
+    // Still not reading for a while: the server closes the connection half a second after its
+    // replies stopped being read (before, the test read at once, and on a loaded machine it
+    // could drain the replies before the server's timer fired, then read pings forever).
+    tokio::time::sleep(Duration::from_secs(3)).await;
     // Now read: some replies, then the close frame 4000.
     let mut replies = 0u64;
+    let deadline = tokio::time::Instant::now() + 3 * WAIT;
     let close = loop {
+        assert!(tokio::time::Instant::now() < deadline, "no close frame after {replies} replies");
         match tokio::time::timeout(WAIT, ws.next()).await {
             Ok(Some(Ok(Message::Text(_)))) => replies += 1,
             Ok(Some(Ok(Message::Close(f)))) => break f.map(|f| (u16::from(f.code), f.reason.to_string())),
