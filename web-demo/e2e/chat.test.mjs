@@ -209,6 +209,33 @@ test("a server restart while both pages are open: they reconnect, nothing lost o
   });
 });
 
+test("two pages sending bursts at the same moment each show every message, their own included", async () => {
+  // Concurrent sends share the server's group commits, so each page receives the other page's
+  // messages in between the acks of its own. A server that acks a commit only after handing
+  // out all of its events (this one before issue 18's fix) gives a page the other's later
+  // message before the ack of its own earlier one; its own message must still show, in place
+  // (issue 18: it stayed pending forever).
+  await withServer("bursts", async ({ server, page }) => {
+    const ada = await page();
+    const bob = await page(PHONE);
+    await joinRoom(ada, server, "ada", "bursts");
+    await joinRoom(bob, server, "bob", "bursts");
+    const burst = (p, nick) =>
+      p.evaluate((texts) => {
+        const text = /** @type {HTMLTextAreaElement} */ (document.querySelector("#text"));
+        const form = /** @type {HTMLFormElement} */ (document.querySelector("#composer"));
+        for (const t of texts) {
+          text.value = t;
+          form.requestSubmit();
+        }
+      }, Array.from({ length: 10 }, (_, i) => `${nick} ${i + 1}`));
+    for (let round = 0; round < 3; round++) await Promise.all([burst(ada, `ada ${round}`), burst(bob, `bob ${round}`)]);
+    const expected = await waitForLog(server, "bursts", 60);
+    assert.deepEqual(await waitShown(ada, 60), expected);
+    assert.deepEqual(await waitShown(bob, 60), expected);
+  });
+});
+
 test("newlines, a literal %0A, % and emoji arrive exactly as typed", async () => {
   await withServer("characters", async ({ server, page }) => {
     const ada = await page();
