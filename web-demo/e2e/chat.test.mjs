@@ -98,7 +98,8 @@ test("two people in separate browser contexts chat both ways", async () => {
     await waitShown(ada, 2);
     await say(ada, "Great, it works both ways.");
     await say(ada, "And two in a row.");
-    const expected = await serverMessages(server, "lobby");
+    // The sends are on their way (through a latency proxy in the stress mode): wait for them.
+    const expected = await waitForLog(server, "lobby", 4);
     assert.deepEqual(
       expected.map((m) => [m.nick, m.text]),
       [
@@ -145,7 +146,7 @@ test("a reload shows the full history once, then live messages", async () => {
     // Live messages continue after the history, in both directions.
     await say(bob, "after the reload");
     await say(ada, "welcome back to me");
-    const all = await serverMessages(server, "history");
+    const all = await waitForLog(server, "history", 8);
     assert.deepEqual(await waitShown(ada, 8), all);
     assert.deepEqual(await waitShown(bob, 8), all);
 
