@@ -20,7 +20,10 @@
 //! Rules kept here: no panic reaches JavaScript (errors are `Error` objects, each with a
 //! machine-readable `code` and `uncertain`: the `IvyError` interface of the TypeScript
 //! types); callbacks are never invoked while Rust state is borrowed (they are queued and run
-//! after each step, so a callback may call back into the client).
+//! after each step, so a callback may call back into the client). An input from the browser
+//! (a socket event, the timer, a log page) that finds the state borrowed anyway would be
+//! dropped: none is expected, and each is counted in `debugState()` and warned on the
+//! console, never lost silently.
 //!
 //! The crate uses `core` and `alloc` only: the package links no standard library, whose panic
 //! handler would bring Rust's formatting machinery into the `.wasm` (see the README's size
@@ -222,8 +225,14 @@ struct SubCallbacks {
     on_error: Option<Function>,
 }
 
+/// Entries of the diagnostic trace (`debugState().trace`): the last frames in and out, the
+/// connection changes and log pages, each cut to `client::TRACE_TEXT` bytes.
+const TRACE_ENTRIES: usize = 64;
+
 struct State {
     core: client::Client,
+    /// The last inputs and outputs, for `debugState()`.
+    trace: client::Trace,
     ws_url: String,
     http_base: String,
     socket: Option<Socket>,
@@ -241,6 +250,19 @@ struct Inner {
     calls: RefCell<VecDeque<Call>>,
     draining: Cell<bool>,
     timer_closure: RefCell<Option<Handler>>,
+    /// Log pages fetched and not answered yet (for `debugState()`).
+    fetches: Cell<u32>,
+    /// Inputs dropped because the state was borrowed (a re-entrant call: never expected;
+    /// counted in `debugState()` and warned on the console).
+    dropped: Cell<u32>,
+}
+
+/// Counts and reports an input that found the state borrowed and was dropped.
+fn dropped(inner: &Inner, what: &str) {
+    inner.dropped.set(inner.dropped.get() + 1);
+    let mut message = String::from(what);
+    message.push_str(" dropped: the client was busy (a re-entrant call, which is a bug)");
+    web_sys_warn(&message);
 }
 
 /// A connection to an Ivy server that reconnects by itself.
@@ -330,6 +352,7 @@ impl IvyClient {
         let seed = (math_random() * 9_007_199_254_740_992.0) as u64;
         let state = State {
             core: client::Client::new(cfg, seed),
+            trace: client::Trace::new(TRACE_ENTRIES),
             ws_url,
             http_base,
             socket: None,
@@ -344,13 +367,18 @@ impl IvyClient {
             calls: RefCell::new(VecDeque::new()),
             draining: Cell::new(false),
             timer_closure: RefCell::new(None),
+            fetches: Cell::new(0),
+            dropped: Cell::new(0),
         });
         let weak = Rc::downgrade(&inner);
         *inner.timer_closure.borrow_mut() = Some(Closure::new(move |_| {
             if let Some(inner) = weak.upgrade() {
-                if let Ok(mut st) = inner.state.try_borrow_mut() {
-                    st.timer = None;
-                    st.core.handle_timeout(now());
+                match inner.state.try_borrow_mut() {
+                    Ok(mut st) => {
+                        st.timer = None;
+                        st.core.handle_timeout(now());
+                    }
+                    Err(_) => dropped(&inner, "a timer"),
                 }
                 pump(&inner);
             }
@@ -465,6 +493,41 @@ impl IvyClient {
         })
     }
 
+    /// A snapshot of the client for diagnostics, as a plain object: `now`; `client`, the
+    /// core's view (the connection state and its timers, every subscription with its phase,
+    /// last delivered timestamp, backfill bounds, log page in flight, and the own sends whose
+    /// acks hold its live events back, the unanswered requests, the offline queue); `driver`
+    /// (the socket, the timer's deadline, log fetches in flight, inputs dropped); `trace`, the
+    /// last 64 frames in and out, connection changes and log pages, each cut to 160 bytes.
+    /// Times are `performance.now()` milliseconds. Changes nothing; costs nothing until called
+    /// (but the trace's short copy of each input and output). For debugging only: the shape
+    /// may change.
+    #[wasm_bindgen(js_name = debugState)]
+    pub fn debug_state(&self) -> JsValue {
+        let inner = &self.inner;
+        let mut j = client::JsonWriter::new();
+        j.object("");
+        j.num("now", Some(now()));
+        match inner.state.try_borrow() {
+            Ok(st) => {
+                st.core.debug_state().write_json(&mut j, "client");
+                j.object("driver");
+                j.num("socketGeneration", Some(st.socket_gen));
+                j.num("socketReadyState", st.socket.as_ref().map(|s| u64::from(s.ws.ready_state())));
+                j.num("timerAt", st.timer.as_ref().map(|t| t.0));
+                j.num("fetchesInFlight", Some(u64::from(inner.fetches.get())));
+                j.num("droppedInputs", Some(u64::from(inner.dropped.get())));
+                j.end_object();
+                j.num("traceTotal", Some(st.trace.total()));
+                st.trace.write_json(&mut j, "trace");
+            }
+            Err(_) => j.bool("busy", true),
+        }
+        j.end_object();
+        let text = j.finish();
+        js_sys::JSON::parse(&text).unwrap_or_else(|_| text.into())
+    }
+
     /// Closes the connection; pending requests reject and callbacks stop.
     pub fn close(&self) {
         if let Ok(mut st) = self.inner.state.try_borrow_mut() {
@@ -556,23 +619,42 @@ fn step(inner: &Rc<Inner>, st: &mut State) {
         while let Some(action) = st.core.poll_action() {
             progressed = true;
             match action {
-                Action::Connect => connect(inner, st),
+                Action::Connect => {
+                    st.trace.push(now(), "connect", &st.ws_url);
+                    connect(inner, st);
+                }
                 Action::Send(text) => {
+                    st.trace.push(now(), "out", &text);
                     let failed = st.socket.as_ref().is_some_and(|s| s.ws.send_with_str(&text).is_err());
                     if failed {
                         st.socket = None;
                         st.core.handle_disconnected(now());
                     }
                 }
-                Action::Disconnect => st.socket = None,
+                Action::Disconnect => {
+                    st.trace.push(now(), "disconnect", "");
+                    st.socket = None;
+                }
                 Action::FetchLog(req) => {
-                    let url = format!("{}{}", st.http_base, req.target());
+                    let target = req.target();
+                    st.trace.push(now(), "log?", &target);
+                    let url = format!("{}{target}", st.http_base);
                     let weak = Rc::downgrade(inner);
+                    inner.fetches.set(inner.fetches.get() + 1);
                     wasm_bindgen_futures::spawn_local(async move {
                         let result = get_text(&url).await;
                         if let Some(inner) = weak.upgrade() {
-                            if let Ok(mut st) = inner.state.try_borrow_mut() {
-                                st.core.handle_log_page(now(), req.id, result.as_deref().map_err(ToString::to_string));
+                            inner.fetches.set(inner.fetches.get().saturating_sub(1));
+                            match inner.state.try_borrow_mut() {
+                                Ok(mut st) => {
+                                    // The start of the page (empty: nothing after the cursor) or the error.
+                                    match &result {
+                                        Ok(body) => st.trace.push(now(), "log", body),
+                                        Err(e) => st.trace.push(now(), "log", &e.to_string()),
+                                    }
+                                    st.core.handle_log_page(now(), req.id, result.as_deref().map_err(ToString::to_string));
+                                }
+                                Err(_) => dropped(&inner, "a log page"),
                             }
                             pump(&inner);
                         }
@@ -670,28 +752,40 @@ fn connect(inner: &Rc<Inner>, st: &mut State) {
         }
     };
     // Each handler checks that its socket is still the current one, then steps the core.
-    let handler = |f: fn(&mut client::Client, Option<String>)| {
+    // `kind` names the input in the trace and in a report of a dropped input.
+    let handler = |kind: &'static str, f: fn(&mut client::Client, Option<String>)| {
         let weak = Rc::downgrade(inner);
         move |text: Option<String>| {
             let Some(inner) = weak.upgrade() else { return };
-            if let Ok(mut st) = inner.state.try_borrow_mut() {
-                if st.socket_gen != generation {
-                    return;
+            match inner.state.try_borrow_mut() {
+                Ok(mut st) => {
+                    if st.socket_gen != generation {
+                        return;
+                    }
+                    st.trace.push(now(), kind, text.as_deref().unwrap_or(""));
+                    f(&mut st.core, text);
                 }
-                f(&mut st.core, text);
+                Err(_) => dropped(&inner, kind),
             }
             pump(&inner);
         }
     };
-    let on_open = handler(|c, _| c.handle_connected(now()));
-    let on_message = handler(|c, text| match text {
+    let on_open = handler("open", |c, _| c.handle_connected(now()));
+    let on_message = handler("in", |c, text| match text {
         Some(t) => c.handle_frame(now(), &t),
         None => c.handle_activity(now()),
     });
-    let on_close = handler(|c, _| c.handle_disconnected(now()));
+    let on_close = handler("close", |c, _| c.handle_disconnected(now()));
     let on_open = Handler::new(move |_| on_open(None));
     let on_message = Handler::new(move |e: JsValue| on_message(e.unchecked_into::<MessageEvent>().data().as_string()));
-    let on_close = Handler::new(move |_| on_close(None));
+    // The close code, for the trace (the server's codes each have one reason).
+    let on_close = Handler::new(move |e: JsValue| {
+        // An integer, written by the JSON writer that `debugState()` links anyway (formatting
+        // an f64, or even a u64, would bring more formatting code into the .wasm).
+        let mut code = client::JsonWriter::new();
+        code.num("", Reflect::get(&e, &"code".into()).ok().and_then(|c| c.as_f64()).map(|c| c as u64));
+        on_close(Some(code.finish()))
+    });
     ws.set_onopen(Some(on_open.as_ref().unchecked_ref()));
     ws.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
     // A failed connection fires `error` then `close`; `close` alone is enough.

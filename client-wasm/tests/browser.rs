@@ -296,3 +296,54 @@ async fn a_server_restart_loses_and_repeats_nothing() {
     sub_client.close();
     pub_client.close();
 }
+
+/// `o[k1][k2]...`.
+fn at(o: &JsValue, keys: &[&str]) -> JsValue {
+    keys.iter().fold(o.clone(), |v, k| Reflect::get(&v, &(*k).into()).unwrap_or(JsValue::UNDEFINED))
+}
+
+#[wasm_bindgen_test]
+async fn debug_state_shows_the_subscriptions_the_requests_and_the_trace() {
+    let path = unique("d");
+    let c = IvyClient::new(server(), Some(fast())).unwrap();
+    let (cb, events) = recorder();
+    let _sub = c.subscribe(&path, cb, Some(options("beginning"))).unwrap();
+    connected(&c).await;
+    let ts = ok(c.send(&path, "hello \"debug\"".into())).await.as_string().unwrap();
+    wait_for(&events, 1, "the own event").await;
+    // An unanswered send: nothing runs between the call and the snapshot.
+    let unanswered = c.send(&format!("{path}/later"), "pending".into());
+    let d = c.debug_state();
+    assert!(at(&d, &["now"]).as_f64().is_some());
+    assert_eq!(at(&d, &["client", "state"]).as_string().as_deref(), Some("connected"));
+    let subs = js_sys::Array::from(&at(&d, &["client", "subscriptions"]));
+    assert_eq!(subs.length(), 1);
+    let s = subs.get(0);
+    assert_eq!(get(&s, "path"), path);
+    assert_eq!(get(&s, "phase"), "live");
+    assert_eq!(get(&s, "last"), ts, "the own event was delivered");
+    assert_eq!(at(&s, &["ownUnacked"]).as_f64(), Some(1.0), "the unanswered send holds live events back");
+    assert_eq!(get(&s, "released"), ts);
+    let pending = js_sys::Array::from(&at(&d, &["client", "pending"]));
+    let sends: Vec<JsValue> = pending.iter().filter(|p| get(p, "kind") == "send").collect();
+    assert_eq!(sends.len(), 1);
+    assert_eq!(get(&sends[0], "path"), format!("{path}/later"));
+    assert!(at(&sends[0], &["deadline"]).as_f64() > at(&d, &["now"]).as_f64());
+    assert_eq!(at(&d, &["driver", "droppedInputs"]).as_f64(), Some(0.0));
+    assert_eq!(at(&d, &["driver", "socketReadyState"]).as_f64(), Some(1.0), "OPEN");
+    // The trace: the connection, the subscribe and its log page, the frames both ways.
+    let trace = js_sys::Array::from(&at(&d, &["trace"]));
+    let entries: Vec<(String, String)> = trace.iter().map(|e| (get(&e, "kind"), get(&e, "text"))).collect();
+    assert!(at(&d, &["traceTotal"]).as_f64() >= Some(f64::from(trace.length())));
+    let has = |kind: &str, text: &str| entries.iter().any(|(k, t)| k == kind && t.contains(text));
+    assert!(has("connect", "/ws") && has("open", ""), "{entries:?}");
+    assert!(has("out", &format!("+{path}")) && has("log?", &path), "{entries:?}");
+    assert!(has("out", &format!(":{path}:hello \"debug\"")), "{entries:?}");
+    assert!(has("in", &format!("@{ts}")), "the send's ack: {entries:?}");
+    assert!(has("out", &format!(":{path}/later:pending")), "{entries:?}");
+    ok(unanswered).await;
+    c.close();
+    let d = c.debug_state();
+    assert_eq!(at(&d, &["client", "state"]).as_string().as_deref(), Some("closed"));
+    assert!(js_sys::Array::from(&at(&d, &["trace"])).iter().any(|e| get(&e, "kind") == "disconnect"));
+}

@@ -133,6 +133,7 @@ pub(crate) async fn handler(
     let engine = shared.engine.clone();
     // Only durable events are shown (see `Engine::visible`).
     let visible = engine.visible();
+    tracing::trace!(path = %path, query = ?query, visible = %visible, head, "log request");
     match query {
         LogQuery::Page { after, limit } => {
             let cap = shared.config.log_page_limit.max(1);
@@ -145,6 +146,7 @@ pub(crate) async fn handler(
                 Ok(page) => page,
                 Err(e) => return server_error(e),
             };
+            tracing::trace!(path = %path, events = page.count, first = ?page.first, last = ?page.last, "log page");
             let full = page.count == effective;
             // A page that reached the byte cap first may be followed too, but its extent
             // depends on the server's configuration: not immutable.
@@ -164,6 +166,7 @@ pub(crate) async fn handler(
                 Ok(b) => b,
                 Err(e) => return server_error(e),
             };
+            tracing::trace!(path = %path, after = ?start_after, until = ?newest, "log stream");
             let meta = Meta { newest, cache: NO_CACHE, link: None };
             respond(&headers, meta, move || match newest {
                 Some(until) if !head => stream_body(engine, path, start_after, until, place),

@@ -18,6 +18,7 @@ use tokio::time::{Instant, Interval, MissedTickBehavior};
 use crate::Shared;
 use crate::conn::{Conn, Ending, PEER_GONE, ReaderStop, ReplySlot, Slot, Stop, WriterStop, close_code};
 use crate::engine::{Completion, Publish};
+use crate::fanout::ConnId;
 use crate::limits::Admitted;
 use crate::session::{Outcome, PendingReply, Session, ack_line};
 
@@ -84,7 +85,7 @@ async fn connection(shared: Arc<Shared>, socket: WebSocket, mut slot: Slot) {
         let (stream, stop) = read_loop(&shared, conn, session, stream, reader_stop).await;
         linger(stream, stop).await;
     };
-    tokio::join!(reader, write_loop(rx, sink, writer_stop, &ending));
+    tokio::join!(reader, write_loop(id, rx, sink, writer_stop, &ending));
     tracing::debug!(conn = %id, code = ending.code(), "disconnected");
     drop(slot);
 }
@@ -216,10 +217,12 @@ async fn read_loop(
             let now = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
             match frame {
                 Some(text) => {
+                    tracing::trace!(conn = %conn.id(), "in {}", Excerpt(text.as_bytes()));
                     let outcome = session.on_text(now, text.as_bytes(), &shared.refusals);
                     execute(shared, &conn, &sends, &text, outcome, slot).await;
                 }
                 None => {
+                    tracing::trace!(conn = %conn.id(), "in (binary frame)");
                     let outcome = session.on_binary(now, &shared.refusals);
                     execute(shared, &conn, &sends, &Utf8Bytes::from_static(""), outcome, slot).await;
                 }
@@ -307,7 +310,39 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most queued messages written before one flush.
 const COALESCE: usize = 256;
 
-async fn write_loop(mut rx: mpsc::Receiver<Message>, mut sink: Sink, mut stop: WriterStop, ending: &Ending) {
+/// The most of a frame that a trace-level log line shows, in bytes.
+const EXCERPT: usize = 120;
+
+/// The start of a frame, for trace-level logs: formatted only when such a line is written
+/// (`tracing::trace!` evaluates its arguments after the level check, and this one holds a
+/// reference only).
+struct Excerpt<'a>(&'a [u8]);
+
+impl std::fmt::Display for Excerpt<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let head = String::from_utf8_lossy(&self.0[..self.0.len().min(EXCERPT)]);
+        write!(f, "{}{}", head.escape_debug(), if self.0.len() > EXCERPT { "…" } else { "" })
+    }
+}
+
+/// A message on its way to the socket, for trace-level logs (see [`Excerpt`]).
+struct Outgoing<'a>(&'a Message);
+
+impl std::fmt::Display for Outgoing<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Message::Text(t) => Excerpt(t.as_bytes()).fmt(f),
+            Message::Ping(_) => f.write_str("(ping)"),
+            Message::Pong(_) => f.write_str("(pong)"),
+            Message::Close(c) => write!(f, "(close {:?})", c.as_ref().map(|c| c.code)),
+            Message::Binary(b) => write!(f, "(binary, {} bytes)", b.len()),
+        }
+    }
+}
+
+/// Writes the connection's queue to its socket, `conn` naming it in trace-level logs of each
+/// message written.
+async fn write_loop(conn: ConnId, mut rx: mpsc::Receiver<Message>, mut sink: Sink, mut stop: WriterStop, ending: &Ending) {
     {
         // Created once, not per message.
         let stopped = stop.stopped(&[Stop::Killed, Stop::Forced]);
@@ -327,10 +362,14 @@ async fn write_loop(mut rx: mpsc::Receiver<Message>, mut sink: Sink, mut stop: W
                 },
             };
             let write = async {
+                tracing::trace!(conn = %conn, "out {}", Outgoing(&first));
                 sink.feed(first).await?;
                 for _ in 1..COALESCE {
                     match rx.try_recv() {
-                        Ok(m) => sink.feed(m).await?,
+                        Ok(m) => {
+                            tracing::trace!(conn = %conn, "out {}", Outgoing(&m));
+                            sink.feed(m).await?;
+                        }
                         Err(_) => break,
                     }
                 }
@@ -372,5 +411,23 @@ fn close_frame(ending: &Ending) -> Option<(u16, &'static str)> {
         close_code::SLOW_CONSUMER => Some((close_code::SLOW_CONSUMER, "slow consumer: outbound queue full")),
         close_code::PING_TIMEOUT => Some((close_code::PING_TIMEOUT, "ping timeout: nothing received for a whole ping interval")),
         code => Some((code, "")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_excerpts_are_escaped_and_cut() {
+        assert_eq!(Excerpt(b"#1#:/a:x\ny\"z").to_string(), "#1#:/a:x\\ny\\\"z");
+        let long = "é".repeat(100);
+        let shown = Excerpt(long.as_bytes()).to_string();
+        assert!(shown.starts_with(&"é".repeat(60)) && shown.ends_with('…'), "{shown}");
+        assert_eq!(shown.chars().count(), 61);
+        assert_eq!(Outgoing(&Message::Text("@1.000000001:/a:x".into())).to_string(), "@1.000000001:/a:x");
+        assert_eq!(Outgoing(&Message::Ping(Bytes::new())).to_string(), "(ping)");
+        let close = Message::Close(Some(CloseFrame { code: 1001, reason: "bye".into() }));
+        assert_eq!(Outgoing(&close).to_string(), "(close Some(1001))");
     }
 }

@@ -8,6 +8,7 @@ import {
   DESKTOP,
   PHONE,
   WAIT,
+  beginDiagnostics,
   joinRoom,
   launchBrowser,
   openPage,
@@ -21,8 +22,10 @@ import {
   startServer,
   tempDir,
   waitReady,
+  waitFor,
   waitShown,
   waitStatus,
+  withDiagnostics,
 } from "./harness.mjs";
 
 /** @type {import("playwright-core").Browser} */
@@ -38,11 +41,13 @@ after(async () => {
 
 /**
  * Runs `body` with a fresh server and data directory; screenshots every page it opened at the
- * end (also when the test fails), and checks that no page logged an error.
+ * end (also when the test fails), and checks that no page logged an error. A failure carries
+ * the diagnostics (what each page and its client knew, their consoles, the servers' logs).
  * @param {string} name
  * @param {(ctx: { server: any, data: string, page: (opts?: object) => Promise<any>, restart: () => Promise<any> }) => Promise<void>} body
  */
 async function withServer(name, body) {
+  beginDiagnostics(name);
   const data = tempDir();
   let server = await startServer(data.dir);
   /** @type {any[]} */
@@ -66,6 +71,8 @@ async function withServer(name, body) {
       },
     });
     for (const p of pages) assert.deepEqual(p.errors, [], "errors in the page's console");
+  } catch (e) {
+    throw await withDiagnostics(e);
   } finally {
     for (const [i, p] of pages.entries()) {
       await screenshot(p, `${name}-${i + 1}`).catch(() => {});
@@ -91,7 +98,8 @@ test("two people in separate browser contexts chat both ways", async () => {
     await waitShown(ada, 2);
     await say(ada, "Great, it works both ways.");
     await say(ada, "And two in a row.");
-    const expected = await serverMessages(server, "lobby");
+    // The sends are on their way (through a latency proxy in the stress mode): wait for them.
+    const expected = await waitForLog(server, "lobby", 4);
     assert.deepEqual(
       expected.map((m) => [m.nick, m.text]),
       [
@@ -138,7 +146,7 @@ test("a reload shows the full history once, then live messages", async () => {
     // Live messages continue after the history, in both directions.
     await say(bob, "after the reload");
     await say(ada, "welcome back to me");
-    const all = await serverMessages(server, "history");
+    const all = await waitForLog(server, "history", 8);
     assert.deepEqual(await waitShown(ada, 8), all);
     assert.deepEqual(await waitShown(bob, 8), all);
 
@@ -169,8 +177,8 @@ test("a server restart while both pages are open: they reconnect, nothing lost o
     await say(ada, "typed while the server was down (ada)");
     await say(bob, "typed while the server was down (bob)");
     await say(bob, "and a second one (bob)");
-    await ada.locator('#pending li[data-state="queued"]').waitFor({ timeout: WAIT });
-    await bob.locator('#pending li[data-state="queued"] >> nth=1').waitFor({ timeout: WAIT });
+    await waitFor(ada, '#pending li[data-state="queued"]');
+    await waitFor(bob, '#pending li[data-state="queued"] >> nth=1');
     await screenshot(ada, "restart-while-down-1");
     await screenshot(bob, "restart-while-down-2");
 
@@ -199,6 +207,33 @@ test("a server restart while both pages are open: they reconnect, nothing lost o
       "typed while the server was down (ada)",
       "typed while the server was down (bob)",
     ]);
+  });
+});
+
+test("two pages sending bursts at the same moment each show every message, their own included", async () => {
+  // Concurrent sends share the server's group commits, so each page receives the other page's
+  // messages in between the acks of its own. A server that acks a commit only after handing
+  // out all of its events (this one before issue 18's fix) gives a page the other's later
+  // message before the ack of its own earlier one; its own message must still show, in place
+  // (issue 18: it stayed pending forever).
+  await withServer("bursts", async ({ server, page }) => {
+    const ada = await page();
+    const bob = await page(PHONE);
+    await joinRoom(ada, server, "ada", "bursts");
+    await joinRoom(bob, server, "bob", "bursts");
+    const burst = (p, nick) =>
+      p.evaluate((texts) => {
+        const text = /** @type {HTMLTextAreaElement} */ (document.querySelector("#text"));
+        const form = /** @type {HTMLFormElement} */ (document.querySelector("#composer"));
+        for (const t of texts) {
+          text.value = t;
+          form.requestSubmit();
+        }
+      }, Array.from({ length: 10 }, (_, i) => `${nick} ${i + 1}`));
+    for (let round = 0; round < 3; round++) await Promise.all([burst(ada, `ada ${round}`), burst(bob, `bob ${round}`)]);
+    const expected = await waitForLog(server, "bursts", 60);
+    assert.deepEqual(await waitShown(ada, 60), expected);
+    assert.deepEqual(await waitShown(bob, 60), expected);
   });
 });
 
@@ -256,7 +291,7 @@ test("a long history opens with its latest messages, pages back, and stays bound
     assert.equal(first[0].text, `history message ${total - 198}`);
     assert.equal(first[199].text, "plain text from the command line, not JSON: 50% done");
     assert.equal(await ada.locator("#messages li.raw").count(), 1);
-    await ada.locator("#earlier").waitFor({ timeout: WAIT });
+    await waitFor(ada, "#earlier");
 
     // Load earlier: 200 more above, nothing repeated.
     await ada.locator("#earlier").click();
@@ -299,11 +334,11 @@ test("a send whose connection drops before the reply is neither lost nor doubled
       // the log after reconnecting and sends it again.
       proxy.hold("up");
       await say(ada, "lost on the way, sent again");
-      await ada.locator('#pending li[data-state="sending"]').waitFor({ timeout: WAIT });
+      await waitFor(ada, '#pending li[data-state="sending"]');
       await new Promise((r) => setTimeout(r, 300));
       proxy.cutAll();
       proxy.release();
-      await ada.locator('#pending li[data-state="checking"]').waitFor({ timeout: WAIT });
+      await waitFor(ada, '#pending li[data-state="checking"]');
       await waitForLog(server, "flaky", 2);
       await waitShown(ada, 2);
       await waitShown(bob, 2);
@@ -315,7 +350,7 @@ test("a send whose connection drops before the reply is neither lost nor doubled
       await waitForLog(server, "flaky", 3);
       proxy.cutAll();
       proxy.release();
-      await ada.locator('#pending li[data-state="checking"]').waitFor({ timeout: WAIT });
+      await waitFor(ada, '#pending li[data-state="checking"]');
       await screenshot(ada, "in-flight-checking");
       await waitStatus(ada, "connected");
       await say(ada, "and one more after that");

@@ -3,7 +3,7 @@
 // and what the server stored.
 
 import { spawn } from "node:child_process";
-import { mkdirSync, mkdtempSync, rmSync, existsSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmSync, existsSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { createServer, connect } from "node:net";
@@ -19,6 +19,55 @@ export const outputDir = process.env.E2E_OUTPUT ?? join(here, "output");
 
 /** How long to wait for something that should happen. */
 export const WAIT = 20_000;
+
+/** Added to every byte between the pages and the server, in ms, by a proxy (`E2E_LATENCY_MS`,
+ * for the stress mode; 0: the pages connect directly). */
+export const LATENCY = Number(process.env.E2E_LATENCY_MS ?? 0);
+
+/** The server's log filter: every connection, command, reply, commit and log request of the
+ * server at trace level, kept in memory and printed when a test fails. */
+const SERVER_LOG = process.env.RUST_LOG ?? "warn,ivy_server=trace";
+
+/** Lines of each server's log kept for the diagnostics. */
+const SERVER_LOG_LINES = 400;
+/** Console lines of each page kept for the diagnostics. */
+const CONSOLE_LINES = 100;
+
+/**
+ * What a failing test prints: the servers and pages of the current test (see
+ * `beginDiagnostics`, `diagnostics`).
+ */
+const diag = { name: "", servers: /** @type {any[]} */ ([]), pages: /** @type {any[]} */ ([]) };
+
+/** Starts collecting the servers and pages of the test `name` for `diagnostics()`. */
+export function beginDiagnostics(name) {
+  diag.name = name;
+  diag.servers = [];
+  diag.pages = [];
+}
+
+/** Keeps the last `max` items pushed. */
+function ring(max) {
+  const items = [];
+  let total = 0;
+  return {
+    push(item) {
+      total++;
+      items.push(item);
+      if (items.length > max) items.shift();
+    },
+    lines: () => items.slice(),
+    get total() {
+      return total;
+    },
+  };
+}
+
+const t0 = Date.now();
+/** Seconds since the harness started, for lines collected from pages and servers. */
+function stamp() {
+  return `+${((Date.now() - t0) / 1000).toFixed(3)}s`;
+}
 
 function targetDir() {
   return process.env.CARGO_TARGET_DIR ? resolve(repoRoot, process.env.CARGO_TARGET_DIR) : join(repoRoot, "target");
@@ -60,16 +109,21 @@ export async function startServer(dataDir, port = 0) {
   }
 }
 
+/** Latency proxies by server port, kept across restarts on the same port (see `LATENCY`). */
+const latencyProxies = new Map();
+
 function spawnServer(dataDir, port) {
   return new Promise((resolvePromise, reject) => {
     const proc = spawn(binary("ivy-server"), ["--listen", `127.0.0.1:${port}`, "--data", dataDir, "--static-dir", distDir], {
-      env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? "warn" },
+      env: { ...process.env, RUST_LOG: SERVER_LOG, NO_COLOR: "1" },
       stdio: ["ignore", "pipe", "pipe"],
     });
     let stderr = "";
-    proc.stderr.on("data", (d) => {
-      stderr += d;
-      if (process.env.E2E_VERBOSE) process.stderr.write(d);
+    const log = ring(SERVER_LOG_LINES);
+    createInterface({ input: proc.stderr }).on("line", (line) => {
+      if (stderr.length < 4096) stderr += `${line}\n`;
+      log.push(line);
+      if (process.env.E2E_VERBOSE) process.stderr.write(`${line}\n`);
     });
     const lines = createInterface({ input: proc.stdout });
     const timer = setTimeout(() => {
@@ -89,11 +143,18 @@ function spawnServer(dataDir, port) {
         return;
       }
       const addr = m[1];
-      const exited = new Promise((r) => proc.once("exit", r));
-      resolvePromise({
+      const exited = new Promise((r) => proc.once("exit", (code, signal) => r(signal ?? code)));
+      const server = {
         addr,
         port: Number(addr.slice(addr.lastIndexOf(":") + 1)),
         url: `http://${addr}`,
+        /** Where pages connect: the server, or its latency proxy in the stress mode. */
+        clientUrl: `http://${addr}`,
+        pid: proc.pid,
+        started: stamp(),
+        /** The last lines of its log (stderr). */
+        log,
+        exit: /** @type {string | null} */ (null),
         /** SIGKILL: no flush, no close frames; the pages see their connections drop. */
         async kill() {
           proc.kill("SIGKILL");
@@ -104,17 +165,42 @@ function spawnServer(dataDir, port) {
           if (proc.exitCode === null && proc.signalCode === null) proc.kill("SIGTERM");
           await exited;
         },
-      });
+      };
+      void exited.then((how) => (server.exit = `${stamp()} (${how})`));
+      const ready = LATENCY > 0 ? latencyProxy(server.port) : Promise.resolve(undefined);
+      void ready.then(
+        (proxy) => {
+          if (proxy) server.clientUrl = proxy.url;
+          diag.servers.push(server);
+          resolvePromise(server);
+        },
+        (e) => {
+          proc.kill("SIGKILL");
+          reject(e);
+        },
+      );
     });
   });
+}
+
+async function latencyProxy(port) {
+  let proxy = latencyProxies.get(port);
+  if (!proxy) {
+    proxy = await startProxy(port, { latencyMs: LATENCY, unref: true });
+    latencyProxies.set(port, proxy);
+  }
+  return proxy;
 }
 
 /**
  * A TCP proxy on 127.0.0.1 between pages and the server that can hold back the bytes of one
  * direction ("up": page to server, "down": server to page) and cut every open connection, to
  * lose a request or its reply on purpose. New connections after a cut go through normally.
+ * `latencyMs` delays every chunk by that much plus up to half as much again at random, in
+ * order within each direction (the stress mode's network). `unref`: the proxy does not keep
+ * the process alive.
  */
-export async function startProxy(upstreamPort) {
+export async function startProxy(upstreamPort, { latencyMs = 0, unref = false } = {}) {
   /** @type {Set<{ client: import("node:net").Socket, server: import("node:net").Socket }>} */
   const pairs = new Set();
   const hold = { up: false, down: false };
@@ -122,10 +208,33 @@ export async function startProxy(upstreamPort) {
     const server = connect(upstreamPort, "127.0.0.1");
     const pair = { client, server };
     pairs.add(pair);
-    const forward = (from, to, dir) =>
+    const forward = (from, to, dir) => {
+      // Delayed chunks of this direction, oldest first, written by one timer at a time: timers
+      // of different durations due in the same millisecond may fire in any order, and a
+      // reordered chunk would corrupt the stream.
+      /** @type {{ due: number, chunk: Buffer }[]} */
+      const queue = [];
+      let timer = null;
+      const flush = () => {
+        timer = null;
+        while (queue.length > 0 && queue[0].due <= Date.now()) {
+          const { chunk } = /** @type {{ due: number, chunk: Buffer }} */ (queue.shift());
+          if (!to.destroyed) to.write(chunk);
+        }
+        if (queue.length > 0) timer = setTimeout(flush, queue[0].due - Date.now());
+      };
       from.on("data", (chunk) => {
-        if (!hold[dir]) to.write(chunk); // held bytes are dropped: the cut that follows loses them
+        if (hold[dir]) return; // held bytes are dropped: the cut that follows loses them
+        if (latencyMs <= 0) {
+          to.write(chunk);
+          return;
+        }
+        // Never before the previous chunk of this direction.
+        const last = queue.length > 0 ? queue[queue.length - 1].due : 0;
+        queue.push({ due: Math.max(last, Date.now() + latencyMs + Math.random() * latencyMs * 0.5), chunk });
+        if (timer === null) timer = setTimeout(flush, queue[0].due - Date.now());
       });
+    };
     forward(client, server, "up");
     forward(server, client, "down");
     const end = () => {
@@ -137,6 +246,7 @@ export async function startProxy(upstreamPort) {
     server.on("close", end).on("error", end);
   });
   await new Promise((r) => proxy.listen(0, "127.0.0.1", () => r(undefined)));
+  if (unref) proxy.unref();
   const address = proxy.address();
   const port = typeof address === "object" && address ? address.port : 0;
   return {
@@ -185,22 +295,37 @@ export const PHONE = { viewport: { width: 390, height: 780 }, deviceScaleFactor:
 export const DESKTOP = { viewport: { width: 1100, height: 760 } };
 
 /** A new browser context (its own storage, like another person) with one page; console
- * errors and page errors are collected on `page.errors`. */
+ * errors and page errors are collected on `page.errors`, every console line (the last 100) on
+ * `page.consoleLines` for the diagnostics. */
 export async function openPage(browser, options = DESKTOP) {
   const context = await browser.newContext(options);
   const page = await context.newPage();
   const errors = [];
-  page.on("pageerror", (e) => errors.push(`pageerror: ${e.message}`));
+  const consoleLines = ring(CONSOLE_LINES);
+  page.on("pageerror", (e) => {
+    errors.push(`pageerror: ${e.message}`);
+    consoleLines.push(`${stamp()} pageerror: ${e.stack ?? e.message}`);
+  });
   page.on("console", (m) => {
+    consoleLines.push(`${stamp()} ${m.type()}: ${m.text()}`);
     // Chromium logs every refused connection attempt itself while the server is down.
     const expected = /^WebSocket connection to .* failed|^Failed to load resource: net::ERR_CONNECTION_REFUSED/;
     if (m.type() === "error" && !expected.test(m.text())) errors.push(`console: ${m.text()}`);
   });
-  return Object.assign(page, { errors });
+  page.on("crash", () => consoleLines.push(`${stamp()} the page crashed`));
+  const p = Object.assign(page, { errors, consoleLines, label: `page ${diag.pages.length + 1}` });
+  diag.pages.push(p);
+  return p;
 }
 
-/** Opens the demo, picks `nick` and `room` in the join form, waits until the room is ready. */
+/** Opens the demo, picks `nick` and `room` in the join form, waits until the room is ready.
+ * In the stress mode (`E2E_LATENCY_MS`) the page connects through the server's latency proxy
+ * unless `query` names a server. */
 export async function joinRoom(page, server, nick, room, query = "") {
+  page.label = `page ${diag.pages.indexOf(page) + 1} (${nick})`;
+  if (server.clientUrl !== server.url && !query.includes("server=")) {
+    query = `${query ? `${query}&` : "?"}server=${encodeURIComponent(server.clientUrl)}`;
+  }
   await page.goto(`${server.url}/${query}#${room}`);
   await page.locator("#nick").fill(nick);
   await page.locator("#room").fill(room);
@@ -210,12 +335,17 @@ export async function joinRoom(page, server, nick, room, query = "") {
 
 /** The room shows its history and is subscribed; the connection is up. */
 export async function waitReady(page) {
-  await page.locator('#chat[data-ready="true"]').waitFor({ timeout: WAIT });
+  await waitFor(page, '#chat[data-ready="true"]', "waitReady");
   await waitStatus(page, "connected");
 }
 
 export async function waitStatus(page, status) {
-  await page.locator(`#status[data-status="${status}"]`).waitFor({ timeout: WAIT });
+  await waitFor(page, `#status[data-status="${status}"]`, `waitStatus(${status})`);
+}
+
+/** Waits until `selector` matches; a timeout fails with the diagnostics. */
+export async function waitFor(page, selector, what = `waitFor(${selector})`) {
+  await diagnosed(`${what} on ${page.label}`, page.locator(selector).waitFor({ timeout: WAIT }));
 }
 
 /** Types `text` into the composer and presses Send. */
@@ -237,12 +367,139 @@ export async function shown(page) {
 
 /** Waits until the page shows `count` confirmed messages and none pending. */
 export async function waitShown(page, count) {
-  await page.waitForFunction(
-    (n) => document.querySelectorAll("#messages li.msg").length === n && document.querySelectorAll("#pending li").length === 0,
-    count,
-    { timeout: WAIT },
+  await diagnosed(
+    `waitShown(${page.label}, ${count})`,
+    page.waitForFunction(
+      (n) => document.querySelectorAll("#messages li.msg").length === n && document.querySelectorAll("#pending li").length === 0,
+      count,
+      { timeout: WAIT },
+    ),
   );
   return shown(page);
+}
+
+/**
+ * Awaits `promise`; if it fails, fails with `what`, the original error and `diagnostics()` of
+ * every page and server of the test (also written to the output directory).
+ */
+export async function diagnosed(what, promise) {
+  try {
+    return await promise;
+  } catch (e) {
+    throw await withDiagnostics(e, what);
+  }
+}
+
+/** `e` with the diagnostics appended to its message (once), also saved to a file. */
+export async function withDiagnostics(e, what = "the test failed") {
+  const err = e instanceof Error ? e : new Error(String(e));
+  if (/** @type {any} */ (err).diagnosed) return err;
+  const text = await diagnostics();
+  let file = "";
+  try {
+    mkdirSync(outputDir, { recursive: true });
+    file = join(outputDir, `${diag.name || "test"}-diagnostics-${Date.now()}.txt`);
+    writeFileSync(file, `${what}\n${err.stack ?? err.message}\n\n${text}\n`);
+  } catch {
+    file = "(not saved)";
+  }
+  // A new error: the test runner prints the stack, which holds the message it was made with.
+  const out = new Error(`${what}: ${err.message}\n\n${text}\n(saved in ${file})\n`, { cause: err });
+  return Object.assign(out, { diagnosed: true });
+}
+
+/** What each page of the current test knows and the servers' logs, as text. */
+export async function diagnostics() {
+  const out = [`==== diagnostics of "${diag.name}" at ${stamp()}`];
+  for (const page of diag.pages) out.push(...(await pageDiagnostics(page)));
+  for (const [i, s] of diag.servers.entries()) {
+    const lines = s.log.lines();
+    out.push(
+      `---- server ${i + 1}: ${s.addr} (pid ${s.pid}) started ${s.started}${s.exit ? `, exited ${s.exit}` : ", running"}; clients via ${s.clientUrl}`,
+      `  log (last ${lines.length} of ${s.log.total} lines):`,
+      ...lines.map((l) => `  ${l}`),
+    );
+  }
+  return out.join("\n");
+}
+
+/** One page: what it shows, `window.ivyDebug()` (the client and the room), its console. */
+async function pageDiagnostics(page) {
+  const out = [`---- ${page.label}: ${page.isClosed() ? "closed" : page.url()}`];
+  if (!page.isClosed()) {
+    const state = await Promise.race([
+      page
+        .evaluate(() => {
+          const q = (s) => document.querySelector(s);
+          const msgs = Array.from(document.querySelectorAll("#messages li.msg"));
+          let debug;
+          try {
+            const w = /** @type {any} */ (window);
+            debug = typeof w.ivyDebug === "function" ? w.ivyDebug() : "window.ivyDebug is missing";
+          } catch (e) {
+            debug = `ivyDebug() threw: ${e instanceof Error ? e.stack || e.message : String(e)}`;
+          }
+          return {
+            dom: {
+              status: q("#status")?.getAttribute("data-status") ?? null,
+              ready: q("#chat")?.getAttribute("data-ready") ?? null,
+              notice: q("#notice")?.hidden === false ? q("#notice")?.textContent : null,
+              shown: msgs.length,
+              last: msgs.slice(-3).map((e) => `${e.getAttribute("data-ts")} ${e.getAttribute("data-nick")}: ${e.querySelector(".text")?.textContent}`),
+              pending: Array.from(document.querySelectorAll("#pending li")).map((e) => `${e.getAttribute("data-state")} ${e.getAttribute("data-id")}: ${e.querySelector(".text")?.textContent}`),
+            },
+            debug,
+          };
+        })
+        .catch((e) => `evaluate failed: ${e instanceof Error ? e.message : String(e)}`),
+      sleep(5000).then(() => "the page did not answer within 5 s"),
+    ]);
+    if (typeof state === "string") {
+      out.push(`  ${state}`);
+    } else {
+      out.push(`  shows: ${JSON.stringify(state.dom)}`);
+      out.push(...formatDebug(state.debug));
+    }
+  }
+  const lines = page.consoleLines.lines();
+  out.push(`  console (last ${lines.length} of ${page.consoleLines.total}):`, ...lines.map((l) => `    ${l}`));
+  return out;
+}
+
+/** `ivyDebug()`'s object, readable: times relative to the page's clock now. */
+function formatDebug(debug) {
+  if (typeof debug !== "object" || debug === null) return [`  client: ${String(debug)}`];
+  const { client, room } = debug;
+  if (!client || typeof client !== "object" || !client.client) return [`  client: ${JSON.stringify(client)}`];
+  const now = client.now;
+  const rel = (t) => (typeof t === "number" ? `${t - now >= 0 ? "+" : ""}${Math.round(t - now)}ms` : "none");
+  const c = client.client;
+  const attempt = c.attempt !== null ? ` (attempt ${c.attempt})` : "";
+  const out = [
+    `  client: ${c.state}${attempt}; timers: connect ${rel(c.connectTimer)}, retry ${rel(c.retryTimer)}, idle ${rel(c.idleTimer)}, probe ${rel(c.probeTimer)}`,
+  ];
+  for (const s of c.subscriptions) {
+    const backfill = s.phase === "backfilling" ? `, complete ${s.complete}, target ${s.target}` : s.target ? `, forgotten up to ${s.target}` : "";
+    const page = s.page
+      ? `, page #${s.page.id} after ${s.page.after ?? "the beginning"} in flight (deadline ${rel(s.pageDeadline)})`
+      : s.pageRetry !== null
+        ? `, page retry ${rel(s.pageRetry)}`
+        : "";
+    const failures = s.pageFailures > 0 ? `, ${s.pageFailures} failed pages` : "";
+    const hold = s.ownUnacked > 0 ? `, holding live events after ${s.released} for ${s.ownUnacked} own sends` : "";
+    out.push(`    subscription ${s.id} ${s.path}: ${s.phase}, last ${s.last}${backfill}, ${s.buffered} buffered${page}${failures}${hold}`);
+  }
+  if (c.subscriptions.length === 0) out.push("    no subscription");
+  for (const p of c.pending) {
+    const what = [p.kind, p.request !== null ? `request ${p.request}` : "", p.path ?? "", p.sub !== null ? `sub ${p.sub}` : ""].filter(Boolean).join(" ");
+    out.push(`    pending #${p.key} ${what}${p.deadline !== null ? `, deadline ${rel(p.deadline)}` : ""}`);
+  }
+  for (const q of c.offline) out.push(`    offline send ${q.request} ${q.path}, queued ${rel(q.queuedAt)}`);
+  out.push(`  driver: ${JSON.stringify({ ...client.driver, timerAt: rel(client.driver.timerAt) })}`);
+  out.push(`  room: ${JSON.stringify(room)}`);
+  out.push(`  trace (last ${client.trace.length} of ${client.traceTotal}):`);
+  for (const e of client.trace) out.push(`    ${rel(e.at).padStart(9)} ${e.kind.padEnd(10)} ${e.text}`);
+  return out;
 }
 
 /** The server's log of `/chat/<room>`, parsed and unescaped (`%25` → `%`, `%0A` → LF). */

@@ -57,6 +57,13 @@ const STATUS_TEXT: Record<IvyStatus, string> = {
 let client: IvyClient;
 let room: Room | undefined;
 
+declare global {
+  interface Window {
+    /** Debugging aid: what this page's client and room know (see README, "When it stalls"). */
+    ivyDebug?: () => object;
+  }
+}
+
 function showStatus(status: IvyStatus): void {
   ui.status.dataset.status = status;
   ui.statusText.textContent = STATUS_TEXT[status] ?? status;
@@ -194,6 +201,7 @@ async function main(): Promise<void> {
   await init();
   client = new IvyClient(serverUrl(), { maxBackoffMs: 4000 });
   showStatus(client.status);
+  window.ivyDebug = () => ({ client: client.debugState() as object, room: room?.debugState() ?? null });
   client.onStatus((s) => {
     showStatus(s);
     room?.onStatus(s);

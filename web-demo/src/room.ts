@@ -119,6 +119,17 @@ export class Room {
     this.view.removePending(id);
   }
 
+  /** What the room knows, for `ivyDebug()` (see main.ts). */
+  debugState(): object {
+    return {
+      path: this.path,
+      subscribed: this.sub !== undefined,
+      closed: this.closed,
+      lastTs: this.lastTs ?? null,
+      pending: [...this.pending].map(([id, p]) => ({ id, state: this.view.pendingState(id) ?? null, after: p.after ?? null, text: p.text.slice(0, 80) })),
+    };
+  }
+
   close(): void {
     this.closed = true;
     this.sub?.unsubscribe();

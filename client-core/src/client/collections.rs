@@ -42,6 +42,10 @@ impl<K: Ord + Copy, V> VecMap<K, V> {
         self.find(k).ok().and_then(|i| self.entries.remove(i)).map(|(_, v)| v)
     }
 
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.entries.iter().map(|(k, v)| (k, v))
+    }
+
     pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = (&K, &mut V)> {
         self.entries.iter_mut().map(|(k, v)| (&*k, v))
     }

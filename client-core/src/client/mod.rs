@@ -6,7 +6,8 @@
 //! of `quinn-proto`:
 //!
 //! - getters: [`Client::state`], [`Client::sub_path`], [`Client::sub_last`],
-//!   [`Client::is_live`];
+//!   [`Client::is_live`], and for diagnostics [`Client::debug_state`] (with [`Trace`], a
+//!   ring of recent I/O that a driver may keep: `debug.rs`);
 //! - inputs: [`Client::start`], [`Client::handle_connected`], [`Client::handle_frame`],
 //!   [`Client::handle_activity`], [`Client::handle_disconnected`],
 //!   [`Client::handle_timeout`], [`Client::handle_log_page`];
@@ -62,6 +63,7 @@ use alloc::string::{String, ToString};
 
 mod collections;
 mod config;
+mod debug;
 mod error;
 mod requests;
 mod subscription;
@@ -69,6 +71,7 @@ mod timer;
 
 use collections::VecMap;
 pub use config::Config;
+pub use debug::{DebugState, JsonWriter, PendingDebug, QueuedDebug, SubDebug, TRACE_TEXT, Trace, TraceEntry};
 pub use error::{ClientError, ServerCode, SubscriptionError};
 use requests::{Answered, Control, Requests};
 use subscription::{Ctx, Sub};

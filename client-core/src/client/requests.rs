@@ -10,6 +10,7 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use super::collections::VecMap;
+use super::debug::{PendingDebug, QueuedDebug};
 use super::{ClientError, ClientEvent, Millis, RequestId, SubId};
 use crate::timestamp::Timestamp;
 use crate::wire::{Command, Op};
@@ -164,6 +165,32 @@ impl Requests {
     /// How many sends into `channel` (or below it) await their reply.
     pub(super) fn sends_within(&self, channel: &str) -> usize {
         self.timed.values().filter(|t| matches!(&t.kind, Kind::Send { path, .. } if crate::path::is_within(path, channel))).count()
+    }
+
+    /// The requests awaiting their reply: the sends and time requests by ack key, then the
+    /// others by ack key, for [`Client::debug_state`](super::Client::debug_state).
+    pub(super) fn pending_debug(&self) -> impl Iterator<Item = PendingDebug<'_>> {
+        let timed = self.timed.iter().map(|(&key, t)| {
+            let (kind, path) = match &t.kind {
+                Kind::Send { path, .. } => ("send", Some(path.as_str())),
+                Kind::Time => ("time", None),
+            };
+            PendingDebug { key, kind, request: Some(t.id), sub: None, path, deadline: Some(t.deadline) }
+        });
+        let control = self.control.iter().map(|(&key, c)| {
+            let (kind, sub) = match *c {
+                Control::Subscribe(sub) => ("subscribe", Some(sub)),
+                Control::Unsubscribe => ("unsubscribe", None),
+                Control::Probe => ("probe", None),
+            };
+            PendingDebug { key, kind, request: None, sub, path: None, deadline: None }
+        });
+        timed.chain(control)
+    }
+
+    /// The offline queue, oldest first, for [`Client::debug_state`](super::Client::debug_state).
+    pub(super) fn offline_debug(&self) -> impl Iterator<Item = QueuedDebug<'_>> {
+        self.offline.iter().map(|q| QueuedDebug { id: q.id, path: &q.path, queued_at: q.queued_at })
     }
 
     /// Queues a send made while disconnected; false when `capacity` sends wait already.

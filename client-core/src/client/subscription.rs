@@ -11,6 +11,7 @@ use alloc::format;
 use alloc::string::String;
 
 use super::collections::MergeBuf;
+use super::debug::SubDebug;
 use super::{ClientEvent, Config, LogRequest, Millis, Start, SubId};
 use crate::http::parse_log;
 use crate::path;
@@ -280,6 +281,48 @@ impl Sub {
                 self.advance(sub, cx)
             }
         }
+    }
+
+    /// What the subscription is doing, for [`Client::debug_state`](super::Client::debug_state).
+    pub(super) fn debug(&self, id: SubId) -> SubDebug<'_> {
+        let mut d = SubDebug {
+            id,
+            path: &self.path,
+            phase: "offline",
+            last: self.last,
+            complete: None,
+            target: None,
+            buffered: self.buf.len(),
+            page: None,
+            page_deadline: None,
+            page_retry: None,
+            page_failures: 0,
+            own_unacked: self.own_unacked,
+            released: self.holding().then_some(self.released),
+        };
+        match &self.phase {
+            Phase::Offline => {}
+            Phase::Subscribing { forgotten } => {
+                d.phase = "subscribing";
+                d.target = *forgotten;
+            }
+            Phase::Backfilling(b) => {
+                d.phase = "backfilling";
+                d.complete = Some(b.complete);
+                d.target = Some(b.target);
+                d.page_failures = b.failures;
+                match b.page {
+                    PageState::Idle => {}
+                    PageState::InFlight { id, after, deadline } => {
+                        d.page = Some((id, after));
+                        d.page_deadline = Some(deadline);
+                    }
+                    PageState::RetryAt(t) => d.page_retry = Some(t),
+                }
+            }
+            Phase::Live => d.phase = "live",
+        }
+        d
     }
 
     /// When [`Sub::on_timeout`] has something to do: the outstanding page's deadline or the

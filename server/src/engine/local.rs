@@ -285,6 +285,8 @@ impl Sequencer {
         // Stored: log readers may see the batch now, before any subscriber gets it.
         if let Some((ts, _)) = lines.last() {
             self.shared.visible.raise(*ts);
+            // One line per group commit (the events themselves: the connections' "out" lines).
+            tracing::trace!(events = lines.len(), first = %lines[0].0, last = %ts, "committed");
         }
         let mut done = Vec::with_capacity(batch.len());
         let published: Vec<Published> = batch

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The browser end-to-end tests in their stress mode (web-demo/e2e/stress.mjs): builds what they
+# need (the server and CLI binaries, the wasm package, the demo), then runs them repeatedly.
+# Arguments go to stress.mjs, for example:
+#   ./scripts/stress-web.sh --runs 100 --grep "server restart" --load 2 --latency 20
+# Set IVY_STRESS_NO_BUILD=1 to skip the builds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${IVY_STRESS_NO_BUILD:-}" != 1 ]; then
+  cargo build -p ivy-server -p ivy-client-native --bins
+  client-wasm/build.sh
+  (cd web-demo && npm install --no-audit --no-fund && npm run --silent build)
+fi
+cd web-demo
+exec node e2e/stress.mjs "$@"
