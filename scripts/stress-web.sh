@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "${IVY_STRESS_NO_BUILD:-}" != 1 ]; then
-  cargo build -p ivy-server -p ivy-client-native --bins
+  cargo build -p ivy-server -p ivy-client-native --features ivy-client-native/cli --bins
   client-wasm/build.sh
   (cd web-demo && npm install --no-audit --no-fund && npm run --silent build)
 fi

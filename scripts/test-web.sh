@@ -40,5 +40,5 @@ step "web demo: vite build"
 (cd web-demo && npm run --silent build)
 
 step "web demo: browser end-to-end tests"
-cargo build -p ivy-server -p ivy-client-native --bins
+cargo build -p ivy-server -p ivy-client-native --features ivy-client-native/cli --bins
 (cd web-demo && node e2e/run.mjs)

@@ -20,6 +20,15 @@ cargo build -p ivy-client-core --target wasm32-unknown-unknown
 results=$(mktemp)
 trap 'rm -f "$results"' EXIT
 
+step "the Rust client library alone pulls in none of the CLI's dependencies (they are behind its cli feature)"
+cli_only=$(cargo tree -p ivy-client-native -e normal --prefix none | grep -E '^(clap|tracing-subscriber|serde_json|humantime|rustix) ' || true)
+if [ -n "$cli_only" ]; then
+  echo "$cli_only"
+  echo "check: 0 passed, 1 failed (ivy-client-native without the cli feature)" | tee -a "$results"
+else
+  echo "check: 1 passed, 0 failed (ivy-client-native without the cli feature: $(cargo tree -p ivy-client-native -e normal --prefix none | sort -u | wc -l) crates)" | tee -a "$results"
+fi
+
 step "binaries the integration tests start (ivy-server, ivy; cargo test does not build a dependency's binaries)"
 cargo build --workspace --bins
 

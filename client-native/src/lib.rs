@@ -99,7 +99,8 @@ pub enum Error {
     /// which this client does not build in. Nothing was attempted; fix the URL.
     InvalidUrl(UrlError),
     /// The first connection failed (see [`ClientBuilder::retry_initial_connect`]): the server
-    /// is unreachable, or it refused the handshake ([`ConnectError::status`]).
+    /// is unreachable, or it refused the handshake ([`ConnectError::status`]). Also from
+    /// [`LogReader::log`] when no TCP connection to the server could be made.
     Connect(ConnectError),
     /// A request failed; see [`ClientError`] for what the caller should do, and
     /// [`Error::is_uncertain`].
@@ -253,10 +254,11 @@ impl ClientBuilder {
 
     /// Starts the client and waits for the first connection.
     pub async fn connect(self) -> Result<Client, Error> {
-        let endpoints = endpoints(&self.url)?;
-        let http: Http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        let logs = LogReader::new(&self.url)?;
+        let (endpoints, http) = (logs.endpoints.clone(), logs.http.clone());
         let (tx, rx) = mpsc::unbounded_channel();
         let (state_tx, mut state_rx) = watch::channel(ConnState::Idle);
+        let (connections_tx, connections) = watch::channel(0u64);
         let last_error = Arc::new(Mutex::new(None::<ConnectError>));
         // A write that cannot complete (a peer that stopped reading, a half-open TCP
         // connection) must not stall the driver past the dead-connection deadline.
@@ -269,13 +271,14 @@ impl ClientBuilder {
             epoch: Instant::now(),
             write_timeout,
             state_tx,
+            connections_tx,
             last_error: last_error.clone(),
             subs: HashMap::new(),
             sends: HashMap::new(),
             times: HashMap::new(),
         };
         tokio::spawn(driver.run(rx));
-        let client = Client { tx, state: state_rx.clone(), endpoints, http };
+        let client = Client { tx, state: state_rx.clone(), connections, logs };
         loop {
             let state = *state_rx.borrow_and_update();
             match state {
@@ -301,8 +304,56 @@ impl ClientBuilder {
 pub struct Client {
     tx: mpsc::UnboundedSender<Cmd>,
     state: watch::Receiver<ConnState>,
+    connections: watch::Receiver<u64>,
+    logs: LogReader,
+}
+
+/// Reads channel logs over HTTP alone, with no WebSocket connection (for a program that only
+/// reads history, such as `ivy log`). [`Client::log`] is the same. Cheap to clone.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), ivy_client_native::Error> {
+/// use ivy_client_native::{LogQuery, LogReader};
+/// let logs = LogReader::new("ws://127.0.0.1:8080")?; // checks the URL; connects on each read
+/// let last_ten = logs.log("/chat", LogQuery::Last(10.try_into().unwrap())).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct LogReader {
     endpoints: Endpoints,
     http: Http,
+}
+
+impl LogReader {
+    /// A reader of the server at `url` (its base URL, as for [`Client::connect`]); fails only
+    /// for an invalid URL.
+    pub fn new(url: &str) -> Result<LogReader, Error> {
+        let endpoints = endpoints(url)?;
+        Ok(LogReader { endpoints, http: http_client() })
+    }
+
+    /// The server's endpoints.
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.endpoints
+    }
+
+    /// Reads a channel's log (its whole subtree, in timestamp order): all of it
+    /// ([`LogQuery::All`]), its last events ([`LogQuery::Last`]) or one page
+    /// ([`LogQuery::Page`]). [`Error::Connect`] when no TCP connection to the server could be
+    /// made, [`Error::Log`] when the request or its answer failed.
+    pub async fn log(&self, path: &str, query: LogQuery) -> Result<Vec<Event>, Error> {
+        let path = ivy_core::path::normalize(path.as_bytes()).map_err(|e| Error::Request(ClientError::InvalidPath(e)))?;
+        let body = match fetch(&self.http, &format!("{}{}", self.endpoints.http, query.target(&path))).await {
+            Ok(body) => body,
+            Err(Fetch::Connect(message)) => return Err(Error::Connect(ConnectError { status: None, message })),
+            Err(Fetch::Log(e)) => return Err(Error::Log(e)),
+        };
+        ivy_core::http::parse_log(&body).map_err(|e| Error::Log(LogError { status: None, message: format!("unparsable log line: {e}") }))
+    }
+}
+
+fn http_client() -> Http {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
 }
 
 impl fmt::Debug for Cmd {
@@ -324,7 +375,7 @@ impl Client {
 
     /// The server's endpoints.
     pub fn endpoints(&self) -> &Endpoints {
-        &self.endpoints
+        &self.logs.endpoints
     }
 
     /// Subscribes to `path` (and its descendants) from now on.
@@ -359,16 +410,22 @@ impl Client {
 
     /// Reads a channel's log (its whole subtree, in timestamp order): all of it
     /// ([`LogQuery::All`]), its last events ([`LogQuery::Last`]) or one page
-    /// ([`LogQuery::Page`]).
+    /// ([`LogQuery::Page`]). See [`LogReader::log`].
     pub async fn log(&self, path: &str, query: LogQuery) -> Result<Vec<Event>, Error> {
-        let path = ivy_core::path::normalize(path.as_bytes()).map_err(|e| Error::Request(ClientError::InvalidPath(e)))?;
-        let body = fetch(&self.http, &format!("{}{}", self.endpoints.http, query.target(&path))).await.map_err(Error::Log)?;
-        ivy_core::http::parse_log(&body).map_err(|e| Error::Log(LogError { status: None, message: format!("unparsable log line: {e}") }))
+        self.logs.log(path, query).await
     }
 
-    /// A watch of the connection state.
+    /// A watch of the connection state. A watch shows the latest state only: a connection
+    /// that drops and comes back between two looks may show as `Connected` throughout; see
+    /// [`Client::connections`].
     pub fn state(&self) -> watch::Receiver<ConnState> {
         self.state.clone()
+    }
+
+    /// A watch of how many connections this client has made: 1 once connected, one more at
+    /// each reconnect (so that no reconnect goes unnoticed, however quick).
+    pub fn connections(&self) -> watch::Receiver<u64> {
+        self.connections.clone()
     }
 
     /// Closes the connection; pending requests fail with [`Error::Closed`] and subscription
@@ -403,18 +460,38 @@ impl Drop for Subscription {
     }
 }
 
-async fn fetch(http: &Http, url: &str) -> Result<String, LogError> {
-    let failed = |message: String| LogError { status: None, message };
+/// Why a log request failed: no connection could be made, or the request or answer failed.
+enum Fetch {
+    Connect(String),
+    Log(LogError),
+}
+
+impl From<Fetch> for LogError {
+    fn from(f: Fetch) -> LogError {
+        match f {
+            Fetch::Connect(message) => LogError { status: None, message },
+            Fetch::Log(e) => e,
+        }
+    }
+}
+
+async fn fetch(http: &Http, url: &str) -> Result<String, Fetch> {
+    let failed = |message: String| Fetch::Log(LogError { status: None, message });
     let uri: hyper::Uri = url.parse().map_err(|e| failed(format!("{url}: {e}")))?;
-    let resp = tokio::time::timeout(Duration::from_secs(30), http.get(uri))
-        .await
-        .map_err(|_| failed("timed out".into()))?
-        .map_err(|e| failed(e.to_string()))?;
+    let resp = match tokio::time::timeout(Duration::from_secs(30), http.get(uri)).await {
+        Err(_) => return Err(failed("timed out".into())),
+        Ok(Err(e)) if e.is_connect() => {
+            let cause = std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
+            return Err(Fetch::Connect(format!("{url}: {cause}")));
+        }
+        Ok(Err(e)) => return Err(failed(e.to_string())),
+        Ok(Ok(resp)) => resp,
+    };
     let status = resp.status();
     let body = resp.into_body().collect().await.map_err(|e| failed(e.to_string()))?.to_bytes();
     let text = String::from_utf8(body.to_vec()).map_err(|_| failed("log body is not UTF-8".into()))?;
     if status != hyper::StatusCode::OK {
-        return Err(LogError { status: Some(status.as_u16()), message: text.trim_end().into() });
+        return Err(Fetch::Log(LogError { status: Some(status.as_u16()), message: text.trim_end().into() }));
     }
     Ok(text)
 }
@@ -430,6 +507,7 @@ struct Driver {
     epoch: Instant,
     write_timeout: Duration,
     state_tx: watch::Sender<ConnState>,
+    connections_tx: watch::Sender<u64>,
     last_error: Arc<Mutex<Option<ConnectError>>>,
     subs: HashMap<SubId, mpsc::UnboundedSender<Result<Event, SubscriptionError>>>,
     sends: HashMap<RequestId, oneshot::Sender<Result<Timestamp, ClientError>>>,
@@ -490,7 +568,7 @@ impl Driver {
                     Action::FetchLog(req) => {
                         let (http, url, tx) = (self.http.clone(), format!("{}{}", self.endpoints.http, req.target()), log_tx.clone());
                         tokio::spawn(async move {
-                            let _ = tx.send((req.id, fetch(&http, &url).await));
+                            let _ = tx.send((req.id, fetch(&http, &url).await.map_err(LogError::from)));
                         });
                     }
                 }
@@ -652,6 +730,10 @@ impl Driver {
                     tracing::debug!(?state, "connection state");
                     if state == ConnState::Closed {
                         self.subs.clear();
+                    }
+                    if state == ConnState::Connected {
+                        // Before the state, so that a watcher of both sees the count first.
+                        self.connections_tx.send_modify(|n| *n += 1);
                     }
                     let _ = self.state_tx.send(state);
                 }

@@ -4,7 +4,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use ivy_tests::{FaultProxy, TestServer, ivy_bin, log_text, temp_dir};
+use ivy_tests::{Client, FaultProxy, TestServer, ivy_bin, log_text, temp_dir};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 async fn ivy(url: &str, args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
@@ -67,23 +67,44 @@ async fn time_send_log_and_errors() {
     let out = tokio::process::Command::new(ivy_bin()).arg("time").env("IVY_URL", &url).output().await.unwrap();
     assert!(out.status.success());
 
-    // Errors: refused by the server (1), usage (2), cannot connect (3).
-    let (code, _, err) = ivy(&url, &["send", "/Bad", "x"], None).await;
-    assert_eq!(code, 1);
-    assert!(err.contains("invalid path"), "{err}");
-    let (code, _, err) = ivy(&url, &["log", "/c", "-n", "0"], None).await;
-    assert_eq!(code, 1);
-    assert!(err.contains("invalid line count"), "{err}");
-    let (code, _, err) = ivy(&url, &["log", "/c", "--after", "yesterday"], None).await;
-    assert_eq!(code, 2);
-    assert!(err.contains("--after"), "{err}");
+    // `pub` is `send`; `time --human` is a UTC date.
+    let (code, out, _) = ivy(&url, &["pub", "/c", "five"], None).await;
+    assert_eq!(code, 0);
+    assert!(is_ts(out.trim()), "{out}");
+    let (code, out, _) = ivy(&url, &["time", "--human"], None).await;
+    assert_eq!(code, 0);
+    let date = out.trim();
+    assert!(date.len() == 30 && date.starts_with("20") && date.ends_with('Z') && date.as_bytes()[10] == b'T', "{out}");
+
+    // Errors: refused by the server (1), usage (2: found before connecting, so the same
+    // against a dead address), cannot connect (3).
+    let (code, _, err) = ivy(&url, &["send", "/c", &"x".repeat(70_000)], None).await;
+    assert_eq!(code, 1, "{err}");
     let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
-    let (code, _, err) = ivy(&format!("ws://{dead}"), &["time"], None).await;
-    assert_eq!(code, 3);
-    assert!(err.contains("cannot connect"), "{err}");
-    let (code, _, err) = ivy("wss://secure.example", &["time"], None).await;
-    assert_eq!(code, 3);
-    assert!(err.contains("invalid server URL"), "{err}");
+    let dead = format!("ws://{dead}");
+    for (args, says) in [
+        (&["send", "/Bad", "x"][..], "invalid path"),
+        (&["sub", "/a", "/Bad"][..], "invalid path"),
+        (&["log", "/c", "-n", "0"][..], "--last"),
+        (&["log", "/c", "--limit", "0"][..], "--limit"),
+        (&["sub", "/c", "--count", "0"][..], "--count"),
+        (&["log", "/c", "--after", "yesterday"][..], "--after"),
+        (&["log", "/c", "--json", "--raw"][..], "--raw"),
+    ] {
+        let (code, _, err) = ivy(&dead, args, None).await;
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    for bad_url in ["wss://secure.example", "ftp://x", "ws://"] {
+        let (code, _, err) = ivy(bad_url, &["time"], None).await;
+        assert_eq!(code, 2, "{bad_url}: {err}");
+        assert!(err.contains("--url"), "{err}");
+    }
+    for args in [&["time"][..], &["send", "/c", "x"], &["sub", "/c"], &["log", "/c"]] {
+        let (code, _, err) = ivy(&dead, args, None).await;
+        assert_eq!(code, 3, "{args:?}: {err}");
+        assert!(err.contains("cannot connect"), "{args:?}: {err}");
+    }
     server.stop().await;
 }
 
@@ -126,5 +147,199 @@ async fn sub_prints_exactly_the_log_through_random_cuts() {
     assert!(status.success(), "ivy sub exits after --count events");
     let log: Vec<String> = log_text(server.addr, "/log/s").await.lines().map(str::to_string).collect();
     assert_eq!(printed, log);
+    server.stop().await;
+}
+
+fn spawn_ivy(url: &str, args: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new(ivy_bin())
+        .arg("--url")
+        .arg(url)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn ivy")
+}
+
+fn interrupt(child: &tokio::process::Child) {
+    let pid = child.id().expect("running").to_string();
+    assert!(std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+}
+
+async fn exit_code(child: &mut tokio::process::Child) -> i32 {
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.expect("ivy exited in time").unwrap();
+    status.code().expect("an exit code")
+}
+
+/// `--json` and `--raw`, for `sub` and `log`: the data unescaped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_and_raw_output() {
+    let dir = temp_dir();
+    let server = TestServer::start_in(dir.path()).await;
+    let url = format!("ws://{}", server.addr);
+    let sub = spawn_ivy(&url, &["sub", "--from-beginning", "--json", "/j", "--count", "2"]);
+    let raw_sub = spawn_ivy(&url, &["sub", "--from-beginning", "--raw", "/j", "--count", "2"]);
+    // A send's data is taken as it is (event lines escape % as %25 and a newline as %0A).
+    let mut c = Client::connect(&server.ws_url()).await;
+    let t1 = c.publish("/j/a", "say \"hi\" 100% é").await;
+    let t2 = c.publish("/j", "two\nlines").await;
+    let json = format!(
+        "{{\"ts\":\"{t1}\",\"path\":\"/j/a\",\"data\":\"say \\\"hi\\\" 100% é\"}}\n{{\"ts\":\"{t2}\",\"path\":\"/j\",\"data\":\"two\\nlines\"}}\n"
+    );
+    let raw = "say \"hi\" 100% é\ntwo\nlines\n";
+    let (code, out, _) = ivy(&url, &["log", "/j", "--json"], None).await;
+    assert_eq!(code, 0);
+    assert_eq!(out, json);
+    let (_, out, _) = ivy(&url, &["log", "/j", "--raw"], None).await;
+    assert_eq!(out, raw);
+    let out = tokio::time::timeout(Duration::from_secs(10), sub.wait_with_output()).await.unwrap().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), json);
+    let out = tokio::time::timeout(Duration::from_secs(10), raw_sub.wait_with_output()).await.unwrap().unwrap();
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), raw);
+    c.close().await;
+    server.stop().await;
+}
+
+/// `ivy send` with a live standard input publishes each line when it is read (not at EOF or
+/// after 256 lines), and at Ctrl-C keeps what was sent and exits 130.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_publishes_stdin_lines_as_they_arrive() {
+    let dir = temp_dir();
+    let server = TestServer::start_in(dir.path()).await;
+    let url = format!("ws://{}", server.addr);
+    let mut child = spawn_ivy(&url, &["send", "/live"]);
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut acked = Vec::new();
+    for word in ["first", "second", "third"] {
+        stdin.write_all(format!("{word}\n").as_bytes()).await.unwrap();
+        stdin.flush().await.unwrap();
+        // Its timestamp comes while standard input is still open.
+        let ts = tokio::time::timeout(Duration::from_secs(10), out.next_line()).await.expect("a timestamp before EOF").unwrap().unwrap();
+        assert!(is_ts(&ts), "{ts}");
+        acked.push(format!("@{ts}:/live:{word}"));
+        assert_eq!(log_text(server.addr, "/log/live").await, acked.join("\n"));
+    }
+    // Ctrl-C with standard input still open: exits 130, nothing sent is lost.
+    interrupt(&child);
+    assert_eq!(exit_code(&mut child).await, 130);
+    assert_eq!(log_text(server.addr, "/log/live").await, acked.join("\n"));
+    drop(stdin);
+    server.stop().await;
+}
+
+/// `ivy sub ... | head -1`: once the reader of its output has gone, `sub` ends at once, not at
+/// its next event; Ctrl-C ends it with 130.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sub_ends_when_its_reader_goes_and_at_ctrl_c() {
+    let dir = temp_dir();
+    let server = TestServer::start_in(dir.path()).await;
+    let url = format!("ws://{}", server.addr);
+    let mut child = spawn_ivy(&url, &["sub", "--from-beginning", "/h"]);
+    let (code, _, err) = ivy(&url, &["send", "/h", "one"], None).await;
+    assert_eq!(code, 0, "{err}");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await.unwrap().unwrap().unwrap();
+    assert!(first.ends_with(":/h:one"), "{first}");
+    drop(lines);
+    assert_eq!(exit_code(&mut child).await, 0, "ended with no further event");
+
+    let mut child = spawn_ivy(&url, &["sub", "/h"]);
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // Live from its start, which comes some time after the spawn: send until one is printed.
+    let mut printed = false;
+    for i in 0..50 {
+        let (code, _, _) = ivy(&url, &["send", "/h", &format!("more {i}")], None).await;
+        assert_eq!(code, 0);
+        if let Ok(Ok(Some(_))) = tokio::time::timeout(Duration::from_millis(200), lines.next_line()).await {
+            printed = true;
+            break;
+        }
+    }
+    assert!(printed, "sub printed nothing");
+    interrupt(&child);
+    assert_eq!(exit_code(&mut child).await, 130);
+    server.stop().await;
+}
+
+/// `ivy log` reads over HTTP alone: it never opens the WebSocket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_needs_no_websocket() {
+    let dir = temp_dir();
+    let server = TestServer::start_in(dir.path()).await;
+    let (code, _, _) = ivy(&format!("ws://{}", server.addr), &["send", "/l", "x"], None).await;
+    assert_eq!(code, 0);
+    // A proxy that records the first line of every request it forwards.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let recorded = seen.clone();
+    let upstream = server.addr;
+    tokio::spawn(async move {
+        while let Ok((mut down, _)) = listener.accept().await {
+            let recorded = recorded.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n") {
+                    if tokio::io::AsyncReadExt::read(&mut down, &mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                recorded.lock().unwrap().push(String::from_utf8_lossy(&head).trim_end().to_string());
+                let mut up = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                up.write_all(&head).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+            });
+        }
+    });
+    let (code, out, err) = ivy(&format!("ws://{proxy}"), &["log", "/l"], None).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.ends_with(":/l:x\n"), "{out}");
+    assert_eq!(*seen.lock().unwrap(), ["GET /log/l HTTP/1.1"]);
+    server.stop().await;
+}
+
+/// `ivy sub` says on stderr when its connection is lost and when it is back (not with
+/// `--quiet`), and prints every event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sub_reports_reconnects_on_stderr() {
+    let dir = temp_dir();
+    let server = TestServer::start_in(dir.path()).await;
+    let proxy = FaultProxy::start(server.addr).await;
+    let url = format!("ws://{}", server.addr);
+    for quiet in [false, true] {
+        let mut args = vec!["sub", "--from-beginning", "/r", "--count", "2"];
+        if quiet {
+            args.push("--quiet");
+        }
+        let mut child = spawn_ivy(&proxy.url(), &args);
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (code, _, _) = ivy(&url, &["send", "/r", if quiet { "q1" } else { "one" }], None).await;
+        assert_eq!(code, 0);
+        let first = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await.unwrap().unwrap().unwrap();
+        proxy.cut_all();
+        let (code, _, _) = ivy(&url, &["send", "/r", if quiet { "q2" } else { "two" }], None).await;
+        assert_eq!(code, 0);
+        let mut printed = vec![first];
+        while let Ok(Ok(Some(l))) = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await {
+            printed.push(l);
+        }
+        let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output()).await.unwrap().unwrap();
+        assert!(out.status.success());
+        let log: Vec<String> = log_text(server.addr, "/log/r").await.lines().map(str::to_string).collect();
+        assert_eq!(printed, log[..2], "quiet: {quiet}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        if quiet {
+            assert_eq!(stderr, "");
+        } else {
+            let says = format!("ivy: disconnected from {0}; reconnecting\nivy: reconnected to {0}\n", proxy.url());
+            assert_eq!(stderr, says);
+        }
+    }
     server.stop().await;
 }

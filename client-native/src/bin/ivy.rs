@@ -1,26 +1,39 @@
-//! `ivy`: the command-line client.
+//! `ivy`: the command-line client (built with the `cli` feature).
 //!
-//! Exit codes: 0 success; 1 a request failed (refused by the server, lost, timed out), the log
-//! options are invalid (`-n 0`) or standard input cannot be read; 2 bad usage; 3 cannot
-//! connect to the server.
+//! Exit codes: 0 success; 1 a request failed (refused by the server, lost, timed out) or
+//! standard input cannot be read; 2 bad usage (an unknown option, an invalid URL, path,
+//! timestamp or count: nothing was attempted); 3 cannot connect to the server; 130 interrupted
+//! (Ctrl-C).
 
 use std::fmt;
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use futures_util::StreamExt;
 use futures_util::stream::{FuturesOrdered, SelectAll};
-use ivy_client_native::{Client, Error, Event, LogQuery, LogQueryError, Start, SubscriptionError, Timestamp};
+use ivy_client_core::http::Endpoints;
+use ivy_client_native::{Client, ConnState, Error, Event, LogQuery, LogQueryError, LogReader, Start, SubscriptionError, Timestamp};
 use tokio::io::AsyncBufReadExt;
 
 #[derive(Debug, Parser)]
-#[command(name = "ivy", version, about = "Command-line client for Ivy, the hierarchical pub/sub server with persistent event logs")]
+#[command(
+    name = "ivy",
+    version,
+    about = "Command-line client for Ivy, the hierarchical pub/sub server with persistent event logs",
+    after_help = "Exit codes: 0 success, 1 a request failed, 2 bad usage, 3 cannot connect, 130 interrupted.\n\
+                  RUST_LOG (for example RUST_LOG=ivy_client_native=debug) shows the client's own log on stderr."
+)]
 struct Cli {
     /// The server's base URL; the WebSocket (/ws) and log (/log/...) endpoints are derived
     /// from it.
-    #[arg(long, global = true, env = "IVY_URL", default_value = "ws://127.0.0.1:8080")]
+    #[arg(long, global = true, env = "IVY_URL", default_value = "ws://127.0.0.1:8080", value_parser = parse_url)]
     url: String,
+
+    /// Do not report connection losses and reconnects on stderr.
+    #[arg(short, long, global = true)]
+    quiet: bool,
 
     #[command(subcommand)]
     command: Command,
@@ -30,10 +43,11 @@ struct Cli {
 enum Command {
     /// Print the events of channels (and their descendants) as they arrive, one line each in
     /// the wire format `@TIMESTAMP:/path:data` (data escaped: `%` as %25, newline as %0A).
-    /// Follows reconnects and server restarts without gaps or repeats.
+    /// Follows reconnects and server restarts without gaps or repeats, reporting them on
+    /// stderr.
     Sub {
         /// Channels to subscribe to. An event matching several is printed once per channel.
-        #[arg(required = true)]
+        #[arg(required = true, value_parser = parse_path)]
         paths: Vec<String>,
         /// Start with the whole history of each channel.
         #[arg(long, conflicts_with = "after")]
@@ -42,44 +56,82 @@ enum Command {
         #[arg(long)]
         after: Option<Timestamp>,
         /// Exit after printing this many events.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         count: Option<u64>,
+        #[command(flatten)]
+        format: Format,
     },
-    /// Publish an event and print its timestamp. Without DATA, publish each line of standard
-    /// input as one event (printing one timestamp per line, in order).
+    /// Publish an event and print its timestamp once stored. Without DATA, publish each line
+    /// of standard input as one event as soon as it is read, printing one timestamp per line,
+    /// in order; Ctrl-C stops reading and waits for the sends already made.
+    #[command(visible_alias = "pub")]
     Send {
         /// Channel path.
+        #[arg(value_parser = parse_path)]
         path: String,
         /// Event data.
         data: Option<String>,
     },
-    /// Print a channel's stored events (its whole subtree), oldest first.
+    /// Print a channel's stored events (its whole subtree), oldest first. Uses HTTP only.
     Log {
         /// Channel path.
+        #[arg(value_parser = parse_path)]
         path: String,
         /// Only events after this timestamp.
         #[arg(long)]
         after: Option<Timestamp>,
         /// At most this many events (capped by the server).
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         limit: Option<u32>,
         /// Only the last N events.
-        #[arg(short = 'n', long = "last", conflicts_with_all = ["after", "limit"])]
+        #[arg(short = 'n', long = "last", conflicts_with_all = ["after", "limit"], value_parser = clap::value_parser!(u64).range(1..))]
         last: Option<u64>,
+        #[command(flatten)]
+        format: Format,
     },
-    /// Print the server's current time.
-    Time,
+    /// Print the server's current time (a timestamp, or with --human a UTC date and time).
+    Time {
+        /// As an RFC 3339 date and time in UTC, such as 2026-12-02T02:05:24.891611992Z.
+        #[arg(long)]
+        human: bool,
+    },
+}
+
+/// How events are printed.
+#[derive(Debug, Clone, Copy, Args)]
+struct Format {
+    /// One JSON object per line: {"ts":"TIMESTAMP","path":"/path","data":"..."}, the data
+    /// unescaped (the timestamp is a string: it has more digits than a JSON number keeps).
+    #[arg(long, conflicts_with = "raw")]
+    json: bool,
+    /// The data alone, unescaped, one event per line (data that holds a newline spans lines).
+    #[arg(long)]
+    raw: bool,
+}
+
+fn parse_url(s: &str) -> Result<String, String> {
+    let e = Endpoints::from_base(s).map_err(|e| e.to_string())?;
+    if e.tls {
+        return Err("wss:// (TLS) is not built into this client; use ws:// or a TLS-terminating proxy".into());
+    }
+    Ok(s.to_string())
+}
+
+fn parse_path(s: &str) -> Result<String, String> {
+    ivy_client_core::path::normalize(s.as_bytes()).map(|p| p.into_owned()).map_err(|e| format!("invalid path: {e}"))
 }
 
 /// Why a command failed.
 #[derive(Debug)]
 enum Failure {
-    /// The client: a bad URL, no connection, a refused or lost request.
+    /// The client: no connection, a refused or lost request.
     Client(Error),
-    /// The log options given (`-n 0`, `--limit 0`), checked as the server checks a query.
+    /// The log options given, checked as the server checks a query.
     Query(LogQueryError),
     /// Standard input could not be read (`ivy send` without DATA).
     Stdin(std::io::Error),
+    /// Ctrl-C.
+    Interrupted,
 }
 
 impl From<Error> for Failure {
@@ -94,181 +146,361 @@ impl fmt::Display for Failure {
             Failure::Client(e) => e.fmt(f),
             Failure::Query(e) => write!(f, "invalid log query: {e}"),
             Failure::Stdin(e) => write!(f, "cannot read standard input: {e}"),
+            Failure::Interrupted => f.write_str("interrupted"),
         }
     }
 }
 
-fn fail(e: &Failure) -> ExitCode {
-    eprintln!("ivy: {e}");
+fn exit_code(e: &Failure) -> u8 {
     match e {
-        Failure::Client(Error::Connect(_) | Error::InvalidUrl(_)) => ExitCode::from(3),
-        _ => ExitCode::from(1),
+        Failure::Client(Error::Connect(_)) => 3,
+        Failure::Client(Error::InvalidUrl(_)) | Failure::Query(_) => 2,
+        Failure::Interrupted => 130,
+        _ => 1,
     }
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "ivy_client_native=error".into()))
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
-    match run(cli).await {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ivy: cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    let _ = std::io::stdout().flush();
+    // Without waiting for a read of standard input that may never finish (after Ctrl-C).
+    runtime.shutdown_background();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&e),
+        Err(e) => {
+            if !matches!(e, Failure::Interrupted) {
+                eprintln!("ivy: {e}");
+            }
+            ExitCode::from(exit_code(&e))
+        }
     }
 }
 
-/// An event as its wire line and a newline. For a terminal (`terminal`), control characters and
-/// the invisible or reordering Unicode formatting characters (bidi overrides and isolates,
-/// zero-width characters) are also written as `%XX` escapes of their bytes: a publisher must not
-/// be able to move a subscriber's cursor, recolour or rewrite their screen, or disguise text.
-/// (`%` itself is always escaped, as `%25`, so these escapes are unambiguous.) Pipes and files
-/// get the exact wire line.
-fn line(e: &Event, terminal: bool) -> Vec<u8> {
-    let mut v = Vec::with_capacity(e.encoded_len() + 1);
-    e.encode(&mut v);
-    if terminal {
-        v = for_terminal(&v);
-    }
+/// An event as printed: its wire line, a JSON object or its data, and a newline. For a
+/// terminal (`terminal`), control characters and the invisible or reordering Unicode
+/// formatting characters (bidi overrides and isolates, zero-width characters) are also written
+/// as escapes (`%XX` of their bytes; `\uXXXX` in JSON): a publisher must not be able to move a
+/// subscriber's cursor, recolour or rewrite their screen, or disguise text. (In the wire line
+/// `%` itself is always escaped, as `%25`, so these escapes are unambiguous.) Pipes and files
+/// get the exact bytes.
+fn render(e: &Event, format: Format, terminal: bool) -> Vec<u8> {
+    let mut v = if format.json {
+        let ts = e.ts.to_string();
+        let data = String::from_utf8_lossy(&e.data);
+        let mut v =
+            format!("{{\"ts\":\"{ts}\",\"path\":{},\"data\":{}}}", serde_json::Value::from(&*e.path), serde_json::Value::from(&*data))
+                .into_bytes();
+        if terminal {
+            v = escape_for_terminal(&v, |c, out| out.extend_from_slice(format!("\\u{:04X}", u32::from(c)).as_bytes()));
+        }
+        v
+    } else {
+        let mut v = if format.raw {
+            e.data.to_vec()
+        } else {
+            let mut v = Vec::with_capacity(e.encoded_len() + 1);
+            e.encode(&mut v);
+            v
+        };
+        if terminal {
+            v = for_terminal(&v);
+        }
+        v
+    };
     v.push(b'\n');
     v
 }
 
-/// See [`line`].
+/// See [`render`].
 fn for_terminal(line: &[u8]) -> Vec<u8> {
-    let text = String::from_utf8_lossy(line);
-    let mut out = Vec::with_capacity(line.len());
+    escape_for_terminal(line, |c, out| {
+        let mut buf = [0u8; 4];
+        for b in c.encode_utf8(&mut buf).as_bytes() {
+            out.extend_from_slice(format!("%{b:02X}").as_bytes());
+        }
+    })
+}
+
+fn escape_for_terminal(text: &[u8], mut escape: impl FnMut(char, &mut Vec<u8>)) -> Vec<u8> {
+    let text = String::from_utf8_lossy(text);
+    let mut out = Vec::with_capacity(text.len());
     for c in text.chars() {
         let dangerous =
             c.is_control() || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}');
-        let mut buf = [0u8; 4];
-        let bytes = c.encode_utf8(&mut buf).as_bytes();
         if dangerous {
-            for b in bytes {
-                out.extend_from_slice(format!("%{b:02X}").as_bytes());
-            }
+            escape(c, &mut out);
         } else {
-            out.extend_from_slice(bytes);
+            let mut buf = [0u8; 4];
+            out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
         }
     }
     out
 }
 
+/// A timestamp as an RFC 3339 date and time in UTC.
+fn human(t: Timestamp) -> String {
+    match SystemTime::UNIX_EPOCH.checked_add(Duration::new(t.secs(), t.subsec_nanos())) {
+        Some(time) => humantime::format_rfc3339_nanos(time).to_string(),
+        None => t.to_string(),
+    }
+}
+
+/// Resolves when standard output is a pipe or socket whose reader has gone (`ivy sub | head
+/// -1`), so that the command ends at once rather than at its next write; never otherwise.
+async fn stdout_closed() {
+    #[cfg(unix)]
+    {
+        use rustix::event::{PollFd, PollFlags, poll};
+        use rustix::fs::FileType;
+        let kind = rustix::fs::fstat(std::io::stdout()).map(|st| FileType::from_raw_mode(st.st_mode));
+        if matches!(kind, Ok(FileType::Fifo | FileType::Socket)) {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            // poll(2) with no events asked for wakes only for POLLERR (a pipe's reader closed),
+            // POLLHUP or POLLNVAL. A thread of its own: the runtime does not wait for it.
+            std::thread::spawn(move || {
+                let out = std::io::stdout();
+                loop {
+                    let mut fds = [PollFd::new(&out, PollFlags::empty())];
+                    match poll(&mut fds, None) {
+                        Ok(_) => {
+                            let _ = tx.send(());
+                            return;
+                        }
+                        Err(rustix::io::Errno::INTR) => {}
+                        Err(_) => return,
+                    }
+                }
+            });
+            if rx.await.is_ok() {
+                return;
+            }
+        }
+    }
+    std::future::pending::<()>().await;
+}
+
+/// Reports connection losses and reconnects on stderr (unless `quiet`), as they happen.
+fn report_connection(client: &Client, url: String, quiet: bool) {
+    if quiet {
+        return;
+    }
+    let (mut state, mut connections) = (client.state(), client.connections());
+    tokio::spawn(async move {
+        let mut seen = *connections.borrow_and_update();
+        let mut connected = true;
+        loop {
+            tokio::select! {
+                r = state.changed() => if r.is_err() { return },
+                r = connections.changed() => if r.is_err() { return },
+            }
+            // The count first: the driver bumps it before it shows the state.
+            let n = *connections.borrow_and_update();
+            let s = *state.borrow_and_update();
+            if n > seen {
+                if connected {
+                    eprintln!("ivy: disconnected from {url}; reconnecting");
+                }
+                eprintln!("ivy: reconnected to {url}");
+                seen = n;
+                connected = true;
+            }
+            match s {
+                ConnState::Connected | ConnState::Idle | ConnState::Closed => {}
+                ConnState::Connecting { .. } | ConnState::Reconnecting { .. } if connected => {
+                    connected = false;
+                    eprintln!("ivy: disconnected from {url}; reconnecting");
+                }
+                // The loss counts as the first failure: attempt 1 is the first reconnect.
+                ConnState::Connecting { attempt } if attempt > 1 => {
+                    eprintln!("ivy: reconnecting to {url} (attempt {attempt})");
+                }
+                ConnState::Connecting { .. } | ConnState::Reconnecting { .. } => {}
+            }
+        }
+    });
+}
+
+/// `future`, or [`Failure::Interrupted`] at Ctrl-C.
+async fn interruptible<T>(future: impl Future<Output = Result<T, Failure>>) -> Result<T, Failure> {
+    tokio::select! {
+        r = future => r,
+        _ = tokio::signal::ctrl_c() => Err(Failure::Interrupted),
+    }
+}
+
 async fn run(cli: Cli) -> Result<(), Failure> {
+    let url = cli.url;
     match cli.command {
-        Command::Log { path, after, limit, last } => {
-            let client = Client::builder(&cli.url).retry_initial_connect(false);
-            // The log needs no WebSocket, but connecting validates the URL and the server.
-            let client = client.connect().await?;
+        Command::Log { path, after, limit, last, format } => {
+            let logs = LogReader::new(&url)?;
+            // The options were checked by the parser: -n and --limit are at least 1.
             let query = LogQuery::from_parts(last, after, limit.map(u64::from)).map_err(Failure::Query)?;
-            let events = client.log(&path, query).await?;
+            let events = interruptible(async { Ok(logs.log(&path, query).await?) }).await?;
             let mut out = std::io::stdout().lock();
             let terminal = out.is_terminal();
             for e in &events {
-                let _ = out.write_all(&line(e, terminal));
+                if out.write_all(&render(e, format, terminal)).is_err() {
+                    break; // stdout closed
+                }
             }
             let _ = out.flush();
-            client.close().await;
             Ok(())
         }
-        Command::Time => {
-            let client = Client::connect(&cli.url).await?;
-            let t = client.timestamp().await?;
+        Command::Time { human: as_date } => {
+            let t = interruptible(async {
+                let client = Client::connect(&url).await?;
+                let t = client.timestamp().await;
+                client.close().await;
+                Ok(t?)
+            })
+            .await?;
+            println!("{}", if as_date { human(t) } else { t.to_string() });
+            Ok(())
+        }
+        Command::Send { path, data: Some(data) } => {
+            let t = interruptible(async {
+                let client = Client::connect(&url).await?;
+                let t = client.send(&path, &data).await;
+                client.close().await;
+                Ok(t?)
+            })
+            .await?;
             println!("{t}");
-            client.close().await;
             Ok(())
         }
-        Command::Send { path, data } => {
-            let client = Client::connect(&cli.url).await?;
-            let result = match data {
-                Some(d) => client.send(&path, &d).await.map(|t| println!("{t}")).map_err(Failure::from),
-                None => send_lines(&client, &path).await,
-            };
+        Command::Send { path, data: None } => {
+            let client = interruptible(async { Ok(Client::connect(&url).await?) }).await?;
+            report_connection(&client, url, cli.quiet);
+            let result = send_lines(&client, &path).await;
             client.close().await;
             result
         }
-        Command::Sub { paths, from_beginning, after, count } => {
-            let client = Client::builder(&cli.url).retry_initial_connect(false).connect().await?;
+        Command::Sub { paths, from_beginning, after, count, format } => {
             let start = match (from_beginning, after) {
                 (true, _) => Start::Beginning,
                 (false, Some(t)) => Start::After(t),
                 (false, None) => Start::Now,
             };
-            let mut streams = SelectAll::new();
-            for p in &paths {
-                streams.push(client.subscribe_from(p, start).await?);
-            }
-            let mut state = client.state();
-            tokio::spawn(async move {
-                while state.changed().await.is_ok() {
-                    let s = *state.borrow_and_update();
-                    tracing::info!(?s, "connection state");
+            let (client, mut streams) = interruptible(async {
+                let client = Client::builder(&url).retry_initial_connect(false).connect().await?;
+                let mut streams = SelectAll::new();
+                for p in &paths {
+                    streams.push(client.subscribe_from(p, start).await?);
                 }
-            });
+                Ok((client, streams))
+            })
+            .await?;
+            report_connection(&client, url, cli.quiet);
             let mut printed = 0u64;
             let mut out = std::io::stdout();
             let terminal = out.is_terminal();
+            let closed = stdout_closed();
+            tokio::pin!(closed);
+            let ctrl_c = tokio::signal::ctrl_c();
+            tokio::pin!(ctrl_c);
+            let mut result = Ok(());
             while count.is_none_or(|c| printed < c) {
                 let item = tokio::select! {
                     item = streams.next() => item,
-                    _ = tokio::signal::ctrl_c() => break,
+                    _ = &mut ctrl_c => {
+                        result = Err(Failure::Interrupted);
+                        break;
+                    }
+                    () = &mut closed => break,
                 };
                 match item {
                     None => break,
                     Some(Ok(e)) => {
-                        if out.write_all(&line(&e, terminal)).and_then(|()| out.flush()).is_err() {
+                        if out.write_all(&render(&e, format, terminal)).and_then(|()| out.flush()).is_err() {
                             break; // stdout closed
                         }
                         printed += 1;
                     }
                     Some(Err(e @ SubscriptionError::ContinuityLost { .. })) => eprintln!("ivy: warning: {e}"),
                     Some(Err(SubscriptionError::Refused(e))) => {
-                        client.close().await;
-                        return Err(Error::Request(e).into());
+                        result = Err(Error::Request(e).into());
+                        break;
                     }
                 }
             }
             client.close().await;
-            Ok(())
+            result
         }
     }
 }
 
-/// Sends each stdin line as an event, with up to 256 in flight, printing timestamps in order.
+/// Sends each line of standard input as an event as soon as it is read, with up to 256 in
+/// flight, printing the timestamps in order as their acks arrive. At Ctrl-C it stops reading,
+/// waits for the acks of the sends already made (printing them), and fails with
+/// [`Failure::Interrupted`]; a second Ctrl-C ends it at once.
 async fn send_lines(client: &Client, path: &str) -> Result<(), Failure> {
+    const IN_FLIGHT: usize = 256;
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut in_flight = FuturesOrdered::new();
     let mut out = std::io::stdout();
-    let mut eof = false;
-    loop {
-        while !eof && in_flight.len() < 256 {
-            match lines.next_line().await {
+    let mut reading = true;
+    let mut interrupted = false;
+    let mut ctrl_c = Box::pin(tokio::signal::ctrl_c());
+    while reading || !in_flight.is_empty() {
+        tokio::select! {
+            biased;
+            _ = &mut ctrl_c => {
+                if interrupted {
+                    return Err(Failure::Interrupted);
+                }
+                interrupted = true;
+                reading = false;
+                ctrl_c = Box::pin(tokio::signal::ctrl_c());
+                if !in_flight.is_empty() {
+                    eprintln!("ivy: interrupted; waiting for {} send(s) in flight (Ctrl-C again to quit at once)", in_flight.len());
+                }
+            }
+            Some(r) = in_flight.next(), if !in_flight.is_empty() => match r {
+                Ok(t) => {
+                    if writeln!(out, "{t}").and_then(|()| out.flush()).is_err() {
+                        return Ok(()); // stdout closed
+                    }
+                }
+                Err(e) => return Err(Failure::from(e)),
+            },
+            line = lines.next_line(), if reading && in_flight.len() < IN_FLIGHT => match line {
                 Ok(Some(l)) => {
                     let c = client.clone();
                     let p = path.to_string();
                     in_flight.push_back(async move { c.send(&p, &l).await });
                 }
-                Ok(None) => eof = true,
+                Ok(None) => reading = false,
                 Err(e) => return Err(Failure::Stdin(e)),
-            }
-        }
-        match in_flight.next().await {
-            Some(Ok(t)) => {
-                let _ = writeln!(out, "{t}");
-            }
-            Some(Err(e)) => return Err(e.into()),
-            None if eof => break,
-            None => {}
+            },
         }
     }
-    let _ = out.flush();
-    Ok(())
+    if interrupted { Err(Failure::Interrupted) } else { Ok(()) }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn event(data: &str) -> Event {
+        Event { ts: Timestamp::new(1_796_174_976, 891_611_992).unwrap(), path: "/a/b".into(), data: data.as_bytes().to_vec().into() }
+    }
+
+    const LINE: Format = Format { json: false, raw: false };
+    const JSON: Format = Format { json: true, raw: false };
+    const RAW: Format = Format { json: false, raw: true };
 
     #[test]
     fn a_terminal_gets_no_control_or_reordering_characters() {
@@ -276,5 +508,44 @@ mod tests {
         assert_eq!(for_terminal(plain), plain, "printable text is unchanged");
         let hostile = "@1.000000000:/a:\u{1b}[2J\u{7}x\u{202E}gnp.exe\u{200B}\r\u{85}".as_bytes();
         assert_eq!(String::from_utf8(for_terminal(hostile)).unwrap(), "@1.000000000:/a:%1B[2J%07x%E2%80%AEgnp.exe%E2%80%8B%0D%C2%85");
+    }
+
+    #[test]
+    fn events_render_as_lines_json_and_raw_data() {
+        let e = event("say \"hi\"\n100% \u{1b}[2J\u{202E}");
+        let s = |v: Vec<u8>| String::from_utf8(v).unwrap();
+        assert_eq!(s(render(&e, LINE, false)), "@1796174976.891611992:/a/b:say \"hi\"%0A100%25 \u{1b}[2J\u{202E}\n");
+        assert_eq!(s(render(&e, RAW, false)), "say \"hi\"\n100% \u{1b}[2J\u{202E}\n");
+        let json = s(render(&e, JSON, false));
+        assert_eq!(json, "{\"ts\":\"1796174976.891611992\",\"path\":\"/a/b\",\"data\":\"say \\\"hi\\\"\\n100% \\u001b[2J\u{202E}\"}\n");
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["data"], "say \"hi\"\n100% \u{1b}[2J\u{202E}");
+        // On a terminal the JSON stays valid JSON with the same value.
+        let on_terminal = s(render(&e, JSON, true));
+        assert!(!on_terminal.contains('\u{202E}'), "{on_terminal}");
+        let v2: serde_json::Value = serde_json::from_str(&on_terminal).unwrap();
+        assert_eq!(v2, v);
+        assert_eq!(s(render(&e, RAW, true)), "say \"hi\"%0A100% %1B[2J%E2%80%AE\n");
+    }
+
+    #[test]
+    fn timestamps_in_human_form() {
+        assert_eq!(human(Timestamp::new(1_796_174_976, 891_611_992).unwrap()), "2026-12-02T01:29:36.891611992Z");
+        assert_eq!(human(Timestamp::ZERO), "1970-01-01T00:00:00.000000000Z");
+    }
+
+    #[test]
+    fn usage_errors_are_caught_by_the_parser() {
+        use clap::error::ErrorKind;
+        let parse = |args: &[&str]| Cli::try_parse_from(std::iter::once("ivy").chain(args.iter().copied()));
+        assert!(parse(&["send", "/a", "x"]).is_ok());
+        assert!(parse(&["pub", "/a", "x"]).is_ok(), "pub is send");
+        assert_eq!(parse(&["send", "/Bad", "x"]).unwrap_err().kind(), ErrorKind::ValueValidation);
+        assert_eq!(parse(&["--url", "wss://x", "time"]).unwrap_err().kind(), ErrorKind::ValueValidation);
+        assert_eq!(parse(&["--url", "ftp://x", "time"]).unwrap_err().kind(), ErrorKind::ValueValidation);
+        assert_eq!(parse(&["log", "/a", "-n", "0"]).unwrap_err().kind(), ErrorKind::ValueValidation);
+        assert_eq!(parse(&["log", "/a", "--limit", "0"]).unwrap_err().kind(), ErrorKind::ValueValidation);
+        assert_eq!(parse(&["sub", "/a", "--count", "0"]).unwrap_err().kind(), ErrorKind::ValueValidation);
+        assert_eq!(parse(&["log", "/a", "--json", "--raw"]).unwrap_err().kind(), ErrorKind::ArgumentConflict);
     }
 }
