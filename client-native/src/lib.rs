@@ -77,6 +77,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, Stream, StreamExt};
 use http_body_util::{BodyExt, Empty};
 use ivy_client_core as ivy_core;
@@ -208,8 +209,8 @@ type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<t
 type Http = hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Empty<bytes::Bytes>>;
 
 enum Cmd {
-    Subscribe(String, Start, mpsc::UnboundedSender<Result<Event, SubscriptionError>>, oneshot::Sender<Result<SubId, ClientError>>),
-    Unsubscribe(SubId),
+    Subscribe(String, Start, mpsc::Sender<Result<Event, SubscriptionError>>, oneshot::Sender<Result<u64, ClientError>>),
+    Unsubscribe(u64, Option<oneshot::Sender<()>>),
     Send(String, String, oneshot::Sender<Result<Timestamp, ClientError>>),
     Time(oneshot::Sender<Result<Timestamp, ClientError>>),
     Close(oneshot::Sender<()>),
@@ -221,7 +222,11 @@ pub struct ClientBuilder {
     url: String,
     config: Config,
     retry_initial: bool,
+    buffer: usize,
 }
+
+/// The default of [`ClientBuilder::subscription_buffer`].
+pub const SUBSCRIPTION_BUFFER: usize = 10_000;
 
 impl ClientBuilder {
     /// The state machine's tuning (backoff, timeouts, page size, offline queue), for example
@@ -245,6 +250,29 @@ impl ClientBuilder {
         self
     }
 
+    /// How many events a [`Subscription`] holds that the application has not taken yet
+    /// (default [`SUBSCRIPTION_BUFFER`], at least 1). When it is full, the client stops taking
+    /// that subscription's events from the server and, once the application has taken half of
+    /// them, reads what it missed from the server's log: a slow consumer costs bounded memory
+    /// and still gets every event once, in order (the other subscriptions are not held up).
+    pub fn subscription_buffer(mut self, events: usize) -> Self {
+        self.buffer = events.max(1);
+        self
+    }
+
+    /// How long a request (a send, a subscribe, a time request) may wait for its reply, and
+    /// a send for a connection when offline (default 10 s).
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.config = self.config.request_timeout(millis(timeout));
+        self
+    }
+
+    /// How long a connection attempt may take (default 10 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.config = self.config.connect_timeout(millis(timeout));
+        self
+    }
+
     /// Keep trying when the very first connection fails, instead of returning
     /// [`Error::Connect`] (default: false).
     pub fn retry_initial_connect(mut self, retry: bool) -> Self {
@@ -264,6 +292,7 @@ impl ClientBuilder {
         // connection) must not stall the driver past the dead-connection deadline.
         let write_timeout = Duration::from_millis(self.config.probe_timeout.max(1000));
         let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+        let buffer = self.buffer;
         let driver = Driver {
             core: client::Client::new(self.config, seed ^ u64::from(std::process::id())),
             endpoints: endpoints.clone(),
@@ -273,12 +302,15 @@ impl ClientBuilder {
             state_tx,
             connections_tx,
             last_error: last_error.clone(),
-            subs: HashMap::new(),
+            routes: HashMap::new(),
+            by_core: HashMap::new(),
+            next_handle: 0,
+            resumes: FuturesUnordered::new(),
             sends: HashMap::new(),
             times: HashMap::new(),
         };
         tokio::spawn(driver.run(rx));
-        let client = Client { tx, state: state_rx.clone(), connections, logs };
+        let client = Client { tx, state: state_rx.clone(), connections, logs, buffer };
         loop {
             let state = *state_rx.borrow_and_update();
             match state {
@@ -306,6 +338,7 @@ pub struct Client {
     state: watch::Receiver<ConnState>,
     connections: watch::Receiver<u64>,
     logs: LogReader,
+    buffer: usize,
 }
 
 /// Reads channel logs over HTTP alone, with no WebSocket connection (for a program that only
@@ -365,7 +398,7 @@ impl fmt::Debug for Cmd {
 impl Client {
     /// A builder for `url` (`ws://host:port`).
     pub fn builder(url: impl Into<String>) -> ClientBuilder {
-        ClientBuilder { url: url.into(), config: Config::default(), retry_initial: false }
+        ClientBuilder { url: url.into(), config: Config::default(), retry_initial: false, buffer: SUBSCRIPTION_BUFFER }
     }
 
     /// Connects with the default configuration.
@@ -386,15 +419,18 @@ impl Client {
     /// Subscribes to `path` from `start`: [`Start::Beginning`] for the whole history,
     /// [`Start::After`] to resume after an event the application already processed.
     pub async fn subscribe_from(&self, path: &str, start: Start) -> Result<Subscription, Error> {
-        let (events_tx, events) = mpsc::unbounded_channel();
+        let (events_tx, events) = mpsc::channel(self.buffer);
         let (reply_tx, reply) = oneshot::channel();
         self.tx.send(Cmd::Subscribe(path.to_string(), start, events_tx, reply_tx)).map_err(|_| Error::Closed)?;
         let id = reply.await.map_err(|_| Error::Closed)??;
-        Ok(Subscription { id, events, tx: self.tx.clone() })
+        Ok(Subscription { id, events, tx: self.tx.clone(), unsubscribed: false })
     }
 
     /// Publishes `data` on `path`; resolves to the event's timestamp once the server has
     /// stored it.
+    ///
+    /// The send is made when this is first polled. Dropping the future after that does not
+    /// take the send back: it may still be stored (it is queued, or already written).
     pub async fn send(&self, path: &str, data: &str) -> Result<Timestamp, Error> {
         let (reply_tx, reply) = oneshot::channel();
         self.tx.send(Cmd::Send(path.to_string(), data.to_string(), reply_tx)).map_err(|_| Error::Closed)?;
@@ -439,12 +475,35 @@ impl Client {
 }
 
 /// A stream of the events of one subscription, in timestamp order, each exactly once.
-/// Dropping it unsubscribes.
+/// Dropping it unsubscribes (so does [`Subscription::unsubscribe`], which waits for it).
+///
+/// It holds at most [`ClientBuilder::subscription_buffer`] events the application has not
+/// taken; a consumer slower than the channel's events makes the client read them from the
+/// server's log instead, once it has caught up with half of them: nothing is lost or
+/// repeated.
 #[derive(Debug)]
 pub struct Subscription {
-    id: SubId,
-    events: mpsc::UnboundedReceiver<Result<Event, SubscriptionError>>,
+    id: u64,
+    events: mpsc::Receiver<Result<Event, SubscriptionError>>,
     tx: mpsc::UnboundedSender<Cmd>,
+    unsubscribed: bool,
+}
+
+impl Subscription {
+    /// How many events are waiting to be taken (at most the subscription buffer).
+    pub fn queued(&self) -> usize {
+        self.events.len()
+    }
+
+    /// Ends the subscription; once this resolves, no further event of it is delivered and the
+    /// client has told the server (when connected). Events already buffered are dropped.
+    pub async fn unsubscribe(mut self) {
+        self.unsubscribed = true;
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Cmd::Unsubscribe(self.id, Some(done))).is_ok() {
+            let _ = wait.await;
+        }
+    }
 }
 
 impl Stream for Subscription {
@@ -456,7 +515,9 @@ impl Stream for Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        let _ = self.tx.send(Cmd::Unsubscribe(self.id));
+        if !self.unsubscribed {
+            let _ = self.tx.send(Cmd::Unsubscribe(self.id, None));
+        }
     }
 }
 
@@ -500,6 +561,18 @@ fn millis(d: Duration) -> client::Millis {
     d.as_millis() as u64
 }
 
+/// A subscription of the application: where its events go, and how far they went.
+struct Route {
+    path: String,
+    /// Where the application asked to start (the resume point while nothing was given).
+    start: Start,
+    tx: mpsc::Sender<Result<Event, SubscriptionError>>,
+    /// The newest event handed to the application.
+    last: Option<Timestamp>,
+    /// The core's subscription; `None` while the consumer lags.
+    core: Option<SubId>,
+}
+
 struct Driver {
     core: client::Client,
     endpoints: Endpoints,
@@ -509,7 +582,15 @@ struct Driver {
     state_tx: watch::Sender<ConnState>,
     connections_tx: watch::Sender<u64>,
     last_error: Arc<Mutex<Option<ConnectError>>>,
-    subs: HashMap<SubId, mpsc::UnboundedSender<Result<Event, SubscriptionError>>>,
+    /// The application's subscriptions, by handle.
+    routes: HashMap<u64, Route>,
+    /// The core's subscription of each route that has one (a route whose consumer lagged has
+    /// none until it resumes).
+    by_core: HashMap<SubId, u64>,
+    next_handle: u64,
+    /// Lagging routes, each resolving (to its handle) once its consumer has taken half of its
+    /// buffer.
+    resumes: FuturesUnordered<Pin<Box<dyn Future<Output = u64> + Send>>>,
     sends: HashMap<RequestId, oneshot::Sender<Result<Timestamp, ClientError>>>,
     times: HashMap<RequestId, oneshot::Sender<Result<Timestamp, ClientError>>>,
 }
@@ -645,6 +726,7 @@ impl Driver {
                         Err(e) => self.core.handle_log_page(now, id, Err(e.to_string())),
                     }
                 }
+                Some(handle) = self.resumes.next(), if !self.resumes.is_empty() => self.resume(handle),
                 () = sleep_until(deadline) => {
                     let now = self.now();
                     self.core.handle_timeout(now);
@@ -668,15 +750,23 @@ impl Driver {
         let now = self.now();
         match cmd {
             Cmd::Subscribe(path, start, events, reply) => {
-                let r = self.core.subscribe(now, &path, start);
-                if let Ok(id) = r {
-                    self.subs.insert(id, events);
-                }
+                let r = self.core.subscribe(now, &path, start).map(|id| {
+                    let handle = self.next_handle;
+                    self.next_handle += 1;
+                    self.by_core.insert(id, handle);
+                    self.routes.insert(handle, Route { path, start, tx: events, last: None, core: Some(id) });
+                    handle
+                });
                 let _ = reply.send(r);
             }
-            Cmd::Unsubscribe(id) => {
-                self.subs.remove(&id);
-                self.core.unsubscribe(now, id);
+            Cmd::Unsubscribe(handle, done) => {
+                if let Some(core) = self.routes.remove(&handle).and_then(|r| r.core) {
+                    self.by_core.remove(&core);
+                    self.core.unsubscribe(now, core);
+                }
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
             }
             Cmd::Send(path, data, reply) => match self.core.send(now, &path, &data) {
                 Ok(id) => {
@@ -698,22 +788,77 @@ impl Driver {
         }
     }
 
+    /// Hands an item of core subscription `sub` to its application stream. If the stream is
+    /// full, the route lags: its core subscription ends (the server stops sending its events),
+    /// and it resumes after its last event once the application has taken half of its buffer.
+    fn forward(&mut self, sub: SubId, item: Result<Event, SubscriptionError>, ts: Option<Timestamp>) {
+        let Some(&handle) = self.by_core.get(&sub) else { return };
+        let Some(route) = self.routes.get_mut(&handle) else { return };
+        match route.tx.try_send(item) {
+            Ok(()) => {
+                if ts.is_some() {
+                    route.last = ts;
+                }
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::debug!(path = %route.path, last = ?route.last, "subscription buffer full: reading from the log once the consumer catches up");
+                self.by_core.remove(&sub);
+                route.core = None;
+                self.core.unsubscribe(self.epoch.elapsed().as_millis() as u64, sub);
+                let tx = route.tx.clone();
+                let half = (tx.max_capacity() / 2).max(1);
+                self.resumes.push(Box::pin(async move {
+                    // Fails only when the application dropped the stream; then nothing resumes.
+                    let _ = tx.reserve_many(half).await;
+                    handle
+                }));
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {} // dropped: its Unsubscribe follows
+        }
+    }
+
+    /// A lagging route's consumer has taken half of its buffer: subscribe again after the last
+    /// event it was given (or from where it started, if it was given none).
+    fn resume(&mut self, handle: u64) {
+        let now = self.now();
+        let Some(route) = self.routes.get_mut(&handle) else { return };
+        if route.core.is_some() || route.tx.is_closed() {
+            return;
+        }
+        let start = route.last.map_or(route.start, Start::After);
+        match self.core.subscribe(now, &route.path, start) {
+            Ok(id) => {
+                route.core = Some(id);
+                self.by_core.insert(id, handle);
+            }
+            Err(e) => {
+                if let Some(route) = self.routes.remove(&handle) {
+                    tokio::spawn(async move {
+                        let _ = route.tx.send(Err(SubscriptionError::Refused(e))).await;
+                    });
+                }
+            }
+        }
+    }
+
     fn dispatch(&mut self) {
         while let Some(event) = self.core.poll_event() {
             match event {
                 ClientEvent::Event { sub, event } => {
-                    if let Some(tx) = self.subs.get(&sub) {
-                        let _ = tx.send(Ok(event));
-                    }
+                    let ts = event.ts;
+                    self.forward(sub, Ok(event), Some(ts));
                 }
                 ClientEvent::ContinuityLost { sub, last, position } => {
-                    if let Some(tx) = self.subs.get(&sub) {
-                        let _ = tx.send(Err(SubscriptionError::ContinuityLost { last, position }));
-                    }
+                    // If the buffer is full, the notice comes again when the route resumes
+                    // from its last event (the server still lacks what it lost).
+                    self.forward(sub, Err(SubscriptionError::ContinuityLost { last, position }), None);
                 }
                 ClientEvent::SubscribeFailed { sub, error } => {
-                    if let Some(tx) = self.subs.remove(&sub) {
-                        let _ = tx.send(Err(SubscriptionError::Refused(error)));
+                    if let Some(route) = self.by_core.remove(&sub).and_then(|h| self.routes.remove(&h)) {
+                        // The last item of the stream: waits for room if need be.
+                        tokio::spawn(async move {
+                            let _ = route.tx.send(Err(SubscriptionError::Refused(error))).await;
+                        });
                     }
                 }
                 ClientEvent::Sent { id, result } => {
@@ -729,7 +874,9 @@ impl Driver {
                 ClientEvent::State(state) => {
                     tracing::debug!(?state, "connection state");
                     if state == ConnState::Closed {
-                        self.subs.clear();
+                        self.routes.clear();
+                        self.by_core.clear();
+                        self.resumes = FuturesUnordered::new();
                     }
                     if state == ConnState::Connected {
                         // Before the state, so that a watcher of both sees the count first.

@@ -263,3 +263,45 @@ async fn a_stuck_connection_is_detected_even_while_writes_block() {
     client.close().await;
     server.stop().await;
 }
+
+/// A consumer that does not read: its subscription holds at most its buffer (the client reads
+/// the rest from the log once the consumer catches up), it still gets every event once and in
+/// order, and a fast subscription of the same client is not held up meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_gets_every_event_in_bounded_memory() {
+    const N: usize = 300;
+    let dir = temp_dir();
+    let server = TestServer::start_in(dir.path()).await;
+    let url = format!("ws://{}", server.addr);
+    let client = Client::builder(&url).subscription_buffer(16).connect().await.unwrap();
+    let mut slow = client.subscribe_from("/slow", Start::Beginning).await.unwrap();
+    let mut fast = client.subscribe_from("/slow", Start::Beginning).await.unwrap();
+    let fast_reader = tokio::spawn(async move { lines(&collect(&mut fast, N).await) });
+    let publisher = Client::connect(&url).await.unwrap();
+    for chunk in 0..N / 50 {
+        let data: Vec<String> = (0..50).map(|i| format!("event {}", chunk * 50 + i)).collect();
+        for r in futures_util::future::join_all(data.iter().map(|d| publisher.send("/slow/x", d))).await {
+            r.unwrap();
+        }
+    }
+    // The fast subscription has everything while the slow one was never read.
+    let fast_lines = tokio::time::timeout(Duration::from_secs(30), fast_reader).await.expect("fast reader in time").unwrap();
+    let log: Vec<String> = log_text(server.addr, "/log/slow").await.lines().map(str::to_string).collect();
+    assert_eq!(log.len(), N);
+    assert_eq!(fast_lines, log);
+    assert!(slow.queued() <= 16, "the slow subscription holds {} events", slow.queued());
+    // Read slowly, with pauses: still all of it, once, in order.
+    let mut got = Vec::new();
+    while got.len() < N {
+        got.extend(collect(&mut slow, 10.min(N - got.len())).await);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(lines(&got), log);
+    // Nothing more, and unsubscribing waits for the client to have ended it.
+    assert!(tokio::time::timeout(Duration::from_millis(300), slow.next()).await.is_err());
+    tokio::time::timeout(Duration::from_secs(5), slow.unsubscribe()).await.expect("unsubscribed");
+    publisher.send("/slow", "after").await.unwrap();
+    client.close().await;
+    publisher.close().await;
+    server.stop().await;
+}
