@@ -86,7 +86,31 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{self, Message};
 
-pub use ivy_core::client::{ClientError, Config, ConnState, ServerCode, Start, SubscriptionError};
+pub use ivy_core::client::{ClientError, Config, ServerCode, Start, SubscriptionError};
+
+/// The state of a [`Client`]'s connection ([`Client::state`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnState {
+    /// Not started yet.
+    Idle,
+    /// A connection attempt is under way; `attempt` counts the failures since the last
+    /// connection (the loss of a connection counts as one: the first reconnect is attempt 1).
+    Connecting {
+        /// Failures before this attempt.
+        attempt: u32,
+    },
+    /// Connected.
+    Connected,
+    /// Waiting until `retry_at` before the next attempt (a random delay within the backoff).
+    Reconnecting {
+        /// Failures so far.
+        attempt: u32,
+        /// When the next attempt starts.
+        retry_at: Instant,
+    },
+    /// [`Client::close`] was called, or every handle was dropped.
+    Closed,
+}
 pub use ivy_core::http::{Endpoints, LogQuery, LogQueryError, UrlError};
 pub use ivy_core::{ErrorCode, Timestamp};
 
@@ -873,6 +897,15 @@ impl Driver {
                 }
                 ClientEvent::State(state) => {
                     tracing::debug!(?state, "connection state");
+                    let state = match state {
+                        client::ConnState::Idle => ConnState::Idle,
+                        client::ConnState::Connecting { attempt } => ConnState::Connecting { attempt },
+                        client::ConnState::Connected => ConnState::Connected,
+                        client::ConnState::Reconnecting { attempt, retry_at } => {
+                            ConnState::Reconnecting { attempt, retry_at: self.epoch + Duration::from_millis(retry_at) }
+                        }
+                        client::ConnState::Closed => ConnState::Closed,
+                    };
                     if state == ConnState::Closed {
                         self.routes.clear();
                         self.by_core.clear();

@@ -248,6 +248,10 @@ async fn a_stuck_connection_is_detected_even_while_writes_block() {
     let detected =
         tokio::time::timeout(Duration::from_secs(8), state.wait_for(|s| *s != ConnState::Connected)).await.map(|r| r.map(|s| *s));
     assert!(matches!(detected, Ok(Ok(_))), "not detected while stalled: {detected:?}");
+    if let Ok(Ok(ConnState::Reconnecting { retry_at, .. })) = detected {
+        // An instant of this process: within the backoff ceiling (300 ms) from now.
+        assert!(retry_at <= std::time::Instant::now() + Duration::from_millis(300), "{retry_at:?}");
+    }
     proxy.stall(false);
     proxy.cut_all();
     let reconnected =
