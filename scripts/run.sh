@@ -6,6 +6,13 @@
 # `./scripts/run.sh --listen 0.0.0.0:8080` to let phones on your network join.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# npm packages exactly as package-lock.json has them (npm ci, which never rewrites the lock),
+# skipped when node_modules already holds that lock.
+npm_locked() {
+  if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+    npm ci --no-audit --no-fund "$@"
+  fi
+}
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 
@@ -18,7 +25,7 @@ step "wasm client package (client-wasm/build.sh)"
 client-wasm/build.sh >&2
 
 step "chat web demo (npm install, vite build)"
-(cd web-demo && npm install --no-audit --no-fund >&2 && npm run --silent build >&2)
+(cd web-demo && npm_locked >&2 && npm run --silent build >&2)
 
 step "server (cargo build --release)"
 cargo build --release -p ivy-server

@@ -5,6 +5,13 @@
 # check that the .wasm imports only wasm-bindgen's glue. Installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# npm packages exactly as package-lock.json has them (npm ci, which never rewrites the lock),
+# skipped when node_modules already holds that lock.
+npm_locked() {
+  if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+    npm ci --no-audit --no-fund "$@"
+  fi
+}
 
 step() { printf '\n==> %s\n' "$*"; }
 
@@ -57,7 +64,7 @@ IVY_TEST_SERVER="$server" IVY_TEST_CONTROL="$control" CHROMEDRIVER="$(command -v
 stop_control
 
 step "TypeScript: tsc --noEmit --strict of a consumer against the generated types"
-(cd client-wasm/ts-check && npm install --no-audit --no-fund --silent && npx tsc -p . && echo "check: 1 passed, 0 failed (TypeScript consumer)")
+(cd client-wasm/ts-check && npm_locked --silent && npx tsc -p . && echo "check: 1 passed, 0 failed (TypeScript consumer)")
 
 step "the .wasm imports only wasm-bindgen's glue"
 node client-wasm/check-imports.mjs

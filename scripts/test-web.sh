@@ -5,6 +5,13 @@
 # Prints 'check: N passed, N failed ...' lines that scripts/test.sh adds to its summary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# npm packages exactly as package-lock.json has them (npm ci, which never rewrites the lock),
+# skipped when node_modules already holds that lock.
+npm_locked() {
+  if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+    npm ci --no-audit --no-fund "$@"
+  fi
+}
 
 step() { printf '\n==> %s\n' "$*"; }
 
@@ -31,7 +38,7 @@ fi
 /usr/bin/chromium --version
 
 step "web demo: npm install"
-(cd web-demo && npm install --no-audit --no-fund)
+(cd web-demo && npm_locked)
 
 step "web demo: TypeScript check (tsc --noEmit)"
 (cd web-demo && npm run --silent typecheck) && echo "check: 1 passed, 0 failed (TypeScript: web demo and its tests)"

@@ -21,12 +21,27 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 
 /// The flags of `ivy-server`.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "ivy-server", version, about = "Reference server for the Ivy hierarchical pub/sub protocol with persistent event logs")]
+#[command(
+    name = "ivy-server",
+    version,
+    about = "Reference server for the Ivy hierarchical pub/sub protocol with persistent event logs",
+    after_help = "Durations take a unit (250ms, 1.5s, 2m, 1h) or none for seconds. Every flag can be set by its \
+                  environment variable instead (shown with each).\n\
+                  Logging: RUST_LOG picks what is logged (default info; for example RUST_LOG=ivy_server=debug, or \
+                  RUST_LOG=ivy_server=trace for every line read and written); --log-format json for one JSON object \
+                  per line. Logs go to stderr, coloured only on a terminal."
+)]
 #[non_exhaustive]
 pub struct Cli {
-    /// Address to listen on.
-    #[arg(long, env = "IVY_LISTEN", default_value = DEFAULT_LISTEN)]
+    /// Address to listen on: HOST:PORT (`127.0.0.1:8080`, `localhost:8080`, `[::1]:8080`),
+    /// `:PORT` for every interface (as `0.0.0.0:PORT`), or `PORT` alone for 127.0.0.1.
+    #[arg(long, env = "IVY_LISTEN", default_value = DEFAULT_LISTEN, value_parser = parse_listen)]
     pub listen: SocketAddr,
+
+    /// How log lines are written to stderr: `text` (for people) or `json` (one object per
+    /// line, for log collectors).
+    #[arg(long, env = "IVY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 
     /// Directory of the sled event store (created if missing).
     #[arg(long, env = "IVY_DATA", default_value = sled_engine::DEFAULT_DATA_DIR)]
@@ -102,12 +117,12 @@ pub struct Cli {
 
     /// Origins allowed to open WebSockets and read logs from a browser (repeat the flag or
     /// separate with commas). Empty: every origin.
-    #[arg(long = "allowed-origin", env = "IVY_ALLOWED_ORIGINS", value_delimiter = ',')]
+    #[arg(long = "allowed-origins", visible_alias = "allowed-origin", env = "IVY_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 
     /// Host names the server answers to (the `Host` header; repeat the flag or separate with
     /// commas; a name without a port allows any port); other requests get 421. Empty: any.
-    #[arg(long = "allowed-host", env = "IVY_ALLOWED_HOSTS", value_delimiter = ',')]
+    #[arg(long = "allowed-hosts", visible_alias = "allowed-host", env = "IVY_ALLOWED_HOSTS", value_delimiter = ',')]
     pub allowed_hosts: Vec<String>,
 
     /// Most WebSocket connections at once; beyond it the handshake is refused with 503.
@@ -168,6 +183,40 @@ pub struct Cli {
     /// and `/log/`, which take precedence. Off when not set.
     #[arg(long, env = "IVY_STATIC_DIR")]
     pub static_dir: Option<PathBuf>,
+}
+
+/// The format of log lines (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// For people: one line per event, coloured on a terminal.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `--listen`: `HOST:PORT` (a name is resolved, its first address taken), `:PORT` (every
+/// interface) or `PORT` (127.0.0.1).
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    use std::net::{Ipv4Addr, ToSocketAddrs};
+    let s = s.trim();
+    let port = |p: &str| p.parse::<u16>().map_err(|_| format!("{p:?} is not a port (0 to 65535)"));
+    if let Some(p) = s.strip_prefix(':') {
+        return Ok(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port(p)?)));
+    }
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port(s)?)));
+    }
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let Some((host, p)) = s.rsplit_once(':') else {
+        return Err(format!("{s:?}: expected HOST:PORT, :PORT or PORT (for example 127.0.0.1:8080)"));
+    };
+    port(p)?;
+    match s.to_socket_addrs() {
+        Ok(mut addrs) => addrs.next().ok_or_else(|| format!("{host:?} has no address")),
+        Err(e) => Err(format!("cannot resolve {host:?}: {e}")),
+    }
 }
 
 /// A duration given in seconds on the command line (its default shown in seconds).
@@ -256,10 +305,12 @@ pub fn main_with(wall: WallClock) -> ExitCode {
 
 async fn serve_main(wall: WallClock) -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Json => logs.json().with_ansi(false).init(),
+    }
     // Every connection is a file descriptor: take all the system allows (the soft limit is
     // often 1024 while the hard one is far higher). `serve` keeps connections below it.
     match rlimit::increase_nofile_limit(u64::MAX) {
@@ -276,7 +327,17 @@ async fn serve_main(wall: WallClock) -> ExitCode {
     let ivy = match crate::Ivy::builder(cli.config()).engine_boxed(cli.engine(wall)).open() {
         Ok(ivy) => ivy,
         Err(e) => {
-            eprintln!("ivy-server: {e}");
+            let data = cli.data.display();
+            let message = e.to_string();
+            if cli.memory || message.contains(&data.to_string()) {
+                eprintln!("ivy-server: {message}");
+            } else {
+                // The store's own errors (permission denied, not a directory) name no path.
+                eprintln!(
+                    "ivy-server: cannot open the event store in {data}: {message}; the directory must be writable by this user \
+                     (--data or IVY_DATA chooses another)"
+                );
+            }
             return ExitCode::FAILURE;
         }
     };
@@ -330,7 +391,21 @@ mod tests {
         assert_eq!((&sled.data, sled.durability, sled.flush_interval), (&lib.data, lib.durability, lib.flush_interval));
         assert_eq!((sled.max_size, sled.min_free_space, sled.repair), (lib.max_size, lib.min_free_space, lib.repair));
         assert_eq!(cli.listen, DEFAULT_LISTEN.parse::<SocketAddr>().unwrap());
+        assert_eq!(cli.log_format, LogFormat::Text);
         assert!(!cli.memory);
+    }
+
+    #[test]
+    fn listen_takes_the_usual_forms() {
+        let ok = |s: &str| parse_listen(s).unwrap().to_string();
+        assert_eq!(ok("127.0.0.1:8080"), "127.0.0.1:8080");
+        assert_eq!(ok("[::1]:9"), "[::1]:9");
+        assert_eq!(ok(":8080"), "0.0.0.0:8080");
+        assert_eq!(ok("8080"), "127.0.0.1:8080");
+        assert!(parse_listen("localhost:8080").unwrap().ip().is_loopback());
+        for bad in ["", ":", "x", "127.0.0.1", "127.0.0.1:99999", ":http", "no-such-host.invalid:80"] {
+            assert!(parse_listen(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

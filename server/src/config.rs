@@ -53,8 +53,21 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Parses seconds, with an optional fraction (`30`, `0.25`); `0` means off.
 pub fn parse_seconds(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is not a number of seconds between 0 and 10^19"))
+    let t = s.trim();
+    // A unit, or none for seconds: `250ms`, `1.5s`, `2m`, `1h`, `30`.
+    let (number, unit) = match t.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let scale = match unit {
+        "ms" => 0.001,
+        "s" => 1.0,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(format!("{s:?}: the unit must be ms, s, m or h (none for seconds)")),
+    };
+    let n: f64 = number.trim().parse().map_err(|_| format!("{s:?} is not a duration (such as 30, 1.5s, 250ms, 2m)"))?;
+    Duration::try_from_secs_f64(n * scale).map_err(|_| format!("{s:?} is not a duration between 0 and 10^19 seconds"))
 }
 
 /// Configuration of an Ivy server (not of its engine: see [`crate::engine`]). Build it from
@@ -243,6 +256,12 @@ mod tests {
         assert_eq!(parse_seconds("30"), Ok(Duration::from_secs(30)));
         assert_eq!(parse_seconds("0.25"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_seconds("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_seconds("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_seconds("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_seconds("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_seconds(" 1h "), Ok(Duration::from_secs(3600)));
+        assert!(parse_seconds("5d").is_err());
+        assert!(parse_seconds("ms").is_err());
         assert!(parse_seconds("-1").is_err());
         assert!(parse_seconds("soon").is_err());
         assert!(parse_seconds("1e30").is_err());

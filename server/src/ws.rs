@@ -61,8 +61,9 @@ pub(crate) async fn handler(
         move |socket| {
             tracker.track_future(async move {
                 // The TCP connection's place (under `serve`) is held for as long as it lives.
+                let peer = admitted.as_ref().and_then(|a| a.ip());
                 let _admitted = admitted;
-                connection(shared, socket, slot).await;
+                connection(shared, socket, slot, peer).await;
             })
         },
     )
@@ -73,20 +74,23 @@ pub(crate) async fn handler(
 /// through (a send beyond it waits, and the connection's next commands with it).
 const SENDS_IN_FLIGHT: usize = 256;
 
-async fn connection(shared: Arc<Shared>, socket: WebSocket, mut slot: Slot) {
+async fn connection(shared: Arc<Shared>, socket: WebSocket, mut slot: Slot, peer: Option<std::net::IpAddr>) {
     let id = shared.connections.next_id();
     let (conn, rx, ending) = Conn::new(id, shared.config.queue_length);
     slot.register(&ending);
     let Some((reader_stop, writer_stop)) = ending.halves() else { return };
     let session = Session::new(&shared.config);
     let (sink, stream) = socket.split();
-    tracing::debug!(conn = %id, "connected");
+    match peer {
+        Some(ip) => tracing::info!(conn = %id, peer = %ip, "connected"),
+        None => tracing::info!(conn = %id, "connected"),
+    }
     let reader = async {
         let (stream, stop) = read_loop(&shared, conn, session, stream, reader_stop).await;
         linger(stream, stop).await;
     };
     tokio::join!(reader, write_loop(id, rx, sink, writer_stop, &ending));
-    tracing::debug!(conn = %id, code = ending.code(), "disconnected");
+    tracing::info!(conn = %id, code = ending.code(), "disconnected");
     drop(slot);
 }
 
