@@ -131,7 +131,11 @@ struct Failed {
 /// Whether `e` says the disk (or a quota) is full.
 pub(crate) fn is_full(e: &io::Error) -> bool {
     // sled copies its global error into a new `io::Error` of the same kind, without the OS code.
-    e.kind() == io::ErrorKind::StorageFull || e.kind() == io::ErrorKind::QuotaExceeded || matches!(e.raw_os_error(), Some(28 | 122))
+    // The quota's kind (`QuotaExceeded`, once `FilesystemQuotaExceeded`) is newer than this
+    // crate's minimum Rust: recognized by name.
+    e.kind() == io::ErrorKind::StorageFull
+        || matches!(e.raw_os_error(), Some(28 | 122))
+        || format!("{:?}", e.kind()).ends_with("QuotaExceeded")
 }
 
 impl std::fmt::Debug for Reopening {
