@@ -20,7 +20,7 @@ use crate::servers::{Kind, Launch};
 #[derive(Debug, Parser)]
 #[command(name = "ivy-bench", about = "Benchmarks ivy-server against nats-server and an ideal broadcast server")]
 struct Args {
-    /// Scenarios to run, comma-separated: fanout, durable, latency, backfill, idle, wasm (or all).
+    /// Scenarios to run, comma-separated: fanout, durable, latency, backfill, idle, churn, wasm (or all).
     #[arg(long, default_value = "fanout,durable,latency,backfill,idle")]
     scenarios: String,
     /// Servers for fan-out, latency and idle: ivy, ivy-async, nats, ideal (ivy only for durable and backfill).
@@ -60,6 +60,24 @@ struct Args {
     /// Latency: seconds.
     #[arg(long, default_value_t = 5.0)]
     latency_secs: f64,
+    /// Churn: subscribers of the big channel whose subscriptions churn.
+    #[arg(long, default_value_t = 5000)]
+    churn_subscribers: usize,
+    /// Churn: events per second on the big channel.
+    #[arg(long, default_value_t = 10.0)]
+    churn_big_rate: f64,
+    /// Churn: connections subscribing and unsubscribing.
+    #[arg(long, default_value_t = 4)]
+    churners: usize,
+    /// Churn: subscribe and unsubscribe commands per second, in all (0: as fast as answered).
+    #[arg(long, default_value_t = 0.0)]
+    churn_rate: f64,
+    /// Churn: events per second on the unrelated channel whose latency is measured.
+    #[arg(long, default_value_t = 200.0)]
+    churn_quiet_rate: f64,
+    /// Churn: seconds of each phase (without, then with churn).
+    #[arg(long, default_value_t = 5.0)]
+    churn_secs: f64,
     /// Backfill: events stored, then read back.
     #[arg(long, default_value_t = 100_000)]
     backfill_events: usize,
@@ -287,6 +305,27 @@ async fn bench(args: &Args) -> Result<Value, String> {
             rows.push(scenarios::idle(k, &common, n).await.unwrap_or_else(|e| err_row(k, e)));
         }
         out["idle"] = Value::Array(rows);
+        write(&out)?;
+    }
+    if want("churn") {
+        let mut rows = Vec::new();
+        for &k in &ivy_kinds {
+            rows.push(
+                scenarios::churn(
+                    k,
+                    &common,
+                    args.churn_subscribers,
+                    args.churn_big_rate,
+                    args.churners,
+                    args.churn_rate,
+                    args.churn_quiet_rate,
+                    args.churn_secs,
+                )
+                .await
+                .unwrap_or_else(|e| err_row(k, e)),
+            );
+        }
+        out["churn"] = Value::Array(rows);
         write(&out)?;
     }
     if want("wasm") {

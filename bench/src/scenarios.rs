@@ -493,3 +493,177 @@ pub fn wasm(repo: &std::path::Path) -> Value {
         "total_gzip_bytes": nums.get(3), "line": line,
     })
 }
+
+/// Churn: the delivery latency of an unrelated channel (`/quiet`: one publisher at `rate`
+/// events/s, one subscriber) with and without subscribe churn on a channel with `big_subs`
+/// subscribers (`/bench`, which also gets `big_rate` events/s), in the same run: first `secs`
+/// seconds without churn, then `secs` seconds with `churners` connections alternating
+/// `-/bench` and `+/bench` with ack keys, `churn_rate` commands/s in all (0: as fast as the
+/// replies come, 32 in flight per connection).
+#[allow(clippy::too_many_arguments)]
+pub async fn churn(
+    kind: Kind,
+    c: &Common,
+    big_subs: usize,
+    big_rate: f64,
+    churners: usize,
+    churn_rate: f64,
+    rate: f64,
+    secs: f64,
+) -> Result<Value, String> {
+    if !kind.is_ivy() {
+        return Err("churn: ivy only".into());
+    }
+    let load_before = loadavg();
+    let server = Server::start(kind, &c.launch).await?;
+    progress(format!("churn {}: {big_subs} subscribers of {}, {churners} churners", kind.name(), client::IVY_CHANNEL));
+    let conns = connect_subscribers(kind, server.addr, big_subs, c.per_address).await?;
+    let delivered = Arc::new(AtomicU64::new(0));
+    let stop = CancellationToken::new();
+    let tasks: Vec<_> = conns.into_iter().map(|ws| tokio::spawn(subscriber(kind, ws, stop.clone(), delivered.clone(), None))).collect();
+    // The quiet channel's subscriber: (send time, latency) of each delivery.
+    let mut quiet = client::connect(kind, server.addr, None).await?;
+    quiet.send(Message::text("#q#+/quiet")).await.map_err(|e| e.to_string())?;
+    while !client::next(&mut quiet).await?.starts_with(b"#q#@") {}
+    let quiet_task = {
+        let (stop, base) = (stop.clone(), c.base);
+        tokio::spawn(async move {
+            let mut samples: Vec<(u64, u32)> = Vec::new();
+            loop {
+                let m = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    m = client::next(&mut quiet) => m,
+                };
+                let Ok(m) = m else { break };
+                let now = base.elapsed().as_nanos() as u64;
+                let mut parts = m.splitn(3, |b| *b == b':');
+                if let (Some(_), Some(_), Some(data)) = (parts.next(), parts.next(), parts.next()) {
+                    if let Some(sent) = client::sent_ns(data) {
+                        samples.push((sent, (now.saturating_sub(sent) / 1000).min(u32::MAX as u64) as u32));
+                    }
+                }
+            }
+            samples
+        })
+    };
+    // The publishers: /quiet at `rate`, /bench at `big_rate`, for both phases.
+    let publish = |mut ws: Ws, path: &'static str, rate: f64, total_secs: f64, base: Instant, size: usize| async move {
+        if rate <= 0.0 {
+            return Ok::<u64, String>(0);
+        }
+        let total = (rate * total_secs) as u64;
+        let t0 = Instant::now();
+        let mut sent = 0u64;
+        while sent < total {
+            let due = ((t0.elapsed().as_secs_f64() * rate) as u64 + 1).min(total);
+            while sent < due {
+                ws.feed(Message::text(format!(":{path}:{}", client::payload(base, size)))).await.map_err(|e| e.to_string())?;
+                sent += 1;
+            }
+            ws.flush().await.map_err(|e| e.to_string())?;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(sent)
+    };
+    let quiet_pub = client::connect(kind, server.addr, None).await?;
+    let big_pub = client::connect(kind, server.addr, None).await?;
+    let mut churn_conns = Vec::new();
+    for _ in 0..churners {
+        churn_conns.push(client::connect(kind, server.addr, None).await?);
+    }
+    let cpu0 = server.cpu_secs();
+    let t0 = Instant::now();
+    let switch_ns = (t0 + Duration::from_secs_f64(secs)).duration_since(c.base).as_nanos() as u64;
+    let quiet_h = tokio::spawn(publish(quiet_pub, "/quiet", rate, 2.0 * secs, c.base, c.payload));
+    let big_h = tokio::spawn(publish(big_pub, client::IVY_CHANNEL, big_rate, 2.0 * secs, c.base, c.payload));
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    let cpu_mid = server.cpu_secs();
+    progress(format!("churn {}: churn starts", kind.name()));
+    let churn_end = Instant::now() + Duration::from_secs_f64(secs);
+    let per_conn = churn_rate / churners.max(1) as f64;
+    let churn_tasks: Vec<_> = churn_conns
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                let (mut sent, mut ok, mut refused) = (0u64, 0u64, 0u64);
+                let t0 = Instant::now();
+                let mut in_flight = 0u64;
+                while Instant::now() < churn_end {
+                    let due = if per_conn > 0.0 { (t0.elapsed().as_secs_f64() * per_conn) as u64 + 1 } else { u64::MAX };
+                    while in_flight < 32 && sent < due {
+                        let cmd =
+                            if sent % 2 == 0 { format!("#c#+{}", client::IVY_CHANNEL) } else { format!("#c#-{}", client::IVY_CHANNEL) };
+                        if ws.feed(Message::text(cmd)).await.is_err() {
+                            return (sent, ok, refused);
+                        }
+                        sent += 1;
+                        in_flight += 1;
+                    }
+                    if ws.flush().await.is_err() {
+                        break;
+                    }
+                    if in_flight == 0 {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        continue;
+                    }
+                    match tokio::time::timeout(Duration::from_millis(100), client::next(&mut ws)).await {
+                        Ok(Ok(m)) if m.starts_with(b"#c#@") => {
+                            ok += 1;
+                            in_flight -= 1;
+                        }
+                        Ok(Ok(m)) if m.starts_with(b"#c#!") => {
+                            refused += 1;
+                            in_flight -= 1;
+                        }
+                        Ok(Ok(_)) => {}
+                        Ok(Err(_)) => break,
+                        Err(_) => {}
+                    }
+                }
+                (sent, ok, refused)
+            })
+        })
+        .collect();
+    let (mut sent, mut ok, mut refused) = (0u64, 0u64, 0u64);
+    for t in churn_tasks {
+        if let Ok((s, o, r)) = t.await {
+            sent += s;
+            ok += o;
+            refused += r;
+        }
+    }
+    let churn_secs = secs;
+    let _ = quiet_h.await;
+    let _ = big_h.await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cpu = cpu0.zip(cpu_mid).zip(server.cpu_secs()).map(|((a, m), b)| (m - a, b - m));
+    stop.cancel();
+    let samples = quiet_task.await.unwrap_or_default();
+    for t in tasks {
+        let _ = t.await;
+    }
+    server.stop().await;
+    let split = |churn: bool| {
+        let mut v: Vec<u32> = samples.iter().filter(|(sent, _)| (*sent >= switch_ns) == churn).map(|(_, l)| *l).collect();
+        v.sort_unstable();
+        v
+    };
+    let (calm, churned) = (split(false), split(true));
+    let stats = |v: &[u32]| (percentile(v, 0.5), percentile(v, 0.99), v.len());
+    let ((c50, c99, cn), (h50, h99, hn)) = (stats(&calm), stats(&churned));
+    let ratio = |a: Option<u32>, b: Option<u32>| a.zip(b).map(|(a, b)| b as f64 / a.max(1) as f64);
+    progress(format!(
+        "churn {}: /quiet p50 {c50:?} -> {h50:?} us, p99 {c99:?} -> {h99:?} us ({cn} and {hn} samples); churn {ok} executed, {refused} refused of {sent} in {churn_secs} s; server CPU {cpu:?}",
+        kind.name()
+    ));
+    Ok(json!({
+        "server": kind.name(), "big_subscribers": big_subs, "big_rate": big_rate, "churners": churners, "churn_rate": churn_rate,
+        "quiet_rate": rate, "secs": secs,
+        "calm": { "p50_us": c50, "p99_us": c99, "samples": cn, "server_cpu_s": cpu.map(|c| c.0) },
+        "churn": { "p50_us": h50, "p99_us": h99, "samples": hn, "server_cpu_s": cpu.map(|c| c.1),
+                   "commands_sent": sent, "executed": ok, "refused": refused, "executed_per_s": ok as f64 / churn_secs },
+        "p50_ratio": ratio(c50, h50), "p99_ratio": ratio(c99, h99),
+        "big_deliveries": delivered.load(Ordering::Relaxed),
+        "load_before": load_before, "load_after": loadavg(),
+    }))
+}

@@ -19,11 +19,13 @@ fn tiny_run_delivers_everything() {
     let plots = dir.path().join("plots");
     let doc = dir.path().join("BENCH.md");
     let status = Command::new(env!("CARGO_BIN_EXE_ivy-bench"))
-        .args(["--scenarios", "fanout,latency,durable,backfill,idle", "--servers", "ivy,ideal"])
+        .args(["--scenarios", "fanout,latency,durable,backfill,idle,churn", "--servers", "ivy,ideal"])
         .args(["--ivy-addr", &addr.to_string()])
         .args(["--subscribers", "10", "--fanout-events", "20", "--senders", "1,4", "--durable-secs", "0.3"])
         .args(["--latency-subscribers", "5", "--latency-rate", "100", "--latency-secs", "0.3"])
         .args(["--backfill-events", "300", "--backfill-limits", "100", "--idle-connections", "20"])
+        .args(["--churn-subscribers", "10", "--churners", "2", "--churn-secs", "0.3"])
+        .args(["--churn-quiet-rate", "100", "--churn-big-rate", "10"])
         .arg("--out")
         .arg(&out)
         .arg("--doc")
@@ -46,6 +48,11 @@ fn tiny_run_delivers_everything() {
     assert_eq!(r["backfill"][0]["reads"][0]["events"], 300);
     for row in r["idle"].as_array().unwrap() {
         assert_eq!(row["open"], 20, "{row}");
+    }
+    for row in r["churn"].as_array().unwrap() {
+        let (calm, churn) = (row["calm"]["samples"].as_u64().unwrap(), row["churn"]["samples"].as_u64().unwrap());
+        assert!(calm > 0 && churn > 0 && calm + churn == 60, "every event of the quiet channel delivered: {row}");
+        assert!(row["churn"]["executed"].as_u64().unwrap() > 0, "{row}");
     }
     let md = std::fs::read_to_string(&doc).unwrap();
     assert!(md.contains("### Fan-out"), "{md}");

@@ -153,6 +153,17 @@ pub struct Cli {
     #[arg(long, env = "IVY_RATE_BURST", default_value_t = config::DEFAULT_RATE_BURST)]
     pub rate_burst: u32,
 
+    /// Subscribes and unsubscribes one connection may make per second, on average (they count
+    /// towards --rate-limit too): beyond the burst, the connection's next command is read only
+    /// when the rate allows (paced, never refused). 0: no limit.
+    #[arg(long, env = "IVY_SUBSCRIBE_RATE", default_value_t = config::DEFAULT_SUBSCRIBE_RATE)]
+    pub subscribe_rate: u32,
+
+    /// Subscribes and unsubscribes one connection may send in a burst above that rate
+    /// (minimum 1).
+    #[arg(long, env = "IVY_SUBSCRIBE_BURST", default_value_t = config::DEFAULT_SUBSCRIBE_BURST)]
+    pub subscribe_burst: u32,
+
     /// Bytes one connection's sends may store per second, on average, counting an event once
     /// per level of its path; excess sends get `!rate-limited`. 0: no limit.
     #[arg(long, env = "IVY_BYTE_RATE", default_value_t = config::DEFAULT_BYTE_RATE)]
@@ -254,6 +265,8 @@ impl Cli {
             write_timeout: self.write_timeout.0,
             rate_limit: self.rate_limit,
             rate_burst: self.rate_burst,
+            subscribe_rate: self.subscribe_rate,
+            subscribe_burst: self.subscribe_burst,
             byte_rate: self.byte_rate,
             byte_burst: self.byte_burst,
             ping_interval: self.ping_interval.0,

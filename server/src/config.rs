@@ -33,6 +33,12 @@ pub const DEFAULT_RATE_LIMIT: u32 = 50_000;
 /// Default of [`Config::rate_burst`]: enough for a reconnecting client to resubscribe to the
 /// most channels it may hold (`--max-subscriptions`) and resend its pending events at once.
 pub const DEFAULT_RATE_BURST: u32 = 10_000;
+/// Default of [`Config::subscribe_rate`], in subscribes and unsubscribes per second per
+/// connection.
+pub const DEFAULT_SUBSCRIBE_RATE: u32 = 1000;
+/// Default of [`Config::subscribe_burst`]: twice [`DEFAULT_MAX_SUBSCRIPTIONS`], so that a
+/// reconnecting client can resubscribe to all it may hold at once, and change them again.
+pub const DEFAULT_SUBSCRIBE_BURST: u32 = 2048;
 /// Default of [`Config::max_connections_per_address`].
 pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 1024;
 /// Default of [`Config::first_byte_timeout`].
@@ -130,6 +136,14 @@ pub struct Config {
     /// Commands one connection may send in a burst above the rate (minimum 1). Default
     /// [`DEFAULT_RATE_BURST`].
     pub rate_burst: u32,
+    /// Subscribes and unsubscribes one connection may make per second, on average (they also
+    /// count towards [`Config::rate_limit`]): beyond the burst, the connection's next command
+    /// is read only when the rate allows, so its changes are paced, never refused. 0: no
+    /// limit. Default [`DEFAULT_SUBSCRIBE_RATE`].
+    pub subscribe_rate: u32,
+    /// Subscribes and unsubscribes one connection may send in a burst above that rate
+    /// (minimum 1). Default [`DEFAULT_SUBSCRIBE_BURST`].
+    pub subscribe_burst: u32,
     /// Bytes one connection's sends may store per second, on average, counting an event's line
     /// once per level of its path (its copies in the logs of its ancestors); excess sends get
     /// `!rate-limited`. 0: no limit. Default [`DEFAULT_BYTE_RATE`].
@@ -174,6 +188,8 @@ impl Default for Config {
             write_timeout: DEFAULT_WRITE_TIMEOUT,
             rate_limit: DEFAULT_RATE_LIMIT,
             rate_burst: DEFAULT_RATE_BURST,
+            subscribe_rate: DEFAULT_SUBSCRIBE_RATE,
+            subscribe_burst: DEFAULT_SUBSCRIBE_BURST,
             byte_rate: DEFAULT_BYTE_RATE,
             byte_burst: DEFAULT_BYTE_BURST,
             ping_interval: DEFAULT_PING_INTERVAL,
@@ -233,6 +249,10 @@ setters! {
     rate_limit: u32;
     /// Sets [`Config::rate_burst`].
     rate_burst: u32;
+    /// Sets [`Config::subscribe_rate`].
+    subscribe_rate: u32;
+    /// Sets [`Config::subscribe_burst`].
+    subscribe_burst: u32;
     /// Sets [`Config::byte_rate`].
     byte_rate: u64;
     /// Sets [`Config::byte_burst`].

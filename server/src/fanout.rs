@@ -9,14 +9,26 @@
 //! channels. Each connection has a bounded queue; a connection whose queue is full is a slow
 //! consumer: it is closed (code 4000) and never blocks anyone else.
 //!
-//! Positions: the fan-out's position is the newest event it was given. A subscription takes
-//! effect at the current position, under the registry's lock, so every later event reaches
-//! the subscriber and every earlier one is already in the log (the engine makes an event
-//! visible before delivering it).
+//! Locking: the registry is split into [`SHARDS`] shards by channel name, each behind its own
+//! lock, and delivery takes a shard's lock only while it queues one event for one channel of
+//! that shard. So subscribing and unsubscribing (which take the channel's shard for writing)
+//! wait at most for one event's delivery to a channel of the same shard, and never hold up
+//! delivery elsewhere: churn on a crowded channel does not delay an unrelated one (with one
+//! lock for the whole registry, held by delivery for a whole batch, it did).
+//!
+//! Positions: the fan-out's position is the newest event delivered in full; each shard also
+//! keeps the newest event whose delivery went through it (set under its lock). A subscription
+//! takes effect under its shard's lock at the greater of the two: every matching event after
+//! it has yet to go through that shard and reaches the subscriber, every matching event up to
+//! it went through the shard before and is already in the log (the engine makes an event
+//! visible before delivering it). The position is exact, with no gap and no duplicate; the
+//! order of delivery on each connection stays the commit order, since one sequencer delivers
+//! every event in turn.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
 use ivy_client_core::Timestamp;
@@ -86,11 +98,42 @@ impl Published {
     }
 }
 
+/// How many shards the registry has (see the [module docs](self)).
+pub const SHARDS: usize = 64;
+
 /// This node's subscriptions (see the [module docs](self)).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FanOut {
+    shards: Box<[Shard]>,
+    /// The newest event delivered in full, in nanoseconds since the epoch.
+    position: AtomicU64,
+}
+
+impl Default for FanOut {
+    fn default() -> FanOut {
+        FanOut { shards: (0..SHARDS).map(|_| Shard::default()).collect(), position: AtomicU64::new(0) }
+    }
+}
+
+/// One shard of the registry, on a cache line of its own.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Shard {
     channels: RwLock<HashMap<Box<str>, Subscribers>>,
-    position: Mutex<Timestamp>,
+    /// The newest event whose delivery went through this shard (nanoseconds), set under its
+    /// lock.
+    position: AtomicU64,
+}
+
+/// A timestamp in nanoseconds (they fit a u64 until the year 2554).
+fn nanos(ts: Timestamp) -> u64 {
+    u64::try_from(ts.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The shard of a channel: FNV-1a of its name.
+pub(crate) fn shard_of(channel: &str) -> usize {
+    let h = channel.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3));
+    (h % SHARDS as u64) as usize
 }
 
 /// A channel's subscribed connections: a vector to deliver to, and where each connection is
@@ -98,7 +141,7 @@ pub struct FanOut {
 /// the channel's size (a linear search of a 5,000-subscriber channel under that lock, which
 /// delivery also takes, raised an unrelated channel's latency 35-fold).
 #[derive(Debug, Default)]
-struct Subscribers {
+pub(crate) struct Subscribers {
     conns: Vec<Arc<Conn>>,
     at: HashMap<ConnId, usize>,
 }
@@ -132,13 +175,23 @@ impl FanOut {
 
     /// Sets the position before the first delivery: the newest event already stored.
     pub fn start_at(&self, ts: Timestamp) {
-        let mut p = self.position.lock().unwrap_or_else(PoisonError::into_inner);
-        *p = (*p).max(ts);
+        self.position.fetch_max(nanos(ts), Ordering::AcqRel);
     }
 
-    /// The newest event delivered (or [`FanOut::start_at`]).
+    /// The newest event delivered in full (or [`FanOut::start_at`]).
     pub fn position(&self) -> Timestamp {
-        *self.position.lock().unwrap_or_else(PoisonError::into_inner)
+        Timestamp::from_nanos(u128::from(self.position.load(Ordering::Acquire)))
+    }
+
+    fn shard(&self, channel: &str) -> &Shard {
+        &self.shards[shard_of(channel)]
+    }
+
+    /// The position of a subscription of `shard`'s channel taking effect now (under the
+    /// shard's lock): see the [module docs](self).
+    fn position_in(&self, shard: &Shard) -> Timestamp {
+        let p = shard.position.load(Ordering::Acquire).max(self.position.load(Ordering::Acquire));
+        Timestamp::from_nanos(u128::from(p))
     }
 
     /// Subscribes `conn` to `channel` (idempotent) and calls `position` with the timestamp
@@ -146,26 +199,28 @@ impl FanOut {
     /// every event with a greater timestamp that matches reaches `conn` live, every event up
     /// to it is already in the log.
     pub(crate) fn subscribe(&self, conn: &Arc<Conn>, channel: &str, position: impl FnOnce(Timestamp)) {
-        let mut map = self.channels.write().unwrap_or_else(PoisonError::into_inner);
+        let shard = self.shard(channel);
+        let mut map = shard.channels.write().unwrap_or_else(PoisonError::into_inner);
         match map.get_mut(channel) {
             Some(subs) => subs.insert(conn),
             None => map.entry(channel.into()).or_default().insert(conn),
         }
-        position(self.position());
+        position(self.position_in(shard));
     }
 
     /// Unsubscribes (idempotent); `position` gets the timestamp after which no event is queued
     /// for this subscription.
     pub(crate) fn unsubscribe(&self, conn: &Conn, channel: &str, position: impl FnOnce(Timestamp)) {
-        let mut map = self.channels.write().unwrap_or_else(PoisonError::into_inner);
+        let shard = self.shard(channel);
+        let mut map = shard.channels.write().unwrap_or_else(PoisonError::into_inner);
         remove(&mut map, conn, channel);
-        position(self.position());
+        position(self.position_in(shard));
     }
 
     /// Removes every subscription of a closing connection.
     pub(crate) fn unsubscribe_all<'a>(&self, conn: &Conn, channels: impl Iterator<Item = &'a str>) {
-        let mut map = self.channels.write().unwrap_or_else(PoisonError::into_inner);
         for ch in channels {
+            let mut map = self.shard(ch).channels.write().unwrap_or_else(PoisonError::into_inner);
             remove(&mut map, conn, ch);
         }
     }
@@ -177,21 +232,31 @@ impl FanOut {
     /// with later timestamps (otherwise a client could take its own event, acked after a later
     /// one, for one it had already delivered).
     pub fn deliver(&self, batch: &[Published], mut delivered: impl FnMut(usize)) {
-        let Some(newest) = batch.last() else { return };
-        let map = self.channels.read().unwrap_or_else(PoisonError::into_inner);
         for (i, ev) in batch.iter().enumerate() {
+            let ts = nanos(ev.ts);
             for channel in ancestors(&ev.path) {
-                let Some(subs) = map.get(channel) else { continue };
-                for c in &subs.conns {
-                    if ev.sender != Some(c.id()) {
-                        c.push_event(ev.ts, &ev.line.0);
+                let shard = self.shard(channel);
+                let map = shard.channels.read().unwrap_or_else(PoisonError::into_inner);
+                if let Some(subs) = map.get(channel) {
+                    for c in &subs.conns {
+                        if ev.sender != Some(c.id()) {
+                            c.push_event(ev.ts, &ev.line.0);
+                        }
                     }
                 }
+                // Under the shard's lock: a subscription to a channel of this shard that takes
+                // effect later gets a position at or after this event.
+                shard.position.store(ts, Ordering::Release);
             }
+            self.position.store(ts, Ordering::Release);
             delivered(i);
         }
-        // Under the read lock: a subscribe (write lock) sees either none or all of the batch.
-        *self.position.lock().unwrap_or_else(PoisonError::into_inner) = newest.ts;
+    }
+
+    /// Holds `channel`'s shard for writing, as a subscription change does (tests).
+    #[cfg(test)]
+    pub(crate) fn hold(&self, channel: &str) -> std::sync::RwLockWriteGuard<'_, HashMap<Box<str>, Subscribers>> {
+        self.shard(channel).channels.write().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -207,6 +272,101 @@ fn remove(map: &mut HashMap<Box<str>, Subscribers>, conn: &Conn, channel: &str) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn event(n: u32, path: &str) -> Published {
+        let ts = Timestamp::new(1_700_000_000, n).unwrap();
+        Published::new(ts, path, None, Line::from_string(format!("@{ts}:{path}:{n}")))
+    }
+
+    fn received(rx: &mut tokio::sync::mpsc::Receiver<axum::extract::ws::Message>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(axum::extract::ws::Message::Text(t)) = rx.try_recv() {
+            out.push(t.as_str().to_string());
+        }
+        out
+    }
+
+    /// A subscription change holds its channel's shard only: delivery to a channel of another
+    /// shard goes on meanwhile (with one lock for the whole registry it waited).
+    #[test]
+    fn churn_on_one_channel_does_not_hold_up_delivery_to_another() {
+        let fanout = Arc::new(FanOut::new());
+        let quiet = (0..).map(|i| format!("/quiet{i}")).find(|q| shard_of(q) != shard_of("/big")).unwrap();
+        let (conn, mut rx, _) = Conn::new(ConnId(1), 16);
+        fanout.subscribe(&conn, &quiet, |_| {});
+        let held = fanout.hold("/big");
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let delivery = {
+            let (fanout, quiet) = (fanout.clone(), quiet.clone());
+            std::thread::spawn(move || {
+                fanout.deliver(&[event(1, &quiet)], |_| {});
+                let _ = done_tx.send(());
+            })
+        };
+        let delivered = done_rx.recv_timeout(std::time::Duration::from_secs(10));
+        drop(held);
+        delivery.join().unwrap();
+        assert!(delivered.is_ok(), "delivery to {quiet} waited for a subscription change on /big");
+        assert_eq!(received(&mut rx).len(), 1);
+    }
+
+    /// Subscriptions and unsubscriptions racing with delivery: each gets exactly the matching
+    /// events after its position (and up to its end position), in order, none twice, none
+    /// missing.
+    #[test]
+    fn positions_are_exact_while_subscriptions_change_during_delivery() {
+        let fanout = Arc::new(FanOut::new());
+        let paths = ["/a/x", "/b/y", "/a", "/c", "/b/y/z"];
+        let channels = ["/", "/a", "/b", "/a/x", "/c", "/b/y"];
+        let events: Vec<Published> = (1..=4000u32).map(|n| event(n, paths[n as usize % paths.len()])).collect();
+        let delivery = {
+            let (fanout, events) = (fanout.clone(), events.clone());
+            std::thread::spawn(move || {
+                let mut rest = &events[..];
+                let mut k = 0;
+                while !rest.is_empty() {
+                    k += 1;
+                    let n = (1 + k * 7 % 40).min(rest.len());
+                    fanout.deliver(&rest[..n], |_| {});
+                    rest = &rest[n..];
+                }
+            })
+        };
+        let watchers: Vec<_> = (0..4u64)
+            .map(|t| {
+                let fanout = fanout.clone();
+                std::thread::spawn(move || {
+                    let mut out = Vec::new();
+                    for j in 0..60u64 {
+                        let channel = channels[((t * 7 + j) % channels.len() as u64) as usize];
+                        let (conn, rx, _) = Conn::new(ConnId(t * 1000 + j), 8192);
+                        let mut from = Timestamp::ZERO;
+                        fanout.subscribe(&conn, channel, |p| from = p);
+                        for _ in 0..(j * 37 % 200) {
+                            std::thread::yield_now();
+                        }
+                        let mut until = None;
+                        if j % 2 == 0 {
+                            fanout.unsubscribe(&conn, channel, |u| until = Some(u));
+                        }
+                        out.push((channel, from, until, conn, rx));
+                    }
+                    out
+                })
+            })
+            .collect();
+        let watched: Vec<_> = watchers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+        delivery.join().unwrap();
+        for (channel, from, until, conn, mut rx) in watched {
+            fanout.unsubscribe(&conn, channel, |_| {});
+            let want: Vec<String> = events
+                .iter()
+                .filter(|e| ancestors(&e.path).any(|a| a == channel) && e.ts > from && until.is_none_or(|u| e.ts <= u))
+                .map(|e| String::from_utf8(e.line.as_bytes().to_vec()).unwrap())
+                .collect();
+            assert_eq!(received(&mut rx), want, "{channel} from {from} until {until:?}");
+        }
+    }
 
     #[test]
     fn subscribers_stay_indexed_through_churn() {

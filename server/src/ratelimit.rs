@@ -44,6 +44,17 @@ impl RateLimiter {
     }
 }
 
+impl RateLimiter {
+    /// Takes a token whatever the bucket holds (the schedule may run ahead of the clock) and
+    /// returns how long, in nanoseconds from `now`, the caller should wait before its next
+    /// command so that the bucket is not overdrawn: a pacer rather than a gate.
+    pub fn take(&mut self, now: u64) -> u64 {
+        self.tat = self.tat.max(now).saturating_add(self.interval);
+        // The next command is within the limit once `tat - now <= tolerance`.
+        self.tat.saturating_sub(now).saturating_sub(self.tolerance.saturating_add(self.interval))
+    }
+}
+
 /// A budget of bytes per second (the same schedule, each byte a fraction of a token): a
 /// command may run while the budget is not overdrawn by more than `burst` bytes, and then
 /// spends its bytes, so one large command can overdraw it and the next ones wait.
@@ -122,6 +133,26 @@ mod tests {
         let mut r = RateLimiter::new(20_000, 1).unwrap();
         let allowed = (0..100_000u64).filter(|i| r.check(i * step / 2)).count();
         assert_eq!(allowed, 50_000);
+    }
+
+    #[test]
+    fn the_pacer_lets_a_burst_through_then_spaces_commands_at_the_rate() {
+        // 1000 per second (one per ms), bursts of 3.
+        let mut r = RateLimiter::new(1000, 3).unwrap();
+        let t0 = 5 * NANOS_PER_SEC;
+        assert_eq!((r.take(t0), r.take(t0), r.take(t0)), (0, 0, 0), "the burst needs no wait");
+        assert_eq!(r.take(t0), MS, "the fourth: one interval");
+        assert_eq!(r.take(t0 + MS), MS, "waited: the next one interval again");
+        assert_eq!(r.take(t0 + 10 * MS), 0, "after a pause, no wait");
+        // A caller that waits as told stays at the rate: n commands take (n - burst) intervals.
+        let mut r = RateLimiter::new(1000, 3).unwrap();
+        let mut now = t0;
+        for _ in 0..103 {
+            now += r.take(now);
+        }
+        assert_eq!(now - t0, 100 * MS);
+        let mut r = RateLimiter::new(u32::MAX, u32::MAX).unwrap();
+        assert!((0..1000).all(|_| r.take(u64::MAX) == 0));
     }
 
     #[test]

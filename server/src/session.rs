@@ -112,6 +112,11 @@ pub(crate) struct Session {
     max_path_length: usize,
     max_path_depth: usize,
     limiter: Option<RateLimiter>,
+    /// Subscribes and unsubscribes (`--subscribe-rate`): a pacer.
+    churn: Option<RateLimiter>,
+    /// How long to wait before reading the next command (nanoseconds), set by a subscription
+    /// change beyond the budget.
+    pause: u64,
     bytes: Option<ByteLimiter>,
 }
 
@@ -124,6 +129,8 @@ impl Session {
             max_path_length: config.max_path_length,
             max_path_depth: config.max_path_depth,
             limiter: RateLimiter::new(config.rate_limit, config.rate_burst),
+            churn: RateLimiter::new(config.subscribe_rate, config.subscribe_burst),
+            pause: 0,
             bytes: ByteLimiter::new(config.byte_rate, config.byte_burst),
         }
     }
@@ -161,6 +168,9 @@ impl Session {
             if let Err(e) = path::check_depth(p, self.max_path_depth) {
                 return Outcome::Reply(error_line(ack, ErrorCode::PathTooLong, &e.to_string()));
             }
+        }
+        if let (Op::Subscribe(_) | Op::Unsubscribe(_), Some(churn)) = (&cmd.op, self.churn.as_mut()) {
+            self.pause = churn.take(now);
         }
         match cmd.op {
             Op::Subscribe(path) => {
@@ -200,6 +210,13 @@ impl Session {
             ErrorCode::Unsupported,
             "binary frames are not part of the protocol; send each command as a text frame",
         ))
+    }
+
+    /// How long (nanoseconds) the connection must wait before its next command is read: a
+    /// subscription change beyond `--subscribe-burst` paces the connection to
+    /// `--subscribe-rate` (0: no wait). Taken once.
+    pub(crate) fn take_pause(&mut self) -> u64 {
+        std::mem::take(&mut self.pause)
     }
 
     /// The connection's subscriptions, to remove from the fan-out when it closes.
@@ -336,6 +353,25 @@ mod tests {
         assert!(reply(s.on_text(0, b"+/z", &r)).starts_with("!rate-limited"));
         assert_eq!(s.subscriptions().count(), 0);
         assert!(matches!(s.on_text(1_000_000, b"+/z", &r), Outcome::Subscribe { .. }), "a token back after 1 ms");
+    }
+
+    #[test]
+    fn subscription_changes_beyond_their_burst_pace_the_connection() {
+        let config = Config::default().subscribe_rate(1000).subscribe_burst(3);
+        let (mut s, r) = session(&config);
+        assert!(matches!(s.on_text(0, b"+/a", &r), Outcome::Subscribe { .. }));
+        assert!(matches!(s.on_text(0, b"-/a", &r), Outcome::Unsubscribe { .. }));
+        assert!(matches!(s.on_text(0, b"+/b", &r), Outcome::Subscribe { .. }));
+        assert_eq!(s.take_pause(), 0, "within the burst: no wait");
+        assert!(matches!(s.on_text(0, b"#4#+/c", &r), Outcome::Subscribe { .. }), "executed, never refused");
+        assert_eq!(s.take_pause(), 1_000_000, "beyond it: the next command waits an interval");
+        assert_eq!(s.take_pause(), 0, "taken once");
+        assert!(matches!(s.on_text(0, b":/a:x", &r), Outcome::Send { .. }));
+        assert!(matches!(s.on_text(0, b"@", &r), Outcome::Time { .. }));
+        assert_eq!(s.take_pause(), 0, "other commands take nothing from the budget");
+        let (mut s, r) = session(&Config::default().subscribe_rate(0).subscribe_burst(1));
+        assert!((0..100).all(|i| matches!(s.on_text(0, format!("+/{}", i % 2).as_bytes(), &r), Outcome::Subscribe { .. })));
+        assert_eq!(s.take_pause(), 0, "0: no limit");
     }
 
     #[test]

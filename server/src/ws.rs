@@ -224,6 +224,26 @@ async fn read_loop(
                     tracing::trace!(conn = %conn.id(), "in {}", Excerpt(text.as_bytes()));
                     let outcome = session.on_text(now, text.as_bytes(), &shared.refusals);
                     execute(shared, &conn, &sends, &text, outcome, slot).await;
+                    // Subscription changes beyond their budget: the next command waits (the
+                    // slow path, boxed like the others).
+                    let pause = session.take_pause();
+                    if pause > 0 {
+                        let wait = Box::pin(async {
+                            tokio::select! {
+                                biased;
+                                s = &mut stopped => {
+                                    if s == Stop::Shutdown {
+                                        ending.set(close_code::GOING_AWAY);
+                                    }
+                                    false
+                                }
+                                () = tokio::time::sleep(Duration::from_nanos(pause)) => true,
+                            }
+                        });
+                        if !wait.await {
+                            break;
+                        }
+                    }
                 }
                 None => {
                     tracing::trace!(conn = %conn.id(), "in (binary frame)");

@@ -192,7 +192,22 @@ impl ServerProcess {
     /// Starts the server binary `bin` (`ivy-server` or a test build of it such as
     /// `ivy-test-server`) like [`ServerProcess::start`], with extra environment variables.
     pub async fn start_bin(bin: &Path, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> ServerProcess {
-        let mut child = tokio::process::Command::new(bin)
+        ServerProcess::start_command(tokio::process::Command::new(bin), dir, extra, env).await
+    }
+
+    /// Starts the `ivy-server` binary on a sled store in `dir` through `wrapper` (a program and
+    /// its arguments that run the command after them, such as `nsenter --target PID --mount`),
+    /// like [`ServerProcess::start_sled`]. The wrapper must exec the server, so that the
+    /// process is the server (signals reach it).
+    pub async fn start_wrapped(wrapper: &[String], dir: &Path, extra: &[&str]) -> ServerProcess {
+        let (program, args) = wrapper.split_first().expect("a wrapper program");
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args).arg(server_bin());
+        ServerProcess::start_command(cmd, dir, extra, &[]).await
+    }
+
+    async fn start_command(mut cmd: tokio::process::Command, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> ServerProcess {
+        let mut child = cmd
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data")

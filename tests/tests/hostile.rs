@@ -748,3 +748,56 @@ async fn a_full_store_refuses_sends_with_store_full_and_stays_readable() {
     assert!(reply.ends_with("bytes free, the server keeps 1000000000000000000"), "{reply}");
     server.kill().await;
 }
+
+/// Subscribe churn (issue 12, finding 10): a connection flooding subscribes and unsubscribes
+/// on a crowded channel gets `--subscribe-burst` changes at once and is then paced to
+/// `--subscribe-rate`: its next command is read only when the rate allows, so every change is
+/// executed and answered as before (no new lines for an `ivy1` client), only later, and it
+/// costs the server at most the rate. The bystander and the crowded channel's subscribers
+/// keep being served. The server's own clock (`@` replies) shows the pacing: 50 changes at
+/// 100 per second take at least 0.4 s of it, however fast or slow the machine is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_churn_is_paced_and_the_others_keep_being_served() {
+    let dir = temp_dir();
+    let mut cfg = config(dir.path());
+    cfg.subscribe_rate = 100;
+    cfg.subscribe_burst = 20;
+    let server = TestServer::start(cfg).await;
+    let bystander = Bystander::start(&server.ws_url()).await;
+    let mut crowd = Vec::new();
+    for _ in 0..100 {
+        let mut c = Client::connect(&server.ws_url()).await;
+        c.subscribe("/crowd").await;
+        crowd.push(c);
+    }
+    let mut churner = Client::connect(&server.ws_url()).await;
+    let change = |i: usize| format!("#c{i}#{}/crowd", if i % 2 == 0 { '+' } else { '-' });
+    for i in 0..20 {
+        churner.send(&change(i)).await;
+    }
+    churner.send("#t1#@").await;
+    for i in 20..70 {
+        churner.send(&change(i)).await;
+    }
+    churner.send("#t2#@").await;
+    let mut clock = Vec::new();
+    for i in 0..72 {
+        let reply = churner.recv().await;
+        match i {
+            20 | 71 => clock.push(reply.rsplit('@').next().unwrap().parse::<ivy_client_core::Timestamp>().unwrap()),
+            _ => {
+                let n = if i < 20 { i } else { i - 1 };
+                assert!(reply.starts_with(&format!("#c{n}#@")), "every change is executed and acked, in order: {reply}");
+            }
+        }
+    }
+    let paced = clock[1].as_nanos().saturating_sub(clock[0].as_nanos());
+    assert!(paced >= 400_000_000, "50 changes beyond the burst took {paced} ns of the server's clock");
+    let mut publisher = Client::connect(&server.ws_url()).await;
+    let ts = publisher.publish("/crowd", "still").await;
+    for c in &mut crowd {
+        assert_eq!(c.recv().await, format!("@{ts}:/crowd:still"));
+    }
+    bystander.finish().await;
+    server.stop().await;
+}

@@ -99,6 +99,12 @@ pub(crate) trait Storage: Send + Sync + 'static {
     fn admit(&self) -> Result<(), Arc<str>> {
         Ok(())
     }
+    /// Whether the store takes a batch now: [`Storage::admit`] (refused with
+    /// [`PublishError::StoreFull`]), or a store that failed and waits to be reopened refusing
+    /// it (see [`super::reopen`]). Called once per group commit, before anything is stamped.
+    fn ready(&self) -> Result<(), PublishError> {
+        self.admit().map_err(PublishError::StoreFull)
+    }
     /// Visits the events of `channel`'s subtree with `after < ts <= until`, in `dir` order,
     /// until the visitor breaks.
     fn scan(
@@ -252,9 +258,8 @@ impl Sequencer {
 
     fn commit(&self, batch: &mut Vec<Publish>) {
         let storage = &*self.shared.storage;
-        if let Err(why) = storage.admit() {
-            tracing::warn!(events = batch.len(), reason = %why, "store full: events refused");
-            let e = PublishError::StoreFull(why);
+        if let Err(e) = storage.ready() {
+            tracing::warn!(events = batch.len(), reason = %e, "events refused");
             for r in batch.drain(..) {
                 r.done.complete(Err(e.clone()));
             }

@@ -52,6 +52,7 @@
 mod clock;
 mod local;
 pub mod memory;
+mod reopen;
 pub mod sled;
 #[cfg(test)]
 mod tests;

@@ -42,6 +42,7 @@ use ivy_client_core::Timestamp;
 use ivy_client_core::path::{ROOT, ancestors};
 
 use super::local::{LocalEngine, Record, Storage, WallClock};
+use super::reopen::{self, Reopening};
 use super::{Context, Direction, Engine, Open};
 
 /// When an event is acknowledged relative to its durable write.
@@ -148,13 +149,28 @@ impl SledEngine {
     }
 }
 
+impl SledEngine {
+    fn open_log(&self, repair: bool) -> io::Result<SledLog> {
+        let mut log = SledLog::open_checked(&self.data, self.durability, self.flush_interval, repair)?;
+        log.quota = Quota { dir: self.data.clone(), max_size: self.max_size, min_free: self.min_free_space, state: Default::default() };
+        Ok(log)
+    }
+}
+
 impl Open for SledEngine {
     fn open(self: Box<Self>, context: Context) -> io::Result<Arc<dyn Engine>> {
         std::fs::create_dir_all(&self.data)?;
-        let mut log = SledLog::open_checked(&self.data, self.durability, self.flush_interval, self.repair)?;
-        log.quota = Quota { dir: self.data.clone(), max_size: self.max_size, min_free: self.min_free_space, state: Default::default() };
+        let (log, on_full_disk) = reopen::open_with_ballast(&self.data, || self.open_log(self.repair))?;
         tracing::info!(data = %self.data.display(), durability = ?self.durability, "sled store open");
-        LocalEngine::open(Arc::new(log), self.wall, context)
+        // After a write failure the store is reopened in the running process (sled keeps
+        // failing otherwise: see `super::reopen`), never with `--repair`.
+        let (engine, dir) = ((*self).clone(), self.data.clone());
+        let reopen = Box::new(move || {
+            reopen::open_with_ballast(&engine.data, || engine.open_log(false)).map(|(log, full)| (Box::new(log) as Box<dyn Storage>, full))
+        });
+        let free_space = Box::new(move || fs2::available_space(&dir));
+        let storage = Reopening::new(Box::new(log), reopen, free_space, self.min_free_space, on_full_disk);
+        LocalEngine::open(Arc::new(storage), self.wall, context)
     }
 
     fn describe(&self) -> String {

@@ -337,3 +337,151 @@ async fn shutdown_returns_when_the_final_flush_never_does() {
     assert!(ivy.publish("/a", "x").await.is_ok());
     tokio::time::timeout(Duration::from_secs(30), ivy.shutdown()).await.expect("shutdown returned");
 }
+
+/// A store that behaves as sled does after an I/O error: once a write of an instance failed,
+/// every later write of that instance fails too; a new instance (a reopen) works once the disk
+/// does. Its events live in a memory store shared by every instance (the disk).
+struct Poisoning {
+    disk: Arc<Disk>,
+    poisoned: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Default)]
+struct Disk {
+    events: MemStorage,
+    /// The error the disk gives (raw OS code), 0 when it works.
+    error: std::sync::atomic::AtomicI32,
+    /// What the file system reports free.
+    free: std::sync::atomic::AtomicU64,
+    reopens: std::sync::atomic::AtomicUsize,
+    writes: std::sync::atomic::AtomicUsize,
+}
+
+impl Disk {
+    fn fails(&self) -> Option<io::Error> {
+        match self.error.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => None,
+            code => Some(io::Error::from_raw_os_error(code)),
+        }
+    }
+}
+
+impl Poisoning {
+    fn write(&self, f: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.disk.writes.fetch_add(1, SeqCst);
+        if self.poisoned.load(SeqCst) {
+            return Err(io::Error::other("poisoned by an earlier error"));
+        }
+        if let Some(e) = self.disk.fails() {
+            self.poisoned.store(true, SeqCst);
+            // sled's copy of its error keeps the kind, not the OS code.
+            return Err(io::Error::new(e.kind(), e.to_string()));
+        }
+        f()
+    }
+}
+
+impl Storage for Poisoning {
+    fn append(&self, records: &[Record<'_>]) -> io::Result<()> {
+        self.write(|| self.disk.events.append(records))
+    }
+    fn commit(&self) -> io::Result<()> {
+        self.write(|| Ok(()))
+    }
+    fn acks_before_durable(&self) -> bool {
+        false
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.write(|| Ok(()))
+    }
+    fn last_timestamp(&self) -> io::Result<Option<Timestamp>> {
+        self.disk.events.last_timestamp()
+    }
+    fn set_clock_floor(&self, ts: Timestamp) -> io::Result<()> {
+        self.write(|| self.disk.events.set_clock_floor(ts))
+    }
+    fn clock_floor(&self) -> io::Result<Option<Timestamp>> {
+        self.disk.events.clock_floor()
+    }
+    fn scan(
+        &self,
+        channel: &str,
+        after: Option<Timestamp>,
+        until: Timestamp,
+        dir: Direction,
+        visit: &mut dyn FnMut(Timestamp, &[u8]) -> ControlFlow<()>,
+    ) -> io::Result<()> {
+        self.disk.events.scan(channel, after, until, dir, visit)
+    }
+}
+
+fn reopening(disk: &Arc<Disk>) -> Arc<dyn Storage> {
+    use super::reopen::Reopening;
+    let instance = |disk: &Arc<Disk>| Box::new(Poisoning { disk: disk.clone(), poisoned: Default::default() }) as Box<dyn Storage>;
+    let (d1, d2) = (disk.clone(), disk.clone());
+    let reopen = Box::new(move || {
+        d1.reopens.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        match d1.fails() {
+            Some(e) => Err(e),
+            None => Ok((instance(&d1), false)),
+        }
+    });
+    let free = Box::new(move || Ok(d2.free.load(std::sync::atomic::Ordering::SeqCst)));
+    Arc::new(Reopening::new(instance(disk), reopen, free, 0, false))
+}
+
+/// After a failed write the store is not written to again until it is reopened: sends are
+/// refused with store-full while the disk is full (and with storage after another error),
+/// the store is reopened once the disk has room (or after a pause), and sends are accepted
+/// again, in the same engine, with every acked event still readable.
+#[tokio::test]
+async fn a_store_that_failed_to_write_is_reopened_once_the_disk_has_room() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let disk = Arc::new(Disk::default());
+    disk.free.store(u64::MAX, SeqCst);
+    let f = open(reopening(&disk));
+    let first = f.publish("/a", "1", None).await.unwrap();
+
+    // The disk fills: the failing batch gets storage, later ones store-full without a write.
+    disk.error.store(28, SeqCst);
+    disk.free.store(0, SeqCst);
+    assert!(matches!(f.publish("/a", "2", None).await, Err(PublishError::Storage(_))));
+    let writes = disk.writes.load(SeqCst);
+    let refused = f.publish("/a", "3", None).await.unwrap_err();
+    assert!(matches!(&refused, PublishError::StoreFull(why) if why.contains("the disk is full")), "{refused}");
+    assert_eq!(disk.writes.load(SeqCst), writes, "a failed store is not written to");
+    assert_eq!(disk.reopens.load(SeqCst), 0, "no reopen while the disk has no room");
+
+    // Room again: within a second (the next measurement) the store is reopened.
+    disk.error.store(0, SeqCst);
+    disk.free.store(u64::MAX, SeqCst);
+    let mut tries = 0;
+    let again = loop {
+        match f.publish("/a", "4", None).await {
+            Ok(ts) => break ts,
+            Err(PublishError::StoreFull(_)) if tries < 50 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(disk.reopens.load(SeqCst), 1);
+    assert!(again > first);
+
+    // Another error (EIO): storage, then storage without a write, then a reopen after a pause.
+    disk.error.store(5, SeqCst);
+    assert!(matches!(f.publish("/a", "5", None).await, Err(PublishError::Storage(_))));
+    disk.error.store(0, SeqCst);
+    let writes = disk.writes.load(SeqCst);
+    assert!(matches!(f.publish("/a", "6", None).await, Err(PublishError::Storage(_))), "refused until the pause is over");
+    assert_eq!(disk.writes.load(SeqCst), writes);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let last = f.publish("/a", "7", None).await.unwrap();
+    assert_eq!(disk.reopens.load(SeqCst), 2);
+    let page = f.engine.read(ReadRequest::new("/a", None, f.engine.visible(), 10)).await.unwrap();
+    let text = String::from_utf8(page.lines).unwrap();
+    assert_eq!(text, format!("@{first}:/a:1\n@{again}:/a:4\n@{last}:/a:7"), "the acked events, and only those");
+    f.stop().await;
+}
