@@ -68,8 +68,8 @@ pub struct Cli {
     #[arg(long, env = "IVY_MAX_PATH_LENGTH", default_value_t = config::DEFAULT_MAX_PATH_LENGTH)]
     pub max_path_length: usize,
 
-    /// Most levels of a channel path (`/a/b` has 2); deeper ones get `!path-too-long`. An event
-    /// is stored once per level, so this bounds what one event costs on disk.
+    /// Most levels of a channel path (`/a/b` has 2); deeper ones get `!path-too-long`. Each level
+    /// holds an entry for an event in its log, so this bounds what one event costs on disk.
     #[arg(long, env = "IVY_MAX_PATH_DEPTH", default_value_t = config::DEFAULT_MAX_PATH_DEPTH)]
     pub max_path_depth: usize,
 
@@ -138,8 +138,8 @@ pub struct Cli {
     #[arg(long, env = "IVY_RATE_BURST", default_value_t = config::DEFAULT_RATE_BURST)]
     pub rate_burst: u32,
 
-    /// Bytes one connection's sends may store per second, on average, counting an event once
-    /// per level of its path; excess sends get `!rate-limited`. 0: no limit.
+    /// Bytes one connection's sends may store per second, on average, counting an event's line
+    /// plus 16 bytes per level of its path; excess sends get `!rate-limited`. 0: no limit.
     #[arg(long, env = "IVY_BYTE_RATE", default_value_t = config::DEFAULT_BYTE_RATE)]
     pub byte_rate: u64,
 

@@ -34,7 +34,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use ivy_client_core::Timestamp;
-use ivy_client_core::path::ancestors;
 use ivy_client_core::wire::encode_event;
 
 use super::clock::Clock;
@@ -45,17 +44,24 @@ pub use super::clock::WallClock;
 
 /// Most events in one group commit.
 const MAX_BATCH: usize = 4096;
-/// Most bytes one group commit stores, counting each event once per level of its path (the
-/// sled store keeps a copy in the log of the root and of each ancestor).
+/// Most bytes one group commit stores, counting what the store keeps of each event
+/// ([`stored_cost`]).
 const MAX_BATCH_STORED_BYTES: usize = 16 << 20;
 /// Most log entries one group commit writes (an event is one entry per level of its path).
 const MAX_BATCH_ENTRIES: usize = 64 * 1024;
 
+/// What the store keeps of an event of `data` bytes on `path`, at most: its log entries (one
+/// per level of its path) and their bytes (the line once, 16 bytes per level, and the copies
+/// of a short line on a shallow path: see [`super::sled`]'s layout). The memory store keeps
+/// less (the line once, and a position per level).
+pub(crate) fn stored_cost(path: &str, data: usize) -> (usize, usize) {
+    // The line: the data (escaping aside), the path and about 32 bytes of timestamp and colons.
+    super::sled::stored(ivy_client_core::path::depth(path), data.saturating_add(path.len()).saturating_add(32))
+}
+
 /// What storing `r` costs: its log entries and the bytes they hold.
 fn cost(r: &Publish) -> (usize, usize) {
-    let levels = ancestors(&r.path).count();
-    // The line: the data (escaping aside), the path and about 25 bytes of timestamp and colons.
-    (levels, levels.saturating_mul(r.data.len() + r.path.len() + 32))
+    stored_cost(&r.path, r.data.len())
 }
 /// How far beyond the timestamps it needs a new clock floor is recorded.
 const FLOOR_AHEAD_NANOS: u128 = 1_000_000_000;

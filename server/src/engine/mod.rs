@@ -68,6 +68,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use crate::fanout::{ConnId, FanOut, Line, Published};
 pub use local::WallClock;
+pub(crate) use local::stored_cost;
 pub use memory::MemoryEngine;
 pub use sled::{Durability, SledEngine};
 
