@@ -77,6 +77,9 @@ struct Args {
     /// most 20,000).
     #[arg(long, default_value_t = 20_000_000)]
     storage_bytes: usize,
+    /// Storage: reads of each log per depth and size (the median is reported).
+    #[arg(long, default_value_t = 7)]
+    storage_read_passes: usize,
     /// Idle: connections held open.
     #[arg(long, default_value_t = 10_000)]
     idle_connections: usize,
@@ -292,7 +295,11 @@ async fn bench(args: &Args) -> Result<Value, String> {
             for size in list::<usize>(&args.storage_sizes) {
                 for depth in list::<usize>(&args.storage_depths) {
                     let events = (args.storage_bytes / size.max(1)).clamp(100, 20_000);
-                    rows.push(scenarios::storage(k, &common, depth, size, events).await.unwrap_or_else(|e| err_row(k, e)));
+                    rows.push(
+                        scenarios::storage(k, &common, depth, size, events, args.storage_read_passes)
+                            .await
+                            .unwrap_or_else(|e| err_row(k, e)),
+                    );
                 }
             }
         }

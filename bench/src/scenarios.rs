@@ -457,9 +457,10 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
 /// Storage: for one path depth and event size, a fresh server stores `events` events on a path
 /// of `depth` levels (`/l1/l2/...`); figures: the store's growth on disk per event and per
 /// byte of data, the acked write rate, and the read rate of the whole log of the path itself
-/// and of the root, page by page (limit 1,000). The per-connection byte rate is lifted
-/// (`IVY_BYTE_RATE=0`), so that what is measured is the store.
-pub async fn storage(kind: Kind, c: &Common, depth: usize, size: usize, events: usize) -> Result<Value, String> {
+/// and of the root, page by page (limit 1,000), `passes` times each (the median pass is
+/// reported). The per-connection byte rate is lifted (`IVY_BYTE_RATE=0`), so that what is
+/// measured is the store.
+pub async fn storage(kind: Kind, c: &Common, depth: usize, size: usize, events: usize, passes: usize) -> Result<Value, String> {
     let load_before = loadavg();
     let server = Server::start_with(kind, &c.launch, &[("IVY_BYTE_RATE", "0")]).await?;
     let data = server.data_dir();
@@ -468,8 +469,16 @@ pub async fn storage(kind: Kind, c: &Common, depth: usize, size: usize, events: 
     progress(format!("storage {}: {events} events of {size} bytes at depth {depth}", kind.name()));
     let fill_secs = fill(kind, c, server.addr, &channel, events, 64, size.max(20)).await?;
     let grown = data.as_deref().map(dir_bytes).zip(empty).map(|(a, b)| a.saturating_sub(b));
-    let leaf = read_log(server.addr, &channel, 1000).await?;
-    let root = read_log(server.addr, "/", 1000).await?;
+    // The median of `passes` reads of each log, alternated.
+    let (mut leaves, mut roots) = (Vec::new(), Vec::new());
+    for _ in 0..passes.max(1) {
+        leaves.push(read_log(server.addr, &channel, 1000).await?);
+        roots.push(read_log(server.addr, "/", 1000).await?);
+    }
+    for reads in [&mut leaves, &mut roots] {
+        reads.sort_by(|a, b| a.secs.total_cmp(&b.secs));
+    }
+    let (leaf, root) = (&leaves[leaves.len() / 2], &roots[roots.len() / 2]);
     if leaf.events < events || root.events < events {
         return Err(format!("read back {} and {} of {events} events", leaf.events, root.events));
     }
@@ -492,6 +501,7 @@ pub async fn storage(kind: Kind, c: &Common, depth: usize, size: usize, events: 
         "write_mb_per_s": (events * size) as f64 / fill_secs / 1e6,
         "read_leaf_events_per_s": leaf.events as f64 / leaf.secs, "read_leaf_mb_per_s": leaf.bytes as f64 / leaf.secs / 1e6,
         "read_root_events_per_s": root.events as f64 / root.secs, "read_root_mb_per_s": root.bytes as f64 / root.secs / 1e6,
+        "read_passes": passes,
         "load_before": load_before, "load_after": loadavg(),
     }))
 }

@@ -13,8 +13,8 @@ use std::sync::{Arc, PoisonError, RwLock};
 use ivy_client_core::Timestamp;
 use ivy_client_core::path::{ROOT, ancestors};
 
-use super::local::{LocalEngine, Record, Storage, WallClock};
-use super::{Context, Direction, Engine, Open};
+use super::local::{Deleted, LocalEngine, Record, Storage, WallClock, line_path};
+use super::{Context, Direction, Engine, Open, Retention};
 
 /// Opens an in-memory engine.
 ///
@@ -28,6 +28,7 @@ use super::{Context, Direction, Engine, Open};
 #[non_exhaustive]
 pub struct MemoryEngine {
     wall: WallClock,
+    retention: Retention,
 }
 
 impl MemoryEngine {
@@ -41,11 +42,17 @@ impl MemoryEngine {
         self.wall = wall;
         self
     }
+
+    /// How long events are kept (default: everything).
+    pub fn retention(mut self, retention: Retention) -> MemoryEngine {
+        self.retention = retention;
+        self
+    }
 }
 
 impl Open for MemoryEngine {
     fn open(self: Box<Self>, context: Context) -> io::Result<Arc<dyn Engine>> {
-        LocalEngine::open(Arc::new(MemStorage::default()), self.wall, context)
+        LocalEngine::open(Arc::new(MemStorage::default()), self.wall, self.retention, context)
     }
 
     fn describe(&self) -> String {
@@ -55,14 +62,24 @@ impl Open for MemoryEngine {
 
 /// Events in memory: every event once, and per channel the positions of its events.
 #[derive(Debug, Default)]
-pub(crate) struct MemStorage(RwLock<Inner>);
+pub(crate) struct MemStorage {
+    inner: RwLock<Inner>,
+    /// Held by the one deletion in progress.
+    deleting: std::sync::Mutex<()>,
+}
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// Every event (the root's log), in timestamp order: timestamp and line.
-    events: Vec<(Timestamp, Box<[u8]>)>,
-    /// For each channel other than the root, the indexes in `events` of its subtree's events.
+    /// Every event (the root's log), in timestamp order: timestamp and line (`None` once
+    /// deleted: a hole that keeps the positions of the later ones). The first is at position
+    /// `base`.
+    events: std::collections::VecDeque<(Timestamp, Option<Box<[u8]>>)>,
+    /// The position of `events[0]` (positions count every event ever appended).
+    base: usize,
+    /// For each channel other than the root, the positions of its subtree's events.
     channels: HashMap<Box<str>, Vec<usize>>,
+    /// Each log's horizon: the newest event deleted from it.
+    horizons: HashMap<Box<str>, Timestamp>,
     floor: Option<Timestamp>,
 }
 
@@ -78,7 +95,7 @@ impl Inner {
         if channel == ROOT {
             self.walk(self.events.len(), |i| i, after, until, dir, visit);
         } else if let Some(index) = self.channels.get(channel) {
-            self.walk(index.len(), |i| index[i], after, until, dir, visit);
+            self.walk(index.len(), |i| index[i] - self.base, after, until, dir, visit);
         }
     }
 
@@ -96,9 +113,9 @@ impl Inner {
         // The first position after `after`, and the first after `until`.
         let lo = after.map_or(0, |a| partition(len, |i| ts(i) <= a));
         let hi = partition(len, |i| ts(i) <= until);
-        let mut each = |i: usize| {
-            let (t, line) = &self.events[at(i)];
-            visit(*t, line)
+        let mut each = |i: usize| match &self.events[at(i)] {
+            (t, Some(line)) => visit(*t, line),
+            (_, None) => ControlFlow::Continue(()),
         };
         match dir {
             Direction::Forward => {
@@ -135,16 +152,16 @@ fn partition(len: usize, below: impl Fn(usize) -> bool) -> usize {
 
 impl MemStorage {
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
-        self.0.read().unwrap_or_else(PoisonError::into_inner)
+        self.inner.read().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 impl Storage for MemStorage {
     fn append(&self, records: &[Record<'_>]) -> io::Result<()> {
-        let mut inner = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        let mut inner = self.inner.write().unwrap_or_else(PoisonError::into_inner);
         for r in records {
-            let at = inner.events.len();
-            inner.events.push((r.ts, r.line.into()));
+            let at = inner.base + inner.events.len();
+            inner.events.push_back((r.ts, Some(r.line.into())));
             for anc in ancestors(r.path).filter(|a| *a != ROOT) {
                 match inner.channels.get_mut(anc) {
                     Some(v) => v.push(at),
@@ -170,11 +187,79 @@ impl Storage for MemStorage {
     }
 
     fn last_timestamp(&self) -> io::Result<Option<Timestamp>> {
-        Ok(self.read().events.last().map(|e| e.0))
+        Ok(self.read().events.back().map(|e| e.0))
+    }
+
+    fn delete(&self, channel: &str, before: Timestamp, own: bool) -> io::Result<Deleted> {
+        let _one = self.deleting.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut deleted = Deleted::default();
+        let Some(until) = before.as_nanos().checked_sub(1).map(Timestamp::from_nanos) else { return Ok(deleted) };
+        // The victims' positions, found under the read lock (appends wait only for the writes
+        // below, which are proportional to the victims).
+        let victims: Vec<(usize, Timestamp, Box<str>)> = {
+            let inner = self.read();
+            let base = inner.base;
+            let mut found = Vec::new();
+            let positions: Box<dyn Iterator<Item = usize>> = if channel == ROOT {
+                Box::new(base..base + inner.events.len())
+            } else {
+                Box::new(inner.channels.get(channel).into_iter().flatten().copied())
+            };
+            for pos in positions {
+                let (ts, line) = &inner.events[pos - base];
+                if *ts > until {
+                    break;
+                }
+                if let Some(path) = line.as_deref().and_then(line_path).filter(|p| !own || *p == channel) {
+                    found.push((pos, *ts, path.into()));
+                }
+            }
+            found
+        };
+        if victims.is_empty() {
+            return Ok(deleted);
+        }
+        // Each log that holds a victim, and the victims' positions in it (in order).
+        let mut logs: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (pos, _, path) in &victims {
+            for anc in ancestors(path) {
+                logs.entry(anc).or_default().push(*pos);
+            }
+        }
+        let mut guard = self.inner.write().unwrap_or_else(PoisonError::into_inner);
+        let inner = &mut *guard;
+        for (log, lost) in &logs {
+            let newest = inner.events[lost[lost.len() - 1] - inner.base].0;
+            let h = inner.horizons.entry((*log).into()).or_insert(newest);
+            *h = (*h).max(newest);
+            if *log != ROOT
+                && let Some(index) = inner.channels.get_mut(*log)
+            {
+                index.retain(|p| lost.binary_search(p).is_err());
+                if index.is_empty() {
+                    inner.channels.remove(*log);
+                }
+            }
+        }
+        for (pos, ..) in &victims {
+            inner.events[pos - inner.base].1 = None;
+        }
+        // The holes at the front go (retention by age deletes from the front).
+        while inner.events.front().is_some_and(|e| e.1.is_none()) {
+            inner.events.pop_front();
+            inner.base += 1;
+        }
+        deleted.events = victims.len() as u64;
+        deleted.newest = victims.last().map(|v| v.1);
+        Ok(deleted)
+    }
+
+    fn horizon(&self, channel: &str) -> Option<Timestamp> {
+        self.read().horizons.get(channel).copied()
     }
 
     fn set_clock_floor(&self, ts: Timestamp) -> io::Result<()> {
-        self.0.write().unwrap_or_else(PoisonError::into_inner).floor = Some(ts);
+        self.inner.write().unwrap_or_else(PoisonError::into_inner).floor = Some(ts);
         Ok(())
     }
 

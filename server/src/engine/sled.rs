@@ -60,8 +60,8 @@ use std::time::Duration;
 use ivy_client_core::Timestamp;
 use ivy_client_core::path::{ROOT, ancestors};
 
-use super::local::{LocalEngine, Record, Storage, WallClock};
-use super::{Context, Direction, Engine, Open};
+use super::local::{Deleted, LocalEngine, Record, Storage, WallClock, line_path};
+use super::{Context, Direction, Engine, Open, Retention};
 
 /// When an event is acknowledged relative to its durable write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -108,6 +108,8 @@ pub struct SledEngine {
     /// `store-full`, before the disk is full (checked once a second). Default
     /// [`DEFAULT_MIN_FREE_SPACE`].
     pub min_free_space: u64,
+    /// How long events are kept. Default: everything.
+    pub retention: Retention,
 }
 
 impl Default for SledEngine {
@@ -127,7 +129,14 @@ impl SledEngine {
             repair: false,
             max_size: 0,
             min_free_space: DEFAULT_MIN_FREE_SPACE,
+            retention: Retention::keep_everything(),
         }
+    }
+
+    /// How long events are kept (see [`Retention`]).
+    pub fn retention(mut self, retention: Retention) -> SledEngine {
+        self.retention = retention;
+        self
     }
 
     /// When events are acknowledged.
@@ -173,7 +182,7 @@ impl Open for SledEngine {
         let mut log = SledLog::open_checked(&self.data, self.durability, self.flush_interval, self.repair)?;
         log.quota = Quota { dir: self.data.clone(), max_size: self.max_size, min_free: self.min_free_space, state: Default::default() };
         tracing::info!(data = %self.data.display(), durability = ?self.durability, "sled store open");
-        LocalEngine::open(Arc::new(log), self.wall, context)
+        LocalEngine::open(Arc::new(log), self.wall, self.retention, context)
     }
 
     fn describe(&self) -> String {
@@ -188,6 +197,10 @@ pub(crate) struct SledLog {
     durability: Durability,
     mark: Mark,
     quota: Quota,
+    /// Each log's horizon (`h` ‖ channel → ts), as stored.
+    horizons: std::sync::RwLock<HashMap<Box<str>, Timestamp>>,
+    /// Held by the one deletion in progress.
+    deleting: std::sync::Mutex<()>,
 }
 
 /// The store's limits ([`SledEngine::max_size`], [`SledEngine::min_free_space`]). The size on
@@ -344,6 +357,17 @@ fn is_lock_error(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock")
 }
 const CLOCK_FLOOR_KEY: &[u8] = b"c";
+/// The prefix of the horizon keys: `h` ‖ channel → the newest event deleted from its log.
+const HORIZON_PREFIX: &[u8] = b"h";
+/// Events removed per atomic step of a deletion.
+const DELETE_STEP: usize = 1024;
+
+/// The key of `channel`'s horizon.
+fn horizon_key(channel: &str) -> Vec<u8> {
+    let mut k = HORIZON_PREFIX.to_vec();
+    k.extend_from_slice(channel.as_bytes());
+    k
+}
 
 fn to_io(e: sled::Error) -> io::Error {
     match e {
@@ -736,7 +760,65 @@ impl SledLog {
             }
         }
         let mark = Mark { path: dir.join(MARK_FILE), state: std::sync::Mutex::default() };
-        Ok(SledLog { db, durability, mark, quota: Quota::default() })
+        let mut horizons = HashMap::new();
+        for kv in db.scan_prefix(HORIZON_PREFIX) {
+            let (k, v) = kv.map_err(to_io)?;
+            let channel = std::str::from_utf8(&k[HORIZON_PREFIX.len()..]).map_err(|_| corrupt("horizon key"))?;
+            horizons.insert(channel.into(), Timestamp::from_be_bytes(&v).ok_or_else(|| corrupt("horizon"))?);
+        }
+        Ok(SledLog {
+            db,
+            durability,
+            mark,
+            quota: Quota::default(),
+            horizons: std::sync::RwLock::new(horizons),
+            deleting: std::sync::Mutex::new(()),
+        })
+    }
+}
+
+impl SledLog {
+    /// Rewrites the blocks of `channel`'s log that hold the entries at `lost` (in order) without
+    /// them, into `batch`; a block left empty is removed. A block keeps its key (the timestamp
+    /// of its first entry as written), which still orders it among the others.
+    fn remove_entries(&self, batch: &mut sled::Batch, channel: &str, lost: &[Timestamp]) -> io::Result<()> {
+        let (Some(&first), Some(&last)) = (lost.first(), lost.last()) else { return Ok(()) };
+        let prefix = block_prefix(channel);
+        let key_len = prefix.len() + Timestamp::BYTES;
+        let lo = match self.db.range::<Vec<u8>, _>(..=with_ts(&prefix, first)).next_back() {
+            Some(kv) => {
+                let k = kv.map_err(to_io)?.0;
+                if k.len() == key_len && k.starts_with(&prefix) { k.to_vec() } else { prefix.clone() }
+            }
+            None => prefix.clone(),
+        };
+        for kv in self.db.range(lo..=with_ts(&prefix, last)) {
+            let (k, block) = kv.map_err(to_io)?;
+            if k.len() != key_len {
+                continue;
+            }
+            let mut kept = Vec::with_capacity(block.len());
+            let mut entries = Entries::new(&block);
+            let mut changed = false;
+            loop {
+                let start = entries.at;
+                let Some(e) = entries.next() else { break };
+                let (ts, _) = e?;
+                if lost.binary_search(&ts).is_ok() {
+                    changed = true;
+                } else {
+                    kept.extend_from_slice(&block[start..entries.at]);
+                }
+            }
+            if changed {
+                if kept.is_empty() {
+                    batch.remove(k);
+                } else {
+                    batch.insert(k, kept);
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -809,6 +891,69 @@ impl Storage for SledLog {
         }
     }
 
+    fn delete(&self, channel: &str, before: Timestamp, own: bool) -> io::Result<Deleted> {
+        let _one = self.deleting.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut deleted = Deleted::default();
+        let Some(until) = before.as_nanos().checked_sub(1).map(Timestamp::from_nanos) else { return Ok(deleted) };
+        let mut after = None;
+        loop {
+            // The next step's events: at most DELETE_STEP of them, from at most 4 times as many
+            // entries of the channel's log (with `own`, most may be its children's).
+            let (mut victims, mut seen, mut last) = (Vec::<(Timestamp, Box<str>)>::new(), 0usize, None);
+            self.scan(channel, after, until, Direction::Forward, &mut |ts, line| {
+                seen += 1;
+                last = Some(ts);
+                if let Some(path) = line_path(line).filter(|p| !own || *p == channel) {
+                    victims.push((ts, path.into()));
+                }
+                if victims.len() >= DELETE_STEP || seen >= 4 * DELETE_STEP { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+            })?;
+            let Some(last) = last else { break };
+            after = Some(last);
+            if victims.is_empty() {
+                continue;
+            }
+            // Each log that holds a victim, and the victims it holds (in timestamp order).
+            let mut logs: HashMap<&str, Vec<Timestamp>> = HashMap::new();
+            for (ts, path) in &victims {
+                for anc in ancestors(path) {
+                    logs.entry(anc).or_default().push(*ts);
+                }
+            }
+            // The horizons first: a reader that meets a reference whose line is already gone
+            // knows why (and a crash in between leaves the events, below a horizon).
+            let mut batch = sled::Batch::default();
+            let mut raised = Vec::new();
+            {
+                let horizons = self.horizons.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+                for (log, lost) in &logs {
+                    let newest = lost[lost.len() - 1];
+                    if horizons.get(*log).is_none_or(|&h| h < newest) {
+                        batch.insert(horizon_key(log), &newest.to_be_bytes()[..]);
+                        raised.push((Box::<str>::from(*log), newest));
+                    }
+                }
+            }
+            self.db.apply_batch(batch).map_err(to_io)?;
+            self.horizons.write().unwrap_or_else(std::sync::PoisonError::into_inner).extend(raised);
+            let mut batch = sled::Batch::default();
+            for (log, lost) in &logs {
+                self.remove_entries(&mut batch, log, lost)?;
+            }
+            self.db.apply_batch(batch).map_err(to_io)?;
+            deleted.events += victims.len() as u64;
+            deleted.newest = victims.last().map(|v| v.0).max(deleted.newest);
+        }
+        if deleted.events > 0 {
+            self.db.flush().map_err(to_io)?;
+        }
+        Ok(deleted)
+    }
+
+    fn horizon(&self, channel: &str) -> Option<Timestamp> {
+        self.horizons.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(channel).copied()
+    }
+
     fn scan(
         &self,
         channel: &str,
@@ -839,11 +984,18 @@ impl Storage for SledLog {
         let after_ok = |ts: Timestamp| after.is_none_or(|a| ts > a);
         let root = channel == ROOT;
         let mut lines = Lines::default();
+        // A deletion in progress may have removed a line before its references: those are
+        // below the root's horizon (raised first), and skipped.
+        let deleted = self.horizon(ROOT);
         let mut line_of = |ts: Timestamp, entry: Entry<'_>, out: &mut dyn FnMut(&[u8]) -> ControlFlow<()>| -> io::Result<ControlFlow<()>> {
             match entry {
                 Entry::Line(line) => Ok(out(line)),
                 Entry::Ref(_) if root => Err(corrupt("root block (a reference)")),
-                Entry::Ref(len) => Ok(out(lines.get(&self.db, ts, len)?)),
+                Entry::Ref(len) => match lines.get(&self.db, ts, len) {
+                    Ok(line) => Ok(out(line)),
+                    Err(_) if deleted.is_some_and(|d| ts <= d) => Ok(ControlFlow::Continue(())),
+                    Err(e) => Err(e),
+                },
             }
         };
         let iter = self.db.range::<Vec<u8>, _>((Included(lo), Included(hi)));
@@ -1202,6 +1354,116 @@ mod tests {
         log.db.insert(with_ts(&block_prefix("/a"), ts), block).unwrap();
         let r = log.scan("/a", None, Timestamp::MAX, Direction::Forward, &mut |_, _| ControlFlow::Continue(()));
         assert_eq!(r.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        drop(log);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Deletions (a subtree before a timestamp, a channel's own events, everything before a
+    /// cutoff, a whole subtree) remove the same events from both stores and from every log
+    /// that held them, raise the same horizons (kept across a reopen), and leave the rest
+    /// readable, with new events appended after.
+    #[test]
+    fn deletions_match_a_model_in_both_stores() {
+        use super::super::memory::MemStorage;
+        let dir = temp_dir("delete");
+        let mut log = SledLog::open(&dir, Durability::Async, DEFAULT_FLUSH_INTERVAL).unwrap();
+        let mem = MemStorage::default();
+        let paths = ["/a", "/a/b", "/a/b/c", "/ab", "/x/y", "/a/bc", "/a/b/c/d/e/f"];
+        let channels = [ROOT, "/a", "/a/b", "/a/b/c", "/a/b/c/d/e/f", "/ab", "/x", "/x/y", "/a/bc", "/nothing"];
+        let under = |p: &str, ch: &str| ch == ROOT || p == ch || p.starts_with(&format!("{ch}/"));
+        let mut model: Vec<(Timestamp, String, Vec<u8>)> = Vec::new();
+        let mut nanos = 0u32;
+        let mut fill = |log: &SledLog, mem: &MemStorage, model: &mut Vec<(Timestamp, String, Vec<u8>)>, batches: u32| {
+            for batch in 0..batches {
+                let mut lines = Vec::new();
+                for i in 0..(1 + batch * 13 % 60) {
+                    nanos += 1 + i % 2;
+                    let ts = Timestamp::new(1_700_000_000, nanos).unwrap();
+                    let path = paths[((batch * 7 + i) % paths.len() as u32) as usize];
+                    // Short lines (copied on shallow paths), longer ones (referenced), some
+                    // larger than a block.
+                    let len = [3, 40, 300, 5000][((i + batch) % 4) as usize];
+                    let mut line = Vec::new();
+                    ivy_client_core::wire::encode_event(ts, path, &vec![b'q'; len], &mut line);
+                    lines.push((ts, path.to_string(), line));
+                }
+                let records: Vec<Record<'_>> = lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l }).collect();
+                log.append(&records).unwrap();
+                mem.append(&records).unwrap();
+                model.extend(lines);
+            }
+        };
+        fill(&log, &mem, &mut model, 40);
+        let mut horizons: HashMap<&str, Timestamp> = HashMap::new();
+        let check =
+            |log: &SledLog, mem: &MemStorage, model: &[(Timestamp, String, Vec<u8>)], horizons: &HashMap<&str, Timestamp>, what: &str| {
+                for ch in channels {
+                    let want: Vec<(Timestamp, Vec<u8>)> =
+                        model.iter().filter(|(_, p, _)| under(p, ch)).map(|(t, _, l)| (*t, l.clone())).collect();
+                    let after = want.get(want.len() / 3).map(|e| e.0);
+                    for (store, name) in [(log as &dyn Storage, "sled"), (mem as &dyn Storage, "memory")] {
+                        let read = |after, dir, limit| {
+                            let mut out = Vec::new();
+                            store
+                                .scan(ch, after, Timestamp::MAX, dir, &mut |ts, line| {
+                                    out.push((ts, line.to_vec()));
+                                    if out.len() >= limit { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+                                })
+                                .unwrap();
+                            out
+                        };
+                        assert_eq!(read(None, Direction::Forward, usize::MAX), want, "{what}: {name} {ch}");
+                        let rest: Vec<_> = want.iter().filter(|e| after.is_none_or(|a| e.0 > a)).cloned().collect();
+                        assert_eq!(
+                            read(after, Direction::Forward, 25),
+                            rest.iter().take(25).cloned().collect::<Vec<_>>(),
+                            "{what}: {name} {ch} after"
+                        );
+                        assert_eq!(
+                            read(after, Direction::Backward, 25),
+                            rest.iter().rev().take(25).cloned().collect::<Vec<_>>(),
+                            "{what}: {name} {ch} back"
+                        );
+                        assert_eq!(store.horizon(ch), horizons.get(ch).copied(), "{what}: {name} {ch} horizon");
+                    }
+                }
+            };
+        check(&log, &mem, &model, &horizons, "before");
+        let at = |model: &[(Timestamp, String, Vec<u8>)], i: usize| model[i % model.len()].0;
+        let ops: Vec<(&str, Timestamp, bool)> = vec![
+            ("/a/b", at(&model, 500), false),
+            ("/a", at(&model, 900), true),
+            ("/a/b/c/d/e/f", Timestamp::MAX, false),
+            (ROOT, at(&model, 200), false),
+            ("/x", Timestamp::MAX, false),
+            ("/nothing", Timestamp::MAX, false),
+        ];
+        for (i, (ch, before, own)) in ops.into_iter().enumerate() {
+            let victims: Vec<(Timestamp, String)> = model
+                .iter()
+                .filter(|(t, p, _)| *t < before && if own { p == ch } else { under(p, ch) })
+                .map(|(t, p, _)| (*t, p.clone()))
+                .collect();
+            for anc_ch in channels {
+                if let Some(newest) = victims.iter().filter(|(_, p)| under(p, anc_ch)).map(|v| v.0).max() {
+                    let h = horizons.entry(anc_ch).or_insert(newest);
+                    *h = (*h).max(newest);
+                }
+            }
+            let want = Deleted { events: victims.len() as u64, newest: victims.last().map(|v| v.0) };
+            assert!(want.events > 0 || ch == "/nothing", "op {i} deletes something");
+            assert_eq!(log.delete(ch, before, own).unwrap(), want, "op {i} sled");
+            assert_eq!(mem.delete(ch, before, own).unwrap(), want, "op {i} memory");
+            model.retain(|(t, p, _)| !(*t < before && if own { p == ch } else { under(p, ch) }));
+            check(&log, &mem, &model, &horizons, &format!("op {i} ({ch} before {before}, own {own})"));
+            assert_eq!(log.delete(ch, before, own).unwrap(), Deleted::default(), "op {i} again");
+        }
+        fill(&log, &mem, &mut model, 10);
+        check(&log, &mem, &model, &horizons, "appended after");
+        drop(log);
+        log = SledLog::open(&dir, Durability::Async, DEFAULT_FLUSH_INTERVAL).unwrap();
+        check(&log, &mem, &model, &horizons, "reopened");
+        assert_eq!(log.last_timestamp().unwrap(), mem.last_timestamp().unwrap());
         drop(log);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -12,9 +12,9 @@ use bytes::Bytes;
 use ivy_client_core::Timestamp;
 use tokio::sync::mpsc;
 
-use super::local::{LocalEngine, Record, Storage, WallClock};
+use super::local::{Deleted, LocalEngine, Record, Storage, WallClock};
 use super::memory::MemStorage;
-use super::{Completion, Context, Direction, Engine, Publish, PublishError, Publisher, ReadRequest, queue};
+use super::{Completion, Context, Direction, Engine, Publish, PublishError, Publisher, ReadRequest, Retention, queue};
 use crate::conn::{Conn, close_code};
 use crate::fanout::{ConnId, FanOut};
 
@@ -70,6 +70,12 @@ impl Storage for Gated {
     fn clock_floor(&self) -> io::Result<Option<Timestamp>> {
         self.inner.clock_floor()
     }
+    fn delete(&self, channel: &str, before: Timestamp, own: bool) -> io::Result<Deleted> {
+        self.inner.delete(channel, before, own)
+    }
+    fn horizon(&self, channel: &str) -> Option<Timestamp> {
+        self.inner.horizon(channel)
+    }
     fn scan(
         &self,
         channel: &str,
@@ -97,7 +103,9 @@ fn at(secs: u64, nanos: u32) -> Timestamp {
 fn open(storage: Arc<dyn Storage>) -> Fixture {
     let (publisher, requests) = queue();
     let fanout = Arc::new(FanOut::new());
-    let engine = LocalEngine::open(storage, WallClock::from_fn(|| at(100, 0)), Context { requests, fanout: fanout.clone() }).unwrap();
+    let engine =
+        LocalEngine::open(storage, WallClock::from_fn(|| at(100, 0)), Retention::default(), Context { requests, fanout: fanout.clone() })
+            .unwrap();
     Fixture { engine, publisher, fanout }
 }
 
@@ -312,6 +320,12 @@ async fn shutdown_returns_when_the_final_flush_never_does() {
         fn clock_floor(&self) -> io::Result<Option<Timestamp>> {
             self.0.clock_floor()
         }
+        fn delete(&self, channel: &str, before: Timestamp, own: bool) -> io::Result<Deleted> {
+            self.0.delete(channel, before, own)
+        }
+        fn horizon(&self, channel: &str) -> Option<Timestamp> {
+            self.0.horizon(channel)
+        }
         fn scan(
             &self,
             channel: &str,
@@ -326,7 +340,7 @@ async fn shutdown_returns_when_the_final_flush_never_does() {
     struct OpenStuck;
     impl super::Open for OpenStuck {
         fn open(self: Box<Self>, context: Context) -> io::Result<Arc<dyn Engine>> {
-            LocalEngine::open(Arc::new(Stuck::default()), WallClock::from_fn(|| at(100, 0)), context)
+            LocalEngine::open(Arc::new(Stuck::default()), WallClock::from_fn(|| at(100, 0)), Retention::default(), context)
         }
         fn describe(&self) -> String {
             "a store whose flush never returns".into()
