@@ -140,6 +140,9 @@ pub struct Config {
     /// Serve the files of this directory at `/` (`index.html` for a directory), next to `/ws`
     /// and `/log/`, which take precedence. Default: none.
     pub static_dir: Option<PathBuf>,
+    /// Server API keys: a request with `Authorization: Bearer <one of them>` may use the
+    /// operator endpoints (`DELETE /log/<path>`). Default: none (those endpoints answer 403).
+    pub api_keys: Vec<String>,
 }
 
 impl Default for Config {
@@ -168,6 +171,7 @@ impl Default for Config {
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             flush_timeout: DEFAULT_FLUSH_TIMEOUT,
             static_dir: None,
+            api_keys: Vec::new(),
         }
     }
 }
@@ -233,6 +237,8 @@ setters! {
     flush_timeout: Duration;
     /// Sets [`Config::static_dir`].
     static_dir: Option<PathBuf>;
+    /// Sets [`Config::api_keys`].
+    api_keys: Vec<String>;
 }
 
 #[cfg(test)]
