@@ -197,3 +197,46 @@ async fn a_channel_keeps_its_newest_events_up_to_the_limit() {
     assert_eq!(log_text(server.addr, "/log/other").await, joined(lines.iter().filter(|(p, _)| p == "/other").map(|l| &l.1)));
     server.stop().await;
 }
+
+async fn next(s: &mut ivy_client_native::Subscription) -> Result<ivy_client_native::Event, ivy_client_native::SubscriptionError> {
+    use futures_util::StreamExt;
+    tokio::time::timeout(WAIT, s.next()).await.expect("in time").expect("open")
+}
+
+/// A client resuming after an event older than the log's horizon is told that continuity was
+/// lost (the native client reads `Ivy-Horizon` from its first page), then receives what the
+/// log still has, in order, and the live events after; a client resuming after the horizon
+/// is told nothing.
+#[tokio::test]
+async fn a_resume_from_before_the_horizon_is_continuity_lost() {
+    use ivy_client_native::{Start, SubscriptionError};
+    let dir = temp_dir();
+    let mut setup = config(dir.path());
+    setup.api_keys = vec!["k".into()];
+    let server = TestServer::start(setup).await;
+    let mut c = Client::connect(&server.ws_url()).await;
+    let lines = seed(&mut c, &(0..8).map(|i| ("/feed", format!("f{i}"))).collect::<Vec<_>>()).await;
+    let ts: Vec<Timestamp> = lines.iter().map(|l| ts_of(&l.1).parse().unwrap()).collect();
+    // Delete the first five.
+    let r = http_request(server.addr, "DELETE", &format!("/log/feed?before={}", ts[5]), &[("Authorization", "Bearer k")]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    let client = ivy_client_native::Client::connect(server.ws_url()).await.unwrap();
+    // The application processed up to the 2nd event: the 3rd to 5th are gone.
+    let mut sub = client.subscribe_from("/feed", Start::After(ts[1])).await.unwrap();
+    match next(&mut sub).await {
+        Err(SubscriptionError::ContinuityLost { last, position }) => assert_eq!((last, position), (ts[1], ts[4])),
+        other => panic!("expected continuity lost, got {other:?}"),
+    }
+    for want in &ts[5..] {
+        assert_eq!(next(&mut sub).await.unwrap().ts, *want);
+    }
+    let live = c.publish("/feed", "live").await;
+    assert_eq!(next(&mut sub).await.unwrap().ts.to_string(), live);
+    // Resuming at the horizon: nothing was lost.
+    let mut sub = client.subscribe_from("/feed", Start::After(ts[4])).await.unwrap();
+    for want in ts[5..].iter().map(ToString::to_string).chain([live]) {
+        assert_eq!(next(&mut sub).await.unwrap().ts.to_string(), want);
+    }
+    server.stop().await;
+}
