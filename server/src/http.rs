@@ -17,7 +17,7 @@ use ivy_client_core::Timestamp;
 use ivy_client_core::path::{check_depth, normalize_with_limit};
 
 use crate::Shared;
-use crate::engine::{DeleteRequest, Engine, ReadRequest};
+use crate::engine::{DeleteRequest, Engine, Horizon, ReadRequest};
 use crate::limits::Admitted;
 use crate::logquery::{self, LogQuery};
 
@@ -44,10 +44,13 @@ fn server_error(e: io::Error) -> Response {
     (StatusCode::INTERNAL_SERVER_ERROR, headers, "reading the log failed; the server's log has the details\n").into_response()
 }
 
-fn etag(newest: Option<Timestamp>) -> String {
-    match newest {
-        Some(ts) => format!("\"{ts}\""),
-        None => "\"empty\"".to_string(),
+/// The tag of a body: its newest event, and how many deletions changed the log (a body is
+/// determined by both).
+fn etag(newest: Option<Timestamp>, horizon: Option<Horizon>) -> String {
+    let newest = newest.map_or("empty".to_string(), |ts| ts.to_string());
+    match horizon {
+        Some(h) => format!("\"{newest}-{}\"", h.deletions),
+        None => format!("\"{newest}\""),
     }
 }
 
@@ -69,11 +72,11 @@ struct Meta {
     newest: Option<Timestamp>,
     cache: &'static str,
     link: Option<String>,
-    horizon: Option<Timestamp>,
+    horizon: Option<Horizon>,
 }
 
 fn respond(headers: &HeaderMap, meta: Meta, body: impl FnOnce() -> Body) -> Response {
-    let tag = etag(meta.newest);
+    let tag = etag(meta.newest, meta.horizon);
     let mut h = HeaderMap::new();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static(meta.cache));
@@ -90,7 +93,7 @@ fn respond(headers: &HeaderMap, meta: Meta, body: impl FnOnce() -> Body) -> Resp
     if let Some(link) = meta.link.and_then(|l| HeaderValue::from_str(&l).ok()) {
         h.insert(header::LINK, link);
     }
-    if let Some(horizon) = meta.horizon.and_then(|t| HeaderValue::from_str(&t.to_string()).ok()) {
+    if let Some(horizon) = meta.horizon.and_then(|h| HeaderValue::from_str(&h.newest.to_string()).ok()) {
         h.insert(HORIZON, horizon);
     }
     if if_none_match(headers, &tag) {
@@ -236,7 +239,7 @@ pub(crate) async fn delete(State(shared): State<Arc<Shared>>, uri: Uri, RawQuery
         }
     };
     let horizon = match engine.read(ReadRequest::new(path.as_str(), None, engine.visible(), 0)).await {
-        Ok(page) => page.horizon,
+        Ok(page) => page.horizon.map(|h| h.newest),
         Err(e) => return server_error(e),
     };
     let ts = |t: Option<Timestamp>| t.map_or("null".to_string(), |t| format!("\"{t}\""));
@@ -275,7 +278,7 @@ async fn stream_bounds(
     path: &str,
     q: LogQuery,
     until: Timestamp,
-) -> io::Result<(Option<Timestamp>, Option<Timestamp>, Option<Timestamp>)> {
+) -> io::Result<(Option<Timestamp>, Option<Timestamp>, Option<Horizon>)> {
     let want = match q {
         LogQuery::Last(k) => usize::try_from(k.get()).unwrap_or(usize::MAX),
         _ => 1,

@@ -71,8 +71,15 @@ async fn deleting_a_channel_needs_the_api_key_and_removes_its_subtree_from_every
     }
     assert_eq!(log_text(server.addr, "/log/").await, joined(lines.iter().map(|l| &l.1)), "nothing was deleted without the key");
 
+    let tag = http_get(server.addr, "/log/a", &[]).await.header("etag").unwrap().to_string();
     let r = http_request(server.addr, "DELETE", &target, &[("Authorization", "Bearer s3cret")]).await;
     assert_eq!(r.status, 200, "{}", r.text());
+    // The newest event is the same, the body is not: so is the tag.
+    let after = http_get(server.addr, "/log/a", &[("If-None-Match", &tag)]).await;
+    assert_eq!(after.status, 200, "a body changed by a deletion is not 304");
+    assert_ne!(after.header("etag"), Some(tag.as_str()));
+    let same = http_get(server.addr, "/log/a", &[("If-None-Match", after.header("etag").unwrap())]).await;
+    assert_eq!(same.status, 304);
     let gone: Vec<&(String, String)> = lines[..6].iter().filter(|(p, _)| under_a(p)).collect();
     let newest_gone = ts_of(&gone.last().unwrap().1).to_string();
     assert_eq!(

@@ -39,7 +39,7 @@ use ivy_client_core::path::ROOT;
 use ivy_client_core::wire::encode_event;
 
 use super::clock::Clock;
-use super::{BoxFuture, Context, DeleteRequest, Direction, Engine, Page, Publish, PublishError, ReadRequest, Requests, Retention};
+use super::{BoxFuture, Context, DeleteRequest, Direction, Engine, Horizon, Page, Publish, PublishError, ReadRequest, Requests, Retention};
 use crate::fanout::{FanOut, Line, Published};
 
 pub use super::clock::WallClock;
@@ -116,7 +116,7 @@ pub(crate) trait Storage: Send + Sync + 'static {
     /// The horizon of `channel`'s log: the newest event deleted from it (by retention or
     /// [`Storage::delete`]), if any. A reader resuming after an older timestamp may have
     /// missed events.
-    fn horizon(&self, channel: &str) -> Option<Timestamp>;
+    fn horizon(&self, channel: &str) -> Option<Horizon>;
     /// Visits the events of `channel`'s subtree with `after < ts <= until`, in `dir` order,
     /// until the visitor breaks.
     fn scan(

@@ -5,7 +5,7 @@
 //! restarted server starts empty. Made for fast tests of the protocol and for ephemeral
 //! deployments (`ivy-server --memory`), and a second implementation of the engine seam.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::ops::ControlFlow;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -14,7 +14,7 @@ use ivy_client_core::Timestamp;
 use ivy_client_core::path::{ROOT, ancestors};
 
 use super::local::{Deleted, LocalEngine, Record, Storage, WallClock, line_path};
-use super::{Context, Direction, Engine, Open, Retention};
+use super::{Context, Direction, Engine, Horizon, Open, Retention};
 
 /// Opens an in-memory engine.
 ///
@@ -73,13 +73,13 @@ struct Inner {
     /// Every event (the root's log), in timestamp order: timestamp and line (`None` once
     /// deleted: a hole that keeps the positions of the later ones). The first is at position
     /// `base`.
-    events: std::collections::VecDeque<(Timestamp, Option<Box<[u8]>>)>,
+    events: VecDeque<(Timestamp, Option<Box<[u8]>>)>,
     /// The position of `events[0]` (positions count every event ever appended).
     base: usize,
     /// For each channel other than the root, the positions of its subtree's events.
-    channels: HashMap<Box<str>, Vec<usize>>,
+    channels: HashMap<Box<str>, VecDeque<usize>>,
     /// Each log's horizon: the newest event deleted from it.
-    horizons: HashMap<Box<str>, Timestamp>,
+    horizons: HashMap<Box<str>, Horizon>,
     floor: Option<Timestamp>,
 }
 
@@ -136,6 +136,88 @@ impl Inner {
     }
 }
 
+/// Events removed per step of a deletion (few in tests, so that they take many steps).
+const DELETE_STEP: usize = if cfg!(test) { 64 } else { 4096 };
+
+/// An event to delete: its position, timestamp and path.
+type Victim = (usize, Timestamp, Box<str>);
+
+impl Inner {
+    /// The next victims of a deletion after `after` (at most [`DELETE_STEP`], from at most 4
+    /// times as many events of the log): position, timestamp, path; and the last timestamp
+    /// looked at.
+    fn victims(&self, channel: &str, after: Option<Timestamp>, until: Timestamp, own: bool) -> (Vec<Victim>, Option<Timestamp>) {
+        let (mut found, mut last) = (Vec::new(), None);
+        let mut seen = 0;
+        let mut each = |pos: usize| -> bool {
+            let (ts, line) = &self.events[pos - self.base];
+            if *ts > until {
+                return false;
+            }
+            last = Some(*ts);
+            seen += 1;
+            if let Some(path) = line.as_deref().and_then(line_path).filter(|p| !own || *p == channel) {
+                found.push((pos, *ts, path.into()));
+            }
+            found.len() < DELETE_STEP && seen < 4 * DELETE_STEP
+        };
+        let past = |ts: Timestamp| after.is_some_and(|a| ts <= a);
+        if channel == ROOT {
+            let start = partition(self.events.len(), |i| past(self.events[i].0));
+            for pos in self.base + start..self.base + self.events.len() {
+                if !each(pos) {
+                    break;
+                }
+            }
+        } else if let Some(index) = self.channels.get(channel) {
+            let start = partition(index.len(), |i| past(self.events[index[i] - self.base].0));
+            for &pos in index.range(start..) {
+                if !each(pos) {
+                    break;
+                }
+            }
+        }
+        (found, last)
+    }
+
+    /// Removes `victims` (in order) from every log that holds them, raising their horizons.
+    fn remove(&mut self, victims: &[Victim]) {
+        // Each log that holds a victim, and the victims' positions in it (in order).
+        let mut logs: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (pos, _, path) in victims {
+            for anc in ancestors(path) {
+                logs.entry(anc).or_default().push(*pos);
+            }
+        }
+        for (log, lost) in &logs {
+            let newest = self.events[lost[lost.len() - 1] - self.base].0;
+            let h = self.horizons.entry((*log).into()).or_insert(Horizon { newest, deletions: 0 });
+            *h = Horizon { newest: h.newest.max(newest), deletions: h.deletions + 1 };
+            if *log != ROOT
+                && let Some(index) = self.channels.get_mut(*log)
+            {
+                // Retention by age removes the oldest: a prefix, removed in its own time.
+                if index.iter().take(lost.len()).eq(lost.iter()) {
+                    index.drain(..lost.len());
+                } else {
+                    index.retain(|p| lost.binary_search(p).is_err());
+                }
+                if index.is_empty() {
+                    self.channels.remove(*log);
+                }
+            }
+        }
+        for (pos, ..) in victims {
+            self.events[pos - self.base].1 = None;
+        }
+        // The holes at the front go (retention by age deletes from the front).
+        while self.events.front().is_some_and(|e| e.1.is_none()) {
+            self.events.pop_front();
+            self.base += 1;
+        }
+    }
+}
+
 /// The first `i` in `0..len` for which `below(i)` is false (`below` is true, then false).
 fn partition(len: usize, below: impl Fn(usize) -> bool) -> usize {
     let (mut lo, mut hi) = (0, len);
@@ -164,9 +246,9 @@ impl Storage for MemStorage {
             inner.events.push_back((r.ts, Some(r.line.into())));
             for anc in ancestors(r.path).filter(|a| *a != ROOT) {
                 match inner.channels.get_mut(anc) {
-                    Some(v) => v.push(at),
+                    Some(v) => v.push_back(at),
                     None => {
-                        inner.channels.insert(anc.into(), vec![at]);
+                        inner.channels.insert(anc.into(), VecDeque::from([at]));
                     }
                 }
             }
@@ -194,67 +276,24 @@ impl Storage for MemStorage {
         let _one = self.deleting.lock().unwrap_or_else(PoisonError::into_inner);
         let mut deleted = Deleted::default();
         let Some(until) = before.as_nanos().checked_sub(1).map(Timestamp::from_nanos) else { return Ok(deleted) };
-        // The victims' positions, found under the read lock (appends wait only for the writes
-        // below, which are proportional to the victims).
-        let victims: Vec<(usize, Timestamp, Box<str>)> = {
-            let inner = self.read();
-            let base = inner.base;
-            let mut found = Vec::new();
-            let positions: Box<dyn Iterator<Item = usize>> = if channel == ROOT {
-                Box::new(base..base + inner.events.len())
-            } else {
-                Box::new(inner.channels.get(channel).into_iter().flatten().copied())
-            };
-            for pos in positions {
-                let (ts, line) = &inner.events[pos - base];
-                if *ts > until {
-                    break;
-                }
-                if let Some(path) = line.as_deref().and_then(line_path).filter(|p| !own || *p == channel) {
-                    found.push((pos, *ts, path.into()));
-                }
+        let mut after = None;
+        // In steps: the victims found under the read lock, removed under the write lock, so
+        // that appends never wait for more than one step.
+        loop {
+            let (victims, last) = self.read().victims(channel, after, until, own);
+            let Some(last) = last else { break };
+            after = Some(last);
+            if victims.is_empty() {
+                continue;
             }
-            found
-        };
-        if victims.is_empty() {
-            return Ok(deleted);
+            self.inner.write().unwrap_or_else(PoisonError::into_inner).remove(&victims);
+            deleted.events += victims.len() as u64;
+            deleted.newest = victims.last().map(|v| v.1).max(deleted.newest);
         }
-        // Each log that holds a victim, and the victims' positions in it (in order).
-        let mut logs: HashMap<&str, Vec<usize>> = HashMap::new();
-        for (pos, _, path) in &victims {
-            for anc in ancestors(path) {
-                logs.entry(anc).or_default().push(*pos);
-            }
-        }
-        let mut guard = self.inner.write().unwrap_or_else(PoisonError::into_inner);
-        let inner = &mut *guard;
-        for (log, lost) in &logs {
-            let newest = inner.events[lost[lost.len() - 1] - inner.base].0;
-            let h = inner.horizons.entry((*log).into()).or_insert(newest);
-            *h = (*h).max(newest);
-            if *log != ROOT
-                && let Some(index) = inner.channels.get_mut(*log)
-            {
-                index.retain(|p| lost.binary_search(p).is_err());
-                if index.is_empty() {
-                    inner.channels.remove(*log);
-                }
-            }
-        }
-        for (pos, ..) in &victims {
-            inner.events[pos - inner.base].1 = None;
-        }
-        // The holes at the front go (retention by age deletes from the front).
-        while inner.events.front().is_some_and(|e| e.1.is_none()) {
-            inner.events.pop_front();
-            inner.base += 1;
-        }
-        deleted.events = victims.len() as u64;
-        deleted.newest = victims.last().map(|v| v.1);
         Ok(deleted)
     }
 
-    fn horizon(&self, channel: &str) -> Option<Timestamp> {
+    fn horizon(&self, channel: &str) -> Option<Horizon> {
         self.read().horizons.get(channel).copied()
     }
 

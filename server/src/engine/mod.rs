@@ -243,7 +243,17 @@ pub struct Page {
     /// The log's horizon: the newest event deleted from it (by retention or
     /// [`Engine::delete`]), if any. A reader that last saw an older event may have missed
     /// events.
-    pub horizon: Option<Timestamp>,
+    pub horizon: Option<Horizon>,
+}
+
+/// What a log lost ([`Page::horizon`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Horizon {
+    /// The newest event deleted from the log.
+    pub newest: Timestamp,
+    /// How many deletions removed events from it (any change of its older events changes
+    /// this, also one below `newest`).
+    pub deletions: u64,
 }
 
 impl Page {

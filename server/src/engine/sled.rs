@@ -61,7 +61,7 @@ use ivy_client_core::Timestamp;
 use ivy_client_core::path::{ROOT, ancestors};
 
 use super::local::{Deleted, LocalEngine, Record, Storage, WallClock, line_path};
-use super::{Context, Direction, Engine, Open, Retention};
+use super::{Context, Direction, Engine, Horizon, Open, Retention};
 
 /// When an event is acknowledged relative to its durable write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -197,8 +197,8 @@ pub(crate) struct SledLog {
     durability: Durability,
     mark: Mark,
     quota: Quota,
-    /// Each log's horizon (`h` ‖ channel → ts), as stored.
-    horizons: std::sync::RwLock<HashMap<Box<str>, Timestamp>>,
+    /// Each log's horizon (`h` ‖ channel → newest ‖ deletions), as stored.
+    horizons: std::sync::RwLock<HashMap<Box<str>, Horizon>>,
     /// Held by the one deletion in progress.
     deleting: std::sync::Mutex<()>,
 }
@@ -357,10 +357,11 @@ fn is_lock_error(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock")
 }
 const CLOCK_FLOOR_KEY: &[u8] = b"c";
-/// The prefix of the horizon keys: `h` ‖ channel → the newest event deleted from its log.
+/// The prefix of the horizon keys: `h` ‖ channel → the newest event deleted from its log (12
+/// bytes) ‖ how many deletions removed events from it (8 bytes, big-endian).
 const HORIZON_PREFIX: &[u8] = b"h";
-/// Events removed per atomic step of a deletion.
-const DELETE_STEP: usize = 1024;
+/// Events removed per atomic step of a deletion (few in tests, so that they take many steps).
+const DELETE_STEP: usize = if cfg!(test) { 64 } else { 1024 };
 
 /// The key of `channel`'s horizon.
 fn horizon_key(channel: &str) -> Vec<u8> {
@@ -764,7 +765,10 @@ impl SledLog {
         for kv in db.scan_prefix(HORIZON_PREFIX) {
             let (k, v) = kv.map_err(to_io)?;
             let channel = std::str::from_utf8(&k[HORIZON_PREFIX.len()..]).map_err(|_| corrupt("horizon key"))?;
-            horizons.insert(channel.into(), Timestamp::from_be_bytes(&v).ok_or_else(|| corrupt("horizon"))?);
+            let newest = v.get(..Timestamp::BYTES).and_then(Timestamp::from_be_bytes).ok_or_else(|| corrupt("horizon"))?;
+            let deletions =
+                v.get(Timestamp::BYTES..).and_then(|d| d.try_into().ok()).map(u64::from_be_bytes).ok_or_else(|| corrupt("horizon"))?;
+            horizons.insert(channel.into(), Horizon { newest, deletions });
         }
         Ok(SledLog {
             db,
@@ -927,11 +931,13 @@ impl Storage for SledLog {
             {
                 let horizons = self.horizons.read().unwrap_or_else(std::sync::PoisonError::into_inner);
                 for (log, lost) in &logs {
-                    let newest = lost[lost.len() - 1];
-                    if horizons.get(*log).is_none_or(|&h| h < newest) {
-                        batch.insert(horizon_key(log), &newest.to_be_bytes()[..]);
-                        raised.push((Box::<str>::from(*log), newest));
-                    }
+                    let old = horizons.get(*log);
+                    let newest = old.map_or(lost[lost.len() - 1], |h| h.newest.max(lost[lost.len() - 1]));
+                    let h = Horizon { newest, deletions: old.map_or(0, |h| h.deletions) + 1 };
+                    let mut value = newest.to_be_bytes().to_vec();
+                    value.extend_from_slice(&h.deletions.to_be_bytes());
+                    batch.insert(horizon_key(log), value);
+                    raised.push((Box::<str>::from(*log), h));
                 }
             }
             self.db.apply_batch(batch).map_err(to_io)?;
@@ -950,7 +956,7 @@ impl Storage for SledLog {
         Ok(deleted)
     }
 
-    fn horizon(&self, channel: &str) -> Option<Timestamp> {
+    fn horizon(&self, channel: &str) -> Option<Horizon> {
         self.horizons.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(channel).copied()
     }
 
@@ -986,7 +992,7 @@ impl Storage for SledLog {
         let mut lines = Lines::default();
         // A deletion in progress may have removed a line before its references: those are
         // below the root's horizon (raised first), and skipped.
-        let deleted = self.horizon(ROOT);
+        let deleted = self.horizon(ROOT).map(|h| h.newest);
         let mut line_of = |ts: Timestamp, entry: Entry<'_>, out: &mut dyn FnMut(&[u8]) -> ControlFlow<()>| -> io::Result<ControlFlow<()>> {
             match entry {
                 Entry::Line(line) => Ok(out(line)),
@@ -1424,7 +1430,7 @@ mod tests {
                             rest.iter().rev().take(25).cloned().collect::<Vec<_>>(),
                             "{what}: {name} {ch} back"
                         );
-                        assert_eq!(store.horizon(ch), horizons.get(ch).copied(), "{what}: {name} {ch} horizon");
+                        assert_eq!(store.horizon(ch).map(|h| h.newest), horizons.get(ch).copied(), "{what}: {name} {ch} horizon");
                     }
                 }
             };

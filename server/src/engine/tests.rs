@@ -73,7 +73,7 @@ impl Storage for Gated {
     fn delete(&self, channel: &str, before: Timestamp, own: bool) -> io::Result<Deleted> {
         self.inner.delete(channel, before, own)
     }
-    fn horizon(&self, channel: &str) -> Option<Timestamp> {
+    fn horizon(&self, channel: &str) -> Option<super::Horizon> {
         self.inner.horizon(channel)
     }
     fn scan(
@@ -323,7 +323,7 @@ async fn shutdown_returns_when_the_final_flush_never_does() {
         fn delete(&self, channel: &str, before: Timestamp, own: bool) -> io::Result<Deleted> {
             self.0.delete(channel, before, own)
         }
-        fn horizon(&self, channel: &str) -> Option<Timestamp> {
+        fn horizon(&self, channel: &str) -> Option<super::Horizon> {
             self.0.horizon(channel)
         }
         fn scan(
