@@ -186,8 +186,8 @@ impl Ivy {
     /// application that has a fallback of its own should leave `static_dir` unset).
     pub fn router(&self) -> Router {
         let log = Router::new()
-            .route("/log", get(http::handler).options(http::preflight))
-            .route("/log/", get(http::handler).options(http::preflight))
+            .route("/log", get(http::handler).options(http::preflight).delete(http::delete))
+            .route("/log/", get(http::handler).options(http::preflight).delete(http::delete))
             .route("/log/{*path}", get(http::handler).options(http::preflight).delete(http::delete))
             .layer(axum::middleware::from_fn_with_state(self.shared.clone(), http::cors_layer));
         let router = Router::new().route("/ws", get(ws::handler)).merge(log).with_state(self.shared.clone());

@@ -8,6 +8,9 @@
 //! - **storage**: it appends events to the logs of their channel and its ancestors, and reads
 //!   them back page by page ([`Engine::read`]), showing only what is durable
 //!   ([`Engine::visible`]);
+//! - **deletion**: it deletes a channel's history on request ([`Engine::delete`]) and what
+//!   its [`Retention`] settings no longer keep, in the background, and states each log's
+//!   horizon ([`Page::horizon`]), the newest event it lost;
 //! - **the bus**: it hands every stored event, once, in timestamp order, to this node's
 //!   [`FanOut`] ([`FanOut::deliver`]), which routes it to the subscribed connections.
 //!

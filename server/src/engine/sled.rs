@@ -15,7 +15,12 @@
 //!   handed out, so a restarted clock resumes after `max(floor, newest event)`;
 //! - `b` ‖ ts → a block of the root log: consecutive events, the first at `ts`;
 //! - `j` ‖ channel ‖ `0x00` ‖ ts → a block of `channel`'s log (its whole subtree), the first
-//!   event at `ts`, for each ancestor of an event's path except the root.
+//!   event at `ts`, for each ancestor of an event's path except the root;
+//! - `h` ‖ channel → the horizon of `channel`'s log, once it lost events (retention or a
+//!   deletion): the newest event deleted from it (12 bytes) and how many deletions changed it
+//!   (8 bytes). Written before the events are removed, in atomic steps beside the appends; a
+//!   block that loses entries is rewritten under its key (still at or before its first entry),
+//!   or removed when empty.
 //!
 //! Timestamps in keys are 12 bytes, big-endian, so key order is time order. A block is a run of
 //! entries in timestamp order, each `ts (12 bytes) ‖ word (4 bytes, big-endian)` and then:
@@ -463,13 +468,17 @@ impl<'a> Iterator for Entries<'a> {
 struct Lines {
     /// The last root block read.
     block: Option<sled::IVec>,
+    /// Where in it the entry after the last line found begins, and that line's timestamp: a
+    /// later reference is searched from there (a forward scan reads each block once).
+    resume: (usize, Timestamp),
 }
 
 impl Lines {
     /// The line of the event at `ts` (`len` bytes, as its reference says).
     fn get(&mut self, db: &sled::Db, ts: Timestamp, len: usize) -> io::Result<&[u8]> {
         let cached = match &self.block {
-            Some(block) => find(block, ts)?,
+            Some(block) if self.resume.1 < ts => find(block, ts, self.resume.0)?,
+            Some(block) => find(block, ts, 0)?,
             None => None,
         };
         let range = match cached {
@@ -486,11 +495,12 @@ impl Lines {
                     }
                     None => return Err(corrupt(&format!("reference to {ts} (no event)"))),
                 };
-                let range = find(&block, ts)?.ok_or_else(|| corrupt(&format!("reference to {ts} (no event)")))?;
+                let range = find(&block, ts, 0)?.ok_or_else(|| corrupt(&format!("reference to {ts} (no event)")))?;
                 self.block = Some(block);
                 range
             }
         };
+        self.resume = (range.end, ts);
         let line = self.block.as_deref().and_then(|b| b.get(range)).unwrap_or_default();
         if line.len() != len {
             return Err(corrupt(&format!("reference to {ts} (length)")));
@@ -499,9 +509,10 @@ impl Lines {
     }
 }
 
-/// Where the line of the event at `ts` is in the root block `block`, if it is there.
-fn find(block: &[u8], ts: Timestamp) -> io::Result<Option<std::ops::Range<usize>>> {
-    let mut entries = Entries::new(block);
+/// Where the line of the event at `ts` is in the root block `block`, if it is there, looking
+/// from the entry that begins at `from` (0, or the end of an entry before `ts`).
+fn find(block: &[u8], ts: Timestamp, from: usize) -> io::Result<Option<std::ops::Range<usize>>> {
+    let mut entries = Entries { block, at: from };
     loop {
         let before = entries.at;
         match entries.next().transpose()? {
