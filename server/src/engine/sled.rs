@@ -484,16 +484,22 @@ impl Lines {
         let range = match cached {
             Some(range) => range,
             None => {
-                // The root block that holds `ts` is the last one starting at or before it.
-                let block = match db.range::<Vec<u8>, _>(..=with_ts(b"b", ts)).next_back() {
-                    Some(kv) => {
-                        let (k, v) = kv.map_err(to_io)?;
-                        if k.len() != 1 + Timestamp::BYTES || k[0] != b'b' {
-                            return Err(corrupt(&format!("reference to {ts} (no event)")));
+                // The root block that holds `ts` is the last one starting at or before it: the
+                // one starting at `ts` for a large event (which makes a block of its own), found
+                // by a point lookup; otherwise the one before.
+                let key = with_ts(b"b", ts);
+                let block = match db.get(&key).map_err(to_io)? {
+                    Some(v) => v,
+                    None => match db.range::<Vec<u8>, _>(..=key).next_back() {
+                        Some(kv) => {
+                            let (k, v) = kv.map_err(to_io)?;
+                            if k.len() != 1 + Timestamp::BYTES || k[0] != b'b' {
+                                return Err(corrupt(&format!("reference to {ts} (no event)")));
+                            }
+                            v
                         }
-                        v
-                    }
-                    None => return Err(corrupt(&format!("reference to {ts} (no event)"))),
+                        None => return Err(corrupt(&format!("reference to {ts} (no event)"))),
+                    },
                 };
                 let range = find(&block, ts, 0)?.ok_or_else(|| corrupt(&format!("reference to {ts} (no event)")))?;
                 self.block = Some(block);
