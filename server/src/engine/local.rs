@@ -207,7 +207,9 @@ impl LocalEngine {
         let last = storage.last_timestamp()?.unwrap_or(Timestamp::ZERO);
         // After a crash with async durability the floor is above the newest surviving event:
         // lost events had timestamps up to it, which must not be handed out again.
-        let floor = storage.clock_floor()?.unwrap_or(Timestamp::ZERO).max(last);
+        // Deleted events' timestamps were handed out too (the newest may be gone).
+        let deleted = storage.horizon(ROOT).map_or(Timestamp::ZERO, |h| h.newest);
+        let floor = storage.clock_floor()?.unwrap_or(Timestamp::ZERO).max(last).max(deleted);
         // Positions start at the newest stored event, below the floor after a crash that lost
         // events: a client that saw them finds P < L and knows (docs/PROTOCOL.md 8.4).
         context.fanout.start_at(last);

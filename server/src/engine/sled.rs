@@ -709,7 +709,10 @@ impl SledLog {
         };
         let path = dir.join(MARK_FILE);
         let mark = Mark::read(&path)?;
-        if let Some(mark) = mark.filter(|&m| Some(m) > last) {
+        // Events up to the root's horizon may be missing because they were deleted (retention,
+        // an operator), not lost.
+        let known = last.max(log.horizon(ROOT).map(|h| h.newest));
+        if let Some(mark) = mark.filter(|&m| Some(m) > known) {
             let held = last.map_or("no events".to_string(), |l| format!("events up to {l}"));
             let what = format!(
                 "the event store in {} has lost acknowledged events: it holds {held}, but events up to {mark} were stored and acknowledged, so the events after {} up to {mark} are gone (the store was damaged or truncated)",
@@ -727,9 +730,9 @@ impl SledLog {
             // may itself be lost, resumes after the mark).
             let floor = log.clock_floor()?.map_or(mark, |f| f.max(mark));
             log.set_clock_floor(floor)?;
-            Mark::write(&path, last.unwrap_or(Timestamp::ZERO))?;
+            Mark::write(&path, known.unwrap_or(Timestamp::ZERO))?;
         }
-        let written = mark.min(last).or(last);
+        let written = mark.min(known).or(known);
         log.mark.state.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner).written = written;
         Ok(log)
     }
@@ -1487,6 +1490,35 @@ mod tests {
         log = SledLog::open(&dir, Durability::Async, DEFAULT_FLUSH_INTERVAL).unwrap();
         check(&log, &mem, &model, &horizons, "reopened");
         assert_eq!(log.last_timestamp().unwrap(), mem.last_timestamp().unwrap());
+        drop(log);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A store whose newest events were deleted (everything, here) is not mistaken for one that
+    /// lost them: it reopens, without --repair, and its clock does not go back.
+    #[test]
+    fn a_store_whose_newest_events_were_deleted_is_not_damaged() {
+        let dir = temp_dir("deleted-newest");
+        let ts = |n| Timestamp::new(1_700_000_000, n).unwrap();
+        {
+            let log = SledLog::open(&dir, Durability::Sync, DEFAULT_FLUSH_INTERVAL).unwrap();
+            let lines: Vec<Vec<u8>> = (1..=5)
+                .map(|n| {
+                    let mut line = Vec::new();
+                    ivy_client_core::wire::encode_event(ts(n), "/a/b", b"x", &mut line);
+                    line
+                })
+                .collect();
+            let records: Vec<Record<'_>> =
+                lines.iter().enumerate().map(|(i, l)| Record { ts: ts(i as u32 + 1), path: "/a/b", line: l }).collect();
+            log.append(&records).unwrap();
+            log.flush().unwrap();
+            assert_eq!(Mark::read(&dir.join(MARK_FILE)).unwrap(), Some(ts(5)), "the mark is written");
+            assert_eq!(log.delete(ROOT, Timestamp::MAX, false).unwrap().events, 5);
+        }
+        let log = SledLog::open(&dir, Durability::Sync, DEFAULT_FLUSH_INTERVAL).expect("a store whose events were deleted opens");
+        assert_eq!(log.last_timestamp().unwrap(), None);
+        assert_eq!(log.horizon(ROOT).map(|h| h.newest), Some(ts(5)));
         drop(log);
         let _ = std::fs::remove_dir_all(&dir);
     }
