@@ -351,3 +351,96 @@ async fn shutdown_returns_when_the_final_flush_never_does() {
     assert!(ivy.publish("/a", "x").await.is_ok());
     tokio::time::timeout(Duration::from_secs(30), ivy.shutdown()).await.expect("shutdown returned");
 }
+
+/// A deletion runs beside the sends: while one is in progress (held inside the storage), new
+/// events are stored, acknowledged and readable; it deletes what was visible when it began,
+/// and the log then states its horizon.
+#[tokio::test]
+async fn sends_go_on_while_a_deletion_is_in_progress() {
+    #[derive(Default)]
+    struct SlowDelete {
+        inner: MemStorage,
+        /// (entered, released)
+        state: Mutex<(bool, bool)>,
+        changed: Condvar,
+    }
+    impl Storage for SlowDelete {
+        fn append(&self, records: &[Record<'_>]) -> io::Result<()> {
+            self.inner.append(records)
+        }
+        fn commit(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn acks_before_durable(&self) -> bool {
+            false
+        }
+        fn flush(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn last_timestamp(&self) -> io::Result<Option<Timestamp>> {
+            self.inner.last_timestamp()
+        }
+        fn set_clock_floor(&self, ts: Timestamp) -> io::Result<()> {
+            self.inner.set_clock_floor(ts)
+        }
+        fn clock_floor(&self) -> io::Result<Option<Timestamp>> {
+            self.inner.clock_floor()
+        }
+        fn delete(&self, channel: &str, before: Timestamp, own: bool) -> io::Result<Deleted> {
+            let mut st = self.state.lock().unwrap();
+            st.0 = true;
+            self.changed.notify_all();
+            while !st.1 {
+                st = self.changed.wait(st).unwrap();
+            }
+            drop(st);
+            self.inner.delete(channel, before, own)
+        }
+        fn horizon(&self, channel: &str) -> Option<super::Horizon> {
+            self.inner.horizon(channel)
+        }
+        fn scan(
+            &self,
+            channel: &str,
+            after: Option<Timestamp>,
+            until: Timestamp,
+            dir: Direction,
+            visit: &mut dyn FnMut(Timestamp, &[u8]) -> ControlFlow<()>,
+        ) -> io::Result<()> {
+            self.inner.scan(channel, after, until, dir, visit)
+        }
+    }
+    let storage = Arc::new(SlowDelete::default());
+    let f = open(storage.clone());
+    let mut before = Vec::new();
+    for i in 0..3 {
+        before.push(f.publish("/a/b", &format!("old{i}"), None).await.unwrap());
+    }
+    let deletion = f.engine.delete(super::DeleteRequest::new("/a", None));
+    let deletion = tokio::spawn(deletion);
+    let s = storage.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut st = s.state.lock().unwrap();
+        while !st.0 {
+            st = s.changed.wait(st).unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    // The deletion is held inside the storage: sends are stored and acknowledged meanwhile.
+    let new = [f.publish("/a/b", "new0", None).await.unwrap(), f.publish("/c", "new1", None).await.unwrap()];
+    let page = f.engine.read(ReadRequest::new("/", None, f.engine.visible(), 100)).await.unwrap();
+    assert_eq!(page.count, 5);
+    assert!(!deletion.is_finished());
+    {
+        let mut st = storage.state.lock().unwrap();
+        st.1 = true;
+        storage.changed.notify_all();
+    }
+    let deleted = deletion.await.unwrap().unwrap();
+    assert_eq!(deleted, Deleted { events: 3, newest: Some(before[2]) }, "what was visible when it began");
+    let page = f.engine.read(ReadRequest::new("/", None, f.engine.visible(), 100)).await.unwrap();
+    assert_eq!((page.count, page.first, page.last), (2, Some(new[0]), Some(new[1])));
+    assert_eq!(page.horizon.map(|h| h.newest), Some(before[2]));
+    f.stop().await;
+}
