@@ -272,3 +272,19 @@ async fn a_resume_from_before_the_horizon_is_continuity_lost() {
     }
     server.stop().await;
 }
+
+/// The binary's flags reach the engine it runs (sled, or memory with the switch):
+/// `--retention-max-events` trims, `--api-key` allows `DELETE`.
+#[tokio::test]
+async fn the_binary_takes_the_retention_and_api_key_flags() {
+    let dir = temp_dir();
+    let server = ivy_tests::ServerProcess::start(dir.path(), &["--retention-max-events", "3", "--api-key", "from-the-flag"]).await;
+    let mut c = Client::connect(&server.ws_url()).await;
+    let lines = seed(&mut c, &(0..6).map(|i| ("/p", format!("p{i}"))).collect::<Vec<_>>()).await;
+    let body = wait_for_log(server.addr, "/log/p", |b| b.lines().count() == 3).await;
+    assert_eq!(body, joined(lines[3..].iter().map(|l| &l.1)));
+    let r = http_request(server.addr, "DELETE", "/log/p", &[("Authorization", "Bearer from-the-flag")]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(log_text(server.addr, "/log/p").await, "");
+    server.kill().await;
+}
