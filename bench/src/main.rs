@@ -20,7 +20,8 @@ use crate::servers::{Kind, Launch};
 #[derive(Debug, Parser)]
 #[command(name = "ivy-bench", about = "Benchmarks ivy-server against nats-server and an ideal broadcast server")]
 struct Args {
-    /// Scenarios to run, comma-separated: fanout, durable, latency, backfill, idle, churn, wasm (or all).
+    /// Scenarios to run, comma-separated: fanout, durable, latency, backfill, storage, idle,
+    /// churn, wasm (or all; storage is not in the default list).
     #[arg(long, default_value = "fanout,durable,latency,backfill,idle")]
     scenarios: String,
     /// Servers for fan-out, latency and idle: ivy, ivy-async, nats, ideal (ivy only for durable and backfill).
@@ -84,6 +85,19 @@ struct Args {
     /// Backfill: page limits to read with, comma-separated (1000 is the client core's default).
     #[arg(long, default_value = "1000,10000")]
     backfill_limits: String,
+    /// Storage: path depths, comma-separated.
+    #[arg(long, default_value = "1,4,16")]
+    storage_depths: String,
+    /// Storage: event sizes in bytes, comma-separated (small and 60 KB by default).
+    #[arg(long, default_value = "100,61440")]
+    storage_sizes: String,
+    /// Storage: events stored per depth and size, as bytes in all (at least 100 events, at
+    /// most 20,000).
+    #[arg(long, default_value_t = 20_000_000)]
+    storage_bytes: usize,
+    /// Storage: reads of each log per depth and size (the median is reported).
+    #[arg(long, default_value_t = 7)]
+    storage_read_passes: usize,
     /// Idle: connections held open.
     #[arg(long, default_value_t = 10_000)]
     idle_connections: usize,
@@ -291,6 +305,23 @@ async fn bench(args: &Args) -> Result<Value, String> {
             rows.push(scenarios::backfill(k, &common, args.backfill_events, 1000, &limits).await.unwrap_or_else(|e| err_row(k, e)));
         }
         out["backfill"] = Value::Array(rows);
+        write(&out)?;
+    }
+    if want("storage") {
+        let mut rows = Vec::new();
+        for &k in ivy_kinds.iter().take(1) {
+            for size in list::<usize>(&args.storage_sizes) {
+                for depth in list::<usize>(&args.storage_depths) {
+                    let events = (args.storage_bytes / size.max(1)).clamp(100, 20_000);
+                    rows.push(
+                        scenarios::storage(k, &common, depth, size, events, args.storage_read_passes)
+                            .await
+                            .unwrap_or_else(|e| err_row(k, e)),
+                    );
+                }
+            }
+        }
+        out["storage"] = Value::Array(rows);
         write(&out)?;
     }
     if want("idle") {

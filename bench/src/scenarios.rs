@@ -318,27 +318,17 @@ pub async fn durable(kind: Kind, c: &Common, senders: usize, secs: f64) -> Resul
     }))
 }
 
-/// Connections that store the events of the backfill scenario.
+/// Connections that store the events of the backfill and storage scenarios.
 const FILL_CONNECTIONS: usize = 4;
 
-/// Backfill: stores `events` events ([`FILL_CONNECTIONS`] connections, `window` acked sends in
-/// flight in all), then
-/// reads them back over HTTP in cursor pages of each size in `limits`, as the client core does.
-pub async fn backfill(kind: Kind, c: &Common, events: usize, window: usize, limits: &[usize]) -> Result<Value, String> {
-    use http_body_util::{BodyExt, Empty};
-    use hyper_util::client::legacy::Client;
-    use hyper_util::rt::TokioExecutor;
-    let load_before = loadavg();
-    let server = Server::start(kind, &c.launch).await?;
-    progress(format!("backfill {}: storing {events} events", kind.name()));
-    // A channel of its own, also when --ivy-addr reuses one server for every scenario.
-    let channel =
-        format!("/backfill/{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+/// Stores `events` events of `size` bytes on `channel` ([`FILL_CONNECTIONS`] connections,
+/// `window` acked sends in flight in all); returns the seconds it took.
+async fn fill(kind: Kind, c: &Common, addr: SocketAddr, channel: &str, events: usize, window: usize, size: usize) -> Result<f64, String> {
     // Several connections, each with its share of the window: one connection alone would be
     // held to the server's per-connection command rate limit.
     let mut conns = Vec::new();
     for _ in 0..FILL_CONNECTIONS {
-        conns.push(client::connect(kind, server.addr, None).await?);
+        conns.push(client::connect(kind, addr, None).await?);
     }
     let t0 = Instant::now();
     let stored = Arc::new(AtomicU64::new(0));
@@ -348,7 +338,7 @@ pub async fn backfill(kind: Kind, c: &Common, events: usize, window: usize, limi
         .map(|(i, mut ws)| {
             let share = events / FILL_CONNECTIONS + usize::from(i < events % FILL_CONNECTIONS);
             let window = (window / FILL_CONNECTIONS).max(1);
-            let (channel, stored, base, size, name) = (channel.clone(), stored.clone(), c.base, c.payload, kind.name());
+            let (channel, stored, base, name) = (channel.to_owned(), stored.clone(), c.base, kind.name());
             tokio::spawn(async move {
                 let (mut sent, mut acked) = (0usize, 0usize);
                 while acked < share {
@@ -363,7 +353,7 @@ pub async fn backfill(kind: Kind, c: &Common, events: usize, window: usize, limi
                         acked += 1;
                         let all = stored.fetch_add(1, Ordering::Relaxed) + 1;
                         if all % 20000 == 0 {
-                            progress(format!("backfill {name}: {all} stored"));
+                            progress(format!("{name}: {all} stored"));
                         }
                     } else if m.starts_with(b"#f#!") {
                         return Err(String::from_utf8_lossy(&m).into_owned());
@@ -376,49 +366,142 @@ pub async fn backfill(kind: Kind, c: &Common, events: usize, window: usize, limi
     for f in fills {
         f.await.map_err(|e| e.to_string())??;
     }
-    let fill_secs = t0.elapsed().as_secs_f64();
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+/// What reading a whole log took.
+struct Read {
+    events: usize,
+    pages: usize,
+    bytes: usize,
+    secs: f64,
+}
+
+/// Reads `channel`'s whole log over `GET /log`, in cursor pages of `limit`, as the client core does.
+async fn read_log(addr: SocketAddr, channel: &str, limit: usize) -> Result<Read, String> {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
     let http: Client<_, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let t0 = Instant::now();
+    let mut after = "0000000000.000000000".to_owned();
+    let (mut total, mut pages, mut bytes) = (0usize, 0usize, 0usize);
+    loop {
+        let uri: hyper::Uri = format!("http://{addr}/log{channel}?after={after}&limit={limit}").parse().map_err(|e| format!("{e}"))?;
+        let resp = http.get(uri).await.map_err(|e| format!("GET: {e}"))?;
+        if !resp.status().is_success() {
+            return Err(format!("GET /log: {}", resp.status()));
+        }
+        let body = resp.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
+        pages += 1;
+        bytes += body.len();
+        if body.is_empty() {
+            break;
+        }
+        let n = body.iter().filter(|b| **b == b'\n').count() + 1;
+        total += n;
+        let last = &body[body.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1)..];
+        let ts = last.get(1..).and_then(|l| l.split(|b| *b == b':').next()).ok_or("bad log line")?;
+        after = String::from_utf8_lossy(ts).into_owned();
+        // A page can also end early at the server's byte bound: only an empty page is the end.
+    }
+    Ok(Read { events: total, pages, bytes, secs: t0.elapsed().as_secs_f64() })
+}
+
+/// Backfill: stores `events` events ([`FILL_CONNECTIONS`] connections, `window` acked sends in
+/// flight in all), then
+/// reads them back over HTTP in cursor pages of each size in `limits`, as the client core does.
+pub async fn backfill(kind: Kind, c: &Common, events: usize, window: usize, limits: &[usize]) -> Result<Value, String> {
+    let load_before = loadavg();
+    let server = Server::start(kind, &c.launch).await?;
+    progress(format!("backfill {}: storing {events} events", kind.name()));
+    // A channel of its own, also when --ivy-addr reuses one server for every scenario.
+    let channel =
+        format!("/backfill/{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    let fill_secs = fill(kind, c, server.addr, &channel, events, window, c.payload).await?;
     let mut reads = Vec::new();
     for &limit in limits {
-        let t0 = Instant::now();
-        let mut after = "0000000000.000000000".to_owned();
-        let (mut total, mut pages, mut bytes) = (0usize, 0usize, 0usize);
-        loop {
-            let uri: hyper::Uri =
-                format!("http://{}/log{channel}?after={after}&limit={limit}", server.addr).parse().map_err(|e| format!("{e}"))?;
-            let resp = http.get(uri).await.map_err(|e| format!("GET: {e}"))?;
-            if !resp.status().is_success() {
-                return Err(format!("GET /log: {}", resp.status()));
-            }
-            let body = resp.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
-            pages += 1;
-            bytes += body.len();
-            if body.is_empty() {
-                break;
-            }
-            let n = body.iter().filter(|b| **b == b'\n').count() + 1;
-            total += n;
-            let last = &body[body.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1)..];
-            let ts = last.get(1..).and_then(|l| l.split(|b| *b == b':').next()).ok_or("bad log line")?;
-            after = String::from_utf8_lossy(ts).into_owned();
-            if n < limit {
-                break;
-            }
-        }
-        let secs = t0.elapsed().as_secs_f64();
+        let r = read_log(server.addr, &channel, limit).await?;
         progress(format!(
-            "backfill {}: page limit {limit}: {total} events in {pages} pages, {secs:.3} s: {:.0}/s",
+            "backfill {}: page limit {limit}: {} events in {} pages, {:.3} s: {:.0}/s",
             kind.name(),
-            total as f64 / secs
+            r.events,
+            r.pages,
+            r.secs,
+            r.events as f64 / r.secs
         ));
         reads.push(json!({
-            "page_limit": limit, "events": total, "pages": pages, "bytes": bytes, "secs": secs, "events_per_s": total as f64 / secs,
+            "page_limit": limit, "events": r.events, "pages": r.pages, "bytes": r.bytes, "secs": r.secs, "events_per_s": r.events as f64 / r.secs,
         }));
     }
     server.stop().await;
     Ok(json!({
         "server": kind.name(), "events": events, "fill_window": window, "fill_secs": fill_secs,
         "fill_acked_per_s": events as f64 / fill_secs, "reads": reads,
+        "load_before": load_before, "load_after": loadavg(),
+    }))
+}
+
+/// Bytes of the files under `dir`.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            _ => e.metadata().map(|m| m.len()).unwrap_or(0),
+        })
+        .sum()
+}
+
+/// Storage: for one path depth and event size, a fresh server stores `events` events on a path
+/// of `depth` levels (`/l1/l2/...`); figures: the store's growth on disk per event and per
+/// byte of data, the acked write rate, and the read rate of the whole log of the path itself
+/// and of the root, page by page (limit 1,000), `passes` times each (the median pass is
+/// reported). The per-connection byte rate is lifted (`IVY_BYTE_RATE=0`), so that what is
+/// measured is the store.
+pub async fn storage(kind: Kind, c: &Common, depth: usize, size: usize, events: usize, passes: usize) -> Result<Value, String> {
+    let load_before = loadavg();
+    let server = Server::start_with(kind, &c.launch, &[("IVY_BYTE_RATE", "0")]).await?;
+    let data = server.data_dir();
+    let empty = data.as_deref().map(dir_bytes);
+    let channel: String = (1..=depth.max(1)).map(|i| format!("/l{i}")).collect();
+    progress(format!("storage {}: {events} events of {size} bytes at depth {depth}", kind.name()));
+    let fill_secs = fill(kind, c, server.addr, &channel, events, 64, size.max(20)).await?;
+    let grown = data.as_deref().map(dir_bytes).zip(empty).map(|(a, b)| a.saturating_sub(b));
+    // The median of `passes` reads of each log, alternated.
+    let (mut leaves, mut roots) = (Vec::new(), Vec::new());
+    for _ in 0..passes.max(1) {
+        leaves.push(read_log(server.addr, &channel, 1000).await?);
+        roots.push(read_log(server.addr, "/", 1000).await?);
+    }
+    for reads in [&mut leaves, &mut roots] {
+        reads.sort_by(|a, b| a.secs.total_cmp(&b.secs));
+    }
+    let (leaf, root) = (&leaves[leaves.len() / 2], &roots[roots.len() / 2]);
+    if leaf.events < events || root.events < events {
+        return Err(format!("read back {} and {} of {events} events", leaf.events, root.events));
+    }
+    server.stop().await;
+    let per_event = grown.map(|g| g as f64 / events as f64);
+    let amplification = per_event.map(|p| p / size as f64);
+    progress(format!(
+        "storage {}: depth {depth}, {size} B: {} B per event ({}x), write {:.0}/s, read leaf {:.0}/s, root {:.0}/s",
+        kind.name(),
+        per_event.map_or("?".into(), |p| format!("{p:.0}")),
+        amplification.map_or("?".into(), |a| format!("{a:.2}")),
+        events as f64 / fill_secs,
+        leaf.events as f64 / leaf.secs,
+        root.events as f64 / root.secs,
+    ));
+    Ok(json!({
+        "server": kind.name(), "depth": depth, "payload_bytes": size, "events": events,
+        "store_bytes": grown, "bytes_per_event": per_event, "amplification": amplification,
+        "write_secs": fill_secs, "write_events_per_s": events as f64 / fill_secs,
+        "write_mb_per_s": (events * size) as f64 / fill_secs / 1e6,
+        "read_leaf_events_per_s": leaf.events as f64 / leaf.secs, "read_leaf_mb_per_s": leaf.bytes as f64 / leaf.secs / 1e6,
+        "read_root_events_per_s": root.events as f64 / root.secs, "read_root_mb_per_s": root.bytes as f64 / root.secs / 1e6,
+        "read_passes": passes,
         "load_before": load_before, "load_after": loadavg(),
     }))
 }

@@ -78,6 +78,11 @@ fn free_port() -> std::io::Result<u16> {
 
 impl Server {
     pub async fn start(kind: Kind, launch: &Launch) -> Result<Server, String> {
+        Server::start_with(kind, launch, &[]).await
+    }
+
+    /// [`Server::start`] with extra environment variables for ivy-server (its options).
+    pub async fn start_with(kind: Kind, launch: &Launch, env: &[(&str, &str)]) -> Result<Server, String> {
         if kind.is_ivy()
             && let Some(addr) = launch.ivy_addr
         {
@@ -103,7 +108,8 @@ impl Server {
                     // The benchmarks open up to 20,000 connections per loopback address (an
                     // environment variable, which servers from before the limit ignore).
                     .env("IVY_MAX_CONNECTIONS_PER_ADDRESS", "0")
-                    .env("RUST_LOG", "warn");
+                    .env("RUST_LOG", "warn")
+                    .envs(env.iter().copied());
             }
             Kind::Ideal => {
                 cmd.arg(&launch.ideal).arg(addr.to_string());
@@ -133,6 +139,11 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Ok(server)
+    }
+
+    /// The directory the server keeps its store in (none for `--ivy-addr`).
+    pub fn data_dir(&self) -> Option<PathBuf> {
+        self._dir.as_ref().map(|d| d.path().join("data"))
     }
 
     /// User plus system CPU seconds of the server process so far.

@@ -19,13 +19,14 @@ fn tiny_run_delivers_everything() {
     let plots = dir.path().join("plots");
     let doc = dir.path().join("BENCH.md");
     let status = Command::new(env!("CARGO_BIN_EXE_ivy-bench"))
-        .args(["--scenarios", "fanout,latency,durable,backfill,idle,churn", "--servers", "ivy,ideal"])
+        .args(["--scenarios", "fanout,latency,durable,backfill,storage,idle,churn", "--servers", "ivy,ideal"])
         .args(["--ivy-addr", &addr.to_string()])
         .args(["--subscribers", "10", "--fanout-events", "20", "--senders", "1,4", "--durable-secs", "0.3"])
         .args(["--latency-subscribers", "5", "--latency-rate", "100", "--latency-secs", "0.3"])
         .args(["--backfill-events", "300", "--backfill-limits", "100", "--idle-connections", "20"])
         .args(["--churn-subscribers", "10", "--churners", "2", "--churn-secs", "0.3"])
         .args(["--churn-quiet-rate", "100", "--churn-big-rate", "10"])
+        .args(["--storage-depths", "3", "--storage-sizes", "100", "--storage-bytes", "1", "--storage-read-passes", "1"])
         .arg("--out")
         .arg(&out)
         .arg("--doc")
@@ -46,6 +47,9 @@ fn tiny_run_delivers_everything() {
         assert!(row["acked"].as_u64().unwrap() > 0, "{row}");
     }
     assert_eq!(r["backfill"][0]["reads"][0]["events"], 300);
+    // The storage scenario's logs hold what it stored (the shared server's root has more).
+    let storage = &r["storage"][0];
+    assert!(storage.get("error").is_none() && storage["events"] == 100, "{storage}");
     for row in r["idle"].as_array().unwrap() {
         assert_eq!(row["open"], 20, "{row}");
     }

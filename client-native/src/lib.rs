@@ -401,7 +401,7 @@ impl LogReader {
     pub async fn log(&self, path: &str, query: LogQuery) -> Result<Vec<Event>, Error> {
         let path = ivy_core::path::normalize(path.as_bytes()).map_err(|e| Error::Request(ClientError::InvalidPath(e)))?;
         let body = match fetch(&self.http, &format!("{}{}", self.endpoints.http, query.target(&path))).await {
-            Ok(body) => body,
+            Ok((body, _horizon)) => body,
             Err(Fetch::Connect(message)) => return Err(Error::Connect(ConnectError { status: None, message })),
             Err(Fetch::Log(e)) => return Err(Error::Log(e)),
         };
@@ -560,7 +560,9 @@ impl From<Fetch> for LogError {
     }
 }
 
-async fn fetch(http: &Http, url: &str) -> Result<String, Fetch> {
+/// A log page: its body and the log's horizon (`Ivy-Horizon`, the newest event deleted from
+/// it), if it states one.
+async fn fetch(http: &Http, url: &str) -> Result<(String, Option<Timestamp>), Fetch> {
     let failed = |message: String| Fetch::Log(LogError { status: None, message });
     let uri: hyper::Uri = url.parse().map_err(|e| failed(format!("{url}: {e}")))?;
     let resp = match tokio::time::timeout(Duration::from_secs(30), http.get(uri)).await {
@@ -573,12 +575,13 @@ async fn fetch(http: &Http, url: &str) -> Result<String, Fetch> {
         Ok(Ok(resp)) => resp,
     };
     let status = resp.status();
+    let horizon = resp.headers().get("ivy-horizon").and_then(|v| Timestamp::parse(v.as_bytes()).ok());
     let body = resp.into_body().collect().await.map_err(|e| failed(e.to_string()))?.to_bytes();
     let text = String::from_utf8(body.to_vec()).map_err(|_| failed("log body is not UTF-8".into()))?;
     if status != hyper::StatusCode::OK {
         return Err(Fetch::Log(LogError { status: Some(status.as_u16()), message: text.trim_end().into() }));
     }
-    Ok(text)
+    Ok((text, horizon))
 }
 
 fn millis(d: Duration) -> client::Millis {
@@ -629,7 +632,7 @@ impl Driver {
     async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<Cmd>) {
         let mut ws: Option<Ws> = None;
         let mut connecting: Option<Connecting> = None;
-        let (log_tx, mut log_rx) = mpsc::unbounded_channel::<(u64, Result<String, LogError>)>();
+        let (log_tx, mut log_rx) = mpsc::unbounded_channel::<(u64, Result<(String, Option<Timestamp>), LogError>)>();
         let mut closing: Option<oneshot::Sender<()>> = None;
         self.core.start(self.now());
         loop {
@@ -746,7 +749,7 @@ impl Driver {
                 Some((id, result)) = log_rx.recv() => {
                     let now = self.now();
                     match &result {
-                        Ok(body) => self.core.handle_log_page(now, id, Ok(body)),
+                        Ok((body, horizon)) => self.core.handle_log_page_with_horizon(now, id, Ok(body), *horizon),
                         Err(e) => self.core.handle_log_page(now, id, Err(e.to_string())),
                     }
                 }

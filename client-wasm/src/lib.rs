@@ -41,6 +41,7 @@ use alloc::vec::Vec;
 use core::cell::{Cell, RefCell};
 
 use ivy_client_core as ivy_core;
+use ivy_core::Timestamp;
 use ivy_core::client::{self, Action, ClientError, ClientEvent, ConnState, RequestId, Start, SubId, SubscriptionError};
 use ivy_core::http::{Endpoints, LogQuery};
 use js_sys::{Array, Function, Object, Promise, Reflect, Uint8Array};
@@ -83,8 +84,9 @@ export interface SubscribeOptions {
  * or may not have been stored, see `uncertain`), "not-connected" (a timestamp request while
  * disconnected, or a send beyond the offline queue), "closed", "invalid-path",
  * "invalid-argument" (an option, a timestamp, data or URL that cannot be used),
- * "continuity-lost" (onError: the server lost events this subscription delivered; it goes
- * on), "http" (a log read failed; `status` says how the server answered), "busy" (the
+ * "continuity-lost" (onError: the server lost events this subscription delivered, or
+ * events after the last one delivered were deleted from the log by retention or an operator
+ * (its `Ivy-Horizon`); it goes on), "http" (a log read failed; `status` says how the server answered), "busy" (the
  * client was called in the middle of an update), or the server's code when it refused a
  * command ("too-many-subscriptions", "rate-limited", "storage", "store-full", "shutting-down", ...). */
 export type IvyErrorCode = "connection-lost" | "timeout" | "not-connected" | "closed" | "invalid-path"
@@ -487,7 +489,7 @@ impl IvyClient {
         })();
         let base = self.inner.state.try_borrow().map(|st| st.http_base.clone()).unwrap_or_default();
         wasm_bindgen_futures::future_to_promise(async move {
-            let body = get_text(&format!("{base}{}", target?)).await.map_err(|e| http_error(e.status, &e.to_string()))?;
+            let (body, _horizon) = get_text(&format!("{base}{}", target?)).await.map_err(|e| http_error(e.status, &e.to_string()))?;
             let events = ivy_core::http::parse_log(&body).map_err(|e| http_error(None, &format!("unparsable log line: {e}")))?;
             Ok(events.iter().map(event_object).collect::<Array>().into())
         })
@@ -574,7 +576,9 @@ impl core::fmt::Display for FetchError {
     }
 }
 
-async fn get_text(url: &str) -> Result<String, FetchError> {
+/// A log page: its body and the log's horizon (`Ivy-Horizon`, the newest event deleted from
+/// it), if it states one.
+async fn get_text(url: &str) -> Result<(String, Option<Timestamp>), FetchError> {
     let failed = |message: String| FetchError { status: None, message };
     let resp = wasm_bindgen_futures::JsFuture::from(fetch(url)).await.map_err(|e| failed(format!("fetch {url}: {}", describe(&e))))?;
     let resp: web_sys::Response = resp.dyn_into().map_err(|_| failed("fetch did not return a Response".into()))?;
@@ -584,7 +588,15 @@ async fn get_text(url: &str) -> Result<String, FetchError> {
     if resp.status() != 200 {
         return Err(FetchError { status: Some(resp.status()), message: text.trim_end().into() });
     }
-    Ok(text)
+    Ok((text, horizon(&resp)))
+}
+
+/// `response.headers.get("Ivy-Horizon")`, through `Reflect` (no `Headers` binding needed).
+fn horizon(resp: &web_sys::Response) -> Option<Timestamp> {
+    let headers = Reflect::get(resp, &"headers".into()).ok()?;
+    let get: js_sys::Function = Reflect::get(&headers, &"get".into()).ok()?.dyn_into().ok()?;
+    let value = get.call1(&headers, &"Ivy-Horizon".into()).ok()?.as_string()?;
+    Timestamp::parse(value.as_bytes()).ok()
 }
 
 fn describe(e: &JsValue) -> String {
@@ -649,10 +661,12 @@ fn step(inner: &Rc<Inner>, st: &mut State) {
                                 Ok(mut st) => {
                                     // The start of the page (empty: nothing after the cursor) or the error.
                                     match &result {
-                                        Ok(body) => st.trace.push(now(), "log", body),
+                                        Ok((body, _)) => st.trace.push(now(), "log", body),
                                         Err(e) => st.trace.push(now(), "log", &e.to_string()),
                                     }
-                                    st.core.handle_log_page(now(), req.id, result.as_deref().map_err(ToString::to_string));
+                                    let horizon = result.as_ref().ok().and_then(|r| r.1);
+                                    let result = result.as_ref().map(|r| r.0.as_str()).map_err(ToString::to_string);
+                                    st.core.handle_log_page_with_horizon(now(), req.id, result, horizon);
                                 }
                                 Err(_) => dropped(&inner, "a log page"),
                             }

@@ -14,7 +14,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{self, Config, parse_seconds};
 use crate::engine::sled::{self as sled_engine, Durability, SledEngine};
-use crate::engine::{MemoryEngine, Open, WallClock};
+use crate::engine::{MemoryEngine, Open, Retention, WallClock};
 
 /// Default of `--listen`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -83,8 +83,8 @@ pub struct Cli {
     #[arg(long, env = "IVY_MAX_PATH_LENGTH", default_value_t = config::DEFAULT_MAX_PATH_LENGTH)]
     pub max_path_length: usize,
 
-    /// Most levels of a channel path (`/a/b` has 2); deeper ones get `!path-too-long`. An event
-    /// is stored once per level, so this bounds what one event costs on disk.
+    /// Most levels of a channel path (`/a/b` has 2); deeper ones get `!path-too-long`. Each level
+    /// holds an entry for an event in its log, so this bounds what one event costs on disk.
     #[arg(long, env = "IVY_MAX_PATH_DEPTH", default_value_t = config::DEFAULT_MAX_PATH_DEPTH)]
     pub max_path_depth: usize,
 
@@ -125,6 +125,21 @@ pub struct Cli {
     #[arg(long = "allowed-hosts", visible_alias = "allowed-host", env = "IVY_ALLOWED_HOSTS", value_delimiter = ',')]
     pub allowed_hosts: Vec<String>,
 
+    /// A server API key (repeat the flag, or separate with commas in the variable): requests
+    /// with `Authorization: Bearer KEY` may use the operator endpoints (`DELETE /log/PATH`).
+    /// None: those endpoints answer 403.
+    #[arg(long = "api-key", env = "IVY_API_KEY", value_delimiter = ',', hide_env_values = true)]
+    pub api_keys: Vec<String>,
+
+    /// Delete events older than this many seconds, in the background. 0: keep them.
+    #[arg(long, env = "IVY_RETENTION_MAX_AGE", value_parser = seconds, default_value_t = Seconds(Duration::ZERO))]
+    pub retention_max_age: Seconds,
+
+    /// Keep at most this many events per channel (the events sent to its path itself), deleting
+    /// the oldest in the background. 0: no limit.
+    #[arg(long, env = "IVY_RETENTION_MAX_EVENTS", default_value_t = 0)]
+    pub retention_max_events: u64,
+
     /// Most WebSocket connections at once; beyond it the handshake is refused with 503.
     #[arg(long, env = "IVY_MAX_CONNECTIONS", default_value_t = config::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
@@ -164,8 +179,8 @@ pub struct Cli {
     #[arg(long, env = "IVY_SUBSCRIBE_BURST", default_value_t = config::DEFAULT_SUBSCRIBE_BURST)]
     pub subscribe_burst: u32,
 
-    /// Bytes one connection's sends may store per second, on average, counting an event once
-    /// per level of its path; excess sends get `!rate-limited`. 0: no limit.
+    /// Bytes one connection's sends may store per second, on average, counting an event's line
+    /// plus 16 bytes per level of its path; excess sends get `!rate-limited`. 0: no limit.
     #[arg(long, env = "IVY_BYTE_RATE", default_value_t = config::DEFAULT_BYTE_RATE)]
     pub byte_rate: u64,
 
@@ -273,7 +288,13 @@ impl Cli {
             header_timeout: self.header_timeout.0,
             flush_timeout: self.flush_timeout.0,
             static_dir: self.static_dir.clone(),
+            api_keys: self.api_keys.clone(),
         }
+    }
+
+    /// The retention settings from the flags (both engines take them).
+    pub fn retention(&self) -> Retention {
+        Retention::keep_everything().max_age(Some(self.retention_max_age.0)).max_events(Some(self.retention_max_events))
     }
 
     /// The sled engine's settings from the flags.
@@ -285,11 +306,12 @@ impl Cli {
             .repair(self.repair)
             .max_size(self.max_store_size)
             .min_free_space(self.min_free_space)
+            .retention(self.retention())
     }
 
     /// The engine the flags ask for, with timestamps from `wall`.
     pub fn engine(&self, wall: WallClock) -> Box<dyn Open> {
-        if self.memory { Box::new(MemoryEngine::new().wall_clock(wall)) } else { Box::new(self.sled(wall)) }
+        if self.memory { Box::new(MemoryEngine::new().wall_clock(wall).retention(self.retention())) } else { Box::new(self.sled(wall)) }
     }
 }
 
@@ -403,6 +425,7 @@ mod tests {
         let lib = SledEngine::default();
         assert_eq!((&sled.data, sled.durability, sled.flush_interval), (&lib.data, lib.durability, lib.flush_interval));
         assert_eq!((sled.max_size, sled.min_free_space, sled.repair), (lib.max_size, lib.min_free_space, lib.repair));
+        assert_eq!((cli.retention(), sled.retention), (Retention::default(), lib.retention));
         assert_eq!(cli.listen, DEFAULT_LISTEN.parse::<SocketAddr>().unwrap());
         assert_eq!(cli.log_format, LogFormat::Text);
         assert!(!cli.memory);
@@ -434,8 +457,18 @@ mod tests {
             "--flush-interval-ms",
             "7",
             "--memory",
+            "--api-key",
+            "k1",
+            "--api-key",
+            "k2",
+            "--retention-max-age",
+            "86400",
+            "--retention-max-events",
+            "100",
         ])
         .unwrap();
+        assert_eq!(cli.config().api_keys, ["k1", "k2"]);
+        assert_eq!(cli.retention(), Retention::default().max_age(Some(Duration::from_secs(86400))).max_events(Some(100)));
         let c = cli.config();
         assert_eq!(c.ping_interval, Duration::from_millis(500));
         assert_eq!(c.allowed_origins, ["http://a", "http://b"]);

@@ -9,8 +9,8 @@ use std::time::Duration;
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 65_536;
 /// Default of [`Config::max_path_length`].
 pub const DEFAULT_MAX_PATH_LENGTH: usize = 255;
-/// Default of [`Config::max_path_depth`]: an event is stored once per level of its path, so
-/// the depth bounds what one event costs on disk.
+/// Default of [`Config::max_path_depth`]: each level of an event's path holds an entry for it
+/// in its log, so the depth bounds what one event costs on disk.
 pub const DEFAULT_MAX_PATH_DEPTH: usize = 16;
 /// Default of [`Config::max_subscriptions`].
 pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 1024;
@@ -46,7 +46,7 @@ pub const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default of [`Config::write_timeout`].
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default of [`Config::byte_rate`]: bytes stored per second per connection, counting an
-/// event once per level of its path (16 MiB).
+/// event's line plus 16 bytes per level of its path (16 MiB).
 pub const DEFAULT_BYTE_RATE: u64 = 16 << 20;
 /// Default of [`Config::byte_burst`] (32 MiB).
 pub const DEFAULT_BYTE_BURST: u64 = 32 << 20;
@@ -144,8 +144,9 @@ pub struct Config {
     /// Subscribes and unsubscribes one connection may send in a burst above that rate
     /// (minimum 1). Default [`DEFAULT_SUBSCRIBE_BURST`].
     pub subscribe_burst: u32,
-    /// Bytes one connection's sends may store per second, on average, counting an event's line
-    /// once per level of its path (its copies in the logs of its ancestors); excess sends get
+    /// Bytes one connection's sends may store per second, on average, counting what the store
+    /// keeps of an event (its line once, 16 bytes per level of its path, and the copies of a
+    /// short line on a shallow path: [`crate::engine::sled`]); excess sends get
     /// `!rate-limited`. 0: no limit. Default [`DEFAULT_BYTE_RATE`].
     pub byte_rate: u64,
     /// Bytes one connection may store in a burst above the byte rate. Default
@@ -166,6 +167,9 @@ pub struct Config {
     /// Serve the files of this directory at `/` (`index.html` for a directory), next to `/ws`
     /// and `/log/`, which take precedence. Default: none.
     pub static_dir: Option<PathBuf>,
+    /// Server API keys: a request with `Authorization: Bearer <one of them>` may use the
+    /// operator endpoints (`DELETE /log/<path>`). Default: none (those endpoints answer 403).
+    pub api_keys: Vec<String>,
 }
 
 impl Default for Config {
@@ -196,6 +200,7 @@ impl Default for Config {
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             flush_timeout: DEFAULT_FLUSH_TIMEOUT,
             static_dir: None,
+            api_keys: Vec::new(),
         }
     }
 }
@@ -265,6 +270,8 @@ setters! {
     flush_timeout: Duration;
     /// Sets [`Config::static_dir`].
     static_dir: Option<PathBuf>;
+    /// Sets [`Config::api_keys`].
+    api_keys: Vec<String>;
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use ivy_client_core::Timestamp;
 use ivy_client_core::path::{check_depth, normalize_with_limit};
 
 use crate::Shared;
-use crate::engine::{Engine, ReadRequest};
+use crate::engine::{DeleteRequest, Engine, Horizon, ReadRequest};
 use crate::limits::Admitted;
 use crate::logquery::{self, LogQuery};
 
@@ -44,10 +44,13 @@ fn server_error(e: io::Error) -> Response {
     (StatusCode::INTERNAL_SERVER_ERROR, headers, "reading the log failed; the server's log has the details\n").into_response()
 }
 
-fn etag(newest: Option<Timestamp>) -> String {
-    match newest {
-        Some(ts) => format!("\"{ts}\""),
-        None => "\"empty\"".to_string(),
+/// The tag of a body: its newest event, and how many deletions changed the log (a body is
+/// determined by both).
+fn etag(newest: Option<Timestamp>, horizon: Option<Horizon>) -> String {
+    let newest = newest.map_or("empty".to_string(), |ts| ts.to_string());
+    match horizon {
+        Some(h) => format!("\"{newest}-{}\"", h.deletions),
+        None => format!("\"{newest}\""),
     }
 }
 
@@ -61,15 +64,19 @@ fn if_none_match(headers: &HeaderMap, tag: &str) -> bool {
         .any(|t| t == tag || t == "*")
 }
 
+/// The header that states a log's horizon: the newest event deleted from it.
+pub(crate) const HORIZON: &str = "ivy-horizon";
+
 /// The pieces of a log response.
 struct Meta {
     newest: Option<Timestamp>,
     cache: &'static str,
     link: Option<String>,
+    horizon: Option<Horizon>,
 }
 
 fn respond(headers: &HeaderMap, meta: Meta, body: impl FnOnce() -> Body) -> Response {
-    let tag = etag(meta.newest);
+    let tag = etag(meta.newest, meta.horizon);
     let mut h = HeaderMap::new();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static(meta.cache));
@@ -85,6 +92,9 @@ fn respond(headers: &HeaderMap, meta: Meta, body: impl FnOnce() -> Body) -> Resp
     }
     if let Some(link) = meta.link.and_then(|l| HeaderValue::from_str(&l).ok()) {
         h.insert(header::LINK, link);
+    }
+    if let Some(horizon) = meta.horizon.and_then(|h| HeaderValue::from_str(&h.newest.to_string()).ok()) {
+        h.insert(HORIZON, horizon);
     }
     if if_none_match(headers, &tag) {
         return (StatusCode::NOT_MODIFIED, h).into_response();
@@ -110,21 +120,9 @@ pub(crate) async fn handler(
     };
     // A HEAD request gets the headers of the GET, and no body is read for it.
     let head = method == Method::HEAD;
-    let raw = uri.path().strip_prefix("/log").unwrap_or("");
-    // `%2e` is the only escape in a log path: a `.` written so that HTTP clients keep the
-    // channel's `.` and `..` segments (they remove dot segments).
-    let unescaped;
-    let raw = if raw.contains('%') {
-        unescaped = raw.replace("%2e", ".").replace("%2E", ".");
-        unescaped.as_str()
-    } else {
-        raw
-    };
-    let path = match normalize_with_limit(raw.as_bytes(), shared.config.max_path_length)
-        .and_then(|p| check_depth(&p, shared.config.max_path_depth).map(|()| p))
-    {
-        Ok(p) => p.into_owned(),
-        Err(e) => return bad_request(format!("invalid path: {e}")),
+    let path = match log_path(&shared, &uri) {
+        Ok(p) => p,
+        Err(response) => return *response,
     };
     let query = match logquery::parse(query.as_deref()) {
         Ok(q) => q,
@@ -158,16 +156,16 @@ pub(crate) async fn handler(
                 // The path as requested, so that the link works under any mount point.
                 format!("<{}?after={last}&limit={effective}>; rel=\"next\"", original.path())
             });
-            let meta = Meta { newest, cache: if immutable { IMMUTABLE } else { NO_CACHE }, link };
+            let meta = Meta { newest, cache: if immutable { IMMUTABLE } else { NO_CACHE }, link, horizon: page.horizon };
             respond(&headers, meta, || Body::from(page.lines))
         }
         LogQuery::All | LogQuery::Last(_) => {
-            let (start_after, newest) = match stream_bounds(&*engine, &path, query, visible).await {
+            let (start_after, newest, horizon) = match stream_bounds(&*engine, &path, query, visible).await {
                 Ok(b) => b,
                 Err(e) => return server_error(e),
             };
             tracing::trace!(path = %path, after = ?start_after, until = ?newest, "log stream");
-            let meta = Meta { newest, cache: NO_CACHE, link: None };
+            let meta = Meta { newest, cache: NO_CACHE, link: None, horizon };
             respond(&headers, meta, move || match newest {
                 Some(until) if !head => stream_body(engine, path, start_after, until, place),
                 _ => Body::empty(),
@@ -176,14 +174,111 @@ pub(crate) async fn handler(
     }
 }
 
-/// For a streamed read: the exclusive start and the newest event (the stream's end, so that
-/// the body matches its ETag even while events keep arriving).
+/// The channel of a log request (`/log/<path>`), or the 400 that refuses it.
+fn log_path(shared: &Shared, uri: &Uri) -> Result<String, Box<Response>> {
+    let raw = uri.path().strip_prefix("/log").unwrap_or("");
+    // `%2e` is the only escape in a log path: a `.` written so that HTTP clients keep the
+    // channel's `.` and `..` segments (they remove dot segments).
+    let unescaped;
+    let raw = if raw.contains('%') {
+        unescaped = raw.replace("%2e", ".").replace("%2E", ".");
+        unescaped.as_str()
+    } else {
+        raw
+    };
+    normalize_with_limit(raw.as_bytes(), shared.config.max_path_length)
+        .and_then(|p| check_depth(&p, shared.config.max_path_depth).map(|()| p))
+        .map(|p| p.into_owned())
+        .map_err(|e| Box::new(bad_request(format!("invalid path: {e}"))))
+}
+
+/// Whether `headers` carry `Authorization: Bearer K` with K one of `keys` (compared in
+/// constant time).
+fn authorized(keys: &[String], headers: &HeaderMap) -> bool {
+    let Some(given) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else { return false };
+    let Some((scheme, token)) = given.trim().split_once(' ') else { return false };
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return false;
+    }
+    let token = token.trim().as_bytes();
+    // Every key is compared, so the time does not tell which one nearly matched.
+    keys.iter().fold(false, |found, k| found | bool::from(subtle::ConstantTimeEq::ct_eq(k.as_bytes(), token)))
+}
+
+fn text(status: StatusCode, body: &str) -> Response {
+    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::CACHE_CONTROL, NO_CACHE), NOSNIFF], format!("{body}\n"))
+        .into_response()
+}
+
+/// `DELETE /log/<path>[?before=TS]` with a server API key: deletes the channel's history (its
+/// whole subtree, as `GET` shows it), or its events older than `TS`, and answers what was
+/// deleted as JSON.
+pub(crate) async fn delete(State(shared): State<Arc<Shared>>, uri: Uri, RawQuery(query): RawQuery, headers: HeaderMap) -> Response {
+    if shared.config.api_keys.is_empty() {
+        return text(StatusCode::FORBIDDEN, "deleting a log needs a server API key, and none is configured (--api-key)");
+    }
+    if !authorized(&shared.config.api_keys, &headers) {
+        let mut r = text(StatusCode::UNAUTHORIZED, "deleting a log needs a server API key: Authorization: Bearer KEY");
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return r;
+    }
+    let path = match log_path(&shared, &uri) {
+        Ok(p) => p,
+        Err(response) => return *response,
+    };
+    let before = match delete_query(query.as_deref()) {
+        Ok(b) => b,
+        Err(reason) => return bad_request(reason),
+    };
+    let engine = shared.engine.clone();
+    let deleted = match engine.delete(DeleteRequest::new(path.as_str(), before)).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(error = %e, channel = %path, "deleting a log failed");
+            return text(StatusCode::INTERNAL_SERVER_ERROR, "deleting the log failed; the server's log has the details");
+        }
+    };
+    let horizon = match engine.read(ReadRequest::new(path.as_str(), None, engine.visible(), 0)).await {
+        Ok(page) => page.horizon.map(|h| h.newest),
+        Err(e) => return server_error(e),
+    };
+    let ts = |t: Option<Timestamp>| t.map_or("null".to_string(), |t| format!("\"{t}\""));
+    // Paths are `[0-9a-z./-]`: nothing to escape in JSON.
+    let body = format!(
+        "{{\"channel\":\"{path}\",\"before\":{},\"deleted\":{},\"newest_deleted\":{},\"horizon\":{}}}\n",
+        ts(before),
+        deleted.events,
+        ts(deleted.newest),
+        ts(horizon)
+    );
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, NO_CACHE), NOSNIFF], body).into_response()
+}
+
+/// The query of a deletion: `before=TS` (optional; with or without `@`), nothing else.
+fn delete_query(raw: Option<&str>) -> Result<Option<Timestamp>, String> {
+    let mut before = None;
+    for part in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = part.split_once('=').unwrap_or((part, ""));
+        if name != "before" {
+            return Err(format!("unknown parameter {name} (a deletion takes only before=TS)"));
+        }
+        if before.is_some() {
+            return Err("parameter before given more than once".into());
+        }
+        let value = value.strip_prefix("%40").or_else(|| value.strip_prefix('@')).unwrap_or(value);
+        before = Some(Timestamp::parse(value.as_bytes()).map_err(|e| format!("invalid before timestamp: {e}"))?);
+    }
+    Ok(before)
+}
+
+/// For a streamed read: the exclusive start, the newest event (the stream's end, so that
+/// the body matches its ETag even while events keep arriving) and the log's horizon.
 async fn stream_bounds(
     engine: &dyn Engine,
     path: &str,
     q: LogQuery,
     until: Timestamp,
-) -> io::Result<(Option<Timestamp>, Option<Timestamp>)> {
+) -> io::Result<(Option<Timestamp>, Option<Timestamp>, Option<Horizon>)> {
     let want = match q {
         LogQuery::Last(k) => usize::try_from(k.get()).unwrap_or(usize::MAX),
         _ => 1,
@@ -195,7 +290,7 @@ async fn stream_bounds(
         LogQuery::Last(_) => oldest.filter(|&t| t != Timestamp::ZERO).map(Timestamp::prev),
         _ => None,
     };
-    Ok((start_after, newest))
+    Ok((start_after, newest, page.horizon))
 }
 
 /// The body of a streamed read: pages of about [`CHUNK`] bytes, read one after another as
@@ -283,7 +378,7 @@ fn cors_headers(allowed: &[String], req: &HeaderMap, out: &mut HeaderMap) {
     } else {
         return;
     }
-    out.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("Link, ETag, Last-Modified"));
+    out.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("Link, ETag, Last-Modified, Ivy-Horizon"));
 }
 
 /// Middleware: CORS headers on every log response, errors included.

@@ -20,8 +20,11 @@
 //! [`serve`] runs such a router the way the binary does (an HTTP header timeout against idle
 //! connections, `TCP_NODELAY`, graceful shutdown of `ivy` at the end).
 //!
-//! Endpoints: `GET /ws` (the command protocol, subprotocol `ivy1`) and `GET /log/<path>` (the
-//! stored events of a channel's subtree). The protocol is specified in `docs/PROTOCOL.md`.
+//! Endpoints: `GET /ws` (the command protocol, subprotocol `ivy1`), `GET /log/<path>` (the
+//! stored events of a channel's subtree, with its horizon in `Ivy-Horizon` once events were
+//! deleted) and `DELETE /log/<path>[?before=TS]` (an operator's deletion, with a server API
+//! key: [`Config::api_keys`]). Retention settings belong to the engines
+//! ([`engine::Retention`]). The protocol is specified in `docs/PROTOCOL.md`.
 //!
 //! Inside, one concept per module:
 //!
@@ -183,9 +186,9 @@ impl Ivy {
     /// application that has a fallback of its own should leave `static_dir` unset).
     pub fn router(&self) -> Router {
         let log = Router::new()
-            .route("/log", get(http::handler).options(http::preflight))
-            .route("/log/", get(http::handler).options(http::preflight))
-            .route("/log/{*path}", get(http::handler).options(http::preflight))
+            .route("/log", get(http::handler).options(http::preflight).delete(http::delete))
+            .route("/log/", get(http::handler).options(http::preflight).delete(http::delete))
+            .route("/log/{*path}", get(http::handler).options(http::preflight).delete(http::delete))
             .layer(axum::middleware::from_fn_with_state(self.shared.clone(), http::cors_layer));
         let router = Router::new().route("/ws", get(ws::handler)).merge(log).with_state(self.shared.clone());
         let router = match &self.shared.static_files {

@@ -89,7 +89,7 @@ impl Refusals {
             rate_limited_keyless: String::from_utf8_lossy(&line).into_owned().into(),
             rate_limited_message: message.into_boxed_str(),
             bytes_limited_message: format!(
-                "too many bytes: the limit is {} bytes stored per second (bursts of {}), an event counting once per level of its path; this send was not executed",
+                "too many bytes: the limit is {} bytes stored per second (bursts of {}), an event counting its line plus 16 bytes per level of its path; this send was not executed",
                 config.byte_rate, config.byte_burst
             )
             .into_boxed_str(),
@@ -144,9 +144,8 @@ impl Session {
     /// Whether storing `len` data bytes on `path` fits the byte budget at `now` (spent if so).
     fn bytes_allowed(&mut self, now: u64, path: &str, len: usize) -> bool {
         let Some(b) = self.bytes.as_mut() else { return true };
-        // What the store keeps: the line (data, path, about 32 bytes more) once per level.
-        let levels = path::depth(path) as u64 + 1;
-        b.check(now, levels.saturating_mul(len as u64 + path.len() as u64 + 32))
+        // What the store keeps: the line once, 16 bytes per level, copies of a short line.
+        b.check(now, crate::engine::stored_cost(path, len).1 as u64)
     }
 
     /// A text frame arrived at `now`.
@@ -420,8 +419,9 @@ mod tests {
     fn the_byte_rate_counts_stored_bytes_and_refuses_with_the_key() {
         let config = Config::default().byte_rate(1000).byte_burst(1000);
         let (mut s, r) = session(&config);
-        let data = "x".repeat(400);
-        // 400 + 2 + 32 bytes, twice (root and /a): within the burst, then overdrawn.
+        let data = "x".repeat(600);
+        // 600 + 2 + 32 bytes of line, plus 16 per level (root and /a): within the burst, then
+        // overdrawn.
         assert!(matches!(s.on_text(0, format!(":/a:{data}").as_bytes(), &r), Outcome::Send { .. }));
         assert!(matches!(s.on_text(0, format!(":/a:{data}").as_bytes(), &r), Outcome::Send { .. }));
         let refused = reply(s.on_text(0, format!("#k#:/a:{data}").as_bytes(), &r));

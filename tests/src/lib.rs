@@ -80,6 +80,10 @@ pub struct Setup {
     pub data: PathBuf,
     /// The engine.
     pub engine: EngineKind,
+    /// The engine's retention settings (default: keep everything).
+    pub retention: ivy_server::engine::Retention,
+    /// The engine's wall clock (default: the system's).
+    pub wall: Option<ivy_server::engine::WallClock>,
 }
 
 impl Setup {
@@ -92,9 +96,10 @@ impl Setup {
     /// A builder of the server.
     pub fn builder(&self) -> ivy_server::IvyBuilder {
         let b = ivy_server::Ivy::builder(self.config.clone());
+        let wall = self.wall.clone().unwrap_or_default();
         match self.engine {
-            EngineKind::Sled => b.engine(ivy_server::engine::SledEngine::new(&self.data)),
-            EngineKind::Memory => b.engine(ivy_server::engine::MemoryEngine::new()),
+            EngineKind::Sled => b.engine(ivy_server::engine::SledEngine::new(&self.data).retention(self.retention).wall_clock(wall)),
+            EngineKind::Memory => b.engine(ivy_server::engine::MemoryEngine::new().retention(self.retention).wall_clock(wall)),
         }
     }
 }
@@ -114,7 +119,13 @@ impl DerefMut for Setup {
 
 /// A setup for tests: default limits, data in `dir`, the engine of [`EngineKind::from_env`].
 pub fn config(dir: &Path) -> Setup {
-    Setup { config: Config::default(), data: dir.to_path_buf(), engine: EngineKind::from_env() }
+    Setup {
+        config: Config::default(),
+        data: dir.to_path_buf(),
+        engine: EngineKind::from_env(),
+        retention: ivy_server::engine::Retention::default(),
+        wall: None,
+    }
 }
 
 impl TestServer {
@@ -410,8 +421,17 @@ pub async fn http_get(addr: SocketAddr, target: &str, headers: &[(&str, &str)]) 
 /// [`http_get`] that reports failures (connection refused or reset, a truncated response, no
 /// answer within [`WAIT`]) instead of panicking: for tests where the server may be killed.
 pub async fn try_http_get(addr: SocketAddr, target: &str, headers: &[(&str, &str)]) -> Result<HttpResponse, String> {
+    try_http_request(addr, "GET", target, headers).await
+}
+
+/// A request with any method and no body (`DELETE`, `HEAD`, ...), over a fresh connection.
+pub async fn http_request(addr: SocketAddr, method: &str, target: &str, headers: &[(&str, &str)]) -> HttpResponse {
+    try_http_request(addr, method, target, headers).await.unwrap_or_else(|e| panic!("{method} {target}: {e}"))
+}
+
+async fn try_http_request(addr: SocketAddr, method: &str, target: &str, headers: &[(&str, &str)]) -> Result<HttpResponse, String> {
     let mut s = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
-    let mut req = format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }

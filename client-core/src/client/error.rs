@@ -130,6 +130,10 @@ pub enum SubscriptionError {
 impl fmt::Display for SubscriptionError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            SubscriptionError::ContinuityLost { last, position } if position > last => write!(
+                f,
+                "continuity lost: events after the last one delivered ({last}) were deleted from the server's log, up to {position}"
+            ),
             SubscriptionError::ContinuityLost { last, position } => {
                 write!(f, "continuity lost: the server's history ends at {position}, before the last event delivered ({last})")
             }

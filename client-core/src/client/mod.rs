@@ -179,14 +179,17 @@ pub enum ClientEvent {
         event: Event<'static>,
     },
     /// The server's history no longer contains events this subscription already delivered
-    /// (it lost them): delivery continues after `last`. [`SubscriptionError::ContinuityLost`]
-    /// words it for the application.
+    /// (it lost them: `position` is before `last`), or events after `last` were deleted from
+    /// the channel's log before the subscription read them (retention or an operator's
+    /// deletion: `position`, after `last`, is the log's horizon). Delivery continues after
+    /// `last` with what the server has. [`SubscriptionError::ContinuityLost`] words it for
+    /// the application.
     ContinuityLost {
         /// The subscription.
         sub: SubId,
         /// The last event delivered.
         last: Timestamp,
-        /// The server's position, before `last`.
+        /// The server's position (before `last`), or the log's horizon (after `last`).
         position: Timestamp,
     },
     /// The server refused a subscription; it was removed. [`SubscriptionError::Refused`]
@@ -477,10 +480,19 @@ impl Client {
 
     /// A log page requested by [`Action::FetchLog`] arrived (`Ok(body)`) or failed.
     pub fn handle_log_page(&mut self, now: Millis, id: u64, result: Result<&str, String>) {
+        self.handle_log_page_with_horizon(now, id, result, None);
+    }
+
+    /// [`Client::handle_log_page`] with the log's horizon: the `Ivy-Horizon` header of the
+    /// response (`docs/PROTOCOL.md` 9.5), the newest event deleted from the channel's log. A
+    /// horizon after the last event a subscription delivered means events it never delivered
+    /// were deleted: [`ClientEvent::ContinuityLost`] (with `position` the horizon), and
+    /// delivery goes on with what the log has.
+    pub fn handle_log_page_with_horizon(&mut self, now: Millis, id: u64, result: Result<&str, String>, horizon: Option<Timestamp>) {
         let (subs, mut cx, actions) = self.split(now);
         // Not found: stale, the subscription moved on.
         if let Some((sid, s)) = subs.iter_mut().find(|(_, s)| s.awaits_page(id)) {
-            actions.extend(s.on_page(*sid, id, result, &mut cx).map(Action::FetchLog));
+            actions.extend(s.on_page(*sid, id, result, horizon, &mut cx).map(Action::FetchLog));
         }
     }
 

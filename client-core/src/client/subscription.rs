@@ -90,6 +90,8 @@ pub(super) struct Sub {
     /// While `own_unacked > 0`, live events up to here may be delivered: the newest of our
     /// acks (our later sends get later timestamps).
     released: Timestamp,
+    /// The newest horizon of the channel's log seen (the newest event deleted from it).
+    horizon: Timestamp,
 }
 
 impl Sub {
@@ -102,6 +104,7 @@ impl Sub {
             buf: MergeBuf::default(),
             own_unacked: 0,
             released: Timestamp::ZERO,
+            horizon: Timestamp::ZERO,
         }
     }
 
@@ -247,7 +250,14 @@ impl Sub {
     /// The answer to log request `id`: a body, or why the fetch failed. Ignored unless it is
     /// the outstanding request (a late answer to a lost one, or one from before a reconnect).
     #[must_use]
-    pub(super) fn on_page(&mut self, sub: SubId, id: u64, result: Result<&str, String>, cx: &mut Ctx<'_>) -> Option<LogRequest> {
+    pub(super) fn on_page(
+        &mut self,
+        sub: SubId,
+        id: u64,
+        result: Result<&str, String>,
+        horizon: Option<Timestamp>,
+        cx: &mut Ctx<'_>,
+    ) -> Option<LogRequest> {
         let Phase::Backfilling(b) = &mut self.phase else { return None };
         let PageState::InFlight { id: outstanding, after, .. } = b.page else { return None };
         if outstanding != id {
@@ -264,6 +274,15 @@ impl Sub {
             Ok(events) => {
                 b.page = PageState::Idle;
                 b.failures = 0;
+                if let Some(h) = horizon.filter(|&h| h > self.horizon) {
+                    self.horizon = h;
+                    // Events after the last one delivered were deleted (retention, or an
+                    // operator): at least the one at the horizon. A subscription from the
+                    // beginning, which delivered nothing yet, reads what is left.
+                    if h > self.last && self.last != Timestamp::ZERO {
+                        cx.events.push_back(ClientEvent::ContinuityLost { sub, last: self.last, position: h });
+                    }
+                }
                 match events.last().map(|e| e.ts) {
                     // A page is a contiguous stretch of the log after the cursor: everything up
                     // to its newest event is now known. (Whether it was "full" is not trusted:
@@ -462,11 +481,11 @@ mod tests {
         assert!(h.sub.awaits_page(100) && !h.sub.awaits_page(99));
         assert_eq!(h.sub.page_timeout(), Some(30_000));
         // Pages come; the live event waits until everything before it is known.
-        let next = h.with(|s, cx| s.on_page(SUB, req.id, Ok(&body(&[1, 2])), cx)).expect("the next page");
+        let next = h.with(|s, cx| s.on_page(SUB, req.id, Ok(&body(&[1, 2])), None, cx)).expect("the next page");
         assert_eq!((next.id, next.after), (101, Some(ts(2))));
         assert_eq!(h.delivered(), [1, 2]);
         assert_eq!(h.with(|s, cx| s.offer(SUB, ev(6), cx)), None);
-        assert_eq!(h.with(|s, cx| s.on_page(SUB, next.id, Ok(&body(&[3, 4, 5])), cx)), None, "caught up");
+        assert_eq!(h.with(|s, cx| s.on_page(SUB, next.id, Ok(&body(&[3, 4, 5])), None, cx)), None, "caught up");
         assert_eq!(h.delivered(), [3, 4, 5, 6]);
         assert!(h.sub.is_live());
         assert_eq!(h.sub.page_timeout(), None);
@@ -483,7 +502,7 @@ mod tests {
         h.sub.subscribing();
         let req = h.with(|s, cx| s.on_position(SUB, ts(9), cx)).unwrap();
         assert_eq!(req.after, Some(ts(2)));
-        assert_eq!(h.with(|s, cx| s.on_page(SUB, req.id, Ok(""), cx)), None);
+        assert_eq!(h.with(|s, cx| s.on_page(SUB, req.id, Ok(""), None, cx)), None);
         assert!(h.sub.is_live());
         assert_eq!(h.delivered(), [] as [u32; 0]);
     }
@@ -512,6 +531,36 @@ mod tests {
         assert!(h.sub.is_live(), "delivery resumes after the last event");
     }
 
+    /// A log whose horizon (the newest event deleted from it) is after the last event
+    /// delivered lost events the subscription never delivered: continuity lost, once, and
+    /// delivery goes on with what the log has. A subscription from the beginning is not told.
+    #[test]
+    fn a_horizon_after_the_last_event_is_continuity_lost() {
+        let mut h = Harness::new(Start::After(ts(2)), Config::default());
+        h.sub.subscribing();
+        let req = h.with(|s, cx| s.on_position(SUB, ts(9), cx)).expect("a page");
+        assert_eq!(req.after, Some(ts(2)));
+        let next = h.with(|s, cx| s.on_page(SUB, req.id, Ok(&body(&[7, 8])), Some(ts(6)), cx)).expect("the next page");
+        assert_eq!(h.events.pop_front(), Some(ClientEvent::ContinuityLost { sub: SUB, last: ts(2), position: ts(6) }));
+        assert_eq!(h.delivered(), [7, 8]);
+        assert_eq!(h.with(|s, cx| s.on_page(SUB, next.id, Ok(&body(&[9])), Some(ts(6)), cx)), None);
+        assert_eq!(h.delivered(), [9], "reported once");
+        assert!(h.sub.is_live());
+
+        // Up to date with the horizon: nothing to report.
+        let mut h = Harness::new(Start::After(ts(6)), Config::default());
+        h.sub.subscribing();
+        let req = h.with(|s, cx| s.on_position(SUB, ts(9), cx)).expect("a page");
+        assert_eq!(h.with(|s, cx| s.on_page(SUB, req.id, Ok(&body(&[7, 8, 9])), Some(ts(6)), cx)), None);
+        assert_eq!(h.delivered(), [7, 8, 9]);
+        // From the beginning: what is left.
+        let mut h = Harness::new(Start::Beginning, Config::default());
+        h.sub.subscribing();
+        let req = h.with(|s, cx| s.on_position(SUB, ts(9), cx)).expect("a page");
+        assert_eq!(h.with(|s, cx| s.on_page(SUB, req.id, Ok(&body(&[7, 8, 9])), Some(ts(6)), cx)), None);
+        assert_eq!(h.delivered(), [7, 8, 9]);
+    }
+
     #[test]
     fn a_reconnect_forgets_the_page_in_flight_and_the_buffer() {
         let mut h = Harness::new(Start::Beginning, Config::default());
@@ -520,11 +569,11 @@ mod tests {
         let _ = h.with(|s, cx| s.offer(SUB, ev(10), cx));
         h.sub.disconnected();
         assert_eq!((h.sub.awaits_page(req.id), h.sub.page_timeout()), (false, None));
-        assert_eq!(h.with(|s, cx| s.on_page(SUB, req.id, Ok(&body(&[1])), cx)), None, "a late page is ignored");
+        assert_eq!(h.with(|s, cx| s.on_page(SUB, req.id, Ok(&body(&[1])), None, cx)), None, "a late page is ignored");
         h.sub.subscribing();
         let again = h.with(|s, cx| s.on_position(SUB, ts(10), cx)).unwrap();
         assert_eq!(again.after, None, "starts over from the last delivered event");
-        assert_eq!(h.with(|s, cx| s.on_page(SUB, again.id, Ok(&body(&[1, 10])), cx)), None);
+        assert_eq!(h.with(|s, cx| s.on_page(SUB, again.id, Ok(&body(&[1, 10])), None, cx)), None);
         assert_eq!(h.delivered(), [1, 10]);
     }
 
@@ -534,7 +583,7 @@ mod tests {
         h.sub.subscribing();
         let first = h.with(|s, cx| s.on_position(SUB, ts(9), cx)).unwrap();
         // Failures back off: 100, then 200.
-        assert_eq!(h.with(|s, cx| s.on_page(SUB, first.id, Err("HTTP 500: boom".into()), cx)), None);
+        assert_eq!(h.with(|s, cx| s.on_page(SUB, first.id, Err("HTTP 500: boom".into()), None, cx)), None);
         assert!(matches!(h.events.pop_front(), Some(ClientEvent::Warning(w)) if w == "log fetch for /s failed (HTTP 500: boom); retrying"));
         assert_eq!(h.sub.page_timeout(), Some(100));
         h.now = 99;
@@ -543,7 +592,7 @@ mod tests {
         let (lost, second) = h.with(|s, cx| s.on_timeout(cx));
         let second = second.unwrap();
         assert!(!lost && second.id != first.id && second.after.is_none());
-        assert_eq!(h.with(|s, cx| s.on_page(SUB, second.id, Ok("not a log line"), cx)), None);
+        assert_eq!(h.with(|s, cx| s.on_page(SUB, second.id, Ok("not a log line"), None, cx)), None);
         assert!(matches!(h.events.pop_front(), Some(ClientEvent::Warning(w)) if w.contains("unparsable log line")));
         assert_eq!(h.sub.page_timeout(), Some(300));
         h.now = 300;
@@ -554,9 +603,9 @@ mod tests {
         let (lost, fourth) = h.with(|s, cx| s.on_timeout(cx));
         assert!(lost);
         let fourth = fourth.unwrap();
-        assert_eq!(h.with(|s, cx| s.on_page(SUB, third.id, Ok(&body(&[1])), cx)), None, "not the outstanding request");
+        assert_eq!(h.with(|s, cx| s.on_page(SUB, third.id, Ok(&body(&[1])), None, cx)), None, "not the outstanding request");
         assert!(!h.sub.awaits_page(third.id) && h.sub.awaits_page(fourth.id));
-        assert_eq!(h.with(|s, cx| s.on_page(SUB, fourth.id, Ok(""), cx)), None);
+        assert_eq!(h.with(|s, cx| s.on_page(SUB, fourth.id, Ok(""), None, cx)), None);
         assert!(h.sub.is_live());
     }
 
@@ -574,9 +623,9 @@ mod tests {
         let _ = h.with(|s, cx| s.offer(SUB, ev(9), cx));
         let _ = h.with(|s, cx| s.offer(SUB, ev(10), cx));
         let _ = h.with(|s, cx| s.offer(SUB, ev(11), cx)); // over the bound again: 8..10 forgotten, target 10
-        let next = h.with(|s, cx| s.on_page(SUB, req.id, Ok(&body(&[5, 6, 7, 8])), cx)).expect("up to 11");
+        let next = h.with(|s, cx| s.on_page(SUB, req.id, Ok(&body(&[5, 6, 7, 8])), None, cx)).expect("up to 11");
         assert_eq!(next.after, Some(ts(8)));
-        assert_eq!(h.with(|s, cx| s.on_page(SUB, next.id, Ok(&body(&[9, 10, 11])), cx)), None);
+        assert_eq!(h.with(|s, cx| s.on_page(SUB, next.id, Ok(&body(&[9, 10, 11])), None, cx)), None);
         assert_eq!(h.delivered(), [5, 6, 7, 8, 9, 10, 11]);
         assert!(h.sub.is_live());
     }

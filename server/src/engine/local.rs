@@ -28,34 +28,42 @@
 //! batch is committed) ≥ delivered (the fan-out's position, raised by [`FanOut::deliver`]
 //! after the visible mark). A subscriber's position is therefore always in the log.
 
+use std::collections::HashMap;
 use std::io;
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use ivy_client_core::Timestamp;
-use ivy_client_core::path::ancestors;
+use ivy_client_core::path::ROOT;
 use ivy_client_core::wire::encode_event;
 
 use super::clock::Clock;
-use super::{BoxFuture, Context, Direction, Engine, Page, Publish, PublishError, ReadRequest, Requests};
+use super::{BoxFuture, Context, DeleteRequest, Direction, Engine, Horizon, Page, Publish, PublishError, ReadRequest, Requests, Retention};
 use crate::fanout::{FanOut, Line, Published};
 
 pub use super::clock::WallClock;
 
 /// Most events in one group commit.
 const MAX_BATCH: usize = 4096;
-/// Most bytes one group commit stores, counting each event once per level of its path (the
-/// sled store keeps a copy in the log of the root and of each ancestor).
+/// Most bytes one group commit stores, counting what the store keeps of each event
+/// ([`stored_cost`]).
 const MAX_BATCH_STORED_BYTES: usize = 16 << 20;
 /// Most log entries one group commit writes (an event is one entry per level of its path).
 const MAX_BATCH_ENTRIES: usize = 64 * 1024;
 
+/// What the store keeps of an event of `data` bytes on `path`, at most: its log entries (one
+/// per level of its path) and their bytes (the line once, 16 bytes per level, and the copies
+/// of a short line on a shallow path: see [`super::sled`]'s layout). The memory store keeps
+/// less (the line once, and a position per level).
+pub(crate) fn stored_cost(path: &str, data: usize) -> (usize, usize) {
+    // The line: the data (escaping aside), the path and about 32 bytes of timestamp and colons.
+    super::sled::stored(ivy_client_core::path::depth(path), data.saturating_add(path.len()).saturating_add(32))
+}
+
 /// What storing `r` costs: its log entries and the bytes they hold.
 fn cost(r: &Publish) -> (usize, usize) {
-    let levels = ancestors(&r.path).count();
-    // The line: the data (escaping aside), the path and about 25 bytes of timestamp and colons.
-    (levels, levels.saturating_mul(r.data.len() + r.path.len() + 32))
+    stored_cost(&r.path, r.data.len())
 }
 /// How far beyond the timestamps it needs a new clock floor is recorded.
 const FLOOR_AHEAD_NANOS: u128 = 1_000_000_000;
@@ -105,6 +113,16 @@ pub(crate) trait Storage: Send + Sync + 'static {
     fn ready(&self) -> Result<(), PublishError> {
         self.admit().map_err(PublishError::StoreFull)
     }
+    /// Deletes events of `channel`'s log (its subtree; with `own`, only the events sent to
+    /// `channel` itself) with timestamps below `before`, from every log that holds them, and
+    /// raises the horizon of each log that lost events to the newest one it lost (recorded
+    /// before the events are removed). Runs beside appends and reads without blocking them,
+    /// in steps; one deletion at a time.
+    fn delete(&self, channel: &str, before: Timestamp, own: bool) -> io::Result<Deleted>;
+    /// The horizon of `channel`'s log: the newest event deleted from it (by retention or
+    /// [`Storage::delete`]), if any. A reader resuming after an older timestamp may have
+    /// missed events.
+    fn horizon(&self, channel: &str) -> Option<Horizon>;
     /// Visits the events of `channel`'s subtree with `after < ts <= until`, in `dir` order,
     /// until the visitor breaks.
     fn scan(
@@ -117,9 +135,25 @@ pub(crate) trait Storage: Send + Sync + 'static {
     ) -> io::Result<()>;
 }
 
+/// What a deletion removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Deleted {
+    /// How many events.
+    pub events: u64,
+    /// The newest of them.
+    pub newest: Option<Timestamp>,
+}
+
+/// The path of an event line (`@ts:/path:data`).
+pub(crate) fn line_path(line: &[u8]) -> Option<&str> {
+    let rest = line.strip_prefix(b"@")?;
+    let rest = &rest[rest.iter().position(|&b| b == b':')? + 1..];
+    std::str::from_utf8(&rest[..rest.iter().position(|&b| b == b':')?]).ok()
+}
+
 /// Reads one page from `storage`.
 pub(crate) fn read_page(storage: &dyn Storage, request: &ReadRequest) -> io::Result<Page> {
-    let mut page = Page::default();
+    let mut page = Page { horizon: storage.horizon(&request.channel), ..Page::default() };
     if request.limit == 0 {
         return Ok(page);
     }
@@ -150,34 +184,141 @@ struct Shared {
     storage: Arc<dyn Storage>,
     clock: Clock,
     visible: Watermark,
+    /// With a per-channel event limit: how many events each path was sent since the retention
+    /// thread last looked.
+    written: Option<Mutex<HashMap<Box<str>, u64>>>,
+}
+
+impl Shared {
+    /// `before`, or everything visible when `None`, never beyond what is visible (a batch
+    /// being stored is not deleted).
+    fn cap(&self, before: Option<Timestamp>) -> Timestamp {
+        let visible = Timestamp::from_nanos(self.visible.get().as_nanos().saturating_add(1));
+        before.map_or(visible, |b| b.min(visible))
+    }
 }
 
 /// The single-node engine (see the module docs).
 pub(crate) struct LocalEngine {
     shared: Arc<Shared>,
     sequencer: Mutex<Option<JoinHandle<()>>>,
+    /// Dropped at shutdown: the retention thread then stops.
+    retention: Mutex<Option<std::sync::mpsc::Sender<()>>>,
 }
 
 impl LocalEngine {
-    /// Opens the engine over `storage`, with timestamps from `wall`.
-    pub(crate) fn open(storage: Arc<dyn Storage>, wall: WallClock, context: Context) -> io::Result<Arc<dyn Engine>> {
+    /// Opens the engine over `storage`, with timestamps from `wall` and the retention
+    /// settings `retention`.
+    pub(crate) fn open(storage: Arc<dyn Storage>, wall: WallClock, retention: Retention, context: Context) -> io::Result<Arc<dyn Engine>> {
         let last = storage.last_timestamp()?.unwrap_or(Timestamp::ZERO);
         // After a crash with async durability the floor is above the newest surviving event:
         // lost events had timestamps up to it, which must not be handed out again.
-        let floor = storage.clock_floor()?.unwrap_or(Timestamp::ZERO).max(last);
+        // Deleted events' timestamps were handed out too (the newest may be gone).
+        let deleted = storage.horizon(ROOT).map_or(Timestamp::ZERO, |h| h.newest);
+        let floor = storage.clock_floor()?.unwrap_or(Timestamp::ZERO).max(last).max(deleted);
         // Positions start at the newest stored event, below the floor after a crash that lost
         // events: a client that saw them finds P < L and knows (docs/PROTOCOL.md 8.4).
         context.fanout.start_at(last);
-        let clock = Clock::new(wall, floor);
+        let clock = Clock::new(wall.clone(), floor);
         if storage.acks_before_durable() {
             // Every timestamp above the floor must first be covered by a durable floor.
             clock.set_limit(floor);
         }
         tracing::info!(last = %last, floor = %floor, "event store open");
-        let shared = Arc::new(Shared { storage, clock, visible: Watermark(Mutex::new(last)) });
+        let written = retention.max_events.map(|_| Mutex::default());
+        let shared = Arc::new(Shared { storage, clock, visible: Watermark(Mutex::new(last)), written });
         let sequencer = Sequencer { shared: shared.clone(), fanout: context.fanout, requests: context.requests };
         let handle = std::thread::Builder::new().name("ivy-sequencer".into()).spawn(move || sequencer.run())?;
-        Ok(Arc::new(LocalEngine { shared, sequencer: Mutex::new(Some(handle)) }))
+        let stop = if retention.is_active() {
+            let (stop, stopped) = std::sync::mpsc::channel();
+            let retainer = Retainer { shared: shared.clone(), retention, wall, checked: HashMap::new() };
+            std::thread::Builder::new().name("ivy-retention".into()).spawn(move || retainer.run(stopped))?;
+            Some(stop)
+        } else {
+            None
+        };
+        Ok(Arc::new(LocalEngine { shared, sequencer: Mutex::new(Some(handle)), retention: Mutex::new(stop) }))
+    }
+}
+
+/// The retention thread: deletes, in the background, the events that [`Retention`] no longer
+/// keeps. Sends are not blocked: the storage deletes in steps beside its appends.
+struct Retainer {
+    shared: Arc<Shared>,
+    retention: Retention,
+    wall: WallClock,
+    /// Paths whose own events were counted since startup, and the events sent to each since
+    /// it was last trimmed.
+    checked: HashMap<Box<str>, u64>,
+}
+
+impl Retainer {
+    /// How often the thread looks: a quarter of the age limit, between 50 ms and 1 s.
+    fn interval(&self) -> std::time::Duration {
+        let quarter = self.retention.max_age.map_or(std::time::Duration::from_secs(1), |a| a / 4);
+        quarter.clamp(std::time::Duration::from_millis(50), std::time::Duration::from_secs(1))
+    }
+
+    fn run(mut self, stop: std::sync::mpsc::Receiver<()>) {
+        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(self.interval()) {
+            if let Err(e) = self.pass() {
+                tracing::error!(error = %e, "deleting events past the retention limits failed; will try again");
+            }
+        }
+    }
+
+    fn pass(&mut self) -> io::Result<()> {
+        let storage = &*self.shared.storage;
+        if let Some(age) = self.retention.max_age {
+            let cutoff = Timestamp::from_nanos(self.wall.now().as_nanos().saturating_sub(age.as_nanos()));
+            let deleted = storage.delete(ROOT, self.shared.cap(Some(cutoff)), false)?;
+            if deleted.events > 0 {
+                tracing::debug!(events = deleted.events, before = %cutoff, "retention: deleted events older than --retention-max-age");
+            }
+        }
+        if let (Some(keep), Some(written)) = (self.retention.max_events, &self.shared.written) {
+            let sent = std::mem::take(&mut *written.lock().unwrap_or_else(PoisonError::into_inner));
+            // A path is trimmed when first written after startup (its store may hold more
+            // than the limit), then each time it has been sent an eighth of the limit more.
+            let slack = (keep / 8).max(1);
+            for (path, n) in sent {
+                let due = match self.checked.get_mut(&path) {
+                    Some(since) => {
+                        *since += n;
+                        *since >= slack
+                    }
+                    None => true,
+                };
+                if due {
+                    self.checked.insert(path.clone(), 0);
+                    self.trim(&path, keep)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the events sent to `path` itself beyond its newest `keep`.
+    fn trim(&self, path: &str, keep: u64) -> io::Result<()> {
+        let storage = &*self.shared.storage;
+        let until = self.shared.visible.get();
+        let mut own = 0u64;
+        let mut cut = None;
+        storage.scan(path, None, until, Direction::Backward, &mut |ts, line| {
+            if line_path(line) == Some(path) {
+                own += 1;
+                if own > keep {
+                    cut = Some(ts);
+                    return ControlFlow::Break(());
+                }
+            }
+            ControlFlow::Continue(())
+        })?;
+        if let Some(cut) = cut {
+            let deleted = storage.delete(path, Timestamp::from_nanos(cut.as_nanos().saturating_add(1)), true)?;
+            tracing::debug!(channel = path, events = deleted.events, "retention: deleted events beyond --retention-max-events");
+        }
+        Ok(())
     }
 }
 
@@ -195,7 +336,22 @@ impl Engine for LocalEngine {
         Box::pin(async move { tokio::task::spawn_blocking(move || read_page(&*storage, &request)).await.map_err(io::Error::other)? })
     }
 
+    fn delete(&self, request: DeleteRequest) -> BoxFuture<'static, io::Result<Deleted>> {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let before = shared.cap(request.before);
+                let deleted = shared.storage.delete(&request.channel, before, false)?;
+                tracing::info!(channel = %request.channel, before = %before, events = deleted.events, "deleted a channel's history");
+                Ok(deleted)
+            })
+            .await
+            .map_err(io::Error::other)?
+        })
+    }
+
     fn shutdown(&self) -> BoxFuture<'static, ()> {
+        drop(self.retention.lock().unwrap_or_else(PoisonError::into_inner).take());
         let handle = self.sequencer.lock().unwrap_or_else(PoisonError::into_inner).take();
         Box::pin(async move {
             if let Some(handle) = handle {
@@ -286,6 +442,17 @@ impl Sequencer {
                 r.done.complete(Err(e.clone()));
             }
             return;
+        }
+        if let Some(written) = &self.shared.written {
+            let mut written = written.lock().unwrap_or_else(PoisonError::into_inner);
+            for r in batch.iter() {
+                match written.get_mut(&r.path) {
+                    Some(n) => *n += 1,
+                    None => {
+                        written.insert(r.path.clone(), 1);
+                    }
+                }
+            }
         }
         // Stored: log readers may see the batch now, before any subscriber gets it.
         if let Some((ts, _)) = lines.last() {

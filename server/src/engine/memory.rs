@@ -5,7 +5,7 @@
 //! restarted server starts empty. Made for fast tests of the protocol and for ephemeral
 //! deployments (`ivy-server --memory`), and a second implementation of the engine seam.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::ops::ControlFlow;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -13,8 +13,8 @@ use std::sync::{Arc, PoisonError, RwLock};
 use ivy_client_core::Timestamp;
 use ivy_client_core::path::{ROOT, ancestors};
 
-use super::local::{LocalEngine, Record, Storage, WallClock};
-use super::{Context, Direction, Engine, Open};
+use super::local::{Deleted, LocalEngine, Record, Storage, WallClock, line_path};
+use super::{Context, Direction, Engine, Horizon, Open, Retention};
 
 /// Opens an in-memory engine.
 ///
@@ -28,6 +28,7 @@ use super::{Context, Direction, Engine, Open};
 #[non_exhaustive]
 pub struct MemoryEngine {
     wall: WallClock,
+    retention: Retention,
 }
 
 impl MemoryEngine {
@@ -41,11 +42,17 @@ impl MemoryEngine {
         self.wall = wall;
         self
     }
+
+    /// How long events are kept (default: everything).
+    pub fn retention(mut self, retention: Retention) -> MemoryEngine {
+        self.retention = retention;
+        self
+    }
 }
 
 impl Open for MemoryEngine {
     fn open(self: Box<Self>, context: Context) -> io::Result<Arc<dyn Engine>> {
-        LocalEngine::open(Arc::new(MemStorage::default()), self.wall, context)
+        LocalEngine::open(Arc::new(MemStorage::default()), self.wall, self.retention, context)
     }
 
     fn describe(&self) -> String {
@@ -55,14 +62,24 @@ impl Open for MemoryEngine {
 
 /// Events in memory: every event once, and per channel the positions of its events.
 #[derive(Debug, Default)]
-pub(crate) struct MemStorage(RwLock<Inner>);
+pub(crate) struct MemStorage {
+    inner: RwLock<Inner>,
+    /// Held by the one deletion in progress.
+    deleting: std::sync::Mutex<()>,
+}
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// Every event (the root's log), in timestamp order: timestamp and line.
-    events: Vec<(Timestamp, Box<[u8]>)>,
-    /// For each channel other than the root, the indexes in `events` of its subtree's events.
-    channels: HashMap<Box<str>, Vec<usize>>,
+    /// Every event (the root's log), in timestamp order: timestamp and line (`None` once
+    /// deleted: a hole that keeps the positions of the later ones). The first is at position
+    /// `base`.
+    events: VecDeque<(Timestamp, Option<Box<[u8]>>)>,
+    /// The position of `events[0]` (positions count every event ever appended).
+    base: usize,
+    /// For each channel other than the root, the positions of its subtree's events.
+    channels: HashMap<Box<str>, VecDeque<usize>>,
+    /// Each log's horizon: the newest event deleted from it.
+    horizons: HashMap<Box<str>, Horizon>,
     floor: Option<Timestamp>,
 }
 
@@ -78,7 +95,7 @@ impl Inner {
         if channel == ROOT {
             self.walk(self.events.len(), |i| i, after, until, dir, visit);
         } else if let Some(index) = self.channels.get(channel) {
-            self.walk(index.len(), |i| index[i], after, until, dir, visit);
+            self.walk(index.len(), |i| index[i] - self.base, after, until, dir, visit);
         }
     }
 
@@ -96,9 +113,9 @@ impl Inner {
         // The first position after `after`, and the first after `until`.
         let lo = after.map_or(0, |a| partition(len, |i| ts(i) <= a));
         let hi = partition(len, |i| ts(i) <= until);
-        let mut each = |i: usize| {
-            let (t, line) = &self.events[at(i)];
-            visit(*t, line)
+        let mut each = |i: usize| match &self.events[at(i)] {
+            (t, Some(line)) => visit(*t, line),
+            (_, None) => ControlFlow::Continue(()),
         };
         match dir {
             Direction::Forward => {
@@ -119,6 +136,88 @@ impl Inner {
     }
 }
 
+/// Events removed per step of a deletion (few in tests, so that they take many steps).
+const DELETE_STEP: usize = if cfg!(test) { 64 } else { 4096 };
+
+/// An event to delete: its position, timestamp and path.
+type Victim = (usize, Timestamp, Box<str>);
+
+impl Inner {
+    /// The next victims of a deletion after `after` (at most [`DELETE_STEP`], from at most 4
+    /// times as many events of the log): position, timestamp, path; and the last timestamp
+    /// looked at.
+    fn victims(&self, channel: &str, after: Option<Timestamp>, until: Timestamp, own: bool) -> (Vec<Victim>, Option<Timestamp>) {
+        let (mut found, mut last) = (Vec::new(), None);
+        let mut seen = 0;
+        let mut each = |pos: usize| -> bool {
+            let (ts, line) = &self.events[pos - self.base];
+            if *ts > until {
+                return false;
+            }
+            last = Some(*ts);
+            seen += 1;
+            if let Some(path) = line.as_deref().and_then(line_path).filter(|p| !own || *p == channel) {
+                found.push((pos, *ts, path.into()));
+            }
+            found.len() < DELETE_STEP && seen < 4 * DELETE_STEP
+        };
+        let past = |ts: Timestamp| after.is_some_and(|a| ts <= a);
+        if channel == ROOT {
+            let start = partition(self.events.len(), |i| past(self.events[i].0));
+            for pos in self.base + start..self.base + self.events.len() {
+                if !each(pos) {
+                    break;
+                }
+            }
+        } else if let Some(index) = self.channels.get(channel) {
+            let start = partition(index.len(), |i| past(self.events[index[i] - self.base].0));
+            for &pos in index.range(start..) {
+                if !each(pos) {
+                    break;
+                }
+            }
+        }
+        (found, last)
+    }
+
+    /// Removes `victims` (in order) from every log that holds them, raising their horizons.
+    fn remove(&mut self, victims: &[Victim]) {
+        // Each log that holds a victim, and the victims' positions in it (in order).
+        let mut logs: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (pos, _, path) in victims {
+            for anc in ancestors(path) {
+                logs.entry(anc).or_default().push(*pos);
+            }
+        }
+        for (log, lost) in &logs {
+            let newest = self.events[lost[lost.len() - 1] - self.base].0;
+            let h = self.horizons.entry((*log).into()).or_insert(Horizon { newest, deletions: 0 });
+            *h = Horizon { newest: h.newest.max(newest), deletions: h.deletions + 1 };
+            if *log != ROOT
+                && let Some(index) = self.channels.get_mut(*log)
+            {
+                // Retention by age removes the oldest: a prefix, removed in its own time.
+                if index.iter().take(lost.len()).eq(lost.iter()) {
+                    index.drain(..lost.len());
+                } else {
+                    index.retain(|p| lost.binary_search(p).is_err());
+                }
+                if index.is_empty() {
+                    self.channels.remove(*log);
+                }
+            }
+        }
+        for (pos, ..) in victims {
+            self.events[pos - self.base].1 = None;
+        }
+        // The holes at the front go (retention by age deletes from the front).
+        while self.events.front().is_some_and(|e| e.1.is_none()) {
+            self.events.pop_front();
+            self.base += 1;
+        }
+    }
+}
+
 /// The first `i` in `0..len` for which `below(i)` is false (`below` is true, then false).
 fn partition(len: usize, below: impl Fn(usize) -> bool) -> usize {
     let (mut lo, mut hi) = (0, len);
@@ -135,21 +234,21 @@ fn partition(len: usize, below: impl Fn(usize) -> bool) -> usize {
 
 impl MemStorage {
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
-        self.0.read().unwrap_or_else(PoisonError::into_inner)
+        self.inner.read().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 impl Storage for MemStorage {
     fn append(&self, records: &[Record<'_>]) -> io::Result<()> {
-        let mut inner = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        let mut inner = self.inner.write().unwrap_or_else(PoisonError::into_inner);
         for r in records {
-            let at = inner.events.len();
-            inner.events.push((r.ts, r.line.into()));
+            let at = inner.base + inner.events.len();
+            inner.events.push_back((r.ts, Some(r.line.into())));
             for anc in ancestors(r.path).filter(|a| *a != ROOT) {
                 match inner.channels.get_mut(anc) {
-                    Some(v) => v.push(at),
+                    Some(v) => v.push_back(at),
                     None => {
-                        inner.channels.insert(anc.into(), vec![at]);
+                        inner.channels.insert(anc.into(), VecDeque::from([at]));
                     }
                 }
             }
@@ -170,11 +269,36 @@ impl Storage for MemStorage {
     }
 
     fn last_timestamp(&self) -> io::Result<Option<Timestamp>> {
-        Ok(self.read().events.last().map(|e| e.0))
+        Ok(self.read().events.back().map(|e| e.0))
+    }
+
+    fn delete(&self, channel: &str, before: Timestamp, own: bool) -> io::Result<Deleted> {
+        let _one = self.deleting.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut deleted = Deleted::default();
+        let Some(until) = before.as_nanos().checked_sub(1).map(Timestamp::from_nanos) else { return Ok(deleted) };
+        let mut after = None;
+        // In steps: the victims found under the read lock, removed under the write lock, so
+        // that appends never wait for more than one step.
+        loop {
+            let (victims, last) = self.read().victims(channel, after, until, own);
+            let Some(last) = last else { break };
+            after = Some(last);
+            if victims.is_empty() {
+                continue;
+            }
+            self.inner.write().unwrap_or_else(PoisonError::into_inner).remove(&victims);
+            deleted.events += victims.len() as u64;
+            deleted.newest = victims.last().map(|v| v.1).max(deleted.newest);
+        }
+        Ok(deleted)
+    }
+
+    fn horizon(&self, channel: &str) -> Option<Horizon> {
+        self.read().horizons.get(channel).copied()
     }
 
     fn set_clock_floor(&self, ts: Timestamp) -> io::Result<()> {
-        self.0.write().unwrap_or_else(PoisonError::into_inner).floor = Some(ts);
+        self.inner.write().unwrap_or_else(PoisonError::into_inner).floor = Some(ts);
         Ok(())
     }
 

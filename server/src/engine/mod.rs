@@ -8,6 +8,9 @@
 //! - **storage**: it appends events to the logs of their channel and its ancestors, and reads
 //!   them back page by page ([`Engine::read`]), showing only what is durable
 //!   ([`Engine::visible`]);
+//! - **deletion**: it deletes a channel's history on request ([`Engine::delete`]) and what
+//!   its [`Retention`] settings no longer keep, in the background, and states each log's
+//!   horizon ([`Page::horizon`]), the newest event it lost;
 //! - **the bus**: it hands every stored event, once, in timestamp order, to this node's
 //!   [`FanOut`] ([`FanOut::deliver`]), which routes it to the subscribed connections.
 //!
@@ -68,7 +71,8 @@ use ivy_client_core::Timestamp;
 use tokio::sync::{mpsc, oneshot};
 
 pub use crate::fanout::{ConnId, FanOut, Line, Published};
-pub use local::WallClock;
+pub(crate) use local::stored_cost;
+pub use local::{Deleted, WallClock};
 pub use memory::MemoryEngine;
 pub use sled::{Durability, SledEngine};
 
@@ -87,6 +91,12 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Reads one page of a channel's log (the channel and everything below it).
     fn read(&self, request: ReadRequest) -> BoxFuture<'static, io::Result<Page>>;
+
+    /// Deletes the events of a channel's log (its whole subtree, as [`Engine::read`] shows
+    /// it) older than [`DeleteRequest::before`], from every log that holds them (its
+    /// ancestors' included), and raises the horizon ([`Page::horizon`]) of each log that lost
+    /// events. Runs beside the sends, which it does not block.
+    fn delete(&self, request: DeleteRequest) -> BoxFuture<'static, io::Result<Deleted>>;
 
     /// Finishes: completes every request accepted before [`Requests`] reported the end of
     /// the queue, flushes what was stored, and resolves. Called once, by the server.
@@ -169,6 +179,59 @@ impl ReadRequest {
     }
 }
 
+/// A deletion of a channel's history ([`Engine::delete`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeleteRequest {
+    /// The channel (normalized path): its events and those of every path below it.
+    pub channel: Box<str>,
+    /// Only events with a timestamp below this one; `None`: every event visible now.
+    pub before: Option<Timestamp>,
+}
+
+impl DeleteRequest {
+    /// Deletes `channel`'s events before `before` (all of them when `None`).
+    pub fn new(channel: impl Into<Box<str>>, before: Option<Timestamp>) -> DeleteRequest {
+        DeleteRequest { channel: channel.into(), before }
+    }
+}
+
+/// How long events are kept: the retention settings every engine honours (default: keep
+/// everything). Applied in the background, without blocking sends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Retention {
+    /// Events older than this (by their timestamp) are deleted. `None`: no age limit.
+    pub max_age: Option<std::time::Duration>,
+    /// Each channel keeps at most this many of the events sent to it (to its path itself;
+    /// its children's count for them): the oldest beyond are deleted. `None`: no limit.
+    pub max_events: Option<u64>,
+}
+
+impl Retention {
+    /// Keep everything.
+    pub fn keep_everything() -> Retention {
+        Retention::default()
+    }
+
+    /// Deletes events older than `age`.
+    pub fn max_age(mut self, age: Option<std::time::Duration>) -> Retention {
+        self.max_age = age.filter(|a| !a.is_zero());
+        self
+    }
+
+    /// Keeps at most `n` events per channel.
+    pub fn max_events(mut self, n: Option<u64>) -> Retention {
+        self.max_events = n.filter(|&n| n > 0);
+        self
+    }
+
+    /// Whether anything is ever deleted.
+    pub fn is_active(&self) -> bool {
+        self.max_age.is_some() || self.max_events.is_some()
+    }
+}
+
 /// One page of a log.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Page {
@@ -181,6 +244,20 @@ pub struct Page {
     pub first: Option<Timestamp>,
     /// The timestamp of its last event (in the page's order).
     pub last: Option<Timestamp>,
+    /// The log's horizon: the newest event deleted from it (by retention or
+    /// [`Engine::delete`]), if any. A reader that last saw an older event may have missed
+    /// events.
+    pub horizon: Option<Horizon>,
+}
+
+/// What a log lost ([`Page::horizon`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Horizon {
+    /// The newest event deleted from the log.
+    pub newest: Timestamp,
+    /// How many deletions removed events from it (any change of its older events changes
+    /// this, also one below `newest`).
+    pub deletions: u64,
 }
 
 impl Page {

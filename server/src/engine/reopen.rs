@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 
 use ivy_client_core::Timestamp;
 
-use super::local::{Record, Storage};
-use super::{Direction, PublishError};
+use super::local::{Deleted, Record, Storage};
+use super::{Direction, Horizon, PublishError};
 
 /// Free space a full disk must have again before the store is reopened, whatever the
 /// free-space reserve (sled writes whole buffers of up to a few hundred KiB).
@@ -298,6 +298,16 @@ impl Storage for Reopening {
             }
         }
         self.admit().map_err(PublishError::StoreFull)
+    }
+
+    fn delete(&self, channel: &str, before: Timestamp, own: bool) -> io::Result<Deleted> {
+        // A deletion writes: its failure is a failed write like any other (sled keeps failing
+        // after it until reopened).
+        self.write(|s| s.delete(channel, before, own))
+    }
+
+    fn horizon(&self, channel: &str) -> Option<Horizon> {
+        self.with(|s| Ok(s.horizon(channel))).ok().flatten()
     }
 
     fn scan(

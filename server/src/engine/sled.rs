@@ -7,29 +7,53 @@
 //! # let _ = engine; Ok(()) }
 //! ```
 //!
-//! The store layout (version 2), in one sled tree so that a batch of events is written
+//! The store layout (version 3), in one sled tree so that a batch of events is written
 //! atomically:
 //!
-//! - `v` → the layout version (`2`);
+//! - `v` → the layout version (`3`);
 //! - `c` → the clock floor (12 bytes, big-endian; optional): no timestamp above it has been
 //!   handed out, so a restarted clock resumes after `max(floor, newest event)`;
 //! - `b` ‖ ts → a block of the root log: consecutive events, the first at `ts`;
 //! - `j` ‖ channel ‖ `0x00` ‖ ts → a block of `channel`'s log (its whole subtree), the first
-//!   event at `ts`, for each ancestor of an event's path except the root.
+//!   event at `ts`, for each ancestor of an event's path except the root;
+//! - `h` ‖ channel → the horizon of `channel`'s log, once it lost events (retention or a
+//!   deletion): the newest event deleted from it (12 bytes) and how many deletions changed it
+//!   (8 bytes). Written before the events are removed, in atomic steps beside the appends; a
+//!   block that loses entries is rewritten under its key (still at or before its first entry),
+//!   or removed when empty.
 //!
 //! Timestamps in keys are 12 bytes, big-endian, so key order is time order. A block is a run of
-//! entries `ts (12 bytes) ‖ length (4 bytes, big-endian) ‖ event line` in timestamp order, the
-//! line exactly as delivered (`@ts:/path:data`), of at most [`BLOCK_BYTES`] of lines (one larger
-//! event makes a block of its own). Each group commit writes its events as a few blocks rather
-//! than one key per event and index entry: sled's cost is per key, so this is what makes group
-//! commit cheap; and a channel's log is one range scan of its prefix reading whole blocks, with
-//! no lookup per event. `0x00` cannot occur in a path, so `/a` never matches `/ab`. Keeping each
-//! channel's lines costs disk space: an event of `/a/b/c` is stored four times (in the logs of
-//! the root, `/a`, `/a/b` and `/a/b/c`).
+//! entries in timestamp order, each `ts (12 bytes) ‖ word (4 bytes, big-endian)` and then:
 //!
-//! Layout 1 (one key per event: `e` ‖ ts → line, and `i` ‖ channel ‖ `0x00` ‖ ts → index
-//! entries) is converted to layout 2 when such a store is opened, in atomic steps that a crash
-//! can interrupt and a restart resumes.
+//! - a line (the word is its length, below 2³¹): the event line exactly as delivered
+//!   (`@ts:/path:data`);
+//! - nothing (the word's top bit is set, the rest is the line's length): a *reference* to the
+//!   event of that timestamp, whose line is in the root's log.
+//!
+//! A block holds at most [`BLOCK_BYTES`] of entries (one larger event makes a block of its own).
+//! Each group commit writes its events as a few blocks rather than one key per event and index
+//! entry: sled's cost is per key, so this is what makes group commit cheap; and a channel's log
+//! is one range scan of its prefix reading whole blocks. `0x00` cannot occur in a path, so `/a`
+//! never matches `/ab`.
+//!
+//! Every event's line is stored once, in the root's log. The log of each other level of its
+//! path holds a reference (16 bytes), or a copy of the line when the copies are small: an event
+//! at depth `d` (`/a/b` has 2) with a line of `n` bytes is copied into the `d` logs when
+//! `d × n <= INLINE_BUDGET` (256 bytes), referenced otherwise. The copies spare a reader of a
+//! channel one lookup per event where they cost little: short events on shallow paths. So an
+//! event costs on disk its line, 16 bytes per level of its path, and at most 256 bytes of copies
+//! (before sled's own overhead), whatever its depth; a 60 KB event at depth 16 is stored once
+//! instead of 17 times. References are written in the same atomic batch as the lines they
+//! point to, so a durable reference always has its line.
+//!
+//! Older layouts, from stores written by earlier versions:
+//!
+//! - layout 2 (every level's log held a copy of every line) is read as it is: its blocks are
+//!   layout 3 blocks whose entries are all copies. Opening one records version 3, so that an
+//!   earlier version (which would read references as damage) refuses the store instead;
+//! - layout 1 (one key per event: `e` ‖ ts → line, and `i` ‖ channel ‖ `0x00` ‖ ts → index
+//!   entries) is converted to layout 3 when such a store is opened, in atomic steps that a
+//!   crash can interrupt and a restart resumes.
 
 use std::collections::HashMap;
 use std::io;
@@ -41,9 +65,9 @@ use std::time::Duration;
 use ivy_client_core::Timestamp;
 use ivy_client_core::path::{ROOT, ancestors};
 
-use super::local::{LocalEngine, Record, Storage, WallClock};
+use super::local::{Deleted, LocalEngine, Record, Storage, WallClock, line_path};
 use super::reopen::{self, Reopening};
-use super::{Context, Direction, Engine, Open};
+use super::{Context, Direction, Engine, Horizon, Open, Retention};
 
 /// When an event is acknowledged relative to its durable write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -90,6 +114,8 @@ pub struct SledEngine {
     /// `store-full`, before the disk is full (checked once a second). Default
     /// [`DEFAULT_MIN_FREE_SPACE`].
     pub min_free_space: u64,
+    /// How long events are kept. Default: everything.
+    pub retention: Retention,
 }
 
 impl Default for SledEngine {
@@ -109,7 +135,14 @@ impl SledEngine {
             repair: false,
             max_size: 0,
             min_free_space: DEFAULT_MIN_FREE_SPACE,
+            retention: Retention::keep_everything(),
         }
+    }
+
+    /// How long events are kept (see [`Retention`]).
+    pub fn retention(mut self, retention: Retention) -> SledEngine {
+        self.retention = retention;
+        self
     }
 
     /// When events are acknowledged.
@@ -170,7 +203,7 @@ impl Open for SledEngine {
         });
         let free_space = Box::new(move || fs2::available_space(&dir));
         let storage = Reopening::new(Box::new(log), reopen, free_space, self.min_free_space, on_full_disk);
-        LocalEngine::open(Arc::new(storage), self.wall, context)
+        LocalEngine::open(Arc::new(storage), self.wall, self.retention, context)
     }
 
     fn describe(&self) -> String {
@@ -185,6 +218,10 @@ pub(crate) struct SledLog {
     durability: Durability,
     mark: Mark,
     quota: Quota,
+    /// Each log's horizon (`h` ‖ channel → newest ‖ deletions), as stored.
+    horizons: std::sync::RwLock<HashMap<Box<str>, Horizon>>,
+    /// Held by the one deletion in progress.
+    deleting: std::sync::Mutex<()>,
 }
 
 /// The store's limits ([`SledEngine::max_size`], [`SledEngine::min_free_space`]). The size on
@@ -304,7 +341,8 @@ impl Mark {
     }
 }
 
-const LAYOUT_VERSION: &[u8] = b"2";
+const LAYOUT_VERSION: &[u8] = b"3";
+const LAYOUT_V2: &[u8] = b"2";
 const LAYOUT_V1: &[u8] = b"1";
 
 /// Most line bytes in one block (unless one event alone is larger). Small enough that a sled
@@ -312,8 +350,25 @@ const LAYOUT_V1: &[u8] = b"1";
 /// with its default 512 KiB segments), and that a read starting in the middle of a block
 /// reads little for nothing; large enough to make a group commit a few keys.
 pub const BLOCK_BYTES: usize = 4 * 1024;
-/// Bytes before each line in a block.
+/// Bytes before each line in a block (and the whole of a reference).
 const ENTRY_HEADER: usize = Timestamp::BYTES + 4;
+/// The bit of an entry's length word that makes it a reference.
+const REFERENCE: u32 = 1 << 31;
+/// An event's line is copied into the logs of the levels below the root when, times their
+/// number (its path's depth), it is at most this many bytes; otherwise they reference it.
+pub const INLINE_BUDGET: usize = 256;
+
+/// Whether the logs of an event's path below the root hold copies of its line (see the
+/// [module docs](self)).
+pub(crate) fn inline(depth: usize, line: usize) -> bool {
+    depth.saturating_mul(line) <= INLINE_BUDGET
+}
+
+/// The bytes of block entries an event of `line` bytes at `depth` costs, and how many entries.
+pub(crate) fn stored(depth: usize, line: usize) -> (usize, usize) {
+    let copies = if inline(depth, line) { depth * line } else { 0 };
+    (depth + 1, line + (depth + 1) * ENTRY_HEADER + copies)
+}
 
 /// How long opening waits for the store's lock to be released by an instance going away.
 const LOCK_WAIT_MS: u64 = 3000;
@@ -323,6 +378,18 @@ fn is_lock_error(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock")
 }
 const CLOCK_FLOOR_KEY: &[u8] = b"c";
+/// The prefix of the horizon keys: `h` ‖ channel → the newest event deleted from its log (12
+/// bytes) ‖ how many deletions removed events from it (8 bytes, big-endian).
+const HORIZON_PREFIX: &[u8] = b"h";
+/// Events removed per atomic step of a deletion (few in tests, so that they take many steps).
+const DELETE_STEP: usize = if cfg!(test) { 64 } else { 1024 };
+
+/// The key of `channel`'s horizon.
+fn horizon_key(channel: &str) -> Vec<u8> {
+    let mut k = HORIZON_PREFIX.to_vec();
+    k.extend_from_slice(channel.as_bytes());
+    k
+}
 
 fn to_io(e: sled::Error) -> io::Error {
     match e {
@@ -361,31 +428,124 @@ fn with_ts(prefix: &[u8], ts: Timestamp) -> Vec<u8> {
     k
 }
 
-/// The entries of a block: timestamp and line, in order.
-struct Entries<'a>(&'a [u8]);
+/// One entry of a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entry<'a> {
+    /// The event line.
+    Line(&'a [u8]),
+    /// A reference to the event, whose line (this many bytes) is in the root's log.
+    Ref(usize),
+}
+
+/// The entries of a block, in order.
+struct Entries<'a> {
+    block: &'a [u8],
+    /// Where the next entry begins.
+    at: usize,
+}
+
+impl<'a> Entries<'a> {
+    fn new(block: &'a [u8]) -> Entries<'a> {
+        Entries { block, at: 0 }
+    }
+}
 
 impl<'a> Iterator for Entries<'a> {
-    type Item = io::Result<(Timestamp, &'a [u8])>;
+    type Item = io::Result<(Timestamp, Entry<'a>)>;
     fn next(&mut self) -> Option<Self::Item> {
-        if self.0.is_empty() {
-            return None;
-        }
+        let rest = self.block.get(self.at..).filter(|r| !r.is_empty())?;
         let parsed = (|| {
-            let head = self.0.get(..ENTRY_HEADER)?;
+            let head = rest.get(..ENTRY_HEADER)?;
             let ts = Timestamp::from_be_bytes(&head[..Timestamp::BYTES])?;
-            let len = u32::from_be_bytes(head[Timestamp::BYTES..].try_into().ok()?) as usize;
-            let line = self.0.get(ENTRY_HEADER..ENTRY_HEADER.checked_add(len)?)?;
-            Some((ts, line, ENTRY_HEADER + len))
+            let word = u32::from_be_bytes(head[Timestamp::BYTES..].try_into().ok()?);
+            if word & REFERENCE != 0 {
+                return Some((ts, Entry::Ref((word & !REFERENCE) as usize), ENTRY_HEADER));
+            }
+            let len = word as usize;
+            let line = rest.get(ENTRY_HEADER..ENTRY_HEADER.checked_add(len)?)?;
+            Some((ts, Entry::Line(line), ENTRY_HEADER + len))
         })();
         match parsed {
-            Some((ts, line, used)) => {
-                self.0 = &self.0[used..];
-                Some(Ok((ts, line)))
+            Some((ts, entry, used)) => {
+                self.at += used;
+                Some(Ok((ts, entry)))
             }
             None => {
-                self.0 = &[];
+                self.at = self.block.len();
                 Some(Err(corrupt("block")))
             }
+        }
+    }
+}
+
+/// Finds the lines that a channel's references point to in the root's log, keeping the last
+/// root block read (consecutive references are mostly in the same block).
+#[derive(Default)]
+struct Lines {
+    /// The last root block read.
+    block: Option<sled::IVec>,
+    /// Where in it the entry after the last line found begins, and that line's timestamp: a
+    /// later reference is searched from there (a forward scan reads each block once).
+    resume: (usize, Timestamp),
+}
+
+impl Lines {
+    /// The line of the event at `ts` (`len` bytes, as its reference says).
+    fn get(&mut self, db: &sled::Db, ts: Timestamp, len: usize) -> io::Result<&[u8]> {
+        let cached = match &self.block {
+            Some(block) if self.resume.1 < ts => find(block, ts, self.resume.0)?,
+            Some(block) => find(block, ts, 0)?,
+            None => None,
+        };
+        let range = match cached {
+            Some(range) => range,
+            None => {
+                // The root block that holds `ts` is the last one starting at or before it: the
+                // one starting at `ts` for a large event (which makes a block of its own), found
+                // by a point lookup; otherwise the one before.
+                let key = with_ts(b"b", ts);
+                let block = match db.get(&key).map_err(to_io)? {
+                    Some(v) => v,
+                    None => match db.range::<Vec<u8>, _>(..=key).next_back() {
+                        Some(kv) => {
+                            let (k, v) = kv.map_err(to_io)?;
+                            if k.len() != 1 + Timestamp::BYTES || k[0] != b'b' {
+                                return Err(corrupt(&format!("reference to {ts} (no event)")));
+                            }
+                            v
+                        }
+                        None => return Err(corrupt(&format!("reference to {ts} (no event)"))),
+                    },
+                };
+                let range = find(&block, ts, 0)?.ok_or_else(|| corrupt(&format!("reference to {ts} (no event)")))?;
+                self.block = Some(block);
+                range
+            }
+        };
+        self.resume = (range.end, ts);
+        let line = self.block.as_deref().and_then(|b| b.get(range)).unwrap_or_default();
+        if line.len() != len {
+            return Err(corrupt(&format!("reference to {ts} (length)")));
+        }
+        Ok(line)
+    }
+}
+
+/// Where the line of the event at `ts` is in the root block `block`, if it is there, looking
+/// from the entry that begins at `from` (0, or the end of an entry before `ts`).
+fn find(block: &[u8], ts: Timestamp, from: usize) -> io::Result<Option<std::ops::Range<usize>>> {
+    let mut entries = Entries { block, at: from };
+    loop {
+        let before = entries.at;
+        match entries.next().transpose()? {
+            None => return Ok(None),
+            Some((t, _)) if t < ts => {}
+            Some((t, Entry::Line(line))) if t == ts => {
+                let start = before + ENTRY_HEADER;
+                return Ok(Some(start..start + line.len()));
+            }
+            Some((t, Entry::Ref(_))) if t == ts => return Err(corrupt("root block (a reference)")),
+            Some(_) => return Ok(None),
         }
     }
 }
@@ -406,7 +566,7 @@ struct Blocks {
 }
 
 impl Blocks {
-    fn push(&mut self, batch: &mut sled::Batch, prefix: &[u8], ts: Timestamp, line: &[u8]) {
+    fn push(&mut self, batch: &mut sled::Batch, prefix: &[u8], ts: Timestamp, entry: Entry<'_>) {
         let at = match self.index.get(prefix) {
             Some(&at) => at,
             None => {
@@ -416,26 +576,38 @@ impl Blocks {
             }
         };
         let (p, first, buf) = &mut self.open[at];
-        if !buf.is_empty() && buf.len() + ENTRY_HEADER + line.len() > BLOCK_BYTES {
+        let body = match entry {
+            Entry::Line(line) => line.len(),
+            Entry::Ref(_) => 0,
+        };
+        if !buf.is_empty() && buf.len() + ENTRY_HEADER + body > BLOCK_BYTES {
             batch.insert(with_ts(p, *first), std::mem::take(buf));
         }
         if buf.is_empty() {
             *first = ts;
         }
-        self.bytes += (ENTRY_HEADER + line.len()) as u64;
+        self.bytes += (ENTRY_HEADER + body) as u64;
         buf.extend_from_slice(&ts.to_be_bytes());
-        // Lines are bounded far below 4 GiB by the maximum message size.
-        buf.extend_from_slice(&u32::try_from(line.len()).unwrap_or(u32::MAX).to_be_bytes());
-        buf.extend_from_slice(line);
+        // Lines are bounded far below 2 GiB by the maximum message size.
+        let word = |len: usize| u32::try_from(len).unwrap_or(u32::MAX).min(REFERENCE - 1);
+        match entry {
+            Entry::Line(line) => {
+                buf.extend_from_slice(&word(line.len()).to_be_bytes());
+                buf.extend_from_slice(line);
+            }
+            Entry::Ref(len) => buf.extend_from_slice(&(word(len) | REFERENCE).to_be_bytes()),
+        }
     }
 
-    /// Adds an event to the root's blocks and those of each ancestor of its path.
+    /// Adds an event to the root's blocks (its line) and those of each other level of its path
+    /// (a copy or a reference, see the module docs).
     fn add(&mut self, batch: &mut sled::Batch, ts: Timestamp, path: &str, line: &[u8]) {
-        self.push(batch, b"b", ts, line);
+        self.push(batch, b"b", ts, Entry::Line(line));
+        let entry = if inline(ivy_client_core::path::depth(path), line.len()) { Entry::Line(line) } else { Entry::Ref(line.len()) };
         let mut prefix = std::mem::take(&mut self.scratch);
         for anc in ancestors(path).filter(|a| *a != ROOT) {
             block_prefix_into(anc, &mut prefix);
-            self.push(batch, &prefix, ts, line);
+            self.push(batch, &prefix, ts, entry);
         }
         self.scratch = prefix;
     }
@@ -472,7 +644,7 @@ fn remove_unfinished_snapshots(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Converts a layout 1 store to layout 2: a few thousand events per atomic step (their old keys
+/// Converts a layout 1 store to layout 3: a few thousand events per atomic step (their old keys
 /// removed, their blocks written), so a crash in the middle leaves a store this resumes.
 fn migrate_v1(db: &sled::Db, dir: &Path) -> io::Result<()> {
     const STEP: usize = 4096;
@@ -514,7 +686,7 @@ fn migrate_v1(db: &sled::Db, dir: &Path) -> io::Result<()> {
     batch.insert(b"v", LAYOUT_VERSION);
     db.apply_batch(batch).map_err(to_io)?;
     db.flush().map_err(to_io)?;
-    tracing::info!(events = moved, store = %dir.display(), "converted the event store from layout 1 to layout 2");
+    tracing::info!(events = moved, store = %dir.display(), "converted the event store from layout 1 to layout 3");
     Ok(())
 }
 
@@ -553,7 +725,10 @@ impl SledLog {
         };
         let path = dir.join(MARK_FILE);
         let mark = Mark::read(&path)?;
-        if let Some(mark) = mark.filter(|&m| Some(m) > last) {
+        // Events up to the root's horizon may be missing because they were deleted (retention,
+        // an operator), not lost.
+        let known = last.max(log.horizon(ROOT).map(|h| h.newest));
+        if let Some(mark) = mark.filter(|&m| Some(m) > known) {
             let held = last.map_or("no events".to_string(), |l| format!("events up to {l}"));
             let what = format!(
                 "the event store in {} has lost acknowledged events: it holds {held}, but events up to {mark} were stored and acknowledged, so the events after {} up to {mark} are gone (the store was damaged or truncated)",
@@ -571,9 +746,9 @@ impl SledLog {
             // may itself be lost, resumes after the mark).
             let floor = log.clock_floor()?.map_or(mark, |f| f.max(mark));
             log.set_clock_floor(floor)?;
-            Mark::write(&path, last.unwrap_or(Timestamp::ZERO))?;
+            Mark::write(&path, known.unwrap_or(Timestamp::ZERO))?;
         }
-        let written = mark.min(last).or(last);
+        let written = mark.min(known).or(known);
         log.mark.state.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner).written = written;
         Ok(log)
     }
@@ -603,16 +778,87 @@ impl SledLog {
                 db.insert(b"v", LAYOUT_VERSION).map_err(to_io)?;
             }
             Some(v) if &*v == LAYOUT_VERSION => {}
+            // Nothing to convert: a layout 2 block is a layout 3 block without references.
+            Some(v) if &*v == LAYOUT_V2 => {
+                db.insert(b"v", LAYOUT_VERSION).map_err(to_io)?;
+                db.flush().map_err(to_io)?;
+                tracing::info!(store = %dir.display(), "event store layout 2 opened as layout 3 (nothing to convert; earlier versions no longer open it)");
+            }
             Some(v) if &*v == LAYOUT_V1 => migrate_v1(&db, dir)?,
             Some(v) => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("{}: event store layout {:?} is not supported (expected 1 or 2)", dir.display(), String::from_utf8_lossy(&v)),
+                    format!(
+                        "{}: event store layout {:?} is not supported (expected 1, 2 or 3)",
+                        dir.display(),
+                        String::from_utf8_lossy(&v)
+                    ),
                 ));
             }
         }
         let mark = Mark { path: dir.join(MARK_FILE), state: std::sync::Mutex::default() };
-        Ok(SledLog { db, durability, mark, quota: Quota::default() })
+        let mut horizons = HashMap::new();
+        for kv in db.scan_prefix(HORIZON_PREFIX) {
+            let (k, v) = kv.map_err(to_io)?;
+            let channel = std::str::from_utf8(&k[HORIZON_PREFIX.len()..]).map_err(|_| corrupt("horizon key"))?;
+            let newest = v.get(..Timestamp::BYTES).and_then(Timestamp::from_be_bytes).ok_or_else(|| corrupt("horizon"))?;
+            let deletions =
+                v.get(Timestamp::BYTES..).and_then(|d| d.try_into().ok()).map(u64::from_be_bytes).ok_or_else(|| corrupt("horizon"))?;
+            horizons.insert(channel.into(), Horizon { newest, deletions });
+        }
+        Ok(SledLog {
+            db,
+            durability,
+            mark,
+            quota: Quota::default(),
+            horizons: std::sync::RwLock::new(horizons),
+            deleting: std::sync::Mutex::new(()),
+        })
+    }
+}
+
+impl SledLog {
+    /// Rewrites the blocks of `channel`'s log that hold the entries at `lost` (in order) without
+    /// them, into `batch`; a block left empty is removed. A block keeps its key (the timestamp
+    /// of its first entry as written), which still orders it among the others.
+    fn remove_entries(&self, batch: &mut sled::Batch, channel: &str, lost: &[Timestamp]) -> io::Result<()> {
+        let (Some(&first), Some(&last)) = (lost.first(), lost.last()) else { return Ok(()) };
+        let prefix = block_prefix(channel);
+        let key_len = prefix.len() + Timestamp::BYTES;
+        let lo = match self.db.range::<Vec<u8>, _>(..=with_ts(&prefix, first)).next_back() {
+            Some(kv) => {
+                let k = kv.map_err(to_io)?.0;
+                if k.len() == key_len && k.starts_with(&prefix) { k.to_vec() } else { prefix.clone() }
+            }
+            None => prefix.clone(),
+        };
+        for kv in self.db.range(lo..=with_ts(&prefix, last)) {
+            let (k, block) = kv.map_err(to_io)?;
+            if k.len() != key_len {
+                continue;
+            }
+            let mut kept = Vec::with_capacity(block.len());
+            let mut entries = Entries::new(&block);
+            let mut changed = false;
+            loop {
+                let start = entries.at;
+                let Some(e) = entries.next() else { break };
+                let (ts, _) = e?;
+                if lost.binary_search(&ts).is_ok() {
+                    changed = true;
+                } else {
+                    kept.extend_from_slice(&block[start..entries.at]);
+                }
+            }
+            if changed {
+                if kept.is_empty() {
+                    batch.remove(k);
+                } else {
+                    batch.insert(k, kept);
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -663,7 +909,7 @@ impl Storage for SledLog {
             None => Ok(None),
             Some(kv) => {
                 let mut last = None;
-                for e in Entries(&kv.map_err(to_io)?.1) {
+                for e in Entries::new(&kv.map_err(to_io)?.1) {
                     last = Some(e?.0);
                 }
                 last.map(Some).ok_or_else(|| corrupt("empty block"))
@@ -683,6 +929,71 @@ impl Storage for SledLog {
                 .map(Some)
                 .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "corrupt clock floor in event store")),
         }
+    }
+
+    fn delete(&self, channel: &str, before: Timestamp, own: bool) -> io::Result<Deleted> {
+        let _one = self.deleting.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut deleted = Deleted::default();
+        let Some(until) = before.as_nanos().checked_sub(1).map(Timestamp::from_nanos) else { return Ok(deleted) };
+        let mut after = None;
+        loop {
+            // The next step's events: at most DELETE_STEP of them, from at most 4 times as many
+            // entries of the channel's log (with `own`, most may be its children's).
+            let (mut victims, mut seen, mut last) = (Vec::<(Timestamp, Box<str>)>::new(), 0usize, None);
+            self.scan(channel, after, until, Direction::Forward, &mut |ts, line| {
+                seen += 1;
+                last = Some(ts);
+                if let Some(path) = line_path(line).filter(|p| !own || *p == channel) {
+                    victims.push((ts, path.into()));
+                }
+                if victims.len() >= DELETE_STEP || seen >= 4 * DELETE_STEP { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+            })?;
+            let Some(last) = last else { break };
+            after = Some(last);
+            if victims.is_empty() {
+                continue;
+            }
+            // Each log that holds a victim, and the victims it holds (in timestamp order).
+            let mut logs: HashMap<&str, Vec<Timestamp>> = HashMap::new();
+            for (ts, path) in &victims {
+                for anc in ancestors(path) {
+                    logs.entry(anc).or_default().push(*ts);
+                }
+            }
+            // The horizons first: a reader that meets a reference whose line is already gone
+            // knows why (and a crash in between leaves the events, below a horizon).
+            let mut batch = sled::Batch::default();
+            let mut raised = Vec::new();
+            {
+                let horizons = self.horizons.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+                for (log, lost) in &logs {
+                    let old = horizons.get(*log);
+                    let newest = old.map_or(lost[lost.len() - 1], |h| h.newest.max(lost[lost.len() - 1]));
+                    let h = Horizon { newest, deletions: old.map_or(0, |h| h.deletions) + 1 };
+                    let mut value = newest.to_be_bytes().to_vec();
+                    value.extend_from_slice(&h.deletions.to_be_bytes());
+                    batch.insert(horizon_key(log), value);
+                    raised.push((Box::<str>::from(*log), h));
+                }
+            }
+            self.db.apply_batch(batch).map_err(to_io)?;
+            self.horizons.write().unwrap_or_else(std::sync::PoisonError::into_inner).extend(raised);
+            let mut batch = sled::Batch::default();
+            for (log, lost) in &logs {
+                self.remove_entries(&mut batch, log, lost)?;
+            }
+            self.db.apply_batch(batch).map_err(to_io)?;
+            deleted.events += victims.len() as u64;
+            deleted.newest = victims.last().map(|v| v.0).max(deleted.newest);
+        }
+        if deleted.events > 0 {
+            self.db.flush().map_err(to_io)?;
+        }
+        Ok(deleted)
+    }
+
+    fn horizon(&self, channel: &str) -> Option<Horizon> {
+        self.horizons.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(channel).copied()
     }
 
     fn scan(
@@ -713,6 +1024,22 @@ impl Storage for SledLog {
             return Ok(());
         }
         let after_ok = |ts: Timestamp| after.is_none_or(|a| ts > a);
+        let root = channel == ROOT;
+        let mut lines = Lines::default();
+        // A deletion in progress may have removed a line before its references: those are
+        // below the root's horizon (raised first), and skipped.
+        let deleted = self.horizon(ROOT).map(|h| h.newest);
+        let mut line_of = |ts: Timestamp, entry: Entry<'_>, out: &mut dyn FnMut(&[u8]) -> ControlFlow<()>| -> io::Result<ControlFlow<()>> {
+            match entry {
+                Entry::Line(line) => Ok(out(line)),
+                Entry::Ref(_) if root => Err(corrupt("root block (a reference)")),
+                Entry::Ref(len) => match lines.get(&self.db, ts, len) {
+                    Ok(line) => Ok(out(line)),
+                    Err(_) if deleted.is_some_and(|d| ts <= d) => Ok(ControlFlow::Continue(())),
+                    Err(e) => Err(e),
+                },
+            }
+        };
         let iter = self.db.range::<Vec<u8>, _>((Included(lo), Included(hi)));
         match dir {
             Direction::Forward => {
@@ -721,12 +1048,12 @@ impl Storage for SledLog {
                     if k.len() != key_len {
                         continue; // a block of another channel: `/a` ‖ 0 ‖ ts sorts before `/a/b` ‖ 0
                     }
-                    for e in Entries(&block) {
-                        let (ts, line) = e?;
+                    for e in Entries::new(&block) {
+                        let (ts, entry) = e?;
                         if ts > until {
                             return Ok(());
                         }
-                        if after_ok(ts) && visit(ts, line).is_break() {
+                        if after_ok(ts) && line_of(ts, entry, &mut |line| visit(ts, line))?.is_break() {
                             return Ok(());
                         }
                     }
@@ -738,12 +1065,12 @@ impl Storage for SledLog {
                     if k.len() != key_len {
                         continue;
                     }
-                    let entries = Entries(&block).collect::<io::Result<Vec<_>>>()?;
-                    for &(ts, line) in entries.iter().rev() {
+                    let entries = Entries::new(&block).collect::<io::Result<Vec<_>>>()?;
+                    for &(ts, entry) in entries.iter().rev() {
                         if !after_ok(ts) {
                             return Ok(());
                         }
-                        if ts <= until && visit(ts, line).is_break() {
+                        if ts <= until && line_of(ts, entry, &mut |line| visit(ts, line))?.is_break() {
                             return Ok(());
                         }
                     }
@@ -927,6 +1254,287 @@ mod tests {
                 }
             }
         }
+        drop(log);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The bytes of every key and value in the store (what sled is given to keep).
+    fn stored_bytes(log: &SledLog) -> usize {
+        log.db.iter().map(|kv| kv.map(|(k, v)| k.len() + v.len()).unwrap()).sum()
+    }
+
+    /// A 60 KB event at depth 16 is kept once, with a reference per level (layout 2 kept 17
+    /// copies), and a short event on a shallow path is copied into its levels' logs.
+    #[test]
+    fn a_large_deep_event_is_stored_once() {
+        let dir = temp_dir("once");
+        let log = SledLog::open(&dir, Durability::Async, DEFAULT_FLUSH_INTERVAL).unwrap();
+        let empty = stored_bytes(&log);
+        let path: String = (1..=16).map(|i| format!("/l{i}")).collect();
+        let ts = |n| Timestamp::new(1_700_000_000, n).unwrap();
+        let mut line = Vec::new();
+        ivy_client_core::wire::encode_event(ts(1), &path, &vec![b'x'; 60 * 1024], &mut line);
+        log.append(&[Record { ts: ts(1), path: &path, line: &line }]).unwrap();
+        let grown = stored_bytes(&log) - empty;
+        // The line, 17 entry headers, 17 keys (the longest, `/l1/.../l16`, 70 bytes).
+        assert!(grown < line.len() + 17 * (ENTRY_HEADER + 80), "{grown} bytes for a {}-byte line", line.len());
+        assert_eq!(stored(16, line.len()), (17, line.len() + 17 * ENTRY_HEADER));
+        // Every level reads it back, byte for byte.
+        for channel in ancestors(&path) {
+            assert_eq!(collect(&log, channel, None, None, Direction::Forward, usize::MAX), vec![(ts(1), line.clone())], "{channel}");
+        }
+        // A short line on a shallow path is copied (no lookup when reading `/a`).
+        let mut short = Vec::new();
+        ivy_client_core::wire::encode_event(ts(2), "/a", b"hi", &mut short);
+        assert!(inline(1, short.len()));
+        log.append(&[Record { ts: ts(2), path: "/a", line: &short }]).unwrap();
+        let block = log.db.scan_prefix(block_prefix("/a")).next().unwrap().unwrap().1;
+        assert_eq!(Entries::new(&block).map(|e| e.unwrap().1).collect::<Vec<_>>(), vec![Entry::Line(&short)]);
+        drop(log);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Writes events as layout 2 did (version 2, a copy of every line in every level's log),
+    /// byte for byte: the fixture of a store made by an earlier version.
+    fn write_layout_2(dir: &Path, events: &[(Timestamp, String, Vec<u8>)]) {
+        let db = sled::Config::new().path(dir).open().unwrap();
+        db.insert(b"v", LAYOUT_V2).unwrap();
+        for chunk in events.chunks(500) {
+            let mut blocks: Vec<(Vec<u8>, Timestamp, Vec<u8>)> = Vec::new();
+            let mut batch = sled::Batch::default();
+            for (ts, path, line) in chunk {
+                for anc in ancestors(path) {
+                    let prefix = block_prefix(anc);
+                    let at = match blocks.iter().position(|b| b.0 == prefix) {
+                        Some(at) => at,
+                        None => {
+                            blocks.push((prefix, *ts, Vec::new()));
+                            blocks.len() - 1
+                        }
+                    };
+                    let (p, first, buf) = &mut blocks[at];
+                    if !buf.is_empty() && buf.len() + ENTRY_HEADER + line.len() > BLOCK_BYTES {
+                        batch.insert(with_ts(p, *first), std::mem::take(buf));
+                    }
+                    if buf.is_empty() {
+                        *first = *ts;
+                    }
+                    buf.extend_from_slice(&ts.to_be_bytes());
+                    buf.extend_from_slice(&(line.len() as u32).to_be_bytes());
+                    buf.extend_from_slice(line);
+                }
+            }
+            for (p, first, buf) in blocks {
+                if !buf.is_empty() {
+                    batch.insert(with_ts(&p, first), buf);
+                }
+            }
+            db.apply_batch(batch).unwrap();
+        }
+        db.flush().unwrap();
+    }
+
+    /// A store written by the previous version (layout 2) opens, reads exactly as before, takes
+    /// new events (with references) after its old ones, and is marked layout 3.
+    #[test]
+    fn a_layout_2_store_reads_the_same_and_takes_new_events() {
+        let dir = temp_dir("v2");
+        let ts = |n| Timestamp::new(1_700_000_000, n).unwrap();
+        let paths = ["/a", "/a/b", "/a/b/c/d/e", "/c"];
+        let event = |n: u32| {
+            let path = paths[n as usize % paths.len()];
+            let mut line = Vec::new();
+            ivy_client_core::wire::encode_event(ts(n), path, &vec![b'0' + (n % 10) as u8; (n as usize * 97) % 6000], &mut line);
+            (ts(n), path.to_string(), line)
+        };
+        let old: Vec<_> = (1..=600).map(event).collect();
+        write_layout_2(&dir, &old);
+        let new: Vec<_> = (601..=1200).map(event).collect();
+        let want = |events: &[(Timestamp, String, Vec<u8>)], channel: &str| -> Vec<(Timestamp, Vec<u8>)> {
+            events
+                .iter()
+                .filter(|(_, p, _)| channel == ROOT || p == channel || p.starts_with(&format!("{channel}/")))
+                .map(|(t, _, l)| (*t, l.clone()))
+                .collect()
+        };
+        let channels = [ROOT, "/a", "/a/b", "/a/b/c", "/a/b/c/d/e", "/c", "/x"];
+        {
+            let log = SledLog::open(&dir, Durability::Sync, DEFAULT_FLUSH_INTERVAL).unwrap();
+            assert_eq!(log.db.get(b"v").unwrap().as_deref(), Some(LAYOUT_VERSION));
+            for channel in channels {
+                assert_eq!(collect(&log, channel, None, None, Direction::Forward, usize::MAX), want(&old, channel), "{channel}");
+            }
+            let records: Vec<Record<'_>> = new.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l }).collect();
+            log.append(&records).unwrap();
+            log.flush().unwrap();
+        }
+        let log = SledLog::open(&dir, Durability::Sync, DEFAULT_FLUSH_INTERVAL).unwrap();
+        let all: Vec<_> = old.iter().chain(&new).cloned().collect();
+        assert_eq!(log.last_timestamp().unwrap(), Some(ts(1200)));
+        for channel in channels {
+            let model = want(&all, channel);
+            assert_eq!(collect(&log, channel, None, None, Direction::Forward, usize::MAX), model, "{channel}");
+            let back: Vec<_> = model.iter().rev().take(300).cloned().collect();
+            assert_eq!(
+                collect(&log, channel, Some(ts(400)), None, Direction::Backward, 300),
+                back.into_iter().filter(|e| e.0 > ts(400)).collect::<Vec<_>>(),
+                "{channel} back"
+            );
+        }
+        drop(log);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A reference whose line is missing (a damaged store) is an error for the reader.
+    #[test]
+    fn a_dangling_reference_is_an_error() {
+        let dir = temp_dir("dangling");
+        let log = SledLog::open(&dir, Durability::Async, DEFAULT_FLUSH_INTERVAL).unwrap();
+        let ts = Timestamp::new(1_700_000_000, 1).unwrap();
+        let mut block = ts.to_be_bytes().to_vec();
+        block.extend_from_slice(&(REFERENCE | 500).to_be_bytes());
+        log.db.insert(with_ts(&block_prefix("/a"), ts), block).unwrap();
+        let r = log.scan("/a", None, Timestamp::MAX, Direction::Forward, &mut |_, _| ControlFlow::Continue(()));
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        drop(log);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Deletions (a subtree before a timestamp, a channel's own events, everything before a
+    /// cutoff, a whole subtree) remove the same events from both stores and from every log
+    /// that held them, raise the same horizons (kept across a reopen), and leave the rest
+    /// readable, with new events appended after.
+    #[test]
+    fn deletions_match_a_model_in_both_stores() {
+        use super::super::memory::MemStorage;
+        let dir = temp_dir("delete");
+        let mut log = SledLog::open(&dir, Durability::Async, DEFAULT_FLUSH_INTERVAL).unwrap();
+        let mem = MemStorage::default();
+        let paths = ["/a", "/a/b", "/a/b/c", "/ab", "/x/y", "/a/bc", "/a/b/c/d/e/f"];
+        let channels = [ROOT, "/a", "/a/b", "/a/b/c", "/a/b/c/d/e/f", "/ab", "/x", "/x/y", "/a/bc", "/nothing"];
+        let under = |p: &str, ch: &str| ch == ROOT || p == ch || p.starts_with(&format!("{ch}/"));
+        let mut model: Vec<(Timestamp, String, Vec<u8>)> = Vec::new();
+        let mut nanos = 0u32;
+        let mut fill = |log: &SledLog, mem: &MemStorage, model: &mut Vec<(Timestamp, String, Vec<u8>)>, batches: u32| {
+            for batch in 0..batches {
+                let mut lines = Vec::new();
+                for i in 0..(1 + batch * 13 % 60) {
+                    nanos += 1 + i % 2;
+                    let ts = Timestamp::new(1_700_000_000, nanos).unwrap();
+                    let path = paths[((batch * 7 + i) % paths.len() as u32) as usize];
+                    // Short lines (copied on shallow paths), longer ones (referenced), some
+                    // larger than a block.
+                    let len = [3, 40, 300, 5000][((i + batch) % 4) as usize];
+                    let mut line = Vec::new();
+                    ivy_client_core::wire::encode_event(ts, path, &vec![b'q'; len], &mut line);
+                    lines.push((ts, path.to_string(), line));
+                }
+                let records: Vec<Record<'_>> = lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l }).collect();
+                log.append(&records).unwrap();
+                mem.append(&records).unwrap();
+                model.extend(lines);
+            }
+        };
+        fill(&log, &mem, &mut model, 40);
+        let mut horizons: HashMap<&str, Timestamp> = HashMap::new();
+        let check =
+            |log: &SledLog, mem: &MemStorage, model: &[(Timestamp, String, Vec<u8>)], horizons: &HashMap<&str, Timestamp>, what: &str| {
+                for ch in channels {
+                    let want: Vec<(Timestamp, Vec<u8>)> =
+                        model.iter().filter(|(_, p, _)| under(p, ch)).map(|(t, _, l)| (*t, l.clone())).collect();
+                    let after = want.get(want.len() / 3).map(|e| e.0);
+                    for (store, name) in [(log as &dyn Storage, "sled"), (mem as &dyn Storage, "memory")] {
+                        let read = |after, dir, limit| {
+                            let mut out = Vec::new();
+                            store
+                                .scan(ch, after, Timestamp::MAX, dir, &mut |ts, line| {
+                                    out.push((ts, line.to_vec()));
+                                    if out.len() >= limit { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+                                })
+                                .unwrap();
+                            out
+                        };
+                        assert_eq!(read(None, Direction::Forward, usize::MAX), want, "{what}: {name} {ch}");
+                        let rest: Vec<_> = want.iter().filter(|e| after.is_none_or(|a| e.0 > a)).cloned().collect();
+                        assert_eq!(
+                            read(after, Direction::Forward, 25),
+                            rest.iter().take(25).cloned().collect::<Vec<_>>(),
+                            "{what}: {name} {ch} after"
+                        );
+                        assert_eq!(
+                            read(after, Direction::Backward, 25),
+                            rest.iter().rev().take(25).cloned().collect::<Vec<_>>(),
+                            "{what}: {name} {ch} back"
+                        );
+                        assert_eq!(store.horizon(ch).map(|h| h.newest), horizons.get(ch).copied(), "{what}: {name} {ch} horizon");
+                    }
+                }
+            };
+        check(&log, &mem, &model, &horizons, "before");
+        let at = |model: &[(Timestamp, String, Vec<u8>)], i: usize| model[i % model.len()].0;
+        let ops: Vec<(&str, Timestamp, bool)> = vec![
+            ("/a/b", at(&model, 500), false),
+            ("/a", at(&model, 900), true),
+            ("/a/b/c/d/e/f", Timestamp::MAX, false),
+            (ROOT, at(&model, 200), false),
+            ("/x", Timestamp::MAX, false),
+            ("/nothing", Timestamp::MAX, false),
+        ];
+        for (i, (ch, before, own)) in ops.into_iter().enumerate() {
+            let victims: Vec<(Timestamp, String)> = model
+                .iter()
+                .filter(|(t, p, _)| *t < before && if own { p == ch } else { under(p, ch) })
+                .map(|(t, p, _)| (*t, p.clone()))
+                .collect();
+            for anc_ch in channels {
+                if let Some(newest) = victims.iter().filter(|(_, p)| under(p, anc_ch)).map(|v| v.0).max() {
+                    let h = horizons.entry(anc_ch).or_insert(newest);
+                    *h = (*h).max(newest);
+                }
+            }
+            let want = Deleted { events: victims.len() as u64, newest: victims.last().map(|v| v.0) };
+            assert!(want.events > 0 || ch == "/nothing", "op {i} deletes something");
+            assert_eq!(log.delete(ch, before, own).unwrap(), want, "op {i} sled");
+            assert_eq!(mem.delete(ch, before, own).unwrap(), want, "op {i} memory");
+            model.retain(|(t, p, _)| !(*t < before && if own { p == ch } else { under(p, ch) }));
+            check(&log, &mem, &model, &horizons, &format!("op {i} ({ch} before {before}, own {own})"));
+            assert_eq!(log.delete(ch, before, own).unwrap(), Deleted::default(), "op {i} again");
+        }
+        fill(&log, &mem, &mut model, 10);
+        check(&log, &mem, &model, &horizons, "appended after");
+        drop(log);
+        log = SledLog::open(&dir, Durability::Async, DEFAULT_FLUSH_INTERVAL).unwrap();
+        check(&log, &mem, &model, &horizons, "reopened");
+        assert_eq!(log.last_timestamp().unwrap(), mem.last_timestamp().unwrap());
+        drop(log);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A store whose newest events were deleted (everything, here) is not mistaken for one that
+    /// lost them: it reopens, without --repair, and its clock does not go back.
+    #[test]
+    fn a_store_whose_newest_events_were_deleted_is_not_damaged() {
+        let dir = temp_dir("deleted-newest");
+        let ts = |n| Timestamp::new(1_700_000_000, n).unwrap();
+        {
+            let log = SledLog::open(&dir, Durability::Sync, DEFAULT_FLUSH_INTERVAL).unwrap();
+            let lines: Vec<Vec<u8>> = (1..=5)
+                .map(|n| {
+                    let mut line = Vec::new();
+                    ivy_client_core::wire::encode_event(ts(n), "/a/b", b"x", &mut line);
+                    line
+                })
+                .collect();
+            let records: Vec<Record<'_>> =
+                lines.iter().enumerate().map(|(i, l)| Record { ts: ts(i as u32 + 1), path: "/a/b", line: l }).collect();
+            log.append(&records).unwrap();
+            log.flush().unwrap();
+            assert_eq!(Mark::read(&dir.join(MARK_FILE)).unwrap(), Some(ts(5)), "the mark is written");
+            assert_eq!(log.delete(ROOT, Timestamp::MAX, false).unwrap().events, 5);
+        }
+        let log = SledLog::open(&dir, Durability::Sync, DEFAULT_FLUSH_INTERVAL).expect("a store whose events were deleted opens");
+        assert_eq!(log.last_timestamp().unwrap(), None);
+        assert_eq!(log.horizon(ROOT).map(|h| h.newest), Some(ts(5)));
         drop(log);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -12,9 +12,9 @@ use bytes::Bytes;
 use ivy_client_core::Timestamp;
 use tokio::sync::mpsc;
 
-use super::local::{LocalEngine, Record, Storage, WallClock};
+use super::local::{Deleted, LocalEngine, Record, Storage, WallClock};
 use super::memory::MemStorage;
-use super::{Completion, Context, Direction, Engine, Publish, PublishError, Publisher, ReadRequest, queue};
+use super::{Completion, Context, Direction, Engine, Publish, PublishError, Publisher, ReadRequest, Retention, queue};
 use crate::conn::{Conn, close_code};
 use crate::fanout::{ConnId, FanOut};
 
@@ -70,6 +70,12 @@ impl Storage for Gated {
     fn clock_floor(&self) -> io::Result<Option<Timestamp>> {
         self.inner.clock_floor()
     }
+    fn delete(&self, channel: &str, before: Timestamp, own: bool) -> io::Result<Deleted> {
+        self.inner.delete(channel, before, own)
+    }
+    fn horizon(&self, channel: &str) -> Option<super::Horizon> {
+        self.inner.horizon(channel)
+    }
     fn scan(
         &self,
         channel: &str,
@@ -97,7 +103,9 @@ fn at(secs: u64, nanos: u32) -> Timestamp {
 fn open(storage: Arc<dyn Storage>) -> Fixture {
     let (publisher, requests) = queue();
     let fanout = Arc::new(FanOut::new());
-    let engine = LocalEngine::open(storage, WallClock::from_fn(|| at(100, 0)), Context { requests, fanout: fanout.clone() }).unwrap();
+    let engine =
+        LocalEngine::open(storage, WallClock::from_fn(|| at(100, 0)), Retention::default(), Context { requests, fanout: fanout.clone() })
+            .unwrap();
     Fixture { engine, publisher, fanout }
 }
 
@@ -312,6 +320,12 @@ async fn shutdown_returns_when_the_final_flush_never_does() {
         fn clock_floor(&self) -> io::Result<Option<Timestamp>> {
             self.0.clock_floor()
         }
+        fn delete(&self, channel: &str, before: Timestamp, own: bool) -> io::Result<Deleted> {
+            self.0.delete(channel, before, own)
+        }
+        fn horizon(&self, channel: &str) -> Option<super::Horizon> {
+            self.0.horizon(channel)
+        }
         fn scan(
             &self,
             channel: &str,
@@ -326,7 +340,7 @@ async fn shutdown_returns_when_the_final_flush_never_does() {
     struct OpenStuck;
     impl super::Open for OpenStuck {
         fn open(self: Box<Self>, context: Context) -> io::Result<Arc<dyn Engine>> {
-            LocalEngine::open(Arc::new(Stuck::default()), WallClock::from_fn(|| at(100, 0)), context)
+            LocalEngine::open(Arc::new(Stuck::default()), WallClock::from_fn(|| at(100, 0)), Retention::default(), context)
         }
         fn describe(&self) -> String {
             "a store whose flush never returns".into()
@@ -403,6 +417,17 @@ impl Storage for Poisoning {
     }
     fn clock_floor(&self) -> io::Result<Option<Timestamp>> {
         self.disk.events.clock_floor()
+    }
+    fn delete(&self, channel: &str, before: Timestamp, own: bool) -> io::Result<Deleted> {
+        let mut deleted = None;
+        self.write(|| {
+            deleted = Some(self.disk.events.delete(channel, before, own)?);
+            Ok(())
+        })?;
+        Ok(deleted.expect("written"))
+    }
+    fn horizon(&self, channel: &str) -> Option<super::Horizon> {
+        self.disk.events.horizon(channel)
     }
     fn scan(
         &self,
@@ -483,5 +508,97 @@ async fn a_store_that_failed_to_write_is_reopened_once_the_disk_has_room() {
     let page = f.engine.read(ReadRequest::new("/a", None, f.engine.visible(), 10)).await.unwrap();
     let text = String::from_utf8(page.lines).unwrap();
     assert_eq!(text, format!("@{first}:/a:1\n@{again}:/a:4\n@{last}:/a:7"), "the acked events, and only those");
+}
+
+/// A deletion runs beside the sends: while one is in progress (held inside the storage), new
+/// events are stored, acknowledged and readable; it deletes what was visible when it began,
+/// and the log then states its horizon.
+#[tokio::test]
+async fn sends_go_on_while_a_deletion_is_in_progress() {
+    #[derive(Default)]
+    struct SlowDelete {
+        inner: MemStorage,
+        /// (entered, released)
+        state: Mutex<(bool, bool)>,
+        changed: Condvar,
+    }
+    impl Storage for SlowDelete {
+        fn append(&self, records: &[Record<'_>]) -> io::Result<()> {
+            self.inner.append(records)
+        }
+        fn commit(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn acks_before_durable(&self) -> bool {
+            false
+        }
+        fn flush(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn last_timestamp(&self) -> io::Result<Option<Timestamp>> {
+            self.inner.last_timestamp()
+        }
+        fn set_clock_floor(&self, ts: Timestamp) -> io::Result<()> {
+            self.inner.set_clock_floor(ts)
+        }
+        fn clock_floor(&self) -> io::Result<Option<Timestamp>> {
+            self.inner.clock_floor()
+        }
+        fn delete(&self, channel: &str, before: Timestamp, own: bool) -> io::Result<Deleted> {
+            let mut st = self.state.lock().unwrap();
+            st.0 = true;
+            self.changed.notify_all();
+            while !st.1 {
+                st = self.changed.wait(st).unwrap();
+            }
+            drop(st);
+            self.inner.delete(channel, before, own)
+        }
+        fn horizon(&self, channel: &str) -> Option<super::Horizon> {
+            self.inner.horizon(channel)
+        }
+        fn scan(
+            &self,
+            channel: &str,
+            after: Option<Timestamp>,
+            until: Timestamp,
+            dir: Direction,
+            visit: &mut dyn FnMut(Timestamp, &[u8]) -> ControlFlow<()>,
+        ) -> io::Result<()> {
+            self.inner.scan(channel, after, until, dir, visit)
+        }
+    }
+    let storage = Arc::new(SlowDelete::default());
+    let f = open(storage.clone());
+    let mut before = Vec::new();
+    for i in 0..3 {
+        before.push(f.publish("/a/b", &format!("old{i}"), None).await.unwrap());
+    }
+    let deletion = f.engine.delete(super::DeleteRequest::new("/a", None));
+    let deletion = tokio::spawn(deletion);
+    let s = storage.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut st = s.state.lock().unwrap();
+        while !st.0 {
+            st = s.changed.wait(st).unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    // The deletion is held inside the storage: sends are stored and acknowledged meanwhile.
+    let new = [f.publish("/a/b", "new0", None).await.unwrap(), f.publish("/c", "new1", None).await.unwrap()];
+    let page = f.engine.read(ReadRequest::new("/", None, f.engine.visible(), 100)).await.unwrap();
+    assert_eq!(page.count, 5);
+    assert!(!deletion.is_finished());
+    {
+        let mut st = storage.state.lock().unwrap();
+        st.1 = true;
+        storage.changed.notify_all();
+    }
+    let deleted = deletion.await.unwrap().unwrap();
+    assert_eq!(deleted, Deleted { events: 3, newest: Some(before[2]) }, "what was visible when it began");
+    let page = f.engine.read(ReadRequest::new("/", None, f.engine.visible(), 100)).await.unwrap();
+    assert_eq!((page.count, page.first, page.last), (2, Some(new[0]), Some(new[1])));
+    assert_eq!(page.horizon.map(|h| h.newest), Some(before[2]));
     f.stop().await;
 }
