@@ -70,9 +70,10 @@ pub fn parse_seconds(s: &str) -> Result<Duration, String> {
         "s" => 1.0,
         "m" | "min" => 60.0,
         "h" => 3600.0,
-        _ => return Err(format!("{s:?}: the unit must be ms, s, m or h (none for seconds)")),
+        _ => return Err(format!("{s:?} is not a duration (a number of seconds, or with a unit: 250ms, 1.5s, 2m, 1h)")),
     };
-    let n: f64 = number.trim().parse().map_err(|_| format!("{s:?} is not a duration (such as 30, 1.5s, 250ms, 2m)"))?;
+    let n: f64 =
+        number.trim().parse().map_err(|_| format!("{s:?} is not a duration (a number of seconds, or with a unit: 250ms, 1.5s, 2m, 1h)"))?;
     Duration::try_from_secs_f64(n * scale).map_err(|_| format!("{s:?} is not a duration between 0 and 10^19 seconds"))
 }
 
