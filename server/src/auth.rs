@@ -83,6 +83,16 @@ impl Grants {
         self.0.iter().any(|g| covers(g, path))
     }
 
+    /// These grants and `more`.
+    fn with(self, more: &Grants) -> Grants {
+        if more.is_empty() {
+            return self;
+        }
+        let mut all = self.0.into_vec();
+        all.extend(more.0.iter().cloned());
+        Grants(all.into_boxed_slice())
+    }
+
     /// Whether there is no grant at all.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
@@ -190,7 +200,8 @@ struct Key {
 struct Claims {
     #[serde(default)]
     sub: Option<String>,
-    exp: u64,
+    #[serde(default)]
+    exp: Option<u64>,
     #[serde(default)]
     iat: Option<u64>,
     #[serde(default)]
@@ -302,7 +313,7 @@ impl Auth {
         let mut last = None;
         for k in self.keys.iter().filter(|k| k.alg == head.alg && (named.is_none() || k.kid.as_deref() == named)) {
             match jsonwebtoken::decode::<Claims>(token, &k.key, validation) {
-                Ok(data) => return principal(data.claims, now),
+                Ok(data) => return principal(data.claims, now, &self.anonymous),
                 Err(e) if *e.kind() == ErrorKind::InvalidSignature => last = Some(e),
                 Err(e) => return Err(reason(&e)),
             }
@@ -311,7 +322,9 @@ impl Auth {
     }
 }
 
-fn principal(c: Claims, now: u64) -> Result<Principal, TokenError> {
+/// The principal of verified claims: its grants, and the anonymous ones (a token never allows
+/// less than none).
+fn principal(c: Claims, now: u64, anonymous: &Principal) -> Result<Principal, TokenError> {
     if c.iat.is_some_and(|iat| iat > now.saturating_add(LEEWAY.as_secs())) {
         return Err(TokenError("invalid token: issued in the future (iat)".into()));
     }
@@ -320,9 +333,10 @@ fn principal(c: Claims, now: u64) -> Result<Principal, TokenError> {
         Some(_) => return Err(TokenError("invalid token: sub is empty".into())),
         None => return Err(TokenError("invalid token: no sub claim".into())),
     };
-    let read = Grants::new(&c.read).map_err(|e| TokenError(format!("invalid token: read claim: {e}")))?;
-    let write = Grants::new(&c.write).map_err(|e| TokenError(format!("invalid token: write claim: {e}")))?;
-    Ok(Principal { sub: Some(sub.into_boxed_str()), read, write, exp: Some(c.exp) })
+    let Some(exp) = c.exp else { return Err(TokenError("invalid token: no exp claim".into())) };
+    let read = Grants::new(&c.read).map_err(|e| TokenError(format!("invalid token: read claim: {e}")))?.with(&anonymous.read);
+    let write = Grants::new(&c.write).map_err(|e| TokenError(format!("invalid token: write claim: {e}")))?.with(&anonymous.write);
+    Ok(Principal { sub: Some(sub.into_boxed_str()), read, write, exp: Some(exp) })
 }
 
 /// The one-line reason for a failed verification.
