@@ -1,5 +1,5 @@
 //! Identity and permissions: signed tokens (JWT) with path-scoped read and write grants
-//! (`docs/PROTOCOL.md`, section 9, an extension).
+//! (`docs/PROTOCOL.md`, section 2.5, an extension).
 //!
 //! [`Auth`] is built once from the [`Config`] (its keys decoded, its validation rules set) and
 //! shared by every handler. A token is verified once per WebSocket connection (at the
