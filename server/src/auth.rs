@@ -280,6 +280,17 @@ impl Auth {
         !self.keys.is_empty()
     }
 
+    /// What a request with these headers and query may do: its token (`Authorization: Bearer`
+    /// or `?token=`) verified, or the anonymous grants without one. With auth off nothing is
+    /// looked at (not even a malformed `Authorization` header): everything is allowed.
+    pub(crate) fn request_access(&self, headers: &HeaderMap, query: Option<&str>) -> Result<(Access, bool), TokenError> {
+        if !self.enabled() {
+            return Ok((Access::Open, false));
+        }
+        let token = request_token(headers, query)?;
+        Ok((self.access(token.as_deref())?, token.is_some()))
+    }
+
     /// What a connection or request with `token` (or none) may do.
     pub(crate) fn access(&self, token: Option<&str>) -> Result<Access, TokenError> {
         if !self.enabled() {

@@ -136,18 +136,14 @@ pub(crate) async fn handler(
         Err(e) => return bad_request(format!("invalid path: {e}")),
     };
     // Verified once per request; the grant covers the path or the request is refused.
-    let token = match auth::request_token(&headers, query.as_deref()) {
-        Ok(t) => t,
-        Err(e) => return auth::unauthorized(&e.0),
-    };
-    match shared.auth.access(token.as_deref()) {
+    match shared.auth.request_access(&headers, query.as_deref()) {
         Err(e) => {
             tracing::debug!(uri = %auth::Redacted(&original), reason = %e, "log request refused: invalid token");
             return auth::unauthorized(&e.0);
         }
-        Ok(access) if !access.allows(Need::Read, &path) => {
+        Ok((access, with_token)) if !access.allows(Need::Read, &path) => {
             let reason = access.refusal(Need::Read, &path);
-            return if token.is_none() { auth::unauthorized(&format!("a token is needed: {reason}")) } else { auth::forbidden(&reason) };
+            return if with_token { auth::forbidden(&reason) } else { auth::unauthorized(&format!("a token is needed: {reason}")) };
         }
         Ok(_) => {}
     }

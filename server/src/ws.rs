@@ -53,8 +53,8 @@ pub(crate) async fn handler(
         return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
     }
     // The token is verified here, once for the connection's whole life.
-    let access = match auth::request_token(&headers, query.as_deref()).and_then(|t| shared.auth.access(t.as_deref())) {
-        Ok(access) => access,
+    let access = match shared.auth.request_access(&headers, query.as_deref()) {
+        Ok((access, _)) => access,
         Err(e) => {
             // Never the token itself: the URI with it redacted.
             tracing::debug!(uri = %auth::Redacted(&uri), reason = %e, "WebSocket refused: invalid token");
