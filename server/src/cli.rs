@@ -502,6 +502,53 @@ mod tests {
     }
 
     #[test]
+    fn auth_flags_reach_the_config_and_the_token_helper_parses() {
+        let cli = Cli::try_parse_from([
+            "ivy-server",
+            "--auth-hmac-secret",
+            "s3cr3t-old",
+            "--auth-hmac-secret",
+            "s3cr3t-new",
+            "--auth-public-key",
+            "/keys/2026-01.pem",
+            "--auth-issuer",
+            "https://backend.example",
+            "--anonymous-read",
+            "/public,/news",
+            "--anonymous-write",
+            "/inbox",
+            "--auth-refresh-grace",
+            "2s",
+        ])
+        .unwrap();
+        let c = cli.config();
+        assert_eq!(c.auth_hmac_secrets, [Secret::new("s3cr3t-old"), Secret::new("s3cr3t-new")]);
+        assert_eq!(c.auth_public_keys, [PathBuf::from("/keys/2026-01.pem")]);
+        assert_eq!((c.auth_issuer.as_deref(), c.auth_audience.as_deref()), (Some("https://backend.example"), None));
+        assert_eq!(
+            (c.anonymous_read.as_slice(), c.anonymous_write.as_slice()),
+            (&["/public".to_string(), "/news".into()][..], &["/inbox".to_string()][..])
+        );
+        assert_eq!(c.auth_refresh_grace, Duration::from_secs(2));
+        assert!(!format!("{cli:?}").contains("s3cr3t"), "secrets stay out of Debug output");
+        // The helper takes the secret after its name too.
+        let cli =
+            Cli::try_parse_from(["ivy-server", "token", "--sub", "ada", "--read", "/chat", "--auth-hmac-secret", "s", "--ttl", "30m"])
+                .unwrap();
+        match cli.command {
+            Some(Command::Token { sub, read, write, ttl }) => {
+                assert_eq!(
+                    (sub.as_str(), read.as_slice(), write.len(), ttl.0),
+                    ("ada", &["/chat".to_string()][..], 0, Duration::from_secs(1800))
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(cli.auth_hmac_secrets, [Secret::new("s")]);
+        assert!(Cli::try_parse_from(["ivy-server", "--auth-hmac-secret", ""]).is_err());
+    }
+
+    #[test]
     fn listen_takes_the_usual_forms() {
         let ok = |s: &str| parse_listen(s).unwrap().to_string();
         assert_eq!(ok("127.0.0.1:8080"), "127.0.0.1:8080");
