@@ -44,6 +44,10 @@ pub mod close_code {
     /// 4001 (extension): ping timeout. Nothing, not even a pong, arrived for a whole ping
     /// interval after a ping: the peer is gone or the connection is half-open.
     pub const PING_TIMEOUT: u16 = 4001;
+    /// 4003 (extension): token expired. The connection's token passed its `exp` and the
+    /// server's `--auth-refresh-grace`; reconnect with a fresh token (the in-band refresh
+    /// command is not available yet).
+    pub const TOKEN_EXPIRED: u16 = 4003;
 }
 
 /// What a command asks for.
@@ -95,11 +99,15 @@ pub enum ErrorCode {
     /// The store is full (its size limit, or the free-space reserve of its disk): the event was
     /// not stored.
     StoreFull,
+    /// The command needs a grant the connection's token (or, without one, the server's
+    /// anonymous grants) does not give: reading (subscribing to) or sending to that path. It
+    /// was not executed; the connection stays open.
+    Forbidden,
 }
 
 impl ErrorCode {
     /// All codes.
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 10] = [
         ErrorCode::Malformed,
         ErrorCode::BadPath,
         ErrorCode::PathTooLong,
@@ -109,6 +117,7 @@ impl ErrorCode {
         ErrorCode::Storage,
         ErrorCode::ShuttingDown,
         ErrorCode::StoreFull,
+        ErrorCode::Forbidden,
     ];
 
     /// The code as written on the wire.
@@ -123,6 +132,7 @@ impl ErrorCode {
             ErrorCode::Storage => "storage",
             ErrorCode::ShuttingDown => "shutting-down",
             ErrorCode::StoreFull => "store-full",
+            ErrorCode::Forbidden => "forbidden",
         }
     }
 

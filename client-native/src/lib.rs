@@ -173,11 +173,19 @@ pub struct ConnectError {
 
 impl ConnectError {
     fn from_ws(e: &tungstenite::Error) -> ConnectError {
-        let status = match e {
-            tungstenite::Error::Http(response) => Some(response.status().as_u16()),
-            _ => None,
-        };
-        ConnectError { status, message: e.to_string() }
+        match e {
+            tungstenite::Error::Http(response) => {
+                let status = response.status().as_u16();
+                // The server's one-line reason (for example why a token was refused).
+                let reason = response.body().as_deref().map(String::from_utf8_lossy).map(|b| b.trim_end().to_string());
+                let message = match reason.filter(|r| !r.is_empty() && !r.contains('\n')) {
+                    Some(r) => format!("HTTP {status}: {r}"),
+                    None => e.to_string(),
+                };
+                ConnectError { status: Some(status), message }
+            }
+            _ => ConnectError { status: None, message: e.to_string() },
+        }
     }
 }
 
@@ -247,7 +255,22 @@ pub struct ClientBuilder {
     config: Config,
     retry_initial: bool,
     buffer: usize,
+    token: Option<Token>,
 }
+
+/// A bearer token, kept out of `Debug` output.
+#[derive(Clone)]
+struct Token(Arc<str>);
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(***)")
+    }
+}
+
+/// The status of a handshake refused for want of a valid token: with a static token, trying
+/// again cannot help, so the client stops.
+const UNAUTHORIZED: u16 = 401;
 
 /// The default of [`ClientBuilder::subscription_buffer`].
 pub const SUBSCRIPTION_BUFFER: usize = 10_000;
@@ -297,6 +320,17 @@ impl ClientBuilder {
         self
     }
 
+    /// A token (a JWT from the application's backend, `docs/PROTOCOL.md` section 2.5) for a
+    /// server with auth on: sent as `?token=` on the WebSocket and as `Authorization: Bearer`
+    /// on log reads. A handshake refused with 401 (a token that is invalid, expired, or
+    /// missing where one is needed) is not retried: [`ClientBuilder::connect`] returns
+    /// [`Error::Connect`] with status 401, and a client that was connected closes (its state
+    /// becomes [`ConnState::Closed`]). Refreshing tokens is not available yet.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(Token(token.into().into()));
+        self
+    }
+
     /// Keep trying when the very first connection fails, instead of returning
     /// [`Error::Connect`] (default: false).
     pub fn retry_initial_connect(mut self, retry: bool) -> Self {
@@ -306,7 +340,8 @@ impl ClientBuilder {
 
     /// Starts the client and waits for the first connection.
     pub async fn connect(self) -> Result<Client, Error> {
-        let logs = LogReader::new(&self.url)?;
+        let mut logs = LogReader::new(&self.url)?;
+        logs.token = self.token.clone();
         let (endpoints, http) = (logs.endpoints.clone(), logs.http.clone());
         let (tx, rx) = mpsc::unbounded_channel();
         let (state_tx, mut state_rx) = watch::channel(ConnState::Idle);
@@ -321,6 +356,7 @@ impl ClientBuilder {
             core: client::Client::new(self.config, seed ^ u64::from(std::process::id())),
             endpoints: endpoints.clone(),
             http: http.clone(),
+            token: self.token.clone(),
             epoch: Instant::now(),
             write_timeout,
             state_tx,
@@ -345,7 +381,11 @@ impl ClientBuilder {
                     client.close().await;
                     return Err(Error::Connect(reason));
                 }
-                ConnState::Closed => return Err(Error::Closed),
+                ConnState::Closed => {
+                    // Closed by a refusal that retrying cannot change (401).
+                    let reason = last_error.lock().ok().and_then(|e| e.clone()).filter(|e| e.status == Some(UNAUTHORIZED));
+                    return Err(reason.map_or(Error::Closed, Error::Connect));
+                }
                 _ => {}
             }
             if state_rx.changed().await.is_err() {
@@ -379,6 +419,7 @@ pub struct Client {
 pub struct LogReader {
     endpoints: Endpoints,
     http: Http,
+    token: Option<Token>,
 }
 
 impl LogReader {
@@ -386,7 +427,13 @@ impl LogReader {
     /// for an invalid URL.
     pub fn new(url: &str) -> Result<LogReader, Error> {
         let endpoints = endpoints(url)?;
-        Ok(LogReader { endpoints, http: http_client() })
+        Ok(LogReader { endpoints, http: http_client(), token: None })
+    }
+
+    /// Sends `token` with each read, as `Authorization: Bearer` (see [`ClientBuilder::token`]).
+    pub fn token(mut self, token: impl Into<String>) -> LogReader {
+        self.token = Some(Token(token.into().into()));
+        self
     }
 
     /// The server's endpoints.
@@ -400,7 +447,8 @@ impl LogReader {
     /// made, [`Error::Log`] when the request or its answer failed.
     pub async fn log(&self, path: &str, query: LogQuery) -> Result<Vec<Event>, Error> {
         let path = ivy_core::path::normalize(path.as_bytes()).map_err(|e| Error::Request(ClientError::InvalidPath(e)))?;
-        let body = match fetch(&self.http, &format!("{}{}", self.endpoints.http, query.target(&path))).await {
+        let url = format!("{}{}", self.endpoints.http, query.target(&path));
+        let body = match fetch(&self.http, &url, self.token.as_ref()).await {
             Ok((body, _horizon)) => body,
             Err(Fetch::Connect(message)) => return Err(Error::Connect(ConnectError { status: None, message })),
             Err(Fetch::Log(e)) => return Err(Error::Log(e)),
@@ -422,7 +470,7 @@ impl fmt::Debug for Cmd {
 impl Client {
     /// A builder for `url` (`ws://host:port`).
     pub fn builder(url: impl Into<String>) -> ClientBuilder {
-        ClientBuilder { url: url.into(), config: Config::default(), retry_initial: false, buffer: SUBSCRIPTION_BUFFER }
+        ClientBuilder { url: url.into(), config: Config::default(), retry_initial: false, buffer: SUBSCRIPTION_BUFFER, token: None }
     }
 
     /// Connects with the default configuration.
@@ -562,10 +610,15 @@ impl From<Fetch> for LogError {
 
 /// A log page: its body and the log's horizon (`Ivy-Horizon`, the newest event deleted from
 /// it), if it states one.
-async fn fetch(http: &Http, url: &str) -> Result<(String, Option<Timestamp>), Fetch> {
+async fn fetch(http: &Http, url: &str, token: Option<&Token>) -> Result<(String, Option<Timestamp>), Fetch> {
     let failed = |message: String| Fetch::Log(LogError { status: None, message });
     let uri: hyper::Uri = url.parse().map_err(|e| failed(format!("{url}: {e}")))?;
-    let resp = match tokio::time::timeout(Duration::from_secs(30), http.get(uri)).await {
+    let mut req = hyper::Request::get(uri);
+    if let Some(Token(t)) = token {
+        req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let req = req.body(Empty::new()).map_err(|e| failed(format!("invalid request (the token?): {e}")))?;
+    let resp = match tokio::time::timeout(Duration::from_secs(30), http.request(req)).await {
         Err(_) => return Err(failed("timed out".into())),
         Ok(Err(e)) if e.is_connect() => {
             let cause = std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
@@ -604,6 +657,7 @@ struct Driver {
     core: client::Client,
     endpoints: Endpoints,
     http: Http,
+    token: Option<Token>,
     epoch: Instant,
     write_timeout: Duration,
     state_tx: watch::Sender<ConnState>,
@@ -641,7 +695,10 @@ impl Driver {
             while let Some(action) = self.core.poll_action() {
                 match action {
                     Action::Connect => {
-                        let url = self.endpoints.ws.clone();
+                        let url = match &self.token {
+                            Some(Token(t)) => format!("{}?token={}", self.endpoints.ws, query_escape(t)),
+                            None => self.endpoints.ws.clone(),
+                        };
                         connecting = Some(Box::pin(async move {
                             let mut req = url.into_client_request().map_err(|e| ConnectError::from_ws(&e))?;
                             req.headers_mut()
@@ -675,8 +732,9 @@ impl Driver {
                     }
                     Action::FetchLog(req) => {
                         let (http, url, tx) = (self.http.clone(), format!("{}{}", self.endpoints.http, req.target()), log_tx.clone());
+                        let token = self.token.clone();
                         tokio::spawn(async move {
-                            let _ = tx.send((req.id, fetch(&http, &url).await.map_err(LogError::from)));
+                            let _ = tx.send((req.id, fetch(&http, &url, token.as_ref()).await.map_err(LogError::from)));
                         });
                     }
                 }
@@ -741,8 +799,15 @@ impl Driver {
                             self.core.handle_connected(now);
                         }
                         Err(e) => {
+                            let unauthorized = e.status == Some(UNAUTHORIZED);
                             self.note(e);
                             self.core.handle_disconnected(now);
+                            if unauthorized && closing.is_none() {
+                                // The same token would be refused again: stop here.
+                                tracing::debug!("handshake refused with 401: the token is not accepted; closing");
+                                self.core.close(now);
+                                closing = Some(oneshot::channel().0);
+                            }
                         }
                     }
                 }
@@ -924,6 +989,20 @@ impl Driver {
             }
         }
     }
+}
+
+/// `s` for a query string: unreserved characters as they are, others percent-encoded (a JWT
+/// needs none).
+fn query_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 async fn next_message(ws: &mut Option<Ws>) -> Option<Result<Message, tokio_tungstenite::tungstenite::Error>> {

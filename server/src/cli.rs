@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+use crate::auth::{Mint, Secret};
 use crate::config::{self, Config, parse_seconds};
 use crate::engine::sled::{self as sled_engine, Durability, SledEngine};
 use crate::engine::{MemoryEngine, Open, Retention, WallClock};
@@ -209,6 +210,70 @@ pub struct Cli {
     /// and `/log/`, which take precedence. Off when not set.
     #[arg(long, env = "IVY_STATIC_DIR")]
     pub static_dir: Option<PathBuf>,
+
+    /// An HS256 secret that tokens may be signed with (repeat the flag to accept several while
+    /// rotating; the environment variable takes one). With no secret and no public key, auth is
+    /// off: everything is allowed, and the server warns at startup.
+    #[arg(long = "auth-hmac-secret", env = "IVY_AUTH_HMAC_SECRET", global = true, hide_env_values = true, value_parser = secret)]
+    pub auth_hmac_secrets: Vec<Secret>,
+
+    /// A PEM public key file that tokens may be signed with: RSA (RS256), EC P-256 (ES256) or
+    /// Ed25519 (EdDSA); its `kid` is the file name without extension. Repeatable.
+    #[arg(long = "auth-public-key", env = "IVY_AUTH_PUBLIC_KEY")]
+    pub auth_public_keys: Vec<PathBuf>,
+
+    /// The `iss` every token must have (not checked when unset).
+    #[arg(long, env = "IVY_AUTH_ISSUER", global = true)]
+    pub auth_issuer: Option<String>,
+
+    /// The `aud` every token must have (not checked when unset).
+    #[arg(long, env = "IVY_AUTH_AUDIENCE", global = true)]
+    pub auth_audience: Option<String>,
+
+    /// A path (and everything below it) that connections and log requests without a token may
+    /// read, with auth on (repeat the flag or separate with commas).
+    #[arg(long, env = "IVY_ANONYMOUS_READ", value_delimiter = ',')]
+    pub anonymous_read: Vec<String>,
+
+    /// A path (and everything below it) that connections without a token may send to, with
+    /// auth on (repeat the flag or separate with commas).
+    #[arg(long, env = "IVY_ANONYMOUS_WRITE", value_delimiter = ',')]
+    pub anonymous_write: Vec<String>,
+
+    /// Seconds a connection stays open past its token's `exp` before it is closed with 4003.
+    #[arg(long, env = "IVY_AUTH_REFRESH_GRACE", value_parser = seconds, default_value_t = Seconds(config::DEFAULT_AUTH_REFRESH_GRACE))]
+    pub auth_refresh_grace: Seconds,
+
+    /// A helper instead of the server.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// `ivy-server`'s helpers.
+#[derive(Debug, Clone, clap::Subcommand)]
+#[non_exhaustive]
+pub enum Command {
+    /// Prints a token signed with the (first) configured `--auth-hmac-secret`, with
+    /// `--auth-issuer` and `--auth-audience` when set: for development and tests. A production
+    /// backend mints its tokens itself.
+    Token {
+        /// The identity (`sub`).
+        #[arg(long)]
+        sub: String,
+        /// A path it may read (repeatable, or separated by commas).
+        #[arg(long, value_delimiter = ',')]
+        read: Vec<String>,
+        /// A path it may send to (repeatable, or separated by commas).
+        #[arg(long, value_delimiter = ',')]
+        write: Vec<String>,
+        /// How long it is valid (a duration: 30m, 1h, 3600).
+        #[arg(long, value_parser = seconds, default_value = "1h")]
+        ttl: Seconds,
+    },
+}
+
+fn secret(s: &str) -> Result<Secret, String> {
+    if s.is_empty() { Err("the secret is empty".into()) } else { Ok(Secret::new(s)) }
 }
 
 /// The format of log lines (`--log-format`).
@@ -289,6 +354,13 @@ impl Cli {
             flush_timeout: self.flush_timeout.0,
             static_dir: self.static_dir.clone(),
             api_keys: self.api_keys.clone(),
+            auth_hmac_secrets: self.auth_hmac_secrets.clone(),
+            auth_public_keys: self.auth_public_keys.clone(),
+            auth_issuer: self.auth_issuer.clone(),
+            auth_audience: self.auth_audience.clone(),
+            anonymous_read: self.anonymous_read.clone(),
+            anonymous_write: self.anonymous_write.clone(),
+            auth_refresh_grace: self.auth_refresh_grace.0,
         }
     }
 
@@ -340,6 +412,9 @@ pub fn main_with(wall: WallClock) -> ExitCode {
 
 async fn serve_main(wall: WallClock) -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Token { sub, read, write, ttl }) = &cli.command {
+        return token(&cli, sub, read, write, ttl.0);
+    }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match cli.log_format {
@@ -351,6 +426,11 @@ async fn serve_main(wall: WallClock) -> ExitCode {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) => tracing::debug!(limit = n, "file descriptor limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the file descriptor limit"),
+    }
+    // Keys and grants are checked before anything is bound or opened.
+    if let Err(e) = crate::auth::Auth::new(&cli.config()) {
+        eprintln!("ivy-server: {e}");
+        return ExitCode::from(2);
     }
     let listener = match tokio::net::TcpListener::bind(cli.listen).await {
         Ok(l) => l,
@@ -386,6 +466,32 @@ async fn serve_main(wall: WallClock) -> ExitCode {
         Err(e) => {
             eprintln!("ivy-server: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `ivy-server token`: prints a token signed with the first HMAC secret.
+fn token(cli: &Cli, sub: &str, read: &[String], write: &[String], ttl: Duration) -> ExitCode {
+    let Some(secret) = cli.auth_hmac_secrets.first() else {
+        eprintln!("ivy-server token: needs --auth-hmac-secret (or IVY_AUTH_HMAC_SECRET) to sign with");
+        return ExitCode::from(2);
+    };
+    let mint = Mint {
+        sub: sub.into(),
+        read: read.to_vec(),
+        write: write.to_vec(),
+        ttl,
+        issuer: cli.auth_issuer.clone(),
+        audience: cli.auth_audience.clone(),
+    };
+    match crate::auth::mint_hs256(secret, &mint) {
+        Ok(t) => {
+            println!("{t}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ivy-server token: {e}");
+            ExitCode::from(2)
         }
     }
 }
@@ -429,6 +535,53 @@ mod tests {
         assert_eq!(cli.listen, DEFAULT_LISTEN.parse::<SocketAddr>().unwrap());
         assert_eq!(cli.log_format, LogFormat::Text);
         assert!(!cli.memory);
+    }
+
+    #[test]
+    fn auth_flags_reach_the_config_and_the_token_helper_parses() {
+        let cli = Cli::try_parse_from([
+            "ivy-server",
+            "--auth-hmac-secret",
+            "s3cr3t-old",
+            "--auth-hmac-secret",
+            "s3cr3t-new",
+            "--auth-public-key",
+            "/keys/2026-01.pem",
+            "--auth-issuer",
+            "https://backend.example",
+            "--anonymous-read",
+            "/public,/news",
+            "--anonymous-write",
+            "/inbox",
+            "--auth-refresh-grace",
+            "2s",
+        ])
+        .unwrap();
+        let c = cli.config();
+        assert_eq!(c.auth_hmac_secrets, [Secret::new("s3cr3t-old"), Secret::new("s3cr3t-new")]);
+        assert_eq!(c.auth_public_keys, [PathBuf::from("/keys/2026-01.pem")]);
+        assert_eq!((c.auth_issuer.as_deref(), c.auth_audience.as_deref()), (Some("https://backend.example"), None));
+        assert_eq!(
+            (c.anonymous_read.as_slice(), c.anonymous_write.as_slice()),
+            (&["/public".to_string(), "/news".into()][..], &["/inbox".to_string()][..])
+        );
+        assert_eq!(c.auth_refresh_grace, Duration::from_secs(2));
+        assert!(!format!("{cli:?}").contains("s3cr3t"), "secrets stay out of Debug output");
+        // The helper takes the secret after its name too.
+        let cli =
+            Cli::try_parse_from(["ivy-server", "token", "--sub", "ada", "--read", "/chat", "--auth-hmac-secret", "s", "--ttl", "30m"])
+                .unwrap();
+        match cli.command {
+            Some(Command::Token { sub, read, write, ttl }) => {
+                assert_eq!(
+                    (sub.as_str(), read.as_slice(), write.len(), ttl.0),
+                    ("ada", &["/chat".to_string()][..], 0, Duration::from_secs(1800))
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(cli.auth_hmac_secrets, [Secret::new("s")]);
+        assert!(Cli::try_parse_from(["ivy-server", "--auth-hmac-secret", ""]).is_err());
     }
 
     #[test]

@@ -5,6 +5,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use crate::auth::Secret;
+
 /// Default of [`Config::max_message_size`].
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 65_536;
 /// Default of [`Config::max_path_length`].
@@ -56,6 +58,9 @@ pub const DEFAULT_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
 /// Default of [`Config::header_timeout`].
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default of [`Config::auth_refresh_grace`].
+pub const DEFAULT_AUTH_REFRESH_GRACE: Duration = Duration::from_secs(10);
 
 /// Parses seconds, with an optional fraction (`30`, `0.25`); `0` means off.
 pub fn parse_seconds(s: &str) -> Result<Duration, String> {
@@ -171,6 +176,24 @@ pub struct Config {
     /// Server API keys: a request with `Authorization: Bearer <one of them>` may use the
     /// operator endpoints (`DELETE /log/<path>`). Default: none (those endpoints answer 403).
     pub api_keys: Vec<String>,
+    /// HS256 secrets that tokens may be signed with (several: rotation). With no secret and
+    /// no public key, auth is off and everything is allowed. Default: none.
+    pub auth_hmac_secrets: Vec<Secret>,
+    /// PEM public keys (RSA for RS256, EC P-256 for ES256, Ed25519 for EdDSA) that tokens may
+    /// be signed with; a key's `kid` is its file name without the extension. Default: none.
+    pub auth_public_keys: Vec<PathBuf>,
+    /// The `iss` every token must have, when set. Default: none (not checked).
+    pub auth_issuer: Option<String>,
+    /// The `aud` every token must have, when set. Default: none (not checked).
+    pub auth_audience: Option<String>,
+    /// Paths a connection or log request without a token may read (with auth on). Default:
+    /// none.
+    pub anonymous_read: Vec<String>,
+    /// Paths a connection without a token may send to (with auth on). Default: none.
+    pub anonymous_write: Vec<String>,
+    /// How long past its token's `exp` a connection stays open before it is closed with 4003.
+    /// Default [`DEFAULT_AUTH_REFRESH_GRACE`].
+    pub auth_refresh_grace: Duration,
 }
 
 impl Default for Config {
@@ -202,6 +225,13 @@ impl Default for Config {
             flush_timeout: DEFAULT_FLUSH_TIMEOUT,
             static_dir: None,
             api_keys: Vec::new(),
+            auth_hmac_secrets: Vec::new(),
+            auth_public_keys: Vec::new(),
+            auth_issuer: None,
+            auth_audience: None,
+            anonymous_read: Vec::new(),
+            anonymous_write: Vec::new(),
+            auth_refresh_grace: DEFAULT_AUTH_REFRESH_GRACE,
         }
     }
 }
@@ -273,6 +303,20 @@ setters! {
     static_dir: Option<PathBuf>;
     /// Sets [`Config::api_keys`].
     api_keys: Vec<String>;
+    /// Sets [`Config::auth_hmac_secrets`].
+    auth_hmac_secrets: Vec<Secret>;
+    /// Sets [`Config::auth_public_keys`].
+    auth_public_keys: Vec<PathBuf>;
+    /// Sets [`Config::auth_issuer`].
+    auth_issuer: Option<String>;
+    /// Sets [`Config::auth_audience`].
+    auth_audience: Option<String>;
+    /// Sets [`Config::anonymous_read`].
+    anonymous_read: Vec<String>;
+    /// Sets [`Config::anonymous_write`].
+    anonymous_write: Vec<String>;
+    /// Sets [`Config::auth_refresh_grace`].
+    auth_refresh_grace: Duration;
 }
 
 #[cfg(test)]

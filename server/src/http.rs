@@ -17,6 +17,7 @@ use ivy_client_core::Timestamp;
 use ivy_client_core::path::{check_depth, normalize_with_limit};
 
 use crate::Shared;
+use crate::auth::{self, Need};
 use crate::engine::{DeleteRequest, Engine, Horizon, ReadRequest};
 use crate::limits::Admitted;
 use crate::logquery::{self, LogQuery};
@@ -26,6 +27,9 @@ const CHUNK: usize = 64 * 1024;
 
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 const NO_CACHE: &str = "no-cache";
+/// The same for a page that needed a token: never stored by a shared cache.
+const PRIVATE_IMMUTABLE: &str = "private, max-age=31536000, immutable";
+const PRIVATE_NO_CACHE: &str = "private, no-cache";
 /// Browsers must not guess another type than the `text/plain` of a log (whose lines anyone
 /// can write).
 const NOSNIFF: (header::HeaderName, &str) = (header::X_CONTENT_TYPE_OPTIONS, "nosniff");
@@ -73,6 +77,8 @@ struct Meta {
     cache: &'static str,
     link: Option<String>,
     horizon: Option<Horizon>,
+    /// Served on a token's grant (not the anonymous ones): `Vary: Authorization`.
+    private: bool,
 }
 
 fn respond(headers: &HeaderMap, meta: Meta, body: impl FnOnce() -> Body) -> Response {
@@ -81,6 +87,9 @@ fn respond(headers: &HeaderMap, meta: Meta, body: impl FnOnce() -> Body) -> Resp
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static(meta.cache));
     h.insert(NOSNIFF.0, HeaderValue::from_static(NOSNIFF.1));
+    if meta.private {
+        h.append(header::VARY, HeaderValue::from_static("Authorization"));
+    }
     if let Ok(v) = HeaderValue::from_str(&tag) {
         h.insert(header::ETAG, v);
     }
@@ -124,6 +133,20 @@ pub(crate) async fn handler(
         Ok(p) => p,
         Err(response) => return *response,
     };
+    // Verified once per request; the grant covers the path or the request is refused.
+    match shared.auth.request_access(&headers, query.as_deref()) {
+        Err(e) => {
+            tracing::debug!(uri = %auth::Redacted(&original), reason = %e, "log request refused: invalid token");
+            return auth::unauthorized(&e.0);
+        }
+        Ok((access, with_token)) if !access.allows(Need::Read, &path) => {
+            let reason = access.refusal(Need::Read, &path);
+            return if with_token { auth::forbidden(&reason) } else { auth::unauthorized(&format!("a token is needed: {reason}")) };
+        }
+        Ok(_) => {}
+    }
+    let private = shared.auth.read_needs_token(&path);
+    let (immutable_cache, no_cache) = if private { (PRIVATE_IMMUTABLE, PRIVATE_NO_CACHE) } else { (IMMUTABLE, NO_CACHE) };
     let query = match logquery::parse(query.as_deref()) {
         Ok(q) => q,
         Err(reason) => return bad_request(reason.to_string()),
@@ -156,7 +179,7 @@ pub(crate) async fn handler(
                 // The path as requested, so that the link works under any mount point.
                 format!("<{}?after={last}&limit={effective}>; rel=\"next\"", original.path())
             });
-            let meta = Meta { newest, cache: if immutable { IMMUTABLE } else { NO_CACHE }, link, horizon: page.horizon };
+            let meta = Meta { newest, cache: if immutable { immutable_cache } else { no_cache }, link, horizon: page.horizon, private };
             respond(&headers, meta, || Body::from(page.lines))
         }
         LogQuery::All | LogQuery::Last(_) => {
@@ -165,7 +188,7 @@ pub(crate) async fn handler(
                 Err(e) => return server_error(e),
             };
             tracing::trace!(path = %path, after = ?start_after, until = ?newest, "log stream");
-            let meta = Meta { newest, cache: NO_CACHE, link: None, horizon };
+            let meta = Meta { newest, cache: no_cache, link: None, horizon, private };
             respond(&headers, meta, move || match newest {
                 Some(until) if !head => stream_body(engine, path, start_after, until, place),
                 _ => Body::empty(),
@@ -358,7 +381,8 @@ pub(crate) async fn host_guard(State(shared): State<Arc<Shared>>, req: axum::ext
 pub(crate) async fn preflight() -> Response {
     let mut h = HeaderMap::new();
     h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, HEAD, OPTIONS"));
-    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("If-None-Match"));
+    // `Authorization` by name: a wildcard would not cover it.
+    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("If-None-Match, Authorization"));
     h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("86400"));
     (StatusCode::NO_CONTENT, h).into_response()
 }
@@ -378,7 +402,7 @@ fn cors_headers(allowed: &[String], req: &HeaderMap, out: &mut HeaderMap) {
     } else {
         return;
     }
-    out.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("Link, ETag, Last-Modified, Ivy-Horizon"));
+    out.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("Link, ETag, Last-Modified, Ivy-Horizon, WWW-Authenticate"));
 }
 
 /// Middleware: CORS headers on every log response, errors included.

@@ -35,8 +35,10 @@
 //! - `session`: one connection's protocol, sans-IO (a command in, a decision out);
 //! - `ws`: the WebSocket I/O that feeds the session and carries out its decisions;
 //! - `conn`: a connection's outbound queue and ending, and the registry of connections;
+//! - [`auth`]: tokens, grants and who a connection is;
 //! - `http`: the log endpoint, CORS; `serve`: the accept loop; [`cli`]: the binary.
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 mod conn;
@@ -92,6 +94,8 @@ pub(crate) struct Shared {
     static_files: Option<Router>,
     /// The log requests in progress.
     log_requests: Arc<limits::Counted>,
+    /// Keys, token rules and anonymous grants.
+    auth: auth::Auth,
 }
 
 /// A running Ivy instance: its engine, fan-out and connections.
@@ -134,6 +138,17 @@ impl IvyBuilder {
     /// runtime.
     pub fn open(self) -> io::Result<Ivy> {
         let IvyBuilder { config, engine } = self;
+        let auth = auth::Auth::new(&config).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        if auth.enabled() {
+            tracing::info!(keys = config.auth_hmac_secrets.len() + config.auth_public_keys.len(), "auth on: tokens are checked");
+        } else {
+            tracing::warn!(
+                "auth is off: no --auth-hmac-secret or --auth-public-key is configured, so every client may read and write every path"
+            );
+            if !config.anonymous_read.is_empty() || !config.anonymous_write.is_empty() {
+                tracing::warn!("--anonymous-read and --anonymous-write have no effect while auth is off");
+            }
+        }
         let static_files = match &config.static_dir {
             Some(dir) => {
                 static_files::check(dir)?;
@@ -170,6 +185,7 @@ impl IvyBuilder {
             refusals,
             static_files,
             log_requests,
+            auth,
         });
         Ok(Ivy { shared })
     }

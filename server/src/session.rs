@@ -1,7 +1,7 @@
 //! The protocol of one WebSocket connection, sans-IO: a frame in, a decision out.
 //!
 //! [`Session`] holds what a connection's commands depend on (its subscriptions and their
-//! limit, its rate limiter; later its principal and presence) and decides what each frame
+//! limit, its rate limiter, its access: what its token grants; later its presence) and decides what each frame
 //! asks for ([`Outcome`]). It does no I/O and reads no clock: the WebSocket module
 //! (`ws.rs`) feeds it frames with the time, carries out its decisions (queue a reply,
 //! subscribe on the fan-out, publish through the engine) and writes the results.
@@ -21,6 +21,7 @@ use ivy_client_core::wire::{Command, ErrorCode, Op, encode_ack, encode_error};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::Config;
+use crate::auth::{Access, Need};
 use crate::conn::ReplySlot;
 use crate::engine::PublishError;
 use crate::ratelimit::{ByteLimiter, RateLimiter};
@@ -118,12 +119,16 @@ pub(crate) struct Session {
     /// change beyond the budget.
     pause: u64,
     bytes: Option<ByteLimiter>,
+    /// What the connection may read and write (verified once, at the handshake).
+    access: Access,
 }
 
 impl Session {
-    /// A new connection's session under `config`'s limits.
-    pub(crate) fn new(config: &Config) -> Session {
+    /// A new connection's session under `config`'s limits, with `access` (what its token, or
+    /// the lack of one, grants).
+    pub(crate) fn new(config: &Config, access: Access) -> Session {
         Session {
+            access,
             subs: HashSet::new(),
             max_subscriptions: config.max_subscriptions,
             max_path_length: config.max_path_length,
@@ -166,6 +171,17 @@ impl Session {
         if let Op::Subscribe(p) | Op::Unsubscribe(p) | Op::Send { path: p, .. } = &cmd.op {
             if let Err(e) = path::check_depth(p, self.max_path_depth) {
                 return Outcome::Reply(error_line(ack, ErrorCode::PathTooLong, &e.to_string()));
+            }
+        }
+        // The grants, per command: a comparison of paths, no allocation unless refused.
+        let need = match &cmd.op {
+            Op::Subscribe(p) => Some((Need::Read, p)),
+            Op::Send { path, .. } => Some((Need::Write, path)),
+            Op::Unsubscribe(_) | Op::Timestamp => None,
+        };
+        if let Some((need, p)) = need {
+            if !self.access.allows(need, p) {
+                return Outcome::Reply(error_line(ack, ErrorCode::Forbidden, &self.access.refusal(need, p)));
             }
         }
         if let (Op::Subscribe(_) | Op::Unsubscribe(_), Some(churn)) = (&cmd.op, self.churn.as_mut()) {
@@ -216,6 +232,11 @@ impl Session {
     /// `--subscribe-rate` (0: no wait). Taken once.
     pub(crate) fn take_pause(&mut self) -> u64 {
         std::mem::take(&mut self.pause)
+    }
+
+    /// The `exp` of the connection's token, if it has one (seconds since the Unix epoch).
+    pub(crate) fn expires(&self) -> Option<u64> {
+        self.access.expires()
     }
 
     /// The connection's subscriptions, to remove from the fan-out when it closes.
@@ -295,7 +316,7 @@ mod tests {
     use super::*;
 
     fn session(config: &Config) -> (Session, Refusals) {
-        (Session::new(config), Refusals::new(config))
+        (Session::new(config, Access::Open), Refusals::new(config))
     }
 
     fn reply(o: Outcome<'_>) -> String {
@@ -428,6 +449,36 @@ mod tests {
         assert!(refused.starts_with("#k#!rate-limited too many bytes: the limit is 1000 bytes stored per second"), "{refused}");
         assert!(matches!(s.on_text(0, b"+/a", &r), Outcome::Subscribe { .. }), "other commands are not affected");
         assert!(matches!(s.on_text(2_000_000_000, format!(":/a:{data}").as_bytes(), &r), Outcome::Send { .. }), "refilled");
+    }
+
+    #[test]
+    fn commands_beyond_the_grants_are_forbidden_and_not_executed() {
+        use crate::auth::{Grants, Principal};
+        use std::sync::Arc;
+        let config = Config::default();
+        let principal = Principal {
+            sub: Some("ada".into()),
+            read: Grants::new(&["/chat"]).unwrap(),
+            write: Grants::new(&["/chat/lobby"]).unwrap(),
+            exp: Some(1),
+        };
+        let mut s = Session::new(&config, Access::Granted(Arc::new(principal)));
+        let r = Refusals::new(&config);
+        assert!(matches!(s.on_text(0, b"+/chat/room1", &r), Outcome::Subscribe { .. }));
+        assert!(matches!(s.on_text(0, b"+/chat", &r), Outcome::Subscribe { .. }));
+        assert_eq!(
+            reply(s.on_text(0, b"#1#+/", &r)),
+            "#1#!forbidden the token of \"ada\" has no read grant covering / (a subscription delivers the path's whole subtree)"
+        );
+        assert!(reply(s.on_text(0, b"+/chatter", &r)).starts_with("!forbidden "));
+        assert!(matches!(s.on_text(0, b":/chat/lobby/x:hi", &r), Outcome::Send { .. }));
+        assert_eq!(reply(s.on_text(0, b"#2#:/chat:hi", &r)), "#2#!forbidden the token of \"ada\" has no write grant covering /chat");
+        assert!(matches!(s.on_text(0, b"-/anything", &r), Outcome::Unsubscribe { .. }), "unsubscribing needs no grant");
+        assert!(matches!(s.on_text(0, b"@", &r), Outcome::Time { .. }));
+        let mut subs: Vec<&str> = s.subscriptions().collect();
+        subs.sort();
+        assert_eq!(subs, ["/chat", "/chat/room1"], "refused subscriptions are not recorded");
+        assert_eq!(s.expires(), Some(1));
     }
 
     #[test]

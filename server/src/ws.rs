@@ -2,12 +2,13 @@
 //! the connection's [`Session`], its decisions carried out) and a writer (the bounded outbound
 //! queue, coalesced into one flush per burst).
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Extension;
-use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{OriginalUri, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -16,6 +17,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use crate::Shared;
+use crate::auth::{self, Access};
 use crate::conn::{Conn, Ending, PEER_GONE, ReaderStop, ReplySlot, Slot, Stop, WriterStop, close_code};
 use crate::engine::{Completion, Publish};
 use crate::fanout::ConnId;
@@ -43,11 +45,22 @@ pub(crate) async fn handler(
     State(shared): State<Arc<Shared>>,
     admitted: Option<Extension<Arc<Admitted>>>,
     headers: HeaderMap,
+    OriginalUri(uri): OriginalUri,
+    RawQuery(query): RawQuery,
     ws: WebSocketUpgrade,
 ) -> Response {
     if !origin_allowed(&shared.config.allowed_origins, &headers) {
         return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
     }
+    // The token is verified here, once for the connection's whole life.
+    let access = match shared.auth.request_access(&headers, query.as_deref()) {
+        Ok((access, _)) => access,
+        Err(e) => {
+            // Never the token itself: the URI with it redacted.
+            tracing::debug!(uri = %auth::Redacted(&uri), reason = %e, "WebSocket refused: invalid token");
+            return auth::unauthorized(&e.0);
+        }
+    };
     let Some(slot) = shared.connections.admit() else {
         let max = shared.connections.max();
         tracing::debug!(limit = max, "WebSocket refused: connection limit reached");
@@ -63,7 +76,7 @@ pub(crate) async fn handler(
                 // The TCP connection's place (under `serve`) is held for as long as it lives.
                 let peer = admitted.as_ref().and_then(|a| a.ip());
                 let _admitted = admitted;
-                connection(shared, socket, slot, peer).await;
+                connection(shared, socket, slot, peer, access).await;
             })
         },
     )
@@ -74,12 +87,12 @@ pub(crate) async fn handler(
 /// through (a send beyond it waits, and the connection's next commands with it).
 const SENDS_IN_FLIGHT: usize = 256;
 
-async fn connection(shared: Arc<Shared>, socket: WebSocket, mut slot: Slot, peer: Option<std::net::IpAddr>) {
+async fn connection(shared: Arc<Shared>, socket: WebSocket, mut slot: Slot, peer: Option<std::net::IpAddr>, access: Access) {
     let id = shared.connections.next_id();
     let (conn, rx, ending) = Conn::new(id, shared.config.queue_length);
     slot.register(&ending);
     let Some((reader_stop, writer_stop)) = ending.halves() else { return };
-    let session = Session::new(&shared.config);
+    let session = Session::new(&shared.config, access);
     let (sink, stream) = socket.split();
     match peer {
         Some(ip) => tracing::info!(conn = %id, peer = %ip, "connected"),
@@ -129,6 +142,24 @@ async fn tick(pings: &mut Option<Interval>) {
     }
 }
 
+/// Waits until the connection's token has expired (past `--auth-refresh-grace`); forever
+/// when it has none.
+async fn expiry(deadline: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match deadline {
+        Some(sleep) => sleep.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// When a token expiring at `exp` (seconds since the Unix epoch) closes its connection: `exp`
+/// plus `grace`, as an `Instant`.
+fn expiry_deadline(exp: u64, grace: Duration) -> Instant {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let left = Duration::from_secs(exp).saturating_sub(now).saturating_add(grace);
+    // A far-future `exp` would overflow an Instant: a year is forever enough.
+    Instant::now() + left.min(Duration::from_secs(365 * 86_400))
+}
+
 /// Reads frames and carries out the session's decisions until the connection ends; gives the
 /// stream and the reader's stop back.
 async fn read_loop(
@@ -148,6 +179,9 @@ async fn read_loop(
     });
     // A ping went out and nothing has arrived since.
     let mut awaiting_pong = false;
+    // Only a connection with a token has a timer (boxed: most have none).
+    let mut expires =
+        session.expires().map(|exp| Box::pin(tokio::time::sleep_until(expiry_deadline(exp, shared.config.auth_refresh_grace))));
     let sends = Arc::new(Semaphore::new(SENDS_IN_FLIGHT));
     {
         // Created once, not per command.
@@ -160,6 +194,11 @@ async fn read_loop(
                     if s == Stop::Shutdown {
                         ending.set(close_code::GOING_AWAY);
                     }
+                    break;
+                }
+                () = expiry(&mut expires) => {
+                    tracing::debug!(conn = %conn.id(), "token expired: closing");
+                    ending.end(close_code::TOKEN_EXPIRED);
                     break;
                 }
                 m = stream.next() => m,
@@ -434,6 +473,7 @@ fn close_frame(ending: &Ending) -> Option<(u16, &'static str)> {
         close_code::PROTOCOL_ERROR => Some((close_code::PROTOCOL_ERROR, "WebSocket protocol error")),
         close_code::SLOW_CONSUMER => Some((close_code::SLOW_CONSUMER, "slow consumer: outbound queue full")),
         close_code::PING_TIMEOUT => Some((close_code::PING_TIMEOUT, "ping timeout: nothing received for a whole ping interval")),
+        close_code::TOKEN_EXPIRED => Some((close_code::TOKEN_EXPIRED, "token expired: reconnect with a fresh token")),
         code => Some((code, "")),
     }
 }

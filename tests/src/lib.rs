@@ -491,9 +491,14 @@ pub async fn raw_handshake(addr: SocketAddr, headers: &[(&str, &str)]) -> (u16, 
 /// `Content-Length` body; for `101`, the body holds any bytes that followed the headers) and
 /// the stream positioned after them.
 pub async fn raw_ws_open(addr: SocketAddr, headers: &[(&str, &str)]) -> Result<(HttpResponse, TcpStream), String> {
+    raw_ws_open_at(addr, "/ws", headers).await
+}
+
+/// [`raw_ws_open`] on `target` (for example `/ws?token=...`).
+pub async fn raw_ws_open_at(addr: SocketAddr, target: &str, headers: &[(&str, &str)]) -> Result<(HttpResponse, TcpStream), String> {
     let mut s = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
     let mut req = format!(
-        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "GET {target} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
     );
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));

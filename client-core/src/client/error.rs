@@ -159,10 +159,11 @@ mod tests {
             assert_eq!(ServerCode::from_wire(c.as_str()), ServerCode::Known(c));
             assert_eq!(ServerCode::from_wire(c.as_str()), c);
         }
-        let other = ServerCode::from_wire("forbidden");
-        assert_eq!(other, ServerCode::Other("forbidden".into()));
-        assert_eq!(other, "forbidden");
-        assert_eq!(other.to_string(), "forbidden");
+        assert_eq!(ServerCode::from_wire("forbidden"), ServerCode::Known(ErrorCode::Forbidden));
+        let other = ServerCode::from_wire("payment-required");
+        assert_eq!(other, ServerCode::Other("payment-required".into()));
+        assert_eq!(other, "payment-required");
+        assert_eq!(other.to_string(), "payment-required");
         assert!(ServerCode::Known(ErrorCode::TooManySubscriptions) == *"too-many-subscriptions");
     }
 

@@ -31,6 +31,11 @@ struct Cli {
     #[arg(long, global = true, env = "IVY_URL", default_value = "ws://127.0.0.1:8080", value_parser = parse_url)]
     url: String,
 
+    /// A token (JWT) for a server with auth on: sent as `?token=` on the WebSocket and as
+    /// `Authorization: Bearer` on log reads. A refused token (HTTP 401) is not retried.
+    #[arg(long, global = true, env = "IVY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+
     /// Do not report connection losses and reconnects on stderr.
     #[arg(short, long, global = true)]
     quiet: bool,
@@ -132,6 +137,9 @@ enum Failure {
     Stdin(std::io::Error),
     /// Ctrl-C.
     Interrupted,
+    /// The subscriptions ended because the client closed by itself: the server refused to
+    /// reopen the connection (HTTP 401, for example after its token expired: close 4003).
+    Ended,
 }
 
 impl From<Error> for Failure {
@@ -147,13 +155,14 @@ impl fmt::Display for Failure {
             Failure::Query(e) => write!(f, "invalid log query: {e}"),
             Failure::Stdin(e) => write!(f, "cannot read standard input: {e}"),
             Failure::Interrupted => f.write_str("interrupted"),
+            Failure::Ended => f.write_str("the connection ended and the server refused to reopen it (HTTP 401: is the token expired?)"),
         }
     }
 }
 
 fn exit_code(e: &Failure) -> u8 {
     match e {
-        Failure::Client(Error::Connect(_)) => 3,
+        Failure::Client(Error::Connect(_)) | Failure::Ended => 3,
         Failure::Client(Error::InvalidUrl(_)) | Failure::Query(_) => 2,
         Failure::Interrupted => 130,
         _ => 1,
@@ -343,9 +352,20 @@ async fn interruptible<T>(future: impl Future<Output = Result<T, Failure>>) -> R
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     let url = cli.url;
+    let token = cli.token;
+    let builder = || {
+        let b = Client::builder(&url);
+        match &token {
+            Some(t) => b.token(t.clone()),
+            None => b,
+        }
+    };
     match cli.command {
         Command::Log { path, after, limit, last, format } => {
-            let logs = LogReader::new(&url)?;
+            let mut logs = LogReader::new(&url)?;
+            if let Some(t) = &token {
+                logs = logs.token(t.clone());
+            }
             // The options were checked by the parser: -n and --limit are at least 1.
             let query = LogQuery::from_parts(last, after, limit.map(u64::from)).map_err(Failure::Query)?;
             let events = interruptible(async { Ok(logs.log(&path, query).await?) }).await?;
@@ -361,7 +381,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Time { human: as_date } => {
             let t = interruptible(async {
-                let client = Client::connect(&url).await?;
+                let client = builder().connect().await?;
                 let t = client.timestamp().await;
                 client.close().await;
                 Ok(t?)
@@ -372,7 +392,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Send { path, data: Some(data) } => {
             let t = interruptible(async {
-                let client = Client::connect(&url).await?;
+                let client = builder().connect().await?;
                 let t = client.send(&path, &data).await;
                 client.close().await;
                 Ok(t?)
@@ -382,7 +402,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Send { path, data: None } => {
-            let client = interruptible(async { Ok(Client::connect(&url).await?) }).await?;
+            let client = interruptible(async { Ok(builder().connect().await?) }).await?;
             report_connection(&client, url, cli.quiet);
             let result = send_lines(&client, &path).await;
             client.close().await;
@@ -395,7 +415,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 (false, None) => Start::Now,
             };
             let (client, mut streams) = interruptible(async {
-                let client = Client::builder(&url).retry_initial_connect(false).connect().await?;
+                let client = builder().retry_initial_connect(false).connect().await?;
                 let mut streams = SelectAll::new();
                 for p in &paths {
                     streams.push(client.subscribe_from(p, start).await?);
@@ -422,7 +442,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     () = &mut closed => break,
                 };
                 match item {
-                    None => break,
+                    None => {
+                        result = Err(Failure::Ended);
+                        break;
+                    }
                     Some(Ok(e)) => {
                         if out.write_all(&render(&e, format, terminal)).and_then(|()| out.flush()).is_err() {
                             break; // stdout closed
