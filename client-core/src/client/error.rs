@@ -83,6 +83,16 @@ pub enum ClientError {
     Timeout,
     /// The client was closed.
     Closed,
+    /// The send's command (`size` bytes, ack key included) would exceed the server's message
+    /// size limit (`limit`, [`Config::max_message_size`](super::Config::max_message_size)), and
+    /// the server would close the connection over it: nothing was sent, the connection is
+    /// kept. Make the data smaller.
+    TooLarge {
+        /// The command's size in bytes.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
 }
 
 impl ClientError {
@@ -104,6 +114,9 @@ impl fmt::Display for ClientError {
             ClientError::NotConnected => f.write_str("not connected"),
             ClientError::Timeout => f.write_str("no reply in time; the event may or may not have been stored"),
             ClientError::Closed => f.write_str("client closed"),
+            ClientError::TooLarge { size, limit } => {
+                write!(f, "message too large: the send is {size} bytes, the server's limit is {limit}; nothing was sent")
+            }
         }
     }
 }
