@@ -97,7 +97,15 @@ async function run(): Promise<object> {
   const offline = new IvyClient(`ws://127.0.0.1:${dead}`, { requestTimeoutMs: 300 });
   const queued = await outcome(offline.send("/fresh/offline", "never written"));
   check(queued === "not-connected false", `queued send after requestTimeoutMs: ${queued}`);
+  // Never connected: "connecting" through its retries, the reason the last failure.
+  const why = offline.statusReason;
+  check(offline.status === "connecting" && why.code === "connect-failed" && why.closeCode === 1006, `offline: ${offline.status} ${JSON.stringify(why)}`);
   offline.close();
+
+  // The async factory resolves once connected.
+  const made = await IvyClient.connect(server);
+  check(made.status === "connected", `connect(): ${made.status}`);
+  made.close();
 
   // The log in pages, with the cursor of the next one.
   const logPath = `/fresh-log/${Math.floor(Math.random() * 1e9)}`;
