@@ -196,7 +196,13 @@ export class IvyClient {
     }
     const start = () => {
       if (this.#closed) return;
-      this.#raw = new RawClient(href, opts);
+      try {
+        this.#raw = new RawClient(href, opts);
+      } catch (e) {
+        // Not expected: the URL and options were checked above.
+        this.#reportError(e);
+        return this.#end({ code: "closed", message: e instanceof Error ? e.message : show(e) }, e);
+      }
       this.#raw.onStatus((change) => this.#onRawStatus(change));
       const queue = this.#queue;
       this.#queue = [];
