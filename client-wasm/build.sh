@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Builds the npm package of the WebAssembly client into client-wasm/pkg/, installing what it
 # needs where missing (wasm32 target, the exact wasm-bindgen CLI, wasm-opt from npm's
-# binaryen, terser), and prints the gzipped size of the .wasm plus its JavaScript glue.
+# binaryen, terser), and prints the gzipped size of what a web app loads.
+#
+# The package: ivy_client_wasm.js (the entry, from js/: the public API over wasm-bindgen's
+# classes) with its types ivy_client_wasm.d.ts (js/, written by hand); ivy_client_wasm_glue.js
+# (wasm-bindgen's glue); ivy_client_wasm_wasm.js (the .wasm, gzipped and in base64: inlined,
+# so that no bundler or dev server has to find a separate file). All three are minified.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/.." && pwd)"
@@ -28,17 +33,27 @@ cargo build -p ivy-client-wasm --target wasm32-unknown-unknown --profile wasm-re
 target_dir="${CARGO_TARGET_DIR:-$root/target}"
 out="$here/pkg"
 rm -rf "$out"
-wasm-bindgen --target web --out-dir "$out" --out-name ivy_client_wasm \
+wasm-bindgen --target web --out-dir "$out" --out-name ivy_client_wasm_glue \
   "$target_dir/wasm32-unknown-unknown/wasm-release/ivy_client_wasm.wasm"
 # --converge repeats -Oz while it still shrinks the module.
 "$tools/node_modules/.bin/wasm-opt" -Oz --converge --strip-debug --strip-producers \
   --enable-bulk-memory --enable-nontrapping-float-to-int --enable-sign-ext --enable-mutable-globals \
   --enable-reference-types --enable-multivalue \
-  -o "$out/ivy_client_wasm_bg.wasm" "$out/ivy_client_wasm_bg.wasm"
-# The glue is shipped minified, as a bundler would produce it (exports, the
-# `new URL("ivy_client_wasm_bg.wasm", import.meta.url)` pattern and the .d.ts are unchanged).
-"$tools/node_modules/.bin/terser" "$out/ivy_client_wasm.js" --module --compress passes=2 --mangle \
-  -o "$out/ivy_client_wasm.js"
+  -o "$out/ivy_client_wasm_bg.wasm" "$out/ivy_client_wasm_glue_bg.wasm"
+rm "$out/ivy_client_wasm_glue_bg.wasm" "$out/ivy_client_wasm_glue_bg.wasm.d.ts" "$out/ivy_client_wasm_glue.d.ts"
+# The glue is always given the module's bytes: its fallback, a fetch of
+# `new URL("..._bg.wasm", import.meta.url)`, is removed (bundlers would try to resolve it).
+glue="$out/ivy_client_wasm_glue.js"
+grep -q "new URL('ivy_client_wasm_glue_bg.wasm', import.meta.url)" "$glue"
+sed -i "s|new URL('ivy_client_wasm_glue_bg.wasm', import.meta.url)|undefined|" "$glue"
+if grep -q "import.meta.url" "$glue"; then echo "build.sh: the glue still refers to import.meta.url" >&2; exit 1; fi
+# The .wasm, gzipped, in base64 (decompressed with DecompressionStream when loaded).
+printf 'export default "%s";\n' "$(gzip -9 -n -c "$out/ivy_client_wasm_bg.wasm" | base64 -w0)" > "$out/ivy_client_wasm_wasm.js"
+cp "$here/js/ivy_client_wasm.js" "$here/js/ivy_client_wasm.d.ts" "$out/"
+# Shipped minified, as a bundler would produce them (exports and the .d.ts are unchanged).
+for f in ivy_client_wasm.js ivy_client_wasm_glue.js; do
+  "$tools/node_modules/.bin/terser" "$out/$f" --module --compress passes=2 --mangle -o "$out/$f"
+done
 
 version=$(cargo metadata --no-deps --format-version 1 | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{const p=JSON.parse(s).packages.find(p=>p.name==="ivy-client-wasm");process.stdout.write(p.version)})')
 cat > "$out/package.json" <<JSON
@@ -56,24 +71,29 @@ cat > "$out/package.json" <<JSON
       "types": "./ivy_client_wasm.d.ts",
       "default": "./ivy_client_wasm.js"
     },
-    "./ivy_client_wasm_bg.wasm": "./ivy_client_wasm_bg.wasm"
+    "./package.json": "./package.json"
   },
   "files": [
     "ivy_client_wasm.js",
     "ivy_client_wasm.d.ts",
-    "ivy_client_wasm_bg.wasm",
-    "ivy_client_wasm_bg.wasm.d.ts",
+    "ivy_client_wasm_glue.js",
+    "ivy_client_wasm_wasm.js",
     "README.md"
   ],
   "sideEffects": false,
   "keywords": ["pubsub", "websocket", "realtime", "ivy", "wasm"]
 }
 JSON
-cp "$here/README.md" "$out/README.md"
+cp "$here/js/README.md" "$out/README.md"
 rm -f "$out/.gitignore"
 
-wasm_gz=$(gzip -9 -c "$out/ivy_client_wasm_bg.wasm" | wc -c)
-js_gz=$(gzip -9 -c "$out/ivy_client_wasm.js" | wc -c)
+# What a web app loads: the three modules (a bundler joins them), each gzipped as a server
+# would send it. The .wasm itself (kept in pkg/ for measurements, not packed) is shown too.
 wasm_raw=$(wc -c < "$out/ivy_client_wasm_bg.wasm")
+wasm_gz=$(gzip -9 -c "$out/ivy_client_wasm_bg.wasm" | wc -c)
+inlined_gz=$(gzip -9 -c "$out/ivy_client_wasm_wasm.js" | wc -c)
+glue_gz=$(gzip -9 -c "$out/ivy_client_wasm_glue.js" | wc -c)
+api_gz=$(gzip -9 -c "$out/ivy_client_wasm.js" | wc -c)
+js_gz=$((glue_gz + api_gz))
 echo "package: $out"
-echo "size: wasm ${wasm_raw} bytes raw, ${wasm_gz} gzipped; glue ${js_gz} gzipped; total $((wasm_gz + js_gz)) bytes gzipped ($(( (wasm_gz + js_gz + 512) / 1024 )) KiB)"
+echo "size: wasm ${wasm_raw} bytes raw, ${wasm_gz} gzipped, ${inlined_gz} inlined (gzip, base64, gzipped); glue ${js_gz} gzipped (wasm-bindgen ${glue_gz}, API ${api_gz}); total $((inlined_gz + js_gz)) bytes gzipped ($(( (inlined_gz + js_gz + 512) / 1024 )) KiB)"

@@ -5,7 +5,7 @@ import { readFileSync } from "node:fs";
 const file = new URL("./pkg/ivy_client_wasm_bg.wasm", import.meta.url);
 const module = new WebAssembly.Module(readFileSync(file));
 const imports = WebAssembly.Module.imports(module);
-const allowed = new Set(["./ivy_client_wasm_bg.js", "wbg", "__wbindgen_placeholder__", "__wbindgen_externref_xform__"]);
+const allowed = new Set(["./ivy_client_wasm_glue_bg.js", "wbg", "__wbindgen_placeholder__", "__wbindgen_externref_xform__"]);
 const bad = imports.filter((i) => !allowed.has(i.module));
 const modules = [...new Set(imports.map((i) => i.module))];
 if (bad.length > 0) {

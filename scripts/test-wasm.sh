@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The WebAssembly tests: the client core's unit and simulation tests compiled to wasm32 and run
 # in Node; the browser client's tests in headless Chromium against a real ivy-server (which
-# they restart); a strict TypeScript check of a consumer against the generated types; and a
-# check that the .wasm imports only wasm-bindgen's glue. Installs what is missing.
+# they restart); a strict TypeScript check of consumers against the package's types; and a
+# check that the .wasm imports only wasm-bindgen's glue. (The packed package in a fresh Vite
+# app: scripts/test-web.sh, web-demo/e2e/package.test.mjs.) Installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # npm packages exactly as package-lock.json has them (npm ci, which never rewrites the lock),
@@ -63,8 +64,10 @@ IVY_TEST_SERVER="$server" IVY_TEST_CONTROL="$control" CHROMEDRIVER="$(command -v
   cargo test -p ivy-client-wasm --target wasm32-unknown-unknown --test browser
 stop_control
 
-step "TypeScript: tsc --noEmit --strict of a consumer against the generated types"
-(cd client-wasm/ts-check && npm_locked --silent && npx tsc -p . && echo "check: 1 passed, 0 failed (TypeScript consumer)")
+step "TypeScript: tsc --noEmit --strict of consumers against the package's types"
+# consumer.ts with `lib` es2022 and dom only; using.ts with esnext.disposable.
+(cd client-wasm/ts-check && npm_locked --silent && npx tsc -p . && npx tsc -p tsconfig.using.json \
+  && echo "check: 2 passed, 0 failed (TypeScript consumers)")
 
 step "the .wasm imports only wasm-bindgen's glue"
 node client-wasm/check-imports.mjs

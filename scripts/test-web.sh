@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The chat web demo's checks: builds the wasm package and the demo, type-checks it, and runs
 # the browser end-to-end tests (Playwright through playwright-core, driving Debian's Chromium)
-# against the real ivy-server binary. Installs what is missing: Chromium (apt), npm packages.
+# against the real ivy-server binary: the demo's (e2e/chat.test.mjs) and the npm package's, packed
+# and installed in a fresh Vite app (e2e/package.test.mjs). Installs what is missing: Chromium (apt), npm packages.
 # Prints 'check: N passed, N failed ...' lines that scripts/test.sh adds to its summary.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -13,9 +13,6 @@ export default defineConfig({
     target: "es2022",
     assetsInlineLimit: 0,
   },
-  // The package loads its .wasm with `new URL(..., import.meta.url)`: keep it out of the
-  // dependency pre-bundling so that the URL stays valid in the dev server.
-  optimizeDeps: { exclude: ["ivy-client-wasm"] },
   server: {
     proxy: {
       "/ws": { target: server.replace(/^http/, "ws"), ws: true },

@@ -510,10 +510,40 @@ fn offline_sends_time_out_and_disabled_queue_fails_at_once() {
     let id = c.send(0, "/q", "x").unwrap();
     assert_eq!(c.poll_timeout(), Some(100));
     c.handle_timeout(100);
-    assert!(std::iter::from_fn(|| c.poll_event()).any(|e| e == ClientEvent::Sent { id, result: Err(ClientError::Timeout) }));
+    // It was never written: certainly not stored (not `Timeout`, which is uncertain).
+    let failed = std::iter::from_fn(|| c.poll_event()).find_map(|e| match e {
+        ClientEvent::Sent { id: i, result: Err(e) } if i == id => Some(e),
+        _ => None,
+    });
+    assert_eq!(failed, Some(ClientError::NotConnected));
+    assert!(!ClientError::NotConnected.is_uncertain());
     let mut d = Client::new(Config::default().offline_queue(0), 1);
     assert_eq!(d.send(0, "/q", "x"), Err(ClientError::NotConnected));
     assert_eq!(d.timestamp(0), Err(ClientError::NotConnected));
+}
+
+#[test]
+fn a_send_over_the_message_size_limit_is_refused_locally_and_the_connection_kept() {
+    let mut c = Client::new(Config::default().max_message_size(20), 1);
+    // Checked while offline too: it would never be sent.
+    assert_eq!(c.send(0, "/q", &"a".repeat(14)), Err(ClientError::TooLarge { size: 21, limit: 20 }));
+    c.start(0);
+    assert_eq!(c.poll_action(), Some(Action::Connect));
+    c.handle_connected(1);
+    // "#1#:/q:" is 7 bytes: 13 bytes of data make exactly the limit, which the server accepts.
+    let fits = "a".repeat(13);
+    c.send(2, "/q", &fits).unwrap();
+    assert_eq!(c.poll_action(), Some(Action::Send(format!("#1#:/q:{fits}"))));
+    let e = c.send(3, "/q", &"a".repeat(14)).unwrap_err();
+    assert_eq!(e, ClientError::TooLarge { size: 21, limit: 20 });
+    assert!(!e.is_uncertain());
+    assert!(e.to_string().contains("nothing was sent"), "{e}");
+    // Nothing sent, the connection kept.
+    assert_eq!(c.poll_action(), None);
+    assert_eq!(c.state(), ConnState::Connected);
+    // 0: no check.
+    let mut d = Client::new(Config::default().max_message_size(0).offline_queue(1), 1);
+    assert!(d.send(0, "/q", &"a".repeat(100_000)).is_ok());
 }
 
 #[test]

@@ -7,9 +7,12 @@
 //! and server restarts (or reports that continuity was lost); sends resolve to the event's
 //! timestamp once stored; sends made while disconnected are queued.
 //!
+//! The package's entry is the JavaScript layer `js/ivy_client_wasm.js` (loading the inlined
+//! module, option checks, listeners, status reasons), which wraps these exports; used through
+//! it:
+//!
 //! ```js
-//! import init, { IvyClient } from "ivy-client-wasm";
-//! await init();
+//! import { IvyClient } from "ivy-client-wasm";
 //! const client = new IvyClient("ws://127.0.0.1:8080");
 //! const sub = client.subscribe("/chat/room1", (e) => console.log(e.ts, e.path, e.data), { from: "beginning" });
 //! const ts = await client.send("/chat/room1", "hello");
@@ -63,45 +66,15 @@ fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
     core::arch::wasm32::unreachable()
 }
 
+// The public types are written by hand in `js/ivy_client_wasm.d.ts`, over the JavaScript layer
+// `js/ivy_client_wasm.js` that wraps these exports; this section only keeps the generated
+// (unshipped) `.d.ts` of the glue self-contained.
 #[wasm_bindgen(typescript_custom_section)]
 const TS_TYPES: &'static str = r#"
-/** Connection state. */
 export type IvyStatus = "connecting" | "connected" | "reconnecting" | "closed";
-/** An event: its unique timestamp (fixed width, compares as a string), normalized path and data. */
 export interface IvyEvent { ts: string; path: string; data: string }
-/** Tuning; all optional. */
-export interface IvyOptions {
-  minBackoffMs?: number; maxBackoffMs?: number; connectTimeoutMs?: number; requestTimeoutMs?: number;
-  idleTimeoutMs?: number; probeTimeoutMs?: number; offlineQueue?: number; pageLimit?: number;
-}
-/** Where a subscription starts ("now" by default), and where its notices go. */
-export interface SubscribeOptions {
-  from?: "now" | "beginning" | string;
-  onError?: (err: IvyError) => void;
-}
-/** What went wrong, for code to act on (the message is for people and may change):
- * "connection-lost" and "timeout" (a send or request whose reply never came: a send may
- * or may not have been stored, see `uncertain`), "not-connected" (a timestamp request while
- * disconnected, or a send beyond the offline queue), "closed", "invalid-path",
- * "invalid-argument" (an option, a timestamp, data or URL that cannot be used),
- * "continuity-lost" (onError: the server lost events this subscription delivered, or
- * events after the last one delivered were deleted from the log by retention or an operator
- * (its `Ivy-Horizon`); it goes on), "http" (a log read failed; `status` says how the server answered), "busy" (the
- * client was called in the middle of an update), or the server's code when it refused a
- * command ("too-many-subscriptions", "rate-limited", "storage", "store-full", "shutting-down", ...). */
-export type IvyErrorCode = "connection-lost" | "timeout" | "not-connected" | "closed" | "invalid-path"
-  | "invalid-argument" | "continuity-lost" | "http" | "busy" | (string & {});
-/** Every rejected promise and every `onError` notice is an `IvyError`. */
-export interface IvyError extends Error {
-  code: IvyErrorCode;
-  /** True when a failed send may nevertheless have been stored ("connection-lost",
-   * "timeout"): if it was, it is in the log and the subscriptions deliver it; look for it
-   * in the log before sending it again. False otherwise: nothing was stored. */
-  uncertain: boolean;
-  /** With code "http": the HTTP status of the server's answer, if it answered. */
-  status?: number;
-}
-/** Parameters of a log read. */
+export type IvyOptions = Record<string, number>;
+export interface SubscribeOptions { from?: string; onError?: (err: Error) => void }
 export interface LogOptions { after?: string; limit?: number; n?: number }
 "#;
 
@@ -162,6 +135,7 @@ fn error_code(e: &ClientError) -> &str {
         ClientError::NotConnected => "not-connected",
         ClientError::Timeout => "timeout",
         ClientError::Closed => "closed",
+        ClientError::TooLarge { .. } => "too-large",
     }
 }
 
@@ -245,6 +219,11 @@ struct State {
     subs: Vec<(SubId, SubCallbacks)>,
     requests: Vec<(RequestId, Function, Function)>,
     status_callbacks: Vec<Function>,
+    /// The input being handled, for the status callbacks: "start", "open", "in", "close",
+    /// "timeout", "closed" (`close()`), "send-failed", "socket-error".
+    cause: &'static str,
+    /// The code of the last close event (with cause "close").
+    close_code: Option<u16>,
 }
 
 struct Inner {
@@ -347,6 +326,9 @@ impl IvyClient {
             if let Some(v) = number(&o, "offlineQueue") {
                 cfg = cfg.offline_queue(v as usize);
             }
+            if let Some(v) = number(&o, "maxMessageSize") {
+                cfg = cfg.max_message_size(v as usize);
+            }
             if let Some(v) = number(&o, "pageLimit").filter(|v| *v >= 1) {
                 cfg = cfg.page_limit(v.min(u64::from(u32::MAX)) as u32);
             }
@@ -363,6 +345,8 @@ impl IvyClient {
             subs: Vec::new(),
             requests: Vec::new(),
             status_callbacks: Vec::new(),
+            cause: "start",
+            close_code: None,
         };
         let inner = Rc::new(Inner {
             state: RefCell::new(state),
@@ -378,6 +362,7 @@ impl IvyClient {
                 match inner.state.try_borrow_mut() {
                     Ok(mut st) => {
                         st.timer = None;
+                        st.cause = "timeout";
                         st.core.handle_timeout(now());
                     }
                     Err(_) => dropped(&inner, "a timer"),
@@ -396,9 +381,12 @@ impl IvyClient {
         self.inner.state.try_borrow().map_or("connecting", |st| status_str(st.core.state())).to_string()
     }
 
-    /// Calls `callback` with the new state on every change.
+    /// Calls `callback` on every change of the core's state with `[status, cause, closeCode]`:
+    /// the new state, the input that caused it ("start", "open", "in", "close", "timeout",
+    /// "closed", "send-failed", "socket-error") and, with "close", the WebSocket close code.
+    /// (The package's JavaScript layer turns these into its status events and reasons.)
     #[wasm_bindgen(js_name = onStatus)]
-    pub fn on_status(&self, #[wasm_bindgen(unchecked_param_type = "(status: IvyStatus) => void")] callback: Function) {
+    pub fn on_status(&self, #[wasm_bindgen(unchecked_param_type = "(change: [string, string, number | undefined]) => void")] callback: Function) {
         if let Ok(mut st) = self.inner.state.try_borrow_mut() {
             st.status_callbacks.push(callback);
         }
@@ -468,7 +456,8 @@ impl IvyClient {
     }
 
     /// A channel's stored history (its whole subtree), oldest first: all of it, the last `n`
-    /// events, or a page (`after`, `limit`). Rejects with an `IvyError`: "invalid-path",
+    /// events, or a page (`after`, `limit`); the array's `link` property holds the answer's
+    /// `Link` header when it has one (the JavaScript layer turns it into `next`). Rejects with an `IvyError`: "invalid-path",
     /// "invalid-argument" (for example `n` with `after`), or "http" with the `status` of the
     /// server's answer.
     #[wasm_bindgen(unchecked_return_type = "Promise<IvyEvent[]>")]
@@ -489,9 +478,15 @@ impl IvyClient {
         })();
         let base = self.inner.state.try_borrow().map(|st| st.http_base.clone()).unwrap_or_default();
         wasm_bindgen_futures::future_to_promise(async move {
-            let (body, _horizon) = get_text(&format!("{base}{}", target?)).await.map_err(|e| http_error(e.status, &e.to_string()))?;
+            let (body, _horizon, link) = get_text(&format!("{base}{}", target?)).await.map_err(|e| http_error(e.status, &e.to_string()))?;
             let events = ivy_core::http::parse_log(&body).map_err(|e| http_error(None, &format!("unparsable log line: {e}")))?;
-            Ok(events.iter().map(event_object).collect::<Array>().into())
+            let events: Array = events.iter().map(event_object).collect();
+            // The server's `Link: rel="next"` (cursor pages that may have a next one), for the
+            // JavaScript layer's `next`.
+            if let Some(link) = link {
+                let _ = Reflect::set(&events, &"link".into(), &link.into());
+            }
+            Ok(events.into())
         })
     }
 
@@ -533,6 +528,7 @@ impl IvyClient {
     /// Closes the connection; pending requests reject and callbacks stop.
     pub fn close(&self) {
         if let Ok(mut st) = self.inner.state.try_borrow_mut() {
+            st.cause = "closed";
             st.core.close(now());
         }
         pump(&self.inner);
@@ -576,9 +572,9 @@ impl core::fmt::Display for FetchError {
     }
 }
 
-/// A log page: its body and the log's horizon (`Ivy-Horizon`, the newest event deleted from
-/// it), if it states one.
-async fn get_text(url: &str) -> Result<(String, Option<Timestamp>), FetchError> {
+/// The body of a 200 answer, the log's horizon (`Ivy-Horizon`, the newest event deleted from
+/// it) if it states one, and its `Link` header if any (a cursor page that may have a next one).
+async fn get_text(url: &str) -> Result<(String, Option<Timestamp>, Option<String>), FetchError> {
     let failed = |message: String| FetchError { status: None, message };
     let resp = wasm_bindgen_futures::JsFuture::from(fetch(url)).await.map_err(|e| failed(format!("fetch {url}: {}", describe(&e))))?;
     let resp: web_sys::Response = resp.dyn_into().map_err(|_| failed("fetch did not return a Response".into()))?;
@@ -588,15 +584,15 @@ async fn get_text(url: &str) -> Result<(String, Option<Timestamp>), FetchError> 
     if resp.status() != 200 {
         return Err(FetchError { status: Some(resp.status()), message: text.trim_end().into() });
     }
-    Ok((text, horizon(&resp)))
+    let horizon = header(&resp, "Ivy-Horizon").and_then(|v| Timestamp::parse(v.as_bytes()).ok());
+    Ok((text, horizon, header(&resp, "Link")))
 }
 
-/// `response.headers.get("Ivy-Horizon")`, through `Reflect` (no `Headers` binding needed).
-fn horizon(resp: &web_sys::Response) -> Option<Timestamp> {
+/// `response.headers.get(name)`, through `Reflect` (no `Headers` binding needed).
+fn header(resp: &web_sys::Response, name: &str) -> Option<String> {
     let headers = Reflect::get(resp, &"headers".into()).ok()?;
     let get: js_sys::Function = Reflect::get(&headers, &"get".into()).ok()?.dyn_into().ok()?;
-    let value = get.call1(&headers, &"Ivy-Horizon".into()).ok()?.as_string()?;
-    Timestamp::parse(value.as_bytes()).ok()
+    get.call1(&headers, &name.into()).ok()?.as_string()
 }
 
 fn describe(e: &JsValue) -> String {
@@ -639,6 +635,7 @@ fn step(inner: &Rc<Inner>, st: &mut State) {
                     st.trace.push(now(), "out", &text);
                     let failed = st.socket.as_ref().is_some_and(|s| s.ws.send_with_str(&text).is_err());
                     if failed {
+                        st.cause = "send-failed";
                         st.socket = None;
                         st.core.handle_disconnected(now());
                     }
@@ -661,7 +658,7 @@ fn step(inner: &Rc<Inner>, st: &mut State) {
                                 Ok(mut st) => {
                                     // The start of the page (empty: nothing after the cursor) or the error.
                                     match &result {
-                                        Ok((body, _)) => st.trace.push(now(), "log", body),
+                                        Ok((body, ..)) => st.trace.push(now(), "log", body),
                                         Err(e) => st.trace.push(now(), "log", &e.to_string()),
                                     }
                                     let horizon = result.as_ref().ok().and_then(|r| r.1);
@@ -735,8 +732,9 @@ fn queue_event(inner: &Rc<Inner>, st: &mut State, event: ClientEvent) {
             if s == ConnState::Closed {
                 st.subs.clear();
             }
+            let change: JsValue = Array::of3(&status_str(s).into(), &st.cause.into(), &st.close_code.map_or(JsValue::UNDEFINED, JsValue::from)).into();
             for f in &st.status_callbacks {
-                calls.push_back(Call(f.clone(), status_str(s).into()));
+                calls.push_back(Call(f.clone(), change.clone()));
             }
         }
         ClientEvent::Warning(w) => web_sys_warn(&w),
@@ -761,6 +759,7 @@ fn connect(inner: &Rc<Inner>, st: &mut State) {
         Ok(ws) => ws,
         Err(e) => {
             web_sys_warn(&format!("cannot open WebSocket: {}", describe(&e)));
+            st.cause = "socket-error";
             st.core.handle_disconnected(now());
             return;
         }
@@ -777,6 +776,10 @@ fn connect(inner: &Rc<Inner>, st: &mut State) {
                         return;
                     }
                     st.trace.push(now(), kind, text.as_deref().unwrap_or(""));
+                    st.cause = kind;
+                    if kind == "close" {
+                        st.close_code = text.as_deref().and_then(|t| t.parse().ok());
+                    }
                     f(&mut st.core, text);
                 }
                 Err(_) => dropped(&inner, kind),

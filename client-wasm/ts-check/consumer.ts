@@ -2,6 +2,7 @@
 // generated .d.ts (scripts/test-wasm.sh). It is not run: it proves the types are complete.
 import init, {
   IvyClient, IvySubscription, type IvyError, type IvyErrorCode, type IvyEvent, type IvyStatus, type IvyOptions, type LogOptions,
+  type IvyStatusReason, type IvyTimestamp,
 } from "ivy-client-wasm";
 
 export async function demo(): Promise<string> {
@@ -10,10 +11,18 @@ export async function demo(): Promise<string> {
   const client: IvyClient = new IvyClient("ws://127.0.0.1:8080", options);
   const statuses: IvyStatus[] = [];
   client.onStatus((s: IvyStatus) => statuses.push(s));
+  // Listeners are removable; each change has a reason.
+  const off: () => void = client.onStatus((s: IvyStatus, r: IvyStatusReason) => console.log(s, r.code, r.message, r.closeCode));
+  off();
+  const offErrors: () => void = client.onError((e: unknown) => console.error(e));
+  offErrors();
+  await client.ready(5000);
+  const connected: IvyClient = await IvyClient.connect("/", { requestTimeoutMs: 1000 });
+  const why: IvyStatusReason = connected.statusReason;
   const current: IvyStatus = client.status;
   const seen: IvyEvent[] = [];
   const sub: IvySubscription = client.subscribe("/chat/room1", (e: IvyEvent) => {
-    const ts: string = e.ts;
+    const ts: IvyTimestamp = e.ts;
     const path: string = e.path;
     const data: string = e.data;
     seen.push({ ts, path, data });
@@ -23,7 +32,10 @@ export async function demo(): Promise<string> {
   const bare = new IvyClient("ws://127.0.0.1:8080");
   bare.subscribe("/chat", (e) => seen.push(e)).unsubscribe();
   void bare.log("/chat");
-  const ts: string = await client.send(path, "hello");
+  const ts: IvyTimestamp = await client.send(path, "hello");
+  // `from` takes a timestamp as well as "now" and "beginning".
+  client.subscribe(path, () => {}, { from: ts }).unsubscribe();
+  const asString: string = ts;
   const ts2: string = await client.send(path, new TextEncoder().encode("bytes"));
   const query: LogOptions = { after: ts, limit: 10 };
   const page: IvyEvent[] = await client.log("/chat", query);
@@ -51,5 +63,11 @@ export async function demo(): Promise<string> {
   void client.send(path, 42);
   // @ts-expect-error: the callback receives an IvyEvent
   client.subscribe("/x", (e: number) => e);
-  return [current, ts, ts2, now, String(page.length + last.length)].join(" ");
+  // @ts-expect-error: `from` is "now", "beginning" or a timestamp
+  client.subscribe("/x", () => {}, { from: "yesterday" });
+  // @ts-expect-error: no free(): close() is the one way to end a client
+  client.free();
+  // @ts-expect-error: unknown options are refused
+  void new IvyClient("/", { maxBackofMs: 5 });
+  return [current, ts, ts2, now, asString, why.code, String(page.length + last.length)].join(" ");
 }

@@ -93,14 +93,15 @@ export function tempDir(prefix = "ivy-e2e-") {
 /**
  * Starts `ivy-server --listen 127.0.0.1:PORT --data DIR --static-dir web-demo/dist` and waits
  * for its first stdout line, `ivy-server listening on http://ADDR`. Port 0 picks a free port;
- * a restart passes the port it had, so that open pages reconnect to it.
+ * a restart passes the port it had, so that open pages reconnect to it. `staticDir`: what it
+ * serves (the built demo by default).
  */
-export async function startServer(dataDir, port = 0) {
-  if (!existsSync(join(distDir, "index.html"))) throw new Error(`${distDir}/index.html missing: build the demo first (npm run build)`);
+export async function startServer(dataDir, port = 0, staticDir = distDir) {
+  if (!existsSync(join(staticDir, "index.html"))) throw new Error(`${staticDir}/index.html missing: build the demo first (npm run build)`);
   const deadline = Date.now() + WAIT;
   for (;;) {
     try {
-      return await spawnServer(dataDir, port);
+      return await spawnServer(dataDir, port, staticDir);
     } catch (e) {
       // Right after a kill the port can still be busy for a moment.
       if (port === 0 || Date.now() > deadline) throw e;
@@ -112,9 +113,9 @@ export async function startServer(dataDir, port = 0) {
 /** Latency proxies by server port, kept across restarts on the same port (see `LATENCY`). */
 const latencyProxies = new Map();
 
-function spawnServer(dataDir, port) {
+function spawnServer(dataDir, port, staticDir) {
   return new Promise((resolvePromise, reject) => {
-    const proc = spawn(binary("ivy-server"), ["--listen", `127.0.0.1:${port}`, "--data", dataDir, "--static-dir", distDir], {
+    const proc = spawn(binary("ivy-server"), ["--listen", `127.0.0.1:${port}`, "--data", dataDir, "--static-dir", staticDir], {
       env: { ...process.env, RUST_LOG: SERVER_LOG, NO_COLOR: "1" },
       stdio: ["ignore", "pipe", "pipe"],
     });

@@ -1,6 +1,6 @@
 // One open room: history, then live messages, and our own sends until they are confirmed.
 
-import type { IvyClient, IvyError, IvyEvent, IvySubscription } from "ivy-client-wasm";
+import type { IvyClient, IvyError, IvyEvent, IvySubscription, IvyTimestamp } from "ivy-client-wasm";
 import { type ChatMessage, MAX_DATA_BYTES, dataBytes, decode, encode, newId, roomPath } from "./message";
 import type { MessageList } from "./view";
 
@@ -12,14 +12,14 @@ interface Pending {
   data: string;
   /** The newest timestamp this room had seen when the message was first sent: if it was
    * stored, it is in the log after this. */
-  after: string | undefined;
+  after: IvyTimestamp | undefined;
 }
 
 export class Room {
   readonly path: string;
   private sub: IvySubscription | undefined;
   private closed = false;
-  private lastTs: string | undefined;
+  private lastTs: IvyTimestamp | undefined;
   private pending = new Map<string, Pending>();
 
   constructor(
@@ -185,9 +185,9 @@ export class Room {
     }
   }
 
-  private async inLog(id: string, after: string | undefined): Promise<boolean> {
+  private async inLog(id: string, after: IvyTimestamp | undefined): Promise<boolean> {
     const limit = 500;
-    let cursor = after ?? "0000000000.000000000";
+    let cursor: IvyTimestamp = after ?? "0000000000.000000000";
     for (;;) {
       const page = await this.client.log(this.path, { after: cursor, limit });
       for (const e of page) if (toMessage(e).id === id) return true;

@@ -34,6 +34,11 @@ pub struct Config {
     /// events are dropped and fetched from the log instead (memory stays bounded).
     /// Default: 10,000.
     pub max_buffered: usize,
+    /// The server's message size limit (its `--max-message-size`), in bytes: a send whose
+    /// command (ack key included) is larger fails with [`ClientError::TooLarge`](super::ClientError::TooLarge)
+    /// instead of being sent, since the server would close the connection over it. 0: no
+    /// check. Default: 65,536, the server's default.
+    pub max_message_size: usize,
 }
 
 impl Default for Config {
@@ -48,6 +53,7 @@ impl Default for Config {
             page_limit: 1000,
             offline_queue: 1000,
             max_buffered: 10_000,
+            max_message_size: 65_536,
         }
     }
 }
@@ -92,6 +98,12 @@ impl Config {
     /// Sets [`Config::page_limit`].
     pub fn page_limit(mut self, events: u32) -> Self {
         self.page_limit = events;
+        self
+    }
+
+    /// Sets [`Config::max_message_size`].
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes;
         self
     }
 

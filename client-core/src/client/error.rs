@@ -75,14 +75,26 @@ pub enum ClientError {
     /// or may not have been stored (if it was, it is in the log and in the backfill). See
     /// [`ClientError::is_uncertain`].
     ConnectionLost,
-    /// Not connected, and the request cannot wait (timestamp) or the offline queue is full
-    /// or disabled (send). Nothing was sent; retrying later is safe.
+    /// Not connected, and the request cannot wait (timestamp), the offline queue is full or
+    /// disabled (send), or a queued send found no connection within
+    /// [`Config::request_timeout`](super::Config::request_timeout). Nothing was sent;
+    /// retrying later is safe.
     NotConnected,
     /// No reply within [`Config::request_timeout`](super::Config::request_timeout); a send
     /// may or may not have been stored. See [`ClientError::is_uncertain`].
     Timeout,
     /// The client was closed.
     Closed,
+    /// The send's command (`size` bytes, ack key included) would exceed the server's message
+    /// size limit (`limit`, [`Config::max_message_size`](super::Config::max_message_size)), and
+    /// the server would close the connection over it: nothing was sent, the connection is
+    /// kept. Make the data smaller.
+    TooLarge {
+        /// The command's size in bytes.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
 }
 
 impl ClientError {
@@ -101,9 +113,12 @@ impl fmt::Display for ClientError {
             ClientError::InvalidPath(e) => write!(f, "invalid path: {e}"),
             ClientError::Server { code, message } => write!(f, "server refused ({code}): {message}"),
             ClientError::ConnectionLost => f.write_str("connection lost before the reply; the event may or may not have been stored"),
-            ClientError::NotConnected => f.write_str("not connected"),
+            ClientError::NotConnected => f.write_str("not connected; nothing was sent"),
             ClientError::Timeout => f.write_str("no reply in time; the event may or may not have been stored"),
             ClientError::Closed => f.write_str("client closed"),
+            ClientError::TooLarge { size, limit } => {
+                write!(f, "message too large: the send is {size} bytes, the server's limit is {limit}; nothing was sent")
+            }
         }
     }
 }
@@ -173,6 +188,9 @@ mod tests {
         assert_eq!(refused.to_string(), "server refused (rate-limited): slow down");
         assert_eq!(ClientError::ConnectionLost.to_string(), "connection lost before the reply; the event may or may not have been stored");
         assert_eq!(ClientError::Timeout.to_string(), "no reply in time; the event may or may not have been stored");
+        assert_eq!(ClientError::NotConnected.to_string(), "not connected; nothing was sent");
+        let too_large = ClientError::TooLarge { size: 70_010, limit: 65_536 };
+        assert_eq!(too_large.to_string(), "message too large: the send is 70010 bytes, the server's limit is 65536; nothing was sent");
         let uncertain: alloc::vec::Vec<bool> = [
             ClientError::InvalidPath(PathError::TrailingSlash),
             refused.clone(),
@@ -180,11 +198,12 @@ mod tests {
             ClientError::NotConnected,
             ClientError::Timeout,
             ClientError::Closed,
+            too_large,
         ]
         .iter()
         .map(ClientError::is_uncertain)
         .collect();
-        assert_eq!(uncertain, [false, false, true, false, true, false]);
+        assert_eq!(uncertain, [false, false, true, false, true, false, false]);
         let t = |n| Timestamp::new(1_700_000_000, n).unwrap();
         assert_eq!(
             SubscriptionError::ContinuityLost { last: t(2), position: t(1) }.to_string(),

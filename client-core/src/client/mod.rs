@@ -356,6 +356,9 @@ impl Client {
     /// Publishes `data` on `path`. The outcome arrives as [`ClientEvent::Sent`].
     pub fn send(&mut self, now: Millis, path: &str, data: &str) -> Result<RequestId, ClientError> {
         let path = path::normalize(path.as_bytes()).map_err(ClientError::InvalidPath)?.into_owned();
+        if self.state != ConnState::Closed {
+            self.check_size(&path, data.len())?;
+        }
         let id = RequestId(self.id());
         match self.state {
             ConnState::Closed => Err(ClientError::Closed),
@@ -419,8 +422,18 @@ impl Client {
             self.actions.push_back(Action::Send(frame));
         }
         while let Some(q) = self.requests.take_offline() {
-            self.transmit_send(now, q.id, q.path, q.data);
+            // Checked again with the ack key it gets now (one digit longer, rarely).
+            match self.check_size(&q.path, q.data.len()) {
+                Ok(()) => self.transmit_send(now, q.id, q.path, q.data),
+                Err(e) => self.events.push_back(ClientEvent::Sent { id: q.id, result: Err(e) }),
+            }
         }
+    }
+
+    /// Refuses a send whose command would exceed [`Config::max_message_size`].
+    fn check_size(&self, path: &str, data_len: usize) -> Result<(), ClientError> {
+        let (size, limit) = (self.requests.send_len(path, data_len), self.cfg.max_message_size);
+        if limit > 0 && size > limit { Err(ClientError::TooLarge { size, limit }) } else { Ok(()) }
     }
 
     /// A non-text frame (ping, pong) arrived: the connection is alive.

@@ -109,6 +109,18 @@ impl Requests {
         self.timed.insert(key, Timed { id, deadline, kind });
     }
 
+    /// The length in bytes of the frame that [`Requests::send`] would build now for `path`
+    /// and `data_len` bytes of data: `#key#:path:data`.
+    pub(super) fn send_len(&self, path: &str, data_len: usize) -> usize {
+        let mut digits = 1;
+        let mut k = self.next_key;
+        while k >= 10 {
+            k /= 10;
+            digits += 1;
+        }
+        digits + path.len() + data_len + 4
+    }
+
     /// The frame of a send; it fails with [`ClientError::Timeout`] at `deadline`.
     pub(super) fn send(&mut self, id: RequestId, path: String, data: Vec<u8>, deadline: Millis) -> String {
         let (key, frame) = self.frame(Op::Send { path: path.as_str().into(), data: &data });
@@ -212,11 +224,13 @@ impl Requests {
         self.offline.front().map(|q| q.queued_at.saturating_add(timeout))
     }
 
-    /// Fails the queued sends that waited `timeout` with [`ClientError::Timeout`].
+    /// Fails the queued sends that waited `timeout` with [`ClientError::NotConnected`]: they
+    /// were never written, so nothing was stored (not [`ClientError::Timeout`], which means
+    /// the reply to a written send never came).
     pub(super) fn expire_offline(&mut self, now: Millis, timeout: Millis, events: &mut VecDeque<ClientEvent>) {
         while self.offline.front().is_some_and(|q| q.queued_at.saturating_add(timeout) <= now) {
             if let Some(q) = self.offline.pop_front() {
-                events.push_back(ClientEvent::Sent { id: q.id, result: Err(ClientError::Timeout) });
+                events.push_back(ClientEvent::Sent { id: q.id, result: Err(ClientError::NotConnected) });
             }
         }
     }
@@ -295,7 +309,8 @@ mod tests {
         assert!(!r.queue_offline(2, 10, RequestId(3), "/q".into(), b"3".to_vec()));
         assert_eq!(r.offline_deadline(100), Some(100));
         r.expire_offline(105, 100, &mut events);
-        assert_eq!(drain(&mut events), [ClientEvent::Sent { id: RequestId(1), result: Err(ClientError::Timeout) }]);
+        // Never written: certainly not stored.
+        assert_eq!(drain(&mut events), [ClientEvent::Sent { id: RequestId(1), result: Err(ClientError::NotConnected) }]);
         assert_eq!(r.offline_deadline(100), Some(110));
         let q = r.take_offline().unwrap();
         assert_eq!((q.id, q.path.as_str(), q.data.as_slice()), (RequestId(2), "/q", &b"2"[..]));
