@@ -386,7 +386,10 @@ impl IvyClient {
     /// "closed", "send-failed", "socket-error") and, with "close", the WebSocket close code.
     /// (The package's JavaScript layer turns these into its status events and reasons.)
     #[wasm_bindgen(js_name = onStatus)]
-    pub fn on_status(&self, #[wasm_bindgen(unchecked_param_type = "(change: [string, string, number | undefined]) => void")] callback: Function) {
+    pub fn on_status(
+        &self,
+        #[wasm_bindgen(unchecked_param_type = "(change: [string, string, number | undefined]) => void")] callback: Function,
+    ) {
         if let Ok(mut st) = self.inner.state.try_borrow_mut() {
             st.status_callbacks.push(callback);
         }
@@ -732,7 +735,8 @@ fn queue_event(inner: &Rc<Inner>, st: &mut State, event: ClientEvent) {
             if s == ConnState::Closed {
                 st.subs.clear();
             }
-            let change: JsValue = Array::of3(&status_str(s).into(), &st.cause.into(), &st.close_code.map_or(JsValue::UNDEFINED, JsValue::from)).into();
+            let change: JsValue =
+                Array::of3(&status_str(s).into(), &st.cause.into(), &st.close_code.map_or(JsValue::UNDEFINED, JsValue::from)).into();
             for f in &st.status_callbacks {
                 calls.push_back(Call(f.clone(), change.clone()));
             }
