@@ -381,7 +381,8 @@ fn public_key(file: &Path) -> Result<Key, String> {
         return Err(format!("--auth-public-key {shown}: this is a private key; give the public key (openssl pkey -pubout)"));
     }
     // The algorithm from the key's type, found by its object identifier in the DER.
-    let der = pem_der(&text).ok_or_else(|| format!("--auth-public-key {shown}: not a PEM public key"))?;
+    let der = pem::parse(&pem).map_err(|e| format!("--auth-public-key {shown}: not a PEM public key ({e})"))?;
+    let der = der.contents();
     const RSA: &[u8] = &[0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
     const P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
     const EC: &[u8] = &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
@@ -401,40 +402,6 @@ fn public_key(file: &Path) -> Result<Key, String> {
     let key = key.map_err(|e| format!("--auth-public-key {shown}: {e}"))?;
     let kid = file.file_stem().map(|s| s.to_string_lossy().into_owned());
     Ok(Key { alg, kid, key })
-}
-
-/// The DER bytes of the first PEM block of `text`.
-fn pem_der(text: &str) -> Option<Vec<u8>> {
-    let start = text.find("-----BEGIN ")?;
-    let body = &text[start..];
-    let body = &body[body.find('\n')? + 1..];
-    let body = &body[..body.find("-----END ")?];
-    base64_decode(body)
-}
-
-/// Standard base64, whitespace ignored (PEM bodies).
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for b in s.bytes() {
-        let v = match b {
-            b'A'..=b'Z' => b - b'A',
-            b'a'..=b'z' => b - b'a' + 26,
-            b'0'..=b'9' => b - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            b'=' => break,
-            b' ' | b'\t' | b'\r' | b'\n' => continue,
-            _ => return None,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Some(out)
 }
 
 fn now_unix() -> u64 {
