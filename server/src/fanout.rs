@@ -6,8 +6,11 @@
 //! Costs: an event's line is encoded once and its bytes are shared by every receiver (a
 //! reference-count increment each); bubbling looks up one hash entry per level of the event's
 //! path, so it costs the path depth plus the matching subscribers, never the number of
-//! channels. Each connection has a bounded queue; a connection whose queue is full is a slow
-//! consumer: it is closed (code 4000) and never blocks anyone else.
+//! channels. Each connection has a bounded queue (in lines and in bytes); an event that finds
+//! it full is not queued, and the connection is *behind*: its writer reads what it missed from
+//! the log and writes exactly the lines live delivery would have ([`crate::conn::Outbox`]), so
+//! a burst larger than the queues reaches every reader that keeps up, and a slow one never
+//! blocks anyone else (it is closed with 4000 if it stays behind for a whole ping interval).
 //!
 //! Positions: the fan-out's position is the newest event it was given. A subscription takes
 //! effect at the current position, under the registry's lock, so every later event reaches
@@ -22,6 +25,7 @@ use axum::extract::ws::Utf8Bytes;
 use ivy_client_core::Timestamp;
 use ivy_client_core::path::ancestors;
 
+use crate::budget::{Budget, Counted};
 use crate::conn::Conn;
 
 /// Identifies a connection of this node.
@@ -57,6 +61,16 @@ impl Line {
     pub fn as_bytes(&self) -> &[u8] {
         self.0.as_bytes()
     }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether it is empty (an event line never is).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 impl fmt::Debug for Line {
@@ -91,6 +105,7 @@ impl Published {
 pub struct FanOut {
     channels: RwLock<HashMap<Box<str>, Subscribers>>,
     position: Mutex<Timestamp>,
+    budget: Arc<Budget>,
 }
 
 /// A channel's subscribed connections: a vector to deliver to, and where each connection is
@@ -130,6 +145,33 @@ impl FanOut {
         FanOut::default()
     }
 
+    /// An empty registry whose event lines ([`FanOut::line`]) count in `budget`.
+    pub(crate) fn with_budget(budget: Arc<Budget>) -> FanOut {
+        FanOut { budget, ..FanOut::default() }
+    }
+
+    /// An event line from its encoded bytes (UTF-8), counted in the server's memory budget
+    /// for as long as it lives (until its last receiver wrote it). Engines make their lines
+    /// with it.
+    pub fn line(&self, line: Vec<u8>) -> Line {
+        if self.budget.limit() == 0 || std::str::from_utf8(&line).is_err() {
+            return Line::from_utf8_lossy(line);
+        }
+        let charge = self.budget.charge(line.len());
+        match Utf8Bytes::try_from(bytes::Bytes::from_owner(Counted { bytes: line, _charge: charge })) {
+            Ok(text) => Line(text),
+            // Checked above.
+            Err(_) => Line::from_string(String::new()),
+        }
+    }
+
+    /// Runs `f` with the position while no event is being delivered (under the registry's
+    /// exclusive lock, as a subscription): a connection rejoins live delivery there.
+    pub(crate) fn quiesced<R>(&self, f: impl FnOnce(Timestamp) -> R) -> R {
+        let _map = self.channels.write().unwrap_or_else(PoisonError::into_inner);
+        f(self.position())
+    }
+
     /// Sets the position before the first delivery: the newest event already stored.
     pub fn start_at(&self, ts: Timestamp) {
         let mut p = self.position.lock().unwrap_or_else(PoisonError::into_inner);
@@ -151,7 +193,9 @@ impl FanOut {
             Some(subs) => subs.insert(conn),
             None => map.entry(channel.into()).or_default().insert(conn),
         }
-        position(self.position());
+        let at = self.position();
+        conn.subscribed(channel, at);
+        position(at);
     }
 
     /// Unsubscribes (idempotent); `position` gets the timestamp after which no event is queued
@@ -159,7 +203,9 @@ impl FanOut {
     pub(crate) fn unsubscribe(&self, conn: &Conn, channel: &str, position: impl FnOnce(Timestamp)) {
         let mut map = self.channels.write().unwrap_or_else(PoisonError::into_inner);
         remove(&mut map, conn, channel);
-        position(self.position());
+        let at = self.position();
+        conn.unsubscribed(channel, at);
+        position(at);
     }
 
     /// Removes every subscription of a closing connection.
@@ -180,11 +226,15 @@ impl FanOut {
         let Some(newest) = batch.last() else { return };
         let map = self.channels.read().unwrap_or_else(PoisonError::into_inner);
         for (i, ev) in batch.iter().enumerate() {
+            // Read once per event: while the memory budget is used up, queues take less.
+            let shed = self.budget.is_over();
             for channel in ancestors(&ev.path) {
                 let Some(subs) = map.get(channel) else { continue };
                 for c in &subs.conns {
                     if ev.sender != Some(c.id()) {
-                        c.push_event(ev.ts, &ev.line.0);
+                        c.push_event(ev.ts, &ev.line.0, shed);
+                    } else {
+                        c.own_event(ev.ts);
                     }
                 }
             }

@@ -4,11 +4,14 @@ use std::time::Duration;
 
 use ivy_tests::{Client, Got, ServerProcess, TestServer, config, log_text, server_bin, temp_dir};
 
+/// A subscriber that does not read falls behind (its events are read from the log when it
+/// reads again) and is closed with 4000 once it stays behind for a whole ping interval.
 #[tokio::test]
 async fn a_slow_consumer_is_disconnected_and_never_blocks_the_others() {
     let dir = temp_dir();
     let mut cfg = config(dir.path());
     cfg.queue_length = 16;
+    cfg.ping_interval = Duration::from_millis(500);
     let server = TestServer::start(cfg).await;
     let mut slow = Client::connect(&server.ws_url()).await;
     slow.subscribe("/f").await;
