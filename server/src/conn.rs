@@ -217,19 +217,36 @@ pub(crate) struct Outbox {
 /// What catching up needs (see [`Outbox`]).
 #[derive(Debug, Default)]
 struct Lag {
+    /// The connection's subscriptions and their positions.
+    subs: HashMap<Arc<str>, Timestamp>,
+    /// From the fall behind until a catch-up round ends caught up (boxed: most connections
+    /// never need it).
+    behind: Option<Box<Behind>>,
+}
+
+/// The state of a connection behind (see [`Lag`]).
+#[derive(Debug)]
+struct Behind {
     /// The events after this timestamp are owed from the log (while behind).
     after: Timestamp,
     /// Since when the connection is behind; kept through catch-up rounds until one ends
     /// caught up.
-    since: Option<Instant>,
+    since: Instant,
     /// Replies that came while behind, in order.
     held: VecDeque<Held>,
     /// The connection's own events since it fell behind, ascending.
     own: Vec<Timestamp>,
-    /// The connection's subscriptions and their positions.
-    subs: HashMap<Arc<str>, Timestamp>,
     /// Subscriptions removed while behind: (channel, position, end position).
     ended: Vec<(Arc<str>, Timestamp, Timestamp)>,
+}
+
+impl Lag {
+    /// The state behind (only while the connection is behind or catching up).
+    fn behind(&mut self) -> &mut Behind {
+        self.behind.get_or_insert_with(|| {
+            Box::new(Behind { after: Timestamp::ZERO, since: Instant::now(), held: VecDeque::new(), own: Vec::new(), ended: Vec::new() })
+        })
+    }
 }
 
 /// A reply held back while its connection is behind: it goes out after every event up to `pos`
@@ -336,8 +353,7 @@ impl Conn {
     fn fall_behind(&self, ts: Timestamp) {
         let out = &*self.out;
         let mut lag = out.lag.lock().unwrap_or_else(PoisonError::into_inner);
-        lag.after = ts.prev();
-        lag.since.get_or_insert_with(Instant::now);
+        lag.behind().after = ts.prev();
         out.behind.store(true, Ordering::Release);
         drop(lag);
         tracing::debug!(conn = %self.id, at = %ts, "queue full: catching up from the log");
@@ -354,10 +370,11 @@ impl Conn {
             return;
         }
         let mut lag = out.lag.lock().unwrap_or_else(PoisonError::into_inner);
-        if lag.own.last() != Some(&ts) {
-            lag.own.push(ts);
+        let own = &mut lag.behind().own;
+        if own.last() != Some(&ts) {
+            own.push(ts);
         }
-        if lag.own.len() > MAX_OWN_WHILE_BEHIND {
+        if own.len() > MAX_OWN_WHILE_BEHIND {
             self.ending.end(close_code::SLOW_CONSUMER);
         }
     }
@@ -375,8 +392,9 @@ impl Conn {
         let mut lag = self.out.lag.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((ch, from)) = lag.subs.remove_entry(channel) {
             if self.out.behind.load(Ordering::Relaxed) {
-                lag.ended.push((ch, from, position));
-                if lag.ended.len() > MAX_ENDED_WHILE_BEHIND {
+                let ended = &mut lag.behind().ended;
+                ended.push((ch, from, position));
+                if ended.len() > MAX_ENDED_WHILE_BEHIND {
                     self.ending.end(close_code::SLOW_CONSUMER);
                 }
             }
@@ -385,7 +403,7 @@ impl Conn {
 
     /// Since when the connection is behind, if it is.
     pub(crate) fn behind_since(&self) -> Option<Instant> {
-        self.out.lag.lock().unwrap_or_else(PoisonError::into_inner).since
+        self.out.lag.lock().unwrap_or_else(PoisonError::into_inner).behind.as_ref().map(|b| b.since)
     }
 
     /// Waits for a free place in the outbound queue and reserves it for one reply; `None` once
@@ -453,9 +471,10 @@ impl Outbox {
             // Checked again under the lock: the writer rejoins under it.
             if self.behind.load(Ordering::Relaxed) {
                 let offered = Timestamp::from_nanos(u128::from(self.last_event.load(Ordering::Relaxed)));
-                let after_held = lag.held.back().map_or(Timestamp::ZERO, |h| h.pos);
+                let held = &mut lag.behind().held;
+                let after_held = held.back().map_or(Timestamp::ZERO, |h| h.pos);
                 let pos = pos.unwrap_or(offered).max(after_held);
-                lag.held.push_back(Held { pos, _place: place, msg });
+                held.push_back(Held { pos, _place: place, msg });
                 return;
             }
         }
@@ -471,12 +490,15 @@ impl Outbox {
     pub(crate) fn rejoin(&self, until: Timestamp) -> Rejoin {
         let mut lag = self.lag.lock().unwrap_or_else(PoisonError::into_inner);
         self.behind.store(false, Ordering::Release);
-        let after = lag.after;
+        let lag = &mut *lag;
+        let behind = lag.behind();
+        let after = behind.after;
+        let (own, held, ended) = (std::mem::take(&mut behind.own), std::mem::take(&mut behind.held), std::mem::take(&mut behind.ended));
         let mut windows: Vec<(Arc<str>, Timestamp, Timestamp)> =
             lag.subs.iter().map(|(ch, from)| (ch.clone(), (*from).max(after), until)).collect();
-        windows.extend(lag.ended.drain(..).map(|(ch, from, end)| (ch, from.max(after), end.min(until))));
+        windows.extend(ended.into_iter().map(|(ch, from, end)| (ch, from.max(after), end.min(until))));
         windows.retain(|(_, from, to)| from < to);
-        Rejoin { after, until, windows, own: std::mem::take(&mut lag.own), held: std::mem::take(&mut lag.held) }
+        Rejoin { after, until, windows, own, held }
     }
 
     /// A catch-up round ended; if the connection did not fall behind again meanwhile, it has
@@ -484,7 +506,7 @@ impl Outbox {
     pub(crate) fn round_done(&self) {
         let mut lag = self.lag.lock().unwrap_or_else(PoisonError::into_inner);
         if !self.behind.load(Ordering::Relaxed) {
-            lag.since = None;
+            lag.behind = None;
         }
     }
 }
