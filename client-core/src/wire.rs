@@ -38,8 +38,9 @@ pub mod close_code {
     pub const INVALID_UTF8: u16 = 1007;
     /// 1009: a message or frame exceeded the server's `--max-message-size`.
     pub const TOO_BIG: u16 = 1009;
-    /// 4000 (extension): slow consumer. The connection's outbound queue overflowed because the
-    /// client did not read fast enough.
+    /// 4000 (extension): slow consumer. The client did not read fast enough: it stayed behind
+    /// (its events read from the log since its queue overflowed) for a whole ping interval, or
+    /// left its replies unread that long.
     pub const SLOW_CONSUMER: u16 = 4000;
     /// 4001 (extension): ping timeout. Nothing, not even a pong, arrived for a whole ping
     /// interval after a ping: the peer is gone or the connection is half-open.
@@ -103,11 +104,14 @@ pub enum ErrorCode {
     /// anonymous grants) does not give: reading (subscribing to) or sending to that path. It
     /// was not executed; the connection stays open.
     Forbidden,
+    /// The server holds its whole memory budget for its clients: the send was not stored;
+    /// retry later.
+    Overloaded,
 }
 
 impl ErrorCode {
     /// All codes.
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 11] = [
         ErrorCode::Malformed,
         ErrorCode::BadPath,
         ErrorCode::PathTooLong,
@@ -118,6 +122,7 @@ impl ErrorCode {
         ErrorCode::ShuttingDown,
         ErrorCode::StoreFull,
         ErrorCode::Forbidden,
+        ErrorCode::Overloaded,
     ];
 
     /// The code as written on the wire.
@@ -133,6 +138,7 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => "shutting-down",
             ErrorCode::StoreFull => "store-full",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::Overloaded => "overloaded",
         }
     }
 

@@ -93,10 +93,21 @@ pub struct Cli {
     #[arg(long, env = "IVY_MAX_SUBSCRIPTIONS", default_value_t = config::DEFAULT_MAX_SUBSCRIPTIONS)]
     pub max_subscriptions: usize,
 
-    /// Messages queued for one connection before it counts as a slow consumer and is closed
-    /// with code 4000.
+    /// Lines queued for one connection. An event that finds them full makes the connection
+    /// catch up from the log (closed with 4000 if it stays behind for a whole ping interval);
+    /// a command waits for room for its reply.
     #[arg(long, env = "IVY_QUEUE_LENGTH", default_value_t = config::DEFAULT_QUEUE_LENGTH)]
     pub queue_length: usize,
+
+    /// Bytes of events queued for one connection; beyond, it catches up from the log.
+    #[arg(long, env = "IVY_QUEUE_BYTES", default_value_t = config::DEFAULT_QUEUE_BYTES)]
+    pub queue_bytes: usize,
+
+    /// Bytes the server holds for its clients at most (event lines until written, sends until
+    /// stored, catch-up pages); while reached, large or pipelined sends get `overloaded`. 0: no
+    /// budget.
+    #[arg(long, env = "IVY_MEMORY_BUDGET", default_value_t = config::DEFAULT_MEMORY_BUDGET)]
+    pub memory_budget: usize,
 
     /// Most events one log page returns (`limit` above it is capped).
     #[arg(long, env = "IVY_LOG_PAGE_LIMIT", default_value_t = config::DEFAULT_LOG_PAGE_LIMIT)]
@@ -333,6 +344,8 @@ impl Cli {
             max_path_depth: self.max_path_depth,
             max_subscriptions: self.max_subscriptions,
             queue_length: self.queue_length,
+            queue_bytes: self.queue_bytes,
+            memory_budget: self.memory_budget,
             log_page_limit: self.log_page_limit,
             log_page_bytes: self.log_page_bytes,
             max_log_requests: self.max_log_requests,

@@ -18,6 +18,11 @@ pub const DEFAULT_MAX_PATH_DEPTH: usize = 16;
 pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 1024;
 /// Default of [`Config::queue_length`].
 pub const DEFAULT_QUEUE_LENGTH: usize = 1024;
+/// Default of [`Config::queue_bytes`] (1 MiB): a burst of that much reaches a reader through
+/// its queue; beyond, it is read from the log.
+pub const DEFAULT_QUEUE_BYTES: usize = 1 << 20;
+/// Default of [`Config::memory_budget`] (1 GiB).
+pub const DEFAULT_MEMORY_BUDGET: usize = 1 << 30;
 /// Default of [`Config::log_page_limit`].
 pub const DEFAULT_LOG_PAGE_LIMIT: usize = 10_000;
 /// Default of [`Config::log_page_bytes`].
@@ -98,9 +103,20 @@ pub struct Config {
     pub max_path_depth: usize,
     /// Most subscriptions one connection may hold. Default [`DEFAULT_MAX_SUBSCRIPTIONS`].
     pub max_subscriptions: usize,
-    /// Messages queued for one connection before it counts as a slow consumer and is closed
-    /// with 4000. Default [`DEFAULT_QUEUE_LENGTH`].
+    /// Lines (events, replies, errors) queued for one connection. An event that finds the
+    /// queue full is not lost: the connection catches up from the log (and is closed with 4000
+    /// if it stays behind for a whole [`Config::ping_interval`]); a command waits for room for
+    /// its reply. Default [`DEFAULT_QUEUE_LENGTH`].
     pub queue_length: usize,
+    /// Bytes of events queued for one connection (an empty queue takes any event); beyond, as
+    /// for [`Config::queue_length`], it catches up from the log. Default
+    /// [`DEFAULT_QUEUE_BYTES`].
+    pub queue_bytes: usize,
+    /// Bytes the server holds for its clients at most (event lines until written, sends until
+    /// stored, catch-up pages; `docs/GUARANTEES.md`); while they are reached, large or
+    /// pipelined sends are refused with `overloaded` and queues take less. 0: no budget.
+    /// Default [`DEFAULT_MEMORY_BUDGET`].
+    pub memory_budget: usize,
     /// Most events one log page returns (`limit` above it is capped). Default
     /// [`DEFAULT_LOG_PAGE_LIMIT`].
     pub log_page_limit: usize,
@@ -204,6 +220,8 @@ impl Default for Config {
             max_path_depth: DEFAULT_MAX_PATH_DEPTH,
             max_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
             queue_length: DEFAULT_QUEUE_LENGTH,
+            queue_bytes: DEFAULT_QUEUE_BYTES,
+            memory_budget: DEFAULT_MEMORY_BUDGET,
             log_page_limit: DEFAULT_LOG_PAGE_LIMIT,
             log_page_bytes: DEFAULT_LOG_PAGE_BYTES,
             max_log_requests: DEFAULT_MAX_LOG_REQUESTS,
@@ -261,6 +279,10 @@ setters! {
     max_subscriptions: usize;
     /// Sets [`Config::queue_length`].
     queue_length: usize;
+    /// Sets [`Config::queue_bytes`].
+    queue_bytes: usize;
+    /// Sets [`Config::memory_budget`].
+    memory_budget: usize;
     /// Sets [`Config::log_page_limit`].
     log_page_limit: usize;
     /// Sets [`Config::log_page_bytes`].

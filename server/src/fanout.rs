@@ -6,8 +6,11 @@
 //! Costs: an event's line is encoded once and its bytes are shared by every receiver (a
 //! reference-count increment each); bubbling looks up one hash entry per level of the event's
 //! path, so it costs the path depth plus the matching subscribers, never the number of
-//! channels. Each connection has a bounded queue; a connection whose queue is full is a slow
-//! consumer: it is closed (code 4000) and never blocks anyone else.
+//! channels. Each connection has a bounded queue (in lines and in bytes); an event that finds
+//! it full is not queued, and the connection is *behind*: its writer reads what it missed from
+//! the log and writes exactly the lines live delivery would have ([`crate::conn::Outbox`]), so
+//! a burst larger than the queues reaches every reader that keeps up, and a slow one never
+//! blocks anyone else (it is closed with 4000 if it stays behind for a whole ping interval).
 //!
 //! Locking: the registry is split into [`SHARDS`] shards by channel name, each behind its own
 //! lock, and delivery takes a shard's lock only while it queues one event for one channel of
@@ -34,6 +37,7 @@ use axum::extract::ws::Utf8Bytes;
 use ivy_client_core::Timestamp;
 use ivy_client_core::path::ancestors;
 
+use crate::budget::{Budget, Counted};
 use crate::conn::Conn;
 
 /// Identifies a connection of this node.
@@ -68,6 +72,16 @@ impl Line {
     /// The line's bytes.
     pub fn as_bytes(&self) -> &[u8] {
         self.0.as_bytes()
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether it is empty (an event line never is).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -107,11 +121,21 @@ pub struct FanOut {
     shards: Box<[Shard]>,
     /// The newest event delivered in full, in nanoseconds since the epoch.
     position: AtomicU64,
+    /// Held for reading by each batch's delivery, for writing by [`FanOut::quiesced`]: a
+    /// connection that caught up from the log rejoins while no batch is in flight. (Once per
+    /// batch and uncontended but for those rare rejoins; subscription changes do not take it.)
+    gate: RwLock<()>,
+    budget: Arc<Budget>,
 }
 
 impl Default for FanOut {
     fn default() -> FanOut {
-        FanOut { shards: (0..SHARDS).map(|_| Shard::default()).collect(), position: AtomicU64::new(0) }
+        FanOut {
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            position: AtomicU64::new(0),
+            gate: RwLock::new(()),
+            budget: Arc::default(),
+        }
     }
 }
 
@@ -173,6 +197,34 @@ impl FanOut {
         FanOut::default()
     }
 
+    /// An empty registry whose event lines ([`FanOut::line`]) count in `budget`.
+    pub(crate) fn with_budget(budget: Arc<Budget>) -> FanOut {
+        FanOut { budget, ..FanOut::default() }
+    }
+
+    /// An event line from its encoded bytes (UTF-8), counted in the server's memory budget
+    /// for as long as it lives (until its last receiver wrote it). Engines make their lines
+    /// with it.
+    pub fn line(&self, line: Vec<u8>) -> Line {
+        if self.budget.limit() == 0 || std::str::from_utf8(&line).is_err() {
+            return Line::from_utf8_lossy(line);
+        }
+        let charge = self.budget.charge(line.len());
+        match Utf8Bytes::try_from(bytes::Bytes::from_owner(Counted { bytes: line, _charge: charge })) {
+            Ok(text) => Line(text),
+            // Checked above.
+            Err(_) => Line::from_string(String::new()),
+        }
+    }
+
+    /// Runs `f` with the position while no event is being delivered (no batch in flight:
+    /// every event up to the position has been handed to the subscribers, every later one is
+    /// yet to be): a connection rejoins live delivery there.
+    pub(crate) fn quiesced<R>(&self, f: impl FnOnce(Timestamp) -> R) -> R {
+        let _gate = self.gate.write().unwrap_or_else(PoisonError::into_inner);
+        f(self.position())
+    }
+
     /// Sets the position before the first delivery: the newest event already stored.
     pub fn start_at(&self, ts: Timestamp) {
         self.position.fetch_max(nanos(ts), Ordering::AcqRel);
@@ -205,7 +257,9 @@ impl FanOut {
             Some(subs) => subs.insert(conn),
             None => map.entry(channel.into()).or_default().insert(conn),
         }
-        position(self.position_in(shard));
+        let at = self.position_in(shard);
+        conn.subscribed(channel, at);
+        position(at);
     }
 
     /// Unsubscribes (idempotent); `position` gets the timestamp after which no event is queued
@@ -214,7 +268,9 @@ impl FanOut {
         let shard = self.shard(channel);
         let mut map = shard.channels.write().unwrap_or_else(PoisonError::into_inner);
         remove(&mut map, conn, channel);
-        position(self.position_in(shard));
+        let at = self.position_in(shard);
+        conn.unsubscribed(channel, at);
+        position(at);
     }
 
     /// Removes every subscription of a closing connection.
@@ -232,15 +288,20 @@ impl FanOut {
     /// with later timestamps (otherwise a client could take its own event, acked after a later
     /// one, for one it had already delivered).
     pub fn deliver(&self, batch: &[Published], mut delivered: impl FnMut(usize)) {
+        let _gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
         for (i, ev) in batch.iter().enumerate() {
             let ts = nanos(ev.ts);
+            // Read once per event: while the memory budget is used up, queues take less.
+            let shed = self.budget.is_over();
             for channel in ancestors(&ev.path) {
                 let shard = self.shard(channel);
                 let map = shard.channels.read().unwrap_or_else(PoisonError::into_inner);
                 if let Some(subs) = map.get(channel) {
                     for c in &subs.conns {
                         if ev.sender != Some(c.id()) {
-                            c.push_event(ev.ts, &ev.line.0);
+                            c.push_event(ev.ts, &ev.line.0, shed);
+                        } else {
+                            c.own_event(ev.ts);
                         }
                     }
                 }

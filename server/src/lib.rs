@@ -34,11 +34,15 @@
 //! - [`fanout`]: this node's subscriptions and the delivery of each event to them;
 //! - `session`: one connection's protocol, sans-IO (a command in, a decision out);
 //! - `ws`: the WebSocket I/O that feeds the session and carries out its decisions;
-//! - `conn`: a connection's outbound queue and ending, and the registry of connections;
+//! - `conn`: a connection's outbound queue and ending, what it owes from the log when it fell
+//!   behind, and the registry of connections;
 //! - [`auth`]: tokens, grants and who a connection is;
+//! - `budget`: the server-wide memory budget;
 //! - `http`: the log endpoint, CORS; `serve`: the accept loop; [`cli`]: the binary.
 
 pub mod auth;
+mod budget;
+mod catchup;
 pub mod cli;
 pub mod config;
 mod conn;
@@ -96,6 +100,8 @@ pub(crate) struct Shared {
     log_requests: Arc<limits::Counted>,
     /// Keys, token rules and anonymous grants.
     auth: auth::Auth,
+    /// What the server holds for its clients (`--memory-budget`).
+    budget: Arc<budget::Budget>,
 }
 
 /// A running Ivy instance: its engine, fan-out and connections.
@@ -157,7 +163,8 @@ impl IvyBuilder {
             None => None,
         };
         let (publisher, requests) = engine::queue();
-        let fanout = Arc::new(FanOut::new());
+        let budget = budget::Budget::new(config.memory_budget);
+        let fanout = Arc::new(FanOut::with_budget(budget.clone()));
         let description = engine.describe();
         let engine = engine.open(engine::Context { requests, fanout: fanout.clone() })?;
         tracing::info!(engine = %description, "engine open");
@@ -186,6 +193,7 @@ impl IvyBuilder {
             static_files,
             log_requests,
             auth,
+            budget,
         });
         Ok(Ivy { shared })
     }

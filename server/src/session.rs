@@ -22,6 +22,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::Config;
 use crate::auth::{Access, Need};
+use crate::budget::Charge;
 use crate::conn::ReplySlot;
 use crate::engine::PublishError;
 use crate::ratelimit::{ByteLimiter, RateLimiter};
@@ -257,17 +258,26 @@ fn ack_key(msg: &[u8]) -> Option<&[u8]> {
     rest.iter().position(|&b| b == b'#').map(|end| &rest[..end])
 }
 
-/// `#key#@ts`.
+/// The length of a timestamp's wire form (`SECONDS.NANOS`, at least ten second digits).
+fn timestamp_len(ts: Timestamp) -> usize {
+    let secs = ts.secs();
+    (if secs >= 10_000_000_000 { secs.ilog10() as usize + 1 } else { 10 }) + 1 + 9
+}
+
+/// `#key#@ts`, allocated at its size (a reply may wait in a queue for long).
 pub(crate) fn ack_line(key: &[u8], ts: Timestamp) -> Vec<u8> {
-    let mut line = Vec::new();
+    let mut line = Vec::with_capacity(key.len() + 3 + timestamp_len(ts));
     encode_ack(key, ts, &mut line);
+    debug_assert_eq!(line.len(), line.capacity());
     line
 }
 
-/// `[#key#]!code message`.
+/// `[#key#]!code message`, allocated at its size.
 pub(crate) fn error_line(key: Option<&[u8]>, code: ErrorCode, message: &str) -> Vec<u8> {
-    let mut line = Vec::new();
+    let len = key.map_or(0, |k| k.len() + 2) + 1 + code.as_str().len() + 1 + message.len();
+    let mut line = Vec::with_capacity(len);
     encode_error(key, code, message, &mut line);
+    debug_assert_eq!(line.len(), line.capacity());
     line
 }
 
@@ -289,17 +299,26 @@ pub(crate) struct PendingReply {
     key: Option<Box<[u8]>>,
     /// The connection's share of the engine's queue, given back with the reply.
     _share: Option<OwnedSemaphorePermit>,
+    /// The send's frame, counted in the memory budget until then.
+    _charge: Option<Charge>,
 }
 
 impl PendingReply {
     pub(crate) fn new(slot: ReplySlot, key: Option<&[u8]>, share: Option<OwnedSemaphorePermit>) -> PendingReply {
-        PendingReply { slot, key: key.map(Box::from), _share: share }
+        PendingReply { slot, key: key.map(Box::from), _share: share, _charge: None }
+    }
+
+    /// Counts the send in the memory budget until it is answered.
+    pub(crate) fn charged(mut self, charge: Charge) -> PendingReply {
+        self._charge = Some(charge);
+        self
     }
 
     /// Queues the reply (a keyless send that succeeded gets none: its place is given back).
     pub(crate) fn complete(self, result: Result<Timestamp, PublishError>) {
         let line = match (result, self.key) {
-            (Ok(ts), Some(key)) => ack_line(&key, ts),
+            // Right after its event, before any later one, also while the connection is behind.
+            (Ok(ts), Some(key)) => return self.slot.send_line_at(ts, ack_line(&key, ts)),
             (Ok(_), None) => return,
             // The store's own error (paths, OS codes) is for the server's log, not the client.
             (Err(PublishError::Storage(_)), key) => {

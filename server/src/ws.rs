@@ -18,11 +18,14 @@ use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use crate::Shared;
 use crate::auth::{self, Access};
-use crate::conn::{Conn, Ending, PEER_GONE, ReaderStop, ReplySlot, Slot, Stop, WriterStop, close_code};
-use crate::engine::{Completion, Publish};
+use crate::budget::{SHED_PAGE_BYTES, SMALL_SEND};
+use crate::catchup::{Filter, split_line};
+use crate::conn::{Conn, Ending, Outbox, PEER_GONE, ReaderStop, ReplySlot, Slot, Stop, WriterStop, close_code};
+use crate::engine::{Completion, Publish, ReadRequest};
 use crate::fanout::ConnId;
 use crate::limits::Admitted;
-use crate::session::{Outcome, PendingReply, Session, ack_line};
+use crate::session::{Outcome, PendingReply, Session, ack_line, error_line};
+use ivy_client_core::wire::ErrorCode;
 
 /// The subprotocol: one definition, in the protocol core.
 pub use ivy_client_core::SUBPROTOCOL;
@@ -89,7 +92,9 @@ const SENDS_IN_FLIGHT: usize = 256;
 
 async fn connection(shared: Arc<Shared>, socket: WebSocket, mut slot: Slot, peer: Option<std::net::IpAddr>, access: Access) {
     let id = shared.connections.next_id();
-    let (conn, rx, ending) = Conn::new(id, shared.config.queue_length);
+    let config = &shared.config;
+    let (conn, rx, ending) = Conn::with_limits(id, config.queue_length, config.queue_bytes, shared.budget.clone());
+    let out = conn.outbox().clone();
     slot.register(&ending);
     let Some((reader_stop, writer_stop)) = ending.halves() else { return };
     let session = Session::new(&shared.config, access);
@@ -102,7 +107,7 @@ async fn connection(shared: Arc<Shared>, socket: WebSocket, mut slot: Slot, peer
         let (stream, stop) = read_loop(&shared, conn, session, stream, reader_stop).await;
         linger(stream, stop).await;
     };
-    tokio::join!(reader, write_loop(id, rx, sink, writer_stop, &ending));
+    tokio::join!(reader, write_loop(&shared, id, out, rx, sink, writer_stop, &ending));
     tracing::info!(conn = %id, code = ending.code(), "disconnected");
     drop(slot);
 }
@@ -203,6 +208,13 @@ async fn read_loop(
                 }
                 m = stream.next() => m,
                 () = tick(&mut pings) => {
+                    // Behind (not caught up since its queue overflowed) for a whole interval, or
+                    // behind and silent: a slow consumer.
+                    if conn.behind_since().is_some_and(|since| since.elapsed() >= every || awaiting_pong) {
+                        tracing::debug!(conn = %conn.id(), "behind for a whole ping interval: closing");
+                        ending.end(close_code::SLOW_CONSUMER);
+                        break;
+                    }
                     if awaiting_pong {
                         tracing::debug!(conn = %conn.id(), "no pong for a whole ping interval: closing");
                         ending.end(close_code::PING_TIMEOUT);
@@ -303,16 +315,27 @@ async fn execute(shared: &Shared, conn: &Arc<Conn>, sends: &Arc<Semaphore>, fram
         Outcome::Prepared(line) => slot.send(Message::Text(line)),
         Outcome::Subscribe { ack, path } => shared.fanout.subscribe(conn, &path, |ts| {
             if let Some(key) = ack {
-                slot.send_line(ack_line(key, ts));
+                slot.send_line_at(ts, ack_line(key, ts));
             }
         }),
         Outcome::Unsubscribe { ack, path } => shared.fanout.unsubscribe(conn, &path, |ts| {
             if let Some(key) = ack {
-                slot.send_line(ack_line(key, ts));
+                slot.send_line_at(ts, ack_line(key, ts));
             }
         }),
         Outcome::Time { ack } => slot.send_line(ack_line(ack.unwrap_or_default(), shared.engine.now())),
         Outcome::Send { ack, path, data } => {
+            let budget = &shared.budget;
+            // The memory budget is used up: shed what costs (a large send, or pipelined ones),
+            // serve a connection sending small events one at a time.
+            if budget.is_over() && (frame.len() > SMALL_SEND || sends.available_permits() < SENDS_IN_FLIGHT) {
+                let msg = format!(
+                    "event not stored: the server is overloaded: it holds {} bytes for its clients, its memory budget is {}; retry later",
+                    budget.used(),
+                    budget.limit()
+                );
+                return slot.send_line(error_line(ack, ErrorCode::Overloaded, &msg));
+            }
             // The frame's bytes are shared, not copied: the request keeps a slice of them.
             let data = Bytes::from(frame.clone()).slice(data);
             // Waits (boxed, the rare case: see the reservation in `read_loop`) only when the
@@ -322,7 +345,11 @@ async fn execute(shared: &Shared, conn: &Arc<Conn>, sends: &Arc<Semaphore>, fram
                 // Never closed: this waits for one of the connection's sends to complete.
                 Err(_) => Box::pin(sends.clone().acquire_owned()).await.ok(),
             };
-            let done = Completion::reply(PendingReply::new(slot, ack, share));
+            let mut reply = PendingReply::new(slot, ack, share);
+            if budget.limit() != 0 {
+                reply = reply.charged(budget.charge(frame.len()));
+            }
+            let done = Completion::reply(reply);
             let mut request = Publish::new(path, data, done);
             request.sender = Some(conn.id());
             if let Err(request) = shared.publisher.try_publish(request) {
@@ -403,9 +430,26 @@ impl std::fmt::Display for Outgoing<'_> {
     }
 }
 
+/// The bytes of a queued text line (what [`Outbox`] counts).
+fn text_len(m: &Message) -> usize {
+    match m {
+        Message::Text(t) => t.len(),
+        _ => 0,
+    }
+}
+
 /// Writes the connection's queue to its socket, `conn` naming it in trace-level logs of each
-/// message written.
-async fn write_loop(conn: ConnId, mut rx: mpsc::Receiver<Message>, mut sink: Sink, mut stop: WriterStop, ending: &Ending) {
+/// message written; when the connection is behind and its queue is written, catches it up from
+/// the log ([`catch_up`]).
+async fn write_loop(
+    shared: &Shared,
+    conn: ConnId,
+    out: Arc<Outbox>,
+    mut rx: mpsc::Receiver<Message>,
+    mut sink: Sink,
+    mut stop: WriterStop,
+    ending: &Ending,
+) {
     {
         // Created once, not per message.
         let stopped = stop.stopped(&[Stop::Killed, Stop::Forced]);
@@ -415,6 +459,21 @@ async fn write_loop(conn: ConnId, mut rx: mpsc::Receiver<Message>, mut sink: Sin
             let first = match rx.try_recv() {
                 Ok(m) => m,
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) if out.is_behind() => {
+                    // The slow path, boxed (see the reservation in `read_loop`).
+                    let round = Box::pin(catch_up(shared, conn, &out, &mut sink));
+                    tokio::select! {
+                        biased;
+                        _ = &mut stopped => break,
+                        r = round => match r {
+                            Ok(()) => continue,
+                            Err(code) => {
+                                ending.end(code);
+                                break;
+                            }
+                        },
+                    }
+                }
                 Err(mpsc::error::TryRecvError::Empty) => tokio::select! {
                     biased;
                     _ = &mut stopped => break,
@@ -422,20 +481,24 @@ async fn write_loop(conn: ConnId, mut rx: mpsc::Receiver<Message>, mut sink: Sin
                         Some(m) => m,
                         None => break,
                     },
+                    () = out.fell_behind() => continue,
                 },
             };
             let write = async {
                 tracing::trace!(conn = %conn, "out {}", Outgoing(&first));
+                let mut taken = text_len(&first);
                 sink.feed(first).await?;
                 for _ in 1..COALESCE {
                     match rx.try_recv() {
                         Ok(m) => {
                             tracing::trace!(conn = %conn, "out {}", Outgoing(&m));
+                            taken += text_len(&m);
                             sink.feed(m).await?;
                         }
                         Err(_) => break,
                     }
                 }
+                out.written(taken);
                 sink.flush().await
             };
             tokio::select! {
@@ -461,6 +524,69 @@ async fn write_loop(conn: ConnId, mut rx: mpsc::Receiver<Message>, mut sink: Sin
         _ = tokio::time::timeout(CLOSE_TIMEOUT, close) => {}
         _ = stop.stopped(&[Stop::Forced]) => {}
     }
+}
+
+/// Most events in one page read to catch a connection up.
+const CATCH_UP_EVENTS: usize = 1024;
+/// Bytes of one page read to catch a connection up (plus one event).
+const CATCH_UP_BYTES: usize = 256 << 10;
+
+/// One catch-up round of a connection that is behind, its queue written: it rejoins live
+/// delivery at the fan-out's position P (later events are queued again), then writes what it
+/// is owed from the log up to P, page by page, with the replies held meanwhile at their places
+/// (the queue, written next, holds only what came after P). `Err` with the close code when
+/// the connection must end.
+async fn catch_up(shared: &Shared, conn: ConnId, out: &Outbox, sink: &mut Sink) -> Result<(), u16> {
+    let mut rejoin = shared.fanout.quiesced(|position| out.rejoin(position));
+    let filter = Filter::new(std::mem::take(&mut rejoin.windows), std::mem::take(&mut rejoin.own));
+    tracing::debug!(conn = %conn, after = %rejoin.after, until = %rejoin.until, "catching up from the log");
+    let gone = |_| PEER_GONE;
+    if let Some(channel) = filter.channel() {
+        let budget = out.budget();
+        let mut after = rejoin.after;
+        while after < rejoin.until {
+            let bytes = if budget.is_over() { SHED_PAGE_BYTES } else { CATCH_UP_BYTES };
+            let request = ReadRequest::new(channel, Some(after), rejoin.until, CATCH_UP_EVENTS).max_bytes(bytes);
+            let page = shared.engine.read(request.clone()).await.map_err(|e| {
+                tracing::error!(conn = %conn, error = %e, "reading the log to catch a connection up failed; closing it");
+                close_code::SLOW_CONSUMER
+            })?;
+            let full = page.is_full(&request);
+            let last = page.last;
+            let _charge = (budget.limit() != 0).then(|| budget.charge(page.lines.len()));
+            let lines = Bytes::from(page.lines);
+            let mut start = 0;
+            while start < lines.len() {
+                let end = lines[start..].iter().position(|&b| b == b'\n').map_or(lines.len(), |i| start + i);
+                let line = lines.slice(start..end);
+                start = end + 1;
+                let Some((ts, path)) = split_line(&line) else { continue };
+                if !filter.wants(ts, path) {
+                    continue;
+                }
+                while rejoin.held.front().is_some_and(|h| h.pos < ts) {
+                    if let Some(h) = rejoin.held.pop_front() {
+                        sink.feed(h.msg).await.map_err(gone)?;
+                    }
+                }
+                if let Ok(text) = Utf8Bytes::try_from(line) {
+                    tracing::trace!(conn = %conn, "out (from the log) {}", Excerpt(text.as_bytes()));
+                    sink.feed(Message::Text(text)).await.map_err(gone)?;
+                }
+            }
+            sink.flush().await.map_err(gone)?;
+            after = match (full, last) {
+                (true, Some(last)) => last,
+                _ => rejoin.until,
+            };
+        }
+    }
+    while let Some(h) = rejoin.held.pop_front() {
+        sink.feed(h.msg).await.map_err(gone)?;
+    }
+    sink.flush().await.map_err(gone)?;
+    out.round_done();
+    Ok(())
 }
 
 /// The close frame for how the connection ended (none when the peer is gone).

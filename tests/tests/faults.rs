@@ -4,11 +4,16 @@ use std::time::Duration;
 
 use ivy_tests::{Client, Got, ServerProcess, TestServer, config, log_text, server_bin, temp_dir};
 
+/// A subscriber that does not read falls behind (its events are read from the log when it
+/// reads again) and is closed with 4000 once it stays behind for a whole ping interval, or is
+/// behind and silent for a whole interval after a ping. (It answers no ping either: the
+/// interval is long enough for it to fall behind before the ping timeout would close it.)
 #[tokio::test]
 async fn a_slow_consumer_is_disconnected_and_never_blocks_the_others() {
     let dir = temp_dir();
     let mut cfg = config(dir.path());
     cfg.queue_length = 16;
+    cfg.ping_interval = Duration::from_secs(2);
     let server = TestServer::start(cfg).await;
     let mut slow = Client::connect(&server.ws_url()).await;
     slow.subscribe("/f").await;
@@ -30,7 +35,10 @@ async fn a_slow_consumer_is_disconnected_and_never_blocks_the_others() {
         assert!(line.ends_with("xxxx"));
     }
     publisher.await.unwrap();
-    // The slow one, once it reads, finds some events and then close code 4000.
+    // The slow one does not read for more than two intervals (it fell behind during the
+    // first, and answered no ping): once it reads, it finds some events and then close code
+    // 4000. (One that reads again within a ping interval catches up instead.)
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let mut events = 0;
     let code = loop {
         match slow.next_within(Duration::from_secs(10)).await {

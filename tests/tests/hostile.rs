@@ -336,6 +336,195 @@ async fn a_flood_that_never_reads_is_closed_as_a_slow_consumer() {
     server.kill().await;
 }
 
+/// Lines of a reader until (and with) the event whose data is `end` on `/room`.
+async fn read_until_end(c: &mut Client) -> Vec<String> {
+    let mut lines = Vec::new();
+    loop {
+        match c.next_within(WAIT).await {
+            Got::Line(l) => {
+                let end = l.ends_with(":/room:end");
+                lines.push(l);
+                if end {
+                    return lines;
+                }
+            }
+            other => panic!("a reader got {other:?} after {} lines", lines.len()),
+        }
+    }
+}
+
+/// The timestamp of an event line.
+fn ts_of(line: &str) -> &str {
+    line[1..].split(':').next().unwrap()
+}
+
+/// Issue 12, finding 7: a group commit with more matching events than a subscriber's queue
+/// holds closed every subscriber of the channel with 4000 at once, however fast it read. Now a
+/// connection whose queue overflows is fed from the log until it has caught up: each reader
+/// receives exactly the lines it would have received live, once each and in order. A reader of
+/// a channel and of its child gets each event once; a reader that sends into the channel gets
+/// its acks at its events' places and not its own events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_larger_than_the_queues_reaches_every_fast_reader_whole_and_in_order() {
+    let dir = temp_dir();
+    let mut cfg = config(dir.path());
+    // A queue of 4 lines: every group commit of more than 4 events of /room overflows it.
+    cfg.queue_length = 4;
+    let server = TestServer::start(cfg).await;
+    let url = server.ws_url();
+    let bystander = Bystander::start(&url).await;
+    let mut r1 = Client::connect(&url).await;
+    let p1 = r1.subscribe("/room").await;
+    let mut r2 = Client::connect(&url).await;
+    let p2 = r2.subscribe("/room").await;
+    assert!(r2.request("#s2#+/room/a").await.starts_with("#s2#@"));
+    let mut r3 = Client::connect(&url).await;
+    let p3 = r3.subscribe("/room").await;
+    let own = 300;
+    // The third reader sends into /room/a (the server reads its sends as its queue allows),
+    // reads everything, and says when all its acks are in.
+    let (acked, all_acked) = oneshot::channel();
+    let r3 = tokio::spawn(async move {
+        for i in 0..own {
+            r3.send(&format!("#o{i}#:/room/a:y")).await;
+        }
+        let (mut lines, mut acked) = (Vec::new(), Some(acked));
+        loop {
+            match r3.next_within(WAIT).await {
+                Got::Line(l) => {
+                    let end = l.ends_with(":/room:end");
+                    lines.push(l);
+                    if lines.iter().filter(|l| l.starts_with("#o")).count() == own {
+                        if let Some(a) = acked.take() {
+                            let _ = a.send(());
+                        }
+                    }
+                    if end {
+                        return lines;
+                    }
+                }
+                other => panic!("the sending reader got {other:?} after {} lines", lines.len()),
+            }
+        }
+    });
+    let readers = [(r1, p1), (r2, p2)].map(|(mut c, p)| tokio::spawn(async move { (p, read_until_end(&mut c).await) }));
+    // Four senders, 1,000 one-byte keyless sends each, pipelined: group commits of hundreds.
+    let mut senders = Vec::new();
+    for s in 0..4 {
+        let url = url.clone();
+        senders.push(tokio::spawn(async move {
+            let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("connect");
+            let path = if s % 2 == 0 { "/room" } else { "/room/a" };
+            for _ in 0..1000 {
+                ws.feed(Message::text(format!(":{path}:x"))).await.unwrap();
+            }
+            ws.flush().await.unwrap();
+            let mut c = Client::from_stream(ws);
+            // Acks come in send order: once this one is in, all of them are stored.
+            c.publish(path, "done").await;
+        }));
+    }
+    for s in senders {
+        s.await.expect("sender");
+    }
+    all_acked.await.expect("the sending reader got its acks");
+    let mut last = Client::connect(&url).await;
+    last.publish("/room", "end").await;
+    let log = ivy_tests::log_text(server.addr, "/log/room").await;
+    let log: Vec<&str> = log.lines().collect();
+    assert_eq!(log.len(), 4 * 1001 + own + 1);
+    for r in readers {
+        let (p, got) = r.await.expect("reader");
+        let want: Vec<&str> = log.iter().copied().filter(|l| ts_of(l) > p.as_str()).collect();
+        assert_eq!(got.len(), want.len(), "every event once");
+        assert!(got.iter().zip(&want).all(|(g, w)| g == w), "the log's lines, in its order");
+    }
+    // The sending reader: the log's lines with its own events replaced by their acks.
+    let got = r3.await.expect("the sending reader");
+    let acks: std::collections::HashMap<&str, &str> =
+        got.iter().filter(|l| l.starts_with("#o")).map(|l| (l.split("#@").nth(1).unwrap(), l.as_str())).collect();
+    assert_eq!(acks.len(), own);
+    let want: Vec<&str> = log.iter().filter(|l| ts_of(l) > p3.as_str()).map(|l| acks.get(ts_of(l)).copied().unwrap_or(l)).collect();
+    assert_eq!(got.len(), want.len());
+    assert!(got.iter().zip(&want).all(|(g, w)| g == w), "acks at their events' places, own events left out");
+    let keys: Vec<String> = got.iter().filter(|l| l.starts_with("#o")).map(|l| l.split('#').nth(1).unwrap().to_string()).collect();
+    assert_eq!(keys, (0..own).map(|i| format!("o{i}")).collect::<Vec<_>>(), "acks in send order");
+    bystander.finish().await;
+    server.stop().await;
+}
+
+/// A WebSocket that subscribed to `path` and then never reads, with a receive buffer so small
+/// that what the server writes to it stays in the server.
+async fn stalled_subscriber(addr: SocketAddr, path: &str) -> ivy_tests::Ws {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let url = format!("ws://{addr}/ws");
+    let (mut ws, _) = tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(stream)).await.expect("handshake");
+    ws.send(Message::text(format!("#s#+{path}"))).await.unwrap();
+    // Its subscription's ack, the last thing it reads.
+    match tokio::time::timeout(WAIT, ws.next()).await {
+        Ok(Some(Ok(Message::Text(t)))) => assert!(t.starts_with("#s#@"), "{t}"),
+        other => panic!("no subscription ack: {other:?}"),
+    }
+    ws
+}
+
+/// Issue 12, finding 8: memory is bounded server-wide. A subscriber that stops reading pins
+/// the lines queued for it, and a client pipelining large sends holds their frames until they
+/// are stored: with `--memory-budget` used up, large or pipelined sends are refused with
+/// `overloaded` (nothing stored), a small send from a client with none pending is still
+/// served (the bystander), the stalled subscriber's queue stops growing (it falls behind, and
+/// is owed the rest from the log), and once memory is freed sends are accepted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_budget_sheds_large_sends_with_overloaded_and_recovers() {
+    let dir = temp_dir();
+    // Queues large enough, and no byte rate, so that only the budget is at work.
+    let flags =
+        ["--memory-budget", "8000000", "--queue-bytes", "67108864", "--queue-length", "100000", "--byte-rate", "0", "--ping-interval", "2"];
+    let server = ServerProcess::start(dir.path(), &flags).await;
+    let bystander = Bystander::start(&server.ws_url()).await;
+    let stalled = stalled_subscriber(server.addr, "/big").await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(server.ws_url()).await.expect("connect");
+    let data = "m".repeat(60_000);
+    let n = 300; // 18 MB, more than twice the budget
+    for i in 0..n {
+        ws.feed(Message::text(format!("#k{i}#:/big:{data}"))).await.unwrap();
+    }
+    ws.flush().await.unwrap();
+    let mut c = Client::from_stream(ws);
+    let (mut acked, mut refused) = (0, 0);
+    for _ in 0..n {
+        let reply = c.recv().await;
+        let key = reply.split('#').nth(1).unwrap().to_string();
+        let rest = &reply[key.len() + 2..];
+        if rest.starts_with('@') {
+            acked += 1;
+        } else {
+            assert!(rest.starts_with("!overloaded event not stored: the server is overloaded: it holds "), "{reply}");
+            assert!(rest.ends_with(" bytes for its clients, its memory budget is 8000000; retry later"), "{reply}");
+            refused += 1;
+        }
+    }
+    println!("memory budget of 8 MB: {acked} sends of 60 KB stored, {refused} refused with overloaded");
+    assert!(refused > 0 && acked > 0, "{acked} acked, {refused} refused");
+    assert_eq!(ivy_tests::log_text(server.addr, "/log/big").await.lines().count(), acked, "nothing refused is stored");
+    // The stalled subscriber is closed after a ping interval behind, which frees what it held.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let reply = c.request(&format!("#again#:/big:{data}")).await;
+        if reply.starts_with("#again#@") {
+            break;
+        }
+        assert!(reply.starts_with("#again#!overloaded "), "{reply}");
+        assert!(tokio::time::Instant::now() < deadline, "the budget never came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(stalled);
+    bystander.finish().await;
+    server.kill().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_limit_are_refused_with_503_and_their_slots_come_back() {
     let dir = temp_dir();
@@ -513,6 +702,10 @@ async fn the_limits_are_flags_with_clear_errors() {
         "IVY_PING_INTERVAL",
         "--header-timeout",
         "IVY_HEADER_TIMEOUT",
+        "--queue-bytes",
+        "IVY_QUEUE_BYTES",
+        "--memory-budget",
+        "IVY_MEMORY_BUDGET",
     ] {
         assert!(help.contains(flag), "--help mentions {flag}");
     }

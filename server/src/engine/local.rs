@@ -40,7 +40,7 @@ use ivy_client_core::wire::encode_event;
 
 use super::clock::Clock;
 use super::{BoxFuture, Context, DeleteRequest, Direction, Engine, Horizon, Page, Publish, PublishError, ReadRequest, Requests, Retention};
-use crate::fanout::{FanOut, Line, Published};
+use crate::fanout::{FanOut, Published};
 
 pub use super::clock::WallClock;
 
@@ -466,7 +466,7 @@ impl Sequencer {
             .zip(lines)
             .map(|(r, (ts, line))| {
                 done.push(Some(r.done));
-                Published { ts, path: r.path, sender: r.sender, line: Line::from_utf8_lossy(line) }
+                Published { ts, path: r.path, sender: r.sender, line: self.fanout.line(line) }
             })
             .collect();
         // Each send completes right after its event is delivered, before the later ones.

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use super::local::{Deleted, LocalEngine, Record, Storage, WallClock};
 use super::memory::MemStorage;
 use super::{Completion, Context, Direction, Engine, Publish, PublishError, Publisher, ReadRequest, Retention, queue};
-use crate::conn::{Conn, close_code};
+use crate::conn::Conn;
 use crate::fanout::{ConnId, FanOut};
 
 /// A memory store whose appends can be held at a gate, and which records each batch's size.
@@ -223,17 +223,38 @@ async fn the_sender_does_not_get_its_own_event() {
     f.stop().await;
 }
 
+/// An event that finds a queue full is not lost: the connection falls behind (it will read the
+/// rest from the log), keeps what fit, and holds its replies back to their places; nobody else
+/// waits.
 #[tokio::test]
-async fn a_full_queue_makes_a_slow_consumer_and_nobody_else_waits() {
+async fn a_full_queue_puts_the_connection_behind_and_nobody_else_waits() {
     let f = open(Arc::new(MemStorage::default()));
-    let (slow, mut rx_slow, _) = f.subscriber(1, 2, &["/q"]);
+    let (slow, mut rx_slow, positions) = f.subscriber(1, 3, &["/q"]);
     let (_fast, mut rx_fast, _) = f.subscriber(2, 16, &["/q"]);
-    for i in 0..3 {
-        f.publish("/q", &i.to_string(), None).await.unwrap();
+    let slot = slow.try_reserve().unwrap();
+    let mut ts = Vec::new();
+    for i in 0..4 {
+        ts.push(f.publish("/q", &i.to_string(), None).await.unwrap());
     }
-    assert_eq!(slow.ending().code(), close_code::SLOW_CONSUMER);
-    assert_eq!(lines(&mut rx_slow).len(), 2, "what fit in the queue");
-    assert_eq!(lines(&mut rx_fast).len(), 3);
+    assert_eq!(slow.ending().code(), 0, "not closed");
+    assert!(slow.outbox().is_behind());
+    assert!(slow.behind_since().is_some());
+    // A reply now is held back (after the events offered so far), not queued.
+    slot.send_line(b"##@1".to_vec());
+    assert_eq!(lines(&mut rx_slow), [format!("@{}:/q:0", ts[0]), format!("@{}:/q:1", ts[1])], "what fit in the queue");
+    assert_eq!(lines(&mut rx_fast).len(), 4);
+    // Rejoining: the log from the event that did not fit up to the position is owed, through
+    // /q's subscription, then the held reply.
+    let rejoin = f.fanout.quiesced(|p| slow.outbox().rejoin(p));
+    assert!(!slow.outbox().is_behind());
+    assert_eq!((rejoin.after, rejoin.until), (ts[2].prev(), ts[3]));
+    assert_eq!(rejoin.windows, [(Arc::from("/q"), ts[2].prev().max(positions[0]), ts[3])]);
+    assert_eq!(rejoin.held.iter().map(|h| h.pos).collect::<Vec<_>>(), [ts[3]]);
+    // Live again.
+    let t = f.publish("/q", "live", None).await.unwrap();
+    assert_eq!(lines(&mut rx_slow), [format!("@{t}:/q:live")]);
+    slow.outbox().round_done();
+    assert!(slow.behind_since().is_none(), "caught up");
     f.stop().await;
 }
 
