@@ -200,6 +200,16 @@ pub struct Cli {
     #[arg(long, env = "IVY_BYTE_BURST", default_value_t = config::DEFAULT_BYTE_BURST)]
     pub byte_burst: u64,
 
+    /// Bytes the sends of one identity (a token's `sub`, with auth on) may store per second in
+    /// all, whatever the number of its connections; excess sends get `!rate-limited`. 0: no
+    /// limit.
+    #[arg(long, env = "IVY_BYTE_RATE_PER_IDENTITY", default_value_t = config::DEFAULT_BYTE_RATE_PER_IDENTITY)]
+    pub byte_rate_per_identity: u64,
+
+    /// Bytes one identity may store in a burst above that rate.
+    #[arg(long, env = "IVY_BYTE_BURST_PER_IDENTITY", default_value_t = config::DEFAULT_BYTE_BURST_PER_IDENTITY)]
+    pub byte_burst_per_identity: u64,
+
     /// Seconds between the server's pings on each WebSocket (fractions allowed); a connection
     /// from which nothing, not even a pong, arrives for a whole interval after a ping is
     /// closed with 4001. 0: no pings.
@@ -362,6 +372,8 @@ impl Cli {
             subscribe_burst: self.subscribe_burst,
             byte_rate: self.byte_rate,
             byte_burst: self.byte_burst,
+            byte_rate_per_identity: self.byte_rate_per_identity,
+            byte_burst_per_identity: self.byte_burst_per_identity,
             ping_interval: self.ping_interval.0,
             header_timeout: self.header_timeout.0,
             flush_timeout: self.flush_timeout.0,

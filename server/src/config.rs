@@ -57,6 +57,10 @@ pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_BYTE_RATE: u64 = 16 << 20;
 /// Default of [`Config::byte_burst`] (32 MiB).
 pub const DEFAULT_BYTE_BURST: u64 = 32 << 20;
+/// Default of [`Config::byte_rate_per_identity`] (16 MiB per second).
+pub const DEFAULT_BYTE_RATE_PER_IDENTITY: u64 = 16 << 20;
+/// Default of [`Config::byte_burst_per_identity`] (32 MiB).
+pub const DEFAULT_BYTE_BURST_PER_IDENTITY: u64 = 32 << 20;
 /// Default of [`Config::flush_timeout`].
 pub const DEFAULT_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default of [`Config::ping_interval`].
@@ -174,6 +178,13 @@ pub struct Config {
     /// Bytes one connection may store in a burst above the byte rate. Default
     /// [`DEFAULT_BYTE_BURST`].
     pub byte_burst: u64,
+    /// Bytes the sends of one identity (a token's `sub`, with auth on) may store per second in
+    /// all, whatever the number of its connections, counted as [`Config::byte_rate`]; excess
+    /// sends get `!rate-limited`. 0: no limit. Default [`DEFAULT_BYTE_RATE_PER_IDENTITY`].
+    pub byte_rate_per_identity: u64,
+    /// Bytes one identity may store in a burst above that rate. Default
+    /// [`DEFAULT_BYTE_BURST_PER_IDENTITY`].
+    pub byte_burst_per_identity: u64,
     /// Time between the server's pings on each WebSocket; a connection silent for a whole
     /// interval after a ping is closed with 4001. Zero: no pings. Default
     /// [`DEFAULT_PING_INTERVAL`].
@@ -238,6 +249,8 @@ impl Default for Config {
             subscribe_burst: DEFAULT_SUBSCRIBE_BURST,
             byte_rate: DEFAULT_BYTE_RATE,
             byte_burst: DEFAULT_BYTE_BURST,
+            byte_rate_per_identity: DEFAULT_BYTE_RATE_PER_IDENTITY,
+            byte_burst_per_identity: DEFAULT_BYTE_BURST_PER_IDENTITY,
             ping_interval: DEFAULT_PING_INTERVAL,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             flush_timeout: DEFAULT_FLUSH_TIMEOUT,
@@ -315,6 +328,10 @@ setters! {
     byte_rate: u64;
     /// Sets [`Config::byte_burst`].
     byte_burst: u64;
+    /// Sets [`Config::byte_rate_per_identity`].
+    byte_rate_per_identity: u64;
+    /// Sets [`Config::byte_burst_per_identity`].
+    byte_burst_per_identity: u64;
     /// Sets [`Config::ping_interval`].
     ping_interval: Duration;
     /// Sets [`Config::header_timeout`].

@@ -102,6 +102,8 @@ pub(crate) struct Shared {
     auth: auth::Auth,
     /// What the server holds for its clients (`--memory-budget`).
     budget: Arc<budget::Budget>,
+    /// The byte budgets of identities (`--byte-rate-per-identity`).
+    identities: ratelimit::Identities,
 }
 
 /// A running Ivy instance: its engine, fan-out and connections.
@@ -180,6 +182,7 @@ impl IvyBuilder {
             });
         }
         let refusals = session::Refusals::new(&config);
+        let identities = ratelimit::Identities::new(config.byte_rate_per_identity, config.byte_burst_per_identity);
         let log_requests = limits::Counted::new(config.max_log_requests.max(1), config.max_log_requests_per_address);
         let shared = Arc::new(Shared {
             config,
@@ -194,6 +197,7 @@ impl IvyBuilder {
             log_requests,
             auth,
             budget,
+            identities,
         });
         Ok(Ivy { shared })
     }

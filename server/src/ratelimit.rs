@@ -76,6 +76,12 @@ impl ByteLimiter {
         u64::try_from(u128::from(bytes) * u128::from(NANOS_PER_SEC) / u128::from(rate)).unwrap_or(u64::MAX)
     }
 
+    /// Whether a send arriving at `now` would fit (the budget is not overdrawn beyond the
+    /// burst), spending nothing.
+    pub fn fits(&self, now: u64) -> bool {
+        self.tat.max(now) - now <= self.tolerance
+    }
+
     /// Whether `bytes` arriving at `now` (nanoseconds, never decreasing) fit; if so they are
     /// spent. Refused ones cost nothing.
     pub fn check(&mut self, now: u64, bytes: u64) -> bool {
@@ -88,9 +94,89 @@ impl ByteLimiter {
     }
 }
 
+/// The byte budgets of identities (a token's `sub`), shared by all of an identity's
+/// connections, so that opening more connections does not multiply what one user may store.
+/// An entry lives while a connection of its identity does. Its clock is the registry's (one
+/// origin for every connection of the identity).
+#[derive(Debug)]
+pub(crate) struct Identities {
+    rate: u64,
+    burst: u64,
+    epoch: std::time::Instant,
+    budgets: std::sync::Mutex<std::collections::HashMap<Box<str>, std::sync::Weak<IdentityBudget>>>,
+}
+
+/// One identity's byte budget ([`Identities`]).
+#[derive(Debug)]
+pub(crate) struct IdentityBudget {
+    epoch: std::time::Instant,
+    limiter: std::sync::Mutex<ByteLimiter>,
+}
+
+impl IdentityBudget {
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ByteLimiter> {
+        self.limiter.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether a send would fit now, spending nothing.
+    pub(crate) fn fits(&self) -> bool {
+        self.lock().fits(self.now())
+    }
+
+    /// Spends `bytes` now.
+    pub(crate) fn spend(&self, bytes: u64) {
+        let now = self.now();
+        self.lock().check(now, bytes);
+    }
+}
+
+impl Identities {
+    /// `rate` bytes per second per identity, bursts of `burst`; 0: no limit.
+    pub(crate) fn new(rate: u64, burst: u64) -> Identities {
+        Identities { rate, burst, epoch: std::time::Instant::now(), budgets: Default::default() }
+    }
+
+    /// The budget of identity `sub`, shared with its other connections (`None`: no limit).
+    pub(crate) fn budget(&self, sub: &str) -> Option<std::sync::Arc<IdentityBudget>> {
+        let fresh = ByteLimiter::new(self.rate, self.burst)?;
+        let mut budgets = self.budgets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(b) = budgets.get(sub).and_then(std::sync::Weak::upgrade) {
+            return Some(b);
+        }
+        // Forget identities without connections now and then (amortized over new entries).
+        if budgets.len() >= 1024 && budgets.len().is_power_of_two() {
+            budgets.retain(|_, w| w.strong_count() > 0);
+        }
+        let b = std::sync::Arc::new(IdentityBudget { epoch: self.epoch, limiter: std::sync::Mutex::new(fresh) });
+        budgets.insert(sub.into(), std::sync::Arc::downgrade(&b));
+        Some(b)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_identity_s_connections_share_its_budget() {
+        // 1 byte per second, bursts of 1,000: what is spent stays spent for the test's length.
+        let ids = Identities::new(1, 1000);
+        let (a, b) = (ids.budget("ada").unwrap(), ids.budget("ada").unwrap());
+        assert!(std::sync::Arc::ptr_eq(&a, &b));
+        let other = ids.budget("bob").unwrap();
+        assert!(!std::sync::Arc::ptr_eq(&a, &other));
+        assert!(a.fits());
+        a.spend(1500);
+        assert!(!b.fits(), "spent by the identity's other connection");
+        assert!(other.fits(), "another identity has its own");
+        drop((a, b));
+        assert!(ids.budget("ada").unwrap().fits(), "a fresh budget once none of its connections is left");
+        assert!(Identities::new(0, 10).budget("ada").is_none());
+    }
 
     #[test]
     fn bytes_are_spent_and_refill_at_the_rate() {

@@ -25,7 +25,7 @@ use crate::auth::{Access, Need};
 use crate::budget::Charge;
 use crate::conn::ReplySlot;
 use crate::engine::PublishError;
-use crate::ratelimit::{ByteLimiter, RateLimiter};
+use crate::ratelimit::{ByteLimiter, IdentityBudget, RateLimiter};
 
 /// Longest ack key accepted, in bytes. A reply repeats its command's key, and a connection
 /// can have `--queue-length` replies pending: long keys would multiply its memory (64 KiB
@@ -76,6 +76,7 @@ pub(crate) struct Refusals {
     rate_limited_message: Box<str>,
     rate_limited_keyless: Utf8Bytes,
     bytes_limited_message: Box<str>,
+    identity_bytes_limited_message: Box<str>,
 }
 
 impl Refusals {
@@ -93,6 +94,11 @@ impl Refusals {
             bytes_limited_message: format!(
                 "too many bytes: the limit is {} bytes stored per second (bursts of {}), an event counting its line plus 16 bytes per level of its path; this send was not executed",
                 config.byte_rate, config.byte_burst
+            )
+            .into_boxed_str(),
+            identity_bytes_limited_message: format!(
+                "too many bytes for this identity: its connections together may store {} bytes per second (bursts of {}); this send was not executed",
+                config.byte_rate_per_identity, config.byte_burst_per_identity
             )
             .into_boxed_str(),
         }
@@ -120,6 +126,8 @@ pub(crate) struct Session {
     /// change beyond the budget.
     pause: u64,
     bytes: Option<ByteLimiter>,
+    /// The byte budget of the connection's identity, shared with its other connections.
+    identity: Option<std::sync::Arc<IdentityBudget>>,
     /// What the connection may read and write (verified once, at the handshake).
     access: Access,
 }
@@ -138,7 +146,14 @@ impl Session {
             churn: RateLimiter::new(config.subscribe_rate, config.subscribe_burst),
             pause: 0,
             bytes: ByteLimiter::new(config.byte_rate, config.byte_burst),
+            identity: None,
         }
+    }
+
+    /// The session with its identity's byte budget (`--byte-rate-per-identity`).
+    pub(crate) fn with_identity_budget(mut self, budget: Option<std::sync::Arc<IdentityBudget>>) -> Session {
+        self.identity = budget;
+        self
     }
 
     /// Whether a command arriving at `now` (nanoseconds from any fixed origin, never
@@ -147,11 +162,28 @@ impl Session {
         self.limiter.as_mut().is_none_or(|l| l.check(now))
     }
 
-    /// Whether storing `len` data bytes on `path` fits the byte budget at `now` (spent if so).
-    fn bytes_allowed(&mut self, now: u64, path: &str, len: usize) -> bool {
-        let Some(b) = self.bytes.as_mut() else { return true };
+    /// Whether storing `len` data bytes on `path` fits the connection's byte budget at `now`
+    /// and its identity's (spent from both if so): `Err(true)` when the identity's refused it,
+    /// `Err(false)` when the connection's did.
+    fn bytes_allowed(&mut self, now: u64, path: &str, len: usize) -> Result<(), bool> {
+        if self.bytes.is_none() && self.identity.is_none() {
+            return Ok(());
+        }
         // What the store keeps: the line once, 16 bytes per level, copies of a short line.
-        b.check(now, crate::engine::stored_cost(path, len).1 as u64)
+        let cost = crate::engine::stored_cost(path, len).1 as u64;
+        if self.bytes.as_ref().is_some_and(|b| !b.fits(now)) {
+            return Err(false);
+        }
+        if self.identity.as_ref().is_some_and(|i| !i.fits()) {
+            return Err(true);
+        }
+        if let Some(b) = self.bytes.as_mut() {
+            b.check(now, cost);
+        }
+        if let Some(i) = &self.identity {
+            i.spend(cost);
+        }
+        Ok(())
     }
 
     /// A text frame arrived at `now`.
@@ -205,10 +237,13 @@ impl Session {
             }
             Op::Timestamp => Outcome::Time { ack },
             Op::Send { path, data } => match offset_in(frame, data) {
-                Some(_) if !self.bytes_allowed(now, &path, data.len()) => {
-                    Outcome::Reply(error_line(ack, ErrorCode::RateLimited, &refusals.bytes_limited_message))
-                }
-                Some(start) => Outcome::Send { ack, path, data: start..start + data.len() },
+                Some(start) => match self.bytes_allowed(now, &path, data.len()) {
+                    Ok(()) => Outcome::Send { ack, path, data: start..start + data.len() },
+                    Err(identity) => {
+                        let why = if identity { &refusals.identity_bytes_limited_message } else { &refusals.bytes_limited_message };
+                        Outcome::Reply(error_line(ack, ErrorCode::RateLimited, why))
+                    }
+                },
                 // The parser returns a slice of the frame; anything else is a bug, refused
                 // rather than trusted.
                 None => Outcome::Reply(error_line(ack, ErrorCode::Malformed, "internal error: data outside the command")),

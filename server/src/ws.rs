@@ -97,7 +97,11 @@ async fn connection(shared: Arc<Shared>, socket: WebSocket, mut slot: Slot, peer
     let out = conn.outbox().clone();
     slot.register(&ending);
     let Some((reader_stop, writer_stop)) = ending.halves() else { return };
-    let session = Session::new(&shared.config, access);
+    let identity = match &access {
+        Access::Granted(p) => p.sub.as_deref().and_then(|sub| shared.identities.budget(sub)),
+        Access::Open => None,
+    };
+    let session = Session::new(&shared.config, access).with_identity_budget(identity);
     let (sink, stream) = socket.split();
     match peer {
         Some(ip) => tracing::info!(conn = %id, peer = %ip, "connected"),

@@ -655,3 +655,36 @@ async fn the_cli_takes_a_token_by_flag_or_environment() {
     assert!(err.contains("refused to reopen it (HTTP 401"), "{err}");
     server.stop().await;
 }
+
+/// The byte rate per identity: the connections of one `sub` share it (opening more does not
+/// multiply it), another identity has its own, and a refusal is `!rate-limited` naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_s_connections_share_its_byte_rate() {
+    let dir = temp_dir();
+    let mut setup = config(dir.path());
+    // 1 byte per second after a burst of 100,000: within the test, spent stays spent.
+    setup.config =
+        setup.config.clone().auth_hmac_secrets(vec![Secret::new("new-secret")]).byte_rate_per_identity(1).byte_burst_per_identity(100_000);
+    let server = TestServer::start(setup).await;
+    let ada = hs256("new-secret", &claims("ada", &["/"], &["/"]));
+    let (mut a1, mut a2) = (connect(&server, &ada).await, connect(&server, &ada).await);
+    let mut bob = connect(&server, &hs256("new-secret", &claims("bob", &["/"], &["/"]))).await;
+    let big = "x".repeat(60_000);
+    // Each 60 KB send counts about 60 KB: the first two fit the identity's burst, from either
+    // connection; the third does not, from either, while bob's are unaffected.
+    assert!(a1.request(&format!("#1#:/a:{big}")).await.starts_with("#1#@"));
+    assert!(a2.request(&format!("#2#:/a:{big}")).await.starts_with("#2#@"));
+    let refusal = "!rate-limited too many bytes for this identity";
+    for c in [&mut a1, &mut a2] {
+        let reply = c.request(&format!("#3#:/a:{big}")).await;
+        assert!(reply.starts_with(&format!("#3#{refusal}")), "{reply}");
+        // Small sends still fit? No: the identity's budget is overdrawn; nothing is stored.
+        assert!(c.request("#4#:/a:small").await.starts_with(&format!("#4#{refusal}")));
+    }
+    for i in 0..2 {
+        assert!(bob.request(&format!("#b{i}#:/b:{big}")).await.starts_with(&format!("#b{i}#@")));
+    }
+    let log = http_get(server.addr, &format!("/log/a?token={ada}"), &[]).await.text();
+    assert_eq!(log.lines().count(), 2, "only the accepted sends are stored");
+    server.stop().await;
+}
