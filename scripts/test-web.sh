@@ -38,7 +38,7 @@ if [ ${#packages[@]} -gt 0 ]; then
 fi
 /usr/bin/chromium --version
 
-step "web demo: npm install"
+step "web demo: npm packages (npm ci from the lock, when node_modules does not hold it)"
 (cd web-demo && npm_locked)
 
 step "web demo: TypeScript check (tsc --noEmit)"

@@ -17,7 +17,10 @@
 //! that shard. So subscribing and unsubscribing (which take the channel's shard for writing)
 //! wait at most for one event's delivery to a channel of the same shard, and never hold up
 //! delivery elsewhere: churn on a crowded channel does not delay an unrelated one (with one
-//! lock for the whole registry, held by delivery for a whole batch, it did).
+//! lock for the whole registry, held by delivery for a whole batch, it did). Each batch's
+//! delivery also holds a gate for reading, which only a connection rejoining live delivery
+//! after catching up from the log takes for writing ([`FanOut::quiesced`]): it rejoins while
+//! no batch is in flight.
 //!
 //! Positions: the fan-out's position is the newest event delivered in full; each shard also
 //! keeps the newest event whose delivery went through it (set under its lock). A subscription
