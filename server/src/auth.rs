@@ -1,10 +1,10 @@
 //! Identity and permissions: signed tokens (JWT) with path-scoped read and write grants
 //! (`docs/PROTOCOL.md`, section 2.5, an extension).
 //!
-//! [`Auth`] is built once from the [`Config`] (its keys decoded, its validation rules set) and
+//! `Auth` is built once from the [`Config`] (its keys decoded, its validation rules set) and
 //! shared by every handler. A token is verified once per WebSocket connection (at the
 //! handshake) or log request, giving a [`Principal`]; each command is then checked against
-//! the principal's [`Grants`] ([`Access`]), a comparison of paths that allocates nothing.
+//! the principal's [`Grants`] (`Access`), a comparison of paths that allocates nothing.
 //!
 //! Verification is [`jsonwebtoken`]'s, never ours: this module only picks the keys a token
 //! may be checked with (by its `alg` and `kid`), sets the rules (`exp` required, `nbf` and

@@ -8,7 +8,7 @@
 //! path, so it costs the path depth plus the matching subscribers, never the number of
 //! channels. Each connection has a bounded queue (in lines and in bytes); an event that finds
 //! it full is not queued, and the connection is *behind*: its writer reads what it missed from
-//! the log and writes exactly the lines live delivery would have ([`crate::conn::Outbox`]), so
+//! the log and writes exactly the lines live delivery would have (`conn::Outbox`), so
 //! a burst larger than the queues reaches every reader that keeps up, and a slow one never
 //! blocks anyone else (it is closed with 4000 if it stays behind for a whole ping interval).
 //!
@@ -19,7 +19,7 @@
 //! delivery elsewhere: churn on a crowded channel does not delay an unrelated one (with one
 //! lock for the whole registry, held by delivery for a whole batch, it did). Each batch's
 //! delivery also holds a gate for reading, which only a connection rejoining live delivery
-//! after catching up from the log takes for writing ([`FanOut::quiesced`]): it rejoins while
+//! after catching up from the log takes for writing (`FanOut::quiesced`): it rejoins while
 //! no batch is in flight.
 //!
 //! Positions: the fan-out's position is the newest event delivered in full; each shard also

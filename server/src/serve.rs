@@ -97,10 +97,10 @@ fn connection_capacity() -> usize {
 /// Compared with a bare `axum::serve`, the accept loop protects the server from clients that
 /// open connections and send nothing or too many:
 ///
-/// - a connection that sends no byte within [`Config::first_byte_timeout`], or no complete
-///   request head within [`Config::header_timeout`], is closed (WebSockets, once upgraded, are
+/// - a connection that sends no byte within [`Config::first_byte_timeout`](crate::Config::first_byte_timeout), or no complete
+///   request head within [`Config::header_timeout`](crate::Config::header_timeout), is closed (WebSockets, once upgraded, are
 ///   bounded by `--max-connections` and the ping timeout instead);
-/// - it holds at most [`Config::max_connections_per_address`] TCP connections from one client
+/// - it holds at most [`Config::max_connections_per_address`](crate::Config::max_connections_per_address) TCP connections from one client
 ///   IP address, and in all as many as fit below the process's file-descriptor limit (less 256
 ///   kept for the store and files); a connection beyond either is closed as soon as it is
 ///   accepted, so the server never runs out of descriptors (the binary first raises its soft
