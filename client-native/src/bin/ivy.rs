@@ -13,7 +13,6 @@ use std::time::{Duration, SystemTime};
 use clap::{Args, Parser, Subcommand};
 use futures_util::StreamExt;
 use futures_util::stream::{FuturesOrdered, SelectAll};
-use ivy_client_core::http::Endpoints;
 use ivy_client_native::{Client, ConnState, Error, Event, LogQuery, LogQueryError, LogReader, Start, SubscriptionError, Timestamp};
 use tokio::io::AsyncBufReadExt;
 
@@ -114,12 +113,9 @@ struct Format {
     raw: bool,
 }
 
+/// `--url`: checked as the client checks it (the same errors), before anything connects.
 fn parse_url(s: &str) -> Result<String, String> {
-    let e = Endpoints::from_base(s).map_err(|e| e.to_string())?;
-    if e.tls {
-        return Err("wss:// (TLS) is not built into this client; use ws:// or a TLS-terminating proxy".into());
-    }
-    Ok(s.to_string())
+    LogReader::new(s).map(|_| s.to_string()).map_err(|e| e.to_string())
 }
 
 fn parse_path(s: &str) -> Result<String, String> {
