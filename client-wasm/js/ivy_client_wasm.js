@@ -97,7 +97,16 @@ function show(v) {
   return typeof v === "string" ? JSON.stringify(v) : String(v);
 }
 
-const CLIENT_OPTIONS = Object.fromEntries([...DURATIONS.map((k) => [k, duration]), ...Object.entries(COUNTS).map(([k, min]) => [k, count(min)])]);
+const CLIENT_OPTIONS = Object.fromEntries([
+  ...DURATIONS.map((k) => [k, duration]),
+  ...Object.entries(COUNTS).map(([k, min]) => [k, count(min)]),
+  [
+    "senders",
+    (v) => {
+      if (typeof v !== "boolean") throw invalid(`option \`senders\` must be true or false, not ${show(v)}`);
+    },
+  ],
+]);
 const SUBSCRIBE_OPTIONS = {
   from: (v) => {
     if (typeof v !== "string") throw invalid(`option \`from\` must be "now", "beginning" or a timestamp string, not ${show(v)}`);

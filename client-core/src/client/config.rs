@@ -39,6 +39,11 @@ pub struct Config {
     /// instead of being sent, since the server would close the connection over it. 0: no
     /// check. Default: 65,536, the server's default.
     pub max_message_size: usize,
+    /// Ask for verified senders (**Extension** `ext=sender`, `docs/PROTOCOL.md` 6.1.1): the
+    /// WebSocket URL ([`Config::ws_url`]) and the log pages ask for the extended event lines,
+    /// and every event then has its [`Event::sender`](crate::wire::Event::sender). Default:
+    /// false (the original lines, `sender` always `None`).
+    pub senders: bool,
 }
 
 impl Default for Config {
@@ -54,6 +59,7 @@ impl Default for Config {
             offline_queue: 1000,
             max_buffered: 10_000,
             max_message_size: 65_536,
+            senders: false,
         }
     }
 }
@@ -105,6 +111,18 @@ impl Config {
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = bytes;
         self
+    }
+
+    /// Sets [`Config::senders`].
+    pub fn senders(mut self, on: bool) -> Self {
+        self.senders = on;
+        self
+    }
+
+    /// The URL to open the WebSocket with: the endpoint `ws` ([`crate::http::Endpoints::ws`])
+    /// with `?ext=sender` when [`Config::senders`] is set.
+    pub fn ws_url(&self, ws: &str) -> alloc::string::String {
+        crate::http::with_senders(ws.into(), self.senders)
     }
 
     /// Sets [`Config::offline_queue`].
