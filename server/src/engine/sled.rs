@@ -7,10 +7,10 @@
 //! # let _ = engine; Ok(()) }
 //! ```
 //!
-//! The store layout (version 3), in one sled tree so that a batch of events is written
+//! The store layout (version 4), in one sled tree so that a batch of events is written
 //! atomically:
 //!
-//! - `v` → the layout version (`3`);
+//! - `v` → the layout version (`4`);
 //! - `c` → the clock floor (12 bytes, big-endian; optional): no timestamp above it has been
 //!   handed out, so a restarted clock resumes after `max(floor, newest event)`;
 //! - `b` ‖ ts → a block of the root log: consecutive events, the first at `ts`;
@@ -25,8 +25,12 @@
 //! Timestamps in keys are 12 bytes, big-endian, so key order is time order. A block is a run of
 //! entries in timestamp order, each `ts (12 bytes) ‖ word (4 bytes, big-endian)` and then:
 //!
-//! - a line (the word is its length, below 2³¹): the event line exactly as delivered
-//!   (`@ts:/path:data`);
+//! - a line with its sender (the word's bit 30 is set, the rest is the line's length): the
+//!   sender's wire form (`docs/PROTOCOL.md` 6.1.1: `=escaped-sub`, `-` or `*`) preceded by its
+//!   length (2 bytes, big-endian), then the event line exactly as delivered to a connection
+//!   without extensions (`@ts:/path:data`); the extended line is built from both;
+//! - a line without its sender (the word is its length, below 2³⁰; written by layout 3): read
+//!   with the sender unknown, `?`;
 //! - nothing (the word's top bit is set, the rest is the line's length): a *reference* to the
 //!   event of that timestamp, whose line is in the root's log.
 //!
@@ -36,8 +40,9 @@
 //! is one range scan of its prefix reading whole blocks. `0x00` cannot occur in a path, so `/a`
 //! never matches `/ab`.
 //!
-//! Every event's line is stored once, in the root's log. The log of each other level of its
-//! path holds a reference (16 bytes), or a copy of the line when the copies are small: an event
+//! Every event's line is stored once, in the root's log, with its sender. The log of each
+//! other level of its path holds a reference (16 bytes), or a copy of the line (and its sender)
+//! when the copies are small: an event
 //! at depth `d` (`/a/b` has 2) with a line of `n` bytes is copied into the `d` logs when
 //! `d × n <= INLINE_BUDGET` (256 bytes), referenced otherwise. The copies spare a reader of a
 //! channel one lookup per event where they cost little: short events on shallow paths. So an
@@ -48,11 +53,14 @@
 //!
 //! Older layouts, from stores written by earlier versions:
 //!
+//! - layout 3 (no senders) is read as it is: its blocks are layout 4 blocks whose lines have
+//!   no sender, and their events are read with the sender unknown (`?`). Opening one records
+//!   version 4, so that an earlier version (which would read the sender bit as damage)
+//!   refuses the store instead;
 //! - layout 2 (every level's log held a copy of every line) is read as it is: its blocks are
-//!   layout 3 blocks whose entries are all copies. Opening one records version 3, so that an
-//!   earlier version (which would read references as damage) refuses the store instead;
+//!   layout 3 blocks whose entries are all copies; it opens as layout 4, as layout 3 does;
 //! - layout 1 (one key per event: `e` ‖ ts → line, and `i` ‖ channel ‖ `0x00` ‖ ts → index
-//!   entries) is converted to layout 3 when such a store is opened, in atomic steps that a
+//!   entries) is converted to layout 4 (senders unknown) when such a store is opened, in atomic steps that a
 //!   crash can interrupt and a restart resumes.
 
 use std::collections::HashMap;
