@@ -77,7 +77,7 @@ use super::local::{Deleted, LocalEngine, Record, Storage, Visit, WallClock, line
 use super::reopen::{self, Reopening};
 use super::{Context, Direction, Engine, Horizon, Open, Retention};
 #[cfg(test)]
-use super::{ReadRequest, local::read_page};
+use super::{Origin, ReadRequest, local::read_page};
 
 /// When an event is acknowledged relative to its durable write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -908,7 +908,7 @@ impl Storage for SledLog {
         let mut batch = sled::Batch::default();
         let mut blocks = Blocks::default();
         for r in records {
-            blocks.add(&mut batch, r.ts, r.path, r.line, r.origin);
+            blocks.add(&mut batch, r.ts, r.path, r.line, r.origin.wire());
         }
         let bytes = blocks.bytes;
         blocks.finish(&mut batch);
@@ -1127,7 +1127,7 @@ mod tests {
         {
             let log = SledLog::open(&dir, Durability::Async, DEFAULT_FLUSH_INTERVAL).unwrap();
             assert_eq!(log.clock_floor().unwrap(), None);
-            log.append(&[Record { ts: ts(1), path: "/a", line: b"@1700000000.000000001:/a:x", origin: b"-" }]).unwrap();
+            log.append(&[Record { ts: ts(1), path: "/a", line: b"@1700000000.000000001:/a:x", origin: &Origin::ANONYMOUS }]).unwrap();
             log.set_clock_floor(ts(9)).unwrap();
             assert_eq!(log.last_timestamp().unwrap(), Some(ts(1)));
         }
@@ -1197,7 +1197,8 @@ mod tests {
                 ivy_client_core::wire::encode_event(ts, path, &vec![b'x'; len], &mut line);
                 lines.push((ts, path.to_string(), line));
             }
-            let records: Vec<Record<'_>> = lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: b"-" }).collect();
+            let records: Vec<Record<'_>> =
+                lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: &Origin::ANONYMOUS }).collect();
             log.append(&records).unwrap();
             events.extend(lines);
         }
@@ -1259,7 +1260,8 @@ mod tests {
                 ivy_client_core::wire::encode_event(ts, path, &vec![b'y'; ((i * 37) % 500) as usize], &mut line);
                 lines.push((ts, path, line));
             }
-            let records: Vec<Record<'_>> = lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: b"-" }).collect();
+            let records: Vec<Record<'_>> =
+                lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: &Origin::ANONYMOUS }).collect();
             log.append(&records).unwrap();
             mem.append(&records).unwrap();
             all.extend(lines.iter().map(|l| l.0));
@@ -1308,7 +1310,7 @@ mod tests {
         let ts = |n| Timestamp::new(1_700_000_000, n).unwrap();
         let mut line = Vec::new();
         ivy_client_core::wire::encode_event(ts(1), &path, &vec![b'x'; 60 * 1024], &mut line);
-        log.append(&[Record { ts: ts(1), path: &path, line: &line, origin: b"-" }]).unwrap();
+        log.append(&[Record { ts: ts(1), path: &path, line: &line, origin: &Origin::ANONYMOUS }]).unwrap();
         let grown = stored_bytes(&log) - empty;
         // The line, 17 entry headers, 17 keys (the longest, `/l1/.../l16`, 70 bytes).
         assert!(grown < line.len() + 17 * (ENTRY_HEADER + 80), "{grown} bytes for a {}-byte line", line.len());
@@ -1321,7 +1323,7 @@ mod tests {
         let mut short = Vec::new();
         ivy_client_core::wire::encode_event(ts(2), "/a", b"hi", &mut short);
         assert!(inline(1, short.len()));
-        log.append(&[Record { ts: ts(2), path: "/a", line: &short, origin: b"-" }]).unwrap();
+        log.append(&[Record { ts: ts(2), path: "/a", line: &short, origin: &Origin::ANONYMOUS }]).unwrap();
         let block = log.db.scan_prefix(block_prefix("/a")).next().unwrap().unwrap().1;
         assert_eq!(Entries::new(&block).map(|e| e.unwrap().1).collect::<Vec<_>>(), vec![Entry::Line(&short, b"-")]);
         drop(log);
@@ -1398,10 +1400,10 @@ mod tests {
             for channel in channels {
                 assert_eq!(collect_with_origins(&log, channel, Direction::Forward), want(&old, channel), "{channel}");
             }
-            let records: Vec<Record<'_>> = new
-                .iter()
-                .map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: origins[ts.subsec_nanos() as usize % 4] })
-                .collect();
+            let senders: Vec<Origin> =
+                new.iter().map(|(ts, ..)| Origin::from_wire(origins[ts.subsec_nanos() as usize % 4]).unwrap()).collect();
+            let records: Vec<Record<'_>> =
+                new.iter().zip(&senders).map(|((ts, p, l), origin)| Record { ts: *ts, path: p, line: l, origin }).collect();
             log.append(&records).unwrap();
             log.flush().unwrap();
         }
@@ -1497,7 +1499,8 @@ mod tests {
             for channel in channels {
                 assert_eq!(collect(&log, channel, None, None, Direction::Forward, usize::MAX), want(&old, channel), "{channel}");
             }
-            let records: Vec<Record<'_>> = new.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: b"-" }).collect();
+            let records: Vec<Record<'_>> =
+                new.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: &Origin::ANONYMOUS }).collect();
             log.append(&records).unwrap();
             log.flush().unwrap();
         }
@@ -1562,7 +1565,8 @@ mod tests {
                     ivy_client_core::wire::encode_event(ts, path, &vec![b'q'; len], &mut line);
                     lines.push((ts, path.to_string(), line));
                 }
-                let records: Vec<Record<'_>> = lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: b"-" }).collect();
+                let records: Vec<Record<'_>> =
+                    lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: &Origin::ANONYMOUS }).collect();
                 log.append(&records).unwrap();
                 mem.append(&records).unwrap();
                 model.extend(lines);
@@ -1658,8 +1662,11 @@ mod tests {
                     line
                 })
                 .collect();
-            let records: Vec<Record<'_>> =
-                lines.iter().enumerate().map(|(i, l)| Record { ts: ts(i as u32 + 1), path: "/a/b", line: l, origin: b"-" }).collect();
+            let records: Vec<Record<'_>> = lines
+                .iter()
+                .enumerate()
+                .map(|(i, l)| Record { ts: ts(i as u32 + 1), path: "/a/b", line: l, origin: &Origin::ANONYMOUS })
+                .collect();
             log.append(&records).unwrap();
             log.flush().unwrap();
             assert_eq!(Mark::read(&dir.join(MARK_FILE)).unwrap(), Some(ts(5)), "the mark is written");
