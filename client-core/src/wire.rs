@@ -330,6 +330,14 @@ impl Sender {
         }
     }
 
+    /// Length of the wire form.
+    pub fn wire_len(&self) -> usize {
+        match self {
+            Sender::User(sub) => 1 + crate::escape::escaped_sub_len(sub.as_bytes()),
+            _ => 1,
+        }
+    }
+
     /// The wire form as bytes.
     pub fn to_wire(&self) -> Vec<u8> {
         let mut v = Vec::new();
@@ -353,9 +361,9 @@ impl Sender {
 }
 
 impl Event<'_> {
-    /// Length of the encoded line.
+    /// Length of the encoded line (the extended one when the event has a sender).
     pub fn encoded_len(&self) -> usize {
-        event_line_len(self.ts, &self.path, &self.data)
+        event_line_len(self.ts, &self.path, &self.data) + self.sender.as_ref().map_or(0, |s| 1 + s.wire_len())
     }
 
     /// Appends `@ts:/path:escaped-data` to `out`, or the extended line
@@ -628,6 +636,7 @@ mod tests {
             let mut v = Vec::new();
             ev(Some(sender.clone())).encode(&mut v);
             assert_eq!(v, wire);
+            assert_eq!(ev(Some(sender.clone())).encoded_len(), wire.len());
             assert_eq!(parse_line(wire).unwrap(), ServerLine::Event(ev(Some(sender.clone()))));
             let (mut plain, mut extended) = (Vec::new(), Vec::new());
             encode_event(ts, "/a", b"x:y", &mut plain);
@@ -679,6 +688,7 @@ mod tests {
             let e = Event { ts: Timestamp::new(5, 6).unwrap(), path: p.into(), data: data.into(), sender: Some(Sender::User(sub)) };
             let mut v = Vec::new();
             e.encode(&mut v);
+            prop_assert_eq!(v.len(), e.encoded_len());
             prop_assert!(!v.contains(&b'\n'));
             prop_assert_eq!(parse_event(&v).unwrap(), e);
         }
