@@ -259,6 +259,9 @@ impl TlsError {
                     rustls::CertificateError::NotValidYet | rustls::CertificateError::NotValidYetContext { .. } => {
                         format!("the server's certificate is not valid yet ({c:?})")
                     }
+                    rustls::CertificateError::BadSignature => "the server's certificate is not signed by a trusted certificate \
+                        authority: its signature does not verify with the trusted CA of that name (BadSignature)"
+                        .to_string(),
                     c if format!("{c:?}").contains("CaUsedAsEndEntity") => format!(
                         "the server's certificate is a CA certificate ({c:?}): a self-signed server certificate must say \
                          basicConstraints CA:FALSE"

@@ -31,7 +31,9 @@ struct Pki {
 fn make_pki(dir: &Path, names: &[&str]) -> Pki {
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "Ivy test CA");
+    // A name of its own: a CA of the same name would be taken for it (and fail as BadSignature).
+    let tag = dir.file_name().unwrap().to_string_lossy().into_owned();
+    ca_params.distinguished_name.push(DnType::CommonName, format!("Ivy test CA {tag}"));
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
     let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
@@ -327,4 +329,88 @@ async fn startup_errors_name_the_flag_or_the_file() {
     let (code, err) = failed_start(dir.path(), &["--tls-cert", s(&pki.cert), "--tls-key", s(&other.key)]).await;
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("cannot be used together"), "{err}");
+}
+
+/// The library: `Config::tls_cert` and `Config::tls_key` make `ivy_server::run` (and
+/// `serve`) terminate TLS, and a bad file fails `open` with the path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_library_serves_tls_from_its_config() {
+    let dir = temp_dir();
+    let pki = make_pki(dir.path(), &["localhost", "127.0.0.1"]);
+    let mut setup = ivy_tests::config(&dir.path().join("data"));
+    setup.config = setup.config.clone().tls_cert(Some(pki.cert.clone())).tls_key(Some(pki.key.clone()));
+    let server = ivy_tests::TestServer::start(setup).await;
+    let client = Client::builder(format!("wss://localhost:{}", server.addr.port())).ca_file(&pki.ca).connect().await.unwrap();
+    let ts = client.send("/lib", "embedded").await.unwrap();
+    assert_eq!(client.log("/lib", LogQuery::All).await.unwrap()[0].ts, ts);
+    client.close().await;
+    server.stop().await;
+
+    let missing = dir.path().join("nope.pem");
+    let mut setup = ivy_tests::config(&dir.path().join("data2"));
+    setup.config = setup.config.clone().tls_cert(Some(pki.cert.clone())).tls_key(Some(missing.clone()));
+    let e = setup.builder().open().unwrap_err();
+    assert!(e.to_string().contains(s(&missing)), "{e}");
+}
+
+/// `ivy-server` with TLS on `port`, in memory: the child, once it listens.
+async fn server_on(port: u16, pki: &Pki) -> tokio::process::Child {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(server_bin())
+        .args(["--memory", "--listen", &format!("127.0.0.1:{port}"), "--tls-cert", s(&pki.cert), "--tls-key", s(&pki.key)])
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap().unwrap();
+    assert_eq!(line, format!("ivy-server listening on https://127.0.0.1:{port}"));
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    child
+}
+
+/// A server that comes back with a certificate the client does not trust: `ivy sub` does not
+/// retry it forever but ends with the reason and exit code 3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_refused_on_reconnecting_ends_the_subscriber() {
+    let dir = temp_dir();
+    let trusted = make_pki(dir.path(), &["localhost", "127.0.0.1"]);
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    let untrusted = make_pki(&other, &["localhost", "127.0.0.1"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut first = server_on(port, &trusted).await;
+    let url = format!("wss://localhost:{port}");
+    let mut sub = tokio::process::Command::new(ivy_bin())
+        .args(["--url", &url, "--ca-file", s(&trusted.ca), "sub", "/chat"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = tokio::io::BufReader::new(sub.stdout.take().unwrap());
+    // Connected once an event sent after it started arrives.
+    let mut line = String::new();
+    let sent = async {
+        loop {
+            let _ = ivy(&["--url", &url, "--ca-file", s(&trusted.ca), "send", "/chat", "up"], &[]).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::select! {
+        r = tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut line) => { r.unwrap(); }
+        () = sent => {}
+        () = tokio::time::sleep(WAIT) => panic!("ivy sub received nothing"),
+    }
+    assert!(line.ends_with(":/chat:up\n"), "{line:?}");
+    first.kill().await.unwrap();
+    let _ = first.wait().await;
+    let mut second = server_on(port, &untrusted).await;
+    let out = tokio::time::timeout(WAIT * 3, sub.wait_with_output()).await.expect("ivy sub ends instead of retrying").unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("not signed by a trusted certificate authority"), "{err}");
+    second.kill().await.unwrap();
 }
