@@ -106,11 +106,12 @@ fn connection_capacity() -> usize {
 ///   accepted, so the server never runs out of descriptors (the binary first raises its soft
 ///   limit to the hard one).
 ///
-/// With TLS ([`Config::tls_cert`](crate::Config::tls_cert)), every connection is a TLS one (rustls); its handshake counts
-/// as part of the request head (the first byte within the first-byte timeout, the whole
-/// handshake within the header timeout from the connection's start), so a client that opens
-/// a connection and stalls costs no more than without TLS. A plain HTTP request on the TLS
-/// port gets a 400 that says to use `https://` or `wss://`.
+/// With TLS ([`Config::tls_cert`](crate::Config::tls_cert)), every connection is a TLS one
+/// (rustls); its handshake counts as part of the request head (the first byte within the
+/// first-byte timeout, the whole handshake within the header timeout from the connection's
+/// start), so a client that opens a connection and stalls costs no more than without TLS. A
+/// connection that does not start with a TLS handshake (plain HTTP on the TLS port) gets a
+/// 400 that says to use `https://` or `wss://`.
 ///
 /// It also sets `TCP_NODELAY`, so that small lines are not held back, and survives accept
 /// errors such as running out of file descriptors (it logs them and retries shortly).
