@@ -45,6 +45,9 @@ step "WebAssembly: core tests in Node, browser client in headless Chromium, Type
 step "Web demo: TypeScript check, vite build, browser end-to-end tests (Playwright + Chromium)"
 IVY_WASM_PKG_FRESH=1 ./scripts/test-web.sh 2>&1 | tee -a "$results"
 
+step "The example token backend of docs/AUTH.md (Node.js, jose) against ivy-server and ivy"
+./scripts/test-example-backend.sh 2>&1 | tee -a "$results"
+
 # One closing line for everything above: 'summary: N passed, N failed, N skipped'.
 awk '/^check: [0-9]+ passed, [0-9]+ failed/ { p += $2; f += $4; if ($7 ~ /^skipped/) s += $6 }
      /^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }

@@ -56,7 +56,11 @@
 //!
 //! The base URL is the server's (`ws://host:port`, optionally with a path prefix); the
 //! WebSocket endpoint (`/ws`) and the log endpoint (`/log/...`) are derived from it. `http://`
-//! is accepted as a synonym. TLS (`wss://`) is not built in.
+//! is accepted as a synonym. `wss://` (or `https://`) connects over TLS (rustls, with the
+//! `ring` provider), trusting the system's root certificates (as found by
+//! `rustls-native-certs`) and, with [`ClientBuilder::ca_file`] or [`LogReader::ca_file`], a
+//! private certificate authority as well. A refused server certificate (not signed by a
+//! trusted CA, not valid for the host name, expired) is [`Error::Tls`], and is not retried.
 //!
 //! Errors are types to branch on, not messages to parse: [`Error`] says what failed (the URL,
 //! the first connection with the HTTP status of a refused handshake, a request, a log read),
@@ -72,6 +76,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -122,13 +127,18 @@ pub type Event = ivy_core::Event<'static>;
 /// Errors of this client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {
-    /// The URL cannot be used: not `ws://host[:port][/prefix]` (or `http://...`), or `wss://`,
-    /// which this client does not build in. Nothing was attempted; fix the URL.
+    /// The URL cannot be used: not `ws://host[:port][/prefix]` or `wss://...` (or `http://...`,
+    /// `https://...`). Nothing was attempted; fix the URL.
     InvalidUrl(UrlError),
     /// The first connection failed (see [`ClientBuilder::retry_initial_connect`]): the server
     /// is unreachable, or it refused the handshake ([`ConnectError::status`]). Also from
     /// [`LogReader::log`] when no TCP connection to the server could be made.
     Connect(ConnectError),
+    /// TLS failed: the CA file cannot be used ([`TlsErrorKind::CaFile`], nothing was
+    /// attempted), the server's certificate was refused ([`TlsErrorKind::Certificate`]: not
+    /// retried, since trying again cannot help), or the handshake failed otherwise
+    /// ([`TlsErrorKind::Handshake`]). From [`ClientBuilder::connect`] and [`LogReader::log`].
+    Tls(TlsError),
     /// A request failed; see [`ClientError`] for what the caller should do, and
     /// [`Error::is_uncertain`].
     Request(ClientError),
@@ -153,6 +163,7 @@ impl fmt::Display for Error {
         match self {
             Error::InvalidUrl(e) => e.fmt(f),
             Error::Connect(e) => write!(f, "cannot connect: {e}"),
+            Error::Tls(e) => e.fmt(f),
             Error::Request(e) => e.fmt(f),
             Error::Log(e) => write!(f, "log request failed: {e}"),
             Error::Closed => f.write_str("client closed"),
@@ -199,6 +210,141 @@ impl fmt::Display for ConnectError {
 
 impl std::error::Error for ConnectError {}
 
+/// What kind of TLS failure a [`TlsError`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TlsErrorKind {
+    /// The CA file ([`ClientBuilder::ca_file`]) cannot be read or holds no PEM certificate.
+    CaFile,
+    /// The server's certificate was refused: not signed by a trusted certificate authority,
+    /// not valid for the host name of the URL, expired or not yet valid. The client does not
+    /// retry: a [`Client`] that was connected closes ([`ConnState::Closed`]).
+    Certificate,
+    /// The TLS handshake failed otherwise (for example the server does not speak TLS on that
+    /// port). Retried like a network failure.
+    Handshake,
+}
+
+/// Why TLS failed ([`Error::Tls`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsError {
+    /// What failed.
+    pub kind: TlsErrorKind,
+    /// What happened, naming the cause (and the file or host).
+    pub message: String,
+}
+
+impl fmt::Display for TlsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for TlsError {}
+
+impl TlsError {
+    /// The TLS failure among the causes of `e`, if any, as seen connecting to `host`.
+    fn find(host: &str, e: &(dyn std::error::Error + 'static)) -> Option<TlsError> {
+        let rustls = find_rustls(e)?;
+        let (kind, why) = match rustls {
+            rustls::Error::InvalidCertificate(c) => {
+                let why = match c {
+                    rustls::CertificateError::UnknownIssuer => "the server's certificate is not signed by a trusted certificate authority \
+                        (UnknownIssuer; for a private CA, pass its certificate with --ca-file or ca_file)"
+                        .to_string(),
+                    rustls::CertificateError::NotValidForName | rustls::CertificateError::NotValidForNameContext { .. } => {
+                        format!("the server's certificate is not valid for the host name {host} ({c:?})")
+                    }
+                    rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. } => {
+                        format!("the server's certificate has expired ({c:?})")
+                    }
+                    rustls::CertificateError::NotValidYet | rustls::CertificateError::NotValidYetContext { .. } => {
+                        format!("the server's certificate is not valid yet ({c:?})")
+                    }
+                    rustls::CertificateError::BadSignature => "the server's certificate is not signed by a trusted certificate \
+                        authority: its signature does not verify with the trusted CA of that name (BadSignature)"
+                        .to_string(),
+                    c if format!("{c:?}").contains("CaUsedAsEndEntity") => format!(
+                        "the server's certificate is a CA certificate ({c:?}): a self-signed server certificate must say \
+                         basicConstraints CA:FALSE"
+                    ),
+                    c => format!("the server's certificate was refused: {c:?}"),
+                };
+                (TlsErrorKind::Certificate, why)
+            }
+            e => (TlsErrorKind::Handshake, format!("{e} (does the server speak TLS on that port?)")),
+        };
+        Some(TlsError { kind, message: format!("TLS with {host} failed: {why}") })
+    }
+}
+
+/// The rustls error among the causes of `e` (an `io::Error`'s own error included).
+fn find_rustls<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if let Some(r) = e.downcast_ref::<rustls::Error>() {
+            return Some(r);
+        }
+        if let Some(inner) = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            if let Some(r) = find_rustls(inner) {
+                return Some(r);
+            }
+        }
+        next = e.source();
+    }
+    None
+}
+
+/// The TLS settings of a client: the system's roots, plus a private CA.
+fn tls_config(tls: bool, ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    if tls {
+        roots = system_roots().clone();
+    }
+    if let Some(path) = ca_file {
+        let failed =
+            |why: String| TlsError { kind: TlsErrorKind::CaFile, message: format!("cannot use the CA file {}: {why}", path.display()) };
+        let pem = std::fs::read(path).map_err(|e| failed(e.to_string()))?;
+        use rustls::pki_types::pem::PemObject;
+        let certs = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| failed(format!("not valid PEM: {e}")))?;
+        if certs.is_empty() {
+            return Err(failed("it holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into()));
+        }
+        for c in certs {
+            roots.add(c).map_err(|e| failed(format!("a certificate in it cannot be used: {e}")))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError { kind: TlsErrorKind::Handshake, message: format!("TLS setup failed: {e}") })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// The system's root certificates, loaded once per process.
+fn system_roots() -> &'static rustls::RootCertStore {
+    static ROOTS: std::sync::OnceLock<rustls::RootCertStore> = std::sync::OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let found = rustls_native_certs::load_native_certs();
+        for e in &found.errors {
+            tracing::debug!(error = %e, "loading the system's root certificates");
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        let (added, ignored) = roots.add_parsable_certificates(found.certs);
+        tracing::debug!(added, ignored, "system root certificates");
+        roots
+    })
+}
+
+/// The host of an endpoint URL, for messages.
+fn host_of(url: &str) -> String {
+    url.parse::<hyper::Uri>().ok().and_then(|u| u.host().map(String::from)).unwrap_or_else(|| url.to_string())
+}
+
 /// Why a log request failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogError {
@@ -230,17 +376,16 @@ impl From<ClientError> for Error {
     }
 }
 
-/// Derives the endpoints from the base URL; TLS is not built into this client.
+/// Derives the endpoints from the base URL.
 fn endpoints(url: &str) -> Result<Endpoints, Error> {
-    let e = Endpoints::from_base(url).map_err(Error::InvalidUrl)?;
-    if e.tls {
-        return Err(Error::InvalidUrl(UrlError::TlsUnsupported { url: url.into() }));
-    }
-    Ok(e)
+    Endpoints::from_base(url).map_err(Error::InvalidUrl)
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-type Http = hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Empty<bytes::Bytes>>;
+type Http = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Empty<bytes::Bytes>,
+>;
 
 enum Cmd {
     Subscribe(String, Start, mpsc::Sender<Result<Event, SubscriptionError>>, oneshot::Sender<Result<u64, ClientError>>),
@@ -258,6 +403,7 @@ pub struct ClientBuilder {
     retry_initial: bool,
     buffer: usize,
     token: Option<Token>,
+    ca_file: Option<PathBuf>,
 }
 
 /// A bearer token, kept out of `Debug` output.
@@ -344,6 +490,15 @@ impl ClientBuilder {
         self
     }
 
+    /// A PEM file of certificate authorities to trust for a `wss://` server, besides the
+    /// system's roots (a private CA, or a self-signed server certificate). Read by
+    /// [`ClientBuilder::connect`]: a file that cannot be read or holds no certificate is
+    /// [`Error::Tls`] ([`TlsErrorKind::CaFile`]).
+    pub fn ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
+        self
+    }
+
     /// Keep trying when the very first connection fails, instead of returning
     /// [`Error::Connect`] (default: false).
     pub fn retry_initial_connect(mut self, retry: bool) -> Self {
@@ -354,13 +509,16 @@ impl ClientBuilder {
     /// Starts the client and waits for the first connection.
     pub async fn connect(self) -> Result<Client, Error> {
         let mut logs = LogReader::new(&self.url)?;
+        if let Some(path) = &self.ca_file {
+            logs = logs.ca_file(path)?;
+        }
         logs.token = self.token.clone();
         logs.senders = self.config.senders;
-        let (endpoints, http) = (logs.endpoints.clone(), logs.http.clone());
+        let (endpoints, http, tls) = (logs.endpoints.clone(), logs.http.clone(), logs.tls.clone());
         let (tx, rx) = mpsc::unbounded_channel();
         let (state_tx, mut state_rx) = watch::channel(ConnState::Idle);
         let (connections_tx, connections) = watch::channel(0u64);
-        let last_error = Arc::new(Mutex::new(None::<ConnectError>));
+        let last_error = Arc::new(Mutex::new(None::<Error>));
         // A write that cannot complete (a peer that stopped reading, a half-open TCP
         // connection) must not stall the driver past the dead-connection deadline.
         let write_timeout = Duration::from_millis(self.config.probe_timeout.max(1000));
@@ -371,6 +529,7 @@ impl ClientBuilder {
             core: client::Client::new(self.config, seed ^ u64::from(std::process::id())),
             endpoints: endpoints.clone(),
             http: http.clone(),
+            tls,
             token: self.token.clone(),
             senders,
             epoch: Instant::now(),
@@ -386,21 +545,23 @@ impl ClientBuilder {
             times: HashMap::new(),
         };
         tokio::spawn(driver.run(rx));
-        let client = Client { tx, state: state_rx.clone(), connections, logs, buffer };
+        let client = Client { tx, state: state_rx.clone(), connections, logs, buffer, last_error: last_error.clone() };
         loop {
             let state = *state_rx.borrow_and_update();
             match state {
                 ConnState::Connected => return Ok(client),
                 ConnState::Reconnecting { .. } if !self.retry_initial => {
                     let reason = last_error.lock().ok().and_then(|e| e.clone());
-                    let reason = reason.unwrap_or_else(|| ConnectError { status: None, message: "connection failed".into() });
+                    let reason =
+                        reason.unwrap_or_else(|| Error::Connect(ConnectError { status: None, message: "connection failed".into() }));
                     client.close().await;
-                    return Err(Error::Connect(reason));
+                    return Err(reason);
                 }
                 ConnState::Closed => {
-                    // Closed by a refusal that retrying cannot change (401).
-                    let reason = last_error.lock().ok().and_then(|e| e.clone()).filter(|e| e.status == Some(UNAUTHORIZED));
-                    return Err(reason.map_or(Error::Closed, Error::Connect));
+                    // Closed by a refusal that retrying cannot change (401, a refused
+                    // certificate).
+                    let reason = last_error.lock().ok().and_then(|e| e.clone()).filter(is_final);
+                    return Err(reason.unwrap_or(Error::Closed));
                 }
                 _ => {}
             }
@@ -408,6 +569,16 @@ impl ClientBuilder {
                 return Err(Error::Closed);
             }
         }
+    }
+}
+
+/// Whether a failed connection attempt ends the client instead of being retried: a
+/// handshake refused with 401, or a refused server certificate.
+fn is_final(e: &Error) -> bool {
+    match e {
+        Error::Connect(c) => c.status == Some(UNAUTHORIZED),
+        Error::Tls(t) => t.kind == TlsErrorKind::Certificate,
+        _ => false,
     }
 }
 
@@ -419,6 +590,7 @@ pub struct Client {
     connections: watch::Receiver<u64>,
     logs: LogReader,
     buffer: usize,
+    last_error: Arc<Mutex<Option<Error>>>,
 }
 
 /// Reads channel logs over HTTP alone, with no WebSocket connection (for a program that only
@@ -435,16 +607,28 @@ pub struct Client {
 pub struct LogReader {
     endpoints: Endpoints,
     http: Http,
+    tls: Arc<rustls::ClientConfig>,
     token: Option<Token>,
     senders: bool,
 }
 
 impl LogReader {
     /// A reader of the server at `url` (its base URL, as for [`Client::connect`]); fails only
-    /// for an invalid URL.
+    /// for an invalid URL. An `https://` (or `wss://`) URL is read over TLS, trusting the
+    /// system's roots.
     pub fn new(url: &str) -> Result<LogReader, Error> {
         let endpoints = endpoints(url)?;
-        Ok(LogReader { endpoints, http: http_client(), token: None, senders: false })
+        let tls = tls_config(endpoints.tls, None).map_err(Error::Tls)?;
+        Ok(LogReader { endpoints, http: http_client(&tls), tls, token: None, senders: false })
+    }
+
+    /// Also trusts the certificate authorities of the PEM file at `path` (see
+    /// [`ClientBuilder::ca_file`]); [`Error::Tls`] if it cannot be read or holds no
+    /// certificate.
+    pub fn ca_file(mut self, path: impl AsRef<Path>) -> Result<LogReader, Error> {
+        self.tls = tls_config(self.endpoints.tls, Some(path.as_ref())).map_err(Error::Tls)?;
+        self.http = http_client(&self.tls);
+        Ok(self)
     }
 
     /// Sends `token` with each read, as `Authorization: Bearer` (see [`ClientBuilder::token`]).
@@ -475,14 +659,19 @@ impl LogReader {
         let body = match fetch(&self.http, &url, self.token.as_ref()).await {
             Ok((body, _horizon)) => body,
             Err(Fetch::Connect(message)) => return Err(Error::Connect(ConnectError { status: None, message })),
+            Err(Fetch::Tls(e)) => return Err(Error::Tls(e)),
             Err(Fetch::Log(e)) => return Err(Error::Log(e)),
         };
         ivy_core::http::parse_log(&body).map_err(|e| Error::Log(LogError { status: None, message: format!("unparsable log line: {e}") }))
     }
 }
 
-fn http_client() -> Http {
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+fn http_client(tls: &Arc<rustls::ClientConfig>) -> Http {
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    let connector =
+        hyper_rustls::HttpsConnectorBuilder::new().with_tls_config((**tls).clone()).https_or_http().enable_http1().wrap_connector(http);
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector)
 }
 
 impl fmt::Debug for Cmd {
@@ -494,7 +683,14 @@ impl fmt::Debug for Cmd {
 impl Client {
     /// A builder for `url` (`ws://host:port`).
     pub fn builder(url: impl Into<String>) -> ClientBuilder {
-        ClientBuilder { url: url.into(), config: Config::default(), retry_initial: false, buffer: SUBSCRIPTION_BUFFER, token: None }
+        ClientBuilder {
+            url: url.into(),
+            config: Config::default(),
+            retry_initial: false,
+            buffer: SUBSCRIPTION_BUFFER,
+            token: None,
+            ca_file: None,
+        }
     }
 
     /// Connects with the default configuration.
@@ -560,6 +756,13 @@ impl Client {
         self.connections.clone()
     }
 
+    /// Why the last connection attempt failed, if one did since the client started (for
+    /// example why a client that closed by itself, [`ConnState::Closed`], could not reconnect:
+    /// a 401, or a refused certificate, [`Error::Tls`]).
+    pub fn last_connect_error(&self) -> Option<Error> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
     /// Closes the connection; pending requests fail with [`Error::Closed`] and subscription
     /// streams end.
     pub async fn close(&self) {
@@ -620,6 +823,7 @@ impl Drop for Subscription {
 /// Why a log request failed: no connection could be made, or the request or answer failed.
 enum Fetch {
     Connect(String),
+    Tls(TlsError),
     Log(LogError),
 }
 
@@ -627,6 +831,7 @@ impl From<Fetch> for LogError {
     fn from(f: Fetch) -> LogError {
         match f {
             Fetch::Connect(message) => LogError { status: None, message },
+            Fetch::Tls(e) => LogError { status: None, message: e.message },
             Fetch::Log(e) => e,
         }
     }
@@ -645,6 +850,9 @@ async fn fetch(http: &Http, url: &str, token: Option<&Token>) -> Result<(String,
     let resp = match tokio::time::timeout(Duration::from_secs(30), http.request(req)).await {
         Err(_) => return Err(failed("timed out".into())),
         Ok(Err(e)) if e.is_connect() => {
+            if let Some(tls) = TlsError::find(&host_of(url), &e) {
+                return Err(Fetch::Tls(tls));
+            }
             let cause = std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
             return Err(Fetch::Connect(format!("{url}: {cause}")));
         }
@@ -681,6 +889,7 @@ struct Driver {
     core: client::Client,
     endpoints: Endpoints,
     http: Http,
+    tls: Arc<rustls::ClientConfig>,
     token: Option<Token>,
     /// `ext=sender` on the WebSocket URL.
     senders: bool,
@@ -688,7 +897,7 @@ struct Driver {
     write_timeout: Duration,
     state_tx: watch::Sender<ConnState>,
     connections_tx: watch::Sender<u64>,
-    last_error: Arc<Mutex<Option<ConnectError>>>,
+    last_error: Arc<Mutex<Option<Error>>>,
     /// The application's subscriptions, by handle.
     routes: HashMap<u64, Route>,
     /// The core's subscription of each route that has one (a route whose consumer lagged has
@@ -702,7 +911,7 @@ struct Driver {
     times: HashMap<RequestId, oneshot::Sender<Result<Timestamp, ClientError>>>,
 }
 
-type Connecting = Pin<Box<dyn Future<Output = Result<Ws, ConnectError>> + Send>>;
+type Connecting = Pin<Box<dyn Future<Output = Result<Ws, Error>> + Send>>;
 
 impl Driver {
     fn now(&self) -> client::Millis {
@@ -726,11 +935,23 @@ impl Driver {
                             None => self.endpoints.ws.clone(),
                         };
                         let url = ivy_core::http::with_senders(url, self.senders);
+                        let tls = tokio_tungstenite::Connector::Rustls(self.tls.clone());
+                        let host = host_of(&self.endpoints.ws);
                         connecting = Some(Box::pin(async move {
-                            let mut req = url.into_client_request().map_err(|e| ConnectError::from_ws(&e))?;
+                            let mut req = url.into_client_request().map_err(|e| Error::Connect(ConnectError::from_ws(&e)))?;
                             req.headers_mut()
                                 .insert("Sec-WebSocket-Protocol", hyper::header::HeaderValue::from_static(ivy_core::SUBPROTOCOL));
-                            let (ws, _) = tokio_tungstenite::connect_async(req).await.map_err(|e| ConnectError::from_ws(&e))?;
+                            let (ws, _) =
+                                tokio_tungstenite::connect_async_tls_with_config(req, None, false, Some(tls)).await.map_err(|e| {
+                                    match TlsError::find(&host, &e) {
+                                        Some(t) => Error::Tls(t),
+                                        None if matches!(e, tungstenite::Error::Tls(_)) => Error::Tls(TlsError {
+                                            kind: TlsErrorKind::Certificate,
+                                            message: format!("TLS with {host} failed: {e}"),
+                                        }),
+                                        None => Error::Connect(ConnectError::from_ws(&e)),
+                                    }
+                                })?;
                             Ok(ws)
                         }));
                     }
@@ -826,12 +1047,13 @@ impl Driver {
                             self.core.handle_connected(now);
                         }
                         Err(e) => {
-                            let unauthorized = e.status == Some(UNAUTHORIZED);
+                            let last = is_final(&e);
                             self.note(e);
                             self.core.handle_disconnected(now);
-                            if unauthorized && closing.is_none() {
-                                // The same token would be refused again: stop here.
-                                tracing::debug!("handshake refused with 401: the token is not accepted; closing");
+                            if last && closing.is_none() {
+                                // The same token, or the same certificate, would be refused
+                                // again: stop here.
+                                tracing::debug!("the token or the server's certificate is not accepted; closing");
                                 self.core.close(now);
                                 closing = Some(oneshot::channel().0);
                             }
@@ -855,11 +1077,11 @@ impl Driver {
     }
 
     fn note_error(&self, message: String) {
-        self.note(ConnectError { status: None, message });
+        self.note(Error::Connect(ConnectError { status: None, message }));
     }
 
-    fn note(&self, e: ConnectError) {
-        tracing::debug!(error = %e, status = ?e.status, "connection problem");
+    fn note(&self, e: Error) {
+        tracing::debug!(error = %e, "connection problem");
         if let Ok(mut slot) = self.last_error.lock() {
             *slot = Some(e);
         }
@@ -1039,7 +1261,7 @@ async fn next_message(ws: &mut Option<Ws>) -> Option<Result<Message, tokio_tungs
     }
 }
 
-async fn poll_connecting(c: &mut Option<Connecting>) -> Result<Ws, ConnectError> {
+async fn poll_connecting(c: &mut Option<Connecting>) -> Result<Ws, Error> {
     match c {
         Some(f) => f.await,
         None => std::future::pending().await,
@@ -1059,13 +1281,17 @@ mod tests {
 
     // The URL rules themselves are tested in ivy-client-core (`http::tests`).
     #[test]
-    fn tls_urls_are_refused_as_invalid() {
+    fn tls_urls_are_accepted_and_a_bad_ca_file_is_named() {
         assert_eq!(endpoints("ws://h:1").unwrap().ws, "ws://h:1/ws");
         assert!(matches!(endpoints("ftp://h"), Err(Error::InvalidUrl(UrlError::Malformed { .. }))));
-        for tls in ["wss://h", "https://h/p"] {
-            let e = endpoints(tls).unwrap_err();
-            assert_eq!(e, Error::InvalidUrl(UrlError::TlsUnsupported { url: tls.into() }));
-            assert!(e.to_string().contains("TLS is not built in"), "{e}");
+        assert_eq!(endpoints("wss://h").unwrap().ws, "wss://h/ws");
+        assert_eq!(endpoints("https://h/p").unwrap().http, "https://h/p");
+        let missing = std::env::temp_dir().join("ivy-no-such-ca.pem");
+        match LogReader::new("wss://h").unwrap().ca_file(&missing) {
+            Err(Error::Tls(TlsError { kind: TlsErrorKind::CaFile, message })) => {
+                assert!(message.contains(&missing.display().to_string()), "{message}")
+            }
+            other => panic!("{other:?}"),
         }
     }
 

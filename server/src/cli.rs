@@ -265,6 +265,16 @@ pub struct Cli {
     #[arg(long, env = "IVY_AUTH_REFRESH_GRACE", value_parser = seconds, default_value_t = Seconds(config::DEFAULT_AUTH_REFRESH_GRACE))]
     pub auth_refresh_grace: Seconds,
 
+    /// A PEM file with the server's TLS certificate chain (its certificate first, then any
+    /// intermediates). With --tls-key, every connection speaks TLS: wss:// and https://.
+    /// Both or neither; read at startup only (a renewed certificate takes a restart).
+    #[arg(long, env = "IVY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The PEM file of the private key of --tls-cert (PKCS#8, PKCS#1 RSA or SEC1 EC).
+    #[arg(long, env = "IVY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     /// A helper instead of the server.
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -386,6 +396,8 @@ impl Cli {
             anonymous_read: self.anonymous_read.clone(),
             anonymous_write: self.anonymous_write.clone(),
             auth_refresh_grace: self.auth_refresh_grace.0,
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
         }
     }
 
@@ -419,7 +431,7 @@ pub fn main() -> ExitCode {
 
 /// The `ivy-server` binary with timestamps from `wall` (tests of clock steps use a frozen
 /// one): parses the flags, sets up logging to stderr (`RUST_LOG`), binds, prints
-/// `ivy-server listening on http://ADDR` on stdout and serves until SIGINT or SIGTERM. The
+/// `ivy-server listening on http://ADDR` (`https://ADDR` with TLS) on stdout and serves until SIGINT or SIGTERM. The
 /// runtime is then given 2 seconds for what still runs (a read stuck on a failing disk must
 /// not keep the process from exiting once the shutdown is over).
 pub fn main_with(wall: WallClock) -> ExitCode {
@@ -457,6 +469,11 @@ async fn serve_main(wall: WallClock) -> ExitCode {
         eprintln!("ivy-server: {e}");
         return ExitCode::from(2);
     }
+    // So are the TLS certificate and key.
+    if let Err(e) = crate::tls::server_config(&cli.config()) {
+        eprintln!("ivy-server: {e}");
+        return ExitCode::from(2);
+    }
     let listener = match tokio::net::TcpListener::bind(cli.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -483,6 +500,10 @@ async fn serve_main(wall: WallClock) -> ExitCode {
     };
     match listener.local_addr() {
         // A stable line for scripts and tests that bind port 0.
+        Ok(addr) if ivy.tls() => {
+            println!("ivy-server listening on https://{addr}");
+            tracing::info!("TLS on: wss://{addr}/ws, https://{addr}/log/");
+        }
         Ok(addr) => println!("ivy-server listening on http://{addr}"),
         Err(e) => eprintln!("ivy-server: {e}"),
     }

@@ -221,6 +221,15 @@ pub struct Config {
     /// How long past its token's `exp` a connection stays open before it is closed with 4003.
     /// Default [`DEFAULT_AUTH_REFRESH_GRACE`].
     pub auth_refresh_grace: Duration,
+    /// A PEM file of the server's certificate chain (its own certificate first, then the
+    /// intermediates): with [`Config::tls_key`], [`crate::serve`] speaks TLS (rustls) on every
+    /// connection, so that `/ws`, `/log` and the static files are served over `wss://` and
+    /// `https://`. Both or neither; read once, when the server opens (a renewed certificate
+    /// takes a restart). Default: none (plain TCP).
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM file of the private key of [`Config::tls_cert`] (PKCS#8, PKCS#1 RSA or SEC1
+    /// EC). Default: none.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -263,6 +272,8 @@ impl Default for Config {
             anonymous_read: Vec::new(),
             anonymous_write: Vec::new(),
             auth_refresh_grace: DEFAULT_AUTH_REFRESH_GRACE,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -356,6 +367,10 @@ setters! {
     anonymous_write: Vec<String>;
     /// Sets [`Config::auth_refresh_grace`].
     auth_refresh_grace: Duration;
+    /// Sets [`Config::tls_cert`].
+    tls_cert: Option<PathBuf>;
+    /// Sets [`Config::tls_key`].
+    tls_key: Option<PathBuf>;
 }
 
 #[cfg(test)]

@@ -18,7 +18,11 @@
 //! ```
 //!
 //! [`serve`] runs such a router the way the binary does (an HTTP header timeout against idle
-//! connections, `TCP_NODELAY`, graceful shutdown of `ivy` at the end).
+//! connections, `TCP_NODELAY`, graceful shutdown of `ivy` at the end), and terminates TLS when
+//! [`Config::tls_cert`] and [`Config::tls_key`] are set (rustls with its `ring` provider;
+//! `wss://` and `https://` then; certificates are read once, at [`IvyBuilder::open`]). A
+//! router served by `axum::serve` instead gets no TLS from Ivy: put a TLS proxy in front, or
+//! use [`serve`].
 //!
 //! Endpoints: `GET /ws` (the command protocol, subprotocol `ivy1`), `GET /log/<path>` (the
 //! stored events of a channel's subtree, with its horizon in `Ivy-Horizon` once events were
@@ -55,6 +59,7 @@ pub mod ratelimit;
 mod serve;
 mod session;
 mod static_files;
+mod tls;
 mod ws;
 
 use std::future::Future;
@@ -104,6 +109,8 @@ pub(crate) struct Shared {
     budget: Arc<budget::Budget>,
     /// The byte budgets of identities (`--byte-rate-per-identity`).
     identities: ratelimit::Identities,
+    /// TLS termination by [`serve`] (`--tls-cert`, `--tls-key`), if configured.
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// A running Ivy instance: its engine, fan-out and connections.
@@ -147,6 +154,7 @@ impl IvyBuilder {
     pub fn open(self) -> io::Result<Ivy> {
         let IvyBuilder { config, engine } = self;
         let auth = auth::Auth::new(&config).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let tls = tls::server_config(&config).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         if auth.enabled() {
             tracing::info!(keys = config.auth_hmac_secrets.len() + config.auth_public_keys.len(), "auth on: tokens are checked");
         } else {
@@ -198,6 +206,7 @@ impl IvyBuilder {
             auth,
             budget,
             identities,
+            tls,
         });
         Ok(Ivy { shared })
     }
@@ -241,6 +250,12 @@ impl Ivy {
         let (done, outcome) = Completion::channel();
         self.shared.publisher.publish(Publish::new(path.into_owned(), Bytes::copy_from_slice(data.as_bytes()), done)).await;
         outcome.await.unwrap_or(Err(PublishError::ShuttingDown))
+    }
+
+    /// Whether [`serve`] terminates TLS ([`Config::tls_cert`] and [`Config::tls_key`] are set):
+    /// its URLs are then `wss://` and `https://`.
+    pub fn tls(&self) -> bool {
+        self.shared.tls.is_some()
     }
 
     /// The number of open WebSocket connections (at most `--max-connections`).

@@ -106,6 +106,13 @@ fn connection_capacity() -> usize {
 ///   accepted, so the server never runs out of descriptors (the binary first raises its soft
 ///   limit to the hard one).
 ///
+/// With TLS ([`Config::tls_cert`](crate::Config::tls_cert)), every connection is a TLS one
+/// (rustls); its handshake counts as part of the request head (the first byte within the
+/// first-byte timeout, the whole handshake within the header timeout from the connection's
+/// start), so a client that opens a connection and stalls costs no more than without TLS. A
+/// connection that does not start with a TLS handshake (plain HTTP on the TLS port) gets a
+/// 400 that says to use `https://` or `wss://`.
+///
 /// It also sets `TCP_NODELAY`, so that small lines are not held back, and survives accept
 /// errors such as running out of file descriptors (it logs them and retries shortly).
 pub async fn serve(
@@ -114,7 +121,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::rt::TokioIo;
     use hyper_util::service::TowerToHyperService;
 
     let stop = ivy.stop_signal();
@@ -130,6 +137,7 @@ pub async fn serve(
     let header_timeout = Some(config.header_timeout).filter(|t| !t.is_zero());
     let first_byte = Some(config.first_byte_timeout).filter(|t| !t.is_zero());
     let write_timeout = Some(config.write_timeout).filter(|t| !t.is_zero());
+    let tls = ivy.shared.tls.clone();
     let admission = Counted::new(connection_capacity(), config.max_connections_per_address);
     let mut connections = tokio::task::JoinSet::new();
     loop {
@@ -164,29 +172,43 @@ pub async fn serve(
         });
         let service = TowerToHyperService::new(app);
         let stop = stop.clone();
+        let tls = tls.clone();
         connections.spawn(async move {
             let _admitted = admitted;
-            if let Some(limit) = first_byte {
-                if !matches!(tokio::time::timeout(limit, stream.peek(&mut [0u8; 1])).await, Ok(Ok(n)) if n > 0) {
-                    tracing::debug!(%peer, "no first byte in time: closing");
-                    return;
-                }
+            let started = tokio::time::Instant::now();
+            // With TLS, the handshake counts as part of the request head: it must be over
+            // within the header timeout from the connection's start.
+            let head_deadline = header_timeout.map(|t| started + t);
+            let mut first = [0u8; 1];
+            let wait = match first_byte {
+                Some(limit) => Some(Some(started + limit)),
+                None if tls.is_some() => Some(head_deadline),
+                None => None,
+            };
+            let peeked = match wait {
+                Some(deadline) => within(deadline, stream.peek(&mut first)).await.is_some_and(|r| matches!(r, Ok(n) if n > 0)),
+                None => true,
+            };
+            if !peeked {
+                tracing::debug!(%peer, "no first byte in time: closing");
+                return;
             }
-            let mut http = hyper::server::conn::http1::Builder::new();
-            http.timer(TokioTimer::new()).header_read_timeout(header_timeout);
-            let conn = http.serve_connection(TokioIo::new(WriteTimeout::new(stream, write_timeout)), service).with_upgrades();
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
-                    }
-                    return;
-                }
-                () = stop.cancelled() => {}
+            let io = WriteTimeout::new(stream, write_timeout);
+            let Some(tls) = tls else {
+                return http_connection(TokioIo::new(io), service, header_timeout, stop, peer).await;
+            };
+            // A TLS connection starts with a handshake record (22); anything else is most
+            // likely plain HTTP sent to the TLS port: say so, in plain HTTP.
+            if first[0] != 22 {
+                tracing::debug!(%peer, "plain HTTP on the TLS port: refused");
+                return refuse_plain(io).await;
             }
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+            match within(head_deadline, acceptor.accept(io)).await {
+                None => tracing::debug!(%peer, "TLS handshake not done in time: closing"),
+                Some(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Some(Ok(io)) => http_connection(TokioIo::new(io), service, header_timeout, stop, peer).await,
+            }
         });
     }
     drop(listener);
@@ -198,6 +220,70 @@ pub async fn serve(
     };
     tokio::join!(ivy.shutdown(), http_done);
     Ok(())
+}
+
+/// Serves HTTP/1.1 (and its upgrades to WebSocket) on one connection until it ends or `stop`
+/// is cancelled, then shuts it down gracefully.
+async fn http_connection<I, S>(
+    io: I,
+    service: S,
+    header_timeout: Option<Duration>,
+    stop: tokio_util::sync::CancellationToken,
+    peer: std::net::SocketAddr,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming> + Send + 'static,
+    S::Future: Send + 'static,
+    S::ResBody: Send + 'static,
+    <S::ResBody as hyper::body::Body>::Data: Send,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_timeout);
+    let conn = http.serve_connection(io, service).with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+            }
+            return;
+        }
+        () = stop.cancelled() => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
+}
+
+/// `f`, unless `deadline` passes first (`None`); no deadline: `f`.
+async fn within<F: Future>(deadline: Option<tokio::time::Instant>, f: F) -> Option<F::Output> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, f).await.ok(),
+        None => Some(f.await),
+    }
+}
+
+/// Answers a plain-HTTP request on the TLS port with a 400 that says to use TLS, then closes.
+async fn refuse_plain(mut io: WriteTimeout<tokio::net::TcpStream>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const BODY: &str = "this server speaks TLS: use https:// or wss://\n";
+    let response = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    // Bounded whatever the write timeout: the client may read nothing.
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut request = [0u8; 4096];
+        let _ = io.io.try_read(&mut request);
+        io.write_all(response.as_bytes()).await?;
+        io.shutdown().await?;
+        // Read what the client still sends until it closes, so that closing does not reset
+        // the connection before the client has read the answer.
+        let mut rest = [0u8; 4096];
+        while io.read(&mut rest).await? > 0 {}
+        Ok::<(), io::Error>(())
+    })
+    .await;
 }
 
 /// Accept errors that concern only the connection being accepted.

@@ -235,7 +235,7 @@ impl ServerProcess {
         let mut lines = BufReader::new(stdout).lines();
         let line = tokio::time::timeout(WAIT, lines.next_line()).await.expect("server started in time").expect("read").expect("a line");
         let addr =
-            line.rsplit("http://").next().and_then(|a| a.trim().parse().ok()).unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+            line.rsplit("://").next().and_then(|a| a.trim().parse().ok()).unwrap_or_else(|| panic!("unexpected first line {line:?}"));
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         ServerProcess { addr, child }

@@ -2,8 +2,9 @@
 //!
 //! Exit codes: 0 success; 1 a request failed (refused by the server, lost, timed out) or
 //! standard input cannot be read; 2 bad usage (an unknown option, an invalid URL, path,
-//! timestamp or count: nothing was attempted); 3 cannot connect to the server; 130 interrupted
-//! (Ctrl-C).
+//! timestamp or count, a `--ca-file` that cannot be read: nothing was attempted); 3 cannot
+//! connect to the server (unreachable, a refused handshake, or TLS failed: its certificate not
+//! trusted or not valid for the host name); 130 interrupted (Ctrl-C).
 
 use std::fmt;
 use std::io::{IsTerminal, Write};
@@ -13,7 +14,9 @@ use std::time::{Duration, SystemTime};
 use clap::{Args, Parser, Subcommand};
 use futures_util::StreamExt;
 use futures_util::stream::{FuturesOrdered, SelectAll};
-use ivy_client_native::{Client, ConnState, Error, Event, LogQuery, LogQueryError, LogReader, Sender, Start, SubscriptionError, Timestamp};
+use ivy_client_native::{
+    Client, ConnState, Error, Event, LogQuery, LogQueryError, LogReader, Sender, Start, SubscriptionError, Timestamp, TlsErrorKind,
+};
 use tokio::io::AsyncBufReadExt;
 
 #[derive(Debug, Parser)]
@@ -21,7 +24,8 @@ use tokio::io::AsyncBufReadExt;
     name = "ivy",
     version,
     about = "Command-line client for Ivy, the hierarchical pub/sub server with persistent event logs",
-    after_help = "Exit codes: 0 success, 1 a request failed, 2 bad usage, 3 cannot connect, 130 interrupted.\n\
+    after_help = "Exit codes: 0 success, 1 a request failed, 2 bad usage (a --ca-file that cannot be read included), 3 cannot \
+                  connect (TLS failures included: an untrusted certificate, a wrong host name), 130 interrupted.\n\
                   RUST_LOG (for example RUST_LOG=ivy_client_native=debug) shows the client's own log on stderr."
 )]
 struct Cli {
@@ -34,6 +38,11 @@ struct Cli {
     /// `Authorization: Bearer` on log reads. A refused token (HTTP 401) is not retried.
     #[arg(long, global = true, env = "IVY_TOKEN", hide_env_values = true)]
     token: Option<String>,
+
+    /// A PEM file of certificate authorities to trust for a wss:// or https:// server, besides
+    /// the system's roots (a private CA, or a self-signed certificate).
+    #[arg(long, global = true, env = "IVY_CA_FILE")]
+    ca_file: Option<std::path::PathBuf>,
 
     /// Do not report connection losses and reconnects on stderr.
     #[arg(short, long, global = true)]
@@ -141,8 +150,9 @@ enum Failure {
     /// Ctrl-C.
     Interrupted,
     /// The subscriptions ended because the client closed by itself: the server refused to
-    /// reopen the connection (HTTP 401, for example after its token expired: close 4003).
-    Ended,
+    /// reopen the connection (HTTP 401, for example after its token expired: close 4003), or
+    /// its certificate was refused; with the reason, when known.
+    Ended(Option<Error>),
 }
 
 impl From<Error> for Failure {
@@ -158,14 +168,16 @@ impl fmt::Display for Failure {
             Failure::Query(e) => write!(f, "invalid log query: {e}"),
             Failure::Stdin(e) => write!(f, "cannot read standard input: {e}"),
             Failure::Interrupted => f.write_str("interrupted"),
-            Failure::Ended => f.write_str("the connection ended and the server refused to reopen it (HTTP 401: is the token expired?)"),
+            Failure::Ended(Some(e @ Error::Tls(_))) => write!(f, "the connection ended and could not be reopened: {e}"),
+            Failure::Ended(_) => f.write_str("the connection ended and the server refused to reopen it (HTTP 401: is the token expired?)"),
         }
     }
 }
 
 fn exit_code(e: &Failure) -> u8 {
     match e {
-        Failure::Client(Error::Connect(_)) | Failure::Ended => 3,
+        Failure::Client(Error::Tls(e)) if e.kind == TlsErrorKind::CaFile => 2,
+        Failure::Client(Error::Connect(_) | Error::Tls(_)) | Failure::Ended(_) => 3,
         Failure::Client(Error::InvalidUrl(_)) | Failure::Query(_) => 2,
         Failure::Interrupted => 130,
         _ => 1,
@@ -366,16 +378,23 @@ async fn interruptible<T>(future: impl Future<Output = Result<T, Failure>>) -> R
 async fn run(cli: Cli) -> Result<(), Failure> {
     let url = cli.url;
     let token = cli.token;
+    let ca_file = cli.ca_file;
     let builder = || {
-        let b = Client::builder(&url);
-        match &token {
-            Some(t) => b.token(t.clone()),
-            None => b,
+        let mut b = Client::builder(&url);
+        if let Some(t) = &token {
+            b = b.token(t.clone());
         }
+        if let Some(p) = &ca_file {
+            b = b.ca_file(p);
+        }
+        b
     };
     match cli.command {
         Command::Log { path, after, limit, last, format } => {
             let mut logs = LogReader::new(&url)?.senders(format.senders);
+            if let Some(p) = &ca_file {
+                logs = logs.ca_file(p)?;
+            }
             if let Some(t) = &token {
                 logs = logs.token(t.clone());
             }
@@ -456,7 +475,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 };
                 match item {
                     None => {
-                        result = Err(Failure::Ended);
+                        result = Err(Failure::Ended(client.last_connect_error()));
                         break;
                     }
                     Some(Ok(e)) => {
