@@ -590,7 +590,7 @@ async fn the_native_client_sends_its_token_and_stops_at_401() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connected_native_client_closes_when_its_expired_token_is_refused() {
+async fn a_connected_native_client_without_a_provider_ends_unauthorized_when_its_token_expires() {
     let dir = temp_dir();
     let mut setup = config(dir.path());
     setup.config = setup.config.clone().auth_hmac_secrets(vec![Secret::new("s")]).auth_refresh_grace(Duration::ZERO);
@@ -598,11 +598,18 @@ async fn a_connected_native_client_closes_when_its_expired_token_is_refused() {
     let token = hs256("s", &json!({"sub": "ada", "exp": now() + 2, "read": ["/"]}));
     let client = ivy_client_native::Client::builder(format!("ws://{}", server.addr)).token(token).connect().await.unwrap();
     let mut sub = client.subscribe("/chat").await.unwrap();
-    // Closed with 4003, the reconnect refused with 401: the client closes instead of retrying.
+    // Closed with 4003 and no provider: the client ends unauthorized instead of retrying.
     let end = tokio::time::timeout(Duration::from_secs(15), sub.next()).await.expect("the subscription ended");
-    assert!(end.is_none(), "{end:?}");
+    assert!(matches!(end, Some(Err(ivy_client_native::SubscriptionError::Refused(ClientError::Unauthorized)))), "{end:?}");
+    assert!(tokio::time::timeout(Duration::from_secs(5), sub.next()).await.unwrap().is_none());
     let mut state = client.state();
-    tokio::time::timeout(Duration::from_secs(5), state.wait_for(|s| *s == ivy_client_native::ConnState::Closed)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), state.wait_for(|s| *s == ivy_client_native::ConnState::Unauthorized))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(client.unauthorized_reason().as_deref(), Some("token expired: refresh it in-band or reconnect with a fresh token"));
+    assert_eq!(client.send("/chat", "x").await, Err(ClientErr::Request(ClientError::Unauthorized)));
+    assert_eq!(*client.connections().borrow(), 1, "no reconnect");
     server.stop().await;
 }
 
@@ -628,31 +635,31 @@ async fn the_cli_takes_a_token_by_flag_or_environment() {
     assert!(out.contains(":/chat/a:by flag\n") && out.contains(":/chat/a:by env\n"), "{out}");
     let (code, out, _) = ivy(&["--url", &url, "--token", &token, "sub", "/chat", "--from-beginning", "--count", "2"], &[]).await;
     assert_eq!((code, out.lines().count()), (0, 2));
-    // Refusals: a command beyond the grants (exit 1), no token for a private log (exit 1,
-    // HTTP 401), a bad token at the handshake (exit 3: cannot connect, with the reason).
+    // Refusals: a command beyond the grants (exit 1), no token for a private log (exit 4,
+    // HTTP 401), a bad token at the handshake (exit 4: unauthorized, with the reason).
     let (code, _, err) = ivy(&["--url", &url, "--token", &token, "send", "/other", "x"], &[]).await;
     assert_eq!(code, 1);
     assert!(err.contains("forbidden"), "{err}");
     let (code, _, err) = ivy(&["--url", &url, "log", "/chat"], &[]).await;
-    assert_eq!(code, 1);
+    assert_eq!(code, 4);
     assert!(err.contains("401"), "{err}");
     let (code, _, err) = ivy(&["--url", &url, "--token", "garbage", "time"], &[]).await;
-    assert_eq!(code, 3);
+    assert_eq!(code, 4);
     assert!(err.contains("HTTP 401: invalid token"), "{err}");
     // The token never shows in the CLI's own output either.
     assert!(!err.contains(&token));
     server.stop().await;
 
-    // `ivy sub` whose token expires: closed with 4003, its reconnect refused with 401: it
-    // ends (exit 3) instead of retrying forever.
+    // `ivy sub` whose token expires: closed with 4003, and no fresh token: it ends (exit 4)
+    // instead of retrying forever.
     let mut setup = config(dir.path());
     setup.config = setup.config.clone().auth_hmac_secrets(vec![Secret::new("s")]).auth_refresh_grace(Duration::ZERO);
     let server = TestServer::start(setup).await;
     let url = format!("ws://{}", server.addr);
     let short = hs256("s", &json!({"sub": "ada", "exp": now() + 2, "read": ["/"]}));
     let (code, _, err) = ivy(&["--url", &url, "--token", &short, "sub", "/chat"], &[]).await;
-    assert_eq!(code, 3, "{err}");
-    assert!(err.contains("refused to reopen it (HTTP 401"), "{err}");
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("ivy: unauthorized: the server refused the token (token expired: refresh it in-band"), "{err}");
     server.stop().await;
 }
 

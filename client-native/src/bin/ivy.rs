@@ -2,8 +2,9 @@
 //!
 //! Exit codes: 0 success; 1 a request failed (refused by the server, lost, timed out) or
 //! standard input cannot be read; 2 bad usage (an unknown option, an invalid URL, path,
-//! timestamp or count: nothing was attempted); 3 cannot connect to the server; 130 interrupted
-//! (Ctrl-C).
+//! timestamp or count: nothing was attempted); 3 cannot connect to the server; 4 unauthorized:
+//! the server refused the token (HTTP 401 at the handshake or on a log read, or the token
+//! expired on a live connection and no fresh one could be had); 130 interrupted (Ctrl-C).
 
 use std::fmt;
 use std::io::{IsTerminal, Write};
@@ -13,7 +14,9 @@ use std::time::{Duration, SystemTime};
 use clap::{Args, Parser, Subcommand};
 use futures_util::StreamExt;
 use futures_util::stream::{FuturesOrdered, SelectAll};
-use ivy_client_native::{Client, ConnState, Error, Event, LogQuery, LogQueryError, LogReader, Start, SubscriptionError, Timestamp};
+use ivy_client_native::{
+    Client, ClientError, ConnState, Error, Event, LogQuery, LogQueryError, LogReader, Start, SubscriptionError, Timestamp,
+};
 use tokio::io::AsyncBufReadExt;
 
 #[derive(Debug, Parser)]
@@ -21,7 +24,8 @@ use tokio::io::AsyncBufReadExt;
     name = "ivy",
     version,
     about = "Command-line client for Ivy, the hierarchical pub/sub server with persistent event logs",
-    after_help = "Exit codes: 0 success, 1 a request failed, 2 bad usage, 3 cannot connect, 130 interrupted.\n\
+    after_help = "Exit codes: 0 success, 1 a request failed, 2 bad usage, 3 cannot connect, 4 unauthorized (the token was refused),\n\
+                  130 interrupted.\n\
                   RUST_LOG (for example RUST_LOG=ivy_client_native=debug) shows the client's own log on stderr."
 )]
 struct Cli {
@@ -30,10 +34,17 @@ struct Cli {
     #[arg(long, global = true, env = "IVY_URL", default_value = "ws://127.0.0.1:8080", value_parser = parse_url)]
     url: String,
 
-    /// A token (JWT) for a server with auth on: sent as `?token=` on the WebSocket and as
-    /// `Authorization: Bearer` on log reads. A refused token (HTTP 401) is not retried.
-    #[arg(long, global = true, env = "IVY_TOKEN", hide_env_values = true)]
+    /// A token (JWT) for a server with auth on, sent as `Authorization: Bearer`. A refused
+    /// token (HTTP 401, or its expiry on a live connection) is not retried: exit code 4.
+    #[arg(long, global = true, env = "IVY_TOKEN", hide_env_values = true, conflicts_with = "token_file")]
     token: Option<String>,
+
+    /// A file holding the token (surrounding whitespace ignored), read at start and again
+    /// whenever a fresh token is needed: ahead of the token's expiry (then sent in-band, so
+    /// that `ivy sub` keeps its connection) and after the server refused it. Write a fresh
+    /// token into it before the old one expires to keep a long `ivy sub` running.
+    #[arg(long, global = true, env = "IVY_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<std::path::PathBuf>,
 
     /// Do not report connection losses and reconnects on stderr.
     #[arg(short, long, global = true)]
@@ -133,9 +144,12 @@ enum Failure {
     Stdin(std::io::Error),
     /// Ctrl-C.
     Interrupted,
-    /// The subscriptions ended because the client closed by itself: the server refused to
-    /// reopen the connection (HTTP 401, for example after its token expired: close 4003).
+    /// The subscriptions ended without a reason given.
     Ended,
+    /// The server refused the token and no fresh one could be had: the reason.
+    Unauthorized(String),
+    /// The token file could not be read.
+    TokenFile(std::path::PathBuf, std::io::Error),
 }
 
 impl From<Error> for Failure {
@@ -151,13 +165,21 @@ impl fmt::Display for Failure {
             Failure::Query(e) => write!(f, "invalid log query: {e}"),
             Failure::Stdin(e) => write!(f, "cannot read standard input: {e}"),
             Failure::Interrupted => f.write_str("interrupted"),
-            Failure::Ended => f.write_str("the connection ended and the server refused to reopen it (HTTP 401: is the token expired?)"),
+            Failure::Ended => f.write_str("the subscriptions ended"),
+            Failure::Unauthorized(reason) => write!(
+                f,
+                "unauthorized: the server refused the token ({reason}); give a fresh one (--token, or --token-file to have it re-read)"
+            ),
+            Failure::TokenFile(path, e) => write!(f, "cannot read the token file {}: {e}", path.display()),
         }
     }
 }
 
 fn exit_code(e: &Failure) -> u8 {
     match e {
+        Failure::Unauthorized(_) | Failure::Client(Error::Request(ClientError::Unauthorized)) => 4,
+        Failure::Client(Error::Connect(c)) if c.status == Some(401) => 4,
+        Failure::Client(Error::Log(l)) if l.status == Some(401) => 4,
         Failure::Client(Error::Connect(_)) | Failure::Ended => 3,
         Failure::Client(Error::InvalidUrl(_)) | Failure::Query(_) => 2,
         Failure::Interrupted => 130,
@@ -179,7 +201,11 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let result = runtime.block_on(run(cli));
+    let result = runtime.block_on(run(cli)).map_err(|e| match e {
+        // A handshake refused for the token: said as such.
+        Failure::Client(Error::Connect(c)) if c.status == Some(401) => Failure::Unauthorized(c.message),
+        e => e,
+    });
     let _ = std::io::stdout().flush();
     // Without waiting for a read of standard input that may never finish (after Ctrl-C).
     runtime.shutdown_background();
@@ -323,7 +349,8 @@ fn report_connection(client: &Client, url: String, quiet: bool) {
                 connected = true;
             }
             match s {
-                ConnState::Connected | ConnState::Idle | ConnState::Closed => {}
+                ConnState::Connected | ConnState::Idle | ConnState::Closed | ConnState::Unauthorized => {}
+                ConnState::AwaitingToken => eprintln!("ivy: the server refused the token; asking for a fresh one"),
                 ConnState::Connecting { .. } | ConnState::Reconnecting { .. } if connected => {
                     connected = false;
                     eprintln!("ivy: disconnected from {url}; reconnecting");
@@ -346,15 +373,41 @@ async fn interruptible<T>(future: impl Future<Output = Result<T, Failure>>) -> R
     }
 }
 
+/// The token in `path`, trimmed.
+fn read_token_file(path: &std::path::Path) -> Result<String, Failure> {
+    std::fs::read_to_string(path).map(|t| t.trim().to_string()).map_err(|e| Failure::TokenFile(path.to_path_buf(), e))
+}
+
 async fn run(cli: Cli) -> Result<(), Failure> {
     let url = cli.url;
-    let token = cli.token;
+    let token_file = cli.token_file;
+    let token = match &token_file {
+        Some(path) => Some(read_token_file(path)?).filter(|t| !t.is_empty()),
+        None => cli.token,
+    };
     let builder = || {
-        let b = Client::builder(&url);
-        match &token {
-            Some(t) => b.token(t.clone()),
-            None => b,
+        let mut b = Client::builder(&url);
+        if let Some(t) = &token {
+            b = b.token(t.clone());
         }
+        if let Some(path) = &token_file {
+            // Read again at each refresh: whoever renews the token rewrites the file.
+            let path = path.clone();
+            b = b.token_provider(move || {
+                let path = path.clone();
+                async move {
+                    match read_token_file(&path) {
+                        Ok(t) if !t.is_empty() => Some(t),
+                        Ok(_) => None,
+                        Err(e) => {
+                            eprintln!("ivy: {e}");
+                            None
+                        }
+                    }
+                }
+            });
+        }
+        b
     };
     match cli.command {
         Command::Log { path, after, limit, last, format } => {
@@ -449,6 +502,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         printed += 1;
                     }
                     Some(Err(e @ SubscriptionError::ContinuityLost { .. })) => eprintln!("ivy: warning: {e}"),
+                    Some(Err(SubscriptionError::Refused(ClientError::Unauthorized))) => {
+                        result = Err(Failure::Unauthorized(client.unauthorized_reason().unwrap_or_else(|| "no reason given".into())));
+                        break;
+                    }
                     // The others go on.
                     Some(Err(e @ SubscriptionError::Ended(_))) => eprintln!("ivy: {e}"),
                     Some(Err(SubscriptionError::Refused(e))) => {
