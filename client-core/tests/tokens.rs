@@ -99,6 +99,7 @@ fn a_refused_refresh_keeps_the_connection() {
     assert_eq!(*code, ErrorCode::Unauthorized);
     assert!(message.contains("same sub"));
     assert_eq!(c.state(), ConnState::Connected);
+    assert_eq!(c.token(), Some("t1"), "the token the server kept is the one presented next");
 }
 
 #[test]

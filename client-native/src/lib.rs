@@ -970,10 +970,8 @@ impl Driver {
                     let now = self.now();
                     match answer {
                         Some(t) => {
-                            if let Ok(mut slot) = self.log_token.lock() {
-                                *slot = Some(Token(t.as_str().into()));
-                            }
                             self.core.handle_token(now, Ok(core_token(&t, now)));
+                            self.sync_log_token();
                         }
                         None => self.core.handle_token(now, Err("the token provider returned none".into())),
                     }
@@ -983,6 +981,13 @@ impl Driver {
                     self.core.handle_timeout(now);
                 }
             }
+        }
+    }
+
+    /// Log reads use the core's current token.
+    fn sync_log_token(&self) {
+        if let Ok(mut slot) = self.log_token.lock() {
+            *slot = self.core.token().map(|t| Token(t.into()));
         }
     }
 
@@ -1153,7 +1158,11 @@ impl Driver {
                         });
                     }
                 }
-                ClientEvent::TokenRefused { error } => tracing::warn!("the refreshed token was refused: {error}"),
+                ClientEvent::TokenRefused { error } => {
+                    tracing::warn!("the refreshed token was refused: {error}");
+                    // The core went back to the token the server kept.
+                    self.sync_log_token();
+                }
                 ClientEvent::Unauthorized { reason } => {
                     tracing::warn!("unauthorized: {reason}");
                     if let Ok(mut slot) = self.unauthorized.lock() {

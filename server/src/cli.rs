@@ -435,12 +435,18 @@ pub fn main_with(wall: WallClock) -> ExitCode {
     code
 }
 
+/// The log directive that keeps tungstenite from logging messages (and so tokens) whole.
+const NO_MESSAGE_BODIES: &str = "tungstenite::protocol=debug";
+
 async fn serve_main(wall: WallClock) -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Token { sub, read, write, ttl }) = &cli.command {
         return token(&cli, sub, read, write, ttl.0);
     }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // tungstenite logs each received message whole at trace level, and a token refresh
+    // (`&JWT`) is a message: capped, so that no token reaches the logs (ours redact it).
+    let filter = filter.add_directive(NO_MESSAGE_BODIES.parse().expect("a valid directive"));
     let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),

@@ -458,11 +458,19 @@ const EXCERPT: usize = 120;
 
 /// The start of a frame, for trace-level logs: formatted only when such a line is written
 /// (`tracing::trace!` evaluates its arguments after the level check, and this one holds a
-/// reference only).
+/// reference only). A token refresh (`[#key#]&JWT`) shows without its token.
 struct Excerpt<'a>(&'a [u8]);
 
 impl std::fmt::Display for Excerpt<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let key_end = match self.0.strip_prefix(b"#") {
+            Some(rest) => rest.iter().position(|&b| b == b'#').map_or(0, |end| end + 2),
+            None => 0,
+        };
+        if self.0.get(key_end) == Some(&b'&') {
+            let key = String::from_utf8_lossy(&self.0[..key_end.min(EXCERPT)]);
+            return write!(f, "{}&[redacted]", key.escape_debug());
+        }
         let head = String::from_utf8_lossy(&self.0[..self.0.len().min(EXCERPT)]);
         write!(f, "{}{}", head.escape_debug(), if self.0.len() > EXCERPT { "…" } else { "" })
     }
@@ -664,6 +672,8 @@ mod tests {
     #[test]
     fn trace_excerpts_are_escaped_and_cut() {
         assert_eq!(Excerpt(b"#1#:/a:x\ny\"z").to_string(), "#1#:/a:x\\ny\\\"z");
+        assert_eq!(Excerpt(b"#7#&eyJhbGciOi.secret.sig").to_string(), "#7#&[redacted]", "never a token");
+        assert_eq!(Excerpt(b"&eyJhbGciOi.secret.sig").to_string(), "&[redacted]");
         let long = "é".repeat(100);
         let shown = Excerpt(long.as_bytes()).to_string();
         assert!(shown.starts_with(&"é".repeat(60)) && shown.ends_with('…'), "{shown}");

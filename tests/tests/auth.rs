@@ -506,6 +506,9 @@ async fn logs_never_show_a_token_and_auth_off_is_warned() {
         let ws = format!("ws://{addr}/ws");
         let mut c = Client::connect(&format!("{ws}?token={good}")).await;
         c.publish("/chat", "x").await;
+        // Refreshed in-band, accepted and refused: the command is logged without its token.
+        assert!(c.request(&format!("#r#&{good}")).await.starts_with("#r#@"));
+        assert!(c.request(&format!("#r#&{bad}")).await.starts_with("#r#!unauthorized "));
         c.close().await;
         for token in [&good, &bad] {
             let _ = raw_ws_open_at(addr, &format!("/ws?token={token}&x=1"), &[]).await;
@@ -517,6 +520,7 @@ async fn logs_never_show_a_token_and_auth_off_is_warned() {
     .await;
     assert!(logs.contains("TRACE"), "trace logs were on");
     assert!(logs.contains("token=[redacted]"), "the refusals are logged, redacted:\n{logs}");
+    assert!(logs.contains("#r#&[redacted]"), "the refresh is logged, redacted:\n{logs}");
     for token in [&good, &bad] {
         let signature = token.rsplit('.').next().unwrap();
         assert!(!logs.contains(signature), "a token in the logs:\n{logs}");

@@ -289,7 +289,7 @@ pub enum ClientEvent {
     },
     /// A fresh token was refused in-band (`!unauthorized`, or an older server that does not
     /// know the refresh command): the connection goes on with its previous token until that
-    /// expires.
+    /// expires, and [`Client::token`] is that token again.
     TokenRefused {
         /// The server's refusal.
         error: ClientError,
@@ -329,6 +329,8 @@ pub struct Client {
     /// Bumped at each new token; `conn_token_gen`: the one the connection was opened with.
     token_gen: u64,
     conn_token_gen: u64,
+    /// The token the server holds for the current connection (opened with, or refreshed to).
+    server_token: Option<Token>,
     /// When to ask the provider for a fresh token ahead of expiry.
     refresh_at: Option<Millis>,
     /// The outstanding [`Action::NeedToken`]: why, and when it counts as failed.
@@ -367,6 +369,7 @@ impl Client {
             token: None,
             token_gen: 0,
             conn_token_gen: 0,
+            server_token: None,
             refresh_at: None,
             want: None,
             auth_retried: false,
@@ -768,6 +771,7 @@ impl Client {
 
     fn begin_attempt(&mut self, now: Millis) {
         self.conn_token_gen = self.token_gen;
+        self.server_token = self.token.clone();
         self.timers.stop(Timer::Retry);
         self.timers.set(Timer::Connect, now.saturating_add(self.cfg.connect_timeout));
         self.set_state(ConnState::Connecting { attempt: self.attempt });
@@ -777,7 +781,7 @@ impl Client {
     /// `#key#&token` with the current token, on the live connection.
     fn send_refresh(&mut self) {
         let Some(token) = &self.token else { return };
-        let frame = self.requests.control(Op::Refresh(token.value.as_bytes()), Control::Refresh);
+        let frame = self.requests.control(Op::Refresh(token.value.as_bytes()), Control::Refresh(self.token_gen));
         self.conn_token_gen = self.token_gen;
         self.actions.push_back(Action::Send(frame));
     }
@@ -902,9 +906,21 @@ impl Client {
         };
         match answered {
             Answered::Control(Control::Probe | Control::Unsubscribe) => {}
-            Answered::Control(Control::Refresh) => {
-                if let Err(error) = result {
-                    self.events.push_back(ClientEvent::TokenRefused { error });
+            Answered::Control(Control::Refresh(generation)) => {
+                let newest = generation == self.token_gen;
+                match result {
+                    Ok(_) if newest => self.server_token = self.token.clone(),
+                    Ok(_) => {}
+                    Err(error) => {
+                        if newest && self.server_token.is_some() {
+                            // The connection goes on with its previous token: so does the
+                            // next handshake (not asked again ahead: the server's refusal of
+                            // it, at its expiry, asks the provider).
+                            self.token = self.server_token.clone();
+                            self.refresh_at = None;
+                        }
+                        self.events.push_back(ClientEvent::TokenRefused { error });
+                    }
                 }
             }
             Answered::Time { id } => self.events.push_back(ClientEvent::Time { id, result }),

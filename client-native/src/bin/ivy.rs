@@ -190,7 +190,12 @@ fn exit_code(e: &Failure) -> u8 {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "ivy_client_native=error".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "ivy_client_native=error".into())
+                // tungstenite logs each frame whole at trace level: a token refresh is one.
+                .add_directive("tungstenite::protocol=debug".parse().expect("a valid directive")),
+        )
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
