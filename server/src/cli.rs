@@ -261,7 +261,8 @@ pub struct Cli {
     #[arg(long, env = "IVY_ANONYMOUS_WRITE", value_delimiter = ',')]
     pub anonymous_write: Vec<String>,
 
-    /// Seconds a connection stays open past its token's `exp` before it is closed with 4003.
+    /// Seconds a connection stays open past its token's `exp` before it is closed with 4003
+    /// (unless it refreshed its token in-band, `&JWT`, before then).
     #[arg(long, env = "IVY_AUTH_REFRESH_GRACE", value_parser = seconds, default_value_t = Seconds(config::DEFAULT_AUTH_REFRESH_GRACE))]
     pub auth_refresh_grace: Seconds,
 
