@@ -396,7 +396,9 @@ impl ClientBuilder {
     /// tokens. When the server refuses the token (401 at the handshake, 4003), the provider is
     /// asked once more; if it returns `None`, or its token is refused too, the client ends in
     /// [`ConnState::Unauthorized`] instead of retrying. Without [`ClientBuilder::token`], the
-    /// provider is asked for the first token before the first connection.
+    /// provider is asked for the first token before the first connection (if it has none, the
+    /// client connects without a token). A provider that does not answer within the
+    /// [request timeout](ClientBuilder::request_timeout) counts as having none.
     ///
     /// ```no_run
     /// # async fn demo() -> Result<(), ivy_client_native::Error> {
@@ -429,7 +431,8 @@ impl ClientBuilder {
         // The provider may have to give the first token (before the first connection).
         if self.token.is_none() {
             if let Some(Provider(p)) = &self.provider {
-                self.token = p().await.map(|t| Token(t.into()));
+                let wait = Duration::from_millis(self.config.request_timeout);
+                self.token = tokio::time::timeout(wait, p()).await.ok().flatten().map(|t| Token(t.into()));
             }
         }
         logs.token = Arc::new(Mutex::new(self.token.clone()));

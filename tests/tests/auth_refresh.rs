@@ -398,3 +398,37 @@ async fn the_cli_exits_4_when_unauthorized_and_rereads_its_token_file() {
     assert!(err.contains("cannot read the token file"), "{err}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_subscription_that_a_refreshed_token_no_longer_covers_ends_with_the_reason() {
+    let (server, _dir) = server(Duration::from_secs(5)).await;
+    let first = Arc::new(AtomicU64::new(0));
+    let f = first.clone();
+    let client = ivy_client_native::Client::builder(format!("ws://{}", server.addr))
+        .token(token("ada", now() + 2, &["/chat", "/news"]))
+        .token_provider(move || {
+            f.fetch_add(1, Ordering::SeqCst);
+            async { Some(token("ada", now() + 3600, &["/chat"])) }
+        })
+        .connect()
+        .await
+        .unwrap();
+    let mut news = client.subscribe("/news").await.unwrap();
+    let mut chat = client.subscribe("/chat").await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), news.next()).await.expect("ended in time") {
+        Some(Err(SubscriptionError::Ended(reason))) => {
+            assert_eq!(reason, "/news the new token of \"ada\" has no read grant covering /news")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(news.next().await.is_none(), "the stream ends");
+    let ts = client.send("/chat/a", "still").await.unwrap();
+    assert_eq!(chat.next().await.unwrap().unwrap().ts, ts);
+    assert!(matches!(
+        client.send("/news/a", "x").await,
+        Err(ClientErr::Request(ClientError::Server { code, .. })) if code == ivy_client_native::ErrorCode::Forbidden
+    ));
+    assert_eq!((first.load(Ordering::SeqCst), *client.connections().borrow()), (1, 1));
+    client.close().await;
+    server.stop().await;
+}
