@@ -32,6 +32,13 @@ use crate::ratelimit::{ByteLimiter, IdentityBudget, RateLimiter};
 /// keys cost about 127 MiB per connection before this limit).
 pub(crate) const MAX_ACK_KEY: usize = 64;
 
+/// In-band token refreshes a connection may make (with auth on), per second and in a burst:
+/// each one verifies a signature (an RSA verification costs far more than any other command),
+/// and a client needs one per token lifetime.
+pub(crate) const REFRESH_RATE: u32 = 1;
+/// See [`REFRESH_RATE`].
+pub(crate) const REFRESH_BURST: u32 = 10;
+
 /// What a frame asks the connection to do.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Outcome<'a> {
@@ -148,6 +155,8 @@ pub(crate) struct Session {
     bytes: Option<ByteLimiter>,
     /// The byte budget of the connection's identity, shared with its other connections.
     identity: Option<std::sync::Arc<IdentityBudget>>,
+    /// In-band refreshes ([`REFRESH_RATE`]).
+    refreshes: Option<RateLimiter>,
     /// What the connection may read and write (verified at the handshake, and again at each
     /// in-band refresh).
     access: Access,
@@ -168,6 +177,7 @@ impl Session {
             pause: 0,
             bytes: ByteLimiter::new(config.byte_rate, config.byte_burst),
             identity: None,
+            refreshes: RateLimiter::new(REFRESH_RATE, REFRESH_BURST),
         }
     }
 
@@ -257,6 +267,12 @@ impl Session {
                 Outcome::Unsubscribe { ack, path }
             }
             Op::Timestamp => Outcome::Time { ack },
+            Op::Refresh(_) if matches!(self.access, Access::Granted(_)) && self.refreshes.as_mut().is_some_and(|r| !r.check(now)) => {
+                let msg = format!(
+                    "too many token refreshes: at most {REFRESH_RATE} per second (bursts of {REFRESH_BURST}); this one was not executed"
+                );
+                Outcome::Reply(error_line(ack, ErrorCode::RateLimited, &msg))
+            }
             Op::Refresh(token) => Outcome::Refresh { ack, token },
             Op::Send { path, data } => match offset_in(frame, data) {
                 Some(start) => match self.bytes_allowed(now, &path, data.len()) {
@@ -649,10 +665,22 @@ mod tests {
         assert_eq!(anon.expires(), Some(5));
         assert!(anon.refresh(Ok(granted(Some("mallory"), &["/"], Some(5)))).is_err(), "then it is eve's");
 
-        // Auth off: accepted and ignored.
+        // Refreshes are paced: each verifies a signature.
+        let mut paced = Session::new(&config, granted(Some("ada"), &["/"], Some(5)));
+        for _ in 0..REFRESH_BURST {
+            assert!(matches!(paced.on_text(0, b"&x", &r), Outcome::Refresh { .. }));
+        }
+        assert_eq!(
+            reply(paced.on_text(0, b"#9#&x", &r)),
+            "#9#!rate-limited too many token refreshes: at most 1 per second (bursts of 10); this one was not executed"
+        );
+        assert!(matches!(paced.on_text(1_000_000_000, b"&x", &r), Outcome::Refresh { .. }), "one more a second later");
+
+        // Auth off: accepted and ignored (and not paced: nothing is verified).
         let mut open = Session::new(&config, Access::Open);
         assert!(matches!(open.on_text(0, b"+/x", &r), Outcome::Subscribe { .. }));
         assert_eq!(open.refresh(Ok(Access::Open)), Ok(Refreshed::default()));
+        assert!((0..100).all(|_| matches!(open.on_text(0, b"&x", &r), Outcome::Refresh { .. })));
         assert_eq!((open.expires(), open.subscriptions().count()), (None, 1));
     }
 

@@ -144,6 +144,21 @@ async fn refused_tokens_are_unauthorized_and_the_connection_keeps_its_token() {
     let ts = other.publish("/chat/x", "still here").await;
     assert_eq!(c.recv().await, format!("@{ts}:/chat/x:still here"));
     assert!(c.request("#f#+/other").await.starts_with("#f#!forbidden "), "no grants from a refused token");
+    // Refreshes have a budget of their own (each verifies a signature): a burst, then paced.
+    let good = token("ada", exp, &["/chat"]);
+    let mut replies = Vec::new();
+    for i in 0..30 {
+        replies.push(c.request(&format!("#b{i}#&{good}")).await);
+        if replies.last().is_some_and(|r| r.contains("!rate-limited")) {
+            break;
+        }
+    }
+    let last = replies.last().unwrap();
+    assert!(
+        last.ends_with("!rate-limited too many token refreshes: at most 1 per second (bursts of 10); this one was not executed"),
+        "{replies:?}"
+    );
+    assert!(acked(&c.request("#t#@").await, "t"), "the connection stays open");
     server.stop().await;
 }
 
