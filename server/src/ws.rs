@@ -285,6 +285,7 @@ async fn read_loop(
                             .and_then(|t| shared.auth.access(Some(t)));
                         match session.refresh(verified) {
                             Ok(done) => {
+                                tracing::debug!(conn = %conn.id(), ended = done.ended.len(), "token refreshed in-band");
                                 if let Some(sub) = &done.new_identity {
                                     session.set_identity_budget(shared.identities.budget(sub));
                                 }
@@ -321,7 +322,10 @@ async fn read_loop(
                                     slot.send_line(ack_line(key, shared.engine.now()));
                                 }
                             }
-                            Err(reason) => slot.send_line(error_line(ack, ErrorCode::Unauthorized, &reason)),
+                            Err(reason) => {
+                                tracing::debug!(conn = %conn.id(), %reason, "in-band token refused");
+                                slot.send_line(error_line(ack, ErrorCode::Unauthorized, &reason));
+                            }
                         }
                         continue;
                     }

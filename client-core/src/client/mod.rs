@@ -9,12 +9,14 @@
 //!   [`Client::is_live`], and for diagnostics [`Client::debug_state`] (with [`Trace`], a
 //!   ring of recent I/O that a driver may keep: `debug.rs`);
 //! - inputs: [`Client::start`], [`Client::handle_connected`], [`Client::handle_frame`],
-//!   [`Client::handle_activity`], [`Client::handle_disconnected`],
-//!   [`Client::handle_timeout`], [`Client::handle_log_page`];
+//!   [`Client::handle_activity`], [`Client::handle_disconnected`] (or
+//!   [`Client::handle_close`] with the close code), [`Client::handle_unauthorized`],
+//!   [`Client::handle_timeout`], [`Client::handle_log_page`], [`Client::set_token`],
+//!   [`Client::handle_token`] (see [Tokens](#tokens));
 //! - commands from the application: [`Client::subscribe`], [`Client::unsubscribe`],
 //!   [`Client::send`], [`Client::timestamp`], [`Client::close`];
 //! - outputs, to drain after every input or command: [`Client::poll_action`] (open the
-//!   WebSocket, send a frame, drop the connection, fetch a log page),
+//!   WebSocket, send a frame, drop the connection, fetch a log page, ask for a token),
 //!   [`Client::poll_event`] (events and results for the application) and
 //!   [`Client::poll_timeout`] (when to call [`Client::handle_timeout`] next).
 //!
