@@ -62,6 +62,13 @@
 //! private certificate authority as well. A refused server certificate (not signed by a
 //! trusted CA, not valid for the host name, expired) is [`Error::Tls`], and is not retried.
 //!
+//! With auth on (`docs/PROTOCOL.md` 2.5), [`ClientBuilder::token`] gives a token (a JWT) and
+//! [`ClientBuilder::token_provider`] an async source of fresh ones: the client refreshes the
+//! token in-band ahead of its expiry (the connection outlives its tokens), asks the provider
+//! once after the server refused it (401, 4003), and otherwise ends in
+//! [`ConnState::Unauthorized`] rather than reconnecting forever. A subscription that a
+//! refreshed token no longer covers ends with [`SubscriptionError::Ended`].
+//!
 //! Errors are types to branch on, not messages to parse: [`Error`] says what failed (the URL,
 //! the first connection with the HTTP status of a refused handshake, a request, a log read),
 //! [`ClientError`] why a request failed (with the server's [`ServerCode`]), and
@@ -115,6 +122,16 @@ pub enum ConnState {
     },
     /// [`Client::close`] was called, or every handle was dropped.
     Closed,
+    /// The server refused the token (a 401 at the handshake, or a close with 4003 at its
+    /// expiry) and the [token provider](ClientBuilder::token_provider) is being asked for a
+    /// fresh one; the next attempt starts when it answers.
+    AwaitingToken,
+    /// Terminal: the server refused the token and no fresh one came (no provider, the
+    /// provider returned `None`, or the fresh token was refused too). The client makes no
+    /// more connection attempts; requests fail with [`ClientError::Unauthorized`], the
+    /// subscriptions ended with [`SubscriptionError::Refused`]`(`[`ClientError::Unauthorized`]`)`,
+    /// and [`Client::unauthorized_reason`] says why. Build a new client with a valid token.
+    Unauthorized,
 }
 pub use ivy_core::http::{Endpoints, LogQuery, LogQueryError, UrlError};
 pub use ivy_core::wire::Sender;
@@ -404,6 +421,20 @@ pub struct ClientBuilder {
     buffer: usize,
     token: Option<Token>,
     ca_file: Option<PathBuf>,
+    provider: Option<Provider>,
+}
+
+/// The application's source of fresh tokens ([`ClientBuilder::token_provider`]).
+#[derive(Clone)]
+struct Provider(Arc<dyn Fn() -> TokenFuture + Send + Sync>);
+
+/// What a [`Provider`] returns.
+type TokenFuture = Pin<Box<dyn Future<Output = Option<String>> + Send>>;
+
+impl fmt::Debug for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Provider")
+    }
 }
 
 /// A bearer token, kept out of `Debug` output.
@@ -416,9 +447,34 @@ impl fmt::Debug for Token {
     }
 }
 
-/// The status of a handshake refused for want of a valid token: with a static token, trying
-/// again cannot help, so the client stops.
+/// The status of a handshake refused for want of a valid token: trying again with the same
+/// token cannot help; the client asks its provider once, or stops.
 const UNAUTHORIZED: u16 = 401;
+
+/// The `exp` claim of a JWT (seconds since the Unix epoch), read from its payload without
+/// verifying anything (the server verifies; the client only needs to know when to refresh).
+/// `None` when the token is not a JWT or has no numeric `exp`.
+pub fn token_expiry(token: &str) -> Option<u64> {
+    use base64::Engine as _;
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    // base64url (RFC 7515), unpadded as JWTs are, but padding tolerated.
+    const B64: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::URL_SAFE,
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    let payload = token.split('.').nth(1)?;
+    let json = B64.decode(payload).ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&json).ok()?;
+    let exp = claims.get("exp")?;
+    // A NumericDate may have a fraction (RFC 7519 section 2).
+    exp.as_u64().or_else(|| exp.as_f64().filter(|e| e.is_finite() && *e >= 0.0).map(|e| e as u64))
+}
+
+/// `token` for the core: its expiry on the driver's clock, from its `exp`.
+fn core_token(token: &str, now: client::Millis) -> client::Token {
+    let unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    client::Token::from_exp(token, token_expiry(token), unix_ms, now)
+}
 
 /// The default of [`ClientBuilder::subscription_buffer`].
 pub const SUBSCRIPTION_BUFFER: usize = 10_000;
@@ -469,11 +525,12 @@ impl ClientBuilder {
     }
 
     /// A token (a JWT from the application's backend, `docs/PROTOCOL.md` section 2.5) for a
-    /// server with auth on: sent as `?token=` on the WebSocket and as `Authorization: Bearer`
-    /// on log reads. A handshake refused with 401 (a token that is invalid, expired, or
-    /// missing where one is needed) is not retried: [`ClientBuilder::connect`] returns
-    /// [`Error::Connect`] with status 401, and a client that was connected closes (its state
-    /// becomes [`ConnState::Closed`]). Refreshing tokens is not available yet.
+    /// server with auth on: sent as `Authorization: Bearer` on the WebSocket handshake and
+    /// on log reads. Without a [provider](ClientBuilder::token_provider), a refused token (a
+    /// handshake answered 401: invalid, expired, or missing where one is needed; or a close
+    /// with 4003 when it expires on a live connection) is not retried:
+    /// [`ClientBuilder::connect`] returns [`Error::Connect`] with status 401, and a client
+    /// that was connected ends in [`ConnState::Unauthorized`].
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(Token(token.into().into()));
         self
@@ -499,6 +556,36 @@ impl ClientBuilder {
         self
     }
 
+    /// Where fresh tokens come from: an async function returning a token (a JWT), or `None`
+    /// when it has none (for example the user signed out). The client reads each token's
+    /// `exp` ([`token_expiry`]) and asks for a fresh one ahead of it (by the smaller of 30 s
+    /// and a third of the token's lifetime), which it then sends in-band on the live
+    /// connection (`&JWT`, `docs/PROTOCOL.md` 5.8), so that the connection outlives its
+    /// tokens. When the server refuses the token (401 at the handshake, 4003), the provider is
+    /// asked once more; if it returns `None`, or its token is refused too, the client ends in
+    /// [`ConnState::Unauthorized`] instead of retrying. Without [`ClientBuilder::token`], the
+    /// provider is asked for the first token before the first connection (if it has none, the
+    /// client connects without a token). A provider that does not answer within the
+    /// [request timeout](ClientBuilder::request_timeout) counts as having none.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), ivy_client_native::Error> {
+    /// async fn fetch_token_from_backend() -> Option<String> { None }
+    /// let client = ivy_client_native::Client::builder("ws://127.0.0.1:8080")
+    ///     .token_provider(|| async { fetch_token_from_backend().await })
+    ///     .connect()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn token_provider<F, Fut>(mut self, provider: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Option<String>> + Send + 'static,
+    {
+        self.provider = Some(Provider(Arc::new(move || Box::pin(provider()))));
+        self
+    }
+
     /// Keep trying when the very first connection fails, instead of returning
     /// [`Error::Connect`] (default: false).
     pub fn retry_initial_connect(mut self, retry: bool) -> Self {
@@ -507,12 +594,19 @@ impl ClientBuilder {
     }
 
     /// Starts the client and waits for the first connection.
-    pub async fn connect(self) -> Result<Client, Error> {
+    pub async fn connect(mut self) -> Result<Client, Error> {
         let mut logs = LogReader::new(&self.url)?;
+        // The provider may have to give the first token (before the first connection).
+        if self.token.is_none() {
+            if let Some(Provider(p)) = &self.provider {
+                let wait = Duration::from_millis(self.config.request_timeout);
+                self.token = tokio::time::timeout(wait, p()).await.ok().flatten().map(|t| Token(t.into()));
+            }
+        }
         if let Some(path) = &self.ca_file {
             logs = logs.ca_file(path)?;
         }
-        logs.token = self.token.clone();
+        logs.token = Arc::new(Mutex::new(self.token.clone()));
         logs.senders = self.config.senders;
         let (endpoints, http, tls) = (logs.endpoints.clone(), logs.http.clone(), logs.tls.clone());
         let (tx, rx) = mpsc::unbounded_channel();
@@ -525,14 +619,25 @@ impl ClientBuilder {
         let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
         let buffer = self.buffer;
         let senders = self.config.senders;
+        let unauthorized = Arc::new(Mutex::new(None::<String>));
+        let epoch = Instant::now();
+        let mut core = client::Client::new(self.config.token_provider(self.provider.is_some()), seed ^ u64::from(std::process::id()));
+        if let Some(Token(t)) = &self.token {
+            core.set_token(0, core_token(t, 0));
+        }
+        let (token_tx, token_rx) = mpsc::unbounded_channel();
         let driver = Driver {
-            core: client::Client::new(self.config, seed ^ u64::from(std::process::id())),
+            core,
             endpoints: endpoints.clone(),
             http: http.clone(),
             tls,
-            token: self.token.clone(),
             senders,
-            epoch: Instant::now(),
+            log_token: logs.token.clone(),
+            provider: self.provider.clone(),
+            token_tx,
+            token_rx,
+            unauthorized: unauthorized.clone(),
+            epoch,
             write_timeout,
             state_tx,
             connections_tx,
@@ -545,7 +650,7 @@ impl ClientBuilder {
             times: HashMap::new(),
         };
         tokio::spawn(driver.run(rx));
-        let client = Client { tx, state: state_rx.clone(), connections, logs, buffer, last_error: last_error.clone() };
+        let client = Client { tx, state: state_rx.clone(), connections, logs, buffer, last_error: last_error.clone(), unauthorized };
         loop {
             let state = *state_rx.borrow_and_update();
             match state {
@@ -563,6 +668,19 @@ impl ClientBuilder {
                     let reason = last_error.lock().ok().and_then(|e| e.clone()).filter(is_final);
                     return Err(reason.unwrap_or(Error::Closed));
                 }
+                ConnState::Unauthorized => {
+                    // A refusal that retrying cannot change (401), and no fresh token.
+                    let reason = last_error.lock().ok().and_then(|e| e.clone()).and_then(|e| match e {
+                        Error::Connect(c) if c.status == Some(UNAUTHORIZED) => Some(c),
+                        _ => None,
+                    });
+                    let reason = reason.unwrap_or_else(|| ConnectError {
+                        status: Some(UNAUTHORIZED),
+                        message: client.unauthorized_reason().unwrap_or_else(|| "unauthorized".into()),
+                    });
+                    client.close().await;
+                    return Err(Error::Connect(reason));
+                }
                 _ => {}
             }
             if state_rx.changed().await.is_err() {
@@ -572,11 +690,11 @@ impl ClientBuilder {
     }
 }
 
-/// Whether a failed connection attempt ends the client instead of being retried: a
-/// handshake refused with 401, or a refused server certificate.
+/// Whether a failed connection attempt ends the client instead of being retried: a refused
+/// server certificate (a 401 goes to the core, which asks the token provider or ends
+/// unauthorized).
 fn is_final(e: &Error) -> bool {
     match e {
-        Error::Connect(c) => c.status == Some(UNAUTHORIZED),
         Error::Tls(t) => t.kind == TlsErrorKind::Certificate,
         _ => false,
     }
@@ -591,6 +709,7 @@ pub struct Client {
     logs: LogReader,
     buffer: usize,
     last_error: Arc<Mutex<Option<Error>>>,
+    unauthorized: Arc<Mutex<Option<String>>>,
 }
 
 /// Reads channel logs over HTTP alone, with no WebSocket connection (for a program that only
@@ -608,7 +727,8 @@ pub struct LogReader {
     endpoints: Endpoints,
     http: Http,
     tls: Arc<rustls::ClientConfig>,
-    token: Option<Token>,
+    /// Shared with the client's driver, which puts each refreshed token here.
+    token: Arc<Mutex<Option<Token>>>,
     senders: bool,
 }
 
@@ -619,7 +739,7 @@ impl LogReader {
     pub fn new(url: &str) -> Result<LogReader, Error> {
         let endpoints = endpoints(url)?;
         let tls = tls_config(endpoints.tls, None).map_err(Error::Tls)?;
-        Ok(LogReader { endpoints, http: http_client(&tls), tls, token: None, senders: false })
+        Ok(LogReader { endpoints, http: http_client(&tls), tls, token: Arc::new(Mutex::new(None)), senders: false })
     }
 
     /// Also trusts the certificate authorities of the PEM file at `path` (see
@@ -633,7 +753,7 @@ impl LogReader {
 
     /// Sends `token` with each read, as `Authorization: Bearer` (see [`ClientBuilder::token`]).
     pub fn token(mut self, token: impl Into<String>) -> LogReader {
-        self.token = Some(Token(token.into().into()));
+        self.token = Arc::new(Mutex::new(Some(Token(token.into().into()))));
         self
     }
 
@@ -656,7 +776,8 @@ impl LogReader {
     pub async fn log(&self, path: &str, query: LogQuery) -> Result<Vec<Event>, Error> {
         let path = ivy_core::path::normalize(path.as_bytes()).map_err(|e| Error::Request(ClientError::InvalidPath(e)))?;
         let url = ivy_core::http::with_senders(format!("{}{}", self.endpoints.http, query.target(&path)), self.senders);
-        let body = match fetch(&self.http, &url, self.token.as_ref()).await {
+        let token = self.token.lock().ok().and_then(|t| t.clone());
+        let body = match fetch(&self.http, &url, token.as_ref()).await {
             Ok((body, _horizon)) => body,
             Err(Fetch::Connect(message)) => return Err(Error::Connect(ConnectError { status: None, message })),
             Err(Fetch::Tls(e)) => return Err(Error::Tls(e)),
@@ -690,6 +811,7 @@ impl Client {
             buffer: SUBSCRIPTION_BUFFER,
             token: None,
             ca_file: None,
+            provider: None,
         }
     }
 
@@ -748,6 +870,12 @@ impl Client {
     /// [`Client::connections`].
     pub fn state(&self) -> watch::Receiver<ConnState> {
         self.state.clone()
+    }
+
+    /// Why the client is [`ConnState::Unauthorized`], if it is: the server's reason for
+    /// refusing the token (and why no fresh one came).
+    pub fn unauthorized_reason(&self) -> Option<String> {
+        self.unauthorized.lock().ok().and_then(|r| r.clone())
     }
 
     /// A watch of how many connections this client has made: 1 once connected, one more at
@@ -890,9 +1018,15 @@ struct Driver {
     endpoints: Endpoints,
     http: Http,
     tls: Arc<rustls::ClientConfig>,
-    token: Option<Token>,
     /// `ext=sender` on the WebSocket URL.
     senders: bool,
+    /// The token for log reads, shared with [`Client::log`].
+    log_token: Arc<Mutex<Option<Token>>>,
+    provider: Option<Provider>,
+    /// The provider's answers.
+    token_tx: mpsc::UnboundedSender<Option<String>>,
+    token_rx: mpsc::UnboundedReceiver<Option<String>>,
+    unauthorized: Arc<Mutex<Option<String>>>,
     epoch: Instant,
     write_timeout: Duration,
     state_tx: watch::Sender<ConnState>,
@@ -930,17 +1064,23 @@ impl Driver {
             while let Some(action) = self.core.poll_action() {
                 match action {
                     Action::Connect => {
-                        let url = match &self.token {
-                            Some(Token(t)) => format!("{}?token={}", self.endpoints.ws, query_escape(t)),
-                            None => self.endpoints.ws.clone(),
-                        };
-                        let url = ivy_core::http::with_senders(url, self.senders);
+                        let url = ivy_core::http::with_senders(self.endpoints.ws.clone(), self.senders);
+                        let bearer = self.core.token().map(|t| format!("Bearer {t}"));
                         let tls = tokio_tungstenite::Connector::Rustls(self.tls.clone());
                         let host = host_of(&self.endpoints.ws);
                         connecting = Some(Box::pin(async move {
                             let mut req = url.into_client_request().map_err(|e| Error::Connect(ConnectError::from_ws(&e)))?;
                             req.headers_mut()
                                 .insert("Sec-WebSocket-Protocol", hyper::header::HeaderValue::from_static(ivy_core::SUBPROTOCOL));
+                            if let Some(bearer) = bearer {
+                                let value = hyper::header::HeaderValue::try_from(bearer).map_err(|_| {
+                                    Error::Connect(ConnectError {
+                                        status: None,
+                                        message: "the token cannot be sent in an HTTP header".into(),
+                                    })
+                                })?;
+                                req.headers_mut().insert(hyper::header::AUTHORIZATION, value);
+                            }
                             let (ws, _) =
                                 tokio_tungstenite::connect_async_tls_with_config(req, None, false, Some(tls)).await.map_err(|e| {
                                     match TlsError::find(&host, &e) {
@@ -978,9 +1118,18 @@ impl Driver {
                             let _ = tokio::time::timeout(Duration::from_secs(1), w.close(None)).await;
                         }
                     }
+                    Action::NeedToken => match &self.provider {
+                        Some(Provider(p)) => {
+                            let (answer, tx) = (p(), self.token_tx.clone());
+                            tokio::spawn(async move {
+                                let _ = tx.send(answer.await);
+                            });
+                        }
+                        None => self.core.handle_token(self.now(), Err("no token provider".into())),
+                    },
                     Action::FetchLog(req) => {
                         let (http, url, tx) = (self.http.clone(), format!("{}{}", self.endpoints.http, req.target()), log_tx.clone());
-                        let token = self.token.clone();
+                        let token = self.core.token().map(|t| Token(t.into()));
                         tokio::spawn(async move {
                             let _ = tx.send((req.id, fetch(&http, &url, token.as_ref()).await.map_err(LogError::from)));
                         });
@@ -1025,7 +1174,9 @@ impl Driver {
                         Some(Ok(Message::Close(frame))) => {
                             self.note_error(format!("server closed the connection: {frame:?}"));
                             ws = None;
-                            self.core.handle_disconnected(now);
+                            // 4003 (token expired) asks the provider; others reconnect.
+                            let (code, reason) = frame.map_or((None, String::new()), |f| (Some(u16::from(f.code)), f.reason.to_string()));
+                            self.core.handle_close(now, code, &reason);
                         }
                         Some(Err(e)) => {
                             self.note_error(e.to_string());
@@ -1046,14 +1197,21 @@ impl Driver {
                             ws = Some(stream);
                             self.core.handle_connected(now);
                         }
+                        Err(Error::Connect(e)) if e.status == Some(UNAUTHORIZED) => {
+                            // The same token would be refused again: the core asks the provider
+                            // once, or ends unauthorized.
+                            tracing::debug!(reason = %e, "handshake refused with 401: the token is not accepted");
+                            let reason = e.message.strip_prefix("HTTP 401: ").unwrap_or(&e.message).to_string();
+                            self.note(Error::Connect(e));
+                            self.core.handle_unauthorized(now, &reason);
+                        }
                         Err(e) => {
                             let last = is_final(&e);
                             self.note(e);
                             self.core.handle_disconnected(now);
                             if last && closing.is_none() {
-                                // The same token, or the same certificate, would be refused
-                                // again: stop here.
-                                tracing::debug!("the token or the server's certificate is not accepted; closing");
+                                // The same certificate would be refused again: stop here.
+                                tracing::debug!("the server's certificate is not accepted; closing");
                                 self.core.close(now);
                                 closing = Some(oneshot::channel().0);
                             }
@@ -1068,11 +1226,28 @@ impl Driver {
                     }
                 }
                 Some(handle) = self.resumes.next(), if !self.resumes.is_empty() => self.resume(handle),
+                Some(answer) = self.token_rx.recv() => {
+                    let now = self.now();
+                    match answer {
+                        Some(t) => {
+                            self.core.handle_token(now, Ok(core_token(&t, now)));
+                            self.sync_log_token();
+                        }
+                        None => self.core.handle_token(now, Err("the token provider returned none".into())),
+                    }
+                }
                 () = sleep_until(deadline) => {
                     let now = self.now();
                     self.core.handle_timeout(now);
                 }
             }
+        }
+    }
+
+    /// Log reads use the core's current token.
+    fn sync_log_token(&self) {
+        if let Ok(mut slot) = self.log_token.lock() {
+            *slot = self.core.token().map(|t| Token(t.into()));
         }
     }
 
@@ -1222,6 +1397,8 @@ impl Driver {
                             ConnState::Reconnecting { attempt, retry_at: self.epoch + Duration::from_millis(retry_at) }
                         }
                         client::ConnState::Closed => ConnState::Closed,
+                        client::ConnState::AwaitingToken => ConnState::AwaitingToken,
+                        client::ConnState::Unauthorized => ConnState::Unauthorized,
                     };
                     if state == ConnState::Closed {
                         self.routes.clear();
@@ -1234,24 +1411,36 @@ impl Driver {
                     }
                     let _ = self.state_tx.send(state);
                 }
+                ClientEvent::SubscriptionEnded { sub, reason } => {
+                    if let Some(route) = self.by_core.remove(&sub).and_then(|h| self.routes.remove(&h)) {
+                        tokio::spawn(async move {
+                            let _ = route.tx.send(Err(SubscriptionError::Ended(reason))).await;
+                        });
+                    }
+                }
+                ClientEvent::TokenRefused { error } => {
+                    tracing::warn!("the refreshed token was refused: {error}");
+                    // The core went back to the token the server kept.
+                    self.sync_log_token();
+                }
+                ClientEvent::Unauthorized { reason } => {
+                    tracing::warn!("unauthorized: {reason}");
+                    if let Ok(mut slot) = self.unauthorized.lock() {
+                        *slot = Some(reason);
+                    }
+                    // Each stream's last item says why it ended.
+                    self.by_core.clear();
+                    self.resumes = FuturesUnordered::new();
+                    for (_, route) in self.routes.drain() {
+                        tokio::spawn(async move {
+                            let _ = route.tx.send(Err(SubscriptionError::Refused(ClientError::Unauthorized))).await;
+                        });
+                    }
+                }
                 ClientEvent::Warning(w) => tracing::warn!("{w}"),
             }
         }
     }
-}
-
-/// `s` for a query string: unreserved characters as they are, others percent-encoded (a JWT
-/// needs none).
-fn query_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 async fn next_message(ws: &mut Option<Ws>) -> Option<Result<Message, tokio_tungstenite::tungstenite::Error>> {

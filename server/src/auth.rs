@@ -2,8 +2,9 @@
 //! (`docs/PROTOCOL.md`, section 2.5, an extension).
 //!
 //! `Auth` is built once from the [`Config`] (its keys decoded, its validation rules set) and
-//! shared by every handler. A token is verified once per WebSocket connection (at the
-//! handshake) or log request, giving a [`Principal`]; each command is then checked against
+//! shared by every handler. A token is verified at a WebSocket connection's handshake, at each
+//! of its in-band refreshes (`&JWT`, applied by the session), or per log request, giving a
+//! [`Principal`]; each command is then checked against
 //! the principal's [`Grants`] (`Access`), a comparison of paths that allocates nothing.
 //!
 //! Verification is [`jsonwebtoken`]'s, never ours: this module only picks the keys a token

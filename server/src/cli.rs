@@ -261,7 +261,8 @@ pub struct Cli {
     #[arg(long, env = "IVY_ANONYMOUS_WRITE", value_delimiter = ',')]
     pub anonymous_write: Vec<String>,
 
-    /// Seconds a connection stays open past its token's `exp` before it is closed with 4003.
+    /// Seconds a connection stays open past its token's `exp` before it is closed with 4003
+    /// (unless it refreshed its token in-band, `&JWT`, before then).
     #[arg(long, env = "IVY_AUTH_REFRESH_GRACE", value_parser = seconds, default_value_t = Seconds(config::DEFAULT_AUTH_REFRESH_GRACE))]
     pub auth_refresh_grace: Seconds,
 
@@ -447,12 +448,18 @@ pub fn main_with(wall: WallClock) -> ExitCode {
     code
 }
 
+/// The log directive that keeps tungstenite from logging messages (and so tokens) whole.
+const NO_MESSAGE_BODIES: &str = "tungstenite::protocol=debug";
+
 async fn serve_main(wall: WallClock) -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Token { sub, read, write, ttl }) = &cli.command {
         return token(&cli, sub, read, write, ttl.0);
     }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // tungstenite logs each received message whole at trace level, and a token refresh
+    // (`&JWT`) is a message: capped, so that no token reaches the logs (ours redact it).
+    let filter = filter.add_directive(NO_MESSAGE_BODIES.parse().expect("a valid directive"));
     let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),

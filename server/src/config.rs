@@ -218,7 +218,8 @@ pub struct Config {
     pub anonymous_read: Vec<String>,
     /// Paths a connection without a token may send to (with auth on). Default: none.
     pub anonymous_write: Vec<String>,
-    /// How long past its token's `exp` a connection stays open before it is closed with 4003.
+    /// How long past its token's `exp` (the last token it presented, at the handshake or
+    /// in-band with `&JWT`) a connection stays open before it is closed with 4003.
     /// Default [`DEFAULT_AUTH_REFRESH_GRACE`].
     pub auth_refresh_grace: Duration,
     /// A PEM file of the server's certificate chain (its own certificate first, then the

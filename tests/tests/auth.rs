@@ -404,7 +404,7 @@ async fn a_live_connection_is_closed_with_4003_once_its_token_expired_past_the_g
     match c.next_within(Duration::from_secs(10)).await {
         Got::Close(code, reason) => {
             assert_eq!(code, 4003);
-            assert_eq!(reason, "token expired: reconnect with a fresh token");
+            assert_eq!(reason, "token expired: refresh it in-band or reconnect with a fresh token");
         }
         other => panic!("expected close 4003, got {other:?}"),
     }
@@ -506,6 +506,9 @@ async fn logs_never_show_a_token_and_auth_off_is_warned() {
         let ws = format!("ws://{addr}/ws");
         let mut c = Client::connect(&format!("{ws}?token={good}")).await;
         c.publish("/chat", "x").await;
+        // Refreshed in-band, accepted and refused: the command is logged without its token.
+        assert!(c.request(&format!("#r#&{good}")).await.starts_with("#r#@"));
+        assert!(c.request(&format!("#r#&{bad}")).await.starts_with("#r#!unauthorized "));
         c.close().await;
         for token in [&good, &bad] {
             let _ = raw_ws_open_at(addr, &format!("/ws?token={token}&x=1"), &[]).await;
@@ -517,6 +520,7 @@ async fn logs_never_show_a_token_and_auth_off_is_warned() {
     .await;
     assert!(logs.contains("TRACE"), "trace logs were on");
     assert!(logs.contains("token=[redacted]"), "the refusals are logged, redacted:\n{logs}");
+    assert!(logs.contains("#r#&[redacted]"), "the refresh is logged, redacted:\n{logs}");
     for token in [&good, &bad] {
         let signature = token.rsplit('.').next().unwrap();
         assert!(!logs.contains(signature), "a token in the logs:\n{logs}");
@@ -590,7 +594,7 @@ async fn the_native_client_sends_its_token_and_stops_at_401() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connected_native_client_closes_when_its_expired_token_is_refused() {
+async fn a_connected_native_client_without_a_provider_ends_unauthorized_when_its_token_expires() {
     let dir = temp_dir();
     let mut setup = config(dir.path());
     setup.config = setup.config.clone().auth_hmac_secrets(vec![Secret::new("s")]).auth_refresh_grace(Duration::ZERO);
@@ -598,11 +602,18 @@ async fn a_connected_native_client_closes_when_its_expired_token_is_refused() {
     let token = hs256("s", &json!({"sub": "ada", "exp": now() + 2, "read": ["/"]}));
     let client = ivy_client_native::Client::builder(format!("ws://{}", server.addr)).token(token).connect().await.unwrap();
     let mut sub = client.subscribe("/chat").await.unwrap();
-    // Closed with 4003, the reconnect refused with 401: the client closes instead of retrying.
+    // Closed with 4003 and no provider: the client ends unauthorized instead of retrying.
     let end = tokio::time::timeout(Duration::from_secs(15), sub.next()).await.expect("the subscription ended");
-    assert!(end.is_none(), "{end:?}");
+    assert!(matches!(end, Some(Err(ivy_client_native::SubscriptionError::Refused(ClientError::Unauthorized)))), "{end:?}");
+    assert!(tokio::time::timeout(Duration::from_secs(5), sub.next()).await.unwrap().is_none());
     let mut state = client.state();
-    tokio::time::timeout(Duration::from_secs(5), state.wait_for(|s| *s == ivy_client_native::ConnState::Closed)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), state.wait_for(|s| *s == ivy_client_native::ConnState::Unauthorized))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(client.unauthorized_reason().as_deref(), Some("token expired: refresh it in-band or reconnect with a fresh token"));
+    assert_eq!(client.send("/chat", "x").await, Err(ClientErr::Request(ClientError::Unauthorized)));
+    assert_eq!(*client.connections().borrow(), 1, "no reconnect");
     server.stop().await;
 }
 
@@ -628,31 +639,31 @@ async fn the_cli_takes_a_token_by_flag_or_environment() {
     assert!(out.contains(":/chat/a:by flag\n") && out.contains(":/chat/a:by env\n"), "{out}");
     let (code, out, _) = ivy(&["--url", &url, "--token", &token, "sub", "/chat", "--from-beginning", "--count", "2"], &[]).await;
     assert_eq!((code, out.lines().count()), (0, 2));
-    // Refusals: a command beyond the grants (exit 1), no token for a private log (exit 1,
-    // HTTP 401), a bad token at the handshake (exit 3: cannot connect, with the reason).
+    // Refusals: a command beyond the grants (exit 1), no token for a private log (exit 4,
+    // HTTP 401), a bad token at the handshake (exit 4: unauthorized, with the reason).
     let (code, _, err) = ivy(&["--url", &url, "--token", &token, "send", "/other", "x"], &[]).await;
     assert_eq!(code, 1);
     assert!(err.contains("forbidden"), "{err}");
     let (code, _, err) = ivy(&["--url", &url, "log", "/chat"], &[]).await;
-    assert_eq!(code, 1);
+    assert_eq!(code, 4);
     assert!(err.contains("401"), "{err}");
     let (code, _, err) = ivy(&["--url", &url, "--token", "garbage", "time"], &[]).await;
-    assert_eq!(code, 3);
+    assert_eq!(code, 4);
     assert!(err.contains("HTTP 401: invalid token"), "{err}");
     // The token never shows in the CLI's own output either.
     assert!(!err.contains(&token));
     server.stop().await;
 
-    // `ivy sub` whose token expires: closed with 4003, its reconnect refused with 401: it
-    // ends (exit 3) instead of retrying forever.
+    // `ivy sub` whose token expires: closed with 4003, and no fresh token: it ends (exit 4)
+    // instead of retrying forever.
     let mut setup = config(dir.path());
     setup.config = setup.config.clone().auth_hmac_secrets(vec![Secret::new("s")]).auth_refresh_grace(Duration::ZERO);
     let server = TestServer::start(setup).await;
     let url = format!("ws://{}", server.addr);
     let short = hs256("s", &json!({"sub": "ada", "exp": now() + 2, "read": ["/"]}));
     let (code, _, err) = ivy(&["--url", &url, "--token", &short, "sub", "/chat"], &[]).await;
-    assert_eq!(code, 3, "{err}");
-    assert!(err.contains("refused to reopen it (HTTP 401"), "{err}");
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("ivy: unauthorized: the server refused the token (token expired: refresh it in-band"), "{err}");
     server.stop().await;
 }
 

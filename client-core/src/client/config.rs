@@ -47,6 +47,13 @@ pub struct Config {
     /// (it does not decode its token), so their `sender` is `None`. Default: false (the
     /// original lines, `sender` always `None`).
     pub senders: bool,
+    /// Whether the driver has a token provider: a way to get a fresh token on request
+    /// ([`Action::NeedToken`](super::Action::NeedToken), answered with
+    /// [`Client::handle_token`](super::Client::handle_token)). With one, the client asks for a
+    /// fresh token ahead of its token's expiry and refreshes it in-band, and asks once more
+    /// after a connection is refused for its token; without one, a refused token ends the
+    /// client in [`ConnState::Unauthorized`](super::ConnState::Unauthorized). Default: false.
+    pub token_provider: bool,
 }
 
 impl Default for Config {
@@ -63,6 +70,7 @@ impl Default for Config {
             max_buffered: 10_000,
             max_message_size: 65_536,
             senders: false,
+            token_provider: false,
         }
     }
 }
@@ -126,6 +134,12 @@ impl Config {
     /// with `?ext=sender` when [`Config::senders`] is set.
     pub fn ws_url(&self, ws: &str) -> alloc::string::String {
         crate::http::with_senders(ws.into(), self.senders)
+    }
+
+    /// Sets [`Config::token_provider`].
+    pub fn token_provider(mut self, present: bool) -> Self {
+        self.token_provider = present;
+        self
     }
 
     /// Sets [`Config::offline_queue`].

@@ -4,7 +4,9 @@
 //! standard input cannot be read; 2 bad usage (an unknown option, an invalid URL, path,
 //! timestamp or count, a `--ca-file` that cannot be read: nothing was attempted); 3 cannot
 //! connect to the server (unreachable, a refused handshake, or TLS failed: its certificate not
-//! trusted or not valid for the host name); 130 interrupted (Ctrl-C).
+//! trusted or not valid for the host name); 4 unauthorized: the server refused the token (HTTP
+//! 401 at the handshake or on a log read, or the token expired on a live connection and no
+//! fresh one could be had); 130 interrupted (Ctrl-C).
 
 use std::fmt;
 use std::io::{IsTerminal, Write};
@@ -15,7 +17,8 @@ use clap::{Args, Parser, Subcommand};
 use futures_util::StreamExt;
 use futures_util::stream::{FuturesOrdered, SelectAll};
 use ivy_client_native::{
-    Client, ConnState, Error, Event, LogQuery, LogQueryError, LogReader, Sender, Start, SubscriptionError, Timestamp, TlsErrorKind,
+    Client, ClientError, ConnState, Error, Event, LogQuery, LogQueryError, LogReader, Sender, Start, SubscriptionError, Timestamp,
+    TlsErrorKind,
 };
 use tokio::io::AsyncBufReadExt;
 
@@ -25,7 +28,8 @@ use tokio::io::AsyncBufReadExt;
     version,
     about = "Command-line client for Ivy, the hierarchical pub/sub server with persistent event logs",
     after_help = "Exit codes: 0 success, 1 a request failed, 2 bad usage (a --ca-file that cannot be read included), 3 cannot \
-                  connect (TLS failures included: an untrusted certificate, a wrong host name), 130 interrupted.\n\
+                  connect (TLS failures included: an untrusted certificate, a wrong host name), 4 unauthorized (the token was refused),\n\
+                  130 interrupted.\n\
                   RUST_LOG (for example RUST_LOG=ivy_client_native=debug) shows the client's own log on stderr."
 )]
 struct Cli {
@@ -34,15 +38,21 @@ struct Cli {
     #[arg(long, global = true, env = "IVY_URL", default_value = "ws://127.0.0.1:8080", value_parser = parse_url)]
     url: String,
 
-    /// A token (JWT) for a server with auth on: sent as `?token=` on the WebSocket and as
-    /// `Authorization: Bearer` on log reads. A refused token (HTTP 401) is not retried.
-    #[arg(long, global = true, env = "IVY_TOKEN", hide_env_values = true)]
+    /// A token (JWT) for a server with auth on, sent as `Authorization: Bearer`. A refused
+    /// token (HTTP 401, or its expiry on a live connection) is not retried: exit code 4.
+    #[arg(long, global = true, env = "IVY_TOKEN", hide_env_values = true, conflicts_with = "token_file")]
     token: Option<String>,
 
     /// A PEM file of certificate authorities to trust for a wss:// or https:// server, besides
     /// the system's roots (a private CA, or a self-signed certificate).
     #[arg(long, global = true, env = "IVY_CA_FILE")]
     ca_file: Option<std::path::PathBuf>,
+    /// A file holding the token (surrounding whitespace ignored), read at start and again
+    /// whenever a fresh token is needed: ahead of the token's expiry (then sent in-band, so
+    /// that `ivy sub` keeps its connection) and after the server refused it. Write a fresh
+    /// token into it before the old one expires to keep a long `ivy sub` running.
+    #[arg(long, global = true, env = "IVY_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<std::path::PathBuf>,
 
     /// Do not report connection losses and reconnects on stderr.
     #[arg(short, long, global = true)]
@@ -153,6 +163,10 @@ enum Failure {
     /// reopen the connection (HTTP 401, for example after its token expired: close 4003), or
     /// its certificate was refused; with the reason, when known.
     Ended(Option<Error>),
+    /// The server refused the token and no fresh one could be had: the reason.
+    Unauthorized(String),
+    /// The token file could not be read.
+    TokenFile(std::path::PathBuf, std::io::Error),
 }
 
 impl From<Error> for Failure {
@@ -169,7 +183,12 @@ impl fmt::Display for Failure {
             Failure::Stdin(e) => write!(f, "cannot read standard input: {e}"),
             Failure::Interrupted => f.write_str("interrupted"),
             Failure::Ended(Some(e @ Error::Tls(_))) => write!(f, "the connection ended and could not be reopened: {e}"),
-            Failure::Ended(_) => f.write_str("the connection ended and the server refused to reopen it (HTTP 401: is the token expired?)"),
+            Failure::Ended(_) => f.write_str("the subscriptions ended"),
+            Failure::Unauthorized(reason) => write!(
+                f,
+                "unauthorized: the server refused the token ({reason}); give a fresh one (--token, or --token-file to have it re-read)"
+            ),
+            Failure::TokenFile(path, e) => write!(f, "cannot read the token file {}: {e}", path.display()),
         }
     }
 }
@@ -177,6 +196,9 @@ impl fmt::Display for Failure {
 fn exit_code(e: &Failure) -> u8 {
     match e {
         Failure::Client(Error::Tls(e)) if e.kind == TlsErrorKind::CaFile => 2,
+        Failure::Unauthorized(_) | Failure::Client(Error::Request(ClientError::Unauthorized)) => 4,
+        Failure::Client(Error::Connect(c)) if c.status == Some(401) => 4,
+        Failure::Client(Error::Log(l)) if l.status == Some(401) => 4,
         Failure::Client(Error::Connect(_) | Error::Tls(_)) | Failure::Ended(_) => 3,
         Failure::Client(Error::InvalidUrl(_)) | Failure::Query(_) => 2,
         Failure::Interrupted => 130,
@@ -187,7 +209,12 @@ fn exit_code(e: &Failure) -> u8 {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "ivy_client_native=error".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "ivy_client_native=error".into())
+                // tungstenite logs each frame whole at trace level: a token refresh is one.
+                .add_directive("tungstenite::protocol=debug".parse().expect("a valid directive")),
+        )
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
@@ -198,7 +225,11 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let result = runtime.block_on(run(cli));
+    let result = runtime.block_on(run(cli)).map_err(|e| match e {
+        // A handshake refused for the token: said as such.
+        Failure::Client(Error::Connect(c)) if c.status == Some(401) => Failure::Unauthorized(c.message),
+        e => e,
+    });
     let _ = std::io::stdout().flush();
     // Without waiting for a read of standard input that may never finish (after Ctrl-C).
     runtime.shutdown_background();
@@ -352,7 +383,8 @@ fn report_connection(client: &Client, url: String, quiet: bool) {
                 connected = true;
             }
             match s {
-                ConnState::Connected | ConnState::Idle | ConnState::Closed => {}
+                ConnState::Connected | ConnState::Idle | ConnState::Closed | ConnState::Unauthorized => {}
+                ConnState::AwaitingToken => eprintln!("ivy: the server refused the token; asking for a fresh one"),
                 ConnState::Connecting { .. } | ConnState::Reconnecting { .. } if connected => {
                     connected = false;
                     eprintln!("ivy: disconnected from {url}; reconnecting");
@@ -375,10 +407,19 @@ async fn interruptible<T>(future: impl Future<Output = Result<T, Failure>>) -> R
     }
 }
 
+/// The token in `path`, trimmed.
+fn read_token_file(path: &std::path::Path) -> Result<String, Failure> {
+    std::fs::read_to_string(path).map(|t| t.trim().to_string()).map_err(|e| Failure::TokenFile(path.to_path_buf(), e))
+}
+
 async fn run(cli: Cli) -> Result<(), Failure> {
     let url = cli.url;
-    let token = cli.token;
     let ca_file = cli.ca_file;
+    let token_file = cli.token_file;
+    let token = match &token_file {
+        Some(path) => Some(read_token_file(path)?).filter(|t| !t.is_empty()),
+        None => cli.token,
+    };
     let builder = || {
         let mut b = Client::builder(&url);
         if let Some(t) = &token {
@@ -386,6 +427,23 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         if let Some(p) = &ca_file {
             b = b.ca_file(p);
+        }
+        if let Some(path) = &token_file {
+            // Read again at each refresh: whoever renews the token rewrites the file.
+            let path = path.clone();
+            b = b.token_provider(move || {
+                let path = path.clone();
+                async move {
+                    match read_token_file(&path) {
+                        Ok(t) if !t.is_empty() => Some(t),
+                        Ok(_) => None,
+                        Err(e) => {
+                            eprintln!("ivy: {e}");
+                            None
+                        }
+                    }
+                }
+            });
         }
         b
     };
@@ -485,6 +543,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         printed += 1;
                     }
                     Some(Err(e @ SubscriptionError::ContinuityLost { .. })) => eprintln!("ivy: warning: {e}"),
+                    Some(Err(SubscriptionError::Refused(ClientError::Unauthorized))) => {
+                        result = Err(Failure::Unauthorized(client.unauthorized_reason().unwrap_or_else(|| "no reason given".into())));
+                        break;
+                    }
+                    // The others go on.
+                    Some(Err(e @ SubscriptionError::Ended(_))) => eprintln!("ivy: {e}"),
                     Some(Err(SubscriptionError::Refused(e))) => {
                         result = Err(Error::Request(e).into());
                         break;
