@@ -320,3 +320,23 @@ async fn a_layout_3_store_is_read_with_unknown_senders() {
     }
     server.stop().await;
 }
+
+/// A connection opened without a token that presents one in-band (`&JWT`) sends as its sub
+/// from then on; a token with a sub over 256 bytes is refused in-band too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_taken_in_band_names_the_later_events() {
+    let dir = temp_dir();
+    let server = TestServer::start(auth_setup(dir.path())).await;
+    let mut with = Client::connect(&format!("{}?ext=sender", server.ws_url())).await;
+    with.subscribe("/chat").await;
+    let mut c = Client::connect(&server.ws_url()).await;
+    let t1 = send(&mut c, "/chat/open", "before").await;
+    assert_eq!(with.recv().await, format!("@{t1}~-:/chat/open:before"));
+    let refused = c.request(&format!("#r#&{}", token(&"z".repeat(257)))).await;
+    assert_eq!(refused, "#r#!unauthorized invalid token: sub longer than 256 bytes");
+    let ok = c.request(&format!("#r#&{}", token("ada"))).await;
+    assert!(ok.starts_with("#r#@"), "{ok}");
+    let t2 = send(&mut c, "/chat/room", "after").await;
+    assert_eq!(with.recv().await, format!("@{t2}~=ada:/chat/room:after"));
+    server.stop().await;
+}
