@@ -232,7 +232,11 @@ impl Ivy {
             .route("/log/", get(http::handler).options(http::preflight).delete(http::delete))
             .route("/log/{*path}", get(http::handler).options(http::preflight).delete(http::delete))
             .layer(axum::middleware::from_fn_with_state(self.shared.clone(), http::cors_layer));
-        let mut router = Router::new().route("/ws", get(ws::handler)).merge(log);
+        // CORS on `/ws` too: a page of another origin may read why its token was refused
+        // (`fetch` of a plain `GET /ws?token=...`, see docs/PROTOCOL.md 2.1).
+        let socket =
+            Router::new().route("/ws", get(ws::handler)).layer(axum::middleware::from_fn_with_state(self.shared.clone(), http::cors_layer));
+        let mut router = socket.merge(log);
         if self.shared.demo.is_some() {
             router = router.route("/demo/token", axum::routing::post(demo::handler));
         }

@@ -182,3 +182,22 @@ async fn the_flag_without_a_secret_refuses_to_start() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--demo-token-endpoint needs --auth-hmac-secret"), "{stderr}");
 }
+
+/// Browsers do not show a page why its WebSocket failed to open: the wasm client then asks
+/// with `fetch` (a plain `GET /ws?token=...`), which gets the refusal's status and reason,
+/// with CORS headers so that a page of another origin may read them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_get_of_ws_with_a_refused_token_says_why() {
+    let dir = temp_dir();
+    let server = demo_server(dir.path(), &[]).await;
+    let origin = [("Origin", "http://page.example")];
+    let bad = http_get(server.addr, "/ws?token=not.a.jwt", &origin).await;
+    assert_eq!(bad.status, 401);
+    assert!(bad.text().starts_with("invalid token: "), "{}", bad.text());
+    assert_eq!(bad.header("access-control-allow-origin"), Some("*"));
+    // A valid token: not a WebSocket request, so not a 401.
+    let token = token_for(server.addr, "ada", None).await.json()["token"].as_str().unwrap().to_string();
+    let good = http_get(server.addr, &format!("/ws?token={token}"), &origin).await;
+    assert!(good.status != 401 && good.status >= 400, "{} {}", good.status, good.text());
+    server.kill().await;
+}
