@@ -94,7 +94,7 @@ extern "C" {
     #[wasm_bindgen(js_name = clearTimeout)]
     fn clear_timeout(handle: &JsValue);
     #[wasm_bindgen(js_name = fetch)]
-    fn fetch(url: &str) -> Promise;
+    fn fetch(url: &str, init: &JsValue) -> Promise;
     #[wasm_bindgen(js_namespace = performance, js_name = now)]
     fn performance_now() -> f64;
     #[wasm_bindgen(js_namespace = Math, js_name = random)]
@@ -211,6 +211,9 @@ struct State {
     trace: client::Trace,
     ws_url: String,
     http_base: String,
+    /// The token (`options.token`), sent as `?token=` on the WebSocket and as
+    /// `Authorization: Bearer` on log reads.
+    token: Option<String>,
     socket: Option<Socket>,
     /// Increments per socket, so that late events of a replaced socket are ignored.
     socket_gen: u64,
@@ -307,6 +310,7 @@ impl IvyClient {
     #[wasm_bindgen(constructor)]
     pub fn new(url: &str, options: Option<IvyOptions>) -> Result<IvyClient, JsValue> {
         let options: Option<JsValue> = options.map(Into::into);
+        let token = options_value(options.as_ref(), "token").and_then(|v| v.as_string()).filter(|t| !t.is_empty());
         let Endpoints { ws: ws_url, http: http_base, .. } = Endpoints::from_base(url).map_err(|e| invalid_argument(&e.to_string()))?;
         let mut cfg = client::Config::default();
         if let Some(o) = options.filter(|o| o.is_object()) {
@@ -339,6 +343,7 @@ impl IvyClient {
             trace: client::Trace::new(TRACE_ENTRIES),
             ws_url,
             http_base,
+            token,
             socket: None,
             socket_gen: 0,
             timer: None,
@@ -479,9 +484,10 @@ impl IvyClient {
             let query = LogQuery::from_parts(n, after, limit).map_err(|e| invalid_argument(&e.to_string()))?;
             Ok(query.target(&path))
         })();
-        let base = self.inner.state.try_borrow().map(|st| st.http_base.clone()).unwrap_or_default();
+        let (base, token) = self.inner.state.try_borrow().map(|st| (st.http_base.clone(), st.token.clone())).unwrap_or_default();
         wasm_bindgen_futures::future_to_promise(async move {
-            let (body, _horizon, link) = get_text(&format!("{base}{}", target?)).await.map_err(|e| http_error(e.status, &e.to_string()))?;
+            let (body, _horizon, link) =
+                get_text(&format!("{base}{}", target?), token.as_deref()).await.map_err(|e| http_error(e.status, &e.to_string()))?;
             let events = ivy_core::http::parse_log(&body).map_err(|e| http_error(None, &format!("unparsable log line: {e}")))?;
             let events: Array = events.iter().map(event_object).collect();
             // The server's `Link: rel="next"` (cursor pages that may have a next one), for the
@@ -577,9 +583,10 @@ impl core::fmt::Display for FetchError {
 
 /// The body of a 200 answer, the log's horizon (`Ivy-Horizon`, the newest event deleted from
 /// it) if it states one, and its `Link` header if any (a cursor page that may have a next one).
-async fn get_text(url: &str) -> Result<(String, Option<Timestamp>, Option<String>), FetchError> {
+async fn get_text(url: &str, token: Option<&str>) -> Result<(String, Option<Timestamp>, Option<String>), FetchError> {
     let failed = |message: String| FetchError { status: None, message };
-    let resp = wasm_bindgen_futures::JsFuture::from(fetch(url)).await.map_err(|e| failed(format!("fetch {url}: {}", describe(&e))))?;
+    let resp =
+        wasm_bindgen_futures::JsFuture::from(fetch(url, &fetch_init(token))).await.map_err(|e| failed(format!("fetch {url}: {}", describe(&e))))?;
     let resp: web_sys::Response = resp.dyn_into().map_err(|_| failed("fetch did not return a Response".into()))?;
     let text = resp.text().map_err(|e| failed(describe(&e)))?;
     let text = wasm_bindgen_futures::JsFuture::from(text).await.map_err(|e| failed(describe(&e)))?;
@@ -589,6 +596,24 @@ async fn get_text(url: &str) -> Result<(String, Option<Timestamp>, Option<String
     }
     let horizon = header(&resp, "Ivy-Horizon").and_then(|v| Timestamp::parse(v.as_bytes()).ok());
     Ok((text, horizon, header(&resp, "Link")))
+}
+
+/// The `init` of a log read's `fetch`: `{ headers: { Authorization: "Bearer ..." } }` with a
+/// token (a header, not the query: the URL of a log page may be kept in caches and logs).
+fn fetch_init(token: Option<&str>) -> JsValue {
+    let init = Object::new();
+    if let Some(t) = token {
+        let headers = Object::new();
+        let _ = Reflect::set(&headers, &"Authorization".into(), &format!("Bearer {t}").into());
+        let _ = Reflect::set(&init, &"headers".into(), &headers);
+    }
+    init.into()
+}
+
+/// `options[key]`, if `options` is an object that has it.
+fn options_value(options: Option<&JsValue>, key: &str) -> Option<JsValue> {
+    let o = options.filter(|o| o.is_object())?;
+    Reflect::get(o, &key.into()).ok().filter(|v| !v.is_undefined() && !v.is_null())
 }
 
 /// `response.headers.get(name)`, through `Reflect` (no `Headers` binding needed).
@@ -651,10 +676,11 @@ fn step(inner: &Rc<Inner>, st: &mut State) {
                     let target = req.target();
                     st.trace.push(now(), "log?", &target);
                     let url = format!("{}{target}", st.http_base);
+                    let token = st.token.clone();
                     let weak = Rc::downgrade(inner);
                     inner.fetches.set(inner.fetches.get() + 1);
                     wasm_bindgen_futures::spawn_local(async move {
-                        let result = get_text(&url).await;
+                        let result = get_text(&url, token.as_deref()).await;
                         if let Some(inner) = weak.upgrade() {
                             inner.fetches.set(inner.fetches.get().saturating_sub(1));
                             match inner.state.try_borrow_mut() {
@@ -759,7 +785,12 @@ fn connect(inner: &Rc<Inner>, st: &mut State) {
     st.socket = None;
     st.socket_gen += 1;
     let generation = st.socket_gen;
-    let ws = match WebSocket::new_with_str(&st.ws_url, ivy_core::SUBPROTOCOL) {
+    // Browsers cannot set headers on a WebSocket: the token goes in the query.
+    let url = match &st.token {
+        Some(t) => format!("{}?token={}", st.ws_url, String::from(js_sys::encode_uri_component(t))),
+        None => st.ws_url.clone(),
+    };
+    let ws = match WebSocket::new_with_str(&url, ivy_core::SUBPROTOCOL) {
         Ok(ws) => ws,
         Err(e) => {
             web_sys_warn(&format!("cannot open WebSocket: {}", describe(&e)));
