@@ -4,7 +4,8 @@
 //! extensions over the original marked, is specified in `docs/PROTOCOL.md`:
 //!
 //! ```text
-//! command = [ "#" ack-key "#" ] ( "+" path | "-" path | ":" path ":" data | "@" ignored )
+//! command = [ "#" ack-key "#" ] ( "+" path | "-" path | ":" path ":" data | "@" ignored
+//!                                 | "&" token )              ; "&": token refresh (extension)
 //! line    = "@" timestamp ":" path ":" escaped-data     ; an event (also a log line)
 //!         | "#" ack-key "#@" timestamp                  ; success reply to an acked command
 //!         | [ "#" ack-key "#" ] "!" code " " message    ; error reply (extension)
@@ -46,8 +47,8 @@ pub mod close_code {
     /// interval after a ping: the peer is gone or the connection is half-open.
     pub const PING_TIMEOUT: u16 = 4001;
     /// 4003 (extension): token expired. The connection's token passed its `exp` and the
-    /// server's `--auth-refresh-grace`; reconnect with a fresh token (the in-band refresh
-    /// command is not available yet).
+    /// server's `--auth-refresh-grace` without being refreshed in-band (`&JWT`,
+    /// [`Op::Refresh`](super::Op::Refresh)); reconnect with a fresh token.
     pub const TOKEN_EXPIRED: u16 = 4003;
 }
 
@@ -67,6 +68,9 @@ pub enum Op<'a> {
     },
     /// `@`: the server's current timestamp.
     Timestamp,
+    /// `&token` (extension): replace the connection's token with this one (raw bytes, the
+    /// rest of the command; a JWT is ASCII). See `docs/PROTOCOL.md`, section 5.
+    Refresh(&'a [u8]),
 }
 
 /// A parsed command.
@@ -107,11 +111,18 @@ pub enum ErrorCode {
     /// The server holds its whole memory budget for its clients: the send was not stored;
     /// retry later.
     Overloaded,
+    /// A token presented in-band (`&JWT`) was refused: malformed, badly signed, expired,
+    /// failing `iss`/`aud`, or of another `sub` than the connection's. The connection keeps
+    /// its previous token and stays open.
+    Unauthorized,
+    /// A subscription was ended by the server (no ack key; the message starts with the
+    /// normalized path): after an in-band token refresh, the new token no longer covers it.
+    SubscriptionEnded,
 }
 
 impl ErrorCode {
     /// All codes.
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::Malformed,
         ErrorCode::BadPath,
         ErrorCode::PathTooLong,
@@ -123,6 +134,8 @@ impl ErrorCode {
         ErrorCode::StoreFull,
         ErrorCode::Forbidden,
         ErrorCode::Overloaded,
+        ErrorCode::Unauthorized,
+        ErrorCode::SubscriptionEnded,
     ];
 
     /// The code as written on the wire.
@@ -139,6 +152,8 @@ impl ErrorCode {
             ErrorCode::StoreFull => "store-full",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::Overloaded => "overloaded",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::SubscriptionEnded => "subscription-ended",
         }
     }
 
@@ -242,6 +257,7 @@ impl<'a> Command<'a> {
                 Op::Send { path: path(&rest[..colon])?, data: &rest[colon + 1..] }
             }
             b'@' => Op::Timestamp,
+            b'&' => Op::Refresh(rest),
             other => return Err(err(CommandErrorKind::UnknownCommand(other))),
         };
         Ok(Command { ack, op })
@@ -271,6 +287,10 @@ impl<'a> Command<'a> {
                 out.extend_from_slice(data);
             }
             Op::Timestamp => out.push(b'@'),
+            Op::Refresh(token) => {
+                out.push(b'&');
+                out.extend_from_slice(token);
+            }
         }
     }
 
@@ -467,6 +487,15 @@ mod tests {
     }
 
     #[test]
+    fn parses_the_refresh_command() {
+        assert_eq!(cmd("#7#&a.b.c").unwrap(), Command { ack: Some(b"7"), op: Op::Refresh(b"a.b.c") });
+        assert_eq!(cmd("&").unwrap().op, Op::Refresh(b""), "an empty token is the server's to refuse");
+        assert_eq!(Command { ack: Some(b"1"), op: Op::Refresh(b"x.y.z") }.to_bytes(), b"#1#&x.y.z");
+        assert_eq!(ErrorCode::from_wire("subscription-ended"), Some(ErrorCode::SubscriptionEnded));
+        assert_eq!(ErrorCode::Unauthorized.as_str(), "unauthorized");
+    }
+
+    #[test]
     fn refuses_with_key_when_known() {
         assert_eq!(cmd("").unwrap_err(), CommandError { ack: None, kind: CommandErrorKind::Empty });
         assert_eq!(cmd("#k#").unwrap_err(), CommandError { ack: Some(b"k"), kind: CommandErrorKind::Empty });
@@ -515,7 +544,7 @@ mod tests {
 
     #[cfg(not(target_arch = "wasm32"))]
     fn arb_op() -> impl Strategy<Value = (u8, String, Vec<u8>)> {
-        (0u8..4, arb_path(), proptest::collection::vec(any::<u8>(), 0..64))
+        (0u8..5, arb_path(), proptest::collection::vec(any::<u8>(), 0..64))
     }
 
     #[cfg(not(target_arch = "wasm32"))]
@@ -526,6 +555,7 @@ mod tests {
                 0 => Op::Subscribe(p.into()),
                 1 => Op::Unsubscribe(p.into()),
                 2 => Op::Send { path: p.into(), data: &data },
+                3 => Op::Refresh(&data),
                 _ => Op::Timestamp,
             };
             let c = Command { ack: ack.as_deref(), op };

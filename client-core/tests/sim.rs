@@ -125,7 +125,7 @@ impl SimServer {
                 let ts = self.publish(&path, data, true);
                 Self::line(|v| encode_ack(&key, ts, v))
             }
-            Op::Timestamp => {
+            Op::Timestamp | Op::Refresh(_) => {
                 let t = self.last();
                 Self::line(|v| encode_ack(&key, t, v))
             }
@@ -209,7 +209,11 @@ impl Sim {
                     assert!(slot.is_none(), "one outcome per send");
                     *slot = Some(result);
                 }
-                e @ (ClientEvent::ContinuityLost { .. } | ClientEvent::SubscribeFailed { .. }) => self.lost.push(e),
+                e @ (ClientEvent::ContinuityLost { .. }
+                | ClientEvent::SubscribeFailed { .. }
+                | ClientEvent::SubscriptionEnded { .. }
+                | ClientEvent::TokenRefused { .. }
+                | ClientEvent::Unauthorized { .. }) => self.lost.push(e),
                 ClientEvent::Time { .. } | ClientEvent::State(_) | ClientEvent::Warning(_) => {}
             }
         }
@@ -274,6 +278,7 @@ impl Sim {
             }
             Action::Disconnect => self.server.conn = None,
             Action::FetchLog(req) => self.logs.push_back(req),
+            Action::NeedToken => panic!("no token provider here"),
         }
     }
 

@@ -730,6 +730,7 @@ impl Driver {
                             let _ = tokio::time::timeout(Duration::from_secs(1), w.close(None)).await;
                         }
                     }
+                    Action::NeedToken => self.core.handle_token(self.now(), Err("no token provider".into())),
                     Action::FetchLog(req) => {
                         let (http, url, tx) = (self.http.clone(), format!("{}{}", self.endpoints.http, req.target()), log_tx.clone());
                         let token = self.token.clone();
@@ -972,7 +973,8 @@ impl Driver {
                         client::ConnState::Reconnecting { attempt, retry_at } => {
                             ConnState::Reconnecting { attempt, retry_at: self.epoch + Duration::from_millis(retry_at) }
                         }
-                        client::ConnState::Closed => ConnState::Closed,
+                        client::ConnState::Closed | client::ConnState::Unauthorized => ConnState::Closed,
+                        client::ConnState::AwaitingToken => ConnState::Connecting { attempt: 0 },
                     };
                     if state == ConnState::Closed {
                         self.routes.clear();
@@ -985,6 +987,15 @@ impl Driver {
                     }
                     let _ = self.state_tx.send(state);
                 }
+                ClientEvent::SubscriptionEnded { sub, reason } => {
+                    if let Some(route) = self.by_core.remove(&sub).and_then(|h| self.routes.remove(&h)) {
+                        tokio::spawn(async move {
+                            let _ = route.tx.send(Err(SubscriptionError::Ended(reason))).await;
+                        });
+                    }
+                }
+                ClientEvent::TokenRefused { error } => tracing::warn!("the refreshed token was refused: {error}"),
+                ClientEvent::Unauthorized { reason } => tracing::warn!("unauthorized: {reason}"),
                 ClientEvent::Warning(w) => tracing::warn!("{w}"),
             }
         }

@@ -136,6 +136,7 @@ fn error_code(e: &ClientError) -> &str {
         ClientError::Timeout => "timeout",
         ClientError::Closed => "closed",
         ClientError::TooLarge { .. } => "too-large",
+        ClientError::Unauthorized => "unauthorized",
     }
 }
 
@@ -147,6 +148,7 @@ fn subscription_error(e: &SubscriptionError) -> JsValue {
     let code = match e {
         SubscriptionError::ContinuityLost { .. } => "continuity-lost",
         SubscriptionError::Refused(e) => error_code(e),
+        SubscriptionError::Ended(_) => "subscription-ended",
     };
     ivy_error(&e.to_string(), code, false).into()
 }
@@ -159,8 +161,9 @@ fn status_str(s: ConnState) -> &'static str {
     match s {
         ConnState::Idle | ConnState::Connecting { .. } => "connecting",
         ConnState::Connected => "connected",
-        ConnState::Reconnecting { .. } => "reconnecting",
+        ConnState::Reconnecting { .. } | ConnState::AwaitingToken => "reconnecting",
         ConnState::Closed => "closed",
+        ConnState::Unauthorized => "unauthorized",
     }
 }
 
@@ -672,6 +675,8 @@ fn step(inner: &Rc<Inner>, st: &mut State) {
                     st.trace.push(now(), "disconnect", "");
                     st.socket = None;
                 }
+                // Not asked for: this driver sets no token provider (yet).
+                Action::NeedToken => st.core.handle_token(now(), Err("no token provider".into())),
                 Action::FetchLog(req) => {
                     let target = req.target();
                     st.trace.push(now(), "log?", &target);
@@ -757,8 +762,16 @@ fn queue_event(inner: &Rc<Inner>, st: &mut State, event: ClientEvent) {
                 }
             }
         }
+        ClientEvent::SubscriptionEnded { sub, reason } => {
+            let removed = st.subs.iter().position(|(id, _)| *id == sub).map(|i| st.subs.remove(i).1);
+            if let Some(f) = removed.and_then(|c| c.on_error) {
+                calls.push_back(Call(f, subscription_error(&SubscriptionError::Ended(reason))));
+            }
+        }
+        ClientEvent::TokenRefused { error } => web_sys_warn(&format!("the refreshed token was refused: {error}")),
+        ClientEvent::Unauthorized { reason } => web_sys_warn(&format!("unauthorized: {reason}")),
         ClientEvent::State(s) => {
-            if s == ConnState::Closed {
+            if matches!(s, ConnState::Closed | ConnState::Unauthorized) {
                 st.subs.clear();
             }
             let change: JsValue =

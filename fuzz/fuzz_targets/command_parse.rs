@@ -21,7 +21,7 @@ fuzz_target!(|msg: &[u8]| {
             }
             match &cmd.op {
                 Op::Subscribe(p) | Op::Unsubscribe(p) | Op::Send { path: p, .. } => assert!(is_normalized(p), "{p:?}"),
-                Op::Timestamp => {}
+                Op::Timestamp | Op::Refresh(_) => {}
             }
             let encoded = cmd.to_bytes();
             assert_eq!(Command::parse(&encoded).as_ref(), Ok(&cmd), "re-encoded as {encoded:?}");

@@ -67,6 +67,26 @@ pub(crate) enum Outcome<'a> {
         /// The ack key.
         ack: Option<&'a [u8]>,
     },
+    /// `&token`: verify `token` and hand the verdict to [`Session::refresh`] (the read loop
+    /// does both: the expiry timer and the fan-out are its own).
+    Refresh {
+        /// The ack key.
+        ack: Option<&'a [u8]>,
+        /// The token as sent.
+        token: &'a [u8],
+    },
+}
+
+/// What an accepted in-band token changed ([`Session::refresh`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Refreshed {
+    /// The subscriptions the new grants no longer cover, removed from the session, each with
+    /// its `!subscription-ended` line (in path order), to remove from the fan-out and announce
+    /// before the reply.
+    pub(crate) ended: Vec<(Box<str>, Vec<u8>)>,
+    /// The identity (`sub`) a connection opened without a token took: its byte budget
+    /// applies from now on.
+    pub(crate) new_identity: Option<Box<str>>,
 }
 
 /// Replies prepared once per server, so that refusing a flood allocates nothing per command
@@ -128,7 +148,8 @@ pub(crate) struct Session {
     bytes: Option<ByteLimiter>,
     /// The byte budget of the connection's identity, shared with its other connections.
     identity: Option<std::sync::Arc<IdentityBudget>>,
-    /// What the connection may read and write (verified once, at the handshake).
+    /// What the connection may read and write (verified at the handshake, and again at each
+    /// in-band refresh).
     access: Access,
 }
 
@@ -210,7 +231,7 @@ impl Session {
         let need = match &cmd.op {
             Op::Subscribe(p) => Some((Need::Read, p)),
             Op::Send { path, .. } => Some((Need::Write, path)),
-            Op::Unsubscribe(_) | Op::Timestamp => None,
+            Op::Unsubscribe(_) | Op::Timestamp | Op::Refresh(_) => None,
         };
         if let Some((need, p)) = need {
             if !self.access.allows(need, p) {
@@ -236,6 +257,7 @@ impl Session {
                 Outcome::Unsubscribe { ack, path }
             }
             Op::Timestamp => Outcome::Time { ack },
+            Op::Refresh(token) => Outcome::Refresh { ack, token },
             Op::Send { path, data } => match offset_in(frame, data) {
                 Some(start) => match self.bytes_allowed(now, &path, data.len()) {
                     Ok(()) => Outcome::Send { ack, path, data: start..start + data.len() },
@@ -268,6 +290,46 @@ impl Session {
     /// `--subscribe-rate` (0: no wait). Taken once.
     pub(crate) fn take_pause(&mut self) -> u64 {
         std::mem::take(&mut self.pause)
+    }
+
+    /// Applies a token presented in-band (`&JWT`), as verified by the server's rules
+    /// (`verified`: what it grants, or why it was refused). `Err(reason)` for the
+    /// `!unauthorized` reply: a refused token, or one of another `sub` than the connection's;
+    /// the connection keeps its token. With auth off the token is ignored (`Ok`, nothing
+    /// changes). Otherwise the new grants apply to every later command, and the subscriptions
+    /// they no longer cover are removed (returned, to end on the fan-out).
+    pub(crate) fn refresh(&mut self, verified: Result<Access, crate::auth::TokenError>) -> Result<Refreshed, String> {
+        let Access::Granted(old) = &self.access else { return Ok(Refreshed::default()) };
+        let new = match verified {
+            Err(e) => return Err(e.0),
+            Ok(Access::Open) => return Ok(Refreshed::default()),
+            Ok(Access::Granted(new)) => new,
+        };
+        if let Some(sub) = &old.sub {
+            if new.sub.as_ref() != Some(sub) {
+                return Err(format!("a refreshed token must have the same sub ({sub:?})"));
+            }
+        }
+        let new_identity = if old.sub.is_none() { new.sub.clone() } else { None };
+        let mut lost: Vec<Box<str>> = self.subs.iter().filter(|p| !new.read.covers(p)).cloned().collect();
+        lost.sort();
+        let who = new.sub.as_deref().unwrap_or_default();
+        let ended = lost
+            .into_iter()
+            .map(|path| {
+                self.subs.remove(&path);
+                let why = format!("{path} the new token of {who:?} has no read grant covering {path}");
+                let line = error_line(None, ErrorCode::SubscriptionEnded, &why);
+                (path, line)
+            })
+            .collect();
+        self.access = Access::Granted(new);
+        Ok(Refreshed { ended, new_identity })
+    }
+
+    /// Sets the byte budget of the connection's identity (one taken in-band).
+    pub(crate) fn set_identity_budget(&mut self, budget: Option<std::sync::Arc<IdentityBudget>>) {
+        self.identity = budget;
     }
 
     /// The `exp` of the connection's token, if it has one (seconds since the Unix epoch).
@@ -533,6 +595,65 @@ mod tests {
         subs.sort();
         assert_eq!(subs, ["/chat", "/chat/room1"], "refused subscriptions are not recorded");
         assert_eq!(s.expires(), Some(1));
+    }
+
+    #[test]
+    fn a_refresh_replaces_the_grants_and_ends_what_they_no_longer_cover() {
+        use crate::auth::{Grants, Principal, TokenError};
+        use std::sync::Arc;
+        let granted = |sub: Option<&str>, read: &[&str], exp| {
+            Access::Granted(Arc::new(Principal {
+                sub: sub.map(Into::into),
+                read: Grants::new(read).unwrap(),
+                write: Grants::new(read).unwrap(),
+                exp,
+            }))
+        };
+        let config = Config::default();
+        let r = Refusals::new(&config);
+        let mut s = Session::new(&config, granted(Some("ada"), &["/chat"], Some(10)));
+        assert_eq!(s.on_text(0, b"#1#&a.b.c", &r), Outcome::Refresh { ack: Some(b"1"), token: b"a.b.c" });
+        for p in [&b"+/chat/room1"[..], b"+/chat/room2", b"+/chat"] {
+            assert!(matches!(s.on_text(0, p, &r), Outcome::Subscribe { .. }));
+        }
+        // Refused: the connection keeps its token, its grants and its deadline.
+        assert_eq!(s.refresh(Err(TokenError("token expired".into()))), Err("token expired".into()));
+        assert_eq!(s.refresh(Ok(granted(Some("bob"), &["/"], Some(99)))), Err("a refreshed token must have the same sub (\"ada\")".into()));
+        assert_eq!((s.expires(), s.subscriptions().count()), (Some(10), 3));
+        // Fewer grants: the subscriptions outside them end, in path order, announced.
+        let done = s.refresh(Ok(granted(Some("ada"), &["/chat/room1"], Some(20)))).unwrap();
+        let ended: Vec<(&str, String)> = done.ended.iter().map(|(p, l)| (&**p, String::from_utf8(l.clone()).unwrap())).collect();
+        assert_eq!(
+            ended,
+            [
+                ("/chat", "!subscription-ended /chat the new token of \"ada\" has no read grant covering /chat".to_string()),
+                (
+                    "/chat/room2",
+                    "!subscription-ended /chat/room2 the new token of \"ada\" has no read grant covering /chat/room2".to_string()
+                ),
+            ]
+        );
+        assert_eq!(done.new_identity, None);
+        assert_eq!((s.expires(), s.subscriptions().collect::<Vec<_>>()), (Some(20), vec!["/chat/room1"]));
+        assert!(reply(s.on_text(0, b"#2#+/chat/room2", &r)).starts_with("#2#!forbidden "));
+        // More grants: more allowed.
+        assert!(s.refresh(Ok(granted(Some("ada"), &["/"], Some(30)))).unwrap().ended.is_empty());
+        assert!(matches!(s.on_text(0, b"+/other", &r), Outcome::Subscribe { .. }));
+
+        // Without a token, a connection takes the identity of the first one it presents.
+        let mut anon = Session::new(&config, granted(None, &["/public"], None));
+        assert!(matches!(anon.on_text(0, b"+/public", &r), Outcome::Subscribe { .. }));
+        let done = anon.refresh(Ok(granted(Some("eve"), &["/private"], Some(5)))).unwrap();
+        assert_eq!(done.new_identity.as_deref(), Some("eve"));
+        assert_eq!(done.ended.len(), 1, "its anonymous subscription is not covered by this test's grants");
+        assert_eq!(anon.expires(), Some(5));
+        assert!(anon.refresh(Ok(granted(Some("mallory"), &["/"], Some(5)))).is_err(), "then it is eve's");
+
+        // Auth off: accepted and ignored.
+        let mut open = Session::new(&config, Access::Open);
+        assert!(matches!(open.on_text(0, b"+/x", &r), Outcome::Subscribe { .. }));
+        assert_eq!(open.refresh(Ok(Access::Open)), Ok(Refreshed::default()));
+        assert_eq!((open.expires(), open.subscriptions().count()), (None, 1));
     }
 
     #[test]

@@ -286,6 +286,53 @@ async fn read_loop(
                 Some(text) => {
                     tracing::trace!(conn = %conn.id(), "in {}", Excerpt(text.as_bytes()));
                     let outcome = session.on_text(now, text.as_bytes(), &shared.refusals);
+                    if let Outcome::Refresh { ack, token } = outcome {
+                        // Verified here, applied by the session; the deadline moves with it.
+                        let verified = std::str::from_utf8(token)
+                            .map_err(|_| auth::TokenError("invalid token: not UTF-8".into()))
+                            .and_then(|t| shared.auth.access(Some(t)));
+                        match session.refresh(verified) {
+                            Ok(done) => {
+                                if let Some(sub) = &done.new_identity {
+                                    session.set_identity_budget(shared.identities.budget(sub));
+                                }
+                                // Each ended subscription is announced right after its last
+                                // event, before the reply (a place for each, as for replies).
+                                for (path, line) in done.ended {
+                                    let place = match conn.try_reserve() {
+                                        Ok(place) => Some(place),
+                                        Err(false) => None,
+                                        // Replies unread: as in the slow path above.
+                                        Err(true) => {
+                                            Box::pin(async {
+                                                tokio::select! {
+                                                    place = conn.reserve() => place,
+                                                    () = stall(every) => {
+                                                        ending.end(close_code::SLOW_CONSUMER);
+                                                        None
+                                                    }
+                                                }
+                                            })
+                                            .await
+                                        }
+                                    };
+                                    shared.fanout.unsubscribe(&conn, &path, |ts| {
+                                        if let Some(place) = place {
+                                            place.send_line_at(ts, line);
+                                        }
+                                    });
+                                }
+                                expires = session
+                                    .expires()
+                                    .map(|exp| Box::pin(tokio::time::sleep_until(expiry_deadline(exp, shared.config.auth_refresh_grace))));
+                                if let Some(key) = ack {
+                                    slot.send_line(ack_line(key, shared.engine.now()));
+                                }
+                            }
+                            Err(reason) => slot.send_line(error_line(ack, ErrorCode::Unauthorized, &reason)),
+                        }
+                        continue;
+                    }
                     execute(shared, &conn, &sends, &text, outcome, slot).await;
                     // Subscription changes beyond their budget: the next command waits (the
                     // slow path, boxed like the others).
@@ -336,6 +383,8 @@ async fn execute(shared: &Shared, conn: &Arc<Conn>, sends: &Arc<Semaphore>, fram
             }
         }),
         Outcome::Time { ack } => slot.send_line(ack_line(ack.unwrap_or_default(), shared.engine.now())),
+        // Carried out by the read loop, which owns the session and the expiry timer.
+        Outcome::Refresh { .. } => {}
         Outcome::Send { ack, path, data } => {
             let budget = &shared.budget;
             // The memory budget is used up: shed what costs (a large send, or pipelined ones),
@@ -611,7 +660,7 @@ fn close_frame(ending: &Ending) -> Option<(u16, &'static str)> {
         close_code::PROTOCOL_ERROR => Some((close_code::PROTOCOL_ERROR, "WebSocket protocol error")),
         close_code::SLOW_CONSUMER => Some((close_code::SLOW_CONSUMER, "slow consumer: outbound queue full")),
         close_code::PING_TIMEOUT => Some((close_code::PING_TIMEOUT, "ping timeout: nothing received for a whole ping interval")),
-        close_code::TOKEN_EXPIRED => Some((close_code::TOKEN_EXPIRED, "token expired: reconnect with a fresh token")),
+        close_code::TOKEN_EXPIRED => Some((close_code::TOKEN_EXPIRED, "token expired: refresh it in-band or reconnect with a fresh token")),
         code => Some((code, "")),
     }
 }

@@ -404,7 +404,7 @@ async fn a_live_connection_is_closed_with_4003_once_its_token_expired_past_the_g
     match c.next_within(Duration::from_secs(10)).await {
         Got::Close(code, reason) => {
             assert_eq!(code, 4003);
-            assert_eq!(reason, "token expired: reconnect with a fresh token");
+            assert_eq!(reason, "token expired: refresh it in-band or reconnect with a fresh token");
         }
         other => panic!("expected close 4003, got {other:?}"),
     }

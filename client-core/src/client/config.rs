@@ -39,6 +39,13 @@ pub struct Config {
     /// instead of being sent, since the server would close the connection over it. 0: no
     /// check. Default: 65,536, the server's default.
     pub max_message_size: usize,
+    /// Whether the driver has a token provider: a way to get a fresh token on request
+    /// ([`Action::NeedToken`](super::Action::NeedToken), answered with
+    /// [`Client::handle_token`](super::Client::handle_token)). With one, the client asks for a
+    /// fresh token ahead of its token's expiry and refreshes it in-band, and asks once more
+    /// after a connection is refused for its token; without one, a refused token ends the
+    /// client in [`ConnState::Unauthorized`](super::ConnState::Unauthorized). Default: false.
+    pub token_provider: bool,
 }
 
 impl Default for Config {
@@ -54,6 +61,7 @@ impl Default for Config {
             offline_queue: 1000,
             max_buffered: 10_000,
             max_message_size: 65_536,
+            token_provider: false,
         }
     }
 }
@@ -104,6 +112,12 @@ impl Config {
     /// Sets [`Config::max_message_size`].
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = bytes;
+        self
+    }
+
+    /// Sets [`Config::token_provider`].
+    pub fn token_provider(mut self, present: bool) -> Self {
+        self.token_provider = present;
         self
     }
 

@@ -150,6 +150,8 @@ impl<'a> DebugState<'a> {
             ConnState::Connected => ("connected", None),
             ConnState::Reconnecting { attempt, .. } => ("reconnecting", Some(attempt)),
             ConnState::Closed => ("closed", None),
+            ConnState::AwaitingToken => ("awaiting-token", None),
+            ConnState::Unauthorized => ("unauthorized", None),
         };
         j.str("state", state);
         j.num("attempt", attempt.map(u64::from));

@@ -95,6 +95,10 @@ pub enum ClientError {
         /// The limit.
         limit: usize,
     },
+    /// The client ended in [`ConnState::Unauthorized`](super::ConnState::Unauthorized): the
+    /// server refused its token and no fresh one came ([`Client::unauthorized_reason`](super::Client::unauthorized_reason)
+    /// says why). Nothing was sent; nothing more will be.
+    Unauthorized,
 }
 
 impl ClientError {
@@ -119,6 +123,7 @@ impl fmt::Display for ClientError {
             ClientError::TooLarge { size, limit } => {
                 write!(f, "message too large: the send is {size} bytes, the server's limit is {limit}; nothing was sent")
             }
+            ClientError::Unauthorized => f.write_str("unauthorized: the server refused the token and no fresh one came; nothing was sent"),
         }
     }
 }
@@ -140,6 +145,9 @@ pub enum SubscriptionError {
     /// The server refused the subscription (for example too many subscriptions); the
     /// subscription ended.
     Refused(ClientError),
+    /// The server ended the subscription (`!subscription-ended`): the connection's refreshed
+    /// token no longer covers its path. The subscription ended; the reason is the server's.
+    Ended(String),
 }
 
 impl fmt::Display for SubscriptionError {
@@ -153,6 +161,7 @@ impl fmt::Display for SubscriptionError {
                 write!(f, "continuity lost: the server's history ends at {position}, before the last event delivered ({last})")
             }
             SubscriptionError::Refused(e) => write!(f, "subscription refused: {e}"),
+            SubscriptionError::Ended(reason) => write!(f, "subscription ended by the server: {reason}"),
         }
     }
 }

@@ -56,6 +56,26 @@
 //! fails with [`ClientError::ConnectionLost`]: it may or may not have been stored
 //! ([`ClientError::is_uncertain`]), and if it was, it appears in the subscriptions' backfill.
 //! Nothing is retried behind the application's back, so nothing is ever published twice.
+//!
+//! # Tokens
+//!
+//! With auth on (`docs/PROTOCOL.md` 2.5) the driver presents [`Client::token`] at each
+//! handshake. The core does not parse JWTs: the driver decodes a token's `exp` itself and
+//! hands over a [`Token`] ([`Token::from_exp`]), either up front ([`Client::set_token`]) or in
+//! answer to [`Action::NeedToken`] ([`Client::handle_token`]), which the core emits only with
+//! [`Config::token_provider`] set:
+//!
+//! - ahead of the token's expiry (by the smaller of 30 s and a third of its remaining
+//!   lifetime); the fresh token is then sent in-band (`#key#&JWT`) on a live connection, or
+//!   presented at the next handshake; a refusal is [`ClientEvent::TokenRefused`];
+//! - after the server refused the token ([`Client::handle_unauthorized`]: a 401 at the
+//!   handshake, a close with 4003): once; with no fresh token, or a fresh token refused too,
+//!   the client ends in [`ConnState::Unauthorized`] ([`ClientEvent::Unauthorized`]) and does
+//!   not reconnect any more. Without a provider, the first refusal ends it so.
+//!
+//! A refreshed token with fewer grants makes the server end the subscriptions it no longer
+//! covers (`!subscription-ended`): each is removed and reported as
+//! [`ClientEvent::SubscriptionEnded`].
 
 use alloc::collections::VecDeque;
 use alloc::format;
@@ -126,6 +146,46 @@ pub enum ConnState {
     },
     /// [`Client::close`] was called.
     Closed,
+    /// The server refused the connection's token (a 401 at the handshake, or a close with
+    /// 4003) and the client waits for a fresh one from the driver's provider
+    /// ([`Action::NeedToken`], answered with [`Client::handle_token`]); the next attempt
+    /// starts when it comes.
+    AwaitingToken,
+    /// Terminal: the server refused the token and no fresh one came (no provider, the
+    /// provider had none, or the fresh one was refused too). No more connection attempts;
+    /// [`Client::unauthorized_reason`] says why. Start over with a new [`Client`].
+    Unauthorized,
+}
+
+/// A token (a JWT) for the server, with its expiry on the driver's clock ([`Millis`]).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token {
+    /// The token, as sent (`Authorization: Bearer`, `?token=`, `&token`).
+    pub value: String,
+    /// When it expires on the driver's clock (`now` + its remaining lifetime), if known.
+    pub expires_at: Option<Millis>,
+}
+
+impl Token {
+    /// A token whose expiry is unknown (it is never refreshed ahead of time).
+    pub fn new(value: impl Into<String>) -> Token {
+        Token { value: value.into(), expires_at: None }
+    }
+
+    /// A token from its `exp` claim (seconds since the Unix epoch, decoded by the driver),
+    /// with the wall clock `unix_now_ms` (milliseconds since the Unix epoch) and the driver's
+    /// `now`, both read at the same moment: it expires at `now + exp * 1000 - unix_now_ms`.
+    pub fn from_exp(value: impl Into<String>, exp: Option<u64>, unix_now_ms: u64, now: Millis) -> Token {
+        let expires_at = exp.map(|e| now.saturating_add(e.saturating_mul(1000).saturating_sub(unix_now_ms)));
+        Token { value: value.into(), expires_at }
+    }
+}
+
+impl core::fmt::Debug for Token {
+    // A token is a credential: never in a log.
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Token").field("value", &"<redacted>").field("expires_at", &self.expires_at).finish()
+    }
 }
 
 /// What the driver must do.
@@ -141,6 +201,11 @@ pub enum Action {
     Disconnect,
     /// Fetch a log page; then call [`Client::handle_log_page`].
     FetchLog(LogRequest),
+    /// Ask the token provider for a fresh token (only with [`Config::token_provider`]);
+    /// then call [`Client::handle_token`] with it, or with `Err(reason)` if it has none or
+    /// failed. At most one is outstanding at a time; if no answer comes within
+    /// [`Config::request_timeout`], the client counts it as `Err`.
+    NeedToken,
 }
 
 /// A log page to fetch: `GET {http base}{target}` (see [`crate::http::Endpoints`]).
@@ -214,6 +279,27 @@ pub enum ClientEvent {
         /// The server time, or why it failed.
         result: Result<Timestamp, ClientError>,
     },
+    /// The server ended a subscription (`!subscription-ended`: the refreshed token no longer
+    /// covers its path); it was removed. [`SubscriptionError::Ended`] words it.
+    SubscriptionEnded {
+        /// The subscription.
+        sub: SubId,
+        /// The server's message (it starts with the path).
+        reason: String,
+    },
+    /// A fresh token was refused in-band (`!unauthorized`, or an older server that does not
+    /// know the refresh command): the connection goes on with its previous token until that
+    /// expires.
+    TokenRefused {
+        /// The server's refusal.
+        error: ClientError,
+    },
+    /// Terminal: the client is now [`ConnState::Unauthorized`]; pending and queued requests
+    /// failed with [`ClientError::Unauthorized`], the subscriptions ended.
+    Unauthorized {
+        /// Why (the server's reason, and the provider's when it had no fresh token).
+        reason: String,
+    },
     /// The connection state changed.
     State(ConnState),
     /// Something unexpected from the server or a log fetch (reported, then retried or
@@ -238,6 +324,29 @@ pub struct Client {
     events: VecDeque<ClientEvent>,
     /// Whether the current connection sent a frame yet.
     got_frame: bool,
+    /// The token presented at handshakes and refreshed in-band.
+    token: Option<Token>,
+    /// Bumped at each new token; `conn_token_gen`: the one the connection was opened with.
+    token_gen: u64,
+    conn_token_gen: u64,
+    /// When to ask the provider for a fresh token ahead of expiry.
+    refresh_at: Option<Millis>,
+    /// The outstanding [`Action::NeedToken`]: why, and when it counts as failed.
+    want: Option<(Want, Millis)>,
+    /// Whether the provider was already asked after a refusal since the last connection that
+    /// answered (a second refusal is terminal).
+    auth_retried: bool,
+    /// Why the client is [`ConnState::Unauthorized`] (or the refusal awaiting a token).
+    unauthorized: Option<String>,
+}
+
+/// Why a token was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    /// Ahead of expiry.
+    Refresh,
+    /// The server refused the token.
+    AfterRefusal,
 }
 
 impl Client {
@@ -255,6 +364,13 @@ impl Client {
             actions: VecDeque::new(),
             events: VecDeque::new(),
             got_frame: false,
+            token: None,
+            token_gen: 0,
+            conn_token_gen: 0,
+            refresh_at: None,
+            want: None,
+            auth_retried: false,
+            unauthorized: None,
         }
     }
 
@@ -273,6 +389,17 @@ impl Client {
     /// The last timestamp a subscription delivered (its resume cursor).
     pub fn sub_last(&self, sub: SubId) -> Option<Timestamp> {
         self.subs.get(&sub).map(Sub::last)
+    }
+
+    /// The token to present at the handshake of [`Action::Connect`] (the newest one given).
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_ref().map(|t| t.value.as_str())
+    }
+
+    /// Why the client is [`ConnState::Unauthorized`] (or, while [`ConnState::AwaitingToken`],
+    /// the refusal that made it ask for a token).
+    pub fn unauthorized_reason(&self) -> Option<&str> {
+        self.unauthorized.as_deref()
     }
 
     /// Whether every subscription has caught up (live).
@@ -306,6 +433,8 @@ impl Client {
                 t = earliest(t, s.page_timeout());
             }
         }
+        t = earliest(t, self.refresh_at);
+        t = earliest(t, self.want.map(|(_, deadline)| deadline));
         earliest(t, self.requests.offline_deadline(self.cfg.request_timeout))
     }
 
@@ -324,8 +453,10 @@ impl Client {
         // keepalive. `now` is taken like everywhere else, so that no command needs a clock.
         let _ = now;
         let path = path::normalize(path.as_bytes()).map_err(ClientError::InvalidPath)?.into_owned();
-        if self.state == ConnState::Closed {
-            return Err(ClientError::Closed);
+        match self.state {
+            ConnState::Closed => return Err(ClientError::Closed),
+            ConnState::Unauthorized => return Err(ClientError::Unauthorized),
+            _ => {}
         }
         let id = SubId(self.id());
         let mut sub = Sub::new(path, start);
@@ -356,12 +487,13 @@ impl Client {
     /// Publishes `data` on `path`. The outcome arrives as [`ClientEvent::Sent`].
     pub fn send(&mut self, now: Millis, path: &str, data: &str) -> Result<RequestId, ClientError> {
         let path = path::normalize(path.as_bytes()).map_err(ClientError::InvalidPath)?.into_owned();
-        if self.state != ConnState::Closed {
+        if !matches!(self.state, ConnState::Closed | ConnState::Unauthorized) {
             self.check_size(&path, data.len())?;
         }
         let id = RequestId(self.id());
         match self.state {
             ConnState::Closed => Err(ClientError::Closed),
+            ConnState::Unauthorized => Err(ClientError::Unauthorized),
             ConnState::Connected => {
                 self.transmit_send(now, id, path, data.as_bytes().to_vec());
                 Ok(id)
@@ -383,6 +515,7 @@ impl Client {
                 Ok(id)
             }
             ConnState::Closed => Err(ClientError::Closed),
+            ConnState::Unauthorized => Err(ClientError::Unauthorized),
             _ => Err(ClientError::NotConnected),
         }
     }
@@ -401,7 +534,93 @@ impl Client {
         self.requests.fail_offline(&ClientError::Closed, &mut self.events);
         self.subs.clear();
         self.timers.stop_all();
+        self.refresh_at = None;
+        self.want = None;
         self.set_state(ConnState::Closed);
+    }
+
+    /// Sets the token to present from now on (before [`Client::start`]: the initial token).
+    /// On a live connection it is sent in-band (`&JWT`) at once; during a connection attempt,
+    /// once the connection is up. With [`Config::token_provider`], a fresh one is asked for
+    /// ahead of its expiry.
+    pub fn set_token(&mut self, now: Millis, token: Token) {
+        if matches!(self.state, ConnState::Closed | ConnState::Unauthorized) {
+            return;
+        }
+        self.refresh_at = match token.expires_at {
+            // An expired token is not refreshed ahead: the server refuses it, and that
+            // refusal asks the provider (no loop over a provider that returns it again).
+            Some(at) if self.cfg.token_provider && at > now => {
+                let margin = (at.saturating_sub(now) / 3).min(30_000);
+                Some(at.saturating_sub(margin).max(now))
+            }
+            _ => None,
+        };
+        self.token = Some(token);
+        self.token_gen += 1;
+        if self.state == ConnState::Connected {
+            self.send_refresh();
+        }
+    }
+
+    /// The provider's answer to [`Action::NeedToken`]: a fresh token, or why there is none.
+    /// A token that was not asked for is taken as by [`Client::set_token`].
+    pub fn handle_token(&mut self, now: Millis, result: Result<Token, String>) {
+        let want = self.want.take().map(|(w, _)| w);
+        match (result, want) {
+            (Ok(token), Some(Want::AfterRefusal)) if self.state == ConnState::AwaitingToken => {
+                self.set_token(now, token);
+                self.begin_attempt(now);
+            }
+            (Ok(token), _) => self.set_token(now, token),
+            (Err(why), Some(Want::AfterRefusal)) if self.state == ConnState::AwaitingToken => {
+                let refusal = self.unauthorized.take().unwrap_or_default();
+                self.end_unauthorized(format!("{refusal}; no fresh token: {why}"));
+            }
+            (Err(why), _) => self.events.push_back(ClientEvent::Warning(format!(
+                "the token provider gave no fresh token ({why}); the current one is used until the server refuses it"
+            ))),
+        }
+    }
+
+    /// The server refused the token: the handshake was answered 401 (`reason`: the body's
+    /// line), or the connection was closed with 4003 (`reason`: the close reason). Call this
+    /// instead of [`Client::handle_disconnected`]. With a provider, asked once since the last
+    /// connection that worked: [`ConnState::AwaitingToken`] and [`Action::NeedToken`];
+    /// otherwise the client ends in [`ConnState::Unauthorized`].
+    pub fn handle_unauthorized(&mut self, now: Millis, reason: &str) {
+        if !matches!(self.state, ConnState::Connected | ConnState::Connecting { .. }) {
+            return;
+        }
+        self.requests.fail_sent(&ClientError::ConnectionLost, &mut self.events);
+        for s in self.subs.values_mut() {
+            s.disconnected();
+        }
+        self.timers.stop_all();
+        self.refresh_at = None;
+        if self.cfg.token_provider && !self.auth_retried {
+            self.auth_retried = true;
+            self.unauthorized = Some(reason.into());
+            // A refresh already asked for is answered as this request.
+            let deadline = now.saturating_add(self.cfg.request_timeout);
+            if self.want.is_none() {
+                self.actions.push_back(Action::NeedToken);
+            }
+            self.want = Some((Want::AfterRefusal, deadline));
+            self.set_state(ConnState::AwaitingToken);
+        } else {
+            self.end_unauthorized(reason.into());
+        }
+    }
+
+    /// The WebSocket closed with `code` (if it had one) and `reason`: a 4003 is
+    /// [`Client::handle_unauthorized`], anything else [`Client::handle_disconnected`].
+    pub fn handle_close(&mut self, now: Millis, code: Option<u16>, reason: &str) {
+        if code == Some(crate::close_code::TOKEN_EXPIRED) {
+            self.handle_unauthorized(now, reason);
+        } else {
+            self.handle_disconnected(now);
+        }
     }
 
     // ----- inputs from the driver -----
@@ -416,6 +635,10 @@ impl Client {
         self.timers.set(Timer::Idle, now.saturating_add(self.cfg.idle_timeout));
         self.got_frame = false;
         self.set_state(ConnState::Connected);
+        if self.token_gen != self.conn_token_gen {
+            // A token that came during the attempt: the handshake had the previous one.
+            self.send_refresh();
+        }
         for (id, s) in self.subs.iter_mut() {
             s.subscribing();
             let frame = self.requests.control(Op::Subscribe(s.path.as_str().into()), Control::Subscribe(*id));
@@ -454,6 +677,7 @@ impl Client {
             // The server answers: the connection works, so backoff starts over.
             self.got_frame = true;
             self.attempt = 0;
+            self.auth_retried = false;
         }
         match parse_line(frame.as_bytes()) {
             Ok(ServerLine::Event(ev)) => self.route(now, ev.into_owned()),
@@ -462,6 +686,7 @@ impl Client {
                 let err = ClientError::Server { code: ServerCode::from_wire(code), message: message.to_string() };
                 self.on_reply(now, key, Err(err));
             }
+            Ok(ServerLine::Error { key: None, code: "subscription-ended", message }) => self.subscription_ended(message),
             Ok(ServerLine::Error { key: None, code, message }) => {
                 self.events.push_back(ClientEvent::Warning(format!("server error without ack key: {code} {message}")));
             }
@@ -480,6 +705,7 @@ impl Client {
     pub fn handle_timeout(&mut self, now: Millis) {
         // Offline sends that waited too long.
         self.requests.expire_offline(now, self.cfg.request_timeout, &mut self.events);
+        self.token_timeouts(now);
         match self.state {
             ConnState::Reconnecting { .. } if self.timers.is_due(Timer::Retry, now) => self.begin_attempt(now),
             ConnState::Connecting { .. } if self.timers.is_due(Timer::Connect, now) => {
@@ -541,10 +767,62 @@ impl Client {
     }
 
     fn begin_attempt(&mut self, now: Millis) {
+        self.conn_token_gen = self.token_gen;
         self.timers.stop(Timer::Retry);
         self.timers.set(Timer::Connect, now.saturating_add(self.cfg.connect_timeout));
         self.set_state(ConnState::Connecting { attempt: self.attempt });
         self.actions.push_back(Action::Connect);
+    }
+
+    /// `#key#&token` with the current token, on the live connection.
+    fn send_refresh(&mut self) {
+        let Some(token) = &self.token else { return };
+        let frame = self.requests.control(Op::Refresh(token.value.as_bytes()), Control::Refresh);
+        self.conn_token_gen = self.token_gen;
+        self.actions.push_back(Action::Send(frame));
+    }
+
+    /// The refresh time of the token, and the provider's deadline.
+    fn token_timeouts(&mut self, now: Millis) {
+        if matches!(self.state, ConnState::Closed | ConnState::Unauthorized) {
+            return;
+        }
+        if self.want.is_some_and(|(_, deadline)| deadline <= now) {
+            self.handle_token(now, Err("the token provider did not answer in time".into()));
+        }
+        if self.refresh_at.is_some_and(|at| at <= now) {
+            self.refresh_at = None;
+            if self.want.is_none() {
+                self.want = Some((Want::Refresh, now.saturating_add(self.cfg.request_timeout)));
+                self.actions.push_back(Action::NeedToken);
+            }
+        }
+    }
+
+    /// Terminal: no valid token.
+    fn end_unauthorized(&mut self, reason: String) {
+        self.requests.fail_sent(&ClientError::Unauthorized, &mut self.events);
+        self.requests.fail_offline(&ClientError::Unauthorized, &mut self.events);
+        self.subs.clear();
+        self.timers.stop_all();
+        self.refresh_at = None;
+        self.want = None;
+        self.unauthorized = Some(reason.clone());
+        self.events.push_back(ClientEvent::Unauthorized { reason });
+        self.set_state(ConnState::Unauthorized);
+    }
+
+    /// `!subscription-ended <path> <reason>`: every subscription of that path ends.
+    fn subscription_ended(&mut self, message: &str) {
+        let path = message.split(' ').next().unwrap_or("");
+        let ended: alloc::vec::Vec<SubId> = self.subs.iter().filter(|(_, s)| s.path == path).map(|(id, _)| *id).collect();
+        if ended.is_empty() {
+            self.events.push_back(ClientEvent::Warning(format!("the server ended a subscription this client does not hold: {message}")));
+        }
+        for sub in ended {
+            self.subs.remove(&sub);
+            self.events.push_back(ClientEvent::SubscriptionEnded { sub, reason: message.into() });
+        }
     }
 
     fn on_disconnect(&mut self, now: Millis) {
@@ -624,6 +902,11 @@ impl Client {
         };
         match answered {
             Answered::Control(Control::Probe | Control::Unsubscribe) => {}
+            Answered::Control(Control::Refresh) => {
+                if let Err(error) = result {
+                    self.events.push_back(ClientEvent::TokenRefused { error });
+                }
+            }
             Answered::Time { id } => self.events.push_back(ClientEvent::Time { id, result }),
             Answered::Send { id, path, data } => {
                 // The server does not echo our own events: insert them in place.

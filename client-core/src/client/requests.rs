@@ -24,6 +24,8 @@ pub(super) enum Control {
     Unsubscribe,
     /// `@` sent by the keepalive (the probe timer covers it).
     Probe,
+    /// `&token`: an in-band token refresh.
+    Refresh,
 }
 
 /// What a reply answers.
@@ -194,6 +196,7 @@ impl Requests {
                 Control::Subscribe(sub) => ("subscribe", Some(sub)),
                 Control::Unsubscribe => ("unsubscribe", None),
                 Control::Probe => ("probe", None),
+                Control::Refresh => ("refresh", None),
             };
             PendingDebug { key, kind, request: None, sub, path: None, deadline: None }
         });

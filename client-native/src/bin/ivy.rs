@@ -449,6 +449,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         printed += 1;
                     }
                     Some(Err(e @ SubscriptionError::ContinuityLost { .. })) => eprintln!("ivy: warning: {e}"),
+                    // The others go on.
+                    Some(Err(e @ SubscriptionError::Ended(_))) => eprintln!("ivy: {e}"),
                     Some(Err(SubscriptionError::Refused(e))) => {
                         result = Err(Error::Request(e).into());
                         break;
