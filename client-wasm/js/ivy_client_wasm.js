@@ -195,6 +195,7 @@ function reasonOf(status, prev, cause, closeCode, why) {
   if (status === "connected") return { code: "connected", message: "connected" };
   if (status === "unauthorized") return { code: "unauthorized", message: `the server refused the token: ${why || "no reason given"}` };
   if (status === "closed") return { code: "closed", message: "closed by the application (close())" };
+  if (why) return { code: "token-refused", message: `the server refused the token (${why}); asking getToken for a fresh one` };
   const wasConnected = prev === "connected";
   if (cause === "close") {
     if (closeCode !== undefined && closeCode !== 1005 && closeCode !== 1006) {
