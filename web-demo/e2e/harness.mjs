@@ -322,9 +322,10 @@ export async function openPage(browser, options = DESKTOP) {
     consoleLines.push(`${stamp()} ${m.type()}: ${m.text()}`);
     // Chromium logs every refused connection attempt itself while the server is down, and
     // every answer with an error status: the demo's token endpoint refusing a taken nickname
-    // (409), a handshake refusing a token and the client's fetch that learns why (401).
+    // (409) or missing (404, 405), a handshake refusing a token and the client's fetch that
+    // learns why (401).
     const expected =
-      /^WebSocket connection to .* failed|^Failed to load resource: net::ERR_CONNECTION_REFUSED|^Failed to load resource: the server responded with a status of (401|409)/;
+      /^WebSocket connection to .* failed|^Failed to load resource: net::ERR_CONNECTION_REFUSED|^Failed to load resource: the server responded with a status of (401|404|405|409)/;
     if (m.type() === "error" && !expected.test(m.text())) errors.push(`console: ${m.text()}`);
   });
   page.on("crash", () => consoleLines.push(`${stamp()} the page crashed`));

@@ -64,6 +64,9 @@ let client: IvyClient | undefined;
 let clientNick: string | undefined;
 /** The name the others see: the token's `sub`, or the nickname without auth. */
 let myName = "";
+/** Whether the page asks for verified senders (auth on): messages show who sent them as the
+ * server vouches, not the nickname their data carries. */
+let senders = false;
 let room: Room | undefined;
 
 declare global {
@@ -139,6 +142,7 @@ async function clientFor(nick: string): Promise<IvyClient> {
   client = c;
   clientNick = nick;
   myName = token?.sub ?? nick;
+  senders = false; // verified senders: once the client has the `senders` option
   showStatus(c.status);
   c.onStatus((s, why) => {
     if (c !== client) return;
@@ -194,7 +198,7 @@ function showChat(client: IvyClient, roomName: string, nick: string): void {
   const view = new MessageList(ui.scroller, ui.messages, ui.pending, ui.earlier, ui.empty, ui.jump, nick, {
     retry: (id) => room?.retry(id),
     discard: (id) => room?.discard(id),
-  });
+  }, senders);
   const r = new Room(client, roomName, nick, view, setNotice);
   room = r;
   ui.earlier.onclick = async () => {

@@ -1,7 +1,7 @@
 // One open room: history, then live messages, and our own sends until they are confirmed.
 
 import type { IvyClient, IvyError, IvyEvent, IvySubscription, IvyTimestamp } from "ivy-client-wasm";
-import { type ChatMessage, MAX_DATA_BYTES, dataBytes, decode, encode, newId, roomPath } from "./message";
+import { type ChatMessage, MAX_DATA_BYTES, type Sender, dataBytes, decode, encode, newId, roomPath } from "./message";
 import type { MessageList } from "./view";
 
 /** Messages shown when a room opens; older ones on demand. */
@@ -198,7 +198,8 @@ export class Room {
 }
 
 function toMessage(e: IvyEvent): ChatMessage {
-  return decode(e.ts, e.path, e.data);
+  // `sender`: with the client's `senders` option, from a server that records them.
+  return decode(e.ts, e.path, e.data, (e as IvyEvent & { sender?: Sender }).sender);
 }
 
 /** The client rejects with (and passes to `onError`) `Error`s that carry a `code` and `uncertain`. */
