@@ -273,6 +273,42 @@ impl LogQuery {
     }
 }
 
+/// The extension names a client may ask for with the `ext` query parameter of `/ws` and
+/// `/log/...` (**Extension**, `docs/PROTOCOL.md` 2.6): verified senders.
+pub const EXT_SENDER: &str = "sender";
+
+/// `url` with `ext=sender` added to its query when `senders` is set (and unchanged
+/// otherwise): the WebSocket URL or a log target of a client that wants the extended event
+/// lines (`docs/PROTOCOL.md` 2.6 and 6.1.1).
+pub fn with_senders(url: String, senders: bool) -> String {
+    if !senders {
+        return url;
+    }
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}ext={EXT_SENDER}")
+}
+
+/// Whether a raw query string asks for the `sender` extension (`ext=a,b,...` lists it; unknown
+/// names are ignored, a repeated `ext` adds its names).
+pub fn wants_senders(raw: Option<&str>) -> bool {
+    extensions(raw).iter().any(|e| e == EXT_SENDER)
+}
+
+/// The names listed by the `ext` parameters of a raw query string (`ext=a,b`; a comma may be
+/// written `%2C`; a repeated `ext` adds its names), each once, in order.
+pub fn extensions(raw: Option<&str>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for v in raw.unwrap_or("").split('&').filter_map(|p| p.strip_prefix("ext=")) {
+        let v = v.replace("%2C", ",").replace("%2c", ",");
+        for name in v.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if !out.iter().any(|o| o == name) {
+                out.push(name.into());
+            }
+        }
+    }
+    out
+}
+
 /// `path` with its `.` and `..` segments percent-encoded (see [`LogQuery::target`]).
 pub fn escape_dot_segments(path: &str) -> Cow<'_, str> {
     if !path.split('/').any(|s| s == "." || s == "..") {
@@ -313,6 +349,22 @@ mod tests {
 
     fn nz(n: u64) -> NonZeroU64 {
         NonZeroU64::new(n).unwrap()
+    }
+
+    #[test]
+    fn extension_lists() {
+        assert!(!wants_senders(None));
+        assert!(wants_senders(Some("ext=sender")));
+        assert!(wants_senders(Some("n=3&ext=presence,sender")));
+        assert!(wants_senders(Some("ext=future%2Csender")));
+        assert!(!wants_senders(Some("ext=senders")));
+        assert!(!wants_senders(Some("next=sender")));
+        assert_eq!(extensions(Some("ext=a,,b&ext=a,c")), ["a", "b", "c"]);
+        assert_eq!(with_senders("ws://h/ws".into(), true), "ws://h/ws?ext=sender");
+        assert_eq!(with_senders("/log/a?n=1".into(), true), "/log/a?n=1&ext=sender");
+        assert_eq!(with_senders("/log/a".into(), false), "/log/a");
+        // The log query ignores the parameter.
+        assert_eq!(LogQuery::parse(Some("ext=sender&n=2")), Ok(LogQuery::Last(NonZeroU64::new(2).unwrap())));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! command = [ "#" ack-key "#" ] ( "+" path | "-" path | ":" path ":" data | "@" ignored
 //!                                 | "&" token )              ; "&": token refresh (extension)
 //! line    = "@" timestamp ":" path ":" escaped-data     ; an event (also a log line)
+//!         | "@" timestamp "~" sender ":" path ":" escaped-data   ; with `ext=sender` (extension)
 //!         | "#" ack-key "#@" timestamp                  ; success reply to an acked command
 //!         | [ "#" ack-key "#" ] "!" code " " message    ; error reply (extension)
 //! ```
@@ -15,7 +16,9 @@ use alloc::borrow::Cow;
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::escape::{UnescapeError, escape_into, escaped_len, unescape};
+use alloc::string::String;
+
+use crate::escape::{UnescapeError, escape_into, escape_sub_into, escaped_len, unescape, unescape_sub};
 use crate::path::{self, PathError};
 use crate::timestamp::{Timestamp, TimestampError};
 
@@ -311,6 +314,62 @@ pub struct Event<'a> {
     pub path: Cow<'a, str>,
     /// The data, unescaped.
     pub data: Cow<'a, [u8]>,
+    /// Who sent it, as the server verified it: only in the extended line (**Extension**
+    /// `ext=sender`, `docs/PROTOCOL.md` 6.1.1); `None` in an original line.
+    pub sender: Option<Sender>,
+}
+
+/// The longest `sub` a token may have, in bytes: the server refuses a longer one.
+pub const MAX_SUB_BYTES: usize = 256;
+
+/// Who sent an event, as the server verified it (**Extension** `ext=sender`, `docs/PROTOCOL.md`
+/// 6.1.1). Its wire form follows the `~` of the extended event line.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Sender {
+    /// `=sub`: a connection with a verified token, whose `sub` this is.
+    User(String),
+    /// `-`: a connection without a token (every connection when the server's auth is off).
+    Anonymous,
+    /// `*`: the application embedding the server (`Ivy::publish`).
+    Application,
+    /// `?`: unknown: stored before the server recorded senders.
+    Unknown,
+}
+
+impl Sender {
+    /// Appends the wire form (`=escaped-sub`, `-`, `*` or `?`).
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Sender::User(sub) => {
+                out.push(b'=');
+                escape_sub_into(sub.as_bytes(), out);
+            }
+            Sender::Anonymous => out.push(b'-'),
+            Sender::Application => out.push(b'*'),
+            Sender::Unknown => out.push(b'?'),
+        }
+    }
+
+    /// The wire form as bytes.
+    pub fn to_wire(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        self.encode(&mut v);
+        v
+    }
+
+    /// Parses the wire form.
+    pub fn parse(wire: &[u8]) -> Result<Sender, LineError> {
+        match wire {
+            b"-" => Ok(Sender::Anonymous),
+            b"*" => Ok(Sender::Application),
+            b"?" => Ok(Sender::Unknown),
+            [b'=', sub @ ..] if !sub.is_empty() => {
+                let raw = unescape_sub(sub).map_err(LineError::Escape)?;
+                String::from_utf8(raw.into_owned()).map(Sender::User).map_err(|_| LineError::Syntax("event sender is not UTF-8"))
+            }
+            _ => Err(LineError::Syntax("event sender must be '=sub', '-', '*' or '?'")),
+        }
+    }
 }
 
 impl Event<'_> {
@@ -319,14 +378,27 @@ impl Event<'_> {
         event_line_len(self.ts, &self.path, &self.data)
     }
 
-    /// Appends `@ts:/path:escaped-data` to `out`.
+    /// Appends `@ts:/path:escaped-data` to `out`, or the extended line
+    /// `@ts~sender:/path:escaped-data` when the event has a sender.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        encode_event(self.ts, &self.path, &self.data, out);
+        match &self.sender {
+            None => encode_event(self.ts, &self.path, &self.data, out),
+            Some(sender) => {
+                let mut wire = Vec::new();
+                sender.encode(&mut wire);
+                encode_event_from(self.ts, &wire, &self.path, &self.data, out);
+            }
+        }
+    }
+
+    /// Who sent it, when the line said (`ext=sender`): see [`Event::sender`](Event#structfield.sender).
+    pub fn sender(&self) -> Option<&Sender> {
+        self.sender.as_ref()
     }
 
     /// An owned copy.
     pub fn into_owned(self) -> Event<'static> {
-        Event { ts: self.ts, path: Cow::Owned(self.path.into_owned()), data: Cow::Owned(self.data.into_owned()) }
+        Event { ts: self.ts, path: Cow::Owned(self.path.into_owned()), data: Cow::Owned(self.data.into_owned()), sender: self.sender }
     }
 }
 
@@ -346,6 +418,32 @@ pub fn encode_event(ts: Timestamp, path: &str, data: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(path.as_bytes());
     out.push(b':');
     escape_into(data, out);
+}
+
+/// Appends the extended event line `@ts~sender:path:escaped(data)` to `out` (**Extension**
+/// `ext=sender`), `sender` being the sender's wire form ([`Sender::encode`]).
+pub fn encode_event_from(ts: Timestamp, sender: &[u8], path: &str, data: &[u8], out: &mut Vec<u8>) {
+    out.reserve(event_line_len(ts, path, data) + 1 + sender.len());
+    out.push(b'@');
+    ts.write_to(out);
+    out.push(b'~');
+    out.extend_from_slice(sender);
+    out.push(b':');
+    out.extend_from_slice(path.as_bytes());
+    out.push(b':');
+    escape_into(data, out);
+}
+
+/// The extended form of an original event line `line` (`@ts:rest`): `@ts~sender:rest`; `None`
+/// when `line` is not an event line.
+pub fn extend_event_line(line: &[u8], sender: &[u8], out: &mut Vec<u8>) -> Option<()> {
+    let colon = line.iter().position(|&b| b == b':').filter(|_| line.first() == Some(&b'@'))?;
+    out.reserve(line.len() + 1 + sender.len());
+    out.extend_from_slice(&line[..colon]);
+    out.push(b'~');
+    out.extend_from_slice(sender);
+    out.extend_from_slice(&line[colon..]);
+    Some(())
 }
 
 /// Appends the success reply `#key#@ts` to `out`.
@@ -420,11 +518,18 @@ impl fmt::Display for LineError {
 
 impl core::error::Error for LineError {}
 
-/// Parses an event line `@ts:path:escaped-data` (a live event or a log line).
+/// Parses an event line `@ts:path:escaped-data` (a live event or a log line), or the extended
+/// line `@ts~sender:path:escaped-data` (**Extension** `ext=sender`), which sets
+/// [`Event::sender`].
 pub fn parse_event(line: &[u8]) -> Result<Event<'_>, LineError> {
     let rest = line.strip_prefix(b"@").ok_or(LineError::Syntax("event must start with '@'"))?;
     let c1 = rest.iter().position(|&b| b == b':').ok_or(LineError::Syntax("event has no ':' after the timestamp"))?;
-    let ts = Timestamp::parse(&rest[..c1]).map_err(LineError::Timestamp)?;
+    // The extended line (`ext=sender`): `@ts~sender:...`; the escaped sender has no ':'.
+    let (ts, sender) = match rest[..c1].iter().position(|&b| b == b'~') {
+        Some(t) => (&rest[..t], Some(Sender::parse(&rest[t + 1..c1])?)),
+        None => (&rest[..c1], None),
+    };
+    let ts = Timestamp::parse(ts).map_err(LineError::Timestamp)?;
     let rest = &rest[c1 + 1..];
     let c2 = rest.iter().position(|&b| b == b':').ok_or(LineError::Syntax("event has no ':' after the path"))?;
     let raw_path = &rest[..c2];
@@ -433,7 +538,7 @@ pub fn parse_event(line: &[u8]) -> Result<Event<'_>, LineError> {
         _ => return Err(LineError::Syntax("event path is not normalized")),
     };
     let data = unescape(&rest[c2 + 1..]).map_err(LineError::Escape)?;
-    Ok(Event { ts, path: Cow::Borrowed(path), data })
+    Ok(Event { ts, path: Cow::Borrowed(path), data, sender })
 }
 
 /// Parses any line from the server.
@@ -513,7 +618,7 @@ mod tests {
         assert_eq!(v, b"@0000000001.000000002:/a:50%25%0Ax");
         assert_eq!(
             parse_line(&v).unwrap(),
-            ServerLine::Event(Event { ts: Timestamp::new(1, 2).unwrap(), path: "/a".into(), data: Cow::Borrowed(b"50%\nx") })
+            ServerLine::Event(Event { ts: Timestamp::new(1, 2).unwrap(), path: "/a".into(), data: Cow::Borrowed(b"50%\nx"), sender: None })
         );
         v.clear();
         encode_ack(b"", Timestamp::new(3, 4).unwrap(), &mut v);
@@ -535,6 +640,42 @@ mod tests {
         for c in ErrorCode::ALL {
             assert_eq!(ErrorCode::from_wire(c.as_str()), Some(c));
         }
+    }
+
+    #[test]
+    fn extended_event_lines() {
+        let ts = Timestamp::new(1, 2).unwrap();
+        let ev = |sender: Option<Sender>| Event { ts, path: "/a".into(), data: Cow::Borrowed(b"x:y"), sender };
+        for (sender, wire) in [
+            (Sender::User("ada".into()), &b"@0000000001.000000002~=ada:/a:x:y"[..]),
+            (Sender::Anonymous, b"@0000000001.000000002~-:/a:x:y"),
+            (Sender::Application, b"@0000000001.000000002~*:/a:x:y"),
+            (Sender::Unknown, b"@0000000001.000000002~?:/a:x:y"),
+            (Sender::User("a:b%c\nd\re".into()), b"@0000000001.000000002~=a%3Ab%25c%0Ad%0De:/a:x:y"),
+            (Sender::User("~=bob".into()), b"@0000000001.000000002~=~=bob:/a:x:y"),
+        ] {
+            let mut v = Vec::new();
+            ev(Some(sender.clone())).encode(&mut v);
+            assert_eq!(v, wire);
+            assert_eq!(parse_line(wire).unwrap(), ServerLine::Event(ev(Some(sender.clone()))));
+            let (mut plain, mut extended) = (Vec::new(), Vec::new());
+            encode_event(ts, "/a", b"x:y", &mut plain);
+            extend_event_line(&plain, &sender.to_wire(), &mut extended).unwrap();
+            assert_eq!(extended, wire);
+        }
+        // Data that looks like a sender is data: the sender is only ever before the first ':'.
+        assert_eq!(parse_event(b"@0000000001.000000002:/a:~=bob:x").unwrap().sender, None);
+        assert_eq!(&*parse_event(b"@0000000001.000000002:/a:~=bob:x").unwrap().data, b"~=bob:x");
+        for bad in [
+            &b"@1.000000002~:/a:x"[..],
+            b"@1.000000002~=:/a:x",
+            b"@1.000000002~x:/a:x",
+            b"@1.000000002~=a%3a:/a:x",
+            b"@1.000000002~=\xff:/a:x",
+        ] {
+            assert!(parse_line(bad).is_err(), "{:?}", core::str::from_utf8(bad));
+        }
+        assert_eq!(extend_event_line(b"#k#@1.000000002", b"-", &mut Vec::new()), None);
     }
 
     #[cfg(not(target_arch = "wasm32"))]
@@ -564,8 +705,17 @@ mod tests {
         }
 
         #[test]
+        fn extended_event_round_trip(sub in "[a-z:%\n\r=~é-]{1,20}", p in arb_path(), data in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let e = Event { ts: Timestamp::new(5, 6).unwrap(), path: p.into(), data: data.into(), sender: Some(Sender::User(sub)) };
+            let mut v = Vec::new();
+            e.encode(&mut v);
+            prop_assert!(!v.contains(&b'\n'));
+            prop_assert_eq!(parse_event(&v).unwrap(), e);
+        }
+
+        #[test]
         fn event_round_trip(secs in any::<u64>(), nanos in 0u32..1_000_000_000, p in arb_path(), data in proptest::collection::vec(any::<u8>(), 0..128)) {
-            let e = Event { ts: Timestamp::new(secs, nanos).unwrap(), path: p.into(), data: data.into() };
+            let e = Event { ts: Timestamp::new(secs, nanos).unwrap(), path: p.into(), data: data.into(), sender: None };
             let mut v = Vec::new();
             e.encode(&mut v);
             prop_assert_eq!(v.len(), e.encoded_len());

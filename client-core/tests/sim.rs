@@ -699,7 +699,7 @@ fn own_send_acked_after_a_later_event_of_its_group_commit_is_delivered_in_place(
     let ts = |n| Timestamp::new(1_700_000_000, n).unwrap();
     let ev = |n, data: &str| ClientEvent::Event {
         sub,
-        event: ivy_client_core::wire::Event { ts: ts(n), path: "/r".into(), data: data.as_bytes().to_vec().into() },
+        event: ivy_client_core::wire::Event { ts: ts(n), path: "/r".into(), data: data.as_bytes().to_vec().into(), sender: None },
     };
     assert_eq!(got, [ev(1, "mine"), ev(2, "theirs"), ClientEvent::Sent { id: mine, result: Ok(ts(1)) }]);
     assert_eq!(c.sub_last(sub), Some(ts(2)));
@@ -771,7 +771,7 @@ fn held_back_events_go_out_at_each_ack_up_to_its_timestamp() {
     let ts = |n| Timestamp::new(1_700_000_000, n).unwrap();
     let ev = |n, data: &str| ClientEvent::Event {
         sub,
-        event: ivy_client_core::wire::Event { ts: ts(n), path: "/r".into(), data: data.as_bytes().to_vec().into() },
+        event: ivy_client_core::wire::Event { ts: ts(n), path: "/r".into(), data: data.as_bytes().to_vec().into(), sender: None },
     };
     // Others' events while both sends are out: held (either send may come before them).
     c.handle_frame(4, "@1700000000.000000003:/r:x3");

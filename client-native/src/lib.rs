@@ -112,9 +112,11 @@ pub enum ConnState {
     Closed,
 }
 pub use ivy_core::http::{Endpoints, LogQuery, LogQueryError, UrlError};
+pub use ivy_core::wire::Sender;
 pub use ivy_core::{ErrorCode, Timestamp};
 
-/// An event as delivered: its timestamp, normalized path and data.
+/// An event as delivered: its timestamp, normalized path and data, and with
+/// [`ClientBuilder::senders`] its verified sender ([`Event::sender`](ivy_core::wire::Event::sender)).
 pub type Event = ivy_core::Event<'static>;
 
 /// Errors of this client.
@@ -331,6 +333,17 @@ impl ClientBuilder {
         self
     }
 
+    /// Ask for verified senders (**Extension** `ext=sender`, `docs/PROTOCOL.md` 6.1.1): every
+    /// event, live or from the log, then carries who sent it ([`Event::sender`](ivy_core::wire::Event::sender):
+    /// [`Sender::User`] with the sender's token `sub`, [`Sender::Anonymous`],
+    /// [`Sender::Application`] or [`Sender::Unknown`]), as the server verified it. Default:
+    /// false (`sender` is `None`). A server without the extension sends the original lines,
+    /// and `sender` stays `None`.
+    pub fn senders(mut self, on: bool) -> Self {
+        self.config = self.config.senders(on);
+        self
+    }
+
     /// Keep trying when the very first connection fails, instead of returning
     /// [`Error::Connect`] (default: false).
     pub fn retry_initial_connect(mut self, retry: bool) -> Self {
@@ -342,6 +355,7 @@ impl ClientBuilder {
     pub async fn connect(self) -> Result<Client, Error> {
         let mut logs = LogReader::new(&self.url)?;
         logs.token = self.token.clone();
+        logs.senders = self.config.senders;
         let (endpoints, http) = (logs.endpoints.clone(), logs.http.clone());
         let (tx, rx) = mpsc::unbounded_channel();
         let (state_tx, mut state_rx) = watch::channel(ConnState::Idle);
@@ -352,11 +366,13 @@ impl ClientBuilder {
         let write_timeout = Duration::from_millis(self.config.probe_timeout.max(1000));
         let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
         let buffer = self.buffer;
+        let senders = self.config.senders;
         let driver = Driver {
             core: client::Client::new(self.config, seed ^ u64::from(std::process::id())),
             endpoints: endpoints.clone(),
             http: http.clone(),
             token: self.token.clone(),
+            senders,
             epoch: Instant::now(),
             write_timeout,
             state_tx,
@@ -420,6 +436,7 @@ pub struct LogReader {
     endpoints: Endpoints,
     http: Http,
     token: Option<Token>,
+    senders: bool,
 }
 
 impl LogReader {
@@ -427,12 +444,19 @@ impl LogReader {
     /// for an invalid URL.
     pub fn new(url: &str) -> Result<LogReader, Error> {
         let endpoints = endpoints(url)?;
-        Ok(LogReader { endpoints, http: http_client(), token: None })
+        Ok(LogReader { endpoints, http: http_client(), token: None, senders: false })
     }
 
     /// Sends `token` with each read, as `Authorization: Bearer` (see [`ClientBuilder::token`]).
     pub fn token(mut self, token: impl Into<String>) -> LogReader {
         self.token = Some(Token(token.into().into()));
+        self
+    }
+
+    /// Reads the extended lines, with their senders (`ext=sender`; see
+    /// [`ClientBuilder::senders`]).
+    pub fn senders(mut self, on: bool) -> LogReader {
+        self.senders = on;
         self
     }
 
@@ -447,7 +471,7 @@ impl LogReader {
     /// made, [`Error::Log`] when the request or its answer failed.
     pub async fn log(&self, path: &str, query: LogQuery) -> Result<Vec<Event>, Error> {
         let path = ivy_core::path::normalize(path.as_bytes()).map_err(|e| Error::Request(ClientError::InvalidPath(e)))?;
-        let url = format!("{}{}", self.endpoints.http, query.target(&path));
+        let url = ivy_core::http::with_senders(format!("{}{}", self.endpoints.http, query.target(&path)), self.senders);
         let body = match fetch(&self.http, &url, self.token.as_ref()).await {
             Ok((body, _horizon)) => body,
             Err(Fetch::Connect(message)) => return Err(Error::Connect(ConnectError { status: None, message })),
@@ -658,6 +682,8 @@ struct Driver {
     endpoints: Endpoints,
     http: Http,
     token: Option<Token>,
+    /// `ext=sender` on the WebSocket URL.
+    senders: bool,
     epoch: Instant,
     write_timeout: Duration,
     state_tx: watch::Sender<ConnState>,
@@ -699,6 +725,7 @@ impl Driver {
                             Some(Token(t)) => format!("{}?token={}", self.endpoints.ws, query_escape(t)),
                             None => self.endpoints.ws.clone(),
                         };
+                        let url = ivy_core::http::with_senders(url, self.senders);
                         connecting = Some(Box::pin(async move {
                             let mut req = url.into_client_request().map_err(|e| ConnectError::from_ws(&e))?;
                             req.headers_mut()

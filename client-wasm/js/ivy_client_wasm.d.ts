@@ -46,11 +46,20 @@ export interface IvyStatusReason {
   closeCode?: number;
 }
 
-/** An event: its unique timestamp, normalized path and data. */
+/** Who sent an event, as the server verified it (`senders: true`; docs/PROTOCOL.md 6.1.1):
+ * a connection with a token (`sub`: its token's `sub`), one without a token ("anonymous"; every
+ * connection while the server's auth is off), the server's embedding application, or unknown
+ * (stored before the server recorded senders). */
+export type IvySender = { kind: "user"; sub: string } | { kind: "anonymous" } | { kind: "application" } | { kind: "unknown" };
+
+/** An event: its unique timestamp, normalized path and data, and with the `senders` option
+ * its verified sender. */
 export interface IvyEvent {
   ts: IvyTimestamp;
   path: string;
   data: string;
+  /** Only with the `senders` option (absent otherwise, and from a server without it). */
+  sender?: IvySender;
 }
 
 /** Tuning; all optional. Unknown keys and values of the wrong type or range are refused with
@@ -69,6 +78,9 @@ export interface IvyOptions {
   idleTimeoutMs?: number;
   /** Time for the probe's answer before the connection counts as lost, in ms (default 10,000). */
   probeTimeoutMs?: number;
+  /** Ask for each event's verified sender, live and in `log()` pages (`ext=sender`,
+   * docs/PROTOCOL.md 6.1.1): events then have `sender` (default false). */
+  senders?: boolean;
   /** Sends kept while disconnected (default 1000; 0: a send while disconnected fails). */
   offlineQueue?: number;
   /** Events per log page when a subscription backfills, and of `log()` without `n` or

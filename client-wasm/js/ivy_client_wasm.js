@@ -112,6 +112,12 @@ const CLIENT_OPTIONS = Object.fromEntries([
       if (typeof v !== "function") throw invalid("option `getToken` must be a function returning a token (or a promise of one)");
     },
   ],
+  [
+    "senders",
+    (v) => {
+      if (typeof v !== "boolean") throw invalid(`option \`senders\` must be true or false, not ${show(v)}`);
+    },
+  ],
 ]);
 
 /** The `exp` claim of a JWT (seconds since the Unix epoch), read without checking anything:

@@ -47,6 +47,7 @@ use ivy_client_core as ivy_core;
 use ivy_core::Timestamp;
 use ivy_core::client::{self, Action, ClientError, ClientEvent, ConnState, RequestId, Start, SubId, SubscriptionError, Token};
 use ivy_core::http::{Endpoints, LogQuery};
+use ivy_core::wire::Sender;
 use js_sys::{Array, Function, Object, Promise, Reflect, Uint8Array};
 use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
@@ -72,8 +73,9 @@ fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
 #[wasm_bindgen(typescript_custom_section)]
 const TS_TYPES: &'static str = r#"
 export type IvyStatus = "connecting" | "connected" | "reconnecting" | "closed";
-export interface IvyEvent { ts: string; path: string; data: string }
-export type IvyOptions = Record<string, number>;
+export type IvySender = { kind: "user"; sub: string } | { kind: "anonymous" } | { kind: "application" } | { kind: "unknown" };
+export interface IvyEvent { ts: string; path: string; data: string; sender?: IvySender }
+export type IvyOptions = Record<string, number | boolean>;
 export interface SubscribeOptions { from?: string; onError?: (err: Error) => void }
 export interface LogOptions { after?: string; limit?: number; n?: number }
 "#;
@@ -174,6 +176,20 @@ fn event_object(e: &ivy_core::Event<'_>) -> JsValue {
     let _ = Reflect::set(&o, &"ts".into(), &e.ts.to_string().into());
     let _ = Reflect::set(&o, &"path".into(), &JsValue::from_str(&e.path));
     let _ = Reflect::set(&o, &"data".into(), &JsValue::from_str(&String::from_utf8_lossy(&e.data)));
+    if let Some(sender) = &e.sender {
+        let s = Object::new();
+        let kind = match sender {
+            Sender::User(sub) => {
+                let _ = Reflect::set(&s, &"sub".into(), &JsValue::from_str(sub));
+                "user"
+            }
+            Sender::Anonymous => "anonymous",
+            Sender::Application => "application",
+            Sender::Unknown => "unknown",
+        };
+        let _ = Reflect::set(&s, &"kind".into(), &kind.into());
+        let _ = Reflect::set(&o, &"sender".into(), &s);
+    }
     o.into()
 }
 
@@ -220,6 +236,8 @@ struct State {
     /// `[token, exp]` or of null). The core's current token (`core.token()`) is sent as
     /// `?token=` on the WebSocket and as `Authorization: Bearer` on log reads.
     get_token: Option<Function>,
+    /// `ext=sender` on log reads too.
+    senders: bool,
     socket: Option<Socket>,
     /// Increments per socket, so that late events of a replaced socket are ignored.
     socket_gen: u64,
@@ -348,8 +366,14 @@ impl IvyClient {
             if let Some(v) = number(&o, "pageLimit").filter(|v| *v >= 1) {
                 cfg = cfg.page_limit(v.min(u64::from(u32::MAX)) as u32);
             }
+            // `ext=sender` (docs/PROTOCOL.md 6.1.1): every event gets its `sender`.
+            if Reflect::get(&o, &"senders".into()).ok().and_then(|v| v.as_bool()) == Some(true) {
+                cfg = cfg.senders(true);
+            }
         }
         cfg = cfg.token_provider(get_token.is_some());
+        let ws_url = cfg.ws_url(&ws_url);
+        let senders = cfg.senders;
         let seed = (math_random() * 9_007_199_254_740_992.0) as u64;
         let mut core = client::Client::new(cfg, seed);
         if let Some(t) = token.clone() {
@@ -361,6 +385,7 @@ impl IvyClient {
             ws_url,
             http_base,
             get_token: get_token.clone(),
+            senders,
             socket: None,
             socket_gen: 0,
             timer: None,
@@ -511,11 +536,15 @@ impl IvyClient {
             let query = LogQuery::from_parts(n, after, limit).map_err(|e| invalid_argument(&e.to_string()))?;
             Ok(query.target(&path))
         })();
-        let (base, token) =
-            self.inner.state.try_borrow().map(|st| (st.http_base.clone(), st.core.token().map(String::from))).unwrap_or_default();
+        let (base, senders, token) = self
+            .inner
+            .state
+            .try_borrow()
+            .map(|st| (st.http_base.clone(), st.senders, st.core.token().map(String::from)))
+            .unwrap_or_default();
         wasm_bindgen_futures::future_to_promise(async move {
-            let (body, _horizon, link) =
-                get_text(&format!("{base}{}", target?), token.as_deref()).await.map_err(|e| http_error(e.status, &e.to_string()))?;
+            let url = ivy_core::http::with_senders(format!("{base}{}", target?), senders);
+            let (body, _horizon, link) = get_text(&url, token.as_deref()).await.map_err(|e| http_error(e.status, &e.to_string()))?;
             let events = ivy_core::http::parse_log(&body).map_err(|e| http_error(None, &format!("unparsable log line: {e}")))?;
             let events: Array = events.iter().map(event_object).collect();
             // The server's `Link: rel="next"` (cursor pages that may have a next one), for the
@@ -902,7 +931,10 @@ fn connect(inner: &Rc<Inner>, st: &mut State) {
     let generation = st.socket_gen;
     // Browsers cannot set headers on a WebSocket: the token goes in the query.
     let url = match st.core.token() {
-        Some(t) => format!("{}?token={}", st.ws_url, String::from(js_sys::encode_uri_component(t))),
+        Some(t) => {
+            let sep = if st.ws_url.contains('?') { '&' } else { '?' };
+            format!("{}{sep}token={}", st.ws_url, String::from(js_sys::encode_uri_component(t)))
+        }
         None => st.ws_url.clone(),
     };
     let ws = match WebSocket::new_with_str(&url, ivy_core::SUBPROTOCOL) {

@@ -340,6 +340,9 @@ fn principal(c: Claims, now: u64, anonymous: &Principal) -> Result<Principal, To
         return Err(TokenError("invalid token: issued in the future (iat)".into()));
     }
     let sub = match c.sub {
+        Some(sub) if sub.len() > ivy_client_core::wire::MAX_SUB_BYTES => {
+            return Err(TokenError(format!("invalid token: sub longer than {} bytes", ivy_client_core::wire::MAX_SUB_BYTES)));
+        }
         Some(sub) if !sub.is_empty() => sub,
         Some(_) => return Err(TokenError("invalid token: sub is empty".into())),
         None => return Err(TokenError("invalid token: no sub claim".into())),
@@ -558,6 +561,10 @@ mod tests {
         assert_eq!(a.verify(&bad, now).unwrap_err().0, "invalid token: bad signature");
         let expired = token("new", serde_json::json!({"sub": "ada", "exp": now - 60}));
         assert_eq!(a.verify(&expired, now).unwrap_err().0, "token expired");
+        let long = token("new", serde_json::json!({"sub": "x".repeat(257), "exp": now + 60}));
+        assert_eq!(a.verify(&long, now).unwrap_err().0, "invalid token: sub longer than 256 bytes");
+        let longest = token("new", serde_json::json!({"sub": "é".repeat(128), "exp": now + 60}));
+        assert_eq!(a.verify(&longest, now).unwrap().sub.as_deref().map(str::len), Some(256));
         let nosub = token("new", serde_json::json!({"exp": now + 60}));
         assert_eq!(a.verify(&nosub, now).unwrap_err().0, "invalid token: no sub claim");
         let future = token("new", serde_json::json!({"sub": "a", "exp": now + 60, "nbf": now + 60}));

@@ -65,11 +65,12 @@ fn common(a: &Arc<str>, b: &str) -> Arc<str> {
     }
 }
 
-/// The timestamp and path of a log line (`@ts:path:data`).
+/// The timestamp and path of a log line (`@ts:path:data`, or the extended `@ts~sender:path:data`).
 pub(crate) fn split_line(line: &[u8]) -> Option<(Timestamp, &str)> {
     let rest = line.strip_prefix(b"@")?;
     let c1 = rest.iter().position(|&b| b == b':')?;
-    let ts = Timestamp::parse(&rest[..c1]).ok()?;
+    let head = &rest[..c1];
+    let ts = Timestamp::parse(head.iter().position(|&b| b == b'~').map_or(head, |t| &head[..t])).ok()?;
     let rest = &rest[c1 + 1..];
     let c2 = rest.iter().position(|&b| b == b':')?;
     Some((ts, std::str::from_utf8(&rest[..c2]).ok()?))
@@ -118,6 +119,8 @@ mod tests {
     #[test]
     fn log_lines_split() {
         assert_eq!(split_line(b"@0000000001.000000002:/a/b:x:y"), Some((Timestamp::new(1, 2).unwrap(), "/a/b")));
+        assert_eq!(split_line(b"@0000000001.000000002~=a%3Ab:/a/b:x:y"), Some((Timestamp::new(1, 2).unwrap(), "/a/b")));
+        assert_eq!(split_line(b"@0000000001.000000002~-:/a:x"), Some((Timestamp::new(1, 2).unwrap(), "/a")));
         assert_eq!(split_line(b"#k#@0000000001.000000002"), None);
         assert_eq!(split_line(b"@x:/a:b"), None);
     }

@@ -169,6 +169,8 @@ impl WriterStop {
 #[derive(Debug)]
 pub(crate) struct Conn {
     id: ConnId,
+    /// Whether it asked for the extended event lines (`ext=sender`).
+    senders: bool,
     tx: mpsc::Sender<Message>,
     out: Arc<Outbox>,
     ending: Arc<Ending>,
@@ -306,8 +308,22 @@ impl Conn {
             writer: AtomicWaker::new(),
             budget,
         });
-        let conn = Conn { id, tx, out, ending: ending.clone() };
+        let conn = Conn { id, senders: false, tx, out, ending: ending.clone() };
         (Arc::new(conn), rx, ending)
+    }
+
+    /// Makes the connection receive the extended event lines (`ext=sender`), before it is
+    /// shared.
+    pub(crate) fn with_senders(mut self: Arc<Self>, senders: bool) -> Arc<Conn> {
+        if let Some(c) = Arc::get_mut(&mut self) {
+            c.senders = senders;
+        }
+        self
+    }
+
+    /// Whether the connection receives the extended event lines (`ext=sender`).
+    pub(crate) fn senders(&self) -> bool {
+        self.senders
     }
 
     /// The connection's id, unique in this process.

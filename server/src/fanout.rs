@@ -4,7 +4,9 @@
 //! fan-out queues it for each connection subscribed to its path or an ancestor of it.
 //!
 //! Costs: an event's line is encoded once and its bytes are shared by every receiver (a
-//! reference-count increment each); bubbling looks up one hash entry per level of the event's
+//! reference-count increment each); so is its extended line (`ext=sender`), built when the
+//! first connection that asked for it receives the event, never for an event that none of
+//! them receives; bubbling looks up one hash entry per level of the event's
 //! path, so it costs the path depth plus the matching subscribers, never the number of
 //! channels. Each connection has a bounded queue (in lines and in bytes); an event that finds
 //! it full is not queued, and the connection is *behind*: its writer reads what it missed from
@@ -34,7 +36,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
 use ivy_client_core::Timestamp;
@@ -42,6 +44,7 @@ use ivy_client_core::path::ancestors;
 
 use crate::budget::{Budget, Counted};
 use crate::conn::Conn;
+use crate::engine::Origin;
 
 /// Identifies a connection of this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -106,12 +109,35 @@ pub struct Published {
     pub sender: Option<ConnId>,
     /// The encoded line.
     pub line: Line,
+    /// Who sent it ([`Published::from`]; default unknown).
+    pub origin: Origin,
+    /// The extended line (`@ts~sender:/path:data`, for the connections that asked for
+    /// `ext=sender`): built at most once, when the first of them receives the event, and
+    /// shared by all of them.
+    extended: OnceLock<Line>,
 }
 
 impl Published {
     /// An event to deliver.
     pub fn new(ts: Timestamp, path: impl Into<Box<str>>, sender: Option<ConnId>, line: Line) -> Published {
-        Published { ts, path: path.into(), sender, line }
+        Published { ts, path: path.into(), sender, line, origin: Origin::UNKNOWN, extended: OnceLock::new() }
+    }
+
+    /// Sets who sent it.
+    pub fn from(mut self, origin: Origin) -> Published {
+        self.origin = origin;
+        self
+    }
+
+    /// The extended line, built on first use from the line and the sender.
+    fn extended(&self, fanout: &FanOut) -> &Line {
+        self.extended.get_or_init(|| {
+            let mut ext = Vec::new();
+            match ivy_client_core::wire::extend_event_line(self.line.as_bytes(), self.origin.wire(), &mut ext) {
+                Some(()) => fanout.line(ext),
+                None => self.line.clone(),
+            }
+        })
     }
 }
 
@@ -302,7 +328,8 @@ impl FanOut {
                 if let Some(subs) = map.get(channel) {
                     for c in &subs.conns {
                         if ev.sender != Some(c.id()) {
-                            c.push_event(ev.ts, &ev.line.0, shed);
+                            let line = if c.senders() { ev.extended(self) } else { &ev.line };
+                            c.push_event(ev.ts, &line.0, shed);
                         } else {
                             c.own_event(ev.ts);
                         }

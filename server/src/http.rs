@@ -49,12 +49,13 @@ fn server_error(e: io::Error) -> Response {
 }
 
 /// The tag of a body: its newest event, and how many deletions changed the log (a body is
-/// determined by both).
-fn etag(newest: Option<Timestamp>, horizon: Option<Horizon>) -> String {
+/// determined by both), and `+sender` for the extended lines (`ext=sender`: other bytes).
+fn etag(newest: Option<Timestamp>, horizon: Option<Horizon>, senders: bool) -> String {
     let newest = newest.map_or("empty".to_string(), |ts| ts.to_string());
+    let ext = if senders { "+sender" } else { "" };
     match horizon {
-        Some(h) => format!("\"{newest}-{}\"", h.deletions),
-        None => format!("\"{newest}\""),
+        Some(h) => format!("\"{newest}-{}{ext}\"", h.deletions),
+        None => format!("\"{newest}{ext}\""),
     }
 }
 
@@ -79,10 +80,12 @@ struct Meta {
     horizon: Option<Horizon>,
     /// Served on a token's grant (not the anonymous ones): `Vary: Authorization`.
     private: bool,
+    /// The extended lines (`ext=sender`).
+    senders: bool,
 }
 
 fn respond(headers: &HeaderMap, meta: Meta, body: impl FnOnce() -> Body) -> Response {
-    let tag = etag(meta.newest, meta.horizon);
+    let tag = etag(meta.newest, meta.horizon, meta.senders);
     let mut h = HeaderMap::new();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static(meta.cache));
@@ -101,6 +104,9 @@ fn respond(headers: &HeaderMap, meta: Meta, body: impl FnOnce() -> Body) -> Resp
     }
     if let Some(link) = meta.link.and_then(|l| HeaderValue::from_str(&l).ok()) {
         h.insert(header::LINK, link);
+    }
+    if meta.senders {
+        h.insert(crate::ws::IVY_EXTENSIONS, HeaderValue::from_static(ivy_client_core::http::EXT_SENDER));
     }
     if let Some(horizon) = meta.horizon.and_then(|h| HeaderValue::from_str(&h.newest.to_string()).ok()) {
         h.insert(HORIZON, horizon);
@@ -147,6 +153,8 @@ pub(crate) async fn handler(
     }
     let private = shared.auth.read_needs_token(&path);
     let (immutable_cache, no_cache) = if private { (PRIVATE_IMMUTABLE, PRIVATE_NO_CACHE) } else { (IMMUTABLE, NO_CACHE) };
+    // `ext=sender`: the extended lines, with their senders (docs/PROTOCOL.md 9.9).
+    let senders = ivy_client_core::http::wants_senders(query.as_deref());
     let query = match logquery::parse(query.as_deref()) {
         Ok(q) => q,
         Err(reason) => return bad_request(reason.to_string()),
@@ -159,7 +167,9 @@ pub(crate) async fn handler(
         LogQuery::Page { after, limit } => {
             let cap = shared.config.log_page_limit.max(1);
             let effective = limit.map_or(cap, |l| usize::try_from(l.get()).unwrap_or(usize::MAX).min(cap));
-            let mut request = ReadRequest::new(path.as_str(), after, visible, effective).max_bytes(shared.config.log_page_bytes.max(1));
+            let mut request = ReadRequest::new(path.as_str(), after, visible, effective)
+                .max_bytes(shared.config.log_page_bytes.max(1))
+                .with_senders(senders);
             if head {
                 request = request.without_lines();
             }
@@ -177,9 +187,11 @@ pub(crate) async fn handler(
             let link = more.then(|| {
                 let last = newest.map_or(String::new(), |t| t.to_string());
                 // The path as requested, so that the link works under any mount point.
-                format!("<{}?after={last}&limit={effective}>; rel=\"next\"", original.path())
+                let ext = if senders { "&ext=sender" } else { "" };
+                format!("<{}?after={last}&limit={effective}{ext}>; rel=\"next\"", original.path())
             });
-            let meta = Meta { newest, cache: if immutable { immutable_cache } else { no_cache }, link, horizon: page.horizon, private };
+            let meta =
+                Meta { newest, cache: if immutable { immutable_cache } else { no_cache }, link, horizon: page.horizon, private, senders };
             respond(&headers, meta, || Body::from(page.lines))
         }
         LogQuery::All | LogQuery::Last(_) => {
@@ -188,9 +200,9 @@ pub(crate) async fn handler(
                 Err(e) => return server_error(e),
             };
             tracing::trace!(path = %path, after = ?start_after, until = ?newest, "log stream");
-            let meta = Meta { newest, cache: no_cache, link: None, horizon, private };
+            let meta = Meta { newest, cache: no_cache, link: None, horizon, private, senders };
             respond(&headers, meta, move || match newest {
-                Some(until) if !head => stream_body(engine, path, start_after, until, place),
+                Some(until) if !head => stream_body(engine, path, (start_after, until), senders, place),
                 _ => Body::empty(),
             })
         }
@@ -318,23 +330,30 @@ async fn stream_bounds(
 
 /// The body of a streamed read: pages of about [`CHUNK`] bytes, read one after another as
 /// the client takes them, joined by newlines.
-fn stream_body(engine: Arc<dyn Engine>, path: String, after: Option<Timestamp>, until: Timestamp, place: Arc<Admitted>) -> Body {
+fn stream_body(
+    engine: Arc<dyn Engine>,
+    path: String,
+    (after, until): (Option<Timestamp>, Timestamp),
+    senders: bool,
+    place: Arc<Admitted>,
+) -> Body {
     struct Cursor {
         engine: Arc<dyn Engine>,
         path: String,
         after: Option<Timestamp>,
         until: Timestamp,
+        senders: bool,
         first: bool,
         done: bool,
         /// The request's place among the log requests in progress.
         _place: Arc<Admitted>,
     }
-    let cursor = Cursor { engine, path, after, until, first: true, done: false, _place: place };
+    let cursor = Cursor { engine, path, after, until, senders, first: true, done: false, _place: place };
     Body::from_stream(futures_util::stream::unfold(cursor, |mut c| async move {
         if c.done {
             return None;
         }
-        let request = ReadRequest::new(c.path.as_str(), c.after, c.until, usize::MAX).max_bytes(CHUNK);
+        let request = ReadRequest::new(c.path.as_str(), c.after, c.until, usize::MAX).max_bytes(CHUNK).with_senders(c.senders);
         match c.engine.read(request).await {
             Ok(page) if page.count == 0 => None,
             Ok(page) => {
@@ -402,7 +421,10 @@ fn cors_headers(allowed: &[String], req: &HeaderMap, out: &mut HeaderMap) {
     } else {
         return;
     }
-    out.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("Link, ETag, Last-Modified, Ivy-Horizon, WWW-Authenticate"));
+    out.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("Link, ETag, Last-Modified, Ivy-Horizon, Ivy-Extensions, WWW-Authenticate"),
+    );
 }
 
 /// Middleware: CORS headers on every log response, errors included.

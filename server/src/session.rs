@@ -24,7 +24,7 @@ use crate::Config;
 use crate::auth::{Access, Need};
 use crate::budget::Charge;
 use crate::conn::ReplySlot;
-use crate::engine::PublishError;
+use crate::engine::{Origin, PublishError};
 use crate::ratelimit::{ByteLimiter, IdentityBudget, RateLimiter};
 
 /// Longest ack key accepted, in bytes. A reply repeats its command's key, and a connection
@@ -151,13 +151,31 @@ pub(crate) struct Session {
     /// What the connection may read and write (verified at the handshake, and again at each
     /// in-band refresh).
     access: Access,
+    /// Who its events are from (its token's `sub`, or anonymous), stored with each of them.
+    origin: Origin,
+}
+
+/// Who the events of a connection with `access` are from: its token's `sub`, or anonymous (no
+/// token, or auth off).
+pub(crate) fn origin_of(access: &Access) -> Origin {
+    match access {
+        Access::Granted(p) => p.sub.as_deref().map_or(Origin::ANONYMOUS, Origin::user),
+        Access::Open => Origin::ANONYMOUS,
+    }
 }
 
 impl Session {
+    /// Who the connection's events are from (recorded with each, `ext=sender`). When the
+    /// connection's identity changes (a token presented in-band), so does this.
+    pub(crate) fn origin(&self) -> &Origin {
+        &self.origin
+    }
+
     /// A new connection's session under `config`'s limits, with `access` (what its token, or
     /// the lack of one, grants).
     pub(crate) fn new(config: &Config, access: Access) -> Session {
         Session {
+            origin: origin_of(&access),
             access,
             subs: HashSet::new(),
             max_subscriptions: config.max_subscriptions,
@@ -324,6 +342,9 @@ impl Session {
             })
             .collect();
         self.access = Access::Granted(new);
+        // A connection opened without a token takes the identity of the one it presented:
+        // its later events are from that `sub`.
+        self.origin = origin_of(&self.access);
         Ok(Refreshed { ended, new_identity })
     }
 

@@ -22,7 +22,7 @@ use crate::auth::{self, Access};
 use crate::budget::{SHED_PAGE_BYTES, SMALL_SEND};
 use crate::catchup::{Filter, split_line};
 use crate::conn::{Conn, Ending, Outbox, PEER_GONE, ReaderStop, ReplySlot, Slot, Stop, WriterStop, close_code};
-use crate::engine::{Completion, Publish, ReadRequest};
+use crate::engine::{Completion, Origin, Publish, ReadRequest};
 use crate::fanout::ConnId;
 use crate::limits::Admitted;
 use crate::session::{Outcome, PendingReply, Session, ack_line, error_line};
@@ -79,29 +79,44 @@ pub(crate) async fn handler(
         let headers = [(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::RETRY_AFTER, RETRY_AFTER)];
         return (StatusCode::SERVICE_UNAVAILABLE, headers, body).into_response();
     };
+    // The extensions asked for (`ext=a,b`): the known ones are taken and echoed, the others
+    // ignored (docs/PROTOCOL.md 2.6).
+    let senders = ivy_client_core::http::wants_senders(query.as_deref());
     let max = shared.config.max_message_size;
     let tracker = shared.tracker.clone();
-    ws.protocols([SUBPROTOCOL]).max_message_size(max).max_frame_size(max).read_buffer_size(2048).write_buffer_size(16 * 1024).on_upgrade(
-        move |socket| {
+    let mut response = ws
+        .protocols([SUBPROTOCOL])
+        .max_message_size(max)
+        .max_frame_size(max)
+        .read_buffer_size(2048)
+        .write_buffer_size(16 * 1024)
+        .on_upgrade(move |socket| {
             tracker.track_future(async move {
                 // The TCP connection's place (under `serve`) is held for as long as it lives.
                 let peer = admitted.as_ref().and_then(|a| a.ip());
                 let _admitted = admitted;
-                connection(shared, socket, slot, peer, access).await;
+                connection(shared, socket, slot, peer, access, senders).await;
             })
-        },
-    )
+        });
+    if senders {
+        response.headers_mut().insert(IVY_EXTENSIONS, header::HeaderValue::from_static(ivy_client_core::http::EXT_SENDER));
+    }
+    response
 }
+
+/// The response header that names the extensions a connection got (`docs/PROTOCOL.md` 2.6).
+pub(crate) const IVY_EXTENSIONS: header::HeaderName = header::HeaderName::from_static("ivy-extensions");
 
 /// Most sends of one connection waiting in the engine's queue or being stored: its fair share,
 /// so that one connection's flood cannot fill the queue that every connection's sends go
 /// through (a send beyond it waits, and the connection's next commands with it).
 const SENDS_IN_FLIGHT: usize = 256;
 
-async fn connection(shared: Arc<Shared>, socket: WebSocket, mut slot: Slot, peer: Option<std::net::IpAddr>, access: Access) {
+async fn connection(shared: Arc<Shared>, socket: WebSocket, mut slot: Slot, peer: Option<std::net::IpAddr>, access: Access, senders: bool) {
     let id = shared.connections.next_id();
     let config = &shared.config;
     let (conn, rx, ending) = Conn::with_limits(id, config.queue_length, config.queue_bytes, shared.budget.clone());
+    let conn = conn.with_senders(senders);
     let out = conn.outbox().clone();
     slot.register(&ending);
     let Some((reader_stop, writer_stop)) = ending.halves() else { return };
@@ -119,7 +134,7 @@ async fn connection(shared: Arc<Shared>, socket: WebSocket, mut slot: Slot, peer
         let (stream, stop) = read_loop(&shared, conn, session, stream, reader_stop).await;
         linger(stream, stop).await;
     };
-    tokio::join!(reader, write_loop(&shared, id, out, rx, sink, writer_stop, &ending));
+    tokio::join!(reader, write_loop(&shared, (id, senders), out, rx, sink, writer_stop, &ending));
     tracing::info!(conn = %id, code = ending.code(), "disconnected");
     drop(slot);
 }
@@ -333,7 +348,7 @@ async fn read_loop(
                         }
                         continue;
                     }
-                    execute(shared, &conn, &sends, &text, outcome, slot).await;
+                    execute(shared, &conn, &sends, &text, outcome, slot, session.origin()).await;
                     // Subscription changes beyond their budget: the next command waits (the
                     // slow path, boxed like the others).
                     let pause = session.take_pause();
@@ -358,7 +373,7 @@ async fn read_loop(
                 None => {
                     tracing::trace!(conn = %conn.id(), "in (binary frame)");
                     let outcome = session.on_binary(now, &shared.refusals);
-                    execute(shared, &conn, &sends, &Utf8Bytes::from_static(""), outcome, slot).await;
+                    execute(shared, &conn, &sends, &Utf8Bytes::from_static(""), outcome, slot, session.origin()).await;
                 }
             }
         }
@@ -368,7 +383,15 @@ async fn read_loop(
 }
 
 /// Carries out one decision of the session; its reply (if any) goes into `slot`.
-async fn execute(shared: &Shared, conn: &Arc<Conn>, sends: &Arc<Semaphore>, frame: &Utf8Bytes, outcome: Outcome<'_>, slot: ReplySlot) {
+async fn execute(
+    shared: &Shared,
+    conn: &Arc<Conn>,
+    sends: &Arc<Semaphore>,
+    frame: &Utf8Bytes,
+    outcome: Outcome<'_>,
+    slot: ReplySlot,
+    origin: &Origin,
+) {
     match outcome {
         Outcome::Reply(line) => slot.send_line(line),
         Outcome::Prepared(line) => slot.send(Message::Text(line)),
@@ -413,6 +436,7 @@ async fn execute(shared: &Shared, conn: &Arc<Conn>, sends: &Arc<Semaphore>, fram
             let done = Completion::reply(reply);
             let mut request = Publish::new(path, data, done);
             request.sender = Some(conn.id());
+            request.origin = origin.clone();
             if let Err(request) = shared.publisher.try_publish(request) {
                 Box::pin(shared.publisher.publish(request)).await;
             }
@@ -504,7 +528,7 @@ fn text_len(m: &Message) -> usize {
 /// the log ([`catch_up`]).
 async fn write_loop(
     shared: &Shared,
-    conn: ConnId,
+    (conn, senders): (ConnId, bool),
     out: Arc<Outbox>,
     mut rx: mpsc::Receiver<Message>,
     mut sink: Sink,
@@ -522,7 +546,7 @@ async fn write_loop(
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
                 Err(mpsc::error::TryRecvError::Empty) if out.is_behind() => {
                     // The slow path, boxed (see the reservation in `read_loop`).
-                    let round = Box::pin(catch_up(shared, conn, &out, &mut sink));
+                    let round = Box::pin(catch_up(shared, (conn, senders), &out, &mut sink));
                     tokio::select! {
                         biased;
                         _ = &mut stopped => break,
@@ -597,7 +621,7 @@ const CATCH_UP_BYTES: usize = 256 << 10;
 /// is owed from the log up to P, page by page, with the replies held meanwhile at their places
 /// (the queue, written next, holds only what came after P). `Err` with the close code when
 /// the connection must end.
-async fn catch_up(shared: &Shared, conn: ConnId, out: &Outbox, sink: &mut Sink) -> Result<(), u16> {
+async fn catch_up(shared: &Shared, (conn, senders): (ConnId, bool), out: &Outbox, sink: &mut Sink) -> Result<(), u16> {
     let mut rejoin = shared.fanout.quiesced(|position| out.rejoin(position));
     let filter = Filter::new(std::mem::take(&mut rejoin.windows), std::mem::take(&mut rejoin.own));
     tracing::debug!(conn = %conn, after = %rejoin.after, until = %rejoin.until, "catching up from the log");
@@ -607,7 +631,8 @@ async fn catch_up(shared: &Shared, conn: ConnId, out: &Outbox, sink: &mut Sink) 
         let mut after = rejoin.after;
         while after < rejoin.until {
             let bytes = if budget.is_over() { SHED_PAGE_BYTES } else { CATCH_UP_BYTES };
-            let request = ReadRequest::new(channel, Some(after), rejoin.until, CATCH_UP_EVENTS).max_bytes(bytes);
+            // The lines live delivery would have given: the extended ones with `ext=sender`.
+            let request = ReadRequest::new(channel, Some(after), rejoin.until, CATCH_UP_EVENTS).max_bytes(bytes).with_senders(senders);
             let page = shared.engine.read(request.clone()).await.map_err(|e| {
                 tracing::error!(conn = %conn, error = %e, "reading the log to catch a connection up failed; closing it");
                 close_code::SLOW_CONSUMER

@@ -46,6 +46,11 @@ pub struct Config {
     /// after a connection is refused for its token; without one, a refused token ends the
     /// client in [`ConnState::Unauthorized`](super::ConnState::Unauthorized). Default: false.
     pub token_provider: bool,
+    /// Ask for verified senders (**Extension** `ext=sender`, `docs/PROTOCOL.md` 6.1.1): the
+    /// WebSocket URL ([`Config::ws_url`]) and the log pages ask for the extended event lines,
+    /// and every event then has its [`Event::sender`](crate::wire::Event::sender). Default:
+    /// false (the original lines, `sender` always `None`).
+    pub senders: bool,
 }
 
 impl Default for Config {
@@ -62,6 +67,7 @@ impl Default for Config {
             max_buffered: 10_000,
             max_message_size: 65_536,
             token_provider: false,
+            senders: false,
         }
     }
 }
@@ -119,6 +125,18 @@ impl Config {
     pub fn token_provider(mut self, present: bool) -> Self {
         self.token_provider = present;
         self
+    }
+
+    /// Sets [`Config::senders`].
+    pub fn senders(mut self, on: bool) -> Self {
+        self.senders = on;
+        self
+    }
+
+    /// The URL to open the WebSocket with: the endpoint `ws` ([`crate::http::Endpoints::ws`])
+    /// with `?ext=sender` when [`Config::senders`] is set.
+    pub fn ws_url(&self, ws: &str) -> alloc::string::String {
+        crate::http::with_senders(ws.into(), self.senders)
     }
 
     /// Sets [`Config::offline_queue`].

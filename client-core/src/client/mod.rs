@@ -219,6 +219,8 @@ pub struct LogRequest {
     pub after: Option<Timestamp>,
     /// Page size (at least 1).
     pub limit: u32,
+    /// Whether the page is asked with `ext=sender` ([`Config::senders`]).
+    pub senders: bool,
 }
 
 impl LogRequest {
@@ -227,9 +229,10 @@ impl LogRequest {
         LogQuery::Page { after: self.after, limit: core::num::NonZeroU64::new(u64::from(self.limit)) }
     }
 
-    /// The request target: `/log/chat?after=...&limit=...`.
+    /// The request target: `/log/chat?after=...&limit=...` (and `&ext=sender` with
+    /// [`Config::senders`]).
     pub fn target(&self) -> String {
-        self.query().target(&self.path)
+        crate::http::with_senders(self.query().target(&self.path), self.senders)
     }
 }
 
@@ -910,7 +913,7 @@ impl Client {
             Answered::Time { id } => self.events.push_back(ClientEvent::Time { id, result }),
             Answered::Send { id, path, data } => {
                 // The server does not echo our own events: insert them in place.
-                let stored = result.as_ref().ok().map(|&ts| Event { ts, path: path.as_str().into(), data: data.into() });
+                let stored = result.as_ref().ok().map(|&ts| Event { ts, path: path.as_str().into(), data: data.into(), sender: None });
                 self.own_answered(now, &path, stored.map(Event::into_owned));
                 self.events.push_back(ClientEvent::Sent { id, result });
             }

@@ -404,7 +404,7 @@ impl Sub {
         let id = cx.id();
         let after = (b.complete > Timestamp::ZERO).then_some(b.complete);
         b.page = PageState::InFlight { id, after, deadline: cx.now.saturating_add(cx.cfg.request_timeout) };
-        Some(LogRequest { id, path: self.path.clone(), after, limit: cx.cfg.page_limit.max(1) })
+        Some(LogRequest { id, path: self.path.clone(), after, limit: cx.cfg.page_limit.max(1), senders: cx.cfg.senders })
     }
 }
 
@@ -426,7 +426,7 @@ mod tests {
     }
 
     fn ev(n: u32) -> Event<'static> {
-        Event { ts: ts(n), path: "/s".into(), data: n.to_string().into_bytes().into() }
+        Event { ts: ts(n), path: "/s".into(), data: n.to_string().into_bytes().into(), sender: None }
     }
 
     fn body(ns: &[u32]) -> String {

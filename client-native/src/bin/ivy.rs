@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use clap::{Args, Parser, Subcommand};
 use futures_util::StreamExt;
 use futures_util::stream::{FuturesOrdered, SelectAll};
-use ivy_client_native::{Client, ConnState, Error, Event, LogQuery, LogQueryError, LogReader, Start, SubscriptionError, Timestamp};
+use ivy_client_native::{Client, ConnState, Error, Event, LogQuery, LogQueryError, LogReader, Sender, Start, SubscriptionError, Timestamp};
 use tokio::io::AsyncBufReadExt;
 
 #[derive(Debug, Parser)]
@@ -106,11 +106,18 @@ enum Command {
 struct Format {
     /// One JSON object per line: {"ts":"TIMESTAMP","path":"/path","data":"..."}, the data
     /// unescaped (the timestamp is a string: it has more digits than a JSON number keeps).
+    /// With --senders, also "sender": {"sub":"SUB"}, "anonymous", "application" or "unknown".
     #[arg(long, conflicts_with = "raw")]
     json: bool,
     /// The data alone, unescaped, one event per line (data that holds a newline spans lines).
     #[arg(long)]
     raw: bool,
+    /// Ask the server for each event's verified sender (the ext=sender extension): lines are
+    /// printed as received, `@TIMESTAMP~SENDER:/path:data`, SENDER being `=SUB` (the sender's
+    /// token sub, `%`, `:`, CR and LF escaped as %25, %3A, %0D, %0A), `-` (no token), `*`
+    /// (the server's application) or `?` (unknown: stored before senders were recorded).
+    #[arg(long)]
+    senders: bool,
 }
 
 /// `--url`: checked as the client checks it (the same errors), before anything connects.
@@ -205,9 +212,19 @@ fn render(e: &Event, format: Format, terminal: bool) -> Vec<u8> {
     let mut v = if format.json {
         let ts = e.ts.to_string();
         let data = String::from_utf8_lossy(&e.data);
-        let mut v =
-            format!("{{\"ts\":\"{ts}\",\"path\":{},\"data\":{}}}", serde_json::Value::from(&*e.path), serde_json::Value::from(&*data))
-                .into_bytes();
+        let sender = match e.sender() {
+            None => String::new(),
+            Some(Sender::User(sub)) => format!(",\"sender\":{{\"sub\":{}}}", serde_json::Value::from(sub.as_str())),
+            Some(Sender::Anonymous) => ",\"sender\":\"anonymous\"".into(),
+            Some(Sender::Application) => ",\"sender\":\"application\"".into(),
+            Some(Sender::Unknown) => ",\"sender\":\"unknown\"".into(),
+        };
+        let mut v = format!(
+            "{{\"ts\":\"{ts}\",\"path\":{},\"data\":{}{sender}}}",
+            serde_json::Value::from(&*e.path),
+            serde_json::Value::from(&*data)
+        )
+        .into_bytes();
         if terminal {
             v = escape_for_terminal(&v, |c, out| out.extend_from_slice(format!("\\u{:04X}", u32::from(c)).as_bytes()));
         }
@@ -358,7 +375,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     };
     match cli.command {
         Command::Log { path, after, limit, last, format } => {
-            let mut logs = LogReader::new(&url)?;
+            let mut logs = LogReader::new(&url)?.senders(format.senders);
             if let Some(t) = &token {
                 logs = logs.token(t.clone());
             }
@@ -411,7 +428,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 (false, None) => Start::Now,
             };
             let (client, mut streams) = interruptible(async {
-                let client = builder().retry_initial_connect(false).connect().await?;
+                let client = builder().retry_initial_connect(false).senders(format.senders).connect().await?;
                 let mut streams = SelectAll::new();
                 for p in &paths {
                     streams.push(client.subscribe_from(p, start).await?);
@@ -516,12 +533,32 @@ mod tests {
     use super::*;
 
     fn event(data: &str) -> Event {
-        Event { ts: Timestamp::new(1_796_174_976, 891_611_992).unwrap(), path: "/a/b".into(), data: data.as_bytes().to_vec().into() }
+        Event {
+            ts: Timestamp::new(1_796_174_976, 891_611_992).unwrap(),
+            path: "/a/b".into(),
+            data: data.as_bytes().to_vec().into(),
+            sender: None,
+        }
     }
 
-    const LINE: Format = Format { json: false, raw: false };
-    const JSON: Format = Format { json: true, raw: false };
-    const RAW: Format = Format { json: false, raw: true };
+    const LINE: Format = Format { json: false, raw: false, senders: false };
+    const JSON: Format = Format { json: true, raw: false, senders: false };
+    const RAW: Format = Format { json: false, raw: true, senders: false };
+
+    #[test]
+    fn senders_render_in_lines_and_json() {
+        let s = |v: Vec<u8>| String::from_utf8(v).unwrap();
+        let with = |sender| Event { sender: Some(sender), ..event("hi") };
+        assert_eq!(s(render(&with(Sender::User("a:b".into())), LINE, false)), "@1796174976.891611992~=a%3Ab:/a/b:hi\n");
+        assert_eq!(s(render(&with(Sender::Anonymous), LINE, false)), "@1796174976.891611992~-:/a/b:hi\n");
+        let json = |e: &Event| serde_json::from_str::<serde_json::Value>(&s(render(e, JSON, false))).unwrap()["sender"].clone();
+        assert_eq!(json(&with(Sender::User("a:b\n".into()))), serde_json::json!({"sub": "a:b\n"}));
+        assert_eq!(json(&with(Sender::Anonymous)), serde_json::json!("anonymous"));
+        assert_eq!(json(&with(Sender::Application)), serde_json::json!("application"));
+        assert_eq!(json(&with(Sender::Unknown)), serde_json::json!("unknown"));
+        assert_eq!(json(&event("hi")), serde_json::Value::Null, "no field without --senders");
+        assert_eq!(s(render(&with(Sender::Anonymous), RAW, false)), "hi\n");
+    }
 
     #[test]
     fn a_terminal_gets_no_control_or_reordering_characters() {

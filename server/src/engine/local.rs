@@ -63,7 +63,7 @@ pub(crate) fn stored_cost(path: &str, data: usize) -> (usize, usize) {
 
 /// What storing `r` costs: its log entries and the bytes they hold.
 fn cost(r: &Publish) -> (usize, usize) {
-    stored_cost(&r.path, r.data.len())
+    stored_cost(&r.path, r.data.len().saturating_add(r.origin.wire().len()))
 }
 /// How far beyond the timestamps it needs a new clock floor is recorded.
 const FLOOR_AHEAD_NANOS: u128 = 1_000_000_000;
@@ -77,7 +77,13 @@ pub(crate) struct Record<'a> {
     pub(crate) path: &'a str,
     /// The encoded event line.
     pub(crate) line: &'a [u8],
+    /// Its sender's wire form ([`super::Origin::wire`]).
+    pub(crate) origin: &'a [u8],
 }
+
+/// What [`Storage::scan`] calls for each event: its timestamp, its line and its sender's wire
+/// form (`?` for an event stored before senders were).
+pub(crate) type Visit<'a> = dyn FnMut(Timestamp, &[u8], &[u8]) -> ControlFlow<()> + 'a;
 
 /// What the single-node engine stores in: sled ([`super::sled`]) or memory
 /// ([`super::memory`]). Called from the sequencer thread (writes) and tokio's blocking pool
@@ -125,14 +131,7 @@ pub(crate) trait Storage: Send + Sync + 'static {
     fn horizon(&self, channel: &str) -> Option<Horizon>;
     /// Visits the events of `channel`'s subtree with `after < ts <= until`, in `dir` order,
     /// until the visitor breaks.
-    fn scan(
-        &self,
-        channel: &str,
-        after: Option<Timestamp>,
-        until: Timestamp,
-        dir: Direction,
-        visit: &mut dyn FnMut(Timestamp, &[u8]) -> ControlFlow<()>,
-    ) -> io::Result<()>;
+    fn scan(&self, channel: &str, after: Option<Timestamp>, until: Timestamp, dir: Direction, visit: &mut Visit<'_>) -> io::Result<()>;
 }
 
 /// What a deletion removed.
@@ -157,8 +156,8 @@ pub(crate) fn read_page(storage: &dyn Storage, request: &ReadRequest) -> io::Res
     if request.limit == 0 {
         return Ok(page);
     }
-    storage.scan(&request.channel, request.after, request.until, request.direction, &mut |ts, line| {
-        page.push(ts, line, request.lines);
+    storage.scan(&request.channel, request.after, request.until, request.direction, &mut |ts, line, origin| {
+        page.push_for(request, ts, line, origin);
         if page.is_full(request) { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
     })?;
     Ok(page)
@@ -304,7 +303,7 @@ impl Retainer {
         let until = self.shared.visible.get();
         let mut own = 0u64;
         let mut cut = None;
-        storage.scan(path, None, until, Direction::Backward, &mut |ts, line| {
+        storage.scan(path, None, until, Direction::Backward, &mut |ts, line, _| {
             if line_path(line) == Some(path) {
                 own += 1;
                 if own > keep {
@@ -432,7 +431,8 @@ impl Sequencer {
                 return;
             }
         };
-        let records: Vec<Record<'_>> = batch.iter().zip(&lines).map(|(r, (ts, line))| Record { ts: *ts, path: &r.path, line }).collect();
+        let records: Vec<Record<'_>> =
+            batch.iter().zip(&lines).map(|(r, (ts, line))| Record { ts: *ts, path: &r.path, line, origin: r.origin.wire() }).collect();
         let stored = storage.append(&records).and_then(|()| storage.commit());
         drop(records);
         if let Err(e) = stored {
@@ -466,7 +466,7 @@ impl Sequencer {
             .zip(lines)
             .map(|(r, (ts, line))| {
                 done.push(Some(r.done));
-                Published { ts, path: r.path, sender: r.sender, line: self.fanout.line(line) }
+                Published::new(ts, r.path, r.sender, self.fanout.line(line)).from(r.origin)
             })
             .collect();
         // Each send completes right after its event is delivered, before the later ones.

@@ -13,8 +13,8 @@ use std::sync::{Arc, PoisonError, RwLock};
 use ivy_client_core::Timestamp;
 use ivy_client_core::path::{ROOT, ancestors};
 
-use super::local::{Deleted, LocalEngine, Record, Storage, WallClock, line_path};
-use super::{Context, Direction, Engine, Horizon, Open, Retention};
+use super::local::{Deleted, LocalEngine, Record, Storage, Visit, WallClock, line_path};
+use super::{Context, Direction, Engine, Horizon, Open, Origin, Retention};
 
 /// Opens an in-memory engine.
 ///
@@ -68,12 +68,15 @@ pub(crate) struct MemStorage {
     deleting: std::sync::Mutex<()>,
 }
 
+/// An event's line and sender.
+type Stored = (Box<[u8]>, Origin);
+
 #[derive(Debug, Default)]
 struct Inner {
-    /// Every event (the root's log), in timestamp order: timestamp and line (`None` once
-    /// deleted: a hole that keeps the positions of the later ones). The first is at position
-    /// `base`.
-    events: VecDeque<(Timestamp, Option<Box<[u8]>>)>,
+    /// Every event (the root's log), in timestamp order: timestamp, line and sender (`None`
+    /// once deleted: a hole that keeps the positions of the later ones). The first is at
+    /// position `base`.
+    events: VecDeque<(Timestamp, Option<Stored>)>,
     /// The position of `events[0]` (positions count every event ever appended).
     base: usize,
     /// For each channel other than the root, the positions of its subtree's events.
@@ -84,14 +87,7 @@ struct Inner {
 }
 
 impl Inner {
-    fn visit(
-        &self,
-        channel: &str,
-        after: Option<Timestamp>,
-        until: Timestamp,
-        dir: Direction,
-        visit: &mut dyn FnMut(Timestamp, &[u8]) -> ControlFlow<()>,
-    ) {
+    fn visit(&self, channel: &str, after: Option<Timestamp>, until: Timestamp, dir: Direction, visit: &mut Visit<'_>) {
         if channel == ROOT {
             self.walk(self.events.len(), |i| i, after, until, dir, visit);
         } else if let Some(index) = self.channels.get(channel) {
@@ -107,14 +103,14 @@ impl Inner {
         after: Option<Timestamp>,
         until: Timestamp,
         dir: Direction,
-        visit: &mut dyn FnMut(Timestamp, &[u8]) -> ControlFlow<()>,
+        visit: &mut Visit<'_>,
     ) {
         let ts = |i: usize| self.events[at(i)].0;
         // The first position after `after`, and the first after `until`.
         let lo = after.map_or(0, |a| partition(len, |i| ts(i) <= a));
         let hi = partition(len, |i| ts(i) <= until);
         let mut each = |i: usize| match &self.events[at(i)] {
-            (t, Some(line)) => visit(*t, line),
+            (t, Some((line, origin))) => visit(*t, line, origin.wire()),
             (_, None) => ControlFlow::Continue(()),
         };
         match dir {
@@ -156,7 +152,7 @@ impl Inner {
             }
             last = Some(*ts);
             seen += 1;
-            if let Some(path) = line.as_deref().and_then(line_path).filter(|p| !own || *p == channel) {
+            if let Some(path) = line.as_ref().and_then(|(l, _)| line_path(l)).filter(|p| !own || *p == channel) {
                 found.push((pos, *ts, path.into()));
             }
             found.len() < DELETE_STEP && seen < 4 * DELETE_STEP
@@ -243,7 +239,8 @@ impl Storage for MemStorage {
         let mut inner = self.inner.write().unwrap_or_else(PoisonError::into_inner);
         for r in records {
             let at = inner.base + inner.events.len();
-            inner.events.push_back((r.ts, Some(r.line.into())));
+            let origin = Origin::from_wire(r.origin).unwrap_or(Origin::UNKNOWN);
+            inner.events.push_back((r.ts, Some((r.line.into(), origin))));
             for anc in ancestors(r.path).filter(|a| *a != ROOT) {
                 match inner.channels.get_mut(anc) {
                     Some(v) => v.push_back(at),
@@ -306,14 +303,7 @@ impl Storage for MemStorage {
         Ok(self.read().floor)
     }
 
-    fn scan(
-        &self,
-        channel: &str,
-        after: Option<Timestamp>,
-        until: Timestamp,
-        dir: Direction,
-        visit: &mut dyn FnMut(Timestamp, &[u8]) -> ControlFlow<()>,
-    ) -> io::Result<()> {
+    fn scan(&self, channel: &str, after: Option<Timestamp>, until: Timestamp, dir: Direction, visit: &mut Visit<'_>) -> io::Result<()> {
         self.read().visit(channel, after, until, dir, visit);
         Ok(())
     }

@@ -76,6 +76,61 @@ pub use local::{Deleted, WallClock};
 pub use memory::MemoryEngine;
 pub use sled::{Durability, SledEngine};
 
+/// Who sent an event, as the server verified it, in its wire form (`docs/PROTOCOL.md`
+/// 6.1.1): `=escaped-sub` (a connection's verified token `sub`), `-` (anonymous), `*` (the
+/// application, [`crate::Ivy::publish`]) or `?` (unknown: stored before the server recorded
+/// senders). Engines store it with each event ([`Publish::origin`]) and give it back with
+/// each line read. Cheap to clone: a user's form is shared (built once per connection).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Origin(OriginRepr);
+
+#[derive(Clone, PartialEq, Eq)]
+enum OriginRepr {
+    Static(&'static [u8]),
+    User(Arc<[u8]>),
+}
+
+impl Origin {
+    /// A connection without a token (every connection while auth is off).
+    pub const ANONYMOUS: Origin = Origin(OriginRepr::Static(b"-"));
+    /// The embedding application.
+    pub const APPLICATION: Origin = Origin(OriginRepr::Static(b"*"));
+    /// Unknown: an event stored before the server recorded senders.
+    pub const UNKNOWN: Origin = Origin(OriginRepr::Static(b"?"));
+
+    /// A connection whose verified token has this `sub`.
+    pub fn user(sub: &str) -> Origin {
+        let mut wire = vec![b'='];
+        ivy_client_core::escape::escape_sub_into(sub.as_bytes(), &mut wire);
+        Origin(OriginRepr::User(wire.into()))
+    }
+
+    /// From its wire form, as stored (`None` when it is not one).
+    pub fn from_wire(wire: &[u8]) -> Option<Origin> {
+        match wire {
+            b"-" => Some(Origin::ANONYMOUS),
+            b"*" => Some(Origin::APPLICATION),
+            b"?" => Some(Origin::UNKNOWN),
+            [b'=', ..] if ivy_client_core::wire::Sender::parse(wire).is_ok() => Some(Origin(OriginRepr::User(wire.into()))),
+            _ => None,
+        }
+    }
+
+    /// The wire form.
+    pub fn wire(&self) -> &[u8] {
+        match &self.0 {
+            OriginRepr::Static(w) => w,
+            OriginRepr::User(w) => w,
+        }
+    }
+}
+
+impl fmt::Debug for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&String::from_utf8_lossy(self.wire()), f)
+    }
+}
+
 /// A boxed future, as the engine's methods return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -151,13 +206,25 @@ pub struct ReadRequest {
     pub max_bytes: usize,
     /// Whether the page carries the lines, or only their count and bounds.
     pub lines: bool,
+    /// Whether the lines are the extended ones, with their senders (`ext=sender`,
+    /// `@ts~sender:/path:data`), instead of the original ones.
+    pub senders: bool,
 }
 
 impl ReadRequest {
     /// The first `limit` events of `channel` after `after`, up to `until`, oldest first, with
     /// their lines and no byte bound.
     pub fn new(channel: impl Into<Box<str>>, after: Option<Timestamp>, until: Timestamp, limit: usize) -> ReadRequest {
-        ReadRequest { channel: channel.into(), after, until, direction: Direction::Forward, limit, max_bytes: usize::MAX, lines: true }
+        ReadRequest {
+            channel: channel.into(),
+            after,
+            until,
+            direction: Direction::Forward,
+            limit,
+            max_bytes: usize::MAX,
+            lines: true,
+            senders: false,
+        }
     }
 
     /// Newest first.
@@ -169,6 +236,12 @@ impl ReadRequest {
     /// Ends the page once its lines reach `bytes`.
     pub fn max_bytes(mut self, bytes: usize) -> ReadRequest {
         self.max_bytes = bytes;
+        self
+    }
+
+    /// The extended lines, with their senders.
+    pub fn with_senders(mut self, senders: bool) -> ReadRequest {
+        self.senders = senders;
         self
     }
 
@@ -274,6 +347,23 @@ impl Page {
         self.last = Some(ts);
     }
 
+    /// Adds an event at the end of the page, as its extended line (`@ts~origin:rest`) when
+    /// `request` asks for senders.
+    pub fn push_for(&mut self, request: &ReadRequest, ts: Timestamp, line: &[u8], origin: &[u8]) {
+        if !(request.lines && request.senders) {
+            return self.push(ts, line, request.lines);
+        }
+        if self.count > 0 {
+            self.lines.push(b'\n');
+        }
+        if ivy_client_core::wire::extend_event_line(line, origin, &mut self.lines).is_none() {
+            self.lines.extend_from_slice(line);
+        }
+        self.count += 1;
+        self.first.get_or_insert(ts);
+        self.last = Some(ts);
+    }
+
     /// Whether `request` wants no more events after these.
     pub fn is_full(&self, request: &ReadRequest) -> bool {
         self.count >= request.limit || (request.lines && self.lines.len() >= request.max_bytes)
@@ -290,6 +380,8 @@ pub struct Publish {
     pub data: Bytes,
     /// The sending connection, which does not receive its own event.
     pub sender: Option<ConnId>,
+    /// Who sent it, as verified (stored with it). [`Publish::new`]: the application.
+    pub origin: Origin,
     /// Where the outcome goes.
     pub done: Completion,
 }
@@ -297,7 +389,7 @@ pub struct Publish {
 impl Publish {
     /// A request to publish `data` on `path` (normalized) with no sending connection.
     pub fn new(path: impl Into<Box<str>>, data: Bytes, done: Completion) -> Publish {
-        Publish { path: path.into(), data, sender: None, done }
+        Publish { path: path.into(), data, sender: None, origin: Origin::APPLICATION, done }
     }
 }
 

@@ -25,14 +25,13 @@
 //! last flush are lost, as in a crash.
 
 use std::io;
-use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use ivy_client_core::Timestamp;
 
-use super::local::{Deleted, Record, Storage};
+use super::local::{Deleted, Record, Storage, Visit};
 use super::{Direction, Horizon, PublishError};
 
 /// Free space a full disk must have again before the store is reopened, whatever the
@@ -310,14 +309,7 @@ impl Storage for Reopening {
         self.with(|s| Ok(s.horizon(channel))).ok().flatten()
     }
 
-    fn scan(
-        &self,
-        channel: &str,
-        after: Option<Timestamp>,
-        until: Timestamp,
-        dir: Direction,
-        visit: &mut dyn FnMut(Timestamp, &[u8]) -> ControlFlow<()>,
-    ) -> io::Result<()> {
+    fn scan(&self, channel: &str, after: Option<Timestamp>, until: Timestamp, dir: Direction, visit: &mut Visit<'_>) -> io::Result<()> {
         self.with(|s| s.scan(channel, after, until, dir, visit))
     }
 }

@@ -65,9 +65,11 @@ use std::time::Duration;
 use ivy_client_core::Timestamp;
 use ivy_client_core::path::{ROOT, ancestors};
 
-use super::local::{Deleted, LocalEngine, Record, Storage, WallClock, line_path};
+use super::local::{Deleted, LocalEngine, Record, Storage, Visit, WallClock, line_path};
 use super::reopen::{self, Reopening};
 use super::{Context, Direction, Engine, Horizon, Open, Retention};
+#[cfg(test)]
+use super::{ReadRequest, local::read_page};
 
 /// When an event is acknowledged relative to its durable write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -341,7 +343,8 @@ impl Mark {
     }
 }
 
-const LAYOUT_VERSION: &[u8] = b"3";
+const LAYOUT_VERSION: &[u8] = b"4";
+const LAYOUT_V3: &[u8] = b"3";
 const LAYOUT_V2: &[u8] = b"2";
 const LAYOUT_V1: &[u8] = b"1";
 
@@ -354,6 +357,12 @@ pub const BLOCK_BYTES: usize = 4 * 1024;
 const ENTRY_HEADER: usize = Timestamp::BYTES + 4;
 /// The bit of an entry's length word that makes it a reference.
 const REFERENCE: u32 = 1 << 31;
+/// The bit of a line's length word that says the line comes with its sender (layout 4): the
+/// header is then followed by the sender's length (2 bytes, big-endian) and wire form, and
+/// then the line. A line without it (written by layout 3) has an unknown sender (`?`).
+const FROM: u32 = 1 << 30;
+/// The sender of a line stored before senders were (layout 3).
+const UNKNOWN_ORIGIN: &[u8] = b"?";
 /// An event's line is copied into the logs of the levels below the root when, times their
 /// number (its path's depth), it is at most this many bytes; otherwise they reference it.
 pub const INLINE_BUDGET: usize = 256;
@@ -431,8 +440,8 @@ fn with_ts(prefix: &[u8], ts: Timestamp) -> Vec<u8> {
 /// One entry of a block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Entry<'a> {
-    /// The event line.
-    Line(&'a [u8]),
+    /// The event line and its sender's wire form (`?` for a layout 3 line).
+    Line(&'a [u8], &'a [u8]),
     /// A reference to the event, whose line (this many bytes) is in the root's log.
     Ref(usize),
 }
@@ -461,9 +470,17 @@ impl<'a> Iterator for Entries<'a> {
             if word & REFERENCE != 0 {
                 return Some((ts, Entry::Ref((word & !REFERENCE) as usize), ENTRY_HEADER));
             }
-            let len = word as usize;
-            let line = rest.get(ENTRY_HEADER..ENTRY_HEADER.checked_add(len)?)?;
-            Some((ts, Entry::Line(line), ENTRY_HEADER + len))
+            if word & FROM == 0 {
+                let len = word as usize;
+                let line = rest.get(ENTRY_HEADER..ENTRY_HEADER.checked_add(len)?)?;
+                return Some((ts, Entry::Line(line, UNKNOWN_ORIGIN), ENTRY_HEADER + len));
+            }
+            let len = (word & !FROM) as usize;
+            let olen = u16::from_be_bytes(rest.get(ENTRY_HEADER..ENTRY_HEADER + 2)?.try_into().ok()?) as usize;
+            let start = ENTRY_HEADER + 2 + olen;
+            let origin = rest.get(ENTRY_HEADER + 2..start)?;
+            let line = rest.get(start..start.checked_add(len)?)?;
+            Some((ts, Entry::Line(line, origin), start + len))
         })();
         match parsed {
             Some((ts, entry, used)) => {
@@ -478,6 +495,9 @@ impl<'a> Iterator for Entries<'a> {
     }
 }
 
+/// What a scan does with each line and its sender.
+type LineOut<'a> = dyn FnMut(&[u8], &[u8]) -> ControlFlow<()> + 'a;
+
 /// Finds the lines that a channel's references point to in the root's log, keeping the last
 /// root block read (consecutive references are mostly in the same block).
 #[derive(Default)]
@@ -490,8 +510,8 @@ struct Lines {
 }
 
 impl Lines {
-    /// The line of the event at `ts` (`len` bytes, as its reference says).
-    fn get(&mut self, db: &sled::Db, ts: Timestamp, len: usize) -> io::Result<&[u8]> {
+    /// The line of the event at `ts` (`len` bytes, as its reference says) and its sender.
+    fn get(&mut self, db: &sled::Db, ts: Timestamp, len: usize) -> io::Result<(&[u8], &[u8])> {
         let cached = match &self.block {
             Some(block) if self.resume.1 < ts => find(block, ts, self.resume.0)?,
             Some(block) => find(block, ts, 0)?,
@@ -522,27 +542,35 @@ impl Lines {
                 range
             }
         };
-        self.resume = (range.end, ts);
-        let line = self.block.as_deref().and_then(|b| b.get(range)).unwrap_or_default();
+        self.resume = (range.0.end, ts);
+        let block = self.block.as_deref().unwrap_or_default();
+        let line = block.get(range.0).unwrap_or_default();
+        let origin = range.1.and_then(|o| block.get(o)).unwrap_or(UNKNOWN_ORIGIN);
         if line.len() != len {
             return Err(corrupt(&format!("reference to {ts} (length)")));
         }
-        Ok(line)
+        Ok((line, origin))
     }
 }
 
-/// Where the line of the event at `ts` is in the root block `block`, if it is there, looking
-/// from the entry that begins at `from` (0, or the end of an entry before `ts`).
-fn find(block: &[u8], ts: Timestamp, from: usize) -> io::Result<Option<std::ops::Range<usize>>> {
+/// Where the line of the event at `ts` is in the root block `block` (and its sender, unless
+/// unknown), if it is there, looking from the entry that begins at `from` (0, or the end of
+/// an entry before `ts`).
+type Found = (std::ops::Range<usize>, Option<std::ops::Range<usize>>);
+fn find(block: &[u8], ts: Timestamp, from: usize) -> io::Result<Option<Found>> {
     let mut entries = Entries { block, at: from };
     loop {
         let before = entries.at;
         match entries.next().transpose()? {
             None => return Ok(None),
             Some((t, _)) if t < ts => {}
-            Some((t, Entry::Line(line))) if t == ts => {
-                let start = before + ENTRY_HEADER;
-                return Ok(Some(start..start + line.len()));
+            Some((t, Entry::Line(line, origin))) if t == ts => {
+                // The line is the entry's end; its sender (if stored) just before it.
+                let end = entries.at;
+                let start = end - line.len();
+                // A layout 3 line starts right after the header; a layout 4 one after its sender.
+                let from = (start > before + ENTRY_HEADER).then(|| start - origin.len()..start);
+                return Ok(Some((start..end, from)));
             }
             Some((t, Entry::Ref(_))) if t == ts => return Err(corrupt("root block (a reference)")),
             Some(_) => return Ok(None),
@@ -577,7 +605,7 @@ impl Blocks {
         };
         let (p, first, buf) = &mut self.open[at];
         let body = match entry {
-            Entry::Line(line) => line.len(),
+            Entry::Line(line, origin) => 2 + origin.len() + line.len(),
             Entry::Ref(_) => 0,
         };
         if !buf.is_empty() && buf.len() + ENTRY_HEADER + body > BLOCK_BYTES {
@@ -591,8 +619,12 @@ impl Blocks {
         // Lines are bounded far below 2 GiB by the maximum message size.
         let word = |len: usize| u32::try_from(len).unwrap_or(u32::MAX).min(REFERENCE - 1);
         match entry {
-            Entry::Line(line) => {
-                buf.extend_from_slice(&word(line.len()).to_be_bytes());
+            Entry::Line(line, origin) => {
+                // A sender's wire form is at most 1 + 3 × 256 bytes (an escaped sub).
+                let olen = u16::try_from(origin.len()).unwrap_or(u16::MAX);
+                buf.extend_from_slice(&(word(line.len()).min(FROM - 1) | FROM).to_be_bytes());
+                buf.extend_from_slice(&olen.to_be_bytes());
+                buf.extend_from_slice(&origin[..usize::from(olen)]);
                 buf.extend_from_slice(line);
             }
             Entry::Ref(len) => buf.extend_from_slice(&(word(len) | REFERENCE).to_be_bytes()),
@@ -601,9 +633,9 @@ impl Blocks {
 
     /// Adds an event to the root's blocks (its line) and those of each other level of its path
     /// (a copy or a reference, see the module docs).
-    fn add(&mut self, batch: &mut sled::Batch, ts: Timestamp, path: &str, line: &[u8]) {
-        self.push(batch, b"b", ts, Entry::Line(line));
-        let entry = if inline(ivy_client_core::path::depth(path), line.len()) { Entry::Line(line) } else { Entry::Ref(line.len()) };
+    fn add(&mut self, batch: &mut sled::Batch, ts: Timestamp, path: &str, line: &[u8], origin: &[u8]) {
+        self.push(batch, b"b", ts, Entry::Line(line, origin));
+        let entry = if inline(ivy_client_core::path::depth(path), line.len()) { Entry::Line(line, origin) } else { Entry::Ref(line.len()) };
         let mut prefix = std::mem::take(&mut self.scratch);
         for anc in ancestors(path).filter(|a| *a != ROOT) {
             block_prefix_into(anc, &mut prefix);
@@ -644,7 +676,7 @@ fn remove_unfinished_snapshots(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Converts a layout 1 store to layout 3: a few thousand events per atomic step (their old keys
+/// Converts a layout 1 store to layout 4 (its events' senders unknown): a few thousand events per atomic step (their old keys
 /// removed, their blocks written), so a crash in the middle leaves a store this resumes.
 fn migrate_v1(db: &sled::Db, dir: &Path) -> io::Result<()> {
     const STEP: usize = 4096;
@@ -660,7 +692,7 @@ fn migrate_v1(db: &sled::Db, dir: &Path) -> io::Result<()> {
                 .and_then(|k| Timestamp::from_be_bytes(&k[1..]))
                 .ok_or_else(|| corrupt("layout 1 key"))?;
             let event = ivy_client_core::wire::parse_event(&line).map_err(|e| corrupt(&format!("layout 1 event {ts} ({e})")))?;
-            blocks.add(&mut batch, ts, &event.path, &line);
+            blocks.add(&mut batch, ts, &event.path, &line, UNKNOWN_ORIGIN);
             for anc in ancestors(&event.path).filter(|a| *a != ROOT) {
                 let mut ik = vec![b'i'];
                 ik.extend_from_slice(anc.as_bytes());
@@ -686,7 +718,7 @@ fn migrate_v1(db: &sled::Db, dir: &Path) -> io::Result<()> {
     batch.insert(b"v", LAYOUT_VERSION);
     db.apply_batch(batch).map_err(to_io)?;
     db.flush().map_err(to_io)?;
-    tracing::info!(events = moved, store = %dir.display(), "converted the event store from layout 1 to layout 3");
+    tracing::info!(events = moved, store = %dir.display(), "converted the event store from layout 1 to layout 4 (senders unknown)");
     Ok(())
 }
 
@@ -778,18 +810,19 @@ impl SledLog {
                 db.insert(b"v", LAYOUT_VERSION).map_err(to_io)?;
             }
             Some(v) if &*v == LAYOUT_VERSION => {}
-            // Nothing to convert: a layout 2 block is a layout 3 block without references.
-            Some(v) if &*v == LAYOUT_V2 => {
+            // Nothing to convert: a layout 3 block is a layout 4 block whose lines have no
+            // sender (read as unknown, `?`), and a layout 2 block is one without references.
+            Some(v) if &*v == LAYOUT_V3 || &*v == LAYOUT_V2 => {
                 db.insert(b"v", LAYOUT_VERSION).map_err(to_io)?;
                 db.flush().map_err(to_io)?;
-                tracing::info!(store = %dir.display(), "event store layout 2 opened as layout 3 (nothing to convert; earlier versions no longer open it)");
+                tracing::info!(store = %dir.display(), from = %String::from_utf8_lossy(&v), "event store opened as layout 4: its events have an unknown sender (nothing to convert; earlier versions no longer open it)");
             }
             Some(v) if &*v == LAYOUT_V1 => migrate_v1(&db, dir)?,
             Some(v) => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!(
-                        "{}: event store layout {:?} is not supported (expected 1, 2 or 3)",
+                        "{}: event store layout {:?} is not supported (expected 1, 2, 3 or 4)",
                         dir.display(),
                         String::from_utf8_lossy(&v)
                     ),
@@ -867,7 +900,7 @@ impl Storage for SledLog {
         let mut batch = sled::Batch::default();
         let mut blocks = Blocks::default();
         for r in records {
-            blocks.add(&mut batch, r.ts, r.path, r.line);
+            blocks.add(&mut batch, r.ts, r.path, r.line, r.origin);
         }
         let bytes = blocks.bytes;
         blocks.finish(&mut batch);
@@ -940,7 +973,7 @@ impl Storage for SledLog {
             // The next step's events: at most DELETE_STEP of them, from at most 4 times as many
             // entries of the channel's log (with `own`, most may be its children's).
             let (mut victims, mut seen, mut last) = (Vec::<(Timestamp, Box<str>)>::new(), 0usize, None);
-            self.scan(channel, after, until, Direction::Forward, &mut |ts, line| {
+            self.scan(channel, after, until, Direction::Forward, &mut |ts, line, _| {
                 seen += 1;
                 last = Some(ts);
                 if let Some(path) = line_path(line).filter(|p| !own || *p == channel) {
@@ -996,14 +1029,7 @@ impl Storage for SledLog {
         self.horizons.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(channel).copied()
     }
 
-    fn scan(
-        &self,
-        channel: &str,
-        after: Option<Timestamp>,
-        until: Timestamp,
-        dir: Direction,
-        visit: &mut dyn FnMut(Timestamp, &[u8]) -> ControlFlow<()>,
-    ) -> io::Result<()> {
+    fn scan(&self, channel: &str, after: Option<Timestamp>, until: Timestamp, dir: Direction, visit: &mut Visit<'_>) -> io::Result<()> {
         use std::ops::Bound::Included;
         let prefix = block_prefix(channel);
         let key_len = prefix.len() + Timestamp::BYTES;
@@ -1029,12 +1055,12 @@ impl Storage for SledLog {
         // A deletion in progress may have removed a line before its references: those are
         // below the root's horizon (raised first), and skipped.
         let deleted = self.horizon(ROOT).map(|h| h.newest);
-        let mut line_of = |ts: Timestamp, entry: Entry<'_>, out: &mut dyn FnMut(&[u8]) -> ControlFlow<()>| -> io::Result<ControlFlow<()>> {
+        let mut line_of = |ts: Timestamp, entry: Entry<'_>, out: &mut LineOut<'_>| -> io::Result<ControlFlow<()>> {
             match entry {
-                Entry::Line(line) => Ok(out(line)),
+                Entry::Line(line, origin) => Ok(out(line, origin)),
                 Entry::Ref(_) if root => Err(corrupt("root block (a reference)")),
                 Entry::Ref(len) => match lines.get(&self.db, ts, len) {
-                    Ok(line) => Ok(out(line)),
+                    Ok((line, origin)) => Ok(out(line, origin)),
                     Err(_) if deleted.is_some_and(|d| ts <= d) => Ok(ControlFlow::Continue(())),
                     Err(e) => Err(e),
                 },
@@ -1053,7 +1079,7 @@ impl Storage for SledLog {
                         if ts > until {
                             return Ok(());
                         }
-                        if after_ok(ts) && line_of(ts, entry, &mut |line| visit(ts, line))?.is_break() {
+                        if after_ok(ts) && line_of(ts, entry, &mut |line, origin| visit(ts, line, origin))?.is_break() {
                             return Ok(());
                         }
                     }
@@ -1070,7 +1096,7 @@ impl Storage for SledLog {
                         if !after_ok(ts) {
                             return Ok(());
                         }
-                        if ts <= until && line_of(ts, entry, &mut |line| visit(ts, line))?.is_break() {
+                        if ts <= until && line_of(ts, entry, &mut |line, origin| visit(ts, line, origin))?.is_break() {
                             return Ok(());
                         }
                     }
@@ -1093,7 +1119,7 @@ mod tests {
         {
             let log = SledLog::open(&dir, Durability::Async, DEFAULT_FLUSH_INTERVAL).unwrap();
             assert_eq!(log.clock_floor().unwrap(), None);
-            log.append(&[Record { ts: ts(1), path: "/a", line: b"@1700000000.000000001:/a:x" }]).unwrap();
+            log.append(&[Record { ts: ts(1), path: "/a", line: b"@1700000000.000000001:/a:x", origin: b"-" }]).unwrap();
             log.set_clock_floor(ts(9)).unwrap();
             assert_eq!(log.last_timestamp().unwrap(), Some(ts(1)));
         }
@@ -1101,7 +1127,7 @@ mod tests {
         assert_eq!(log.clock_floor().unwrap(), Some(ts(9)));
         assert_eq!(log.last_timestamp().unwrap(), Some(ts(1)));
         let mut seen = Vec::new();
-        log.scan(ROOT, None, Timestamp::MAX, Direction::Forward, &mut |t, _| {
+        log.scan(ROOT, None, Timestamp::MAX, Direction::Forward, &mut |t, _, _| {
             seen.push(t);
             ControlFlow::Continue(())
         })
@@ -1126,7 +1152,7 @@ mod tests {
         limit: usize,
     ) -> Vec<(Timestamp, Vec<u8>)> {
         let mut out = Vec::new();
-        log.scan(channel, after, until.unwrap_or(Timestamp::MAX), dir, &mut |ts, line| {
+        log.scan(channel, after, until.unwrap_or(Timestamp::MAX), dir, &mut |ts, line, _| {
             out.push((ts, line.to_vec()));
             if out.len() >= limit { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
         })
@@ -1163,7 +1189,7 @@ mod tests {
                 ivy_client_core::wire::encode_event(ts, path, &vec![b'x'; len], &mut line);
                 lines.push((ts, path.to_string(), line));
             }
-            let records: Vec<Record<'_>> = lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l }).collect();
+            let records: Vec<Record<'_>> = lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: b"-" }).collect();
             log.append(&records).unwrap();
             events.extend(lines);
         }
@@ -1225,7 +1251,7 @@ mod tests {
                 ivy_client_core::wire::encode_event(ts, path, &vec![b'y'; ((i * 37) % 500) as usize], &mut line);
                 lines.push((ts, path, line));
             }
-            let records: Vec<Record<'_>> = lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l }).collect();
+            let records: Vec<Record<'_>> = lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: b"-" }).collect();
             log.append(&records).unwrap();
             mem.append(&records).unwrap();
             all.extend(lines.iter().map(|l| l.0));
@@ -1233,7 +1259,7 @@ mod tests {
         assert_eq!(log.last_timestamp().unwrap(), mem.last_timestamp().unwrap());
         let read = |s: &dyn Storage, ch: &str, after, until, dir, limit| {
             let mut out = Vec::new();
-            s.scan(ch, after, until, dir, &mut |ts, line| {
+            s.scan(ch, after, until, dir, &mut |ts, line, _| {
                 out.push((ts, line.to_vec()));
                 if out.len() >= limit { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
             })
@@ -1274,7 +1300,7 @@ mod tests {
         let ts = |n| Timestamp::new(1_700_000_000, n).unwrap();
         let mut line = Vec::new();
         ivy_client_core::wire::encode_event(ts(1), &path, &vec![b'x'; 60 * 1024], &mut line);
-        log.append(&[Record { ts: ts(1), path: &path, line: &line }]).unwrap();
+        log.append(&[Record { ts: ts(1), path: &path, line: &line, origin: b"-" }]).unwrap();
         let grown = stored_bytes(&log) - empty;
         // The line, 17 entry headers, 17 keys (the longest, `/l1/.../l16`, 70 bytes).
         assert!(grown < line.len() + 17 * (ENTRY_HEADER + 80), "{grown} bytes for a {}-byte line", line.len());
@@ -1287,15 +1313,114 @@ mod tests {
         let mut short = Vec::new();
         ivy_client_core::wire::encode_event(ts(2), "/a", b"hi", &mut short);
         assert!(inline(1, short.len()));
-        log.append(&[Record { ts: ts(2), path: "/a", line: &short }]).unwrap();
+        log.append(&[Record { ts: ts(2), path: "/a", line: &short, origin: b"-" }]).unwrap();
         let block = log.db.scan_prefix(block_prefix("/a")).next().unwrap().unwrap().1;
-        assert_eq!(Entries::new(&block).map(|e| e.unwrap().1).collect::<Vec<_>>(), vec![Entry::Line(&short)]);
+        assert_eq!(Entries::new(&block).map(|e| e.unwrap().1).collect::<Vec<_>>(), vec![Entry::Line(&short, b"-")]);
         drop(log);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Writes events as layout 2 did (version 2, a copy of every line in every level's log),
     /// byte for byte: the fixture of a store made by an earlier version.
+    /// A store as layout 3 wrote it: lines without senders, references for the lines too long
+    /// to copy.
+    fn write_layout_3(dir: &Path, events: &[(Timestamp, String, Vec<u8>)]) {
+        let db = sled::Config::new().path(dir).open().unwrap();
+        db.insert(b"v", LAYOUT_V3).unwrap();
+        let mut batch = sled::Batch::default();
+        for (ts, path, line) in events {
+            // One block per event and log: blocks of any size are read the same.
+            for anc in ancestors(path) {
+                let mut block = ts.to_be_bytes().to_vec();
+                if anc == ROOT || inline(ivy_client_core::path::depth(path), line.len()) {
+                    block.extend_from_slice(&(line.len() as u32).to_be_bytes());
+                    block.extend_from_slice(line);
+                } else {
+                    block.extend_from_slice(&(REFERENCE | line.len() as u32).to_be_bytes());
+                }
+                batch.insert(with_ts(&block_prefix(anc), *ts), block);
+            }
+        }
+        db.apply_batch(batch).unwrap();
+        db.flush().unwrap();
+    }
+
+    fn collect_with_origins(log: &SledLog, channel: &str, dir: Direction) -> Vec<(Timestamp, Vec<u8>, Vec<u8>)> {
+        let mut out = Vec::new();
+        log.scan(channel, None, Timestamp::MAX, dir, &mut |ts, line, origin| {
+            out.push((ts, line.to_vec(), origin.to_vec()));
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        out
+    }
+
+    /// A layout 3 store opens as layout 4: its events read as before, with an unknown sender
+    /// (`?`, copies and references alike); new events keep their senders, across a reopen.
+    #[test]
+    fn a_layout_3_store_reads_with_unknown_senders_and_takes_new_events_with_theirs() {
+        let dir = temp_dir("v3");
+        let ts = |n| Timestamp::new(1_700_000_000, n).unwrap();
+        let paths = ["/a", "/a/b", "/a/b/c/d/e", "/c"];
+        let origins: [&[u8]; 4] = [b"=ada", b"-", b"*", b"=a%3Ab%25%0A"];
+        let event = |n: u32| {
+            let path = paths[n as usize % paths.len()];
+            let mut line = Vec::new();
+            ivy_client_core::wire::encode_event(ts(n), path, &vec![b'a' + (n % 26) as u8; (n as usize * 37) % 700], &mut line);
+            (ts(n), path.to_string(), line)
+        };
+        let old: Vec<_> = (1..=300).map(event).collect();
+        write_layout_3(&dir, &old);
+        let new: Vec<_> = (301..=600).map(event).collect();
+        let origin_of = |t: Timestamp| -> Vec<u8> {
+            let n = t.subsec_nanos();
+            if n <= 300 { b"?".to_vec() } else { origins[n as usize % 4].to_vec() }
+        };
+        let channels = [ROOT, "/a", "/a/b", "/a/b/c", "/a/b/c/d/e", "/c", "/x"];
+        let want = |events: &[(Timestamp, String, Vec<u8>)], channel: &str| -> Vec<(Timestamp, Vec<u8>, Vec<u8>)> {
+            events
+                .iter()
+                .filter(|(_, p, _)| channel == ROOT || p == channel || p.starts_with(&format!("{channel}/")))
+                .map(|(t, _, l)| (*t, l.clone(), origin_of(*t)))
+                .collect()
+        };
+        {
+            let log = SledLog::open(&dir, Durability::Sync, DEFAULT_FLUSH_INTERVAL).unwrap();
+            assert_eq!(log.db.get(b"v").unwrap().as_deref(), Some(LAYOUT_VERSION));
+            for channel in channels {
+                assert_eq!(collect_with_origins(&log, channel, Direction::Forward), want(&old, channel), "{channel}");
+            }
+            let records: Vec<Record<'_>> = new
+                .iter()
+                .map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: origins[ts.subsec_nanos() as usize % 4] })
+                .collect();
+            log.append(&records).unwrap();
+            log.flush().unwrap();
+        }
+        let log = SledLog::open(&dir, Durability::Sync, DEFAULT_FLUSH_INTERVAL).unwrap();
+        let all: Vec<_> = old.iter().chain(&new).cloned().collect();
+        for channel in channels {
+            let model = want(&all, channel);
+            assert_eq!(collect_with_origins(&log, channel, Direction::Forward), model, "{channel}");
+            assert_eq!(
+                collect_with_origins(&log, channel, Direction::Backward),
+                model.into_iter().rev().collect::<Vec<_>>(),
+                "{channel} back"
+            );
+        }
+        // A page with senders: the extended lines.
+        let page = read_page(&log, &ReadRequest::new("/c", Some(ts(296)), Timestamp::MAX, 3).with_senders(true)).unwrap();
+        let text = String::from_utf8(page.lines).unwrap();
+        let lines: Vec<&str> = text.split('\n').collect();
+        assert!(lines[0].starts_with("@1700000000.000000299~?:/c:"), "{}", lines[0]);
+        assert!(lines[1].starts_with("@1700000000.000000303~=a%3Ab%25%0A:/c:"), "{}", lines[1]);
+        assert!(lines[2].starts_with("@1700000000.000000307~=a%3Ab%25%0A:/c:"), "{}", lines[2]);
+        let plain = read_page(&log, &ReadRequest::new("/c", Some(ts(296)), Timestamp::MAX, 3)).unwrap();
+        assert!(String::from_utf8(plain.lines).unwrap().starts_with("@1700000000.000000299:/c:"));
+        drop(log);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     fn write_layout_2(dir: &Path, events: &[(Timestamp, String, Vec<u8>)]) {
         let db = sled::Config::new().path(dir).open().unwrap();
         db.insert(b"v", LAYOUT_V2).unwrap();
@@ -1364,7 +1489,7 @@ mod tests {
             for channel in channels {
                 assert_eq!(collect(&log, channel, None, None, Direction::Forward, usize::MAX), want(&old, channel), "{channel}");
             }
-            let records: Vec<Record<'_>> = new.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l }).collect();
+            let records: Vec<Record<'_>> = new.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: b"-" }).collect();
             log.append(&records).unwrap();
             log.flush().unwrap();
         }
@@ -1394,7 +1519,7 @@ mod tests {
         let mut block = ts.to_be_bytes().to_vec();
         block.extend_from_slice(&(REFERENCE | 500).to_be_bytes());
         log.db.insert(with_ts(&block_prefix("/a"), ts), block).unwrap();
-        let r = log.scan("/a", None, Timestamp::MAX, Direction::Forward, &mut |_, _| ControlFlow::Continue(()));
+        let r = log.scan("/a", None, Timestamp::MAX, Direction::Forward, &mut |_, _, _| ControlFlow::Continue(()));
         assert_eq!(r.unwrap_err().kind(), io::ErrorKind::InvalidData);
         drop(log);
         let _ = std::fs::remove_dir_all(&dir);
@@ -1429,7 +1554,7 @@ mod tests {
                     ivy_client_core::wire::encode_event(ts, path, &vec![b'q'; len], &mut line);
                     lines.push((ts, path.to_string(), line));
                 }
-                let records: Vec<Record<'_>> = lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l }).collect();
+                let records: Vec<Record<'_>> = lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: b"-" }).collect();
                 log.append(&records).unwrap();
                 mem.append(&records).unwrap();
                 model.extend(lines);
@@ -1447,7 +1572,7 @@ mod tests {
                         let read = |after, dir, limit| {
                             let mut out = Vec::new();
                             store
-                                .scan(ch, after, Timestamp::MAX, dir, &mut |ts, line| {
+                                .scan(ch, after, Timestamp::MAX, dir, &mut |ts, line, _| {
                                     out.push((ts, line.to_vec()));
                                     if out.len() >= limit { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
                                 })
@@ -1526,7 +1651,7 @@ mod tests {
                 })
                 .collect();
             let records: Vec<Record<'_>> =
-                lines.iter().enumerate().map(|(i, l)| Record { ts: ts(i as u32 + 1), path: "/a/b", line: l }).collect();
+                lines.iter().enumerate().map(|(i, l)| Record { ts: ts(i as u32 + 1), path: "/a/b", line: l, origin: b"-" }).collect();
             log.append(&records).unwrap();
             log.flush().unwrap();
             assert_eq!(Mark::read(&dir.join(MARK_FILE)).unwrap(), Some(ts(5)), "the mark is written");
@@ -1601,7 +1726,7 @@ mod tests {
         block.extend_from_slice(&1000u32.to_be_bytes());
         block.extend_from_slice(b"@short");
         log.db.insert(with_ts(b"b", ts), block).unwrap();
-        let r = log.scan(ROOT, None, Timestamp::MAX, Direction::Forward, &mut |_, _| ControlFlow::Continue(()));
+        let r = log.scan(ROOT, None, Timestamp::MAX, Direction::Forward, &mut |_, _, _| ControlFlow::Continue(()));
         assert_eq!(r.unwrap_err().kind(), io::ErrorKind::InvalidData);
         assert_eq!(log.last_timestamp().unwrap_err().kind(), io::ErrorKind::InvalidData);
         drop(log);

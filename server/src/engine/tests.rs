@@ -3,7 +3,6 @@
 //! rule and the shutdown order. No sockets, no files.
 
 use std::io;
-use std::ops::ControlFlow;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -12,7 +11,7 @@ use bytes::Bytes;
 use ivy_client_core::Timestamp;
 use tokio::sync::mpsc;
 
-use super::local::{Deleted, LocalEngine, Record, Storage, WallClock};
+use super::local::{Deleted, LocalEngine, Record, Storage, Visit, WallClock};
 use super::memory::MemStorage;
 use super::{Completion, Context, Direction, Engine, Publish, PublishError, Publisher, ReadRequest, Retention, queue};
 use crate::conn::Conn;
@@ -76,14 +75,7 @@ impl Storage for Gated {
     fn horizon(&self, channel: &str) -> Option<super::Horizon> {
         self.inner.horizon(channel)
     }
-    fn scan(
-        &self,
-        channel: &str,
-        after: Option<Timestamp>,
-        until: Timestamp,
-        dir: Direction,
-        visit: &mut dyn FnMut(Timestamp, &[u8]) -> ControlFlow<()>,
-    ) -> io::Result<()> {
+    fn scan(&self, channel: &str, after: Option<Timestamp>, until: Timestamp, dir: Direction, visit: &mut Visit<'_>) -> io::Result<()> {
         self.inner.scan(channel, after, until, dir, visit)
     }
 }
@@ -347,14 +339,7 @@ async fn shutdown_returns_when_the_final_flush_never_does() {
         fn horizon(&self, channel: &str) -> Option<super::Horizon> {
             self.0.horizon(channel)
         }
-        fn scan(
-            &self,
-            channel: &str,
-            after: Option<Timestamp>,
-            until: Timestamp,
-            dir: Direction,
-            visit: &mut dyn FnMut(Timestamp, &[u8]) -> ControlFlow<()>,
-        ) -> io::Result<()> {
+        fn scan(&self, channel: &str, after: Option<Timestamp>, until: Timestamp, dir: Direction, visit: &mut Visit<'_>) -> io::Result<()> {
             self.0.scan(channel, after, until, dir, visit)
         }
     }
@@ -450,14 +435,7 @@ impl Storage for Poisoning {
     fn horizon(&self, channel: &str) -> Option<super::Horizon> {
         self.disk.events.horizon(channel)
     }
-    fn scan(
-        &self,
-        channel: &str,
-        after: Option<Timestamp>,
-        until: Timestamp,
-        dir: Direction,
-        visit: &mut dyn FnMut(Timestamp, &[u8]) -> ControlFlow<()>,
-    ) -> io::Result<()> {
+    fn scan(&self, channel: &str, after: Option<Timestamp>, until: Timestamp, dir: Direction, visit: &mut Visit<'_>) -> io::Result<()> {
         self.disk.events.scan(channel, after, until, dir, visit)
     }
 }
@@ -578,14 +556,7 @@ async fn sends_go_on_while_a_deletion_is_in_progress() {
         fn horizon(&self, channel: &str) -> Option<super::Horizon> {
             self.inner.horizon(channel)
         }
-        fn scan(
-            &self,
-            channel: &str,
-            after: Option<Timestamp>,
-            until: Timestamp,
-            dir: Direction,
-            visit: &mut dyn FnMut(Timestamp, &[u8]) -> ControlFlow<()>,
-        ) -> io::Result<()> {
+        fn scan(&self, channel: &str, after: Option<Timestamp>, until: Timestamp, dir: Direction, visit: &mut Visit<'_>) -> io::Result<()> {
             self.inner.scan(channel, after, until, dir, visit)
         }
     }
