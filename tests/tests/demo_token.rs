@@ -201,3 +201,22 @@ async fn a_plain_get_of_ws_with_a_refused_token_says_why() {
     assert!(good.status != 401 && good.status >= 400, "{} {}", good.status, good.text());
     server.kill().await;
 }
+
+/// The demo pages get their token after the page loaded: a connection opened without one that
+/// presents a token in-band (`&JWT`) takes its identity, and its later events are from that
+/// `sub` (the verified sender of `ext=sender`), not anonymous.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_taken_in_band_is_the_verified_sender_of_later_events() {
+    let dir = temp_dir();
+    let server = demo_server(dir.path(), &[]).await;
+    let token = token_for(server.addr, "ada", None).await.json()["token"].as_str().unwrap().to_string();
+    let mut ws = Client::connect(&format!("{}?ext=sender", server.ws_url())).await;
+    assert!(ws.request("#1#:/chat/room:before").await.starts_with("#1#!forbidden "), "anonymous: read only");
+    assert!(ws.request(&format!("#2#&{token}")).await.starts_with("#2#@"));
+    ws.publish("/chat/room", "after").await;
+    let log = ivy_tests::log_text(server.addr, "/log/chat/room?ext=sender").await;
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    assert!(lines[0].contains("~=ada:/chat/room:after"), "{log}");
+    server.kill().await;
+}

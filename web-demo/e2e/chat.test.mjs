@@ -408,6 +408,40 @@ test("each visitor chats under a nickname of their own: a taken nickname is refu
     assert.deepEqual(await waitShown(eve, 3), all);
     // Without a token nobody may write: the server refuses an anonymous send.
     await assert.rejects(seedAnonymous(server, "/chat/lobby", "spoofed"), /forbidden/);
+    // Every name shown is the sender the server verified.
+    assert.deepEqual(await eve.$$eval("#messages li.msg", (els) => els.map((e) => e.getAttribute("data-verified"))), ["true", "true", "true"]);
+  });
+});
+
+test("messages show their verified sender, not the nickname their data claims", async () => {
+  await withServer("verified-senders", async ({ server, page }) => {
+    const ada = await page(DESKTOP);
+    const bob = await page(PHONE);
+    await joinRoom(ada, server, "ada", "lobby");
+    await joinRoom(bob, server, "bob", "lobby");
+    await say(ada, "hello, ada here");
+    await waitShown(bob, 1);
+    // Mallory has a token of her own and writes a message whose data says it is from ada.
+    await seed(server, "/chat/lobby", [JSON.stringify({ nick: "ada", text: "I am ada, trust me" })], "mallory");
+    const expected = await waitForLog(server, "lobby", 2);
+    assert.deepEqual(
+      expected.map((m) => [m.nick, m.text]),
+      [
+        ["ada", "hello, ada here"],
+        ["mallory", "I am ada, trust me"],
+      ],
+    );
+    for (const p of [ada, bob]) {
+      assert.deepEqual(await waitShown(p, 2), expected);
+      const names = await p.$$eval("#messages li.msg .nick", (els) => els.map((e) => e.textContent));
+      assert.deepEqual(names, ["ada", "mallory"]);
+    }
+    // Ada's page does not take mallory's message for one of hers.
+    assert.deepEqual(await ada.$$eval("#messages li.msg", (els) => els.map((e) => e.classList.contains("mine"))), [true, false]);
+    // A reload reads the history with the senders too.
+    await bob.reload();
+    await waitReady(bob);
+    assert.deepEqual(await waitShown(bob, 2), expected);
   });
 });
 

@@ -518,25 +518,30 @@ function formatDebug(debug) {
   return out;
 }
 
-/** The server's log of `/chat/<room>`, parsed and unescaped (`%25` → `%`, `%0A` → LF). */
+/** The server's log of `/chat/<room>` with each event's verified sender (`?ext=sender`:
+ * `@TS~SENDER:PATH:DATA`), parsed and unescaped (`%25` → `%`, `%0A` → LF). `sender`: the
+ * token's `sub` of the connection that sent it, or null (no token, the application, unknown). */
 export async function serverLog(server, room) {
-  const r = await fetch(`${server.url}/log/chat/${room}`);
+  const r = await fetch(`${server.url}/log/chat/${room}?ext=sender`);
   if (r.status !== 200) throw new Error(`GET /log/chat/${room}: ${r.status}`);
   const body = await r.text();
   if (body === "") return [];
+  const unescape = (s) => s.replace(/%25|%0A|%0D|%3A/g, (e) => ({ "%25": "%", "%0A": "\n", "%0D": "\r", "%3A": ":" })[e]);
   return body.split("\n").map((line) => {
-    const m = /^@(\d+\.\d{9}):([^:]*):(.*)$/s.exec(line);
+    const m = /^@(\d+\.\d{9})~([^:]*):([^:]*):(.*)$/s.exec(line);
     if (!m) throw new Error(`bad log line ${JSON.stringify(line)}`);
-    const data = m[3].replace(/%25|%0A/g, (s) => (s === "%25" ? "%" : "\n"));
-    return { ts: m[1], path: m[2], data };
+    const data = m[4].replace(/%25|%0A/g, (s) => (s === "%25" ? "%" : "\n"));
+    const sender = m[2].startsWith("=") ? unescape(m[2].slice(1)) : null;
+    return { ts: m[1], path: m[3], data, sender };
   });
 }
 
-/** The log as the demo should show it: chat messages as {ts, nick, text}. */
+/** The log as the demo should show it: chat messages as {ts, nick, text}, `nick` being the
+ * verified sender (the page shows it rather than the nickname in the data). */
 export async function serverMessages(server, room) {
   return (await serverLog(server, room)).map((e) => {
     const d = JSON.parse(e.data);
-    return { ts: e.ts, nick: d.nick, text: d.text };
+    return { ts: e.ts, nick: e.sender ?? d.nick, text: d.text };
   });
 }
 

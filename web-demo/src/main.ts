@@ -138,11 +138,16 @@ async function clientFor(nick: string): Promise<IvyClient> {
   client?.close();
   room?.close();
   room = undefined;
-  const c = new IvyClient(serverUrl(), token ? { maxBackoffMs: 4000, token: token.token, getToken: tokenProvider(nick) } : { maxBackoffMs: 4000 });
+  // With a token, the server vouches for who sent each message (`senders`): the page shows
+  // that name, not the nickname a message's data claims.
+  const c = new IvyClient(
+    serverUrl(),
+    token ? { maxBackoffMs: 4000, token: token.token, getToken: tokenProvider(nick), senders: true } : { maxBackoffMs: 4000 },
+  );
   client = c;
   clientNick = nick;
   myName = token?.sub ?? nick;
-  senders = false; // verified senders: once the client has the `senders` option
+  senders = token !== null;
   showStatus(c.status);
   c.onStatus((s, why) => {
     if (c !== client) return;
@@ -199,7 +204,7 @@ function showChat(client: IvyClient, roomName: string, nick: string): void {
     retry: (id) => room?.retry(id),
     discard: (id) => room?.discard(id),
   }, senders);
-  const r = new Room(client, roomName, nick, view, setNotice);
+  const r = new Room(client, roomName, nick, view, setNotice, senders);
   room = r;
   ui.earlier.onclick = async () => {
     ui.earlier.disabled = true;

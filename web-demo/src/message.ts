@@ -1,5 +1,7 @@
 // Chat messages on the wire, names, and small formatting helpers (no DOM, no client).
 
+import type { IvySender } from "ivy-client-wasm";
+
 /** What a chat message carries as its event data (JSON). `id` lets the sender recognize
  * its own message when it comes back through the subscription; other clients ignore it. */
 export interface ChatData {
@@ -11,7 +13,7 @@ export interface ChatData {
 /** Who sent an event, as the server verified it (the client's `senders` option): a token's
  * `sub`, a connection without a token, the server's embedding application, or unknown (an
  * event stored before the server recorded senders). */
-export type Sender = { kind: "user"; sub: string } | { kind: "anonymous" } | { kind: "application" } | { kind: "unknown" };
+export type Sender = IvySender;
 
 /** A message as the room displays it. */
 export interface ChatMessage {
