@@ -1,7 +1,8 @@
 #!/bin/bash
 # A store written by an earlier ivy-server, opened by a later one: every log (whole, and a
 # first cursor page) must read back byte for byte, new events go on top, and the earlier
-# server is then told the layout is not its own.
+# server is then told the layout is not its own. With `ext=sender` the old events read with an
+# unknown sender (`~?`), the new one with its own (`~-`, no token).
 # Usage: scripts/check-store-compat.sh OLD_SERVER NEW_SERVER   (after cargo build -p ivy-client-native)
 set -euo pipefail
 old=$1 new=$2
@@ -35,12 +36,20 @@ read_all old
 stop
 start "$new" new
 read_all new
+for l in $logs; do
+  n=$(echo "$l" | tr / _)
+  curl -s "http://127.0.0.1:$port/log$l?ext=sender" >"$work/newext$n"
+done
 "$ivy" send /a/b "after the upgrade" >/dev/null
+curl -s "http://127.0.0.1:$port/log/a/b?n=1&ext=sender" >"$work/newsender"
 stop
 for l in $logs; do
   n=$(echo "$l" | tr / _)
   cmp "$work/old$n" "$work/new$n" && cmp "$work/oldpage$n" "$work/newpage$n"
-  echo "same $l: $(wc -c <"$work/old$n") bytes"
+  sed 's/^@\([0-9]*\.[0-9]*\):/@\1~?:/' "$work/old$n" | cmp - "$work/newext$n"
+  echo "same $l: $(wc -c <"$work/old$n") bytes; with ext=sender, every line's sender is ?"
 done
+grep -q '^@[0-9]*\.[0-9]*~-:/a/b:after the upgrade$' "$work/newsender" || { echo "the new event has no sender: $(cat "$work/newsender")" >&2; exit 1; }
+echo "the new event has its sender: $(cut -c1-60 "$work/newsender")"
 if start "$old" old-again; then stop; echo "the earlier server opened the upgraded store" >&2; exit 1; fi
 echo "the earlier server refuses the upgraded store: $(tail -1 "$work/old-again.err")"

@@ -160,6 +160,45 @@ async fn subscribe_send_with_ack_and_escaping() {
     assert_eq!(a.status(), "closed");
 }
 
+/// `senders: true`: every event, live and in log pages, has its verified sender (anonymous
+/// here: the test server has auth off); without it, none.
+#[wasm_bindgen_test]
+async fn senders_on_request() {
+    let path = unique("s");
+    let opts = fast();
+    Reflect::set(&opts, &"senders".into(), &true.into()).unwrap();
+    let a = IvyClient::new(server(), Some(opts)).unwrap();
+    let b = IvyClient::new(server(), Some(fast())).unwrap();
+    let (seen_a, seen_b): (Rc<RefCell<Vec<JsValue>>>, Rc<RefCell<Vec<JsValue>>>) = (Rc::default(), Rc::default());
+    let keep = |store: Rc<RefCell<Vec<JsValue>>>| {
+        let cb = Closure::<dyn FnMut(JsValue)>::new(move |ev: JsValue| store.borrow_mut().push(ev));
+        let f: Function = cb.as_ref().unchecked_ref::<Function>().clone();
+        cb.forget();
+        f
+    };
+    let _sa = a.subscribe(&path, keep(seen_a.clone()), Some(options("beginning"))).unwrap();
+    let _sb = b.subscribe(&path, keep(seen_b.clone()), Some(options("beginning"))).unwrap();
+    connected(&a).await;
+    connected(&b).await;
+    ok(b.send(&path, "hello".into())).await;
+    for _ in 0..400 {
+        if !seen_a.borrow().is_empty() && !seen_b.borrow().is_empty() {
+            break;
+        }
+        sleep(25).await;
+    }
+    let sender = |ev: &JsValue| Reflect::get(ev, &"sender".into()).unwrap();
+    let kind = |ev: &JsValue| get(&sender(ev), "kind");
+    assert_eq!(kind(&seen_a.borrow()[0]), "anonymous");
+    assert!(sender(&seen_b.borrow()[0]).is_undefined(), "no sender without the option");
+    let page = ok(a.log(&path, None)).await;
+    assert_eq!(kind(&js_sys::Array::from(&page).get(0)), "anonymous");
+    let page = ok(b.log(&path, None)).await;
+    assert!(sender(&js_sys::Array::from(&page).get(0)).is_undefined());
+    a.close();
+    b.close();
+}
+
 #[wasm_bindgen_test]
 async fn errors_are_error_objects() {
     let c = IvyClient::new(server(), Some(fast())).unwrap();

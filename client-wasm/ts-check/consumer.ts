@@ -2,7 +2,7 @@
 // generated .d.ts (scripts/test-wasm.sh). It is not run: it proves the types are complete.
 import init, {
   tokenExp, IvyClient, IvySubscription, type IvyError, type IvyErrorCode, type IvyEvent, type IvyStatus, type IvyOptions, type LogOptions,
-  type IvyStatusReason, type IvyTimestamp,
+  type IvyStatusReason, type IvyTimestamp, type IvySender,
 } from "ivy-client-wasm";
 
 export async function demo(): Promise<string> {
@@ -17,7 +17,7 @@ export async function demo(): Promise<string> {
   const offErrors: () => void = client.onError((e: unknown) => console.error(e));
   offErrors();
   await client.ready(5000);
-  const connected: IvyClient = await IvyClient.connect("/", { requestTimeoutMs: 1000 });
+  const connected: IvyClient = await IvyClient.connect("/", { requestTimeoutMs: 1000, senders: true });
   const why: IvyStatusReason = connected.statusReason;
   const current: IvyStatus = client.status;
   const seen: IvyEvent[] = [];
@@ -25,6 +25,9 @@ export async function demo(): Promise<string> {
     const ts: IvyTimestamp = e.ts;
     const path: string = e.path;
     const data: string = e.data;
+    // With `senders: true`: who sent it, as the server verified it.
+    const sender: IvySender | undefined = e.sender;
+    if (sender?.kind === "user") console.log(sender.sub);
     seen.push({ ts, path, data });
   }, { from: "beginning", onError: (err: Error) => console.warn(err.message) });
   const path: string = sub.path;

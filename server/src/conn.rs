@@ -315,8 +315,9 @@ impl Conn {
     /// Makes the connection receive the extended event lines (`ext=sender`), before it is
     /// shared.
     pub(crate) fn with_senders(mut self: Arc<Self>, senders: bool) -> Arc<Conn> {
-        if let Some(c) = Arc::get_mut(&mut self) {
-            c.senders = senders;
+        match Arc::get_mut(&mut self) {
+            Some(c) => c.senders = senders,
+            None => debug_assert!(false, "with_senders on a shared connection"),
         }
         self
     }

@@ -377,6 +377,42 @@ mod tests {
         out
     }
 
+    /// The extended line (`ext=sender`) is built once per event, only when a connection that
+    /// asked for it receives the event, and shared by all of them; the others get the original
+    /// line.
+    #[test]
+    fn the_extended_line_is_built_once_and_only_when_wanted() {
+        let fanout = FanOut::new();
+        let (a, mut rx_a, _) = Conn::new(ConnId(1), 16);
+        let (b, mut rx_b, _) = Conn::new(ConnId(2), 16);
+        let (c, mut rx_c, _) = Conn::new(ConnId(3), 16);
+        let (a, b) = (a.with_senders(true), b.with_senders(true));
+        fanout.subscribe(&a, "/x", |_| {});
+        fanout.subscribe(&b, "/", |_| {});
+        fanout.subscribe(&c, "/x", |_| {});
+        let ev = event(1, "/x/y").from(Origin::user("a:b"));
+        fanout.deliver(std::slice::from_ref(&ev), |_| {});
+        let text = |rx: &mut tokio::sync::mpsc::Receiver<axum::extract::ws::Message>| match rx.try_recv() {
+            Ok(axum::extract::ws::Message::Text(t)) => t,
+            other => panic!("{other:?}"),
+        };
+        let (ta, tb, tc) = (text(&mut rx_a), text(&mut rx_b), text(&mut rx_c));
+        assert_eq!(ta.as_str(), "@1700000000.000000001~=a%3Ab:/x/y:1");
+        assert_eq!(ta.as_str().as_ptr(), tb.as_str().as_ptr(), "one extended line, shared");
+        assert_eq!(tc.as_str(), "@1700000000.000000001:/x/y:1");
+        assert_eq!(tc.as_str().as_ptr(), ev.line.as_bytes().as_ptr(), "the original line, shared");
+        // Nobody who asked for it receives this one (the sender is its only such subscriber).
+        let mut own = event(2, "/x").from(Origin::ANONYMOUS);
+        own.sender = Some(ConnId(1));
+        let other = Published::new(own.ts, "/z", None, own.line.clone()).from(Origin::ANONYMOUS);
+        fanout.unsubscribe(&b, "/", |_| {});
+        let batch = [own, other];
+        fanout.deliver(&batch, |_| {});
+        assert_eq!(text(&mut rx_c).as_str(), "@1700000000.000000002:/x:2");
+        assert!(rx_a.try_recv().is_err());
+        assert!(batch.iter().all(|e| e.extended.get().is_none()), "never built");
+    }
+
     /// A subscription change holds its channel's shard only: delivery to a channel of another
     /// shard goes on meanwhile (with one lock for the whole registry it waited).
     #[test]

@@ -48,8 +48,11 @@ pub struct Config {
     pub token_provider: bool,
     /// Ask for verified senders (**Extension** `ext=sender`, `docs/PROTOCOL.md` 6.1.1): the
     /// WebSocket URL ([`Config::ws_url`]) and the log pages ask for the extended event lines,
-    /// and every event then has its [`Event::sender`](crate::wire::Event::sender). Default:
-    /// false (the original lines, `sender` always `None`).
+    /// and every event then has its [`Event::sender`](crate::wire::Event::sender), except the
+    /// client's own sends delivered to its own subscriptions: the server does not echo them,
+    /// the client inserts them from the send's ack and does not know its own verified identity
+    /// (it does not decode its token), so their `sender` is `None`. Default: false (the
+    /// original lines, `sender` always `None`).
     pub senders: bool,
 }
 

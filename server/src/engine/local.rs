@@ -77,8 +77,8 @@ pub(crate) struct Record<'a> {
     pub(crate) path: &'a str,
     /// The encoded event line.
     pub(crate) line: &'a [u8],
-    /// Its sender's wire form ([`super::Origin::wire`]).
-    pub(crate) origin: &'a [u8],
+    /// Its sender.
+    pub(crate) origin: &'a super::Origin,
 }
 
 /// What [`Storage::scan`] calls for each event: its timestamp, its line and its sender's wire
@@ -432,7 +432,7 @@ impl Sequencer {
             }
         };
         let records: Vec<Record<'_>> =
-            batch.iter().zip(&lines).map(|(r, (ts, line))| Record { ts: *ts, path: &r.path, line, origin: r.origin.wire() }).collect();
+            batch.iter().zip(&lines).map(|(r, (ts, line))| Record { ts: *ts, path: &r.path, line, origin: &r.origin }).collect();
         let stored = storage.append(&records).and_then(|()| storage.commit());
         drop(records);
         if let Err(e) = stored {

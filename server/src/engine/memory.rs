@@ -239,8 +239,7 @@ impl Storage for MemStorage {
         let mut inner = self.inner.write().unwrap_or_else(PoisonError::into_inner);
         for r in records {
             let at = inner.base + inner.events.len();
-            let origin = Origin::from_wire(r.origin).unwrap_or(Origin::UNKNOWN);
-            inner.events.push_back((r.ts, Some((r.line.into(), origin))));
+            inner.events.push_back((r.ts, Some((r.line.into(), r.origin.clone()))));
             for anc in ancestors(r.path).filter(|a| *a != ROOT) {
                 match inner.channels.get_mut(anc) {
                     Some(v) => v.push_back(at),

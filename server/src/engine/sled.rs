@@ -7,10 +7,10 @@
 //! # let _ = engine; Ok(()) }
 //! ```
 //!
-//! The store layout (version 3), in one sled tree so that a batch of events is written
+//! The store layout (version 4), in one sled tree so that a batch of events is written
 //! atomically:
 //!
-//! - `v` → the layout version (`3`);
+//! - `v` → the layout version (`4`);
 //! - `c` → the clock floor (12 bytes, big-endian; optional): no timestamp above it has been
 //!   handed out, so a restarted clock resumes after `max(floor, newest event)`;
 //! - `b` ‖ ts → a block of the root log: consecutive events, the first at `ts`;
@@ -25,8 +25,12 @@
 //! Timestamps in keys are 12 bytes, big-endian, so key order is time order. A block is a run of
 //! entries in timestamp order, each `ts (12 bytes) ‖ word (4 bytes, big-endian)` and then:
 //!
-//! - a line (the word is its length, below 2³¹): the event line exactly as delivered
-//!   (`@ts:/path:data`);
+//! - a line with its sender (the word's bit 30 is set, the rest is the line's length): the
+//!   sender's wire form (`docs/PROTOCOL.md` 6.1.1: `=escaped-sub`, `-` or `*`) preceded by its
+//!   length (2 bytes, big-endian), then the event line exactly as delivered to a connection
+//!   without extensions (`@ts:/path:data`); the extended line is built from both;
+//! - a line without its sender (the word is its length, below 2³⁰; written by layout 3): read
+//!   with the sender unknown, `?`;
 //! - nothing (the word's top bit is set, the rest is the line's length): a *reference* to the
 //!   event of that timestamp, whose line is in the root's log.
 //!
@@ -36,8 +40,9 @@
 //! is one range scan of its prefix reading whole blocks. `0x00` cannot occur in a path, so `/a`
 //! never matches `/ab`.
 //!
-//! Every event's line is stored once, in the root's log. The log of each other level of its
-//! path holds a reference (16 bytes), or a copy of the line when the copies are small: an event
+//! Every event's line is stored once, in the root's log, with its sender. The log of each
+//! other level of its path holds a reference (16 bytes), or a copy of the line (and its sender)
+//! when the copies are small: an event
 //! at depth `d` (`/a/b` has 2) with a line of `n` bytes is copied into the `d` logs when
 //! `d × n <= INLINE_BUDGET` (256 bytes), referenced otherwise. The copies spare a reader of a
 //! channel one lookup per event where they cost little: short events on shallow paths. So an
@@ -48,11 +53,14 @@
 //!
 //! Older layouts, from stores written by earlier versions:
 //!
+//! - layout 3 (no senders) is read as it is: its blocks are layout 4 blocks whose lines have
+//!   no sender, and their events are read with the sender unknown (`?`). Opening one records
+//!   version 4, so that an earlier version (which would read the sender bit as damage)
+//!   refuses the store instead;
 //! - layout 2 (every level's log held a copy of every line) is read as it is: its blocks are
-//!   layout 3 blocks whose entries are all copies. Opening one records version 3, so that an
-//!   earlier version (which would read references as damage) refuses the store instead;
+//!   layout 3 blocks whose entries are all copies; it opens as layout 4, as layout 3 does;
 //! - layout 1 (one key per event: `e` ‖ ts → line, and `i` ‖ channel ‖ `0x00` ‖ ts → index
-//!   entries) is converted to layout 3 when such a store is opened, in atomic steps that a
+//!   entries) is converted to layout 4 (senders unknown) when such a store is opened, in atomic steps that a
 //!   crash can interrupt and a restart resumes.
 
 use std::collections::HashMap;
@@ -69,7 +77,7 @@ use super::local::{Deleted, LocalEngine, Record, Storage, Visit, WallClock, line
 use super::reopen::{self, Reopening};
 use super::{Context, Direction, Engine, Horizon, Open, Retention};
 #[cfg(test)]
-use super::{ReadRequest, local::read_page};
+use super::{Origin, ReadRequest, local::read_page};
 
 /// When an event is acknowledged relative to its durable write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -900,7 +908,7 @@ impl Storage for SledLog {
         let mut batch = sled::Batch::default();
         let mut blocks = Blocks::default();
         for r in records {
-            blocks.add(&mut batch, r.ts, r.path, r.line, r.origin);
+            blocks.add(&mut batch, r.ts, r.path, r.line, r.origin.wire());
         }
         let bytes = blocks.bytes;
         blocks.finish(&mut batch);
@@ -1119,7 +1127,7 @@ mod tests {
         {
             let log = SledLog::open(&dir, Durability::Async, DEFAULT_FLUSH_INTERVAL).unwrap();
             assert_eq!(log.clock_floor().unwrap(), None);
-            log.append(&[Record { ts: ts(1), path: "/a", line: b"@1700000000.000000001:/a:x", origin: b"-" }]).unwrap();
+            log.append(&[Record { ts: ts(1), path: "/a", line: b"@1700000000.000000001:/a:x", origin: &Origin::ANONYMOUS }]).unwrap();
             log.set_clock_floor(ts(9)).unwrap();
             assert_eq!(log.last_timestamp().unwrap(), Some(ts(1)));
         }
@@ -1189,7 +1197,8 @@ mod tests {
                 ivy_client_core::wire::encode_event(ts, path, &vec![b'x'; len], &mut line);
                 lines.push((ts, path.to_string(), line));
             }
-            let records: Vec<Record<'_>> = lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: b"-" }).collect();
+            let records: Vec<Record<'_>> =
+                lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: &Origin::ANONYMOUS }).collect();
             log.append(&records).unwrap();
             events.extend(lines);
         }
@@ -1251,7 +1260,8 @@ mod tests {
                 ivy_client_core::wire::encode_event(ts, path, &vec![b'y'; ((i * 37) % 500) as usize], &mut line);
                 lines.push((ts, path, line));
             }
-            let records: Vec<Record<'_>> = lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: b"-" }).collect();
+            let records: Vec<Record<'_>> =
+                lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: &Origin::ANONYMOUS }).collect();
             log.append(&records).unwrap();
             mem.append(&records).unwrap();
             all.extend(lines.iter().map(|l| l.0));
@@ -1300,7 +1310,7 @@ mod tests {
         let ts = |n| Timestamp::new(1_700_000_000, n).unwrap();
         let mut line = Vec::new();
         ivy_client_core::wire::encode_event(ts(1), &path, &vec![b'x'; 60 * 1024], &mut line);
-        log.append(&[Record { ts: ts(1), path: &path, line: &line, origin: b"-" }]).unwrap();
+        log.append(&[Record { ts: ts(1), path: &path, line: &line, origin: &Origin::ANONYMOUS }]).unwrap();
         let grown = stored_bytes(&log) - empty;
         // The line, 17 entry headers, 17 keys (the longest, `/l1/.../l16`, 70 bytes).
         assert!(grown < line.len() + 17 * (ENTRY_HEADER + 80), "{grown} bytes for a {}-byte line", line.len());
@@ -1313,7 +1323,7 @@ mod tests {
         let mut short = Vec::new();
         ivy_client_core::wire::encode_event(ts(2), "/a", b"hi", &mut short);
         assert!(inline(1, short.len()));
-        log.append(&[Record { ts: ts(2), path: "/a", line: &short, origin: b"-" }]).unwrap();
+        log.append(&[Record { ts: ts(2), path: "/a", line: &short, origin: &Origin::ANONYMOUS }]).unwrap();
         let block = log.db.scan_prefix(block_prefix("/a")).next().unwrap().unwrap().1;
         assert_eq!(Entries::new(&block).map(|e| e.unwrap().1).collect::<Vec<_>>(), vec![Entry::Line(&short, b"-")]);
         drop(log);
@@ -1390,10 +1400,10 @@ mod tests {
             for channel in channels {
                 assert_eq!(collect_with_origins(&log, channel, Direction::Forward), want(&old, channel), "{channel}");
             }
-            let records: Vec<Record<'_>> = new
-                .iter()
-                .map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: origins[ts.subsec_nanos() as usize % 4] })
-                .collect();
+            let senders: Vec<Origin> =
+                new.iter().map(|(ts, ..)| Origin::from_wire(origins[ts.subsec_nanos() as usize % 4]).unwrap()).collect();
+            let records: Vec<Record<'_>> =
+                new.iter().zip(&senders).map(|((ts, p, l), origin)| Record { ts: *ts, path: p, line: l, origin }).collect();
             log.append(&records).unwrap();
             log.flush().unwrap();
         }
@@ -1489,7 +1499,8 @@ mod tests {
             for channel in channels {
                 assert_eq!(collect(&log, channel, None, None, Direction::Forward, usize::MAX), want(&old, channel), "{channel}");
             }
-            let records: Vec<Record<'_>> = new.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: b"-" }).collect();
+            let records: Vec<Record<'_>> =
+                new.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: &Origin::ANONYMOUS }).collect();
             log.append(&records).unwrap();
             log.flush().unwrap();
         }
@@ -1554,7 +1565,8 @@ mod tests {
                     ivy_client_core::wire::encode_event(ts, path, &vec![b'q'; len], &mut line);
                     lines.push((ts, path.to_string(), line));
                 }
-                let records: Vec<Record<'_>> = lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: b"-" }).collect();
+                let records: Vec<Record<'_>> =
+                    lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: &Origin::ANONYMOUS }).collect();
                 log.append(&records).unwrap();
                 mem.append(&records).unwrap();
                 model.extend(lines);
@@ -1650,8 +1662,11 @@ mod tests {
                     line
                 })
                 .collect();
-            let records: Vec<Record<'_>> =
-                lines.iter().enumerate().map(|(i, l)| Record { ts: ts(i as u32 + 1), path: "/a/b", line: l, origin: b"-" }).collect();
+            let records: Vec<Record<'_>> = lines
+                .iter()
+                .enumerate()
+                .map(|(i, l)| Record { ts: ts(i as u32 + 1), path: "/a/b", line: l, origin: &Origin::ANONYMOUS })
+                .collect();
             log.append(&records).unwrap();
             log.flush().unwrap();
             assert_eq!(Mark::read(&dir.join(MARK_FILE)).unwrap(), Some(ts(5)), "the mark is written");
