@@ -100,7 +100,8 @@ export interface IvyOptions {
    * calls it before its token expires (it reads the token's `exp`: 30 s ahead, or a third of
    * the remaining lifetime of a shorter-lived token) and hands the new token to the live connection, which goes on
    * without a reconnect; and once more after the server refused a token. Without `token`, it
-   * is called for the first one before connecting. Return the token (a string), or null or
+   * is called at once for the first one, while the client connects without a token (what the
+   * server allows anonymously); the token is presented in-band when it comes. Return the token (a string), or null or
    * undefined when there is none: the client then ends "unauthorized" once its token is
    * refused. A thrown error goes to the `onError` listeners and counts as none. */
   getToken?: () => string | null | undefined | Promise<string | null | undefined>;
