@@ -10,8 +10,9 @@
 //! nickname claims it for the visitor that made it, who gets a random secret in an
 //! `HttpOnly`, `SameSite=Strict` cookie; a later request for that nickname gets a token only
 //! with that cookie (else 409, "nickname taken"). A claim ends after [`IDLE`] without a token
-//! request (a page refreshing its token keeps it), and at most [`MAX_CLAIMS`] are held, so
-//! the memory it takes is bounded. Nicknames are compared without regard to case, so `Ada`
+//! request (a page refreshing its token keeps it), and at most [`MAX_CLAIMS`] are held
+//! ([`MAX_CLAIMS_PER_ADDRESS`] from one client address), so the memory it takes is bounded
+//! and one client cannot take every nickname. Nicknames are compared without regard to case, so `Ada`
 //! cannot pass for `ada`.
 //!
 //! The state is a pure structure ([`Claims`]) that takes the time as a parameter; the
@@ -19,6 +20,7 @@
 //! server's first `--auth-hmac-secret` (the code of `ivy-server token`).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,12 +31,17 @@ use serde::Deserialize;
 
 use crate::Shared;
 use crate::auth::{Mint, Secret, mint_hs256};
+use crate::limits::Admitted;
 
 /// A claim without a token request for this long ends (its nickname is free again).
 pub const IDLE: Duration = Duration::from_secs(3600);
 
 /// Most nicknames claimed at once; beyond, requests for new ones get 503 until claims expire.
 pub const MAX_CLAIMS: usize = 10_000;
+
+/// Most nicknames claimed at once from one client IP address (when served by
+/// [`crate::serve`]), so that one client cannot take them all; beyond, 429.
+pub const MAX_CLAIMS_PER_ADDRESS: usize = 64;
 
 /// Longest nickname, in characters.
 pub const MAX_NICKNAME: usize = 32;
@@ -57,44 +64,64 @@ pub enum Claim {
     Taken,
     /// It is free, but [`MAX_CLAIMS`] are held: none can be added now.
     Full,
+    /// It is free, but the visitor's address holds [`MAX_CLAIMS_PER_ADDRESS`] already.
+    TooMany,
 }
 
 /// The nicknames claimed, by their lowercase form: who holds each and when it last got a
 /// token. Bounded by its capacity; claims idle for longer than `idle` are expired.
 #[derive(Debug)]
 pub struct Claims {
-    by_nick: HashMap<String, (Visitor, Instant)>,
+    by_nick: HashMap<String, Held>,
     capacity: usize,
+    per_address: usize,
     idle: Duration,
 }
 
+/// A claim: who holds it, from where, and when it last got a token.
+#[derive(Debug)]
+struct Held {
+    visitor: Visitor,
+    address: Option<IpAddr>,
+    last: Instant,
+}
+
 impl Claims {
-    /// Room for `capacity` claims, each ending after `idle` without use.
-    pub fn new(capacity: usize, idle: Duration) -> Claims {
-        Claims { by_nick: HashMap::new(), capacity, idle }
+    /// Room for `capacity` claims, at most `per_address` from one address, each ending after
+    /// `idle` without use.
+    pub fn new(capacity: usize, per_address: usize, idle: Duration) -> Claims {
+        Claims { by_nick: HashMap::new(), capacity, per_address, idle }
     }
 
-    /// Claims `nickname` for `visitor` at `now` (or renews the visitor's claim).
-    pub fn claim(&mut self, nickname: &str, visitor: &Visitor, now: Instant) -> Claim {
+    /// Claims `nickname` for `visitor` (from `address`, when known) at `now`, or renews the
+    /// visitor's claim.
+    pub fn claim(&mut self, nickname: &str, visitor: &Visitor, address: Option<IpAddr>, now: Instant) -> Claim {
         let key = nickname.to_lowercase();
         let idle = self.idle;
         let live = |last: Instant| now.saturating_duration_since(last) < idle;
-        if let Some((holder, last)) = self.by_nick.get_mut(&key) {
-            if live(*last) && !bool::from(subtle::ConstantTimeEq::ct_eq(&holder[..], &visitor[..])) {
+        if let Some(held) = self.by_nick.get_mut(&key) {
+            let theirs = bool::from(subtle::ConstantTimeEq::ct_eq(&held.visitor[..], &visitor[..]));
+            if live(held.last) && !theirs {
                 return Claim::Taken;
             }
-            // The visitor's own claim, or an expired one taken over.
-            *holder = *visitor;
-            *last = now;
-            return Claim::Granted;
+            if theirs {
+                // The visitor's own claim: renewed.
+                held.last = now;
+                return Claim::Granted;
+            }
+            // An expired claim: free again (counted as a new one below).
+            self.by_nick.remove(&key);
+        }
+        if address.is_some() && self.by_nick.values().filter(|h| h.address == address && live(h.last)).count() >= self.per_address {
+            return Claim::TooMany;
         }
         if self.by_nick.len() >= self.capacity {
-            self.by_nick.retain(|_, (_, last)| live(*last));
+            self.by_nick.retain(|_, h| live(h.last));
             if self.by_nick.len() >= self.capacity {
                 return Claim::Full;
             }
         }
-        self.by_nick.insert(key, (*visitor, now));
+        self.by_nick.insert(key, Held { visitor: *visitor, address, last: now });
         Claim::Granted
     }
 
@@ -144,7 +171,8 @@ impl DemoTokens {
             issuer: config.auth_issuer.clone(),
             audience: config.auth_audience.clone(),
         };
-        Ok(Some(DemoTokens { secret: secret.clone(), mint, claims: Mutex::new(Claims::new(MAX_CLAIMS, IDLE)) }))
+        let claims = Claims::new(MAX_CLAIMS, MAX_CLAIMS_PER_ADDRESS, IDLE);
+        Ok(Some(DemoTokens { secret: secret.clone(), mint, claims: Mutex::new(claims) }))
     }
 }
 
@@ -206,7 +234,11 @@ fn hex(v: &Visitor) -> String {
 }
 
 /// `POST /demo/token`.
-pub(crate) async fn handler(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+pub(crate) async fn handler(
+    State(shared): State<Arc<Shared>>,
+    connection: Option<axum::Extension<Arc<Admitted>>>,
+    request: Request,
+) -> Response {
     let Some(demo) = shared.demo.as_ref() else { return reply(StatusCode::NOT_FOUND, "not found") };
     let (parts, body) = request.into_parts();
     if !crate::ws::origin_allowed(&shared.config.allowed_origins, &parts.headers) {
@@ -243,11 +275,15 @@ pub(crate) async fn handler(State(shared): State<Arc<Shared>>, request: Request)
             (v, true)
         }
     };
-    let decision = demo.claims.lock().map(|mut c| c.claim(&nick, &visitor, Instant::now()));
+    let address = connection.and_then(|c| c.ip());
+    let decision = demo.claims.lock().map(|mut c| c.claim(&nick, &visitor, address, Instant::now()));
     match decision {
         Ok(Claim::Granted) => {}
         Ok(Claim::Taken) => {
             return reply(StatusCode::CONFLICT, &format!("nickname taken: {nick:?} is in use by another visitor; pick another"));
+        }
+        Ok(Claim::TooMany) => {
+            return reply(StatusCode::TOO_MANY_REQUESTS, "too many nicknames are in use from your address; try again later");
         }
         Ok(Claim::Full) => {
             return reply(StatusCode::SERVICE_UNAVAILABLE, "too many nicknames are in use on this demo server; try again later");
@@ -288,19 +324,32 @@ mod tests {
     #[test]
     fn a_nickname_is_its_first_visitors_until_idle() {
         let t0 = Instant::now();
-        let mut c = Claims::new(2, Duration::from_secs(60));
+        let mut c = Claims::new(2, 10, Duration::from_secs(60));
         let (ada, bob) = ([1u8; 16], [2u8; 16]);
-        assert_eq!(c.claim("Ada", &ada, t0), Claim::Granted);
-        assert_eq!(c.claim("ada", &ada, t0 + Duration::from_secs(30)), Claim::Granted, "the holder renews it");
-        assert_eq!(c.claim("ADA", &bob, t0 + Duration::from_secs(80)), Claim::Taken, "renewed at 30 s, not idle at 80 s");
-        assert_eq!(c.claim("bob", &bob, t0), Claim::Granted);
+        assert_eq!(c.claim("Ada", &ada, None, t0), Claim::Granted);
+        assert_eq!(c.claim("ada", &ada, None, t0 + Duration::from_secs(30)), Claim::Granted, "the holder renews it");
+        assert_eq!(c.claim("ADA", &bob, None, t0 + Duration::from_secs(80)), Claim::Taken, "renewed at 30 s, not idle at 80 s");
+        assert_eq!(c.claim("bob", &bob, None, t0), Claim::Granted);
         // Full: a third nickname waits until a claim is idle.
-        assert_eq!(c.claim("eve", &[3u8; 16], t0 + Duration::from_secs(10)), Claim::Full);
-        assert_eq!(c.claim("eve", &[3u8; 16], t0 + Duration::from_secs(61)), Claim::Granted, "bob's claim expired and was swept");
+        assert_eq!(c.claim("eve", &[3u8; 16], None, t0 + Duration::from_secs(10)), Claim::Full);
+        assert_eq!(c.claim("eve", &[3u8; 16], None, t0 + Duration::from_secs(61)), Claim::Granted, "bob's claim expired and was swept");
         assert_eq!(c.len(), 2);
         // An idle claim can be taken over.
-        assert_eq!(c.claim("ada", &bob, t0 + Duration::from_secs(200)), Claim::Granted);
-        assert_eq!(c.claim("ada", &ada, t0 + Duration::from_secs(201)), Claim::Taken);
+        assert_eq!(c.claim("ada", &bob, None, t0 + Duration::from_secs(200)), Claim::Granted);
+        assert_eq!(c.claim("ada", &ada, None, t0 + Duration::from_secs(201)), Claim::Taken);
+    }
+
+    #[test]
+    fn one_address_holds_a_bounded_number_of_nicknames() {
+        let t0 = Instant::now();
+        let mut c = Claims::new(100, 2, Duration::from_secs(60));
+        let (here, there) = (Some(IpAddr::from([10, 0, 0, 1])), Some(IpAddr::from([10, 0, 0, 2])));
+        assert_eq!(c.claim("a", &[1u8; 16], here, t0), Claim::Granted);
+        assert_eq!(c.claim("b", &[2u8; 16], here, t0), Claim::Granted);
+        assert_eq!(c.claim("c", &[3u8; 16], here, t0), Claim::TooMany, "whatever the cookie");
+        assert_eq!(c.claim("a", &[1u8; 16], here, t0), Claim::Granted, "renewing one held is not a new one");
+        assert_eq!(c.claim("c", &[3u8; 16], there, t0), Claim::Granted);
+        assert_eq!(c.claim("d", &[4u8; 16], here, t0 + Duration::from_secs(61)), Claim::Granted, "its claims expired");
     }
 
     #[test]

@@ -220,3 +220,17 @@ async fn an_identity_taken_in_band_is_the_verified_sender_of_later_events() {
     assert!(lines[0].contains("~=ada:/chat/room:after"), "{log}");
     server.kill().await;
 }
+
+/// One client address cannot take every nickname: it holds at most 64 at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holds_at_most_64_nicknames() {
+    let dir = temp_dir();
+    let server = demo_server(dir.path(), &[]).await;
+    for i in 0..ivy_server::demo::MAX_CLAIMS_PER_ADDRESS {
+        assert_eq!(token_for(server.addr, &format!("visitor {i}"), None).await.status, 200, "claim {i}");
+    }
+    let r = token_for(server.addr, "one too many", None).await;
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert!(r.body.contains("too many nicknames"), "{}", r.body);
+    server.kill().await;
+}
