@@ -4,6 +4,13 @@
 # Installs what is missing: the wasm32 target and the wasm-bindgen CLI (client-wasm/build.sh),
 # the demo's npm packages. Extra arguments go to ivy-server (see --help); for example
 # `./scripts/run.sh --listen 0.0.0.0:8080` to let phones on your network join.
+#
+# Auth is on: tokens are signed with IVY_AUTH_HMAC_SECRET, or with a random secret made for this
+# run (tokens of an earlier run are then refused, and pages simply get new ones). The page gets
+# its token from the demo-only endpoint POST /demo/token (--demo-token-endpoint: it hands a token
+# to anyone for a nickname no other visitor holds; NEVER use it in production, where your own
+# backend mints tokens after its own login). Without a token one may read /chat (the history
+# shows before joining) and write nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # npm packages exactly as package-lock.json has them (npm ci, which never rewrites the lock),
@@ -34,4 +41,11 @@ step "starting ivy-server with the demo: open the address it prints (http://127.
 # Defaults through the environment, so that flags given to this script override them.
 export IVY_STATIC_DIR="${IVY_STATIC_DIR:-web-demo/dist}"
 export IVY_DATA="${IVY_DATA:-./ivy-data}"
+if [ -z "${IVY_AUTH_HMAC_SECRET:-}" ]; then
+  IVY_AUTH_HMAC_SECRET=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
+  echo "auth: a random HMAC secret for this run (set IVY_AUTH_HMAC_SECRET to keep one across runs)" >&2
+fi
+export IVY_AUTH_HMAC_SECRET
+export IVY_DEMO_TOKEN_ENDPOINT="${IVY_DEMO_TOKEN_ENDPOINT:-true}"
+export IVY_ANONYMOUS_READ="${IVY_ANONYMOUS_READ:-/chat}"
 exec "${CARGO_TARGET_DIR:-target}/release/ivy-server" "$@"

@@ -17,6 +17,8 @@ export default defineConfig({
     proxy: {
       "/ws": { target: server.replace(/^http/, "ws"), ws: true },
       "/log": { target: server },
+      // The demo-only token endpoint (ivy-server --demo-token-endpoint).
+      "/demo": { target: server },
     },
   },
 });

@@ -20,8 +20,11 @@ export type IvyTimestamp = `${number}.${number}`;
  * - "connected";
  * - "reconnecting": the connection was lost after having been connected, and the client is
  *   trying again (every attempt and the waits between them);
- * - "closed": `close()` was called (or the module could not load): final. */
-export type IvyStatus = "connecting" | "connected" | "reconnecting" | "closed";
+ * - "closed": `close()` was called (or the module could not load): final;
+ * - "unauthorized": the server refused the client's token, and no fresh one was to be had (no
+ *   `getToken`, it returned nothing or threw, or its token was refused too): final, with the
+ *   server's reason in `statusReason.message`; create a new client with a valid token. */
+export type IvyStatus = "connecting" | "connected" | "reconnecting" | "closed" | "unauthorized";
 
 /** Why the status is what it is: the last change, or the last failed attempt. */
 export interface IvyStatusReason {
@@ -31,13 +34,15 @@ export interface IvyStatusReason {
    * "connect-timeout" (not open within `connectTimeoutMs`), "connection-lost" (dropped without
    * a close frame), "server-closed" (the server closed it: see `closeCode`), "timeout" (the
    * server stopped answering: no reply to a probe), "protocol-error" (the client dropped the
-   * connection after an unexpected message). */
+   * connection after an unexpected message), "unauthorized" (final: the token was refused and
+   * no fresh one was to be had; `message` has the server's reason, such as "token expired"). */
   code: string;
   /** For people; the wording may change. */
   message: string;
   /** The WebSocket close code, when there was one: 1001 the server is shutting down, 1009 a
    * message exceeded the server's size limit, 4000 the client read too slowly, 4001 the server
-   * received nothing for a ping interval, 1006 no close frame (docs/PROTOCOL.md, 7). */
+   * received nothing for a ping interval, 4003 the token expired and was not refreshed in time,
+   * 1006 no close frame (docs/PROTOCOL.md, 7). */
   closeCode?: number;
 }
 
@@ -87,6 +92,19 @@ export interface IvyOptions {
    * server would close the connection (code 1009) and every subscription would backfill
    * again. */
   maxMessageSize?: number;
+  /** A token (a JWT from your backend) for a server with auth on: sent as `?token=` on the
+   * WebSocket (browsers cannot set its headers) and as `Authorization: Bearer` on log reads.
+   * Without `getToken`, a refused or expired token ends the client ("unauthorized"). */
+  token?: string;
+  /** Where fresh tokens come from (for example your backend's token endpoint). The client
+   * calls it before its token expires (it reads the token's `exp`: 30 s ahead, or a third of
+   * the remaining lifetime of a shorter-lived token) and hands the new token to the live connection, which goes on
+   * without a reconnect; and once more after the server refused a token. Without `token`, it
+   * is called at once for the first one, while the client connects without a token (what the
+   * server allows anonymously); the token is presented in-band when it comes. Return the token (a string), or null or
+   * undefined when there is none: the client then ends "unauthorized" once its token is
+   * refused. A thrown error goes to the `onError` listeners and counts as none. */
+  getToken?: () => string | null | undefined | Promise<string | null | undefined>;
 }
 
 /** Where a subscription starts, and where its notices go. */
@@ -108,7 +126,11 @@ export interface SubscribeOptions {
  * within `requestTimeoutMs`: never written, not stored), "too-large" (a send over
  * `maxMessageSize`: not sent), "closed", "invalid-path",
  * "invalid-argument" (an option, a timestamp, data or URL that cannot be used),
- * "continuity-lost" (onError: the server lost events this subscription delivered, or events
+ * "forbidden" (the token, or without one the server's anonymous grants, does not allow the
+ * command: a send or a subscription to that path; nothing was done, the connection stays),
+ * "unauthorized" (the token was refused and no fresh one was to be had: the client ended),
+ * "subscription-ended" (onError: a refreshed token no longer covers the subscription's path;
+ * it ended), "continuity-lost" (onError: the server lost events this subscription delivered, or events
  * after the last one delivered were deleted from the log by retention or an operator, as its
  * `Ivy-Horizon` says; it goes on), "http" (a log read failed; `status` says how the server answered), "busy" (the
  * client was called in the middle of an update), "load-failed" (the WebAssembly module could
@@ -123,6 +145,9 @@ export type IvyErrorCode =
   | "invalid-path"
   | "invalid-argument"
   | "continuity-lost"
+  | "forbidden"
+  | "unauthorized"
+  | "subscription-ended"
   | "http"
   | "busy"
   | "load-failed"
@@ -166,6 +191,10 @@ export interface IvyLogPage extends Array<IvyEvent> {
  * thrown from the start. */
 export default function init(): Promise<void>;
 
+/** The `exp` claim of a JWT, in seconds since the Unix epoch, read without verifying the token
+ * (undefined when it has none or is not a JWT): what the client uses to refresh in time. */
+export function tokenExp(token: string): number | undefined;
+
 /** A connection to an Ivy server that reconnects by itself. Every subscription delivers each
  * event of its channel (and descendants) exactly once, in timestamp order, across reconnects
  * and server restarts, or tells `onError` that continuity was lost. */
@@ -192,7 +221,8 @@ export class IvyClient {
    * way. Returns the function that removes the listener. */
   onError(listener: (error: unknown) => void): () => void;
   /** Resolves when connected (at once if it is); rejects with an `IvyError` "closed" if the
-   * client is closed first, or "timeout" after `timeoutMs` if given. */
+   * client is closed first ("unauthorized" if its token is refused for good), or "timeout"
+   * after `timeoutMs` if given. */
   ready(timeoutMs?: number): Promise<void>;
   /** Subscribes to `path` and its descendants; `callback` gets every event exactly once, in
    * timestamp order, across reconnects (this client's own events included, in place). Throws

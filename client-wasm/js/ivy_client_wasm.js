@@ -101,12 +101,60 @@ const CLIENT_OPTIONS = Object.fromEntries([
   ...DURATIONS.map((k) => [k, duration]),
   ...Object.entries(COUNTS).map(([k, min]) => [k, count(min)]),
   [
+    "token",
+    (v) => {
+      if (typeof v !== "string" || v === "") throw invalid(`option \`token\` must be a non-empty string (a JWT), not ${show(v)}`);
+    },
+  ],
+  [
+    "getToken",
+    (v) => {
+      if (typeof v !== "function") throw invalid("option `getToken` must be a function returning a token (or a promise of one)");
+    },
+  ],
+  [
     "senders",
     (v) => {
       if (typeof v !== "boolean") throw invalid(`option \`senders\` must be true or false, not ${show(v)}`);
     },
   ],
 ]);
+
+/** The `exp` claim of a JWT (seconds since the Unix epoch), read without checking anything:
+ * the server checks the token; the client only needs to know when to ask for a fresh one.
+ * Undefined when the token has none or is not a JWT. */
+export function tokenExp(token) {
+  try {
+    const part = token.split(".")[1];
+    const b64 = part.replace(/-/g, "+").replace(/_/g, "/");
+    const bytes = Uint8Array.from(atob(b64 + "=".repeat((4 - (b64.length % 4)) % 4)), (c) => c.charCodeAt(0));
+    const exp = JSON.parse(new TextDecoder().decode(bytes)).exp;
+    return typeof exp === "number" && Number.isFinite(exp) && exp > 0 ? exp : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** The token provider as the module calls it: a promise of `[token, exp]`, or of null when
+ * the provider has none (the client then ends "unauthorized"). */
+function tokenProvider(getToken, report) {
+  return async () => {
+    let t;
+    try {
+      t = await getToken();
+    } catch (e) {
+      // Reported, and the client acts as if there were no fresh token.
+      report(e);
+      return null;
+    }
+    if (t === null || t === undefined || t === "") return null;
+    if (typeof t !== "string") {
+      report(invalid(`getToken must return a string (a JWT), null or undefined, not ${show(t)}`));
+      return null;
+    }
+    return [t, tokenExp(t)];
+  };
+}
 const SUBSCRIBE_OPTIONS = {
   from: (v) => {
     if (typeof v !== "string") throw invalid(`option \`from\` must be "now", "beginning" or a timestamp string, not ${show(v)}`);
@@ -145,12 +193,15 @@ const CLOSE_CODES = {
   1009: "a message exceeded the server's size limit",
   4000: "the client did not read fast enough (the server's queue for it was full)",
   4001: "the server received nothing for a whole ping interval",
+  4003: "the connection's token expired and was not refreshed in time",
 };
 
 /** The reason of a change of the core's state from `prev` to `status`. */
-function reasonOf(status, prev, cause, closeCode) {
+function reasonOf(status, prev, cause, closeCode, why) {
   if (status === "connected") return { code: "connected", message: "connected" };
+  if (status === "unauthorized") return { code: "unauthorized", message: `the server refused the token: ${why || "no reason given"}` };
   if (status === "closed") return { code: "closed", message: "closed by the application (close())" };
+  if (why) return { code: "token-refused", message: `the server refused the token (${why}); asking getToken for a fresh one` };
   const wasConnected = prev === "connected";
   if (cause === "close") {
     if (closeCode !== undefined && closeCode !== 1005 && closeCode !== 1006) {
@@ -180,6 +231,8 @@ export class IvyClient {
   /** Calls made before the module was loaded, in order: `{ run, fail }`. */
   #queue = [];
   #closed = false;
+  /** What calls fail with once the client ended ("closed", or "unauthorized"). */
+  #endError = null;
   #status = "connecting";
   #rawStatus = "connecting";
   #everConnected = false;
@@ -203,6 +256,8 @@ export class IvyClient {
     if (opts.minBackoffMs !== undefined && opts.maxBackoffMs !== undefined && opts.minBackoffMs > opts.maxBackoffMs) {
       throw invalid(`option \`minBackoffMs\` (${opts.minBackoffMs}) is larger than \`maxBackoffMs\` (${opts.maxBackoffMs})`);
     }
+    if (opts.getToken) opts.getToken = tokenProvider(opts.getToken, this.#report);
+    if (opts.token) opts.tokenExp = tokenExp(opts.token);
     const start = () => {
       if (this.#closed) return;
       try {
@@ -230,7 +285,7 @@ export class IvyClient {
   /** Runs `f` now if the module is loaded, else once it is (`fail(err)` if it never is). */
   #whenLoaded(f, fail) {
     if (this.#raw) f();
-    else if (this.#closed) fail(ivyError("client closed", "closed"));
+    else if (this.#closed) fail(this.#endError ?? ivyError("client closed", "closed"));
     else this.#queue.push({ run: f, fail });
   }
 
@@ -250,17 +305,22 @@ export class IvyClient {
     }
   }
 
-  #onRawStatus([status, cause, closeCode]) {
+  #onRawStatus([status, cause, closeCode, why]) {
     const prev = this.#rawStatus;
     this.#rawStatus = status;
+    const final = status === "closed" || status === "unauthorized";
     // A retry (waiting, then connecting again) changes nothing the application sees: the
     // reason stays that of the failure.
-    if (status === "connected" || status === "closed" || (status === "reconnecting" && cause !== "start")) {
-      this.#reason = reasonOf(status, prev, cause, closeCode);
+    if (status === "connected" || final || (status === "reconnecting" && cause !== "start")) {
+      this.#reason = reasonOf(status, prev, cause, closeCode, why);
     }
     if (status === "connected") this.#everConnected = true;
-    const shown = status === "connected" || status === "closed" ? status : this.#everConnected ? "reconnecting" : "connecting";
-    if (shown === "closed") return this.#end(this.#reason);
+    const shown = status === "connected" || final ? status : this.#everConnected ? "reconnecting" : "connecting";
+    if (final) {
+      const err = status === "unauthorized" ? ivyError(this.#reason.message, "unauthorized") : undefined;
+      if (err) this.#reportError(err);
+      return this.#end(this.#reason, err, shown);
+    }
     this.#set(shown);
   }
 
@@ -281,17 +341,18 @@ export class IvyClient {
     }
   }
 
-  /** Closed: queued calls and `ready()` waiters fail. */
-  #end(reason, error) {
+  /** Closed (or unauthorized): queued calls and `ready()` waiters fail. */
+  #end(reason, error, status = "closed") {
     this.#closed = true;
     this.#reason = reason;
     const err = error ?? ivyError("client closed", "closed");
+    this.#endError = err;
     const queue = this.#queue;
     this.#queue = [];
     for (const q of queue) q.fail(err);
     for (const w of this.#waiters) w.reject(err);
     this.#waiters.clear();
-    this.#set("closed");
+    this.#set(status);
   }
 
   get status() {
@@ -313,7 +374,7 @@ export class IvyClient {
   ready(timeoutMs) {
     if (timeoutMs !== undefined) duration(timeoutMs, "timeoutMs");
     if (this.#status === "connected") return Promise.resolve();
-    if (this.#closed) return Promise.reject(ivyError("client closed", "closed"));
+    if (this.#closed) return Promise.reject(this.#endError ?? ivyError("client closed", "closed"));
     return new Promise((resolve, reject) => {
       const w = { resolve, reject };
       this.#waiters.add(w);

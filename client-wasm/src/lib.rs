@@ -45,7 +45,7 @@ use core::cell::{Cell, RefCell};
 
 use ivy_client_core as ivy_core;
 use ivy_core::Timestamp;
-use ivy_core::client::{self, Action, ClientError, ClientEvent, ConnState, RequestId, Start, SubId, SubscriptionError};
+use ivy_core::client::{self, Action, ClientError, ClientEvent, ConnState, RequestId, Start, SubId, SubscriptionError, Token};
 use ivy_core::http::{Endpoints, LogQuery};
 use ivy_core::wire::Sender;
 use js_sys::{Array, Function, Object, Promise, Reflect, Uint8Array};
@@ -96,11 +96,13 @@ extern "C" {
     #[wasm_bindgen(js_name = clearTimeout)]
     fn clear_timeout(handle: &JsValue);
     #[wasm_bindgen(js_name = fetch)]
-    fn fetch(url: &str) -> Promise;
+    fn fetch(url: &str, init: &JsValue) -> Promise;
     #[wasm_bindgen(js_namespace = performance, js_name = now)]
     fn performance_now() -> f64;
     #[wasm_bindgen(js_namespace = Math, js_name = random)]
     fn math_random() -> f64;
+    #[wasm_bindgen(js_namespace = Date, js_name = now)]
+    fn date_now() -> f64;
 }
 
 /// An `IvyError`: an `Error` with `code` and `uncertain`.
@@ -230,6 +232,10 @@ struct State {
     trace: client::Trace,
     ws_url: String,
     http_base: String,
+    /// The token provider (`options.getToken`, wrapped by the JavaScript layer: a promise of
+    /// `[token, exp]` or of null). The core's current token (`core.token()`) is sent as
+    /// `?token=` on the WebSocket and as `Authorization: Bearer` on log reads.
+    get_token: Option<Function>,
     /// `ext=sender` on log reads too.
     senders: bool,
     socket: Option<Socket>,
@@ -241,10 +247,14 @@ struct State {
     requests: Vec<(RequestId, Function, Function)>,
     status_callbacks: Vec<Function>,
     /// The input being handled, for the status callbacks: "start", "open", "in", "close",
-    /// "timeout", "closed" (`close()`), "send-failed", "socket-error".
+    /// "timeout", "closed" (`close()`), "send-failed", "socket-error", "unauthorized" (a probe
+    /// found the token refused).
     cause: &'static str,
     /// The code of the last close event (with cause "close").
     close_code: Option<u16>,
+    /// Whether the current socket opened (a close before that, with a token, is probed with
+    /// `fetch` to learn whether the server refused the token).
+    opened: bool,
 }
 
 struct Inner {
@@ -328,6 +338,9 @@ impl IvyClient {
     #[wasm_bindgen(constructor)]
     pub fn new(url: &str, options: Option<IvyOptions>) -> Result<IvyClient, JsValue> {
         let options: Option<JsValue> = options.map(Into::into);
+        let token = options_value(options.as_ref(), "token").and_then(|v| v.as_string()).filter(|t| !t.is_empty());
+        let token_exp = options_value(options.as_ref(), "tokenExp").and_then(|v| v.as_f64()).filter(|e| e.is_finite() && *e > 0.0);
+        let get_token = options_value(options.as_ref(), "getToken").and_then(|f| f.dyn_into::<Function>().ok());
         let Endpoints { ws: ws_url, http: http_base, .. } = Endpoints::from_base(url).map_err(|e| invalid_argument(&e.to_string()))?;
         let mut cfg = client::Config::default();
         if let Some(o) = options.filter(|o| o.is_object()) {
@@ -358,14 +371,20 @@ impl IvyClient {
                 cfg = cfg.senders(true);
             }
         }
+        cfg = cfg.token_provider(get_token.is_some());
         let ws_url = cfg.ws_url(&ws_url);
         let senders = cfg.senders;
         let seed = (math_random() * 9_007_199_254_740_992.0) as u64;
+        let mut core = client::Client::new(cfg, seed);
+        if let Some(t) = token.clone() {
+            core.set_token(now(), Token::from_exp(t, token_exp.map(|e| e as u64), date_now() as u64, now()));
+        }
         let state = State {
-            core: client::Client::new(cfg, seed),
+            core,
             trace: client::Trace::new(TRACE_ENTRIES),
             ws_url,
             http_base,
+            get_token: get_token.clone(),
             senders,
             socket: None,
             socket_gen: 0,
@@ -375,6 +394,7 @@ impl IvyClient {
             status_callbacks: Vec::new(),
             cause: "start",
             close_code: None,
+            opened: false,
         };
         let inner = Rc::new(Inner {
             state: RefCell::new(state),
@@ -400,6 +420,11 @@ impl IvyClient {
         }));
         inner.state.borrow_mut().core.start(now());
         pump(&inner);
+        // A provider and no token: the connection opens without one (the server's anonymous
+        // grants) and takes the provider's token in-band once it comes.
+        if let (Some(f), None) = (get_token, token) {
+            ask_token(&inner, &f, false);
+        }
         Ok(IvyClient { inner })
     }
 
@@ -409,14 +434,18 @@ impl IvyClient {
         self.inner.state.try_borrow().map_or("connecting", |st| status_str(st.core.state())).to_string()
     }
 
-    /// Calls `callback` on every change of the core's state with `[status, cause, closeCode]`:
+    /// Calls `callback` on every change of the core's state with `[status, cause, closeCode,
+    /// why]` (`why`: the server's reason for refusing the token, while waiting for a fresh one
+    /// or once "unauthorized"):
     /// the new state, the input that caused it ("start", "open", "in", "close", "timeout",
-    /// "closed", "send-failed", "socket-error") and, with "close", the WebSocket close code.
+    /// "closed", "send-failed", "socket-error", "unauthorized") and, with "close", the WebSocket
+    /// close code.
     /// (The package's JavaScript layer turns these into its status events and reasons.)
     #[wasm_bindgen(js_name = onStatus)]
     pub fn on_status(
         &self,
-        #[wasm_bindgen(unchecked_param_type = "(change: [string, string, number | undefined]) => void")] callback: Function,
+        #[wasm_bindgen(unchecked_param_type = "(change: [string, string, number | undefined, string | undefined]) => void")]
+        callback: Function,
     ) {
         if let Ok(mut st) = self.inner.state.try_borrow_mut() {
             st.status_callbacks.push(callback);
@@ -507,10 +536,15 @@ impl IvyClient {
             let query = LogQuery::from_parts(n, after, limit).map_err(|e| invalid_argument(&e.to_string()))?;
             Ok(query.target(&path))
         })();
-        let (base, senders) = self.inner.state.try_borrow().map(|st| (st.http_base.clone(), st.senders)).unwrap_or_default();
+        let (base, senders, token) = self
+            .inner
+            .state
+            .try_borrow()
+            .map(|st| (st.http_base.clone(), st.senders, st.core.token().map(String::from)))
+            .unwrap_or_default();
         wasm_bindgen_futures::future_to_promise(async move {
             let url = ivy_core::http::with_senders(format!("{base}{}", target?), senders);
-            let (body, _horizon, link) = get_text(&url).await.map_err(|e| http_error(e.status, &e.to_string()))?;
+            let (body, _horizon, link) = get_text(&url, token.as_deref()).await.map_err(|e| http_error(e.status, &e.to_string()))?;
             let events = ivy_core::http::parse_log(&body).map_err(|e| http_error(None, &format!("unparsable log line: {e}")))?;
             let events: Array = events.iter().map(event_object).collect();
             // The server's `Link: rel="next"` (cursor pages that may have a next one), for the
@@ -606,9 +640,11 @@ impl core::fmt::Display for FetchError {
 
 /// The body of a 200 answer, the log's horizon (`Ivy-Horizon`, the newest event deleted from
 /// it) if it states one, and its `Link` header if any (a cursor page that may have a next one).
-async fn get_text(url: &str) -> Result<(String, Option<Timestamp>, Option<String>), FetchError> {
+async fn get_text(url: &str, token: Option<&str>) -> Result<(String, Option<Timestamp>, Option<String>), FetchError> {
     let failed = |message: String| FetchError { status: None, message };
-    let resp = wasm_bindgen_futures::JsFuture::from(fetch(url)).await.map_err(|e| failed(format!("fetch {url}: {}", describe(&e))))?;
+    let resp = wasm_bindgen_futures::JsFuture::from(fetch(url, &fetch_init(token)))
+        .await
+        .map_err(|e| failed(format!("fetch {url}: {}", describe(&e))))?;
     let resp: web_sys::Response = resp.dyn_into().map_err(|_| failed("fetch did not return a Response".into()))?;
     let text = resp.text().map_err(|e| failed(describe(&e)))?;
     let text = wasm_bindgen_futures::JsFuture::from(text).await.map_err(|e| failed(describe(&e)))?;
@@ -618,6 +654,24 @@ async fn get_text(url: &str) -> Result<(String, Option<Timestamp>, Option<String
     }
     let horizon = header(&resp, "Ivy-Horizon").and_then(|v| Timestamp::parse(v.as_bytes()).ok());
     Ok((text, horizon, header(&resp, "Link")))
+}
+
+/// The `init` of a log read's `fetch`: `{ headers: { Authorization: "Bearer ..." } }` with a
+/// token (a header, not the query: the URL of a log page may be kept in caches and logs).
+fn fetch_init(token: Option<&str>) -> JsValue {
+    let init = Object::new();
+    if let Some(t) = token {
+        let headers = Object::new();
+        let _ = Reflect::set(&headers, &"Authorization".into(), &format!("Bearer {t}").into());
+        let _ = Reflect::set(&init, &"headers".into(), &headers);
+    }
+    init.into()
+}
+
+/// `options[key]`, if `options` is an object that has it.
+fn options_value(options: Option<&JsValue>, key: &str) -> Option<JsValue> {
+    let o = options.filter(|o| o.is_object())?;
+    Reflect::get(o, &key.into()).ok().filter(|v| !v.is_undefined() && !v.is_null())
 }
 
 /// `response.headers.get(name)`, through `Reflect` (no `Headers` binding needed).
@@ -676,16 +730,22 @@ fn step(inner: &Rc<Inner>, st: &mut State) {
                     st.trace.push(now(), "disconnect", "");
                     st.socket = None;
                 }
-                // Not asked for: this driver sets no token provider (yet).
-                Action::NeedToken => st.core.handle_token(now(), Err("no token provider".into())),
+                Action::NeedToken => {
+                    st.trace.push(now(), "token?", "");
+                    match st.get_token.clone() {
+                        Some(f) => ask_token(inner, &f, true),
+                        None => st.core.handle_token(now(), Err("no token provider (getToken)".into())),
+                    }
+                }
                 Action::FetchLog(req) => {
                     let target = req.target();
                     st.trace.push(now(), "log?", &target);
                     let url = format!("{}{target}", st.http_base);
+                    let token = st.core.token().map(String::from);
                     let weak = Rc::downgrade(inner);
                     inner.fetches.set(inner.fetches.get() + 1);
                     wasm_bindgen_futures::spawn_local(async move {
-                        let result = get_text(&url).await;
+                        let result = get_text(&url, token.as_deref()).await;
                         if let Some(inner) = weak.upgrade() {
                             inner.fetches.set(inner.fetches.get().saturating_sub(1));
                             match inner.state.try_borrow_mut() {
@@ -769,13 +829,21 @@ fn queue_event(inner: &Rc<Inner>, st: &mut State, event: ClientEvent) {
             }
         }
         ClientEvent::TokenRefused { error } => web_sys_warn(&format!("the refreshed token was refused: {error}")),
-        ClientEvent::Unauthorized { reason } => web_sys_warn(&format!("unauthorized: {reason}")),
+        // The status change that follows carries the reason (`onStatus`).
+        ClientEvent::Unauthorized { .. } => {}
         ClientEvent::State(s) => {
             if matches!(s, ConnState::Closed | ConnState::Unauthorized) {
                 st.subs.clear();
             }
-            let change: JsValue =
-                Array::of3(&status_str(s).into(), &st.cause.into(), &st.close_code.map_or(JsValue::UNDEFINED, JsValue::from)).into();
+            // Why the token was refused, while waiting for a fresh one or for good.
+            let why = match s {
+                ConnState::Unauthorized | ConnState::AwaitingToken => {
+                    st.core.unauthorized_reason().map_or(JsValue::UNDEFINED, JsValue::from)
+                }
+                _ => JsValue::UNDEFINED,
+            };
+            let code = st.close_code.map_or(JsValue::UNDEFINED, JsValue::from);
+            let change: JsValue = Array::of4(&status_str(s).into(), &st.cause.into(), &code, &why).into();
             for f in &st.status_callbacks {
                 calls.push_back(Call(f.clone(), change.clone()));
             }
@@ -794,11 +862,82 @@ fn web_sys_warn(s: &str) {
     console_warn(&format!("ivy: {s}"));
 }
 
+/// After a WebSocket with a token closed without opening: `fetch` of `url` (`/ws?token=...`,
+/// no upgrade) tells a refused token (401, with the server's reason) from anything else (the
+/// server down, another refusal); the core is told which, unless it moved on meanwhile.
+fn probe(inner: &Rc<Inner>, url: String, generation: u64, code: Option<u16>, reason: String) {
+    let weak = Rc::downgrade(inner);
+    wasm_bindgen_futures::spawn_local(async move {
+        let answer = get_text(&url, None).await;
+        let Some(inner) = weak.upgrade() else { return };
+        match inner.state.try_borrow_mut() {
+            Ok(mut st) => {
+                if st.socket_gen == generation && matches!(st.core.state(), ConnState::Connecting { .. }) {
+                    match answer {
+                        Err(FetchError { status: Some(401), message }) => {
+                            st.trace.push(now(), "refused", &message);
+                            st.cause = "unauthorized";
+                            st.core.handle_unauthorized(now(), &message);
+                        }
+                        _ => st.core.handle_close(now(), code, &reason),
+                    }
+                }
+            }
+            Err(_) => dropped(&inner, "a token probe"),
+        }
+        pump(&inner);
+    });
+}
+
+/// Asks the token provider `f` (the JavaScript layer's wrapper of `getToken`: a promise of
+/// `[token, exp]`, or of null for none) and hands its answer to the core: as the answer to
+/// `Action::NeedToken` if `asked`, else as a new token. Called from a task of its own, so that
+/// the application's code never runs while the client's state is borrowed.
+fn ask_token(inner: &Rc<Inner>, f: &Function, asked: bool) {
+    let weak = Rc::downgrade(inner);
+    let f = f.clone();
+    wasm_bindgen_futures::spawn_local(async move {
+        let promise = f.call0(&JsValue::NULL).ok().and_then(|p| p.dyn_into::<Promise>().ok());
+        let answer = match promise {
+            Some(p) => wasm_bindgen_futures::JsFuture::from(p).await.map_err(|e| describe(&e)),
+            None => Err("getToken did not return a promise".into()),
+        };
+        let Some(inner) = weak.upgrade() else { return };
+        match inner.state.try_borrow_mut() {
+            Ok(mut st) => {
+                let result = answer.and_then(|v| {
+                    let pair = v.dyn_into::<Array>().map_err(|_| String::from("getToken gave no token"))?;
+                    let value = pair.get(0).as_string().filter(|t| !t.is_empty()).ok_or_else(|| String::from("getToken gave no token"))?;
+                    let exp = pair.get(1).as_f64().filter(|e| e.is_finite() && *e > 0.0).map(|e| e as u64);
+                    Ok(Token::from_exp(value, exp, date_now() as u64, now()))
+                });
+                st.trace.push(now(), "token", if result.is_ok() { "fresh token" } else { "none" });
+                if asked {
+                    st.core.handle_token(now(), result);
+                } else if let Ok(t) = result {
+                    st.core.set_token(now(), t);
+                }
+            }
+            Err(_) => dropped(&inner, "a token"),
+        }
+        pump(&inner);
+    });
+}
+
 fn connect(inner: &Rc<Inner>, st: &mut State) {
     st.socket = None;
+    st.opened = false;
     st.socket_gen += 1;
     let generation = st.socket_gen;
-    let ws = match WebSocket::new_with_str(&st.ws_url, ivy_core::SUBPROTOCOL) {
+    // Browsers cannot set headers on a WebSocket: the token goes in the query.
+    let url = match st.core.token() {
+        Some(t) => {
+            let sep = if st.ws_url.contains('?') { '&' } else { '?' };
+            format!("{}{sep}token={}", st.ws_url, String::from(js_sys::encode_uri_component(t)))
+        }
+        None => st.ws_url.clone(),
+    };
+    let ws = match WebSocket::new_with_str(&url, ivy_core::SUBPROTOCOL) {
         Ok(ws) => ws,
         Err(e) => {
             web_sys_warn(&format!("cannot open WebSocket: {}", describe(&e)));
@@ -820,8 +959,8 @@ fn connect(inner: &Rc<Inner>, st: &mut State) {
                     }
                     st.trace.push(now(), kind, text.as_deref().unwrap_or(""));
                     st.cause = kind;
-                    if kind == "close" {
-                        st.close_code = text.as_deref().and_then(|t| t.parse().ok());
+                    if kind == "open" {
+                        st.opened = true;
                     }
                     f(&mut st.core, text);
                 }
@@ -835,16 +974,41 @@ fn connect(inner: &Rc<Inner>, st: &mut State) {
         Some(t) => c.handle_frame(now(), &t),
         None => c.handle_activity(now()),
     });
-    let on_close = handler("close", |c, _| c.handle_disconnected(now()));
     let on_open = Handler::new(move |_| on_open(None));
     let on_message = Handler::new(move |e: JsValue| on_message(e.unchecked_into::<MessageEvent>().data().as_string()));
-    // The close code, for the trace (the server's codes each have one reason).
+    let weak = Rc::downgrade(inner);
     let on_close = Handler::new(move |e: JsValue| {
-        // An integer, written by the JSON writer that `debugState()` links anyway (formatting
-        // an f64, or even a u64, would bring more formatting code into the .wasm).
-        let mut code = client::JsonWriter::new();
-        code.num("", Reflect::get(&e, &"code".into()).ok().and_then(|c| c.as_f64()).map(|c| c as u64));
-        on_close(Some(code.finish()))
+        let Some(inner) = weak.upgrade() else { return };
+        let code = Reflect::get(&e, &"code".into()).ok().and_then(|c| c.as_f64()).map(|c| c as u16);
+        let reason = Reflect::get(&e, &"reason".into()).ok().and_then(|r| r.as_string()).unwrap_or_default();
+        match inner.state.try_borrow_mut() {
+            Ok(mut st) => {
+                if st.socket_gen != generation {
+                    return;
+                }
+                // The code, for the trace: an integer, written by the JSON writer that
+                // `debugState()` links anyway (formatting an f64, or even a u64, would bring
+                // more formatting code into the .wasm).
+                let mut text = client::JsonWriter::new();
+                text.num("", code.map(u64::from));
+                st.trace.push(now(), "close", &text.finish());
+                st.cause = "close";
+                st.close_code = code;
+                if !st.opened && matches!(st.core.state(), ConnState::Connecting { .. }) {
+                    if let Some(t) = st.core.token() {
+                        // Never opened, with a token: the browser does not say whether the
+                        // server refused it (401). A plain GET of /ws with it does.
+                        let url = format!("{}/ws?token={}", st.http_base, String::from(js_sys::encode_uri_component(t)));
+                        drop(st);
+                        probe(&inner, url, generation, code, reason);
+                        return;
+                    }
+                }
+                st.core.handle_close(now(), code, &reason);
+            }
+            Err(_) => dropped(&inner, "close"),
+        }
+        pump(&inner);
     });
     ws.set_onopen(Some(on_open.as_ref().unchecked_ref()));
     ws.set_onmessage(Some(on_message.as_ref().unchecked_ref()));

@@ -1,7 +1,7 @@
 // A small consumer of the package, type-checked with `tsc --noEmit --strict` against the
 // generated .d.ts (scripts/test-wasm.sh). It is not run: it proves the types are complete.
 import init, {
-  IvyClient, IvySubscription, type IvyError, type IvyErrorCode, type IvyEvent, type IvyStatus, type IvyOptions, type LogOptions,
+  tokenExp, IvyClient, IvySubscription, type IvyError, type IvyErrorCode, type IvyEvent, type IvyStatus, type IvyOptions, type LogOptions,
   type IvyStatusReason, type IvyTimestamp, type IvySender,
 } from "ivy-client-wasm";
 
@@ -72,5 +72,18 @@ export async function demo(): Promise<string> {
   client.free();
   // @ts-expect-error: unknown options are refused
   void new IvyClient("/", { maxBackofMs: 5 });
-  return [current, ts, ts2, now, asString, why.code, String(page.length + last.length)].join(" ");
+  // Tokens: a static one, a provider (sync or async, null for none), and the final status.
+  const getToken = async (): Promise<string | null> => (await fetch("/token")).text();
+  const authed = new IvyClient("/", { token: "a.b.c", getToken, requestTimeoutMs: 1000 });
+  void new IvyClient("/", { getToken: () => null });
+  const exp: number | undefined = tokenExp("a.b.c");
+  authed.onStatus((s) => {
+    if (s === "unauthorized") console.warn(authed.statusReason.code === "unauthorized", exp);
+  });
+  const tokenCodes: IvyErrorCode[] = ["forbidden", "unauthorized", "subscription-ended"];
+  // @ts-expect-error: a token is a string
+  void new IvyClient("/", { token: 42 });
+  // @ts-expect-error: getToken returns a token (or a promise of one)
+  void new IvyClient("/", { getToken: () => 42 });
+  return [current, ts, ts2, now, asString, why.code, String(page.length + last.length), tokenCodes.join()].join(" ");
 }

@@ -275,6 +275,21 @@ pub struct Cli {
     /// The PEM file of the private key of --tls-cert (PKCS#8, PKCS#1 RSA or SEC1 EC).
     #[arg(long, env = "IVY_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// DEMOS ONLY, NEVER IN PRODUCTION: serve `POST /demo/token` (body `{"nickname": "ada"}`
+    /// or `nickname=ada`), which hands anyone a token for a nickname no other visitor holds,
+    /// signed with the first --auth-hmac-secret (required). There is no login: it only keeps
+    /// one visitor from taking another's nickname (a cookie). `./scripts/run.sh` turns it on.
+    #[arg(long, env = "IVY_DEMO_TOKEN_ENDPOINT")]
+    pub demo_token_endpoint: bool,
+
+    /// Lifetime of the demo endpoint's tokens (the demo page refreshes them before expiry).
+    #[arg(long, env = "IVY_DEMO_TOKEN_TTL", value_parser = seconds, default_value_t = Seconds(config::DEFAULT_DEMO_TOKEN_TTL))]
+    pub demo_token_ttl: Seconds,
+
+    /// A path the demo endpoint's tokens may read and write (repeat the flag or separate with
+    /// commas).
+    #[arg(long = "demo-token-grant", env = "IVY_DEMO_TOKEN_GRANT", value_delimiter = ',', default_value = config::DEFAULT_DEMO_TOKEN_GRANT)]
+    pub demo_token_grants: Vec<String>,
 
     /// A helper instead of the server.
     #[command(subcommand)]
@@ -399,6 +414,9 @@ impl Cli {
             auth_refresh_grace: self.auth_refresh_grace.0,
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
+            demo_token_endpoint: self.demo_token_endpoint,
+            demo_token_ttl: self.demo_token_ttl.0,
+            demo_token_grants: self.demo_token_grants.clone(),
         }
     }
 
@@ -472,7 +490,7 @@ async fn serve_main(wall: WallClock) -> ExitCode {
         Err(e) => tracing::warn!(error = %e, "could not raise the file descriptor limit"),
     }
     // Keys and grants are checked before anything is bound or opened.
-    if let Err(e) = crate::auth::Auth::new(&cli.config()) {
+    if let Err(e) = crate::auth::Auth::new(&cli.config()).and_then(|_| crate::demo::DemoTokens::new(&cli.config())) {
         eprintln!("ivy-server: {e}");
         return ExitCode::from(2);
     }

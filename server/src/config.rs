@@ -70,6 +70,10 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Default of [`Config::auth_refresh_grace`].
 pub const DEFAULT_AUTH_REFRESH_GRACE: Duration = Duration::from_secs(10);
+/// Default of [`Config::demo_token_ttl`] (5 minutes).
+pub const DEFAULT_DEMO_TOKEN_TTL: Duration = Duration::from_secs(300);
+/// Default of [`Config::demo_token_grants`]: the chat demo's channels.
+pub const DEFAULT_DEMO_TOKEN_GRANT: &str = "/chat";
 
 /// Parses seconds, with an optional fraction (`30`, `0.25`); `0` means off.
 pub fn parse_seconds(s: &str) -> Result<Duration, String> {
@@ -231,6 +235,16 @@ pub struct Config {
     /// The PEM file of the private key of [`Config::tls_cert`] (PKCS#8, PKCS#1 RSA or SEC1
     /// EC). Default: none.
     pub tls_key: Option<PathBuf>,
+    /// **For demos only, never in production**: serve `POST /demo/token`, which hands a
+    /// token signed with the first of [`Config::auth_hmac_secrets`] (required) to anyone
+    /// asking for a nickname that no other visitor holds (see the `demo` module docs:
+    /// `server/src/demo.rs`). Default: off.
+    pub demo_token_endpoint: bool,
+    /// Lifetime of the demo endpoint's tokens. Default [`DEFAULT_DEMO_TOKEN_TTL`].
+    pub demo_token_ttl: Duration,
+    /// Paths the demo endpoint's tokens may read and write. Default
+    /// [`DEFAULT_DEMO_TOKEN_GRANT`].
+    pub demo_token_grants: Vec<String>,
 }
 
 impl Default for Config {
@@ -275,6 +289,9 @@ impl Default for Config {
             auth_refresh_grace: DEFAULT_AUTH_REFRESH_GRACE,
             tls_cert: None,
             tls_key: None,
+            demo_token_endpoint: false,
+            demo_token_ttl: DEFAULT_DEMO_TOKEN_TTL,
+            demo_token_grants: vec![DEFAULT_DEMO_TOKEN_GRANT.to_string()],
         }
     }
 }
@@ -372,6 +389,12 @@ setters! {
     tls_cert: Option<PathBuf>;
     /// Sets [`Config::tls_key`].
     tls_key: Option<PathBuf>;
+    /// Sets [`Config::demo_token_endpoint`] (demos only, never in production).
+    demo_token_endpoint: bool;
+    /// Sets [`Config::demo_token_ttl`].
+    demo_token_ttl: Duration;
+    /// Sets [`Config::demo_token_grants`].
+    demo_token_grants: Vec<String>;
 }
 
 #[cfg(test)]

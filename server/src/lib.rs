@@ -27,7 +27,8 @@
 //! Endpoints: `GET /ws` (the command protocol, subprotocol `ivy1`), `GET /log/<path>` (the
 //! stored events of a channel's subtree, with its horizon in `Ivy-Horizon` once events were
 //! deleted) and `DELETE /log/<path>[?before=TS]` (an operator's deletion, with a server API
-//! key: [`Config::api_keys`]). Retention settings belong to the engines
+//! key: [`Config::api_keys`]); with [`Config::demo_token_endpoint`] (demos only, never in
+//! production) also `POST /demo/token` ([`demo`]). Retention settings belong to the engines
 //! ([`engine::Retention`]). The protocol is specified in `docs/PROTOCOL.md`.
 //!
 //! Inside, one concept per module:
@@ -41,6 +42,7 @@
 //! - `conn`: a connection's outbound queue and ending, what it owes from the log when it fell
 //!   behind, and the registry of connections;
 //! - [`auth`]: tokens, grants and who a connection is;
+//! - [`demo`]: the demo-only token endpoint (unfit for production);
 //! - `budget`: the server-wide memory budget;
 //! - `http`: the log endpoint, CORS; `serve`: the accept loop; [`cli`]: the binary.
 
@@ -50,6 +52,7 @@ mod catchup;
 pub mod cli;
 pub mod config;
 mod conn;
+pub mod demo;
 pub mod engine;
 pub mod fanout;
 mod http;
@@ -111,6 +114,8 @@ pub(crate) struct Shared {
     identities: ratelimit::Identities,
     /// TLS termination by [`serve`] (`--tls-cert`, `--tls-key`), if configured.
     tls: Option<Arc<rustls::ServerConfig>>,
+    /// The demo-only token endpoint, when enabled (`--demo-token-endpoint`).
+    demo: Option<demo::DemoTokens>,
 }
 
 /// A running Ivy instance: its engine, fan-out and connections.
@@ -165,6 +170,14 @@ impl IvyBuilder {
                 tracing::warn!("--anonymous-read and --anonymous-write have no effect while auth is off");
             }
         }
+        let demo = demo::DemoTokens::new(&config).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        if demo.is_some() {
+            tracing::warn!(
+                ttl = ?config.demo_token_ttl,
+                grants = ?config.demo_token_grants,
+                "--demo-token-endpoint is on: POST /demo/token gives anyone a token for any nickname not in use; for demos only, NEVER in production"
+            );
+        }
         let static_files = match &config.static_dir {
             Some(dir) => {
                 static_files::check(dir)?;
@@ -207,6 +220,7 @@ impl IvyBuilder {
             budget,
             identities,
             tls,
+            demo,
         });
         Ok(Ivy { shared })
     }
@@ -227,7 +241,15 @@ impl Ivy {
             .route("/log/", get(http::handler).options(http::preflight).delete(http::delete))
             .route("/log/{*path}", get(http::handler).options(http::preflight).delete(http::delete))
             .layer(axum::middleware::from_fn_with_state(self.shared.clone(), http::cors_layer));
-        let router = Router::new().route("/ws", get(ws::handler)).merge(log).with_state(self.shared.clone());
+        // CORS on `/ws` too: a page of another origin may read why its token was refused
+        // (`fetch` of a plain `GET /ws?token=...`, see docs/PROTOCOL.md 2.1).
+        let socket =
+            Router::new().route("/ws", get(ws::handler)).layer(axum::middleware::from_fn_with_state(self.shared.clone(), http::cors_layer));
+        let mut router = socket.merge(log);
+        if self.shared.demo.is_some() {
+            router = router.route("/demo/token", axum::routing::post(demo::handler));
+        }
+        let router = router.with_state(self.shared.clone());
         let router = match &self.shared.static_files {
             Some(files) => router.merge(files.clone()),
             None => router,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Extension;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{OriginalUri, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -50,7 +51,7 @@ pub(crate) async fn handler(
     headers: HeaderMap,
     OriginalUri(uri): OriginalUri,
     RawQuery(query): RawQuery,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     if !origin_allowed(&shared.config.allowed_origins, &headers) {
         return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
@@ -63,6 +64,13 @@ pub(crate) async fn handler(
             tracing::debug!(uri = %auth::Redacted(&uri), reason = %e, "WebSocket refused: invalid token");
             return auth::unauthorized(&e.0);
         }
+    };
+    // The token is checked before the upgrade request itself: a plain `GET /ws?token=...` (a
+    // browser's `fetch` after a failed WebSocket, whose status the browser hides) learns why
+    // its token is refused.
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => return rejection.into_response(),
     };
     let Some(slot) = shared.connections.admit() else {
         let max = shared.connections.max();

@@ -18,6 +18,7 @@ import {
   serverLog,
   serverMessages,
   shown,
+  sleep,
   startProxy,
   startServer,
   tempDir,
@@ -43,13 +44,16 @@ after(async () => {
  * Runs `body` with a fresh server and data directory; screenshots every page it opened at the
  * end (also when the test fails), and checks that no page logged an error. A failure carries
  * the diagnostics (what each page and its client knew, their consoles, the servers' logs).
+ * The server runs with auth on, as `scripts/run.sh` starts it (`AUTH_FLAGS`), plus `args`;
+ * `restart(options)` may start it again with other flags (`startServer`'s options).
  * @param {string} name
- * @param {(ctx: { server: any, data: string, page: (opts?: object) => Promise<any>, restart: () => Promise<any> }) => Promise<void>} body
+ * @param {(ctx: { server: any, data: string, page: (opts?: object) => Promise<any>, restart: (options?: object) => Promise<any> }) => Promise<void>} body
+ * @param {{ args?: string[] }} [options]
  */
-async function withServer(name, body) {
+async function withServer(name, body, { args = [] } = {}) {
   beginDiagnostics(name);
   const data = tempDir();
-  let server = await startServer(data.dir);
+  let server = await startServer(data.dir, 0, undefined, { args });
   /** @type {any[]} */
   const pages = [];
   try {
@@ -63,10 +67,10 @@ async function withServer(name, body) {
         pages.push(p);
         return p;
       },
-      restart: async () => {
+      restart: async (options = { args }) => {
         const port = server.port;
         await server.kill();
-        server = await startServer(data.dir, port);
+        server = await startServer(data.dir, port, undefined, options);
         return server;
       },
     });
@@ -369,6 +373,163 @@ test("a send whose connection drops before the reply is neither lost nor doubled
     }
   });
 });
+
+test("each visitor chats under a nickname of their own: a taken nickname is refused", async () => {
+  await withServer("nicknames", async ({ server, page }) => {
+    const ada = await page(DESKTOP);
+    const bob = await page(PHONE);
+    await joinRoom(ada, server, "ada", "lobby");
+    await joinRoom(bob, server, "bob", "lobby");
+    await say(ada, "I am the real ada");
+    await say(bob, "hi ada");
+    const expected = await waitForLog(server, "lobby", 2);
+    assert.deepEqual(await waitShown(ada, 2), expected);
+    assert.deepEqual(await waitShown(bob, 2), expected);
+
+    // A third visitor (another browser context: no cookie of ada's) cannot be ada, in any case.
+    const eve = await page(DESKTOP);
+    for (const nick of ["ada", " ADA "]) {
+      await eve.goto(`${server.url}/#lobby`);
+      await eve.locator("#nick").fill(nick);
+      await eve.locator("#room").fill("lobby");
+      await eve.locator("#join-button").click();
+      await waitFor(eve, "#join-error:not([hidden])");
+      assert.match((await eve.locator("#join-error").textContent()) ?? "", /is taken by someone else/);
+      assert.equal(await eve.locator("#chat").isHidden(), true);
+    }
+    // With a nickname of her own she joins and sees the conversation.
+    await joinRoom(eve, server, "eve", "lobby");
+    assert.deepEqual(await waitShown(eve, 2), expected);
+    // Ada's page, reloaded, keeps her nickname (her cookie says it is hers).
+    await ada.reload();
+    await waitReady(ada);
+    await say(ada, "still me after a reload");
+    const all = await waitForLog(server, "lobby", 3);
+    assert.deepEqual(await waitShown(eve, 3), all);
+    // Without a token nobody may write: the server refuses an anonymous send.
+    await assert.rejects(seedAnonymous(server, "/chat/lobby", "spoofed"), /forbidden/);
+    // Every name shown is the sender the server verified.
+    assert.deepEqual(await eve.$$eval("#messages li.msg", (els) => els.map((e) => e.getAttribute("data-verified"))), ["true", "true", "true"]);
+  });
+});
+
+test("messages show their verified sender, not the nickname their data claims", async () => {
+  await withServer("verified-senders", async ({ server, page }) => {
+    const ada = await page(DESKTOP);
+    const bob = await page(PHONE);
+    await joinRoom(ada, server, "ada", "lobby");
+    await joinRoom(bob, server, "bob", "lobby");
+    await say(ada, "hello, ada here");
+    await waitShown(bob, 1);
+    // Mallory has a token of her own and writes a message whose data says it is from ada.
+    await seed(server, "/chat/lobby", [JSON.stringify({ nick: "ada", text: "I am ada, trust me" })], "mallory");
+    const expected = await waitForLog(server, "lobby", 2);
+    assert.deepEqual(
+      expected.map((m) => [m.nick, m.text]),
+      [
+        ["ada", "hello, ada here"],
+        ["mallory", "I am ada, trust me"],
+      ],
+    );
+    for (const p of [ada, bob]) {
+      assert.deepEqual(await waitShown(p, 2), expected);
+      const names = await p.$$eval("#messages li.msg .nick", (els) => els.map((e) => e.textContent));
+      assert.deepEqual(names, ["ada", "mallory"]);
+    }
+    // Ada's page does not take mallory's message for one of hers.
+    assert.deepEqual(await ada.$$eval("#messages li.msg", (els) => els.map((e) => e.classList.contains("mine"))), [true, false]);
+    // A reload reads the history with the senders too.
+    await bob.reload();
+    await waitReady(bob);
+    assert.deepEqual(await waitShown(bob, 2), expected);
+  });
+});
+
+test("a page whose token lives 3 seconds keeps chatting across its expiries, refreshing in-band", async () => {
+  // Tokens of 3 s, and connections closed 1 s after their token expired unless refreshed:
+  // the pages must refresh (the client asks getToken ahead of `exp`) on their open connection.
+  await withServer(
+    "short-tokens",
+    async ({ server, page }) => {
+      const ada = await page(DESKTOP);
+      const bob = await page(PHONE);
+      const tokens = { ada: 0, bob: 0 };
+      const sockets = { ada: 0, bob: 0 };
+      for (const [nick, p] of /** @type {const} */ ([["ada", ada], ["bob", bob]])) {
+        p.on("request", (r) => void (r.url().endsWith("/demo/token") && tokens[nick]++));
+        p.on("websocket", () => void sockets[nick]++);
+      }
+      await joinRoom(ada, server, "ada", "short");
+      await joinRoom(bob, server, "bob", "short");
+      // About 12 s of conversation: four lifetimes of a token.
+      const texts = [];
+      for (let i = 1; i <= 12; i++) {
+        const [who, p] = i % 2 ? ["ada", ada] : ["bob", bob];
+        const text = `${who} says ${i}`;
+        texts.push(text);
+        await say(p, text);
+        await sleep(1000);
+      }
+      const expected = await waitForLog(server, "short", 12);
+      assert.deepEqual(
+        expected.map((m) => m.text),
+        texts,
+      );
+      assert.deepEqual(await waitShown(ada, 12), expected);
+      assert.deepEqual(await waitShown(bob, 12), expected);
+      await waitStatus(ada, "connected");
+      await waitStatus(bob, "connected");
+      // Fresh tokens were fetched along the way, and the connection was never replaced (no
+      // 4003 close, no reconnect): the refresh happened in-band.
+      assert.ok(tokens.ada >= 4 && tokens.bob >= 4, `token requests ${JSON.stringify(tokens)}`);
+      assert.deepEqual(sockets, { ada: 1, bob: 1 }, "one WebSocket per page");
+    },
+    { args: ["--demo-token-ttl", "3s", "--auth-refresh-grace", "1s"] },
+  );
+});
+
+test("a refused token is replaced by a fresh one, and with none to be had the page says it is signed out", async () => {
+  await withServer("refused-token", async ({ page, restart, ...ctx }) => {
+    const ada = await page();
+    await joinRoom(ada, ctx.server, "ada", "keys");
+    await say(ada, "before the new key");
+    await waitShown(ada, 1);
+
+    // The server comes back with another secret: ada's token is refused at the handshake (the
+    // browser hides the 401, the client learns it with fetch), the client asks getToken, and the
+    // demo endpoint (which forgot every claim) gives her a new one.
+    const other = ["--auth-hmac-secret", "another-secret", "--demo-token-endpoint", "--anonymous-read", "/chat"];
+    let server = await restart({ auth: false, args: other });
+    await waitStatus(ada, "connected");
+    await say(ada, "after the new key");
+    await waitForLog(server, "keys", 2);
+    await waitShown(ada, 2);
+
+    // Again, but now without the demo endpoint: no fresh token to be had. The client ends
+    // "unauthorized" with the server's reason, and the page says so.
+    server = await restart({ auth: false, args: ["--auth-hmac-secret", "a-third-secret", "--anonymous-read", "/chat"] });
+    await waitStatus(ada, "unauthorized");
+    const notice = (await ada.locator("#notice").textContent()) ?? "";
+    assert.match(notice, /Signed out: the server refused the token: invalid token: bad signature/);
+    assert.equal(await ada.locator("#text").isDisabled(), true);
+    // What she saw stays on the page.
+    assert.equal((await shown(ada)).length, 2);
+  });
+});
+
+/** Sends `data` to `path` with the `ivy` CLI and no token. */
+async function seedAnonymous(server, path, data) {
+  const { spawn } = await import("node:child_process");
+  const { binary } = await import("./harness.mjs");
+  await new Promise((resolvePromise, reject) => {
+    const env = { ...process.env };
+    delete env.IVY_TOKEN;
+    const proc = spawn(binary("ivy"), ["--url", `ws://${server.addr}`, "send", path, data], { stdio: ["ignore", "ignore", "pipe"], env });
+    let stderr = "";
+    proc.stderr.on("data", (d) => (stderr += d));
+    proc.on("exit", (code) => (code === 0 ? resolvePromise(undefined) : reject(new Error(`ivy send exited with ${code}: ${stderr}`))));
+  });
+}
 
 /** The server's messages once there are `n` of them. */
 async function waitForLog(server, room, n) {

@@ -2,7 +2,8 @@
 // built demo, Debian's Chromium driven by playwright-core, and readers for what the pages show
 // and what the server stored.
 
-import { spawn } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
+import { randomBytes } from "node:crypto";
 import { mkdirSync, mkdtempSync, rmSync, existsSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
@@ -90,18 +91,28 @@ export function tempDir(prefix = "ivy-e2e-") {
   return { dir, remove: () => rmSync(dir, { recursive: true, force: true }) };
 }
 
+/** The HMAC secret of the servers started with auth (one per test run, the same across a
+ * server's restarts, so that the pages' tokens stay valid). */
+export const SECRET = `e2e-${randomBytes(16).toString("hex")}`;
+
+/** The flags of the demo with auth on, as `scripts/run.sh` starts it: tokens signed with
+ * `SECRET`, the demo-only token endpoint, the chat readable without a token. */
+export const AUTH_FLAGS = ["--auth-hmac-secret", SECRET, "--demo-token-endpoint", "--anonymous-read", "/chat"];
+
 /**
  * Starts `ivy-server --listen 127.0.0.1:PORT --data DIR --static-dir web-demo/dist` and waits
  * for its first stdout line, `ivy-server listening on http://ADDR`. Port 0 picks a free port;
  * a restart passes the port it had, so that open pages reconnect to it. `staticDir`: what it
- * serves (the built demo by default).
+ * serves (the built demo by default). `auth`: with `AUTH_FLAGS` (by default for the demo, as
+ * `scripts/run.sh` runs it); `args`: more flags.
  */
-export async function startServer(dataDir, port = 0, staticDir = distDir) {
+export async function startServer(dataDir, port = 0, staticDir = distDir, { auth = staticDir === distDir, args = [] } = {}) {
   if (!existsSync(join(staticDir, "index.html"))) throw new Error(`${staticDir}/index.html missing: build the demo first (npm run build)`);
+  const flags = [...(auth ? AUTH_FLAGS : []), ...args];
   const deadline = Date.now() + WAIT;
   for (;;) {
     try {
-      return await spawnServer(dataDir, port, staticDir);
+      return await spawnServer(dataDir, port, staticDir, flags);
     } catch (e) {
       // Right after a kill the port can still be busy for a moment.
       if (port === 0 || Date.now() > deadline) throw e;
@@ -113,9 +124,9 @@ export async function startServer(dataDir, port = 0, staticDir = distDir) {
 /** Latency proxies by server port, kept across restarts on the same port (see `LATENCY`). */
 const latencyProxies = new Map();
 
-function spawnServer(dataDir, port, staticDir) {
+function spawnServer(dataDir, port, staticDir, flags) {
   return new Promise((resolvePromise, reject) => {
-    const proc = spawn(binary("ivy-server"), ["--listen", `127.0.0.1:${port}`, "--data", dataDir, "--static-dir", staticDir], {
+    const proc = spawn(binary("ivy-server"), ["--listen", `127.0.0.1:${port}`, "--data", dataDir, "--static-dir", staticDir, ...flags], {
       env: { ...process.env, RUST_LOG: SERVER_LOG, NO_COLOR: "1" },
       stdio: ["ignore", "pipe", "pipe"],
     });
@@ -309,8 +320,12 @@ export async function openPage(browser, options = DESKTOP) {
   });
   page.on("console", (m) => {
     consoleLines.push(`${stamp()} ${m.type()}: ${m.text()}`);
-    // Chromium logs every refused connection attempt itself while the server is down.
-    const expected = /^WebSocket connection to .* failed|^Failed to load resource: net::ERR_CONNECTION_REFUSED/;
+    // Chromium logs every refused connection attempt itself while the server is down, and
+    // every answer with an error status: the demo's token endpoint refusing a taken nickname
+    // (409) or missing (404, 405), a handshake refusing a token and the client's fetch that
+    // learns why (401).
+    const expected =
+      /^WebSocket connection to .* failed|^Failed to load resource: net::ERR_CONNECTION_REFUSED|^Failed to load resource: the server responded with a status of (401|404|405|409)/;
     if (m.type() === "error" && !expected.test(m.text())) errors.push(`console: ${m.text()}`);
   });
   page.on("crash", () => consoleLines.push(`${stamp()} the page crashed`));
@@ -503,32 +518,45 @@ function formatDebug(debug) {
   return out;
 }
 
-/** The server's log of `/chat/<room>`, parsed and unescaped (`%25` → `%`, `%0A` → LF). */
+/** The server's log of `/chat/<room>` with each event's verified sender (`?ext=sender`:
+ * `@TS~SENDER:PATH:DATA`), parsed and unescaped (`%25` → `%`, `%0A` → LF). `sender`: the
+ * token's `sub` of the connection that sent it, or null (no token, the application, unknown). */
 export async function serverLog(server, room) {
-  const r = await fetch(`${server.url}/log/chat/${room}`);
+  const r = await fetch(`${server.url}/log/chat/${room}?ext=sender`);
   if (r.status !== 200) throw new Error(`GET /log/chat/${room}: ${r.status}`);
   const body = await r.text();
   if (body === "") return [];
+  const unescape = (s) => s.replace(/%25|%0A|%0D|%3A/g, (e) => ({ "%25": "%", "%0A": "\n", "%0D": "\r", "%3A": ":" })[e]);
   return body.split("\n").map((line) => {
-    const m = /^@(\d+\.\d{9}):([^:]*):(.*)$/s.exec(line);
+    const m = /^@(\d+\.\d{9})~([^:]*):([^:]*):(.*)$/s.exec(line);
     if (!m) throw new Error(`bad log line ${JSON.stringify(line)}`);
-    const data = m[3].replace(/%25|%0A/g, (s) => (s === "%25" ? "%" : "\n"));
-    return { ts: m[1], path: m[2], data };
+    const data = m[4].replace(/%25|%0A/g, (s) => (s === "%25" ? "%" : "\n"));
+    const sender = m[2].startsWith("=") ? unescape(m[2].slice(1)) : null;
+    return { ts: m[1], path: m[3], data, sender };
   });
 }
 
-/** The log as the demo should show it: chat messages as {ts, nick, text}. */
+/** The log as the demo should show it: chat messages as {ts, nick, text}, `nick` being the
+ * verified sender (the page shows it rather than the nickname in the data). */
 export async function serverMessages(server, room) {
   return (await serverLog(server, room)).map((e) => {
     const d = JSON.parse(e.data);
-    return { ts: e.ts, nick: d.nick, text: d.text };
+    return { ts: e.ts, nick: e.sender ?? d.nick, text: d.text };
   });
 }
 
-/** Publishes lines with the `ivy` command-line client (one event per stdin line). */
-export async function seed(server, path, lines) {
+/** A token signed with `SECRET` (by `ivy-server token`): `sub`, writing and reading `/chat`. */
+export function mintToken(sub, ttl = "1h") {
+  const args = ["token", "--auth-hmac-secret", SECRET, "--sub", sub, "--read", "/chat", "--write", "/chat", "--ttl", ttl];
+  return execFileSync(binary("ivy-server"), args, { encoding: "utf8" }).trim();
+}
+
+/** Publishes lines with the `ivy` command-line client (one event per stdin line), with a
+ * token for `sub` (the servers of the demo have auth on). */
+export async function seed(server, path, lines, sub = "seeder") {
+  const env = { ...process.env, IVY_TOKEN: mintToken(sub) };
   await new Promise((resolvePromise, reject) => {
-    const proc = spawn(binary("ivy"), ["--url", `ws://${server.addr}`, "send", path], { stdio: ["pipe", "ignore", "pipe"] });
+    const proc = spawn(binary("ivy"), ["--url", `ws://${server.addr}`, "send", path], { stdio: ["pipe", "ignore", "pipe"], env });
     let stderr = "";
     proc.stderr.on("data", (d) => (stderr += d));
     proc.on("exit", (code) => (code === 0 ? resolvePromise(undefined) : reject(new Error(`ivy send exited with ${code}: ${stderr}`))));

@@ -1,7 +1,10 @@
 // Ivy chat: pick a nickname and a room (/chat/<room>); history, then live messages.
-// The room is in the URL hash (#lobby), the nickname in localStorage.
+// The room is in the URL hash (#lobby), the nickname in localStorage. With auth on (the
+// server's demo token endpoint), the nickname gets a token, which the client refreshes before
+// it expires; one client per nickname.
 
-import init, { IvyClient, type IvyStatus } from "ivy-client-wasm";
+import init, { IvyClient, type IvyStatus, type IvyStatusReason } from "ivy-client-wasm";
+import { NicknameTaken, demoToken, tokenProvider } from "./auth";
 import { normalizeNick, normalizeRoom, nickError, roomError } from "./message";
 import { Room, errorText } from "./room";
 import { MessageList } from "./view";
@@ -22,6 +25,7 @@ const ui = {
   nick: el<HTMLInputElement>("nick"),
   room: el<HTMLInputElement>("room"),
   joinError: el("join-error"),
+  joinButton: el<HTMLButtonElement>("join-button"),
   recent: el("recent"),
   recentList: el("recent-list"),
   chat: el("chat"),
@@ -52,9 +56,17 @@ const STATUS_TEXT: Record<IvyStatus, string> = {
   connected: "Connected",
   reconnecting: "Reconnecting…",
   closed: "Disconnected",
+  unauthorized: "Signed out",
 };
 
-let client: IvyClient;
+/** The page's client, for `clientNick` (with its token, when the server has auth on). */
+let client: IvyClient | undefined;
+let clientNick: string | undefined;
+/** The name the others see: the token's `sub`, or the nickname without auth. */
+let myName = "";
+/** Whether the page asks for verified senders (auth on): messages show who sent them as the
+ * server vouches, not the nickname their data carries. */
+let senders = false;
 let room: Room | undefined;
 
 declare global {
@@ -88,7 +100,7 @@ function remember(roomName: string): void {
   localStorage.setItem(RECENT_KEY, JSON.stringify(list));
 }
 
-function showJoin(roomName: string): void {
+function showJoin(roomName: string, error: string | null = null): void {
   room?.close();
   room = undefined;
   ui.chat.hidden = true;
@@ -96,7 +108,8 @@ function showJoin(roomName: string): void {
   document.title = "Ivy chat";
   ui.nick.value = localStorage.getItem(NICK_KEY) ?? "";
   ui.room.value = roomName || ui.room.value || "lobby";
-  ui.joinError.hidden = true;
+  ui.joinError.textContent = error ?? "";
+  ui.joinError.hidden = error === null;
   const recent = recentRooms();
   ui.recent.hidden = recent.length === 0;
   ui.recentList.replaceChildren(
@@ -115,8 +128,70 @@ function showJoin(roomName: string): void {
   (ui.nick.value ? ui.room : ui.nick).focus();
 }
 
-function showChat(roomName: string, nick: string): void {
+/**
+ * The client for `nick`: the current one if it is still usable, else a new one with a token
+ * from the demo endpoint (none when the server has no such endpoint). Throws `NicknameTaken`.
+ */
+async function clientFor(nick: string): Promise<IvyClient> {
+  if (client && clientNick === nick && client.status !== "unauthorized" && client.status !== "closed") return client;
+  const token = await demoToken(nick);
+  client?.close();
   room?.close();
+  room = undefined;
+  // With a token, the server vouches for who sent each message (`senders`): the page shows
+  // that name, not the nickname a message's data claims.
+  const c = new IvyClient(
+    serverUrl(),
+    token ? { maxBackoffMs: 4000, token: token.token, getToken: tokenProvider(nick), senders: true } : { maxBackoffMs: 4000 },
+  );
+  client = c;
+  clientNick = nick;
+  myName = token?.sub ?? nick;
+  senders = token !== null;
+  showStatus(c.status);
+  c.onStatus((s, why) => {
+    if (c !== client) return;
+    showStatus(s);
+    room?.onStatus(s);
+    if (s === "unauthorized") signedOut(why);
+  });
+  c.onError((e) => {
+    // A refused token is shown by the status; anything else (a bug in a callback) is the
+    // page's error as before.
+    if ((e as { code?: unknown }).code !== "unauthorized") reportError(e);
+  });
+  return c;
+}
+
+/** The token was refused and no fresh one came (the nickname's claim expired and someone
+ * else took it, or the server restarted with another secret and the nickname is taken). */
+function signedOut(why: IvyStatusReason): void {
+  setNotice(`Signed out: ${why.message}. Go back (←) and join again.`);
+  setComposer(false);
+}
+
+function setComposer(enabled: boolean): void {
+  ui.text.disabled = !enabled;
+  ui.send.disabled = !enabled;
+}
+
+/** Gets the client for `nick`, then opens the room; the join form with the reason if the
+ * nickname is taken or no token could be had. */
+async function enter(roomName: string, nick: string): Promise<void> {
+  ui.joinButton.disabled = true;
+  try {
+    const c = await clientFor(nick);
+    showChat(c, roomName, myName);
+  } catch (e) {
+    showJoin(roomName, e instanceof NicknameTaken ? e.message : `Could not join: ${errorText(e)}`);
+  } finally {
+    ui.joinButton.disabled = false;
+  }
+}
+
+function showChat(client: IvyClient, roomName: string, nick: string): void {
+  room?.close();
+  setComposer(client.status !== "unauthorized");
   ui.join.hidden = true;
   ui.chat.hidden = false;
   document.title = `#${roomName} · Ivy chat`;
@@ -128,8 +203,8 @@ function showChat(roomName: string, nick: string): void {
   const view = new MessageList(ui.scroller, ui.messages, ui.pending, ui.earlier, ui.empty, ui.jump, nick, {
     retry: (id) => room?.retry(id),
     discard: (id) => room?.discard(id),
-  });
-  const r = new Room(client, roomName, nick, view, setNotice);
+  }, senders);
+  const r = new Room(client, roomName, nick, view, setNotice, senders);
   room = r;
   ui.earlier.onclick = async () => {
     ui.earlier.disabled = true;
@@ -155,7 +230,7 @@ function route(): void {
   const roomName = normalizeRoom(decodeURIComponent(location.hash.slice(1)));
   const nick = normalizeNick(localStorage.getItem(NICK_KEY) ?? "");
   if (roomName !== "" && roomError(roomName) === null && nickError(nick) === null) {
-    if (room?.path !== `/chat/${roomName}` || ui.chat.hidden) showChat(roomName, nick);
+    if (room?.path !== `/chat/${roomName}` || ui.chat.hidden || clientNick !== nick) void enter(roomName, nick);
   } else {
     showJoin(roomName);
   }
@@ -173,7 +248,7 @@ function joinSubmitted(e: SubmitEvent): void {
   }
   localStorage.setItem(NICK_KEY, nick);
   if (location.hash === `#${roomName}`) {
-    showChat(roomName, nick);
+    void enter(roomName, nick);
   } else {
     location.hash = roomName; // hashchange opens it
   }
@@ -199,13 +274,7 @@ function sendTyped(): void {
 
 async function main(): Promise<void> {
   await init();
-  client = new IvyClient(serverUrl(), { maxBackoffMs: 4000 });
-  showStatus(client.status);
-  window.ivyDebug = () => ({ client: client.debugState() as object, room: room?.debugState() ?? null });
-  client.onStatus((s) => {
-    showStatus(s);
-    room?.onStatus(s);
-  });
+  window.ivyDebug = () => ({ client: (client?.debugState() as object | undefined) ?? null, room: room?.debugState() ?? null });
 
   ui.joinForm.addEventListener("submit", joinSubmitted);
   ui.room.addEventListener("input", () => (ui.joinError.hidden = true));

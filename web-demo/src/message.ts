@@ -1,5 +1,7 @@
 // Chat messages on the wire, names, and small formatting helpers (no DOM, no client).
 
+import type { IvySender } from "ivy-client-wasm";
+
 /** What a chat message carries as its event data (JSON). `id` lets the sender recognize
  * its own message when it comes back through the subscription; other clients ignore it. */
 export interface ChatData {
@@ -8,13 +10,22 @@ export interface ChatData {
   id?: string;
 }
 
+/** Who sent an event, as the server verified it (the client's `senders` option): a token's
+ * `sub`, a connection without a token, the server's embedding application, or unknown (an
+ * event stored before the server recorded senders). */
+export type Sender = IvySender;
+
 /** A message as the room displays it. */
 export interface ChatMessage {
   ts: string;
   path: string;
+  /** The name shown: the verified sender's `sub` when there is one, else the nickname the
+   * data carries (which anybody could have written). */
   nick: string;
   text: string;
   id?: string;
+  /** The server vouches for `nick` (the sender's token). */
+  verified: boolean;
   /** The data was not a chat message (sent by another tool): shown as is. */
   raw: boolean;
 }
@@ -62,19 +73,23 @@ export function dataBytes(data: string): number {
   return new TextEncoder().encode(data).length;
 }
 
-/** Parses event data; anything that is not a chat message is kept as raw text. */
-export function decode(ts: string, path: string, data: string): ChatMessage {
+/** Parses event data; anything that is not a chat message is kept as raw text. The name shown
+ * is the verified sender's when the server gave one (`sender`), whatever the data says. */
+export function decode(ts: string, path: string, data: string, sender?: Sender): ChatMessage {
+  const verified = sender?.kind === "user" ? sender.sub : undefined;
   try {
     const v: unknown = JSON.parse(data);
     if (v !== null && typeof v === "object" && typeof (v as { text?: unknown }).text === "string") {
       const o = v as { nick?: unknown; text: string; id?: unknown };
-      const nick = typeof o.nick === "string" && o.nick.trim() !== "" ? o.nick : "anonymous";
-      return { ts, path, nick, text: o.text, id: typeof o.id === "string" ? o.id : undefined, raw: false };
+      const claimed = typeof o.nick === "string" && o.nick.trim() !== "" ? o.nick : "anonymous";
+      const nick = verified ?? (sender?.kind === "application" ? "server" : claimed);
+      const id = typeof o.id === "string" ? o.id : undefined;
+      return { ts, path, nick, text: o.text, id, verified: verified !== undefined, raw: false };
     }
   } catch {
     // not JSON: fall through
   }
-  return { ts, path, nick: "", text: data, raw: true };
+  return { ts, path, nick: verified ?? "", text: data, verified: verified !== undefined, raw: true };
 }
 
 /** A random id (crypto.randomUUID needs a secure context; getRandomValues does not). */

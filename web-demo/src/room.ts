@@ -28,6 +28,8 @@ export class Room {
     private nick: string,
     private view: MessageList,
     private notice: (text: string | null) => void,
+    /** The client asks for verified senders (`nick` is then our token's `sub`). */
+    private senders = false,
   ) {
     this.path = roomPath(room);
   }
@@ -53,7 +55,7 @@ export class Room {
     }
     if (this.closed) return;
     this.notice(null);
-    const messages = history.map(toMessage);
+    const messages = history.map((e) => this.toMessage(e));
     this.view.setEarlier(history.length === HISTORY);
     this.view.add(messages);
     this.lastTs = history.at(-1)?.ts;
@@ -66,7 +68,7 @@ export class Room {
   private onEvent(e: IvyEvent): void {
     if (this.closed) return;
     this.lastTs = e.ts;
-    const m = toMessage(e);
+    const m = this.toMessage(e);
     if (m.id !== undefined) this.pending.delete(m.id);
     this.view.add([m]);
   }
@@ -79,7 +81,7 @@ export class Room {
     const k = this.view.renderedCount() + HISTORY;
     const events = await this.client.log(this.path, { n: k });
     if (this.closed) return;
-    const older = events.filter((e) => e.ts < first).map(toMessage);
+    const older = events.filter((e) => e.ts < first).map((e) => this.toMessage(e));
     this.view.prepend(older);
     this.view.setEarlier(events.length === k && older.length > 0);
   }
@@ -136,6 +138,17 @@ export class Room {
     this.sub = undefined;
   }
 
+  /**
+   * The message of an event. With verified senders (`senders`), every event from the server
+   * has its `sender`; one without is our own send, which the client delivers in place from
+   * its ack (the server does not echo it): the server stored it with our token's `sub`, the
+   * name we show.
+   */
+  private toMessage(e: IvyEvent): ChatMessage {
+    const sender = e.sender ?? (this.senders ? { kind: "user" as const, sub: this.nick } : undefined);
+    return decode(e.ts, e.path, e.data, sender);
+  }
+
   private transmit(id: string): void {
     const p = this.pending.get(id);
     if (!p) return;
@@ -190,16 +203,14 @@ export class Room {
     let cursor: IvyTimestamp = after ?? "0000000000.000000000";
     for (;;) {
       const page = await this.client.log(this.path, { after: cursor, limit });
-      for (const e of page) if (toMessage(e).id === id) return true;
+      for (const e of page) if (this.toMessage(e).id === id) return true;
       if (page.length === 0) return false;
       cursor = page[page.length - 1].ts;
     }
   }
 }
 
-function toMessage(e: IvyEvent): ChatMessage {
-  return decode(e.ts, e.path, e.data);
-}
+
 
 /** The client rejects with (and passes to `onError`) `Error`s that carry a `code` and `uncertain`. */
 function isIvyError(e: unknown): e is IvyError {

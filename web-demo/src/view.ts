@@ -42,6 +42,8 @@ export class MessageList {
     private jump: HTMLButtonElement,
     private myNick: string,
     private handlers: PendingHandlers,
+    /** Senders are verified (auth on): names only the data claims are marked as such. */
+    private verifiedOnly = false,
   ) {
     this.scroller.addEventListener("scroll", () => {
       if (this.atBottom()) this.setUnseen(0);
@@ -90,7 +92,7 @@ export class MessageList {
 
   /** Shows a message of ours that has no timestamp yet, below the confirmed ones. */
   addPending(id: string, text: string, state: PendingState): void {
-    const m: ChatMessage = { ts: "", path: "", nick: this.myNick, text, id, raw: false };
+    const m: ChatMessage = { ts: "", path: "", nick: this.myNick, text, id, verified: false, raw: false };
     const el = this.messageEl(m, undefined);
     el.classList.add("pending");
     el.dataset.id = id;
@@ -218,7 +220,7 @@ export class MessageList {
   private lastMessage(): ChatMessage | undefined {
     const el = this.list.lastElementChild as HTMLElement | null;
     if (!el) return undefined;
-    return { ts: el.dataset.ts ?? "", path: "", nick: el.dataset.nick ?? "", text: "", raw: el.classList.contains("raw") };
+    return { ts: el.dataset.ts ?? "", path: "", nick: el.dataset.nick ?? "", text: "", verified: el.dataset.verified === "true", raw: el.classList.contains("raw") };
   }
 
   private setUnseen(n: number): void {
@@ -245,16 +247,27 @@ export class MessageList {
     const li = document.createElement("li");
     li.className = "msg";
     if (m.raw) li.classList.add("raw");
-    if (!m.raw && m.nick === this.myNick) li.classList.add("mine");
+    if (!m.raw && m.nick === this.myNick && (m.verified || !this.verifiedOnly)) li.classList.add("mine");
     if (m.ts) li.dataset.ts = m.ts;
     li.dataset.nick = m.nick;
+    li.dataset.verified = String(m.verified);
     const meta = document.createElement("div");
     meta.className = "meta";
     const nick = document.createElement("span");
     nick.className = "nick";
-    nick.textContent = m.raw ? m.path : m.nick;
+    nick.textContent = m.raw ? (m.verified ? `${m.nick} · ${m.path}` : m.path) : m.nick;
     if (!m.raw) nick.style.setProperty("--hue", String(nickHue(m.nick)));
     meta.append(nick);
+    if (m.ts && !m.raw && this.verifiedOnly && !m.verified) {
+      // A name only the data claims: anybody could have written it.
+      const tag = document.createElement("span");
+      tag.className = "unverified";
+      tag.textContent = "unverified";
+      tag.title = "The server did not vouch for this name: the message carries it itself.";
+      meta.append(tag);
+    } else if (m.verified) {
+      nick.title = "Verified by the server (the sender's token)";
+    }
     if (m.ts) {
       const time = document.createElement("time");
       time.textContent = shortTime(m.ts);
