@@ -230,6 +230,14 @@ pub struct Config {
     /// The PEM file of the private key of [`Config::tls_cert`] (PKCS#8, PKCS#1 RSA or SEC1
     /// EC). Default: none.
     pub tls_key: Option<PathBuf>,
+    /// This server's node id, as `GET /info` and `/metrics` state it: 1 to 64 ASCII letters,
+    /// digits, `.`, `_`, `-`. Default: none (a random one per start, 16 hex digits).
+    pub node_id: Option<String>,
+    /// Whether `GET /info` and `GET /metrics` need a server API key ([`Config::api_keys`],
+    /// `Authorization: Bearer KEY`); `/healthz` and `/readyz` never do. Default: false (open,
+    /// as monitoring endpoints on a private port usually are: they carry counts only, no
+    /// channel name, path or identity).
+    pub ops_require_api_key: bool,
 }
 
 impl Default for Config {
@@ -274,6 +282,8 @@ impl Default for Config {
             auth_refresh_grace: DEFAULT_AUTH_REFRESH_GRACE,
             tls_cert: None,
             tls_key: None,
+            node_id: None,
+            ops_require_api_key: false,
         }
     }
 }
@@ -371,6 +381,10 @@ setters! {
     tls_cert: Option<PathBuf>;
     /// Sets [`Config::tls_key`].
     tls_key: Option<PathBuf>;
+    /// Sets [`Config::node_id`].
+    node_id: Option<String>;
+    /// Sets [`Config::ops_require_api_key`].
+    ops_require_api_key: bool;
 }
 
 #[cfg(test)]

@@ -95,7 +95,7 @@ async fn connection(shared: Arc<Shared>, socket: WebSocket, mut slot: Slot, peer
     let config = &shared.config;
     let (conn, rx, ending) = Conn::with_limits(id, config.queue_length, config.queue_bytes, shared.budget.clone());
     let out = conn.outbox().clone();
-    slot.register(&ending);
+    slot.register(&ending, &out);
     let Some((reader_stop, writer_stop)) = ending.halves() else { return };
     let identity = match &access {
         Access::Granted(p) => p.sub.as_deref().and_then(|sub| shared.identities.budget(sub)),
@@ -113,6 +113,7 @@ async fn connection(shared: Arc<Shared>, socket: WebSocket, mut slot: Slot, peer
     };
     tokio::join!(reader, write_loop(&shared, id, out, rx, sink, writer_stop, &ending));
     tracing::info!(conn = %id, code = ending.code(), "disconnected");
+    shared.metrics.closed(ending.code());
     drop(slot);
 }
 
@@ -333,6 +334,7 @@ async fn execute(shared: &Shared, conn: &Arc<Conn>, sends: &Arc<Semaphore>, fram
             // The memory budget is used up: shed what costs (a large send, or pipelined ones),
             // serve a connection sending small events one at a time.
             if budget.is_over() && (frame.len() > SMALL_SEND || sends.available_permits() < SENDS_IN_FLIGHT) {
+                shared.metrics.refused.overloaded.inc();
                 let msg = format!(
                     "event not stored: the server is overloaded: it holds {} bytes for its clients, its memory budget is {}; retry later",
                     budget.used(),
@@ -559,6 +561,8 @@ async fn catch_up(shared: &Shared, conn: ConnId, out: &Outbox, sink: &mut Sink) 
             let last = page.last;
             let _charge = (budget.limit() != 0).then(|| budget.charge(page.lines.len()));
             let lines = Bytes::from(page.lines);
+            // Deliveries from the log, counted once per page.
+            let (mut events, mut bytes) = (0u64, 0u64);
             let mut start = 0;
             while start < lines.len() {
                 let end = lines[start..].iter().position(|&b| b == b'\n').map_or(lines.len(), |i| start + i);
@@ -575,9 +579,11 @@ async fn catch_up(shared: &Shared, conn: ConnId, out: &Outbox, sink: &mut Sink) 
                 }
                 if let Ok(text) = Utf8Bytes::try_from(line) {
                     tracing::trace!(conn = %conn, "out (from the log) {}", Excerpt(text.as_bytes()));
+                    (events, bytes) = (events + 1, bytes + text.len() as u64);
                     sink.feed(Message::Text(text)).await.map_err(gone)?;
                 }
             }
+            shared.metrics.delivery.caught_up(events, bytes);
             sink.flush().await.map_err(gone)?;
             after = match (full, last) {
                 (true, Some(last)) => last,
