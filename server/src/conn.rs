@@ -323,7 +323,10 @@ impl Conn {
     /// Queues the event at `ts` unless it was the last one offered. An event that does not fit
     /// (`shed`: the server's memory budget is used up, the queue takes less) makes the
     /// connection fall behind: it is read from the log later. Called by the fan-out only;
-    /// whether the event was queued (for the delivery count).
+    /// whether the event was queued (for the delivery count). Inlined into the fan-out's
+    /// loop, as it was before it returned the flag (a call per delivery measured about 18
+    /// instructions per delivery, 1.5% of the fan-out's total, under callgrind).
+    #[inline]
     pub(crate) fn push_event(&self, ts: Timestamp, line: &Utf8Bytes, shed: bool) -> bool {
         let out = &*self.out;
         let n = nanos(ts);
