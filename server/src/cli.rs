@@ -542,7 +542,7 @@ async fn serve_main(wall: WallClock) -> ExitCode {
             }
         }
     };
-    match crate::serve(&ivy, ivy.router().merge(ivy.ops_router()), listener, shutdown).await {
+    match crate::serve(&ivy, ivy.ops_router().merge(ivy.router()), listener, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ivy-server: {e}");

@@ -265,8 +265,9 @@ impl Ivy {
     }
 
     /// The operations routes: `GET /healthz`, `/readyz`, `/info` and `/metrics` (see [`ops`]),
-    /// to serve beside [`Ivy::router`] (as [`run`] and the binary do). Not behind
-    /// [`Config::allowed_hosts`]: health checks address a server by its IP.
+    /// to serve beside [`Ivy::router`]: `ivy.ops_router().merge(ivy.router())`, as [`run`]
+    /// and the binary do (in that order, [`Config::allowed_hosts`] keeps guarding unknown
+    /// paths). Not behind [`Config::allowed_hosts`]: health checks address a server by its IP.
     pub fn ops_router(&self) -> Router {
         Router::new()
             .route("/healthz", get(ops::healthz))
@@ -368,5 +369,5 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let ivy = builder.open()?;
-    serve(&ivy, ivy.router().merge(ivy.ops_router()), listener, shutdown).await
+    serve(&ivy, ivy.ops_router().merge(ivy.router()), listener, shutdown).await
 }

@@ -411,6 +411,20 @@ async fn info_and_metrics_can_require_the_api_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--api-key"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// `--allowed-host` guards the protocol's endpoints and everything else, not the health
+/// checks (which address the server by its IP).
+#[tokio::test]
+async fn the_health_checks_answer_whatever_the_host_name() {
+    let dir = temp_dir();
+    let server = ServerProcess::start(dir.path(), &["--allowed-hosts", "chat.example"]).await;
+    for target in ["/healthz", "/readyz", "/info", "/metrics"] {
+        assert_eq!(http_get(server.addr, target, &[]).await.status, 200, "{target}");
+    }
+    for target in ["/log/", "/anything"] {
+        assert_eq!(http_get(server.addr, target, &[]).await.status, 421, "{target}");
+    }
+}
+
 #[tokio::test]
 async fn ivy_info_prints_the_server_info() {
     let dir = temp_dir();
