@@ -785,6 +785,20 @@ impl LogReader {
         };
         ivy_core::http::parse_log(&body).map_err(|e| Error::Log(LogError { status: None, message: format!("unparsable log line: {e}") }))
     }
+
+    /// The server's `GET /info`: a JSON object (version, node id, engine, uptime,
+    /// connections, subscriptions, events published; see the server's README), as its text,
+    /// unparsed (the library has no JSON parser). Errors as for [`LogReader::log`]; a server
+    /// that requires an API key for it answers 401, in [`Error::Log`].
+    pub async fn info(&self) -> Result<String, Error> {
+        let url = format!("{}/info", self.endpoints.http);
+        match fetch(&self.http, &url, self.token.as_ref()).await {
+            Ok((body, _)) => Ok(body),
+            Err(Fetch::Connect(message)) => Err(Error::Connect(ConnectError { status: None, message })),
+            Err(Fetch::Tls(e)) => Err(Error::Tls(e)),
+            Err(Fetch::Log(e)) => Err(Error::Log(e)),
+        }
+    }
 }
 
 fn http_client(tls: &Arc<rustls::ClientConfig>) -> Http {

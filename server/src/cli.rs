@@ -291,6 +291,23 @@ pub struct Cli {
     #[arg(long = "demo-token-grant", env = "IVY_DEMO_TOKEN_GRANT", value_delimiter = ',', default_value = config::DEFAULT_DEMO_TOKEN_GRANT)]
     pub demo_token_grants: Vec<String>,
 
+    /// This server's node id, as GET /info and /metrics state it (1 to 64 ASCII letters,
+    /// digits, '.', '_', '-'). Default: a random one per start.
+    #[arg(long, env = "IVY_NODE_ID", value_parser = node_id)]
+    pub node_id: Option<String>,
+
+    /// GET /info and GET /metrics need a server API key (--api-key) as `Authorization: Bearer
+    /// KEY`. Default: open (they carry counts, no channel names); /healthz and /readyz are
+    /// always open.
+    #[arg(long, env = "IVY_OPS_REQUIRE_API_KEY", requires = "api_keys")]
+    pub ops_require_api_key: bool,
+
+    /// After SIGINT or SIGTERM, keep serving this long with GET /readyz answering 503, so that
+    /// a load balancer stops sending new clients before the shutdown begins (a second signal
+    /// ends the wait). 0: shut down at once.
+    #[arg(long, env = "IVY_SHUTDOWN_DELAY", value_parser = seconds, default_value_t = Seconds(Duration::ZERO))]
+    pub shutdown_delay: Seconds,
+
     /// A helper instead of the server.
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -361,6 +378,10 @@ fn parse_listen(s: &str) -> Result<SocketAddr, String> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Seconds(pub Duration);
 
+fn node_id(s: &str) -> Result<String, String> {
+    crate::ops::check_node_id(s).map(|()| s.to_string())
+}
+
 fn seconds(s: &str) -> Result<Seconds, String> {
     parse_seconds(s).map(Seconds)
 }
@@ -417,6 +438,8 @@ impl Cli {
             demo_token_endpoint: self.demo_token_endpoint,
             demo_token_ttl: self.demo_token_ttl.0,
             demo_token_grants: self.demo_token_grants.clone(),
+            node_id: self.node_id.clone(),
+            ops_require_api_key: self.ops_require_api_key,
         }
     }
 
@@ -532,7 +555,19 @@ async fn serve_main(wall: WallClock) -> ExitCode {
         Ok(addr) => println!("ivy-server listening on http://{addr}"),
         Err(e) => eprintln!("ivy-server: {e}"),
     }
-    match crate::serve(&ivy, ivy.router(), listener, shutdown_signal()).await {
+    let (draining, delay) = (ivy.drain_signal(), cli.shutdown_delay.0);
+    let shutdown = async move {
+        shutdown_signal().await;
+        if !delay.is_zero() {
+            draining.cancel();
+            tracing::info!(?delay, "draining: /readyz answers 503; shutting down after the delay (or at another signal)");
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = shutdown_signal() => {}
+            }
+        }
+    };
+    match crate::serve(&ivy, ivy.ops_router().merge(ivy.router()), listener, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ivy-server: {e}");

@@ -245,6 +245,14 @@ pub struct Config {
     /// Paths the demo endpoint's tokens may read and write. Default
     /// [`DEFAULT_DEMO_TOKEN_GRANT`].
     pub demo_token_grants: Vec<String>,
+    /// This server's node id, as `GET /info` and `/metrics` state it: 1 to 64 ASCII letters,
+    /// digits, `.`, `_`, `-`. Default: none (a random one per start, 16 hex digits).
+    pub node_id: Option<String>,
+    /// Whether `GET /info` and `GET /metrics` need a server API key ([`Config::api_keys`],
+    /// `Authorization: Bearer KEY`); `/healthz` and `/readyz` never do. Default: false (open,
+    /// as monitoring endpoints on a private port usually are: they carry counts only, no
+    /// channel name, path or identity).
+    pub ops_require_api_key: bool,
 }
 
 impl Default for Config {
@@ -292,6 +300,8 @@ impl Default for Config {
             demo_token_endpoint: false,
             demo_token_ttl: DEFAULT_DEMO_TOKEN_TTL,
             demo_token_grants: vec![DEFAULT_DEMO_TOKEN_GRANT.to_string()],
+            node_id: None,
+            ops_require_api_key: false,
         }
     }
 }
@@ -395,6 +405,10 @@ setters! {
     demo_token_ttl: Duration;
     /// Sets [`Config::demo_token_grants`].
     demo_token_grants: Vec<String>;
+    /// Sets [`Config::node_id`].
+    node_id: Option<String>;
+    /// Sets [`Config::ops_require_api_key`].
+    ops_require_api_key: bool;
 }
 
 #[cfg(test)]

@@ -45,6 +45,8 @@ use ivy_client_core::path::ancestors;
 use crate::budget::{Budget, Counted};
 use crate::conn::Conn;
 use crate::engine::Origin;
+use crate::engine::PROBE_CHANNEL;
+use crate::metrics::Delivery;
 
 /// Identifies a connection of this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -155,6 +157,8 @@ pub struct FanOut {
     /// batch and uncontended but for those rare rejoins; subscription changes do not take it.)
     gate: RwLock<()>,
     budget: Arc<Budget>,
+    /// Counted once per batch (`crate::metrics`).
+    counts: Delivery,
 }
 
 impl Default for FanOut {
@@ -164,6 +168,7 @@ impl Default for FanOut {
             position: AtomicU64::new(0),
             gate: RwLock::new(()),
             budget: Arc::default(),
+            counts: Delivery::default(),
         }
     }
 }
@@ -229,6 +234,12 @@ impl FanOut {
     /// An empty registry whose event lines ([`FanOut::line`]) count in `budget`.
     pub(crate) fn with_budget(budget: Arc<Budget>) -> FanOut {
         FanOut { budget, ..FanOut::default() }
+    }
+
+    /// The registry, its deliveries counted in `counts`.
+    pub(crate) fn with_counts(mut self, counts: Delivery) -> FanOut {
+        self.counts = counts;
+        self
     }
 
     /// An event line from its encoded bytes (UTF-8), counted in the server's memory budget
@@ -318,6 +329,8 @@ impl FanOut {
     /// one, for one it had already delivered).
     pub fn deliver(&self, batch: &[Published], mut delivered: impl FnMut(usize)) {
         let _gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
+        // Deliveries and their bytes, counted here and added to the metrics once per batch.
+        let (mut queued, mut bytes) = (0u64, 0u64);
         for (i, ev) in batch.iter().enumerate() {
             let ts = nanos(ev.ts);
             // Read once per event: while the memory budget is used up, queues take less.
@@ -329,7 +342,10 @@ impl FanOut {
                     for c in &subs.conns {
                         if ev.sender != Some(c.id()) {
                             let line = if c.senders() { ev.extended(self) } else { &ev.line };
-                            c.push_event(ev.ts, &line.0, shed);
+                            if c.push_event(ev.ts, &line.0, shed) {
+                                queued += 1;
+                                bytes += line.len() as u64;
+                            }
                         } else {
                             c.own_event(ev.ts);
                         }
@@ -342,6 +358,34 @@ impl FanOut {
             self.position.store(ts, Ordering::Release);
             delivered(i);
         }
+        self.counts.batch(batch.len(), queued, bytes);
+    }
+
+    /// Hands a readiness probe to the subscribers of the probe channel (the server's
+    /// in-process prober) as [`FanOut::deliver`] hands an event, under the gate and the
+    /// channel's shard lock, without moving any position (`engine::answer_probes`).
+    pub(crate) fn deliver_probe(&self) {
+        let _gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
+        let map = self.shard(PROBE_CHANNEL).channels.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(subs) = map.get(PROBE_CHANNEL) {
+            // A timestamp no event has (each prober is a fresh connection, which has seen none).
+            let probe = Timestamp::from_nanos(u128::from(u64::MAX));
+            for c in &subs.conns {
+                c.push_event(probe, &Utf8Bytes::from_static("probe"), false);
+            }
+        }
+    }
+
+    /// How many subscriptions the connections hold (the probe's aside): one read lock per
+    /// shard, for `/metrics` and `/info`.
+    pub(crate) fn subscriptions(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| {
+                let map = s.channels.read().unwrap_or_else(PoisonError::into_inner);
+                map.iter().filter(|(ch, _)| !ch.is_empty()).map(|(_, subs)| subs.conns.len()).sum::<usize>()
+            })
+            .sum()
     }
 
     /// Holds `channel`'s shard for writing, as a subscription change does (tests).

@@ -229,7 +229,7 @@ fn log_path(shared: &Shared, uri: &Uri) -> Result<String, Box<Response>> {
 
 /// Whether `headers` carry `Authorization: Bearer K` with K one of `keys` (compared in
 /// constant time).
-fn authorized(keys: &[String], headers: &HeaderMap) -> bool {
+pub(crate) fn authorized(keys: &[String], headers: &HeaderMap) -> bool {
     let Some(given) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else { return false };
     let Some((scheme, token)) = given.trim().split_once(' ') else { return false };
     if !scheme.eq_ignore_ascii_case("bearer") {

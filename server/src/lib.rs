@@ -31,6 +31,11 @@
 //! production) also `POST /demo/token` ([`demo`]). Retention settings belong to the engines
 //! ([`engine::Retention`]). The protocol is specified in `docs/PROTOCOL.md`.
 //!
+//! Operations endpoints, in a router of their own ([`Ivy::ops_router`], which [`run`] and
+//! the binary serve beside [`Ivy::router`], so that an application with its own `/metrics`
+//! can leave them out): `GET /healthz`, `GET /readyz` (a probe through the engine and the
+//! fan-out), `GET /info` and `GET /metrics` (Prometheus; [`metrics`]); see [`ops`].
+//!
 //! Inside, one concept per module:
 //!
 //! - [`engine`]: ordering, storage and the bus, behind the [`engine::Engine`] trait; the sled
@@ -44,7 +49,8 @@
 //! - [`auth`]: tokens, grants and who a connection is;
 //! - [`demo`]: the demo-only token endpoint (unfit for production);
 //! - `budget`: the server-wide memory budget;
-//! - `http`: the log endpoint, CORS; `serve`: the accept loop; [`cli`]: the binary.
+//! - `http`: the log endpoint, CORS; `serve`: the accept loop; [`cli`]: the binary;
+//! - [`ops`]: health, readiness, info; [`metrics`]: what `/metrics` counts.
 
 pub mod auth;
 mod budget;
@@ -58,6 +64,8 @@ pub mod fanout;
 mod http;
 mod limits;
 pub mod logquery;
+pub mod metrics;
+pub mod ops;
 pub mod ratelimit;
 mod serve;
 mod session;
@@ -116,6 +124,10 @@ pub(crate) struct Shared {
     tls: Option<Arc<rustls::ServerConfig>>,
     /// The demo-only token endpoint, when enabled (`--demo-token-endpoint`).
     demo: Option<demo::DemoTokens>,
+    /// What `/metrics` shows.
+    metrics: metrics::Metrics,
+    /// Health, readiness, node id.
+    ops: ops::Ops,
 }
 
 /// A running Ivy instance: its engine, fan-out and connections.
@@ -159,6 +171,14 @@ impl IvyBuilder {
     pub fn open(self) -> io::Result<Ivy> {
         let IvyBuilder { config, engine } = self;
         let auth = auth::Auth::new(&config).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidInput, e);
+        let node_id = match &config.node_id {
+            Some(id) => ops::check_node_id(id).map(|()| id.clone()).map_err(invalid)?,
+            None => ops::random_node_id(),
+        };
+        if config.ops_require_api_key && config.api_keys.is_empty() {
+            return Err(invalid("ops_require_api_key needs a server API key (--api-key)".into()));
+        }
         let tls = tls::server_config(&config).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         if auth.enabled() {
             tracing::info!(keys = config.auth_hmac_secrets.len() + config.auth_public_keys.len(), "auth on: tokens are checked");
@@ -187,10 +207,12 @@ impl IvyBuilder {
         };
         let (publisher, requests) = engine::queue();
         let budget = budget::Budget::new(config.memory_budget);
-        let fanout = Arc::new(FanOut::with_budget(budget.clone()));
+        let kind = engine.kind();
+        let metrics = metrics::Metrics::new(env!("CARGO_PKG_VERSION"), &node_id, kind, config.memory_budget);
+        let fanout = Arc::new(FanOut::with_budget(budget.clone()).with_counts(metrics.delivery.clone()));
         let description = engine.describe();
-        let engine = engine.open(engine::Context { requests, fanout: fanout.clone() })?;
-        tracing::info!(engine = %description, "engine open");
+        let engine = engine.open(engine::Context { requests, fanout: fanout.clone(), metrics: metrics.engine.clone() })?;
+        tracing::info!(engine = %description, node = %node_id, "engine open");
         let connections = Arc::new(Connections::new(config.max_connections));
         let stop_reading = CancellationToken::new();
         {
@@ -202,7 +224,7 @@ impl IvyBuilder {
                 connections.stop_reading();
             });
         }
-        let refusals = session::Refusals::new(&config);
+        let refusals = session::Refusals::new(&config).with_counts(metrics.refused.clone());
         let identities = ratelimit::Identities::new(config.byte_rate_per_identity, config.byte_burst_per_identity);
         let log_requests = limits::Counted::new(config.max_log_requests.max(1), config.max_log_requests_per_address);
         let shared = Arc::new(Shared {
@@ -221,6 +243,8 @@ impl IvyBuilder {
             identities,
             tls,
             demo,
+            metrics,
+            ops: ops::Ops::new(node_id, kind),
         });
         Ok(Ivy { shared })
     }
@@ -240,6 +264,7 @@ impl Ivy {
             .route("/log", get(http::handler).options(http::preflight).delete(http::delete))
             .route("/log/", get(http::handler).options(http::preflight).delete(http::delete))
             .route("/log/{*path}", get(http::handler).options(http::preflight).delete(http::delete))
+            .layer(axum::middleware::from_fn_with_state(self.shared.clone(), ops::count_log_reads))
             .layer(axum::middleware::from_fn_with_state(self.shared.clone(), http::cors_layer));
         // CORS on `/ws` too: a page of another origin may read why its token was refused
         // (`fetch` of a plain `GET /ws?token=...`, see docs/PROTOCOL.md 2.1).
@@ -259,6 +284,42 @@ impl Ivy {
         } else {
             router.layer(axum::middleware::from_fn_with_state(self.shared.clone(), http::host_guard))
         }
+    }
+
+    /// The operations routes: `GET /healthz`, `/readyz`, `/info` and `/metrics` (see [`ops`]),
+    /// to serve beside [`Ivy::router`]: `ivy.ops_router().merge(ivy.router())`, as [`run`]
+    /// and the binary do (in that order, [`Config::allowed_hosts`] keeps guarding unknown
+    /// paths). Not behind [`Config::allowed_hosts`]: health checks address a server by its IP.
+    pub fn ops_router(&self) -> Router {
+        Router::new()
+            .route("/healthz", get(ops::healthz))
+            .route("/readyz", get(ops::readyz))
+            .route("/info", get(ops::info))
+            .route("/metrics", get(ops::metrics))
+            .with_state(self.shared.clone())
+    }
+
+    /// The metrics in the Prometheus text format (what `GET /metrics` answers), for an
+    /// application that serves them itself.
+    pub fn metrics(&self) -> String {
+        self.shared.metrics.encode(ops::sample(&self.shared), metrics::Format::Prometheus)
+    }
+
+    /// The readiness check of `GET /readyz`: `Err` with the reason when not ready.
+    pub async fn ready(&self) -> Result<(), String> {
+        ops::ready(&self.shared).await.map_err(|e| e.to_string())
+    }
+
+    /// This server's node id ([`Config::node_id`], or a random one per start).
+    pub fn node_id(&self) -> &str {
+        &self.shared.ops.node_id
+    }
+
+    /// Cancel it to begin draining before a shutdown: `GET /readyz` answers 503 from then on
+    /// while everything else goes on serving (what `--shutdown-delay` does), so that a load
+    /// balancer stops sending new clients first.
+    pub fn drain_signal(&self) -> CancellationToken {
+        self.shared.ops.draining.clone()
     }
 
     /// Publishes an event from the embedding application (no sender is excluded). Resolves
@@ -321,13 +382,14 @@ impl Ivy {
     }
 }
 
-/// Serves Ivy (built by `builder`) on `listener` until `shutdown` resolves, then shuts down
-/// gracefully: the binary's whole life. See [`serve`] for what the accept loop does.
+/// Serves Ivy (built by `builder`: [`Ivy::router`] and [`Ivy::ops_router`]) on `listener`
+/// until `shutdown` resolves, then shuts down gracefully: the binary's whole life. See
+/// [`serve`] for what the accept loop does.
 pub async fn run(
     builder: IvyBuilder,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let ivy = builder.open()?;
-    serve(&ivy, ivy.router(), listener, shutdown).await
+    serve(&ivy, ivy.ops_router().merge(ivy.router()), listener, shutdown).await
 }

@@ -104,6 +104,8 @@ pub(crate) struct Refusals {
     rate_limited_keyless: Utf8Bytes,
     bytes_limited_message: Box<str>,
     identity_bytes_limited_message: Box<str>,
+    /// The refusals counted by reason (`/metrics`).
+    pub(crate) counts: crate::metrics::Refused,
 }
 
 impl Refusals {
@@ -128,10 +130,18 @@ impl Refusals {
                 config.byte_rate_per_identity, config.byte_burst_per_identity
             )
             .into_boxed_str(),
+            counts: crate::metrics::Refused::default(),
         }
     }
 
+    /// The refusals, counted in `counts`.
+    pub(crate) fn with_counts(mut self, counts: crate::metrics::Refused) -> Refusals {
+        self.counts = counts;
+        self
+    }
+
     fn rate_limited(&self, key: Option<&[u8]>) -> Outcome<'static> {
+        self.counts.rate_limited.inc();
         match key {
             None => Outcome::Prepared(self.rate_limited_keyless.clone()),
             Some(key) => Outcome::Reply(error_line(Some(key), ErrorCode::RateLimited, &self.rate_limited_message)),
@@ -263,6 +273,7 @@ impl Session {
         };
         if let Some((need, p)) = need {
             if !self.access.allows(need, p) {
+                refusals.counts.forbidden.inc();
                 return Outcome::Reply(error_line(ack, ErrorCode::Forbidden, &self.access.refusal(need, p)));
             }
         }
@@ -296,6 +307,7 @@ impl Session {
                 Some(start) => match self.bytes_allowed(now, &path, data.len()) {
                     Ok(()) => Outcome::Send { ack, path, data: start..start + data.len() },
                     Err(identity) => {
+                        refusals.counts.bytes(identity);
                         let why = if identity { &refusals.identity_bytes_limited_message } else { &refusals.bytes_limited_message };
                         Outcome::Reply(error_line(ack, ErrorCode::RateLimited, why))
                     }

@@ -118,7 +118,7 @@ async fn connection(shared: Arc<Shared>, socket: WebSocket, mut slot: Slot, peer
     let (conn, rx, ending) = Conn::with_limits(id, config.queue_length, config.queue_bytes, shared.budget.clone());
     let conn = conn.with_senders(senders);
     let out = conn.outbox().clone();
-    slot.register(&ending);
+    slot.register(&ending, &out);
     let Some((reader_stop, writer_stop)) = ending.halves() else { return };
     let identity = match &access {
         Access::Granted(p) => p.sub.as_deref().and_then(|sub| shared.identities.budget(sub)),
@@ -136,6 +136,7 @@ async fn connection(shared: Arc<Shared>, socket: WebSocket, mut slot: Slot, peer
     };
     tokio::join!(reader, write_loop(&shared, (id, senders), out, rx, sink, writer_stop, &ending));
     tracing::info!(conn = %id, code = ending.code(), "disconnected");
+    shared.metrics.closed(ending.code());
     drop(slot);
 }
 
@@ -417,6 +418,7 @@ async fn execute(
             // The memory budget is used up: shed what costs (a large send, or pipelined ones),
             // serve a connection sending small events one at a time.
             if budget.is_over() && (frame.len() > SMALL_SEND || sends.available_permits() < SENDS_IN_FLIGHT) {
+                shared.metrics.refused.overloaded.inc();
                 let msg = format!(
                     "event not stored: the server is overloaded: it holds {} bytes for its clients, its memory budget is {}; retry later",
                     budget.used(),
@@ -653,6 +655,8 @@ async fn catch_up(shared: &Shared, (conn, senders): (ConnId, bool), out: &Outbox
             let last = page.last;
             let _charge = (budget.limit() != 0).then(|| budget.charge(page.lines.len()));
             let lines = Bytes::from(page.lines);
+            // Deliveries from the log, counted once per page.
+            let (mut events, mut bytes) = (0u64, 0u64);
             let mut start = 0;
             while start < lines.len() {
                 let end = lines[start..].iter().position(|&b| b == b'\n').map_or(lines.len(), |i| start + i);
@@ -669,9 +673,11 @@ async fn catch_up(shared: &Shared, (conn, senders): (ConnId, bool), out: &Outbox
                 }
                 if let Ok(text) = Utf8Bytes::try_from(line) {
                     tracing::trace!(conn = %conn, "out (from the log) {}", Excerpt(text.as_bytes()));
+                    (events, bytes) = (events + 1, bytes + text.len() as u64);
                     sink.feed(Message::Text(text)).await.map_err(gone)?;
                 }
             }
+            shared.metrics.delivery.caught_up(events, bytes);
             sink.flush().await.map_err(gone)?;
             after = match (full, last) {
                 (true, Some(last)) => last,

@@ -268,6 +268,11 @@ impl ServerProcess {
         self.child.kill().await.expect("kill");
     }
 
+    /// Waits for the process to exit by itself (after a signal sent some other way).
+    pub async fn wait(mut self) -> std::process::ExitStatus {
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await.expect("exit in time").expect("wait")
+    }
+
     /// SIGTERM, then waits for a clean exit.
     pub async fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().expect("pid");

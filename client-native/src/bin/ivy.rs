@@ -118,6 +118,14 @@ enum Command {
         #[arg(long)]
         human: bool,
     },
+    /// Print what the server says about itself (GET /info): version, node id, engine, uptime,
+    /// connections, subscriptions, events published since it started; one `key: value` line
+    /// each. Uses HTTP only.
+    Info {
+        /// The server's JSON object as it sent it.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// How events are printed.
@@ -464,6 +472,37 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             for e in &events {
                 if out.write_all(&render(e, format, terminal)).is_err() {
                     break; // stdout closed
+                }
+            }
+            let _ = out.flush();
+            Ok(())
+        }
+        Command::Info { json } => {
+            let mut reader = LogReader::new(&url)?;
+            if let Some(p) = &ca_file {
+                reader = reader.ca_file(p)?;
+            }
+            if let Some(t) = &token {
+                reader = reader.token(t.clone());
+            }
+            let body = interruptible(async { Ok(reader.info().await?) }).await?;
+            if json {
+                println!("{}", body.trim_end());
+                return Ok(());
+            }
+            let parsed: serde_json::Value = serde_json::from_str(&body).map_err(|e| {
+                Failure::Client(Error::Log(ivy_client_native::LogError { status: None, message: format!("/info is not JSON: {e}") }))
+            })?;
+            let mut out = std::io::stdout().lock();
+            let terminal = out.is_terminal();
+            for (key, value) in parsed.as_object().into_iter().flatten() {
+                // Strings without their quotes; anything else as JSON.
+                let value = value.as_str().map_or_else(|| value.to_string(), str::to_string);
+                let line = format!("{key}: {value}");
+                let mut line = if terminal { for_terminal(line.as_bytes()) } else { line.into_bytes() };
+                line.push(b'\n');
+                if out.write_all(&line).is_err() {
+                    break;
                 }
             }
             let _ = out.flush();

@@ -226,7 +226,7 @@ impl LocalEngine {
         tracing::info!(last = %last, floor = %floor, "event store open");
         let written = retention.max_events.map(|_| Mutex::default());
         let shared = Arc::new(Shared { storage, clock, visible: Watermark(Mutex::new(last)), written });
-        let sequencer = Sequencer { shared: shared.clone(), fanout: context.fanout, requests: context.requests };
+        let sequencer = Sequencer { shared: shared.clone(), fanout: context.fanout, requests: context.requests, metrics: context.metrics };
         let handle = std::thread::Builder::new().name("ivy-sequencer".into()).spawn(move || sequencer.run())?;
         let stop = if retention.is_active() {
             let (stop, stopped) = std::sync::mpsc::channel();
@@ -375,6 +375,7 @@ struct Sequencer {
     shared: Arc<Shared>,
     fanout: Arc<FanOut>,
     requests: Requests,
+    metrics: super::EngineMetrics,
 }
 
 impl Sequencer {
@@ -413,7 +414,12 @@ impl Sequencer {
 
     fn commit(&self, batch: &mut Vec<Publish>) {
         let storage = &*self.shared.storage;
+        super::answer_probes(batch, || storage.ready(), &self.fanout);
+        if batch.is_empty() {
+            return;
+        }
         if let Err(e) = storage.ready() {
+            self.metrics.refused(batch.len(), &e);
             tracing::warn!(events = batch.len(), reason = %e, "events refused");
             for r in batch.drain(..) {
                 r.done.complete(Err(e.clone()));
@@ -425,6 +431,7 @@ impl Sequencer {
             Err(e) => {
                 tracing::error!(error = %e, events = batch.len(), "recording the clock floor failed; the events were not stored");
                 let e = PublishError::storage(e);
+                self.metrics.refused(batch.len(), &e);
                 for r in batch.drain(..) {
                     r.done.complete(Err(e.clone()));
                 }
@@ -433,16 +440,19 @@ impl Sequencer {
         };
         let records: Vec<Record<'_>> =
             batch.iter().zip(&lines).map(|(r, (ts, line))| Record { ts: *ts, path: &r.path, line, origin: &r.origin }).collect();
+        let started = std::time::Instant::now();
         let stored = storage.append(&records).and_then(|()| storage.commit());
         drop(records);
         if let Err(e) = stored {
             tracing::error!(error = %e, events = batch.len(), "storing events failed; they were not delivered live");
             let e = PublishError::storage(e);
+            self.metrics.refused(batch.len(), &e);
             for r in batch.drain(..) {
                 r.done.complete(Err(e.clone()));
             }
             return;
         }
+        self.metrics.group_commit(batch.len(), started.elapsed());
         if let Some(written) = &self.shared.written {
             let mut written = written.lock().unwrap_or_else(PoisonError::into_inner);
             for r in batch.iter() {

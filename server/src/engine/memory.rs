@@ -58,6 +58,10 @@ impl Open for MemoryEngine {
     fn describe(&self) -> String {
         "in memory (nothing is kept after the process exits)".into()
     }
+
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
 }
 
 /// Events in memory: every event once, and per channel the positions of its events.

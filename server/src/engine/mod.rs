@@ -23,6 +23,14 @@
 //! fan-out's position (the newest event it was given) is then always visible in the log,
 //! which is what a subscription's position means.
 //!
+//! **Readiness probes.** The server's `/readyz` puts a probe in the queue of publish requests:
+//! a [`Publish`] for which [`Publish::is_probe`] holds (it has no path). An engine never
+//! stores it: it passes its group commits through [`answer_probes`] first, in the order it
+//! takes them, which makes on the probes the check a batch must pass to be stored and hands
+//! them to the fan-out, as events, to the prober's in-process subscriber (no client can
+//! subscribe to a channel without a path). An engine that did not would fail the probes
+//! (they time out), never store them.
+//!
 //! An engine is given to the server through [`crate::IvyBuilder::engine`] as an [`Open`]: the
 //! server creates the queue of publish requests ([`Requests`]) and the fan-out, and the engine
 //! opens with them ([`Context`]). Engines here:
@@ -71,6 +79,7 @@ use ivy_client_core::Timestamp;
 use tokio::sync::{mpsc, oneshot};
 
 pub use crate::fanout::{ConnId, FanOut, Line, Published};
+pub use crate::metrics::EngineMetrics;
 pub(crate) use local::stored_cost;
 pub use local::{Deleted, WallClock};
 pub use memory::MemoryEngine;
@@ -165,6 +174,11 @@ pub trait Open: Send + 'static {
 
     /// A short description for the startup log line (for example the data directory).
     fn describe(&self) -> String;
+
+    /// The engine's kind in one word, as `/info` and `/metrics` state it (`sled`, `memory`).
+    fn kind(&self) -> &'static str {
+        "custom"
+    }
 }
 
 /// What the server gives an engine when it opens.
@@ -177,6 +191,8 @@ pub struct Context {
     /// visible and before its completion runs. Before the first delivery, set its starting
     /// position with [`FanOut::start_at`] (the newest event already stored).
     pub fanout: Arc<FanOut>,
+    /// Where the engine reports its group commits and the events it refused (`/metrics`).
+    pub metrics: EngineMetrics,
 }
 
 /// Scan direction.
@@ -390,6 +406,42 @@ impl Publish {
     /// A request to publish `data` on `path` (normalized) with no sending connection.
     pub fn new(path: impl Into<Box<str>>, data: Bytes, done: Completion) -> Publish {
         Publish { path: path.into(), data, sender: None, origin: Origin::APPLICATION, done }
+    }
+
+    /// A readiness probe (see the [module docs](self)).
+    pub(crate) fn probe(done: Completion) -> Publish {
+        Publish::new(PROBE_CHANNEL, Bytes::new(), done)
+    }
+
+    /// Whether this is a readiness probe, which is never stored (see the [module docs](self)).
+    pub fn is_probe(&self) -> bool {
+        self.path.is_empty()
+    }
+}
+
+/// The channel of readiness probes: no path (a normalized path starts with `/`), so that no
+/// client can subscribe to it and no log holds it.
+pub(crate) const PROBE_CHANNEL: &str = "";
+
+/// Takes the readiness probes out of `batch` (a group commit about to be stored) and answers
+/// them: refused with the error of `ready` (the check a batch must pass to be stored) or, if
+/// it passes, handed to the fan-out's probe subscribers and completed with the fan-out's
+/// position. Costs a scan of the batch when it holds no probe.
+pub fn answer_probes(batch: &mut Vec<Publish>, ready: impl FnOnce() -> Result<(), PublishError>, fanout: &FanOut) {
+    if !batch.iter().any(Publish::is_probe) {
+        return;
+    }
+    let (probes, events): (Vec<Publish>, Vec<Publish>) = std::mem::take(batch).into_iter().partition(Publish::is_probe);
+    *batch = events;
+    let ready = ready();
+    for probe in probes {
+        match &ready {
+            Ok(()) => {
+                fanout.deliver_probe();
+                probe.done.complete(Ok(fanout.position()));
+            }
+            Err(e) => probe.done.complete(Err(e.clone())),
+        }
     }
 }
 

@@ -219,6 +219,10 @@ impl Open for SledEngine {
     fn describe(&self) -> String {
         format!("sled store in {} ({:?} durability)", self.data.display(), self.durability)
     }
+
+    fn kind(&self) -> &'static str {
+        "sled"
+    }
 }
 
 /// The sled-backed [`Storage`].

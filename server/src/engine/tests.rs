@@ -95,9 +95,13 @@ fn at(secs: u64, nanos: u32) -> Timestamp {
 fn open(storage: Arc<dyn Storage>) -> Fixture {
     let (publisher, requests) = queue();
     let fanout = Arc::new(FanOut::new());
-    let engine =
-        LocalEngine::open(storage, WallClock::from_fn(|| at(100, 0)), Retention::default(), Context { requests, fanout: fanout.clone() })
-            .unwrap();
+    let engine = LocalEngine::open(
+        storage,
+        WallClock::from_fn(|| at(100, 0)),
+        Retention::default(),
+        Context { requests, fanout: fanout.clone(), metrics: Default::default() },
+    )
+    .unwrap();
     Fixture { engine, publisher, fanout }
 }
 
