@@ -792,7 +792,8 @@ impl LogReader {
     /// that requires an API key for it answers 401, in [`Error::Log`].
     pub async fn info(&self) -> Result<String, Error> {
         let url = format!("{}/info", self.endpoints.http);
-        match fetch(&self.http, &url, self.token.as_ref()).await {
+        let token = self.token.lock().ok().and_then(|t| t.clone());
+        match fetch(&self.http, &url, token.as_ref()).await {
             Ok((body, _)) => Ok(body),
             Err(Fetch::Connect(message)) => Err(Error::Connect(ConnectError { status: None, message })),
             Err(Fetch::Tls(e)) => Err(Error::Tls(e)),
