@@ -19,6 +19,7 @@ use ivy_client_core::wire::ErrorCode;
 use crate::Shared;
 use crate::auth::{self, Access, Need};
 use crate::engine::{Completion, Origin, Publish, PublishError};
+use crate::limits::Admitted;
 
 /// Most items in one `POST /publish`.
 pub(crate) const MAX_ITEMS: usize = 1000;
@@ -44,6 +45,33 @@ fn data_limit(shared: &Shared, path: &str) -> usize {
 enum Writer {
     Key,
     Access(Access, bool),
+}
+
+/// The byte budget of the writer's identity (`--byte-rate-per-identity`), shared with its
+/// WebSocket connections: `None` for the API key, anonymous writers and auth off.
+fn identity_budget(shared: &Shared, writer: &Writer) -> Option<Arc<crate::ratelimit::IdentityBudget>> {
+    match writer {
+        Writer::Access(Access::Granted(p), _) => p.sub.as_deref().and_then(|sub| shared.identities.budget(sub)),
+        _ => None,
+    }
+}
+
+fn identity_limited(shared: &Shared) -> String {
+    let c = &shared.config;
+    format!(
+        "too many bytes for this identity: its connections together may store {} bytes per second (bursts of {}); this send was not executed",
+        c.byte_rate_per_identity, c.byte_burst_per_identity
+    )
+}
+
+/// The place of an HTTP publish among the log requests in progress (`--max-log-requests`),
+/// or its 503.
+fn admit(shared: &Shared, connection: Option<axum::Extension<Arc<Admitted>>>) -> Result<Arc<Admitted>, Box<Response>> {
+    shared.log_requests.admit(connection.and_then(|c| c.ip())).ok_or_else(|| {
+        let mut r = text(StatusCode::SERVICE_UNAVAILABLE, "too many log requests in progress; try again shortly");
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        Box::new(r)
+    })
 }
 
 impl Writer {
@@ -176,6 +204,7 @@ fn normalize(shared: &Shared, raw: &str) -> Result<String, ivy_client_core::path
 /// `POST` and `PUT /log/<path>`: the body is the event's data.
 pub(crate) async fn log(
     State(shared): State<Arc<Shared>>,
+    connection: Option<axum::Extension<Arc<Admitted>>>,
     uri: Uri,
     OriginalUri(original): OriginalUri,
     RawQuery(query): RawQuery,
@@ -193,6 +222,10 @@ pub(crate) async fn log(
     if let Err((status, reason)) = writer.check(&path) {
         return refusal(status, &reason);
     }
+    let _place = match admit(&shared, connection) {
+        Ok(p) => p,
+        Err(r) => return *r,
+    };
     let limit = data_limit(&shared, &path);
     let too_large = || {
         text(
@@ -217,6 +250,12 @@ pub(crate) async fn log(
     if let Err(e) = std::str::from_utf8(&data) {
         let reason = format!("the body must be UTF-8 text (an event's data is text): invalid byte at offset {}", e.valid_up_to());
         return text(StatusCode::UNSUPPORTED_MEDIA_TYPE, &reason);
+    }
+    if let Some(identity) = identity_budget(&shared, &writer) {
+        if !identity.fits() {
+            return text(StatusCode::TOO_MANY_REQUESTS, &identity_limited(&shared));
+        }
+        identity.spend(crate::engine::stored_cost(&path, data.len()).1 as u64);
     }
     let _charge = (shared.budget.limit() != 0).then(|| shared.budget.charge(data.len()));
     let (request, rx) = request(&path, data, writer.origin());
@@ -270,9 +309,19 @@ struct ItemError {
 
 /// `POST /publish`: a JSON array of `{"path", "data"}`, stored in one group commit; answers
 /// one result per item, in order.
-pub(crate) async fn batch(State(shared): State<Arc<Shared>>, RawQuery(query): RawQuery, headers: HeaderMap, body: Body) -> Response {
+pub(crate) async fn batch(
+    State(shared): State<Arc<Shared>>,
+    connection: Option<axum::Extension<Arc<Admitted>>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let writer = match writer(&shared, &headers, query.as_deref()) {
         Ok(w) => w,
+        Err(r) => return *r,
+    };
+    let _place = match admit(&shared, connection) {
+        Ok(p) => p,
         Err(r) => return *r,
     };
     let limit = shared.config.max_message_size.saturating_mul(2).max(MIN_BATCH_BODY);
@@ -318,12 +367,20 @@ pub(crate) async fn batch(State(shared): State<Arc<Shared>>, RawQuery(query): Ra
     let _charge = (shared.budget.limit() != 0).then(|| shared.budget.charge(raw.len()));
     drop(raw);
     let origin = writer.origin();
+    let identity = identity_budget(&shared, &writer);
     let mut results: Vec<Option<ItemResult>> = Vec::with_capacity(items.len());
     let mut requests = Vec::new();
     let mut waiting = Vec::new();
     for (item, path) in items.into_iter().zip(&paths) {
+        let limited = || identity.as_ref().is_some_and(|i| !i.fits());
         match writer.check(path) {
+            Ok(()) if limited() => results.push(Some(ItemResult::Failed {
+                error: ItemError { code: ErrorCode::RateLimited.as_str(), message: identity_limited(&shared) },
+            })),
             Ok(()) => {
+                if let Some(i) = &identity {
+                    i.spend(crate::engine::stored_cost(path, item.data.len()).1 as u64);
+                }
                 let (request, rx) = request(path, Bytes::from(item.data), origin.clone());
                 requests.push(request);
                 waiting.push((results.len(), rx));

@@ -312,3 +312,51 @@ async fn a_browser_may_publish_across_origins() {
     assert!(r.header("access-control-expose-headers").unwrap().contains("Location"));
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_s_byte_budget_covers_its_http_publishes() {
+    let dir = temp_dir();
+    let mut setup = config(dir.path());
+    setup.config =
+        setup.config.clone().auth_hmac_secrets(vec![Secret::new(SECRET)]).byte_rate_per_identity(1).byte_burst_per_identity(1000);
+    let server = TestServer::start(setup).await;
+    let ada = token("ada", &["/"], &["/"]);
+    // ada's connection holds her budget, which her HTTP publishes share.
+    let _ws = Client::connect(&format!("{}?token={ada}", server.ws_url())).await;
+    let auth = format!("Bearer {ada}");
+    let r = post(
+        server.addr,
+        "/publish",
+        &[("Authorization", &auth)],
+        &json!([{"path": "/a", "data": "x".repeat(2000)}, {"path": "/a", "data": "y"}]).to_string(),
+    )
+    .await;
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    assert!(v[0]["timestamp"].is_string(), "{v}");
+    assert_eq!(v[1]["error"]["code"], "rate-limited", "{v}");
+    let r = post(server.addr, "/log/a", &[("Authorization", &auth)], "z").await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert!(r.text().starts_with("too many bytes for this identity"), "{}", r.text());
+    assert_eq!(http_get(server.addr, &format!("/log/a?token={ada}"), &[]).await.text().lines().count(), 1);
+    server.stop().await;
+}
+
+/// A full store: `507` with the reason of `!store-full`, and a `store-full` item; the binary,
+/// its flags, the sled engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_store_is_507_with_the_websocket_reason() {
+    let dir = temp_dir();
+    let server = ivy_tests::ServerProcess::start_sled(dir.path(), &["--min-free-space", "1000000000000000000"]).await;
+    let mut c = Client::connect(&server.ws_url()).await;
+    let ws = c.request("#r#:/full:x").await;
+    let reason = ws.strip_prefix("#r#!store-full ").unwrap_or_else(|| panic!("{ws}")).to_string();
+    let r = post(server.addr, "/log/full", &[], "x").await;
+    assert_eq!(r.status, 507);
+    assert_eq!(r.text(), format!("{reason}\n"));
+    let r = post(server.addr, "/publish", &[], r#"[{"path":"/full","data":"x"}]"#).await;
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v[0]["error"]["code"], "store-full", "{v}");
+    assert_eq!(v[0]["error"]["message"], reason.as_str());
+    assert_eq!(http_get(server.addr, "/log/full", &[]).await.text(), "");
+    server.kill().await;
+}
