@@ -240,8 +240,8 @@ impl Ivy {
     /// application that has a fallback of its own should leave `static_dir` unset).
     pub fn router(&self) -> Router {
         let log = Router::new()
-            .route("/log", get(http::handler).options(http::preflight).delete(http::delete))
-            .route("/log/", get(http::handler).options(http::preflight).delete(http::delete))
+            .route("/log", get(http::handler).options(http::preflight).delete(http::delete).post(publish::log).put(publish::log))
+            .route("/log/", get(http::handler).options(http::preflight).delete(http::delete).post(publish::log).put(publish::log))
             .route("/log/{*path}", get(http::handler).options(http::preflight).delete(http::delete).post(publish::log).put(publish::log))
             .route("/publish", axum::routing::post(publish::batch).options(http::preflight))
             .layer(axum::middleware::from_fn_with_state(self.shared.clone(), http::cors_layer));

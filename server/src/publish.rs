@@ -35,9 +35,9 @@ fn text(status: StatusCode, reason: &str) -> Response {
 }
 
 /// Most bytes of data an event on `path` may have: what fits in a WebSocket send of it
-/// (`/path:data`, without an ack key) in `--max-message-size`.
+/// (`:/path:data`, without an ack key) in `--max-message-size`.
 fn data_limit(shared: &Shared, path: &str) -> usize {
-    shared.config.max_message_size.saturating_sub(path.len() + 1)
+    shared.config.max_message_size.saturating_sub(path.len() + 2)
 }
 
 /// Who publishes: a server API key (anything, as the application) or what a token (or none)

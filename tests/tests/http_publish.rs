@@ -124,20 +124,23 @@ async fn bad_bodies_and_paths_are_refused_with_a_reason() {
     let r = send(server.addr, "POST", "/log/a", &[], &[b'o', b'k', 0xff, 0xfe]).await;
     assert_eq!(r.status, 415);
     assert!(r.text().contains("UTF-8") && r.text().lines().count() == 1, "{}", r.text());
-    // `/a:` plus the data is the send command: 100 bytes at most, so 97 bytes of data.
-    let r = post(server.addr, "/log/a", &[], &"x".repeat(97)).await;
+    // `:/a:` plus the data is the send command: 100 bytes at most, so 96 bytes of data.
+    let r = post(server.addr, "/log/a", &[], &"x".repeat(96)).await;
     assert_eq!(r.status, 201, "{}", r.text());
-    let r = post(server.addr, "/log/a", &[], &"x".repeat(98)).await;
+    let r = post(server.addr, "/log/a", &[], &"x".repeat(97)).await;
     assert_eq!(r.status, 413, "{}", r.text());
-    assert!(r.text().contains("at most 97 bytes"), "{}", r.text());
+    assert!(r.text().contains("at most 96 bytes"), "{}", r.text());
+    // The same limit as the WebSocket: the largest send frame it takes.
+    let mut ws = Client::connect(&server.ws_url()).await;
+    assert!(ws.request(&format!("#k#:/a:{}", "x".repeat(92))).await.starts_with("#k#@"), "100 bytes with the ack key");
     // Far larger than the limit: refused without reading it all.
     let r = send(server.addr, "POST", "/log/a", &[], &vec![b'x'; 4 << 20]).await;
     assert_eq!(r.status, 413);
     let r = post(server.addr, "/log/a/B%20c", &[], "x").await;
     assert_eq!(r.status, 400, "{}", r.text());
     assert!(r.text().starts_with("invalid path"), "{}", r.text());
-    // Nothing but the one good event was stored.
-    assert_eq!(http_get(server.addr, "/log/a", &[]).await.text().lines().count(), 1);
+    // Nothing but the two good events was stored.
+    assert_eq!(http_get(server.addr, "/log/a", &[]).await.text().lines().count(), 2);
     server.stop().await;
 }
 
@@ -359,4 +362,15 @@ async fn a_full_store_is_507_with_the_websocket_reason() {
     assert_eq!(v[0]["error"]["message"], reason.as_str());
     assert_eq!(http_get(server.addr, "/log/full", &[]).await.text(), "");
     server.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_root_takes_posts_too() {
+    let dir = temp_dir();
+    let server = TestServer::start(config(dir.path())).await;
+    let r = post(server.addr, "/log/", &[], "to the root").await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let ts = r.text().trim_end().to_string();
+    assert_eq!(http_get(server.addr, "/log", &[]).await.text(), format!("@{ts}:/:to the root"));
+    server.stop().await;
 }
