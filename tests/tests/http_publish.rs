@@ -325,7 +325,9 @@ async fn an_identity_s_byte_budget_covers_its_http_publishes() {
     let server = TestServer::start(setup).await;
     let ada = token("ada", &["/"], &["/"]);
     // ada's connection holds her budget, which her HTTP publishes share.
-    let _ws = Client::connect(&format!("{}?token={ada}", server.ws_url())).await;
+    let mut ws = Client::connect(&format!("{}?token={ada}", server.ws_url())).await;
+    // A reply: the connection's session (and its hold on the budget) exists.
+    assert!(ws.request("#t#@").await.starts_with("#t#@"));
     let auth = format!("Bearer {ada}");
     let r = post(
         server.addr,
@@ -372,5 +374,31 @@ async fn the_root_takes_posts_too() {
     assert_eq!(r.status, 201, "{}", r.text());
     let ts = r.text().trim_end().to_string();
     assert_eq!(http_get(server.addr, "/log", &[]).await.text(), format!("@{ts}:/:to the root"));
+    server.stop().await;
+}
+
+/// One group commit, seen from outside: a commit hands out consecutive nanoseconds from one
+/// reading of the clock, and two commits cannot (the wall clock moves on between them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_items_of_one_publish_share_one_group_commit() {
+    let dir = temp_dir();
+    let server = TestServer::start(config(dir.path())).await;
+    let items: Vec<Value> = (0..1000).map(|i| json!({"path": format!("/batch/{}", i % 7), "data": i.to_string()})).collect();
+    let r = post(server.addr, "/publish", &[], &Value::from(items).to_string()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    let ts: Vec<ivy_client_core::Timestamp> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| ivy_client_core::Timestamp::parse(r["timestamp"].as_str().unwrap().as_bytes()).unwrap())
+        .collect();
+    assert_eq!(ts.len(), 1000);
+    for pair in ts.windows(2) {
+        assert_eq!(pair[1], pair[0].next(), "consecutive: one commit");
+    }
+    let log = http_get(server.addr, "/log/batch", &[]).await.text();
+    assert_eq!(log.lines().count(), 1000);
+    assert!(log.lines().next().unwrap().ends_with(":/batch/0:0") && log.lines().last().unwrap().ends_with(":/batch/5:999"));
     server.stop().await;
 }
