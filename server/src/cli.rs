@@ -138,8 +138,9 @@ pub struct Cli {
     pub allowed_hosts: Vec<String>,
 
     /// A server API key (repeat the flag, or separate with commas in the variable): requests
-    /// with `Authorization: Bearer KEY` may use the operator endpoints (`DELETE /log/PATH`).
-    /// None: those endpoints answer 403.
+    /// with `Authorization: Bearer KEY` may use the operator endpoints (`DELETE /log/PATH`)
+    /// and publish anywhere over HTTP (`POST /log/PATH`, `POST /publish`) as the application.
+    /// None: the operator endpoints answer 403.
     #[arg(long = "api-key", env = "IVY_API_KEY", value_delimiter = ',', hide_env_values = true)]
     pub api_keys: Vec<String>,
 

@@ -205,7 +205,9 @@ pub struct Config {
     /// and `/log/`, which take precedence. Default: none.
     pub static_dir: Option<PathBuf>,
     /// Server API keys: a request with `Authorization: Bearer <one of them>` may use the
-    /// operator endpoints (`DELETE /log/<path>`). Default: none (those endpoints answer 403).
+    /// operator endpoints (`DELETE /log/<path>`) and publish anywhere over HTTP as the
+    /// application (`POST /log/<path>`, `POST /publish`). Default: none (the operator
+    /// endpoints answer 403).
     pub api_keys: Vec<String>,
     /// HS256 secrets that tokens may be signed with (several: rotation). With no secret and
     /// no public key, auth is off and everything is allowed. Default: none.

@@ -63,9 +63,11 @@ pub mod engine;
 pub mod fanout;
 mod http;
 mod limits;
+// HTTP publish: `POST`/`PUT /log/<path>`, `POST /publish`.
 pub mod logquery;
 pub mod metrics;
 pub mod ops;
+mod publish;
 pub mod ratelimit;
 mod serve;
 mod session;
@@ -256,14 +258,16 @@ impl Ivy {
         IvyBuilder { config, engine: Box::new(SledEngine::default()) }
     }
 
-    /// The routes `/ws`, `/log`, `/log/` and `/log/{*path}`, to serve or merge into an app.
+    /// The routes `/ws`, `/log`, `/log/` and `/log/{*path}` (`GET`, `DELETE`, and `POST`/`PUT` to
+    /// publish) and `POST /publish`, to serve or merge into an app.
     /// With [`Config::static_dir`] set, also a fallback serving that directory at `/` (an
     /// application that has a fallback of its own should leave `static_dir` unset).
     pub fn router(&self) -> Router {
         let log = Router::new()
-            .route("/log", get(http::handler).options(http::preflight).delete(http::delete))
-            .route("/log/", get(http::handler).options(http::preflight).delete(http::delete))
-            .route("/log/{*path}", get(http::handler).options(http::preflight).delete(http::delete))
+            .route("/log", get(http::handler).options(http::preflight).delete(http::delete).post(publish::log).put(publish::log))
+            .route("/log/", get(http::handler).options(http::preflight).delete(http::delete).post(publish::log).put(publish::log))
+            .route("/log/{*path}", get(http::handler).options(http::preflight).delete(http::delete).post(publish::log).put(publish::log))
+            .route("/publish", axum::routing::post(publish::batch).options(http::preflight))
             .layer(axum::middleware::from_fn_with_state(self.shared.clone(), ops::count_log_reads))
             .layer(axum::middleware::from_fn_with_state(self.shared.clone(), http::cors_layer));
         // CORS on `/ws` too: a page of another origin may read why its token was refused

@@ -179,6 +179,9 @@ async fn cors_for_browsers() {
     let server = TestServer::start_in(dir.path()).await;
     let r = http_get(server.addr, "/log/x", &[("Origin", "http://localhost:5173")]).await;
     assert_eq!(r.header("access-control-allow-origin"), Some("*"));
-    assert_eq!(r.header("access-control-expose-headers"), Some("Link, ETag, Last-Modified, Ivy-Horizon, Ivy-Extensions, WWW-Authenticate"));
+    assert_eq!(
+        r.header("access-control-expose-headers"),
+        Some("Link, ETag, Last-Modified, Location, Ivy-Horizon, Ivy-Extensions, WWW-Authenticate")
+    );
     server.stop().await;
 }

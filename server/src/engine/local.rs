@@ -384,7 +384,10 @@ impl Sequencer {
         while let Some(first) = self.requests.blocking_next() {
             let (mut entries, mut bytes) = cost(&first);
             batch.push(first);
-            while batch.len() < MAX_BATCH && bytes < MAX_BATCH_STORED_BYTES && entries < MAX_BATCH_ENTRIES {
+            // The items of one `POST /publish` stay together, beyond the limits if need be.
+            while (batch.len() < MAX_BATCH && bytes < MAX_BATCH_STORED_BYTES && entries < MAX_BATCH_ENTRIES)
+                || self.requests.continues_batch()
+            {
                 match self.requests.try_next() {
                     Some(r) => {
                         let (e, b) = cost(&r);

@@ -517,6 +517,8 @@ impl Completion {
 
 enum Input {
     Publish(Publish),
+    /// Requests to store in one group commit ([`Publisher::publish_batch`]).
+    Batch(Vec<Publish>),
     Stop,
 }
 
@@ -528,6 +530,7 @@ impl fmt::Debug for Input {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Input::Publish(p) => p.fmt(f),
+            Input::Batch(b) => b.fmt(f),
             Input::Stop => f.write_str("Stop"),
         }
     }
@@ -539,6 +542,21 @@ impl Publisher {
     pub(crate) async fn publish(&self, request: Publish) {
         if let Err(mpsc::error::SendError(Input::Publish(r))) = self.0.send(Input::Publish(request)).await {
             r.done.complete(Err(PublishError::ShuttingDown));
+        }
+    }
+
+    /// Queues `requests` as one entry of the queue, so that the engine takes them together:
+    /// [`Requests::continues_batch`] holds between them, and the single-node engine stores them
+    /// in one group commit. Waits while the queue is full; a closed engine completes each with
+    /// [`PublishError::ShuttingDown`].
+    pub(crate) async fn publish_batch(&self, requests: Vec<Publish>) {
+        if requests.is_empty() {
+            return;
+        }
+        if let Err(mpsc::error::SendError(Input::Batch(rs))) = self.0.send(Input::Batch(requests)).await {
+            for r in rs {
+                r.done.complete(Err(PublishError::ShuttingDown));
+            }
         }
     }
 
@@ -570,6 +588,8 @@ impl Publisher {
 pub struct Requests {
     rx: mpsc::Receiver<Input>,
     ended: bool,
+    /// The rest of a batch being taken, in order.
+    batch: std::collections::VecDeque<Publish>,
 }
 
 /// How many publish requests wait in the queue before senders wait.
@@ -577,7 +597,7 @@ const QUEUE: usize = 16 * 1024;
 
 pub(crate) fn queue() -> (Publisher, Requests) {
     let (tx, rx) = mpsc::channel(QUEUE);
-    (Publisher(tx), Requests { rx, ended: false })
+    (Publisher(tx), Requests { rx, ended: false, batch: std::collections::VecDeque::new() })
 }
 
 impl Requests {
@@ -586,6 +606,16 @@ impl Requests {
             Some(Input::Publish(p)) if !self.ended => Some(p),
             Some(Input::Publish(p)) => {
                 p.done.complete(Err(PublishError::ShuttingDown));
+                None
+            }
+            Some(Input::Batch(b)) if !self.ended => {
+                self.batch.extend(b);
+                self.batch.pop_front()
+            }
+            Some(Input::Batch(b)) => {
+                for p in b {
+                    p.done.complete(Err(PublishError::ShuttingDown));
+                }
                 None
             }
             Some(Input::Stop) | None => {
@@ -598,6 +628,9 @@ impl Requests {
     /// The next request, blocking the thread while there is none; `None` at the end of the
     /// queue. Never call it from an async task.
     pub fn blocking_next(&mut self) -> Option<Publish> {
+        if let Some(p) = self.batch.pop_front() {
+            return Some(p);
+        }
         if self.ended {
             return None;
         }
@@ -607,6 +640,9 @@ impl Requests {
 
     /// The next request; `None` at the end of the queue.
     pub async fn next(&mut self) -> Option<Publish> {
+        if let Some(p) = self.batch.pop_front() {
+            return Some(p);
+        }
         if self.ended {
             return None;
         }
@@ -616,6 +652,9 @@ impl Requests {
 
     /// A request already waiting, without waiting; `None` when there is none or at the end.
     pub fn try_next(&mut self) -> Option<Publish> {
+        if let Some(p) = self.batch.pop_front() {
+            return Some(p);
+        }
         if self.ended {
             return None;
         }
@@ -627,6 +666,13 @@ impl Requests {
         self.take(input)
     }
 
+    /// Whether the request taken last was submitted together with the next one (one HTTP
+    /// `POST /publish`): an engine that groups requests into commits takes the next one into
+    /// the same commit, also beyond its batch limits (a batch is bounded by its request's caps).
+    pub fn continues_batch(&self) -> bool {
+        !self.batch.is_empty()
+    }
+
     /// Whether the end of the queue was reached.
     pub fn is_ended(&self) -> bool {
         self.ended
@@ -636,9 +682,14 @@ impl Requests {
     pub fn refuse_rest(&mut self) {
         self.ended = true;
         self.rx.close();
+        for p in self.batch.drain(..) {
+            p.done.complete(Err(PublishError::ShuttingDown));
+        }
         while let Ok(input) = self.rx.try_recv() {
-            if let Input::Publish(p) = input {
-                p.done.complete(Err(PublishError::ShuttingDown));
+            match input {
+                Input::Publish(p) => p.done.complete(Err(PublishError::ShuttingDown)),
+                Input::Batch(b) => b.into_iter().for_each(|p| p.done.complete(Err(PublishError::ShuttingDown))),
+                Input::Stop => {}
             }
         }
     }

@@ -177,6 +177,44 @@ async fn requests_waiting_while_a_batch_is_stored_share_the_next_commit() {
 }
 
 #[tokio::test]
+async fn a_batch_is_stored_in_one_commit_even_beyond_the_batch_limit() {
+    let storage = Arc::new(Gated::default());
+    let f = Arc::new(open(storage.clone()));
+    storage.close_gate();
+    let first = tokio::spawn({
+        let f = f.clone();
+        async move { f.publish("/b", "first", None).await }
+    });
+    while storage.batches().is_empty() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // More items than one group commit takes (4096): one `POST /publish` stays together.
+    let mut outcomes = Vec::new();
+    let mut requests = Vec::new();
+    for i in 0..5000 {
+        let (done, rx) = Completion::channel();
+        requests.push(Publish::new("/b", Bytes::from(i.to_string()), done));
+        outcomes.push(rx);
+    }
+    f.publisher.publish_batch(requests).await;
+    let last = tokio::spawn({
+        let f = f.clone();
+        async move { f.publish("/b", "last", None).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    storage.open_gate();
+    first.await.unwrap().unwrap();
+    let mut acks = Vec::new();
+    for rx in outcomes {
+        acks.push(rx.await.unwrap().unwrap());
+    }
+    last.await.unwrap().unwrap();
+    assert_eq!(storage.batches(), [1, 5000, 1], "the batch alone in one commit");
+    assert_eq!(acks, (1..5001).map(|n| at(100, n)).collect::<Vec<_>>());
+    Arc::into_inner(f).unwrap().stop().await;
+}
+
+#[tokio::test]
 async fn a_subscription_gets_what_follows_its_position_and_the_log_has_the_rest() {
     let f = open(Arc::new(MemStorage::default()));
     let before = f.publish("/a/b", "before", None).await.unwrap();
