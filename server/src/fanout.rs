@@ -329,6 +329,7 @@ impl FanOut {
     /// one, for one it had already delivered).
     pub fn deliver(&self, batch: &[Published], mut delivered: impl FnMut(usize)) {
         let _gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
+        self.counts.published(batch.len());
         // Deliveries and their bytes, counted here and added to the metrics once per batch.
         let (mut queued, mut bytes) = (0u64, 0u64);
         for (i, ev) in batch.iter().enumerate() {
@@ -358,7 +359,7 @@ impl FanOut {
             self.position.store(ts, Ordering::Release);
             delivered(i);
         }
-        self.counts.batch(batch.len(), queued, bytes);
+        self.counts.batch(queued, bytes);
     }
 
     /// Hands a readiness probe to the subscribers of the probe channel (the server's

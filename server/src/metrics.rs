@@ -65,11 +65,16 @@ pub(crate) struct Delivery {
 }
 
 impl Delivery {
-    /// A batch of `published` events was delivered: `events` queued for subscribers, `bytes`
-    /// their lines' bytes.
+    /// A batch of `published` stored events is handed to delivery (counted before any of
+    /// their sends is acknowledged, so that `/info` read after an ack counts the event).
     #[inline]
-    pub(crate) fn batch(&self, published: usize, events: u64, bytes: u64) {
+    pub(crate) fn published(&self, published: usize) {
         self.published.inc_by(published as u64);
+    }
+
+    /// A batch was delivered: `events` queued for subscribers, `bytes` their lines' bytes.
+    #[inline]
+    pub(crate) fn batch(&self, events: u64, bytes: u64) {
         self.caught_up(events, bytes);
     }
 
@@ -83,7 +88,7 @@ impl Delivery {
     }
 
     /// Events published since the server started.
-    pub(crate) fn published(&self) -> u64 {
+    pub(crate) fn published_total(&self) -> u64 {
         self.published.get()
     }
 }
@@ -393,7 +398,8 @@ mod tests {
     #[test]
     fn counts_show_in_both_formats() {
         let m = Metrics::new("1.2.3", "node-a", "memory", 1024);
-        m.delivery.batch(3, 6, 600);
+        m.delivery.published(3);
+        m.delivery.batch(6, 600);
         m.delivery.caught_up(2, 200);
         m.refused.rate_limited.inc();
         m.refused.bytes(true);

@@ -222,7 +222,7 @@ pub(crate) fn info_json(shared: &Shared) -> serde_json::Value {
         "uptime_seconds": shared.ops.started.elapsed().as_secs(),
         "connections": s.connections,
         "subscriptions": s.subscriptions,
-        "events_published": shared.metrics.delivery.published(),
+        "events_published": shared.metrics.delivery.published_total(),
     })
 }
 
