@@ -547,6 +547,8 @@ async fn serve_main(wall: WallClock) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Before the listening line: from then on a signal shuts down gracefully.
+    let first_signal = shutdown_signal();
     match listener.local_addr() {
         // A stable line for scripts and tests that bind port 0.
         Ok(addr) if ivy.tls() => {
@@ -558,7 +560,7 @@ async fn serve_main(wall: WallClock) -> ExitCode {
     }
     let (draining, delay) = (ivy.drain_signal(), cli.shutdown_delay.0);
     let shutdown = async move {
-        shutdown_signal().await;
+        first_signal.await;
         if !delay.is_zero() {
             draining.cancel();
             tracing::info!(?delay, "draining: /readyz answers 503; shutting down after the delay (or at another signal)");
@@ -603,26 +605,47 @@ fn token(cli: &Cli, sub: &str, read: &[String], write: &[String], ttl: Duration)
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves at the first SIGINT or SIGTERM. The handlers are registered when this is called,
+/// not when it is first polled: a signal that arrives right after the listening line (a test,
+/// a supervisor) then shuts the server down gracefully instead of killing it.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
+    let (term, int) = {
+        use tokio::signal::unix::{SignalKind, signal};
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
+    async move {
+        #[cfg(unix)]
+        {
+            let term = async {
+                match term {
+                    Ok(mut s) => {
+                        s.recv().await;
+                    }
+                    Err(_) => std::future::pending().await,
+                }
+            };
+            let int = async {
+                match int {
+                    Ok(mut s) => {
+                        s.recv().await;
+                    }
+                    Err(_) => {
+                        let _ = tokio::signal::ctrl_c().await;
+                    }
+                }
+            };
+            tokio::select! {
+                () = term => {}
+                () = int => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        tracing::info!("shutdown signal received");
     }
-    tracing::info!("shutdown signal received");
 }
 
 #[cfg(test)]

@@ -249,5 +249,6 @@ async fn an_unfinished_snapshot_does_not_brick_the_store() {
     let server = ServerProcess::start_sled(dir.path(), &[]).await;
     assert_eq!(log_text(server.addr, "/log/s").await.lines().count(), 50);
     assert!(!dir.path().join("snap.00000000000FFFFF.generating").exists());
-    assert!(server.terminate().await.success());
+    let status = server.terminate().await;
+    assert!(status.success(), "{status:?}");
 }
