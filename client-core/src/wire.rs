@@ -53,6 +53,10 @@ pub mod close_code {
     /// server's `--auth-refresh-grace` without being refreshed in-band (`&JWT`,
     /// [`Op::Refresh`](super::Op::Refresh)); reconnect with a fresh token.
     pub const TOKEN_EXPIRED: u16 = 4003;
+    /// 4004 (extension): disconnected by an administrator (`POST /admin/disconnect`). A
+    /// client may reconnect (with backoff); an operator who wants it gone for good revokes
+    /// its token too.
+    pub const DISCONNECTED: u16 = 4004;
 }
 
 /// What a command asks for.

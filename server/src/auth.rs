@@ -24,6 +24,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::Config;
 
+/// The reason a revoked token is refused with (401, or an in-band refresh's error).
+pub const REVOKED: &str = "token revoked";
+
 /// Leeway for `exp`, `nbf` and `iat`: clocks of the token's issuer and of this server may
 /// differ by this much.
 pub const LEEWAY: Duration = Duration::from_secs(5);
@@ -122,6 +125,8 @@ pub struct Principal {
     pub write: Grants,
     /// The token's `exp`, in seconds since the Unix epoch (`None`: anonymous).
     pub exp: Option<u64>,
+    /// The token's `jti` (its id), if it has one: what `POST /admin/revoke` names.
+    pub jti: Option<Box<str>>,
 }
 
 /// What one connection or request may do.
@@ -206,6 +211,8 @@ struct Claims {
     #[serde(default)]
     iat: Option<u64>,
     #[serde(default)]
+    jti: Option<String>,
+    #[serde(default)]
     read: Vec<String>,
     #[serde(default)]
     write: Vec<String>,
@@ -218,6 +225,8 @@ pub(crate) struct Auth {
     /// required, `nbf` checked, `iss` and `aud` when configured).
     validations: Vec<(Algorithm, Validation)>,
     anonymous: Arc<Principal>,
+    /// The revoked tokens (`POST /admin/revoke`), refused by [`Auth::verify`].
+    revoked: Arc<crate::admin::Revoked>,
 }
 
 impl fmt::Debug for Auth {
@@ -273,7 +282,17 @@ impl Auth {
             .collect();
         let read = Grants::new(&config.anonymous_read).map_err(|e| format!("--anonymous-read: {e}"))?;
         let write = Grants::new(&config.anonymous_write).map_err(|e| format!("--anonymous-write: {e}"))?;
-        Ok(Auth { keys, validations, anonymous: Arc::new(Principal { sub: None, read, write, exp: None }) })
+        Ok(Auth {
+            keys,
+            validations,
+            anonymous: Arc::new(Principal { sub: None, read, write, exp: None, jti: None }),
+            revoked: Arc::default(),
+        })
+    }
+
+    /// The revoked tokens.
+    pub(crate) fn revoked(&self) -> &Arc<crate::admin::Revoked> {
+        &self.revoked
     }
 
     /// Whether tokens are checked (some key is configured); without, everything is allowed.
@@ -325,7 +344,14 @@ impl Auth {
         let mut last = None;
         for k in self.keys.iter().filter(|k| k.alg == head.alg && (named.is_none() || k.kid.as_deref() == named)) {
             match jsonwebtoken::decode::<Claims>(token, &k.key, validation) {
-                Ok(data) => return principal(data.claims, now, &self.anonymous),
+                Ok(data) => {
+                    let p = principal(data.claims, now, &self.anonymous)?;
+                    // Checked after the signature: only a genuine token's id counts.
+                    if p.jti.as_deref().is_some_and(|jti| self.revoked.is_revoked(jti, now)) {
+                        return Err(TokenError(REVOKED.into()));
+                    }
+                    return Ok(p);
+                }
                 Err(e) if *e.kind() == ErrorKind::InvalidSignature => last = Some(e),
                 Err(e) => return Err(reason(&e)),
             }
@@ -351,7 +377,8 @@ fn principal(c: Claims, now: u64, anonymous: &Principal) -> Result<Principal, To
     let Some(exp) = c.exp else { return Err(TokenError("invalid token: no exp claim".into())) };
     let read = Grants::new(&c.read).map_err(|e| TokenError(format!("invalid token: read claim: {e}")))?.with(&anonymous.read);
     let write = Grants::new(&c.write).map_err(|e| TokenError(format!("invalid token: write claim: {e}")))?.with(&anonymous.write);
-    Ok(Principal { sub: Some(sub.into_boxed_str()), read, write, exp: Some(exp) })
+    let jti = c.jti.filter(|j| !j.is_empty()).map(String::into_boxed_str);
+    Ok(Principal { sub: Some(sub.into_boxed_str()), read, write, exp: Some(exp), jti })
 }
 
 /// The one-line reason for a failed verification.
@@ -408,7 +435,7 @@ fn public_key(file: &Path) -> Result<Key, String> {
     Ok(Key { alg, kid, key })
 }
 
-fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 

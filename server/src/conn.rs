@@ -29,6 +29,27 @@ pub use ivy_client_core::close_code;
 
 /// Recorded when the peer closed or vanished: nothing more to send.
 pub(crate) const PEER_GONE: u16 = 1;
+/// Recorded when the connection's token was revoked (`POST /admin/revoke`): closed with 4003
+/// (the client's remedy is the expired token's: a fresh token), with its own reason.
+pub(crate) const REVOKED: u16 = 2;
+
+/// Who a connection is (its token's principal, replaced at each in-band refresh), for the
+/// admin endpoints that close connections by `sub` or by token id. Read and written rarely
+/// (at the start, at a refresh, by an admin request), never per message.
+#[derive(Debug, Default)]
+pub(crate) struct Who(Mutex<Option<Arc<crate::auth::Principal>>>);
+
+impl Who {
+    /// The connection's principal from now on.
+    pub(crate) fn set(&self, principal: Option<Arc<crate::auth::Principal>>) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = principal;
+    }
+
+    /// Whether the connection has a principal (a token) and it matches `f`.
+    pub(crate) fn matches(&self, f: impl Fn(&crate::auth::Principal) -> bool) -> bool {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).as_deref().is_some_and(f)
+    }
+}
 
 /// How a connection ends: the first close code recorded wins; [`Ending::end`] stops both
 /// halves, and the server's shutdown steps stop the reader ([`Ending::stop_reading`]) and then
@@ -174,6 +195,8 @@ pub(crate) struct Conn {
     tx: mpsc::Sender<Message>,
     out: Arc<Outbox>,
     ending: Arc<Ending>,
+    /// Who it is (for the admin endpoints).
+    who: Arc<Who>,
 }
 
 /// Most timestamps of its own events a connection records while it is behind (to leave them
@@ -308,7 +331,7 @@ impl Conn {
             writer: AtomicWaker::new(),
             budget,
         });
-        let conn = Conn { id, senders: false, tx, out, ending: ending.clone() };
+        let conn = Conn { id, senders: false, tx, out, ending: ending.clone(), who: Arc::default() };
         (Arc::new(conn), rx, ending)
     }
 
@@ -459,6 +482,11 @@ impl Conn {
     pub(crate) fn ending(&self) -> &Ending {
         &self.ending
     }
+
+    /// Who the connection is (its token's principal).
+    pub(crate) fn who(&self) -> &Arc<Who> {
+        &self.who
+    }
 }
 
 impl Outbox {
@@ -590,7 +618,7 @@ pub(crate) struct Connections {
 
 #[derive(Debug, Default)]
 struct Slab {
-    places: Vec<Option<(Arc<Ending>, Arc<Outbox>)>>,
+    places: Vec<Option<(Arc<Ending>, Arc<Outbox>, Arc<Who>)>>,
     free: Vec<usize>,
 }
 
@@ -660,16 +688,29 @@ impl Connections {
     }
 
     fn each(&self, f: fn(&Ending)) {
-        for (ending, _) in self.slab.lock().unwrap_or_else(PoisonError::into_inner).places.iter().flatten() {
+        for (ending, ..) in self.slab.lock().unwrap_or_else(PoisonError::into_inner).places.iter().flatten() {
             f(ending);
         }
+    }
+
+    /// Ends with `code` every open connection whose principal matches `which`; how many.
+    pub(crate) fn end_where(&self, which: impl Fn(&crate::auth::Principal) -> bool, code: u16) -> usize {
+        let slab = self.slab.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut n = 0;
+        for (ending, _, who) in slab.places.iter().flatten() {
+            if ending.code() == 0 && who.matches(&which) {
+                ending.end(code);
+                n += 1;
+            }
+        }
+        n
     }
 
     /// The outbound queues now (for `/metrics`; under the slab's lock, which only
     /// connections opening and closing take).
     pub(crate) fn queues(&self) -> Queues {
         let slab = self.slab.lock().unwrap_or_else(PoisonError::into_inner);
-        slab.places.iter().flatten().fold(Queues::default(), |q, (_, out)| {
+        slab.places.iter().flatten().fold(Queues::default(), |q, (_, out, _)| {
             let n = out.queued_bytes();
             Queues { bytes: q.bytes + n, max_bytes: q.max_bytes.max(n), behind: q.behind + usize::from(out.is_behind()) }
         })
@@ -679,17 +720,17 @@ impl Connections {
 impl Slot {
     /// Registers the running connection's `ending` and its outbound state `out` (sampled for
     /// `/metrics`); it gets the shutdown signals already given.
-    pub(crate) fn register(&mut self, ending: &Arc<Ending>, out: &Arc<Outbox>) {
+    pub(crate) fn register(&mut self, ending: &Arc<Ending>, out: &Arc<Outbox>, who: &Arc<Who>) {
         let connections = &self.connections;
         let place = {
             let mut slab = connections.slab.lock().unwrap_or_else(PoisonError::into_inner);
             match slab.free.pop() {
                 Some(place) => {
-                    slab.places[place] = Some((ending.clone(), out.clone()));
+                    slab.places[place] = Some((ending.clone(), out.clone(), who.clone()));
                     place
                 }
                 None => {
-                    slab.places.push(Some((ending.clone(), out.clone())));
+                    slab.places.push(Some((ending.clone(), out.clone(), who.clone())));
                     slab.places.len() - 1
                 }
             }

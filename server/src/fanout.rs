@@ -33,10 +33,10 @@
 //! order of delivery on each connection stays the commit order, since one sequencer delivers
 //! every event in turn.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
 use ivy_client_core::Timestamp;
@@ -178,6 +178,9 @@ impl Default for FanOut {
 #[repr(align(128))]
 struct Shard {
     channels: RwLock<HashMap<Box<str>, Subscribers>>,
+    /// The keys of `channels` in order (for `GET /channels`): changed under `channels`' write
+    /// lock, only when a channel gets its first subscriber or loses its last one.
+    names: Mutex<BTreeSet<Box<str>>>,
     /// The newest event whose delivery went through this shard (nanoseconds), set under its
     /// lock.
     position: AtomicU64,
@@ -295,7 +298,12 @@ impl FanOut {
         let mut map = shard.channels.write().unwrap_or_else(PoisonError::into_inner);
         match map.get_mut(channel) {
             Some(subs) => subs.insert(conn),
-            None => map.entry(channel.into()).or_default().insert(conn),
+            None => {
+                map.entry(channel.into()).or_default().insert(conn);
+                if channel != PROBE_CHANNEL {
+                    shard.names.lock().unwrap_or_else(PoisonError::into_inner).insert(channel.into());
+                }
+            }
         }
         let at = self.position_in(shard);
         conn.subscribed(channel, at);
@@ -307,7 +315,7 @@ impl FanOut {
     pub(crate) fn unsubscribe(&self, conn: &Conn, channel: &str, position: impl FnOnce(Timestamp)) {
         let shard = self.shard(channel);
         let mut map = shard.channels.write().unwrap_or_else(PoisonError::into_inner);
-        remove(&mut map, conn, channel);
+        remove(&mut map, &shard.names, conn, channel);
         let at = self.position_in(shard);
         conn.unsubscribed(channel, at);
         position(at);
@@ -316,8 +324,9 @@ impl FanOut {
     /// Removes every subscription of a closing connection.
     pub(crate) fn unsubscribe_all<'a>(&self, conn: &Conn, channels: impl Iterator<Item = &'a str>) {
         for ch in channels {
-            let mut map = self.shard(ch).channels.write().unwrap_or_else(PoisonError::into_inner);
-            remove(&mut map, conn, ch);
+            let shard = self.shard(ch);
+            let mut map = shard.channels.write().unwrap_or_else(PoisonError::into_inner);
+            remove(&mut map, &shard.names, conn, ch);
         }
     }
 
@@ -389,6 +398,38 @@ impl FanOut {
             .sum()
     }
 
+    /// The subscribed channels in `prefix`'s subtree (a normalized path) after `after`, in
+    /// byte order, at most `limit`, with how many connections subscribed to each exactly
+    /// (`GET /channels`): a range of each shard's sorted names (one read lock per shard, the
+    /// cost of the range, not of the number of channels), merged.
+    pub(crate) fn channels(&self, prefix: &str, after: Option<&str>, limit: usize) -> Vec<(Box<str>, usize)> {
+        use std::ops::Bound;
+        let root = prefix == ivy_client_core::path::ROOT;
+        let below = if root { String::from("/") } else { format!("{prefix}/") };
+        let mut out: Vec<(Box<str>, usize)> = Vec::new();
+        for shard in self.shards.iter() {
+            let map = shard.channels.read().unwrap_or_else(PoisonError::into_inner);
+            let names = shard.names.lock().unwrap_or_else(PoisonError::into_inner);
+            let count = |name: &str| map.get(name).map_or(0, |s| s.conns.len());
+            let mut taken = 0;
+            // The prefix itself, then its subtree below (`prefix/...`).
+            if !root && after.is_none_or(|a| prefix > a) && names.contains(prefix) {
+                out.push((prefix.into(), count(prefix)));
+                taken += 1;
+            }
+            let lo = match after {
+                Some(a) if a >= below.as_str() => Bound::Excluded(a),
+                _ => Bound::Included(below.as_str()),
+            };
+            for name in names.range::<str, _>((lo, Bound::Unbounded)).take_while(|n| n.starts_with(&below)).take(limit - taken.min(limit)) {
+                out.push((name.clone(), count(name)));
+            }
+        }
+        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        out.truncate(limit);
+        out
+    }
+
     /// Holds `channel`'s shard for writing, as a subscription change does (tests).
     #[cfg(test)]
     pub(crate) fn hold(&self, channel: &str) -> std::sync::RwLockWriteGuard<'_, HashMap<Box<str>, Subscribers>> {
@@ -396,11 +437,12 @@ impl FanOut {
     }
 }
 
-fn remove(map: &mut HashMap<Box<str>, Subscribers>, conn: &Conn, channel: &str) {
+fn remove(map: &mut HashMap<Box<str>, Subscribers>, names: &Mutex<BTreeSet<Box<str>>>, conn: &Conn, channel: &str) {
     if let Some(subs) = map.get_mut(channel) {
         subs.remove(conn.id());
         if subs.is_empty() {
             map.remove(channel);
+            names.lock().unwrap_or_else(PoisonError::into_inner).remove(channel);
         }
     }
 }

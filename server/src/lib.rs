@@ -52,9 +52,13 @@
 //! - `http`: the log endpoint, CORS; `serve`: the accept loop; [`cli`]: the binary;
 //! - [`ops`]: health, readiness, info; [`metrics`]: what `/metrics` counts.
 
+// The admin endpoints (`/admin/...`): disconnect, revoke.
+mod admin;
 pub mod auth;
 mod budget;
 mod catchup;
+// `GET /channels`.
+mod channels;
 pub mod cli;
 pub mod config;
 mod conn;
@@ -215,6 +219,9 @@ impl IvyBuilder {
         let description = engine.describe();
         let engine = engine.open(engine::Context { requests, fanout: fanout.clone(), metrics: metrics.engine.clone() })?;
         tracing::info!(engine = %description, node = %node_id, "engine open");
+        // The token revocations in force (`POST /admin/revoke`), before any token is checked.
+        let now = auth::now_unix();
+        auth.revoked().insert(engine.revocations(now)?, now);
         let connections = Arc::new(Connections::new(config.max_connections));
         let stop_reading = CancellationToken::new();
         {
@@ -274,7 +281,15 @@ impl Ivy {
         // (`fetch` of a plain `GET /ws?token=...`, see docs/PROTOCOL.md 2.1).
         let socket =
             Router::new().route("/ws", get(ws::handler)).layer(axum::middleware::from_fn_with_state(self.shared.clone(), http::cors_layer));
-        let mut router = socket.merge(log);
+        let channels = Router::new()
+            .route("/channels", get(channels::handler).options(http::preflight))
+            .layer(axum::middleware::from_fn_with_state(self.shared.clone(), http::cors_layer));
+        // No CORS: a server API key belongs to a backend, never to a page.
+        let admin = Router::new()
+            .route("/admin/disconnect", axum::routing::post(admin::disconnect))
+            .route("/admin/revoke", axum::routing::post(admin::revoke))
+            .route("/admin/revocations", get(admin::revocations));
+        let mut router = socket.merge(log).merge(channels).merge(admin);
         if self.shared.demo.is_some() {
             router = router.route("/demo/token", axum::routing::post(demo::handler));
         }

@@ -40,8 +40,10 @@ use crate::engine::PublishError;
 type Label = [(&'static str, &'static str); 1];
 
 /// The close codes counted by name; any other code is counted as `other`.
-const CLOSE_CODES: [(u16, &str); 9] = [
+const CLOSE_CODES: [(u16, &str); 11] = [
     (crate::conn::PEER_GONE, "none"),
+    (crate::conn::REVOKED, "4003"),
+    (4004, "4004"),
     (0, "1001"),
     (1001, "1001"),
     (1002, "1002"),
@@ -193,6 +195,8 @@ pub(crate) struct Sample {
     pub(crate) budget_used: usize,
     /// Seconds since the server started.
     pub(crate) uptime: f64,
+    /// Token revocations in force (`POST /admin/revoke`).
+    pub(crate) revoked_tokens: usize,
 }
 
 /// The sampled gauges.
@@ -205,6 +209,7 @@ struct Sampled {
     queued_bytes_max: Gauge,
     budget_used: Gauge,
     uptime: Gauge<f64, std::sync::atomic::AtomicU64>,
+    revoked_tokens: Gauge,
 }
 
 /// The server's metrics (see the [module docs](self)).
@@ -215,6 +220,8 @@ pub(crate) struct Metrics {
     pub(crate) refused: Refused,
     pub(crate) engine: EngineMetrics,
     pub(crate) log_reads: LogReads,
+    /// Connections closed by `POST /admin/disconnect`.
+    pub(crate) admin_disconnects: Counter,
     closes: Vec<(u16, Counter)>,
     sampled: Sampled,
 }
@@ -330,8 +337,15 @@ impl Metrics {
         limit.set(i64::try_from(budget_limit).unwrap_or(i64::MAX));
         r.register("ivy_memory_budget_bytes", "The memory budget (--memory-budget; 0: none)", limit);
         r.register("ivy_uptime_seconds", "Seconds since the server started", sampled.uptime.clone());
+        r.register("ivy_revoked_tokens", "Token revocations in force (POST /admin/revoke; sampled at scrape)", sampled.revoked_tokens.clone());
+        let admin_disconnects = Counter::default();
+        r.register(
+            "ivy_admin_disconnects",
+            "WebSocket connections closed by POST /admin/disconnect (close code 4004)",
+            admin_disconnects.clone(),
+        );
 
-        Metrics { registry: r, delivery, refused, engine, log_reads, closes, sampled }
+        Metrics { registry: r, delivery, refused, engine, log_reads, admin_disconnects, closes, sampled }
     }
 
     /// A connection ended with `code` (`conn::Ending::code`).
@@ -355,6 +369,7 @@ impl Metrics {
         gauge(&s.queued_bytes_max, sample.queued_bytes_max);
         gauge(&s.budget_used, sample.budget_used);
         s.uptime.set(sample.uptime);
+        gauge(&s.revoked_tokens, sample.revoked_tokens);
         let mut out = String::with_capacity(8 << 10);
         let encoded = match format {
             Format::Prometheus => prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry),

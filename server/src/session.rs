@@ -625,6 +625,7 @@ mod tests {
             read: Grants::new(&["/chat"]).unwrap(),
             write: Grants::new(&["/chat/lobby"]).unwrap(),
             exp: Some(1),
+            jti: None,
         };
         let mut s = Session::new(&config, Access::Granted(Arc::new(principal)));
         let r = Refusals::new(&config);
@@ -655,6 +656,7 @@ mod tests {
                 read: Grants::new(read).unwrap(),
                 write: Grants::new(read).unwrap(),
                 exp,
+                jti: None,
             }))
         };
         let config = Config::default();

@@ -118,7 +118,11 @@ async fn connection(shared: Arc<Shared>, socket: WebSocket, mut slot: Slot, peer
     let (conn, rx, ending) = Conn::with_limits(id, config.queue_length, config.queue_bytes, shared.budget.clone());
     let conn = conn.with_senders(senders);
     let out = conn.outbox().clone();
-    slot.register(&ending, &out);
+    // Who it is, for the admin endpoints (before it is registered, so that they see it).
+    crate::admin::identify(&shared, &conn, &access);
+    slot.register(&ending, &out, conn.who());
+    // A revocation made after the handshake's check and before the registration.
+    crate::admin::check_revoked(&shared, &conn);
     let Some((reader_stop, writer_stop)) = ending.halves() else { return };
     let identity = match &access {
         Access::Granted(p) => p.sub.as_deref().and_then(|sub| shared.identities.budget(sub)),
@@ -307,9 +311,14 @@ async fn read_loop(
                         let verified = std::str::from_utf8(token)
                             .map_err(|_| auth::TokenError("invalid token: not UTF-8".into()))
                             .and_then(|t| shared.auth.access(Some(t)));
+                        let refreshed = verified.clone();
                         match session.refresh(verified) {
                             Ok(done) => {
                                 tracing::debug!(conn = %conn.id(), ended = done.ended.len(), "token refreshed in-band");
+                                if let Ok(access) = &refreshed {
+                                    crate::admin::identify(shared, &conn, access);
+                                    crate::admin::check_revoked(shared, &conn);
+                                }
                                 if let Some(sub) = &done.new_identity {
                                     session.set_identity_budget(shared.identities.budget(sub));
                                 }
@@ -704,6 +713,8 @@ fn close_frame(ending: &Ending) -> Option<(u16, &'static str)> {
         close_code::SLOW_CONSUMER => Some((close_code::SLOW_CONSUMER, "slow consumer: outbound queue full")),
         close_code::PING_TIMEOUT => Some((close_code::PING_TIMEOUT, "ping timeout: nothing received for a whole ping interval")),
         close_code::TOKEN_EXPIRED => Some((close_code::TOKEN_EXPIRED, "token expired: refresh it in-band or reconnect with a fresh token")),
+        crate::conn::REVOKED => Some((close_code::TOKEN_EXPIRED, "token revoked: reconnect with a fresh token")),
+        close_code::DISCONNECTED => Some((close_code::DISCONNECTED, "disconnected by an administrator")),
         code => Some((code, "")),
     }
 }

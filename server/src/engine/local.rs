@@ -39,7 +39,10 @@ use ivy_client_core::path::ROOT;
 use ivy_client_core::wire::encode_event;
 
 use super::clock::Clock;
-use super::{BoxFuture, Context, DeleteRequest, Direction, Engine, Horizon, Page, Publish, PublishError, ReadRequest, Requests, Retention};
+use super::{
+    BoxFuture, ChannelsRequest, Context, DeleteRequest, Direction, Engine, Horizon, Page, Publish, PublishError, ReadRequest, Requests,
+    Retention, Revocation, StoredChannel,
+};
 use crate::fanout::{FanOut, Published};
 
 pub use super::clock::WallClock;
@@ -132,6 +135,32 @@ pub(crate) trait Storage: Send + Sync + 'static {
     /// Visits the events of `channel`'s subtree with `after < ts <= until`, in `dir` order,
     /// until the visitor breaks.
     fn scan(&self, channel: &str, after: Option<Timestamp>, until: Timestamp, dir: Direction, visit: &mut Visit<'_>) -> io::Result<()>;
+    /// The channels with a visible log in a range ([`super::Engine::channels`]). (The
+    /// defaults of this and the next two are for test stores.)
+    fn channels(&self, request: &ChannelsRequest) -> io::Result<Vec<StoredChannel>> {
+        let _ = request;
+        Ok(Vec::new())
+    }
+    /// The token revocations in force at `now`; expired ones are dropped.
+    fn revocations(&self, now: u64) -> io::Result<Vec<Revocation>> {
+        let _ = now;
+        Ok(Vec::new())
+    }
+    /// Records `revocation` durably (replacing one of its `jti`), dropping those expired at `now`.
+    fn revoke(&self, revocation: &Revocation, now: u64) -> io::Result<()> {
+        let _ = (revocation, now);
+        Err(io::Error::new(io::ErrorKind::Unsupported, "this store keeps no revocations"))
+    }
+}
+
+/// The newest event of `channel`'s log visible at `until`, if any.
+pub(crate) fn newest(storage: &dyn Storage, channel: &str, until: Timestamp) -> io::Result<Option<Timestamp>> {
+    let mut newest = None;
+    storage.scan(channel, None, until, Direction::Backward, &mut |ts, _, _| {
+        newest = Some(ts);
+        ControlFlow::Break(())
+    })?;
+    Ok(newest)
 }
 
 /// What a deletion removed.
@@ -347,6 +376,20 @@ impl Engine for LocalEngine {
             .await
             .map_err(io::Error::other)?
         })
+    }
+
+    fn channels(&self, request: ChannelsRequest) -> BoxFuture<'static, io::Result<Vec<StoredChannel>>> {
+        let storage = self.shared.storage.clone();
+        Box::pin(async move { tokio::task::spawn_blocking(move || storage.channels(&request)).await.map_err(io::Error::other)? })
+    }
+
+    fn revocations(&self, now: u64) -> io::Result<Vec<Revocation>> {
+        self.shared.storage.revocations(now)
+    }
+
+    fn revoke(&self, revocation: Revocation, now: u64) -> BoxFuture<'static, io::Result<()>> {
+        let storage = self.shared.storage.clone();
+        Box::pin(async move { tokio::task::spawn_blocking(move || storage.revoke(&revocation, now)).await.map_err(io::Error::other)? })
     }
 
     fn shutdown(&self) -> BoxFuture<'static, ()> {

@@ -5,7 +5,7 @@
 //! restarted server starts empty. Made for fast tests of the protocol and for ephemeral
 //! deployments (`ivy-server --memory`), and a second implementation of the engine seam.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io;
 use std::ops::ControlFlow;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -13,8 +13,8 @@ use std::sync::{Arc, PoisonError, RwLock};
 use ivy_client_core::Timestamp;
 use ivy_client_core::path::{ROOT, ancestors};
 
-use super::local::{Deleted, LocalEngine, Record, Storage, Visit, WallClock, line_path};
-use super::{Context, Direction, Engine, Horizon, Open, Origin, Retention};
+use super::local::{Deleted, LocalEngine, Record, Storage, Visit, WallClock, line_path, newest};
+use super::{ChannelsRequest, Context, Direction, Engine, Horizon, Open, Origin, Retention, Revocation, StoredChannel};
 
 /// Opens an in-memory engine.
 ///
@@ -70,6 +70,8 @@ pub(crate) struct MemStorage {
     inner: RwLock<Inner>,
     /// Held by the one deletion in progress.
     deleting: std::sync::Mutex<()>,
+    /// The token revocations: `jti` → until (seconds since the Unix epoch).
+    revoked: std::sync::Mutex<HashMap<Box<str>, u64>>,
 }
 
 /// An event's line and sender.
@@ -85,6 +87,9 @@ struct Inner {
     base: usize,
     /// For each channel other than the root, the positions of its subtree's events.
     channels: HashMap<Box<str>, VecDeque<usize>>,
+    /// The keys of `channels` in order, for listing ranges of them (changed only when a
+    /// channel gets its first event or loses its last one).
+    names: BTreeSet<Box<str>>,
     /// Each log's horizon: the newest event deleted from it.
     horizons: HashMap<Box<str>, Horizon>,
     floor: Option<Timestamp>,
@@ -204,6 +209,7 @@ impl Inner {
                 }
                 if index.is_empty() {
                     self.channels.remove(*log);
+                    self.names.remove(*log);
                 }
             }
         }
@@ -249,6 +255,7 @@ impl Storage for MemStorage {
                     Some(v) => v.push_back(at),
                     None => {
                         inner.channels.insert(anc.into(), VecDeque::from([at]));
+                        inner.names.insert(anc.into());
                     }
                 }
             }
@@ -308,6 +315,59 @@ impl Storage for MemStorage {
 
     fn scan(&self, channel: &str, after: Option<Timestamp>, until: Timestamp, dir: Direction, visit: &mut Visit<'_>) -> io::Result<()> {
         self.read().visit(channel, after, until, dir, visit);
+        Ok(())
+    }
+
+    fn channels(&self, request: &ChannelsRequest) -> io::Result<Vec<StoredChannel>> {
+        use std::ops::Bound;
+        let mut out = Vec::new();
+        if request.limit == 0 {
+            return Ok(out);
+        }
+        let prefix = &*request.prefix;
+        if request.wants(prefix)
+            && let Some(ts) = newest(self, prefix, request.until)?
+        {
+            out.push(StoredChannel { path: prefix.into(), newest: ts });
+        }
+        // Below it: the names that start with `prefix/` (every name, below the root).
+        let below = if prefix == ROOT { ROOT.to_string() } else { format!("{prefix}/") };
+        let lo = match request.after.as_deref() {
+            Some(a) if a >= below.as_str() => Bound::Excluded(a),
+            _ => Bound::Included(below.as_str()),
+        };
+        // Under one read lock: a lookup of each name's newest event (a binary search).
+        let inner = self.read();
+        let newest_in = |channel: &str| {
+            let mut newest = None;
+            inner.visit(channel, None, request.until, Direction::Backward, &mut |ts, _, _| {
+                newest = Some(ts);
+                ControlFlow::Break(())
+            });
+            newest
+        };
+        for name in inner.names.range::<str, _>((lo, Bound::Unbounded)).take_while(|n| n.starts_with(&below)) {
+            if out.len() >= request.limit {
+                break;
+            }
+            // A channel whose only events are not visible yet (a batch being stored) is skipped.
+            if let Some(ts) = newest_in(name) {
+                out.push(StoredChannel { path: name.clone(), newest: ts });
+            }
+        }
+        Ok(out)
+    }
+
+    fn revocations(&self, now: u64) -> io::Result<Vec<Revocation>> {
+        let mut revoked = self.revoked.lock().unwrap_or_else(PoisonError::into_inner);
+        revoked.retain(|_, until| *until > now);
+        Ok(revoked.iter().map(|(jti, until)| Revocation { jti: jti.clone(), until: *until }).collect())
+    }
+
+    fn revoke(&self, revocation: &Revocation, now: u64) -> io::Result<()> {
+        let mut revoked = self.revoked.lock().unwrap_or_else(PoisonError::into_inner);
+        revoked.retain(|_, until| *until > now);
+        revoked.insert(revocation.jti.clone(), revocation.until);
         Ok(())
     }
 }

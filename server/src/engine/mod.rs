@@ -165,6 +165,80 @@ pub trait Engine: Send + Sync + 'static {
     /// Finishes: completes every request accepted before [`Requests`] reported the end of
     /// the queue, flushes what was stored, and resolves. Called once, by the server.
     fn shutdown(&self) -> BoxFuture<'static, ()>;
+
+    /// Lists the channels that have a log (at least one event visible at
+    /// [`ChannelsRequest::until`]: sent to them or below them) in the subtree of
+    /// [`ChannelsRequest::prefix`], in byte order of their paths, after
+    /// [`ChannelsRequest::after`], at most [`ChannelsRequest::limit`], each with its newest
+    /// visible event (`GET /channels`, which merges them with this node's subscribed
+    /// channels). Costs the range it lists, not the number of channels in the store. The
+    /// default: [`io::ErrorKind::Unsupported`].
+    fn channels(&self, request: ChannelsRequest) -> BoxFuture<'static, io::Result<Vec<StoredChannel>>> {
+        let _ = request;
+        Box::pin(async { Err(io::Error::new(io::ErrorKind::Unsupported, "this engine does not list channels")) })
+    }
+
+    /// The token revocations in force at `now` (seconds since the Unix epoch), expired ones
+    /// dropped. Called once, when the server opens (within the runtime, like [`Open::open`]:
+    /// an engine may block briefly, or load them in `open` and give them here). The default:
+    /// none.
+    fn revocations(&self, now: u64) -> io::Result<Vec<Revocation>> {
+        let _ = now;
+        Ok(Vec::new())
+    }
+
+    /// Records a token revocation durably (replacing one of the same `jti`), dropping those
+    /// expired at `now`; resolves once it is stored (`POST /admin/revoke`). The default:
+    /// [`io::ErrorKind::Unsupported`].
+    fn revoke(&self, revocation: Revocation, now: u64) -> BoxFuture<'static, io::Result<()>> {
+        let _ = (revocation, now);
+        Box::pin(async { Err(io::Error::new(io::ErrorKind::Unsupported, "this engine does not store token revocations")) })
+    }
+}
+
+/// A page of channels to list ([`Engine::channels`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ChannelsRequest {
+    /// The subtree (a normalized path): this channel and every one below it.
+    pub prefix: Box<str>,
+    /// Only channels whose path is greater (in byte order) than this one.
+    pub after: Option<Box<str>>,
+    /// Most channels in the page.
+    pub limit: usize,
+    /// Only events up to this one count: [`Engine::visible`] at the time of the request.
+    pub until: Timestamp,
+}
+
+impl ChannelsRequest {
+    /// The first `limit` channels of `prefix`'s subtree after `after`, by the events up to `until`.
+    pub fn new(prefix: impl Into<Box<str>>, after: Option<Box<str>>, limit: usize, until: Timestamp) -> ChannelsRequest {
+        ChannelsRequest { prefix: prefix.into(), after, limit, until }
+    }
+
+    /// Whether `path` is in the page's range: in the subtree, after the cursor.
+    pub fn wants(&self, path: &str) -> bool {
+        (self.prefix.as_ref() == ivy_client_core::path::ROOT || ivy_client_core::path::is_within(path, &self.prefix))
+            && self.after.as_deref().is_none_or(|a| path > a)
+    }
+}
+
+/// A channel with a log ([`Engine::channels`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredChannel {
+    /// Its path.
+    pub path: Box<str>,
+    /// Its newest visible event (its subtree's).
+    pub newest: Timestamp,
+}
+
+/// A revoked token: refused until `until` ([`Engine::revoke`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    /// The token's `jti` claim.
+    pub jti: Box<str>,
+    /// Until when it is refused, in seconds since the Unix epoch.
+    pub until: u64,
 }
 
 /// How an engine is opened: what [`crate::IvyBuilder::engine`] takes.

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use ivy_client_core::Timestamp;
 
 use super::local::{Deleted, Record, Storage, Visit};
-use super::{Direction, Horizon, PublishError};
+use super::{ChannelsRequest, Direction, Horizon, PublishError, Revocation, StoredChannel};
 
 /// Free space a full disk must have again before the store is reopened, whatever the
 /// free-space reserve (sled writes whole buffers of up to a few hundred KiB).
@@ -311,5 +311,17 @@ impl Storage for Reopening {
 
     fn scan(&self, channel: &str, after: Option<Timestamp>, until: Timestamp, dir: Direction, visit: &mut Visit<'_>) -> io::Result<()> {
         self.with(|s| s.scan(channel, after, until, dir, visit))
+    }
+
+    fn channels(&self, request: &ChannelsRequest) -> io::Result<Vec<StoredChannel>> {
+        self.with(|s| s.channels(request))
+    }
+
+    fn revocations(&self, now: u64) -> io::Result<Vec<Revocation>> {
+        self.with(|s| s.revocations(now))
+    }
+
+    fn revoke(&self, revocation: &Revocation, now: u64) -> io::Result<()> {
+        self.write(|s| s.revoke(revocation, now))
     }
 }

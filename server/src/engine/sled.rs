@@ -73,9 +73,9 @@ use std::time::Duration;
 use ivy_client_core::Timestamp;
 use ivy_client_core::path::{ROOT, ancestors};
 
-use super::local::{Deleted, LocalEngine, Record, Storage, Visit, WallClock, line_path};
+use super::local::{Deleted, LocalEngine, Record, Storage, Visit, WallClock, line_path, newest};
 use super::reopen::{self, Reopening};
-use super::{Context, Direction, Engine, Horizon, Open, Retention};
+use super::{ChannelsRequest, Context, Direction, Engine, Horizon, Open, Retention, Revocation, StoredChannel};
 #[cfg(test)]
 use super::{Origin, ReadRequest, local::read_page};
 
@@ -236,7 +236,13 @@ pub(crate) struct SledLog {
     horizons: std::sync::RwLock<HashMap<Box<str>, Horizon>>,
     /// Held by the one deletion in progress.
     deleting: std::sync::Mutex<()>,
+    /// The token revocations: a tree of their own ([`REVOCATIONS_TREE`]).
+    revoked: sled::Tree,
 }
+
+/// The sled tree of the token revocations (beside the event store's default tree, which keeps
+/// its layout): `jti` → until (8 bytes, big-endian seconds since the Unix epoch).
+const REVOCATIONS_TREE: &[u8] = b"revocations";
 
 /// The store's limits ([`SledEngine::max_size`], [`SledEngine::min_free_space`]). The size on
 /// disk and the free space are measured at most once a second (sled's size, a `statvfs`);
@@ -851,6 +857,7 @@ impl SledLog {
                 v.get(Timestamp::BYTES..).and_then(|d| d.try_into().ok()).map(u64::from_be_bytes).ok_or_else(|| corrupt("horizon"))?;
             horizons.insert(channel.into(), Horizon { newest, deletions });
         }
+        let revoked = db.open_tree(REVOCATIONS_TREE).map_err(to_io)?;
         Ok(SledLog {
             db,
             durability,
@@ -858,6 +865,7 @@ impl SledLog {
             quota: Quota::default(),
             horizons: std::sync::RwLock::new(horizons),
             deleting: std::sync::Mutex::new(()),
+            revoked,
         })
     }
 }
@@ -1115,6 +1123,81 @@ impl Storage for SledLog {
                 }
             }
         }
+        Ok(())
+    }
+
+    fn channels(&self, request: &ChannelsRequest) -> io::Result<Vec<StoredChannel>> {
+        let mut out = Vec::new();
+        if request.limit == 0 {
+            return Ok(out);
+        }
+        let prefix = &*request.prefix;
+        if request.wants(prefix)
+            && let Some(ts) = newest(self, prefix, request.until)?
+        {
+            out.push(StoredChannel { path: prefix.into(), newest: ts });
+        }
+        // Below it: the blocks `j` ‖ prefix/… (every `j` block, below the root). Each channel
+        // found costs one seek past its blocks (to `j` ‖ channel ‖ 0x01) and one for its newest
+        // event, whatever the number of its blocks.
+        let mut below = b"j".to_vec();
+        if prefix != ROOT {
+            below.extend_from_slice(prefix.as_bytes());
+        }
+        below.push(b'/');
+        let past = |channel: &str| {
+            let mut k = Vec::with_capacity(channel.len() + 2);
+            k.push(b'j');
+            k.extend_from_slice(channel.as_bytes());
+            k.push(1);
+            k
+        };
+        let mut from = match request.after.as_deref() {
+            Some(a) => past(a).max(below.clone()),
+            None => below.clone(),
+        };
+        while out.len() < request.limit {
+            let Some(kv) = self.db.range(from.as_slice()..).next() else { break };
+            let key = kv.map_err(to_io)?.0;
+            if !key.starts_with(&below) {
+                break;
+            }
+            let end = key.len().checked_sub(Timestamp::BYTES + 1).filter(|&e| e > 1 && key[e] == 0).ok_or_else(|| corrupt("block key"))?;
+            let channel = std::str::from_utf8(&key[1..end]).map_err(|_| corrupt("block key"))?;
+            // A channel whose only events are not visible yet (a batch being stored) is skipped.
+            if let Some(ts) = newest(self, channel, request.until)? {
+                out.push(StoredChannel { path: channel.into(), newest: ts });
+            }
+            from = past(channel);
+        }
+        Ok(out)
+    }
+
+    fn revocations(&self, now: u64) -> io::Result<Vec<Revocation>> {
+        let mut live = Vec::new();
+        let mut expired = false;
+        for kv in self.revoked.iter() {
+            let (k, v) = kv.map_err(to_io)?;
+            let until = v.as_ref().try_into().map(u64::from_be_bytes).map_err(|_| corrupt("revocation"))?;
+            let jti = std::str::from_utf8(&k).map_err(|_| corrupt("revocation key"))?;
+            if until > now {
+                live.push(Revocation { jti: jti.into(), until });
+            } else {
+                self.revoked.remove(&k).map_err(to_io)?;
+                expired = true;
+            }
+        }
+        if expired {
+            self.revoked.flush().map_err(to_io)?;
+        }
+        Ok(live)
+    }
+
+    fn revoke(&self, revocation: &Revocation, now: u64) -> io::Result<()> {
+        self.revocations(now)?;
+        self.revoked.insert(revocation.jti.as_bytes(), &revocation.until.to_be_bytes()[..]).map_err(to_io)?;
+        // Durable before the revocation is answered, whatever the events' durability.
+        self.revoked.flush().map_err(to_io)?;
         Ok(())
     }
 }
