@@ -430,6 +430,14 @@ impl FanOut {
         out
     }
 
+    /// Holds the delivery gate for writing, as a rejoining connection does, for as long as
+    /// the guard lives: every delivery (events and readiness probes) waits meanwhile (tests of
+    /// a stuck delivery path).
+    #[cfg(test)]
+    pub(crate) fn hold_gate(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.gate.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Holds `channel`'s shard for writing, as a subscription change does (tests).
     #[cfg(test)]
     pub(crate) fn hold(&self, channel: &str) -> std::sync::RwLockWriteGuard<'_, HashMap<Box<str>, Subscribers>> {

@@ -262,6 +262,37 @@ pub(crate) async fn count_log_reads(State(shared): State<Arc<Shared>>, req: Requ
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tower::ServiceExt;
+
+    async fn get(ivy: &crate::Ivy, target: &str) -> (StatusCode, String) {
+        let request = axum::http::Request::get(target).body(axum::body::Body::empty()).unwrap();
+        let response = ivy.ops_router().oneshot(request).await.unwrap();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    /// A fan-out that does not hand the probe on (its delivery gate held, as by a rejoining
+    /// connection that never lets go): `/readyz` answers 503 `delivery stuck` once the probe
+    /// has been out for `PROBE_TIMEOUT`, and ready again once delivery moves.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readyz_reports_a_stuck_delivery_path() {
+        let ivy = crate::Ivy::builder(crate::Config::default()).engine(crate::engine::MemoryEngine::new()).open().unwrap();
+        assert_eq!(get(&ivy, "/readyz").await, (StatusCode::OK, "ready\n".into()));
+        let held = ivy.shared.fanout.hold_gate();
+        // The last probe's answer is reused for `REUSE`.
+        tokio::time::sleep(REUSE + Duration::from_millis(100)).await;
+        let started = Instant::now();
+        let (status, body) = get(&ivy, "/readyz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.starts_with("not ready: delivery stuck: a probe did not go through the engine and the fan-out within 2s"), "{body}");
+        assert!(started.elapsed() >= PROBE_TIMEOUT);
+        assert!(ivy.ready().await.unwrap_err().starts_with("delivery stuck"), "the library's check says the same");
+        drop(held);
+        tokio::time::sleep(REUSE + Duration::from_millis(100)).await;
+        assert_eq!(get(&ivy, "/readyz").await, (StatusCode::OK, "ready\n".into()));
+        ivy.shutdown().await;
+    }
 
     #[test]
     fn node_ids() {

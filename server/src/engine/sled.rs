@@ -1328,6 +1328,100 @@ mod tests {
     }
 
     /// The in-memory store reads exactly what sled reads: both engines' logs agree, page by page.
+    /// Channel listings (every prefix, cursor and limit, events not yet visible, a deletion that
+    /// empties channels) against a model, in both stores; revocations survive a reopen.
+    #[test]
+    fn channel_listings_match_a_model_in_both_stores_and_revocations_persist() {
+        use super::super::memory::MemStorage;
+        use std::collections::BTreeMap;
+        let dir = temp_dir("channels");
+        let log = SledLog::open(&dir, Durability::Async, DEFAULT_FLUSH_INTERVAL).unwrap();
+        let mem = MemStorage::default();
+        let paths = ["/a", "/a/b", "/a/b/c", "/a-b", "/a.b/x", "/ab", "/x/y", "/a/bc", "/z/1/2/3"];
+        let mut nanos = 0;
+        let mut events: Vec<(Timestamp, &str)> = Vec::new();
+        for batch in 0..20u32 {
+            let mut lines = Vec::new();
+            for i in 0..(1 + batch * 7 % 30) {
+                nanos += 1;
+                let ts = Timestamp::new(1_700_000_000, nanos).unwrap();
+                let path = paths[((batch * 3 + i) % paths.len() as u32) as usize];
+                let mut line = Vec::new();
+                // Some larger than a block: a channel of several blocks.
+                ivy_client_core::wire::encode_event(ts, path, &vec![b'c'; (i as usize * 997) % (BLOCK_BYTES + 500)], &mut line);
+                lines.push((ts, path, line));
+            }
+            let records: Vec<Record<'_>> =
+                lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: &Origin::ANONYMOUS }).collect();
+            log.append(&records).unwrap();
+            mem.append(&records).unwrap();
+            events.extend(lines.iter().map(|(ts, p, _)| (*ts, *p)));
+        }
+        let check = |events: &[(Timestamp, &str)], until: Timestamp| {
+            // The model: every ancestor of an event's path, with its newest event up to `until`.
+            let mut model: BTreeMap<String, Timestamp> = BTreeMap::new();
+            for (ts, p) in events.iter().filter(|(ts, _)| *ts <= until) {
+                for anc in ancestors(p) {
+                    let e = model.entry(anc.to_string()).or_insert(*ts);
+                    *e = (*e).max(*ts);
+                }
+            }
+            for prefix in [ROOT, "/a", "/a/b", "/ab", "/x", "/z/1", "/nothing", "/a/b/c"] {
+                let within: Vec<(&String, &Timestamp)> =
+                    model.iter().filter(|(p, _)| prefix == ROOT || p.as_str() == prefix || p.starts_with(&format!("{prefix}/"))).collect();
+                for after in [None, Some("/"), Some("/a"), Some("/a-b"), Some("/a/b"), Some("/a/bc"), Some("/ab/zz"), Some("/y")] {
+                    for limit in [1, 2, 3, 100] {
+                        let want: Vec<StoredChannel> = within
+                            .iter()
+                            .filter(|(p, _)| after.is_none_or(|a| p.as_str() > a))
+                            .take(limit)
+                            .map(|(p, ts)| StoredChannel { path: p.as_str().into(), newest: **ts })
+                            .collect();
+                        let request = ChannelsRequest::new(prefix, after.map(Into::into), limit, until);
+                        assert_eq!(log.channels(&request).unwrap(), want, "sled: {prefix} after {after:?} limit {limit} until {until}");
+                        assert_eq!(mem.channels(&request).unwrap(), want, "memory: {prefix} after {after:?} limit {limit} until {until}");
+                    }
+                }
+            }
+        };
+        let last = events.last().unwrap().0;
+        check(&events, last);
+        // Events not visible yet do not count (a channel with only those is not listed).
+        check(&events, events[events.len() / 3].0);
+        // Paging through everything, one channel at a time.
+        let mut paged = Vec::new();
+        let mut after: Option<Box<str>> = None;
+        while let Some(c) = log.channels(&ChannelsRequest::new(ROOT, after.clone(), 1, last)).unwrap().pop() {
+            after = Some(c.path.clone());
+            paged.push(c.path);
+        }
+        let every = ["/", "/a", "/a-b", "/a.b", "/a.b/x", "/a/b", "/a/b/c", "/a/bc", "/ab", "/x", "/x/y", "/z", "/z/1", "/z/1/2", "/z/1/2/3"];
+        assert_eq!(paged, every.map(Box::<str>::from), "byte order: /a-b and /a.b before /a/b");
+        // Deleting a subtree's events removes its channels (the ancestors stay, with fewer events).
+        let rest: Vec<(Timestamp, &str)> = events.iter().copied().filter(|(_, p)| *p != "/a/b" && !p.starts_with("/a/b/")).collect();
+        let cut = Timestamp::from_nanos(last.as_nanos() + 1);
+        log.delete("/a/b", cut, false).unwrap();
+        mem.delete("/a/b", cut, false).unwrap();
+        check(&rest, last);
+        // Revocations: replaced by jti, expired ones dropped, kept across a reopen.
+        let r = |jti: &str, until| Revocation { jti: jti.into(), until };
+        log.revoke(&r("t1", 100), 10).unwrap();
+        log.revoke(&r("t2", 50), 10).unwrap();
+        log.revoke(&r("t1", 200), 10).unwrap();
+        drop(log);
+        let log = SledLog::open(&dir, Durability::Async, DEFAULT_FLUSH_INTERVAL).unwrap();
+        let mut all = log.revocations(10).unwrap();
+        all.sort_by(|a, b| a.jti.cmp(&b.jti));
+        assert_eq!(all, vec![r("t1", 200), r("t2", 50)]);
+        assert_eq!(log.revocations(60).unwrap(), vec![r("t1", 200)], "t2 expired");
+        drop(log);
+        let log = SledLog::open(&dir, Durability::Async, DEFAULT_FLUSH_INTERVAL).unwrap();
+        assert_eq!(log.revocations(20).unwrap(), vec![r("t1", 200)], "the expired one was removed from the store");
+        mem.revoke(&r("m", 30), 10).unwrap();
+        assert_eq!(mem.revocations(10).unwrap(), vec![r("m", 30)]);
+        assert!(mem.revocations(30).unwrap().is_empty());
+    }
+
     #[test]
     fn the_memory_store_reads_like_sled() {
         use super::super::memory::MemStorage;
