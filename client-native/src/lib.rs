@@ -786,6 +786,35 @@ impl LogReader {
         ivy_core::http::parse_log(&body).map_err(|e| Error::Log(LogError { status: None, message: format!("unparsable log line: {e}") }))
     }
 
+    /// One page of the server's `GET /channels` (the channels with a log or subscribers in
+    /// `prefix`'s subtree, after the cursor `after`, at most `limit`, those the token may read):
+    /// its JSON object, `{"channels":[{"path","subscribers","newest"}],"next"}`, as its text.
+    /// Errors as for [`LogReader::info`].
+    pub async fn channels(&self, prefix: &str, after: Option<&str>, limit: Option<u32>) -> Result<String, Error> {
+        // Normalized paths are `a-z 0-9 . - /`: nothing to escape in a query.
+        let path = |p: &str| ivy_core::path::normalize(p.as_bytes()).map(|p| p.into_owned()).map_err(|e| Error::Request(ClientError::InvalidPath(e)));
+        let mut url = format!("{}/channels?prefix={}", self.endpoints.http, path(prefix)?);
+        if let Some(a) = after {
+            url.push_str(&format!("&after={}", path(a)?));
+        }
+        if let Some(l) = limit {
+            url.push_str(&format!("&limit={l}"));
+        }
+        let token = self.token.lock().ok().and_then(|t| t.clone());
+        fetched(fetch(&self.http, &url, token.as_ref()).await.map(|(body, _)| body))
+    }
+
+    /// An admin request with the server API key `key` (`docs/PROTOCOL.md` 9.15): `POST
+    /// /admin/<what>` with the JSON `body`, or `GET /admin/<what>` without one; the answer's
+    /// JSON text. Errors as for [`LogReader::info`] (a wrong key: 401 in [`Error::Log`]).
+    pub async fn admin(&self, what: &str, key: &str, body: Option<String>) -> Result<String, Error> {
+        let url = format!("{}/admin/{what}", self.endpoints.http);
+        match body {
+            Some(body) => fetched(post_json(&self.tls, &url, key, body).await),
+            None => fetched(fetch(&self.http, &url, Some(&Token(key.into()))).await.map(|(body, _)| body)),
+        }
+    }
+
     /// The server's `GET /info`: a JSON object (version, node id, engine, uptime,
     /// connections, subscriptions, events published; see the server's README), as its text,
     /// unparsed (the library has no JSON parser). Errors as for [`LogReader::log`]; a server
@@ -799,6 +828,52 @@ impl LogReader {
             Err(Fetch::Tls(e)) => Err(Error::Tls(e)),
             Err(Fetch::Log(e)) => Err(Error::Log(e)),
         }
+    }
+}
+
+/// One request with a JSON body and `Authorization: Bearer key` (the admin endpoints): the
+/// response's body on a 200, its status and reason otherwise.
+async fn post_json(tls: &Arc<rustls::ClientConfig>, url: &str, key: &str, body: String) -> Result<String, Fetch> {
+    let failed = |message: String| Fetch::Log(LogError { status: None, message });
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    let connector =
+        hyper_rustls::HttpsConnectorBuilder::new().with_tls_config((**tls).clone()).https_or_http().enable_http1().wrap_connector(http);
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
+    let uri: hyper::Uri = url.parse().map_err(|e| failed(format!("{url}: {e}")))?;
+    let req = hyper::Request::post(uri)
+        .header(hyper::header::AUTHORIZATION, format!("Bearer {key}"))
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .map_err(|e| failed(format!("invalid request (the key?): {e}")))?;
+    let resp = match tokio::time::timeout(Duration::from_secs(30), client.request(req)).await {
+        Err(_) => return Err(failed("timed out".into())),
+        Ok(Err(e)) if e.is_connect() => {
+            if let Some(tls) = TlsError::find(&host_of(url), &e) {
+                return Err(Fetch::Tls(tls));
+            }
+            let cause = std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
+            return Err(Fetch::Connect(format!("{url}: {cause}")));
+        }
+        Ok(Err(e)) => return Err(failed(e.to_string())),
+        Ok(Ok(resp)) => resp,
+    };
+    let status = resp.status();
+    let body = resp.into_body().collect().await.map_err(|e| failed(e.to_string()))?.to_bytes();
+    let text = String::from_utf8_lossy(&body).into_owned();
+    if status != hyper::StatusCode::OK {
+        return Err(Fetch::Log(LogError { status: Some(status.as_u16()), message: text.trim_end().into() }));
+    }
+    Ok(text)
+}
+
+fn fetched<T>(r: Result<T, Fetch>) -> Result<T, Error> {
+    match r {
+        Ok(t) => Ok(t),
+        Err(Fetch::Connect(message)) => Err(Error::Connect(ConnectError { status: None, message })),
+        Err(Fetch::Tls(e)) => Err(Error::Tls(e)),
+        Err(Fetch::Log(e)) => Err(Error::Log(e)),
     }
 }
 

@@ -126,6 +126,49 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the channels that have stored events or subscribers on the server (GET /channels),
+    /// those the token may read, in path order: one line each, `PATH SUBSCRIBERS NEWEST`
+    /// (SUBSCRIBERS: the connections subscribed to exactly that channel; NEWEST: the timestamp
+    /// of its newest stored event, `-` when it has none). Follows every page. Uses HTTP only.
+    Channels {
+        /// Only this channel and those below it.
+        #[arg(long, default_value = "/", value_parser = parse_path)]
+        prefix: String,
+        /// Start after this channel (the last path printed by a previous listing).
+        #[arg(long, value_parser = parse_path)]
+        after: Option<String>,
+        /// Channels per request (1 to 1000; the server's default: 100); every page is printed.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: Option<u32>,
+        /// One JSON object per line, as the server sent it: {"path","subscribers","newest"}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Administer the server with a server API key (POST /admin/...): print its JSON answer.
+    Admin {
+        /// The server API key (the server's --api-key).
+        #[arg(long, env = "IVY_API_KEY", hide_env_values = true)]
+        api_key: String,
+        #[command(subcommand)]
+        action: AdminAction,
+    },
+}
+
+/// What `ivy admin` does.
+#[derive(Debug, Subcommand)]
+enum AdminAction {
+    /// Close every WebSocket connection of the token `sub` SUB (close code 4004; they may
+    /// reconnect: revoke their tokens to keep them out).
+    Disconnect { sub: String },
+    /// Refuse the token whose `jti` is JTI until --until, and close its connections (4003).
+    Revoke {
+        jti: String,
+        /// Until when, in seconds since the Unix epoch (default: a day from now; at most a year).
+        #[arg(long)]
+        until: Option<u64>,
+    },
+    /// The revocations in force.
+    Revocations,
 }
 
 /// How events are printed.
@@ -508,6 +551,58 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let _ = out.flush();
             Ok(())
         }
+        Command::Channels { prefix, after, limit, json } => {
+            let mut reader = LogReader::new(&url)?;
+            if let Some(p) = &ca_file {
+                reader = reader.ca_file(p)?;
+            }
+            if let Some(t) = &token {
+                reader = reader.token(t.clone());
+            }
+            let not_json = |e: serde_json::Error| {
+                Failure::Client(Error::Log(ivy_client_native::LogError { status: None, message: format!("/channels is not JSON: {e}") }))
+            };
+            let mut after = after;
+            let mut out = std::io::stdout().lock();
+            loop {
+                let body = interruptible(async { Ok(reader.channels(&prefix, after.as_deref(), limit).await?) }).await?;
+                let page: serde_json::Value = serde_json::from_str(&body).map_err(not_json)?;
+                for c in page["channels"].as_array().into_iter().flatten() {
+                    let line = if json {
+                        c.to_string()
+                    } else {
+                        let newest = c["newest"].as_str().unwrap_or("-");
+                        format!("{} {} {newest}", c["path"].as_str().unwrap_or_default(), c["subscribers"])
+                    };
+                    if writeln!(out, "{line}").is_err() {
+                        return Ok(()); // stdout closed
+                    }
+                }
+                match page["next"].as_str() {
+                    Some(next) if after.as_deref() != Some(next) => after = Some(next.to_string()),
+                    _ => break,
+                }
+            }
+            let _ = out.flush();
+            Ok(())
+        }
+        Command::Admin { api_key, action } => {
+            let mut reader = LogReader::new(&url)?;
+            if let Some(p) = &ca_file {
+                reader = reader.ca_file(p)?;
+            }
+            let (what, body) = match action {
+                AdminAction::Disconnect { sub } => ("disconnect", Some(serde_json::json!({ "sub": sub }).to_string())),
+                AdminAction::Revoke { jti, until: Some(until) } => {
+                    ("revoke", Some(serde_json::json!({ "jti": jti, "until": until }).to_string()))
+                }
+                AdminAction::Revoke { jti, until: None } => ("revoke", Some(serde_json::json!({ "jti": jti }).to_string())),
+                AdminAction::Revocations => ("revocations", None),
+            };
+            let answer = interruptible(async { Ok(reader.admin(what, &api_key, body).await?) }).await?;
+            println!("{}", answer.trim_end());
+            Ok(())
+        }
         Command::Time { human: as_date } => {
             let t = interruptible(async {
                 let client = builder().connect().await?;
@@ -725,5 +820,11 @@ mod tests {
         assert_eq!(parse(&["log", "/a", "--limit", "0"]).unwrap_err().kind(), ErrorKind::ValueValidation);
         assert_eq!(parse(&["sub", "/a", "--count", "0"]).unwrap_err().kind(), ErrorKind::ValueValidation);
         assert_eq!(parse(&["log", "/a", "--json", "--raw"]).unwrap_err().kind(), ErrorKind::ArgumentConflict);
+        assert!(parse(&["channels", "--prefix", "/chat", "--limit", "1000", "--json"]).is_ok());
+        assert_eq!(parse(&["channels", "--limit", "0"]).unwrap_err().kind(), ErrorKind::ValueValidation);
+        assert_eq!(parse(&["channels", "--prefix", "/Bad"]).unwrap_err().kind(), ErrorKind::ValueValidation);
+        assert!(parse(&["admin", "--api-key", "k", "revoke", "j1", "--until", "1800000000"]).is_ok());
+        assert!(parse(&["admin", "--api-key", "k", "disconnect", "ada"]).is_ok());
+        assert_eq!(parse(&["admin", "--api-key", "k", "ban", "ada"]).unwrap_err().kind(), ErrorKind::InvalidSubcommand);
     }
 }
