@@ -792,7 +792,9 @@ impl LogReader {
     /// Errors as for [`LogReader::info`].
     pub async fn channels(&self, prefix: &str, after: Option<&str>, limit: Option<u32>) -> Result<String, Error> {
         // Normalized paths are `a-z 0-9 . - /`: nothing to escape in a query.
-        let path = |p: &str| ivy_core::path::normalize(p.as_bytes()).map(|p| p.into_owned()).map_err(|e| Error::Request(ClientError::InvalidPath(e)));
+        let path = |p: &str| {
+            ivy_core::path::normalize(p.as_bytes()).map(|p| p.into_owned()).map_err(|e| Error::Request(ClientError::InvalidPath(e)))
+        };
         let mut url = format!("{}/channels?prefix={}", self.endpoints.http, path(prefix)?);
         if let Some(a) = after {
             url.push_str(&format!("&after={}", path(a)?));

@@ -192,7 +192,10 @@ pub(crate) async fn revoke(State(shared): State<Arc<Shared>>, headers: HeaderMap
         return text(StatusCode::BAD_REQUEST, &format!("invalid body: until ({until}) is not in the future (now: {now})"));
     }
     if until > now + MAX_REVOCATION_SECS {
-        return text(StatusCode::BAD_REQUEST, &format!("invalid body: until is more than a year ahead (at most {})", now + MAX_REVOCATION_SECS));
+        return text(
+            StatusCode::BAD_REQUEST,
+            &format!("invalid body: until is more than a year ahead (at most {})", now + MAX_REVOCATION_SECS),
+        );
     }
     let revocation = Revocation { jti: jti.as_str().into(), until };
     if let Err(e) = shared.engine.revoke(revocation.clone(), now).await {
@@ -213,13 +216,8 @@ pub(crate) async fn revocations(State(shared): State<Arc<Shared>>, headers: Head
     if let Some(r) = refused(&shared, &headers) {
         return r;
     }
-    let all: Vec<serde_json::Value> = shared
-        .auth
-        .revoked()
-        .list(now_unix())
-        .into_iter()
-        .map(|r| serde_json::json!({ "jti": &*r.jti, "until": r.until }))
-        .collect();
+    let all: Vec<serde_json::Value> =
+        shared.auth.revoked().list(now_unix()).into_iter().map(|r| serde_json::json!({ "jti": &*r.jti, "until": r.until })).collect();
     json(serde_json::json!({ "revocations": all }))
 }
 

@@ -616,9 +616,12 @@ pub(crate) struct Connections {
     slab: Mutex<Slab>,
 }
 
+/// A registered connection: how it ends, its outbound state, who it is.
+type Place = (Arc<Ending>, Arc<Outbox>, Arc<Who>);
+
 #[derive(Debug, Default)]
 struct Slab {
-    places: Vec<Option<(Arc<Ending>, Arc<Outbox>, Arc<Who>)>>,
+    places: Vec<Option<Place>>,
     free: Vec<usize>,
 }
 

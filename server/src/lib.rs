@@ -27,7 +27,10 @@
 //! Endpoints: `GET /ws` (the command protocol, subprotocol `ivy1`), `GET /log/<path>` (the
 //! stored events of a channel's subtree, with its horizon in `Ivy-Horizon` once events were
 //! deleted) and `DELETE /log/<path>[?before=TS]` (an operator's deletion, with a server API
-//! key: [`Config::api_keys`]); with [`Config::demo_token_endpoint`] (demos only, never in
+//! key: [`Config::api_keys`]), `GET /channels` (the channels with a log or subscribers, page
+//! by page, filtered by the caller's read grants), the admin endpoints with a server API key
+//! (`POST /admin/disconnect`, `POST /admin/revoke`, `GET /admin/revocations`: closing a
+//! `sub`'s connections, revoking a token by its `jti`); with [`Config::demo_token_endpoint`] (demos only, never in
 //! production) also `POST /demo/token` ([`demo`]). Retention settings belong to the engines
 //! ([`engine::Retention`]). The protocol is specified in `docs/PROTOCOL.md`.
 //!
@@ -50,6 +53,7 @@
 //! - [`demo`]: the demo-only token endpoint (unfit for production);
 //! - `budget`: the server-wide memory budget;
 //! - `http`: the log endpoint, CORS; `serve`: the accept loop; [`cli`]: the binary;
+//! - `channels`: `GET /channels`; `admin`: the admin endpoints and the revoked tokens;
 //! - [`ops`]: health, readiness, info; [`metrics`]: what `/metrics` counts.
 
 // The admin endpoints (`/admin/...`): disconnect, revoke.
@@ -266,7 +270,8 @@ impl Ivy {
     }
 
     /// The routes `/ws`, `/log`, `/log/` and `/log/{*path}` (`GET`, `DELETE`, and `POST`/`PUT` to
-    /// publish) and `POST /publish`, to serve or merge into an app.
+    /// publish), `POST /publish`, `GET /channels` and the admin routes (`POST /admin/disconnect`,
+    /// `POST /admin/revoke`, `GET /admin/revocations`), to serve or merge into an app.
     /// With [`Config::static_dir`] set, also a fallback serving that directory at `/` (an
     /// application that has a fallback of its own should leave `static_dir` unset).
     pub fn router(&self) -> Router {

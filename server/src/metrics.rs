@@ -337,7 +337,11 @@ impl Metrics {
         limit.set(i64::try_from(budget_limit).unwrap_or(i64::MAX));
         r.register("ivy_memory_budget_bytes", "The memory budget (--memory-budget; 0: none)", limit);
         r.register("ivy_uptime_seconds", "Seconds since the server started", sampled.uptime.clone());
-        r.register("ivy_revoked_tokens", "Token revocations in force (POST /admin/revoke; sampled at scrape)", sampled.revoked_tokens.clone());
+        r.register(
+            "ivy_revoked_tokens",
+            "Token revocations in force (POST /admin/revoke; sampled at scrape)",
+            sampled.revoked_tokens.clone(),
+        );
         let admin_disconnects = Counter::default();
         r.register(
             "ivy_admin_disconnects",

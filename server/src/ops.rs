@@ -276,6 +276,9 @@ mod tests {
     /// connection that never lets go): `/readyz` answers 503 `delivery stuck` once the probe
     /// has been out for `PROBE_TIMEOUT`, and ready again once delivery moves.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    // The gate is held across the requests on purpose: that is the stuck delivery path (the
+    // test's own future runs on the test thread, never on a worker).
+    #[allow(clippy::await_holding_lock)]
     async fn readyz_reports_a_stuck_delivery_path() {
         let ivy = crate::Ivy::builder(crate::Config::default()).engine(crate::engine::MemoryEngine::new()).open().unwrap();
         assert_eq!(get(&ivy, "/readyz").await, (StatusCode::OK, "ready\n".into()));

@@ -80,12 +80,8 @@ fn paths(page: &Value) -> Vec<String> {
 /// Auth on: the token secret, the API key, anonymous read of `/public`.
 async fn auth_server(dir: &std::path::Path) -> TestServer {
     let mut setup = config(dir);
-    setup.config = setup
-        .config
-        .clone()
-        .auth_hmac_secrets(vec![Secret::new(SECRET)])
-        .api_keys(vec![KEY.into()])
-        .anonymous_read(vec!["/public".into()]);
+    setup.config =
+        setup.config.clone().auth_hmac_secrets(vec![Secret::new(SECRET)]).api_keys(vec![KEY.into()]).anonymous_read(vec!["/public".into()]);
     TestServer::start(setup).await
 }
 
@@ -154,7 +150,12 @@ async fn channels_lists_stored_and_subscribed_channels_with_their_counts() {
     let mut subs = HashMap::new();
     for _ in 0..100 {
         let page = channels(addr, "", &[]).await;
-        subs = page["channels"].as_array().unwrap().iter().map(|c| (c["path"].as_str().unwrap().to_string(), c["subscribers"].as_u64().unwrap())).collect();
+        subs = page["channels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c["path"].as_str().unwrap().to_string(), c["subscribers"].as_u64().unwrap()))
+            .collect();
         if subs.get("/chat/room1") == Some(&1) {
             break;
         }
@@ -246,7 +247,11 @@ async fn channels_are_filtered_by_what_the_caller_may_read() {
     assert_eq!(paths(&channels(addr, &format!("?token={t}"), &[]).await), mine);
     assert_eq!(paths(&channels(addr, "?prefix=/chat", &[("Authorization", &bearer)]).await), ["/chat/a", "/chat/a/x"]);
     assert_eq!(paths(&channels(addr, "?prefix=/chat/a/x", &[("Authorization", &bearer)]).await), ["/chat/a/x"]);
-    assert_eq!(paths(&channels(addr, "?prefix=/secret", &[("Authorization", &bearer)]).await), Vec::<String>::new(), "skipped, not refused");
+    assert_eq!(
+        paths(&channels(addr, "?prefix=/secret", &[("Authorization", &bearer)]).await),
+        Vec::<String>::new(),
+        "skipped, not refused"
+    );
     // Paging within the grants.
     let page = channels(addr, "?limit=2", &[("Authorization", &bearer)]).await;
     assert_eq!((paths(&page), page["next"].clone()), (vec!["/chat/a".to_string(), "/chat/a/x".into()], json!("/chat/a/x")));
@@ -406,9 +411,8 @@ async fn revocations_survive_a_restart_until_they_expire() {
     server.stop().await;
     let server = TestServer::start(setup()).await;
     let open = |t: &str| format!("/ws?token={t}");
-    let handshake = |t: String| async move {
-        raw_ws_open_at(server.addr, &open(&t), &[("Sec-WebSocket-Protocol", "ivy1")]).await.unwrap().0
-    };
+    let handshake =
+        |t: String| async move { raw_ws_open_at(server.addr, &open(&t), &[("Sec-WebSocket-Protocol", "ivy1")]).await.unwrap().0 };
     let r = handshake(long.clone()).await;
     assert_eq!((r.status, r.text().as_str()), (401, "token revoked\n"), "after the restart");
     assert_eq!(handshake(short.clone()).await.status, 401, "not expired yet");

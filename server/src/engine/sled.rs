@@ -1395,7 +1395,8 @@ mod tests {
             after = Some(c.path.clone());
             paged.push(c.path);
         }
-        let every = ["/", "/a", "/a-b", "/a.b", "/a.b/x", "/a/b", "/a/b/c", "/a/bc", "/ab", "/x", "/x/y", "/z", "/z/1", "/z/1/2", "/z/1/2/3"];
+        let every =
+            ["/", "/a", "/a-b", "/a.b", "/a.b/x", "/a/b", "/a/b/c", "/a/bc", "/ab", "/x", "/x/y", "/z", "/z/1", "/z/1/2", "/z/1/2/3"];
         assert_eq!(paged, every.map(Box::<str>::from), "byte order: /a-b and /a.b before /a/b");
         // Deleting a subtree's events removes its channels (the ancestors stay, with fewer events).
         let rest: Vec<(Timestamp, &str)> = events.iter().copied().filter(|(_, p)| *p != "/a/b" && !p.starts_with("/a/b/")).collect();
