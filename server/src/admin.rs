@@ -168,10 +168,7 @@ pub(crate) async fn disconnect(State(shared): State<Arc<Shared>>, headers: Heade
     if sub.is_empty() || sub.len() > ivy_client_core::wire::MAX_SUB_BYTES {
         return text(StatusCode::BAD_REQUEST, &format!("invalid body: sub must have 1 to {} bytes", ivy_client_core::wire::MAX_SUB_BYTES));
     }
-    let n = shared.connections.end_where(|p| p.sub.as_deref() == Some(sub.as_str()), close_code::DISCONNECTED);
-    shared.metrics.admin_disconnects.inc_by(n as u64);
-    tracing::info!(sub = %sub, connections = n, "admin: disconnected a sub's connections");
-    json(serde_json::json!({ "disconnected": n }))
+    json(serde_json::json!({ "disconnected": disconnect_sub(&shared, &sub) }))
 }
 
 /// `POST /admin/revoke`.
@@ -197,18 +194,35 @@ pub(crate) async fn revoke(State(shared): State<Arc<Shared>>, headers: HeaderMap
             &format!("invalid body: until is more than a year ahead (at most {})", now + MAX_REVOCATION_SECS),
         );
     }
-    let revocation = Revocation { jti: jti.as_str().into(), until };
-    if let Err(e) = shared.engine.revoke(revocation.clone(), now).await {
-        if e.kind() == std::io::ErrorKind::Unsupported {
-            return text(StatusCode::NOT_IMPLEMENTED, "this server's engine does not store token revocations");
+    match revoke_jti(&shared, &jti, until, now).await {
+        Ok(n) => json(serde_json::json!({ "revoked": jti, "until": until, "disconnected": n })),
+        Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+            text(StatusCode::NOT_IMPLEMENTED, "this server's engine does not store token revocations")
         }
-        tracing::error!(error = %e, "storing a token revocation failed");
-        return text(StatusCode::INTERNAL_SERVER_ERROR, "storing the revocation failed; the server's log has the details");
+        Err(e) => {
+            tracing::error!(error = %e, "storing a token revocation failed");
+            text(StatusCode::INTERNAL_SERVER_ERROR, "storing the revocation failed; the server's log has the details")
+        }
     }
+}
+
+/// Closes every connection of `sub` with 4004; how many.
+pub(crate) fn disconnect_sub(shared: &Shared, sub: &str) -> usize {
+    let n = shared.connections.end_where(|p| p.sub.as_deref() == Some(sub), close_code::DISCONNECTED);
+    shared.metrics.admin_disconnects.inc_by(n as u64);
+    tracing::info!(sub = %sub, connections = n, "admin: disconnected a sub's connections");
+    n
+}
+
+/// Revokes the token `jti` until `until` (stored by the engine first) and closes its
+/// connections with 4003; how many.
+pub(crate) async fn revoke_jti(shared: &Shared, jti: &str, until: u64, now: u64) -> std::io::Result<usize> {
+    let revocation = Revocation { jti: jti.into(), until };
+    shared.engine.revoke(revocation.clone(), now).await?;
     shared.auth.revoked().insert([revocation], now);
-    let n = shared.connections.end_where(|p| p.jti.as_deref() == Some(jti.as_str()), REVOKED);
+    let n = shared.connections.end_where(|p| p.jti.as_deref() == Some(jti), REVOKED);
     tracing::info!(jti = %jti, until, connections = n, "admin: revoked a token");
-    json(serde_json::json!({ "revoked": jti, "until": until, "disconnected": n }))
+    Ok(n)
 }
 
 /// `GET /admin/revocations`.

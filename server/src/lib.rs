@@ -359,6 +359,26 @@ impl Ivy {
         outcome.await.unwrap_or(Err(PublishError::ShuttingDown))
     }
 
+    /// Closes every WebSocket connection of this node whose token has `sub` with close code
+    /// 4004, as `POST /admin/disconnect` does; how many were closed. They may reconnect.
+    pub fn disconnect(&self, sub: &str) -> usize {
+        admin::disconnect_sub(&self.shared, sub)
+    }
+
+    /// Revokes the token whose `jti` claim is `jti` until `until` (seconds since the Unix
+    /// epoch), as `POST /admin/revoke` does: stored by the engine (it survives a restart),
+    /// then refused at every token check, and the open connections using it are closed with
+    /// 4003. Resolves to how many were closed. [`io::ErrorKind::InvalidInput`] for an empty
+    /// `jti` or an `until` not in the future; an engine that stores no revocations:
+    /// [`io::ErrorKind::Unsupported`].
+    pub async fn revoke(&self, jti: &str, until: u64) -> io::Result<usize> {
+        let now = auth::now_unix();
+        if jti.is_empty() || until <= now {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "a revocation needs a jti and an until in the future"));
+        }
+        admin::revoke_jti(&self.shared, jti, until, now).await
+    }
+
     /// Whether [`serve`] terminates TLS ([`Config::tls_cert`] and [`Config::tls_key`] are set):
     /// its URLs are then `wss://` and `https://`.
     pub fn tls(&self) -> bool {

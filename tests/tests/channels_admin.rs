@@ -483,3 +483,34 @@ async fn ivy_channels_and_ivy_admin() {
     assert!(out.contains("cli-jti"), "{out}");
     server.stop().await;
 }
+
+/// The same from an embedding application: `Ivy::disconnect` and `Ivy::revoke`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedding_application_disconnects_and_revokes() {
+    let dir = temp_dir();
+    let mut setup = config(dir.path());
+    setup.config = setup.config.clone().auth_hmac_secrets(vec![Secret::new(SECRET)]);
+    let ivy = std::sync::Arc::new(setup.builder().open().unwrap());
+    let app = ivy.router();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = ivy.stop_signal();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await.unwrap();
+    });
+    let t = token("ada", &["/"], Some("emb-1"));
+    let mut c = Client::connect(&format!("ws://{addr}/ws?token={t}")).await;
+    c.subscribe("/x").await;
+    assert_eq!(ivy.disconnect("ada"), 1);
+    assert_eq!(closed(&mut c).await.0, 4004);
+    let mut c = Client::connect(&format!("ws://{addr}/ws?token={t}")).await;
+    c.subscribe("/x").await;
+    assert_eq!(ivy.revoke("emb-1", now() + 60).await.unwrap(), 1);
+    assert_eq!(closed(&mut c).await, (4003, "token revoked: reconnect with a fresh token".to_string()));
+    let r = raw_ws_open_at(addr, &format!("/ws?token={t}"), &[("Sec-WebSocket-Protocol", "ivy1")]).await.unwrap().0;
+    assert_eq!(r.status, 401);
+    assert_eq!(ivy.revoke("emb-2", now() - 1).await.unwrap_err().kind(), std::io::ErrorKind::InvalidInput);
+    ivy.stop_signal().cancel();
+    task.await.unwrap();
+    ivy.shutdown().await;
+}
