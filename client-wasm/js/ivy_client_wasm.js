@@ -193,7 +193,8 @@ const CLOSE_CODES = {
   1009: "a message exceeded the server's size limit",
   4000: "the client did not read fast enough (the server's queue for it was full)",
   4001: "the server received nothing for a whole ping interval",
-  4003: "the connection's token expired and was not refreshed in time",
+  4003: "the connection's token expired and was not refreshed in time, or was revoked",
+  4004: "an administrator disconnected this user",
 };
 
 /** The reason of a change of the core's state from `prev` to `status`. */
