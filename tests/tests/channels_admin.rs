@@ -229,6 +229,9 @@ async fn paging_walks_through_many_channels_and_bad_queries_are_refused() {
         ("?prefix=/Chat", "invalid prefix: "),
         ("?after=/A", "invalid after: "),
         ("?limit=1&limit=2", "parameter limit given more than once"),
+        ("?prefix=/%FF", "invalid prefix: not UTF-8"),
+        (&format!("?prefix=/{}", "a".repeat(300)), "invalid prefix: "),
+        (&format!("?after=/{}", "a/".repeat(40)), "invalid after: "),
     ] {
         let r = http_get(addr, &format!("/channels{query}"), &[]).await;
         assert_eq!(r.status, 400, "{query}: {}", r.text());
