@@ -5,11 +5,13 @@
 //!
 //! ```text
 //! command = [ "#" ack-key "#" ] ( "+" path | "-" path | ":" path ":" data | "@" ignored
-//!                                 | "&" token )              ; "&": token refresh (extension)
+//!                                 | "&" token                ; "&": token refresh (extension)
+//!                                 | "~+" path | "~?" path )  ; presence watch, query (extension)
 //! line    = "@" timestamp ":" path ":" escaped-data     ; an event (also a log line)
 //!         | "@" timestamp "~" sender ":" path ":" escaped-data   ; with `ext=sender` (extension)
 //!         | "#" ack-key "#@" timestamp                  ; success reply to an acked command
 //!         | [ "#" ack-key "#" ] "!" code " " message    ; error reply (extension)
+//!         | "^" ( "=" | "." | "~" ) path ":" json       ; presence line (extension, `crate::presence`)
 //! ```
 
 use alloc::borrow::Cow;
@@ -20,6 +22,7 @@ use alloc::string::String;
 
 use crate::escape::{UnescapeError, escape_into, escape_sub_into, escaped_len, unescape, unescape_sub};
 use crate::path::{self, PathError};
+use crate::presence::{PresenceError, PresenceLine, parse_presence};
 use crate::timestamp::{Timestamp, TimestampError};
 
 /// The WebSocket subprotocol: a client offers it in `Sec-WebSocket-Protocol`, and the server
@@ -74,6 +77,11 @@ pub enum Op<'a> {
     /// `&token` (extension): replace the connection's token with this one (raw bytes, the
     /// rest of the command; a JWT is ASCII). See `docs/PROTOCOL.md`, section 5.
     Refresh(&'a [u8]),
+    /// `~+path` (extension, `docs/PROTOCOL.md` 5.10): subscribe exactly as `+path` and watch the
+    /// presence of the path: a snapshot (`^=` lines, then `^.`), then changes (`^~`).
+    Watch(Cow<'a, str>),
+    /// `~?path` (extension, 5.10): the presence snapshot of the path, once (no subscription).
+    Query(Cow<'a, str>),
 }
 
 /// A parsed command.
@@ -185,6 +193,8 @@ pub enum CommandErrorKind {
     MissingData,
     /// The path is invalid.
     Path(PathError),
+    /// `~` not followed by `+` or `?` (presence commands, extension).
+    BadPresence,
 }
 
 impl CommandErrorKind {
@@ -209,6 +219,7 @@ impl fmt::Display for CommandErrorKind {
             CommandErrorKind::UnknownCommand(b) => write!(f, "unknown command byte 0x{b:02x} (expected one of + - : @)"),
             CommandErrorKind::MissingData => f.write_str("send needs ':' between path and data (:/path:data)"),
             CommandErrorKind::Path(e) => e.fmt(f),
+            CommandErrorKind::BadPresence => f.write_str("presence command must be ~+path (watch) or ~?path (query)"),
         }
     }
 }
@@ -261,6 +272,11 @@ impl<'a> Command<'a> {
             }
             b'@' => Op::Timestamp,
             b'&' => Op::Refresh(rest),
+            b'~' => match rest.split_first() {
+                Some((b'+', p)) => Op::Watch(path(p)?),
+                Some((b'?', p)) => Op::Query(path(p)?),
+                _ => return Err(err(CommandErrorKind::BadPresence)),
+            },
             other => return Err(err(CommandErrorKind::UnknownCommand(other))),
         };
         Ok(Command { ack, op })
@@ -293,6 +309,14 @@ impl<'a> Command<'a> {
             Op::Refresh(token) => {
                 out.push(b'&');
                 out.extend_from_slice(token);
+            }
+            Op::Watch(p) => {
+                out.extend_from_slice(b"~+");
+                out.extend_from_slice(p.as_bytes());
+            }
+            Op::Query(p) => {
+                out.extend_from_slice(b"~?");
+                out.extend_from_slice(p.as_bytes());
             }
         }
     }
@@ -498,6 +522,8 @@ pub enum ServerLine<'a> {
         /// Human-readable reason.
         message: &'a str,
     },
+    /// A presence line (`^=`, `^.`, `^~`; extension, sent only to connections that used `~`).
+    Presence(PresenceLine<'a>),
 }
 
 /// Why a server line could not be parsed.
@@ -511,6 +537,8 @@ pub enum LineError {
     Path(PathError),
     /// The event's data has an undefined escape.
     Escape(UnescapeError),
+    /// A presence line that does not parse.
+    Presence(PresenceError),
 }
 
 impl fmt::Display for LineError {
@@ -520,6 +548,7 @@ impl fmt::Display for LineError {
             LineError::Timestamp(e) => e.fmt(f),
             LineError::Path(e) => e.fmt(f),
             LineError::Escape(e) => e.fmt(f),
+            LineError::Presence(e) => e.fmt(f),
         }
     }
 }
@@ -559,7 +588,8 @@ pub fn parse_line(line: &[u8]) -> Result<ServerLine<'_>, LineError> {
             (Some(&rest[..end]), &rest[end + 1..])
         }
         Some(b'!') => (None, line),
-        _ => return Err(LineError::Syntax("line must start with '@', '#' or '!'")),
+        Some(b'^') => return parse_presence(line).map(ServerLine::Presence).map_err(LineError::Presence),
+        _ => return Err(LineError::Syntax("line must start with '@', '#', '!' or '^'")),
     };
     match body.split_first() {
         Some((b'@', ts)) => {
@@ -606,6 +636,20 @@ mod tests {
         assert_eq!(Command { ack: Some(b"1"), op: Op::Refresh(b"x.y.z") }.to_bytes(), b"#1#&x.y.z");
         assert_eq!(ErrorCode::from_wire("subscription-ended"), Some(ErrorCode::SubscriptionEnded));
         assert_eq!(ErrorCode::Unauthorized.as_str(), "unauthorized");
+    }
+
+    #[test]
+    fn parses_the_presence_commands_and_lines() {
+        assert_eq!(cmd("#3#~+/chat/").unwrap(), Command { ack: Some(b"3"), op: Op::Watch("/chat".into()) });
+        assert_eq!(cmd("~?chat").unwrap().op, Op::Query("/chat".into()));
+        assert_eq!(cmd("~+").unwrap().op, Op::Watch("/".into()));
+        assert_eq!(Command { ack: Some(b"1"), op: Op::Watch("/a".into()) }.to_bytes(), b"#1#~+/a");
+        assert_eq!(Command { ack: None, op: Op::Query("/".into()) }.to_bytes(), b"~?/");
+        assert_eq!(cmd("#k#~-/a").unwrap_err(), CommandError { ack: Some(b"k"), kind: CommandErrorKind::BadPresence });
+        assert_eq!(cmd("~").unwrap_err().kind.code(), ErrorCode::Malformed);
+        assert_eq!(cmd("~+/A").unwrap_err().kind.code(), ErrorCode::BadPath);
+        assert!(matches!(parse_line(b"^./a:{\"count\":0}"), Ok(ServerLine::Presence(PresenceLine::End { count: 0, .. }))));
+        assert!(matches!(parse_line(b"^./a:{}"), Err(LineError::Presence(_))));
     }
 
     #[test]
@@ -694,7 +738,7 @@ mod tests {
 
     #[cfg(not(target_arch = "wasm32"))]
     fn arb_op() -> impl Strategy<Value = (u8, String, Vec<u8>)> {
-        (0u8..5, arb_path(), proptest::collection::vec(any::<u8>(), 0..64))
+        (0u8..7, arb_path(), proptest::collection::vec(any::<u8>(), 0..64))
     }
 
     #[cfg(not(target_arch = "wasm32"))]
@@ -706,6 +750,8 @@ mod tests {
                 1 => Op::Unsubscribe(p.into()),
                 2 => Op::Send { path: p.into(), data: &data },
                 3 => Op::Refresh(&data),
+                4 => Op::Watch(p.into()),
+                5 => Op::Query(p.into()),
                 _ => Op::Timestamp,
             };
             let c = Command { ack: ack.as_deref(), op };
