@@ -27,7 +27,7 @@ pub enum PresenceEvent {
     Snapshot(PresenceView),
     /// A member entered the view (its first channel at or below the path).
     Join(Member),
-    /// A member left the view (its last channel), with its last known info.
+    /// A member left the view (its last channel), with its last known info (and `conns` 0).
     Leave(Member),
     /// The number of members of the view changed (after the joins and leaves of one line,
     /// or of a fresh snapshot).
@@ -238,7 +238,7 @@ impl View {
         loop {
             match (a.peek(), b.peek()) {
                 (Some((ia, ea)), Some((ib, _))) if ia < ib => {
-                    out.push(PresenceEvent::Leave(Self::member(ia, ea)));
+                    out.push(PresenceEvent::Leave(Member { conns: 0, ..Self::member(ia, ea) }));
                     a.next();
                 }
                 (Some((ia, _)), Some((ib, eb))) if ia > ib => {
@@ -250,7 +250,7 @@ impl View {
                     b.next();
                 }
                 (Some((ia, ea)), None) => {
-                    out.push(PresenceEvent::Leave(Self::member(ia, ea)));
+                    out.push(PresenceEvent::Leave(Member { conns: 0, ..Self::member(ia, ea) }));
                     a.next();
                 }
                 (None, Some((ib, eb))) => {
@@ -462,9 +462,9 @@ mod tests {
             r#"^./r:{"count":3}"#,
         ]);
         assert_eq!(out, [
-            PresenceEvent::Leave(sub("a", 1)),
+            PresenceEvent::Leave(sub("a", 0)),
             PresenceEvent::Join(sub("c", 1)),
-            PresenceEvent::Leave(Member { id: MemberId::Anon("01".into()), info: None, conns: 1 }),
+            PresenceEvent::Leave(Member { id: MemberId::Anon("01".into()), info: None, conns: 0 }),
             PresenceEvent::Join(Member { id: MemberId::Anon("02".into()), info: None, conns: 1 }),
         ]);
         // Nobody changed: nothing at all (no phantom leave and join, no count).
