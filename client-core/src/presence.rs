@@ -349,7 +349,10 @@ impl<'a> Json<'a> {
         let start = self.at;
         let mut n: u64 = 0;
         while let Some(d) = self.s.get(self.at).filter(|b| b.is_ascii_digit()) {
-            n = n.checked_mul(10).and_then(|n| n.checked_add(u64::from(d - b'0'))).ok_or(PresenceError("presence JSON: number too large"))?;
+            n = n
+                .checked_mul(10)
+                .and_then(|n| n.checked_add(u64::from(d - b'0')))
+                .ok_or(PresenceError("presence JSON: number too large"))?;
             self.at += 1;
         }
         if self.at == start || matches!(self.s.get(self.at), Some(b'.' | b'e' | b'E')) {
@@ -475,13 +478,14 @@ mod tests {
                 }
             }
         );
-        assert_eq!(parse_presence(br#"^=/:{"count":5000}"#).unwrap(), PresenceLine::Snapshot {
-            channel: "/".into(),
-            snapshot: ChannelSnapshot { count: 5000, members: None }
-        });
+        assert_eq!(
+            parse_presence(br#"^=/:{"count":5000}"#).unwrap(),
+            PresenceLine::Snapshot { channel: "/".into(), snapshot: ChannelSnapshot { count: 5000, members: None } }
+        );
         assert_eq!(parse_presence(br#"^./chat:{"count":3}"#).unwrap(), PresenceLine::End { path: "/chat".into(), count: 3 });
         assert_eq!(
-            parse_presence(br#"^~/chat:{"join":[{"sub":"b\u00e9\ud83d\ude00"}],"leave":[{"anon":"00"}],"count":7,"future":{"x":[]}}"#).unwrap(),
+            parse_presence(br#"^~/chat:{"join":[{"sub":"b\u00e9\ud83d\ude00"}],"leave":[{"anon":"00"}],"count":7,"future":{"x":[]}}"#)
+                .unwrap(),
             PresenceLine::Change {
                 channel: "/chat".into(),
                 change: ChannelChange {
@@ -494,11 +498,17 @@ mod tests {
         );
         assert_eq!(
             parse_presence(br#"^~/c:{"joined":900,"left":3,"count":1500}"#).unwrap(),
-            PresenceLine::Change { channel: "/c".into(), change: ChannelChange { join: vec![], leave: vec![], counts: Some((900, 3)), count: 1500 } }
+            PresenceLine::Change {
+                channel: "/c".into(),
+                change: ChannelChange { join: vec![], leave: vec![], counts: Some((900, 3)), count: 1500 }
+            }
         );
         assert_eq!(
             parse_presence(br#"^~/c:{"leave":[{"sub":"x","info":null}],"count":0}"#).unwrap(),
-            PresenceLine::Change { channel: "/c".into(), change: ChannelChange { join: vec![], leave: vec![sub("x", None, 1)], counts: None, count: 0 } }
+            PresenceLine::Change {
+                channel: "/c".into(),
+                change: ChannelChange { join: vec![], leave: vec![sub("x", None, 1)], counts: None, count: 0 }
+            }
         );
     }
 

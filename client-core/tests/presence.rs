@@ -81,12 +81,15 @@ fn a_watch_reports_its_snapshot_then_changes_and_presence_stays_out_of_the_event
     let sent = connect(&mut c, 0);
     assert_eq!(sent, ["#1#+/room", "#2#~+/room"]);
     assert_eq!(c.presence_view(w), None);
-    let out = feed(&mut c, &[
-        "#1#@0000000010.000000000",
-        r#"^=/room:{"count":1,"members":[{"sub":"ada","info":{"nick":"Ada"},"conns":2}]}"#,
-        r#"^./room:{"count":1}"#,
-        "#2#@0000000010.000000000",
-    ]);
+    let out = feed(
+        &mut c,
+        &[
+            "#1#@0000000010.000000000",
+            r#"^=/room:{"count":1,"members":[{"sub":"ada","info":{"nick":"Ada"},"conns":2}]}"#,
+            r#"^./room:{"count":1}"#,
+            "#2#@0000000010.000000000",
+        ],
+    );
     let ada = Member { id: MemberId::Sub("ada".into()), info: Some(r#"{"nick":"Ada"}"#.into()), conns: 2 };
     let view = PresenceView { path: "/room".into(), count: 1, members: vec![ada.clone()], complete: true };
     assert_eq!(presence(w, out), [PresenceEvent::Snapshot(view.clone())]);
@@ -94,11 +97,14 @@ fn a_watch_reports_its_snapshot_then_changes_and_presence_stays_out_of_the_event
     assert!(c.presence_live(w) && c.is_live());
     // An event, a presence change, another event: the subscription sees the two events, in
     // order, and nothing else; the watch sees the change.
-    let out = feed(&mut c, &[
-        "@0000000011.000000000:/room:hi",
-        r#"^~/room:{"join":[{"anon":"00ff00ff00ff00ff"}],"count":2}"#,
-        "@0000000012.000000000:/room/x:there",
-    ]);
+    let out = feed(
+        &mut c,
+        &[
+            "@0000000011.000000000:/room:hi",
+            r#"^~/room:{"join":[{"anon":"00ff00ff00ff00ff"}],"count":2}"#,
+            "@0000000012.000000000:/room/x:there",
+        ],
+    );
     let anon = Member { id: MemberId::Anon("00ff00ff00ff00ff".into()), info: None, conns: 1 };
     assert_eq!(out.len(), 4, "{out:?}");
     assert!(matches!(&out[0], ClientEvent::Event { sub, event } if *sub == s && &*event.data == b"hi"));
@@ -120,11 +126,14 @@ fn after_a_reconnect_only_the_real_differences_are_reported() {
     let mut c = Client::new(Config::default(), 2);
     let w = c.watch_presence(0, "/room").unwrap();
     let sent = connect(&mut c, 0);
-    feed(&mut c, &[
-        r#"^=/room:{"count":3,"members":[{"sub":"ada","conns":1},{"sub":"bob","conns":1},{"sub":"eve","conns":1}]}"#,
-        r#"^./room:{"count":3}"#,
-        &format!("#{}#@0000000010.000000000", key(&sent[0])),
-    ]);
+    feed(
+        &mut c,
+        &[
+            r#"^=/room:{"count":3,"members":[{"sub":"ada","conns":1},{"sub":"bob","conns":1},{"sub":"eve","conns":1}]}"#,
+            r#"^./room:{"count":3}"#,
+            &format!("#{}#@0000000010.000000000", key(&sent[0])),
+        ],
+    );
     c.handle_disconnected(100);
     assert_eq!(c.presence_view(w).unwrap().count, 3, "the view stays while disconnected");
     assert!(!c.presence_live(w));
@@ -132,22 +141,28 @@ fn after_a_reconnect_only_the_real_differences_are_reported() {
     let sent = connect(&mut c, 200);
     assert_eq!(sent.len(), 1);
     assert!(sent[0].ends_with("#~+/room"), "{sent:?}");
-    let out = feed(&mut c, &[
-        // A change before the fresh snapshot began: the snapshot has it.
-        r#"^~/room:{"leave":[{"sub":"ada"}],"count":2}"#,
-        r#"^=/room:{"count":3,"members":[{"sub":"ada","conns":1},{"sub":"cy","conns":1},{"sub":"eve","conns":1}]}"#,
-        r#"^./room:{"count":3}"#,
-        &format!("#{}#@0000000020.000000000", key(&sent[0])),
-    ]);
+    let out = feed(
+        &mut c,
+        &[
+            // A change before the fresh snapshot began: the snapshot has it.
+            r#"^~/room:{"leave":[{"sub":"ada"}],"count":2}"#,
+            r#"^=/room:{"count":3,"members":[{"sub":"ada","conns":1},{"sub":"cy","conns":1},{"sub":"eve","conns":1}]}"#,
+            r#"^./room:{"count":3}"#,
+            &format!("#{}#@0000000020.000000000", key(&sent[0])),
+        ],
+    );
     assert_eq!(presence(w, out), [PresenceEvent::Leave(sub("bob", 0)), PresenceEvent::Join(sub("cy", 1))]);
     // Nobody changed across another reconnect: nothing is reported at all.
     c.handle_disconnected(300);
     let sent = connect(&mut c, 400);
-    let out = feed(&mut c, &[
-        r#"^=/room:{"count":3,"members":[{"sub":"ada","conns":1},{"sub":"cy","conns":1},{"sub":"eve","conns":1}]}"#,
-        r#"^./room:{"count":3}"#,
-        &format!("#{}#@0000000030.000000000", key(&sent[0])),
-    ]);
+    let out = feed(
+        &mut c,
+        &[
+            r#"^=/room:{"count":3,"members":[{"sub":"ada","conns":1},{"sub":"cy","conns":1},{"sub":"eve","conns":1}]}"#,
+            r#"^./room:{"count":3}"#,
+            &format!("#{}#@0000000030.000000000", key(&sent[0])),
+        ],
+    );
     assert_eq!(out, []);
     let names: Vec<String> = c.presence_view(w).unwrap().members.into_iter().map(|m| m.id.to_string()).collect();
     assert_eq!(names, ["ada", "cy", "eve"]);
@@ -162,37 +177,48 @@ fn snapshot_lines_belong_to_the_oldest_snapshot_under_way_and_changes_to_every_w
     assert_eq!(sent, ["#1#~+/chat", "#2#~+/chat/a"]);
     let q = c.who(0, "/chat/b").unwrap();
     assert_eq!(frames(&mut c), ["#3#~?/chat/b"]);
-    let out = feed(&mut c, &[
-        r#"^=/chat/a:{"count":1,"members":[{"sub":"ada","conns":1}]}"#,
-        r#"^=/chat/b:{"count":1,"members":[{"sub":"bob","conns":1}]}"#,
-        r#"^./chat:{"count":2}"#,
-        "#1#@0000000001.000000000",
-        r#"^=/chat/a:{"count":1,"members":[{"sub":"ada","conns":1}]}"#,
-        r#"^./chat/a:{"count":1}"#,
-        "#2#@0000000001.000000000",
-        r#"^=/chat/b:{"count":1,"members":[{"sub":"bob","conns":1}]}"#,
-        r#"^./chat/b:{"count":1}"#,
-        "#3#@0000000001.000000000",
-    ]);
+    let out = feed(
+        &mut c,
+        &[
+            r#"^=/chat/a:{"count":1,"members":[{"sub":"ada","conns":1}]}"#,
+            r#"^=/chat/b:{"count":1,"members":[{"sub":"bob","conns":1}]}"#,
+            r#"^./chat:{"count":2}"#,
+            "#1#@0000000001.000000000",
+            r#"^=/chat/a:{"count":1,"members":[{"sub":"ada","conns":1}]}"#,
+            r#"^./chat/a:{"count":1}"#,
+            "#2#@0000000001.000000000",
+            r#"^=/chat/b:{"count":1,"members":[{"sub":"bob","conns":1}]}"#,
+            r#"^./chat/b:{"count":1}"#,
+            "#3#@0000000001.000000000",
+        ],
+    );
     assert_eq!(out.len(), 3, "{out:?}");
     assert!(matches!(&out[0], ClientEvent::Presence { watch, event: PresenceEvent::Snapshot(v) } if *watch == all && v.count == 2));
-    assert!(matches!(&out[1], ClientEvent::Presence { watch, event: PresenceEvent::Snapshot(v) } if *watch == a && v.members == [sub("ada", 1)]));
+    assert!(
+        matches!(&out[1], ClientEvent::Presence { watch, event: PresenceEvent::Snapshot(v) } if *watch == a && v.members == [sub("ada", 1)])
+    );
     let who = PresenceView { path: "/chat/b".into(), count: 1, members: vec![sub("bob", 1)], complete: true };
     assert_eq!(out[2], ClientEvent::Who { id: q, result: Ok(who) });
     // A change of /chat/a reaches both watches (the connection gets it once).
     let out = feed(&mut c, &[r#"^~/chat/a:{"join":[{"sub":"cy"}],"count":2}"#]);
-    assert_eq!(out, [
-        ClientEvent::Presence { watch: all, event: PresenceEvent::Join(sub("cy", 1)) },
-        ClientEvent::Presence { watch: all, event: PresenceEvent::Count(3) },
-        ClientEvent::Presence { watch: a, event: PresenceEvent::Join(sub("cy", 1)) },
-        ClientEvent::Presence { watch: a, event: PresenceEvent::Count(2) },
-    ]);
+    assert_eq!(
+        out,
+        [
+            ClientEvent::Presence { watch: all, event: PresenceEvent::Join(sub("cy", 1)) },
+            ClientEvent::Presence { watch: all, event: PresenceEvent::Count(3) },
+            ClientEvent::Presence { watch: a, event: PresenceEvent::Join(sub("cy", 1)) },
+            ClientEvent::Presence { watch: a, event: PresenceEvent::Count(2) },
+        ]
+    );
     // A change of /chat/b: only the watch of /chat. ada moving to /chat/b: still in /chat.
     let out = feed(&mut c, &[r#"^~/chat/b:{"join":[{"sub":"ada"}],"count":2}"#, r#"^~/chat/a:{"leave":[{"sub":"ada"}],"count":1}"#]);
-    assert_eq!(out, [ClientEvent::Presence { watch: a, event: PresenceEvent::Leave(sub("ada", 0)) }, ClientEvent::Presence {
-        watch: a,
-        event: PresenceEvent::Count(1)
-    }]);
+    assert_eq!(
+        out,
+        [
+            ClientEvent::Presence { watch: a, event: PresenceEvent::Leave(sub("ada", 0)) },
+            ClientEvent::Presence { watch: a, event: PresenceEvent::Count(1) }
+        ]
+    );
 }
 
 #[test]
@@ -205,12 +231,15 @@ fn refusals_timeouts_and_stray_lines() {
     let sent = connect(&mut c, 0);
     assert_eq!(sent, ["#1#~+/secret", "#2#~+/open"]);
     // Refused: no snapshot lines for it; the next snapshot is the other watch's.
-    let out = feed(&mut c, &[
-        "#1#!forbidden no read grant covers /secret",
-        r#"^=/open:{"count":1,"members":[{"sub":"ada","conns":1}]}"#,
-        r#"^./open:{"count":1}"#,
-        "#2#@0000000001.000000000",
-    ]);
+    let out = feed(
+        &mut c,
+        &[
+            "#1#!forbidden no read grant covers /secret",
+            r#"^=/open:{"count":1,"members":[{"sub":"ada","conns":1}]}"#,
+            r#"^./open:{"count":1}"#,
+            "#2#@0000000001.000000000",
+        ],
+    );
     let refused = ClientError::Server { code: ServerCode::from_wire("forbidden"), message: "no read grant covers /secret".into() };
     assert_eq!(out[0], ClientEvent::Presence { watch: w, event: PresenceEvent::Failed(refused) });
     assert!(matches!(&out[1], ClientEvent::Presence { watch, event: PresenceEvent::Snapshot(v) } if *watch == ok && v.count == 1));
@@ -250,9 +279,9 @@ fn a_subscription_ended_by_the_server_ends_the_watch_of_its_path() {
     connect(&mut c, 0);
     feed(&mut c, &[r#"^./r:{"count":0}"#, "#1#@0000000001.000000000"]);
     let out = feed(&mut c, &["!subscription-ended /r the refreshed token has no read grant covering it"]);
-    assert_eq!(out, [ClientEvent::Presence {
-        watch: w,
-        event: PresenceEvent::Ended("/r the refreshed token has no read grant covering it".into())
-    }]);
+    assert_eq!(
+        out,
+        [ClientEvent::Presence { watch: w, event: PresenceEvent::Ended("/r the refreshed token has no read grant covering it".into()) }]
+    );
     assert_eq!(c.watch_path(w), None);
 }

@@ -125,7 +125,9 @@ impl SimServer {
                 let ts = self.publish(&path, data, true);
                 Self::line(|v| encode_ack(&key, ts, v))
             }
-            Op::Watch(_) | Op::Query(_) => Self::line(|v| encode_error(Some(&key), ivy_client_core::ErrorCode::Malformed, "no presence here", v)),
+            Op::Watch(_) | Op::Query(_) => {
+                Self::line(|v| encode_error(Some(&key), ivy_client_core::ErrorCode::Malformed, "no presence here", v))
+            }
             Op::Timestamp | Op::Refresh(_) => {
                 let t = self.last();
                 Self::line(|v| encode_ack(&key, t, v))

@@ -104,8 +104,8 @@ use timer::{Timer, TimerTable, earliest};
 
 use crate::http::LogQuery;
 use crate::path;
-use crate::timestamp::Timestamp;
 use crate::presence::PresenceLine;
+use crate::timestamp::Timestamp;
 use crate::wire::{Event, Op, ServerLine, parse_line};
 
 /// Milliseconds from an arbitrary fixed origin chosen by the driver (monotonic).
@@ -1185,11 +1185,14 @@ impl Client {
                 }
                 Some(Snapshot::Query(_, _, view)) => view.add_snapshot(&channel, snapshot),
                 Some(Snapshot::Dropped) => {}
-                None => self.events.push_back(ClientEvent::Warning(format!("presence snapshot line of {channel} that no watch or query asked for"))),
+                None => self
+                    .events
+                    .push_back(ClientEvent::Warning(format!("presence snapshot line of {channel} that no watch or query asked for"))),
             },
             PresenceLine::End { path, count } => {
                 let Some(head) = self.snapshots.pop_front() else {
-                    self.events.push_back(ClientEvent::Warning(format!("presence snapshot end of {path} that no watch or query asked for")));
+                    self.events
+                        .push_back(ClientEvent::Warning(format!("presence snapshot end of {path} that no watch or query asked for")));
                     return;
                 };
                 match head {

@@ -404,11 +404,14 @@ mod tests {
     fn the_view_is_the_union_over_channels() {
         let mut w = Watch::new("/chat".into());
         w.watching();
-        let out = feed(&mut w, &[
-            r#"^=/chat:{"count":1,"members":[{"sub":"ada","conns":1}]}"#,
-            r#"^=/chat/a:{"count":2,"members":[{"sub":"ada","conns":2},{"anon":"ff","conns":1}]}"#,
-            r#"^./chat:{"count":2}"#,
-        ]);
+        let out = feed(
+            &mut w,
+            &[
+                r#"^=/chat:{"count":1,"members":[{"sub":"ada","conns":1}]}"#,
+                r#"^=/chat/a:{"count":2,"members":[{"sub":"ada","conns":2},{"anon":"ff","conns":1}]}"#,
+                r#"^./chat:{"count":2}"#,
+            ],
+        );
         let view = PresenceView {
             path: "/chat".into(),
             count: 2,
@@ -419,10 +422,10 @@ mod tests {
         // ada leaves /chat/a: still in /chat, so still in the view.
         assert_eq!(feed(&mut w, &[r#"^~/chat/a:{"leave":[{"sub":"ada"}],"count":1}"#]), []);
         // ... and /chat: gone.
-        assert_eq!(feed(&mut w, &[r#"^~/chat:{"leave":[{"sub":"ada"}],"count":0}"#]), [
-            PresenceEvent::Leave(sub("ada", 0)),
-            PresenceEvent::Count(1)
-        ]);
+        assert_eq!(
+            feed(&mut w, &[r#"^~/chat:{"leave":[{"sub":"ada"}],"count":0}"#]),
+            [PresenceEvent::Leave(sub("ada", 0)), PresenceEvent::Count(1)]
+        );
         // bob joins /chat/b (a channel the snapshot did not have), with info.
         let out = feed(&mut w, &[r#"^~/chat/b:{"join":[{"sub":"bob","info":{"n":"Bob"}}],"count":1}"#]);
         let bob = Member { id: MemberId::Sub("bob".into()), info: Some(r#"{"n":"Bob"}"#.into()), conns: 1 };
@@ -437,12 +440,15 @@ mod tests {
         let mut w = Watch::new("/r".into());
         w.watching();
         // A change before this watch's snapshot began: the snapshot has it.
-        let out = feed(&mut w, &[
-            r#"^~/r:{"leave":[{"sub":"old"}],"count":0}"#,
-            r#"^=/r:{"count":1,"members":[{"sub":"a","conns":1}]}"#,
-            r#"^~/r:{"join":[{"sub":"b"}],"count":2}"#,
-            r#"^./r:{"count":2}"#,
-        ]);
+        let out = feed(
+            &mut w,
+            &[
+                r#"^~/r:{"leave":[{"sub":"old"}],"count":0}"#,
+                r#"^=/r:{"count":1,"members":[{"sub":"a","conns":1}]}"#,
+                r#"^~/r:{"join":[{"sub":"b"}],"count":2}"#,
+                r#"^./r:{"count":2}"#,
+            ],
+        );
         let PresenceEvent::Snapshot(v) = &out[0] else { panic!("{out:?}") };
         assert_eq!((v.count, v.members.len(), out.len()), (2, 2, 1));
     }
@@ -451,28 +457,34 @@ mod tests {
     fn a_fresh_snapshot_is_reported_by_its_differences_only() {
         let mut w = Watch::new("/r".into());
         w.watching();
-        feed(&mut w, &[r#"^=/r:{"count":3,"members":[{"sub":"a","conns":1},{"sub":"b","conns":1},{"anon":"01","conns":1}]}"#, r#"^./r:{"count":3}"#]);
+        feed(
+            &mut w,
+            &[r#"^=/r:{"count":3,"members":[{"sub":"a","conns":1},{"sub":"b","conns":1},{"anon":"01","conns":1}]}"#, r#"^./r:{"count":3}"#],
+        );
         w.disconnected();
         // Changes while offline are not applied.
         assert_eq!(feed(&mut w, &[r#"^~/r:{"leave":[{"sub":"a"}],"count":2}"#]), []);
         w.watching();
         // Meanwhile: a left, c joined, b stayed (the anonymous member reloaded: a new id).
-        let out = feed(&mut w, &[
-            r#"^=/r:{"count":3,"members":[{"sub":"b","conns":2},{"sub":"c","conns":1},{"anon":"02","conns":1}]}"#,
-            r#"^./r:{"count":3}"#,
-        ]);
-        assert_eq!(out, [
-            PresenceEvent::Leave(sub("a", 0)),
-            PresenceEvent::Join(sub("c", 1)),
-            PresenceEvent::Leave(Member { id: MemberId::Anon("01".into()), info: None, conns: 0 }),
-            PresenceEvent::Join(Member { id: MemberId::Anon("02".into()), info: None, conns: 1 }),
-        ]);
+        let out = feed(
+            &mut w,
+            &[r#"^=/r:{"count":3,"members":[{"sub":"b","conns":2},{"sub":"c","conns":1},{"anon":"02","conns":1}]}"#, r#"^./r:{"count":3}"#],
+        );
+        assert_eq!(
+            out,
+            [
+                PresenceEvent::Leave(sub("a", 0)),
+                PresenceEvent::Join(sub("c", 1)),
+                PresenceEvent::Leave(Member { id: MemberId::Anon("01".into()), info: None, conns: 0 }),
+                PresenceEvent::Join(Member { id: MemberId::Anon("02".into()), info: None, conns: 1 }),
+            ]
+        );
         // Nobody changed: nothing at all (no phantom leave and join, no count).
         w.watching();
-        let out = feed(&mut w, &[
-            r#"^=/r:{"count":3,"members":[{"sub":"b","conns":2},{"sub":"c","conns":1},{"anon":"02","conns":1}]}"#,
-            r#"^./r:{"count":3}"#,
-        ]);
+        let out = feed(
+            &mut w,
+            &[r#"^=/r:{"count":3,"members":[{"sub":"b","conns":2},{"sub":"c","conns":1},{"anon":"02","conns":1}]}"#, r#"^./r:{"count":3}"#],
+        );
         assert_eq!(out, []);
         // Everyone left: leaves and the count; an empty snapshot is the end line alone.
         w.watching();
@@ -485,11 +497,10 @@ mod tests {
     fn large_channels_are_counted_not_listed() {
         let mut w = Watch::new("/".into());
         w.watching();
-        let out = feed(&mut w, &[
-            r#"^=/big:{"count":5000}"#,
-            r#"^=/small:{"count":1,"members":[{"sub":"a","conns":1}]}"#,
-            r#"^./:{"count":5001}"#,
-        ]);
+        let out = feed(
+            &mut w,
+            &[r#"^=/big:{"count":5000}"#, r#"^=/small:{"count":1,"members":[{"sub":"a","conns":1}]}"#, r#"^./:{"count":5001}"#],
+        );
         let PresenceEvent::Snapshot(v) = &out[0] else { panic!() };
         assert_eq!((v.count, v.members.len(), v.complete), (5001, 1, false));
         assert_eq!(feed(&mut w, &[r#"^~/big:{"joined":10,"left":2,"count":5008}"#]), [PresenceEvent::Count(5009)]);
