@@ -6,12 +6,13 @@
 //! ```text
 //! command = [ "#" ack-key "#" ] ( "+" path | "-" path | ":" path ":" data | "@" ignored
 //!                                 | "&" token                ; "&": token refresh (extension)
-//!                                 | "~+" path | "~?" path )  ; presence watch, query (extension)
+//!                                 | "~+" path | "~?" path )  ; presence watch / query (extension)
 //! line    = "@" timestamp ":" path ":" escaped-data     ; an event (also a log line)
 //!         | "@" timestamp "~" sender ":" path ":" escaped-data   ; with `ext=sender` (extension)
 //!         | "#" ack-key "#@" timestamp                  ; success reply to an acked command
 //!         | [ "#" ack-key "#" ] "!" code " " message    ; error reply (extension)
-//!         | "^" ( "=" | "." | "~" ) path ":" json       ; presence line (extension, `crate::presence`)
+//!         | "^" ( "=" | "." | "~" ) path ":" json       ; presence line (extension, after `~`;
+//!                                                       ; payloads: `crate::presence`)
 //! ```
 
 use alloc::borrow::Cow;
@@ -77,11 +78,13 @@ pub enum Op<'a> {
     /// `&token` (extension): replace the connection's token with this one (raw bytes, the
     /// rest of the command; a JWT is ASCII). See `docs/PROTOCOL.md`, section 5.
     Refresh(&'a [u8]),
-    /// `~+path` (extension, `docs/PROTOCOL.md` 5.10): subscribe exactly as `+path` and watch the
-    /// presence of the path: a snapshot (`^=` lines, then `^.`), then changes (`^~`).
-    Watch(Cow<'a, str>),
-    /// `~?path` (extension, 5.10): the presence snapshot of the path, once (no subscription).
-    Query(Cow<'a, str>),
+    /// `~+path` (extension): subscribe to `path` exactly as `+path` does, and watch its
+    /// presence: a snapshot (`^=` lines, then `^.`), then its changes (`^~` lines). See
+    /// `docs/PROTOCOL.md`, section 5.10.
+    PresenceWatch(Cow<'a, str>),
+    /// `~?path` (extension): the presence of `path` once (`^=` lines, then `^.`), no
+    /// subscription. See `docs/PROTOCOL.md`, section 5.10.
+    PresenceQuery(Cow<'a, str>),
 }
 
 /// A parsed command.
@@ -191,10 +194,10 @@ pub enum CommandErrorKind {
     UnknownCommand(u8),
     /// `:path` with no `:` before the data.
     MissingData,
+    /// `~` followed by something else than `+` or `?` (the byte, if any).
+    UnknownPresence(Option<u8>),
     /// The path is invalid.
     Path(PathError),
-    /// `~` not followed by `+` or `?` (presence commands, extension).
-    BadPresence,
 }
 
 impl CommandErrorKind {
@@ -218,8 +221,8 @@ impl fmt::Display for CommandErrorKind {
             }
             CommandErrorKind::UnknownCommand(b) => write!(f, "unknown command byte 0x{b:02x} (expected one of + - : @)"),
             CommandErrorKind::MissingData => f.write_str("send needs ':' between path and data (:/path:data)"),
+            CommandErrorKind::UnknownPresence(_) => f.write_str("unknown presence command (expected ~+path or ~?path)"),
             CommandErrorKind::Path(e) => e.fmt(f),
-            CommandErrorKind::BadPresence => f.write_str("presence command must be ~+path (watch) or ~?path (query)"),
         }
     }
 }
@@ -273,9 +276,9 @@ impl<'a> Command<'a> {
             b'@' => Op::Timestamp,
             b'&' => Op::Refresh(rest),
             b'~' => match rest.split_first() {
-                Some((b'+', p)) => Op::Watch(path(p)?),
-                Some((b'?', p)) => Op::Query(path(p)?),
-                _ => return Err(err(CommandErrorKind::BadPresence)),
+                Some((b'+', p)) => Op::PresenceWatch(path(p)?),
+                Some((b'?', p)) => Op::PresenceQuery(path(p)?),
+                other => return Err(err(CommandErrorKind::UnknownPresence(other.map(|(b, _)| *b)))),
             },
             other => return Err(err(CommandErrorKind::UnknownCommand(other))),
         };
@@ -310,11 +313,11 @@ impl<'a> Command<'a> {
                 out.push(b'&');
                 out.extend_from_slice(token);
             }
-            Op::Watch(p) => {
+            Op::PresenceWatch(p) => {
                 out.extend_from_slice(b"~+");
                 out.extend_from_slice(p.as_bytes());
             }
-            Op::Query(p) => {
+            Op::PresenceQuery(p) => {
                 out.extend_from_slice(b"~?");
                 out.extend_from_slice(p.as_bytes());
             }
@@ -639,17 +642,23 @@ mod tests {
     }
 
     #[test]
-    fn parses_the_presence_commands_and_lines() {
-        assert_eq!(cmd("#3#~+/chat/").unwrap(), Command { ack: Some(b"3"), op: Op::Watch("/chat".into()) });
-        assert_eq!(cmd("~?chat").unwrap().op, Op::Query("/chat".into()));
-        assert_eq!(cmd("~+").unwrap().op, Op::Watch("/".into()));
-        assert_eq!(Command { ack: Some(b"1"), op: Op::Watch("/a".into()) }.to_bytes(), b"#1#~+/a");
-        assert_eq!(Command { ack: None, op: Op::Query("/".into()) }.to_bytes(), b"~?/");
-        assert_eq!(cmd("#k#~-/a").unwrap_err(), CommandError { ack: Some(b"k"), kind: CommandErrorKind::BadPresence });
-        assert_eq!(cmd("~").unwrap_err().kind.code(), ErrorCode::Malformed);
+    fn parses_the_presence_commands() {
+        assert_eq!(cmd("#p#~+/chat/a/").unwrap(), Command { ack: Some(b"p"), op: Op::PresenceWatch("/chat/a".into()) });
+        assert_eq!(cmd("~?").unwrap().op, Op::PresenceQuery("/".into()));
+        assert_eq!(cmd("~+").unwrap().op, Op::PresenceWatch("/".into()));
+        assert_eq!(cmd("#k#~x/a").unwrap_err(), CommandError { ack: Some(b"k"), kind: CommandErrorKind::UnknownPresence(Some(b'x')) });
+        assert_eq!(cmd("~").unwrap_err().kind, CommandErrorKind::UnknownPresence(None));
+        assert_eq!(cmd("~").unwrap_err().to_string(), "unknown presence command (expected ~+path or ~?path)");
         assert_eq!(cmd("~+/A").unwrap_err().kind.code(), ErrorCode::BadPath);
+        assert_eq!(Command { ack: None, op: Op::PresenceQuery("/a".into()) }.to_bytes(), b"~?/a");
+        assert_eq!(Command { ack: Some(b"1"), op: Op::PresenceWatch("/".into()) }.to_bytes(), b"#1#~+/");
+    }
+
+    #[test]
+    fn parses_the_presence_lines() {
         assert!(matches!(parse_line(b"^./a:{\"count\":0}"), Ok(ServerLine::Presence(PresenceLine::End { count: 0, .. }))));
         assert!(matches!(parse_line(b"^./a:{}"), Err(LineError::Presence(_))));
+        assert!(matches!(parse_line(b"^x/a:{}"), Err(LineError::Presence(_))));
     }
 
     #[test]
@@ -750,8 +759,8 @@ mod tests {
                 1 => Op::Unsubscribe(p.into()),
                 2 => Op::Send { path: p.into(), data: &data },
                 3 => Op::Refresh(&data),
-                4 => Op::Watch(p.into()),
-                5 => Op::Query(p.into()),
+                4 => Op::PresenceWatch(p.into()),
+                5 => Op::PresenceQuery(p.into()),
                 _ => Op::Timestamp,
             };
             let c = Command { ack: ack.as_deref(), op };

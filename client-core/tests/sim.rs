@@ -125,10 +125,7 @@ impl SimServer {
                 let ts = self.publish(&path, data, true);
                 Self::line(|v| encode_ack(&key, ts, v))
             }
-            Op::Watch(_) | Op::Query(_) => {
-                Self::line(|v| encode_error(Some(&key), ivy_client_core::ErrorCode::Malformed, "no presence here", v))
-            }
-            Op::Timestamp | Op::Refresh(_) => {
+            Op::Timestamp | Op::Refresh(_) | Op::PresenceWatch(_) | Op::PresenceQuery(_) => {
                 let t = self.last();
                 Self::line(|v| encode_ack(&key, t, v))
             }
@@ -218,6 +215,7 @@ impl Sim {
                 | ClientEvent::TokenRefused { .. }
                 | ClientEvent::Unauthorized { .. }) => self.lost.push(e),
                 ClientEvent::Time { .. } | ClientEvent::State(_) | ClientEvent::Warning(_) => {}
+                ClientEvent::Presence { .. } | ClientEvent::Who { .. } => {}
             }
         }
     }

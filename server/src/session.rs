@@ -269,7 +269,7 @@ impl Session {
         let need = match &cmd.op {
             Op::Subscribe(p) => Some((Need::Read, p)),
             Op::Send { path, .. } => Some((Need::Write, path)),
-            Op::Unsubscribe(_) | Op::Timestamp | Op::Refresh(_) | Op::Watch(_) | Op::Query(_) => None,
+            Op::Unsubscribe(_) | Op::Timestamp | Op::Refresh(_) | Op::PresenceWatch(_) | Op::PresenceQuery(_) => None,
         };
         if let Some((need, p)) = need {
             if !self.access.allows(need, p) {
@@ -305,7 +305,9 @@ impl Session {
             Op::Refresh(token) => Outcome::Refresh { ack, token },
             // Presence (issue 14) is the server helper's (branch presrv); this placeholder
             // only keeps the workspace compiling with the client's wire additions.
-            Op::Watch(_) | Op::Query(_) => Outcome::Reply(error_line(ack, ErrorCode::Malformed, "presence is not supported by this server")),
+            Op::PresenceWatch(_) | Op::PresenceQuery(_) => {
+                Outcome::Reply(error_line(ack, ErrorCode::Malformed, "presence is not supported by this server"))
+            }
             Op::Send { path, data } => match offset_in(frame, data) {
                 Some(start) => match self.bytes_allowed(now, &path, data.len()) {
                     Ok(()) => Outcome::Send { ack, path, data: start..start + data.len() },

@@ -1134,7 +1134,7 @@ impl Client {
     fn send_watch(&mut self, id: WatchId) {
         let Some(w) = self.watches.get_mut(&id) else { return };
         w.watching();
-        let frame = self.requests.control(Op::Watch(w.path.as_str().into()), Control::Watch(id));
+        let frame = self.requests.control(Op::PresenceWatch(w.path.as_str().into()), Control::Watch(id));
         self.snapshots.push_back(Snapshot::Watch(id));
         self.actions.push_back(Action::Send(frame));
     }

@@ -147,7 +147,7 @@ impl Requests {
     /// The frame of a presence query (`~?path`); it fails with [`ClientError::Timeout`] at
     /// `deadline`.
     pub(super) fn query(&mut self, id: RequestId, path: &str, deadline: Millis) -> String {
-        let (key, frame) = self.frame(Op::Query(path.into()));
+        let (key, frame) = self.frame(Op::PresenceQuery(path.into()));
         self.insert_timed(key, id, deadline, Kind::Query);
         frame
     }
