@@ -5,11 +5,13 @@
 //!
 //! ```text
 //! command = [ "#" ack-key "#" ] ( "+" path | "-" path | ":" path ":" data | "@" ignored
-//!                                 | "&" token )              ; "&": token refresh (extension)
+//!                                 | "&" token                ; "&": token refresh (extension)
+//!                                 | "~+" path | "~?" path )  ; presence watch / query (extension)
 //! line    = "@" timestamp ":" path ":" escaped-data     ; an event (also a log line)
 //!         | "@" timestamp "~" sender ":" path ":" escaped-data   ; with `ext=sender` (extension)
 //!         | "#" ack-key "#@" timestamp                  ; success reply to an acked command
 //!         | [ "#" ack-key "#" ] "!" code " " message    ; error reply (extension)
+//!         | "^" ( "=" | "." | "~" ) path ":" json       ; presence line (extension, after `~`)
 //! ```
 
 use alloc::borrow::Cow;
@@ -74,6 +76,13 @@ pub enum Op<'a> {
     /// `&token` (extension): replace the connection's token with this one (raw bytes, the
     /// rest of the command; a JWT is ASCII). See `docs/PROTOCOL.md`, section 5.
     Refresh(&'a [u8]),
+    /// `~+path` (extension): subscribe to `path` exactly as `+path` does, and watch its
+    /// presence: a snapshot (`^=` lines, then `^.`), then its changes (`^~` lines). See
+    /// `docs/PROTOCOL.md`, section 5.10.
+    PresenceWatch(Cow<'a, str>),
+    /// `~?path` (extension): the presence of `path` once (`^=` lines, then `^.`), no
+    /// subscription. See `docs/PROTOCOL.md`, section 5.10.
+    PresenceQuery(Cow<'a, str>),
 }
 
 /// A parsed command.
@@ -183,6 +192,8 @@ pub enum CommandErrorKind {
     UnknownCommand(u8),
     /// `:path` with no `:` before the data.
     MissingData,
+    /// `~` followed by something else than `+` or `?` (the byte, if any).
+    UnknownPresence(Option<u8>),
     /// The path is invalid.
     Path(PathError),
 }
@@ -208,6 +219,7 @@ impl fmt::Display for CommandErrorKind {
             }
             CommandErrorKind::UnknownCommand(b) => write!(f, "unknown command byte 0x{b:02x} (expected one of + - : @)"),
             CommandErrorKind::MissingData => f.write_str("send needs ':' between path and data (:/path:data)"),
+            CommandErrorKind::UnknownPresence(_) => f.write_str("unknown presence command (expected ~+path or ~?path)"),
             CommandErrorKind::Path(e) => e.fmt(f),
         }
     }
@@ -261,6 +273,11 @@ impl<'a> Command<'a> {
             }
             b'@' => Op::Timestamp,
             b'&' => Op::Refresh(rest),
+            b'~' => match rest.split_first() {
+                Some((b'+', p)) => Op::PresenceWatch(path(p)?),
+                Some((b'?', p)) => Op::PresenceQuery(path(p)?),
+                other => return Err(err(CommandErrorKind::UnknownPresence(other.map(|(b, _)| *b)))),
+            },
             other => return Err(err(CommandErrorKind::UnknownCommand(other))),
         };
         Ok(Command { ack, op })
@@ -293,6 +310,14 @@ impl<'a> Command<'a> {
             Op::Refresh(token) => {
                 out.push(b'&');
                 out.extend_from_slice(token);
+            }
+            Op::PresenceWatch(p) => {
+                out.extend_from_slice(b"~+");
+                out.extend_from_slice(p.as_bytes());
+            }
+            Op::PresenceQuery(p) => {
+                out.extend_from_slice(b"~?");
+                out.extend_from_slice(p.as_bytes());
             }
         }
     }
@@ -609,6 +634,19 @@ mod tests {
     }
 
     #[test]
+    fn parses_the_presence_commands() {
+        assert_eq!(cmd("#p#~+/chat/a/").unwrap(), Command { ack: Some(b"p"), op: Op::PresenceWatch("/chat/a".into()) });
+        assert_eq!(cmd("~?").unwrap().op, Op::PresenceQuery("/".into()));
+        assert_eq!(cmd("~+").unwrap().op, Op::PresenceWatch("/".into()));
+        assert_eq!(cmd("#k#~x/a").unwrap_err(), CommandError { ack: Some(b"k"), kind: CommandErrorKind::UnknownPresence(Some(b'x')) });
+        assert_eq!(cmd("~").unwrap_err().kind, CommandErrorKind::UnknownPresence(None));
+        assert_eq!(cmd("~").unwrap_err().to_string(), "unknown presence command (expected ~+path or ~?path)");
+        assert_eq!(cmd("~+/A").unwrap_err().kind.code(), ErrorCode::BadPath);
+        assert_eq!(Command { ack: None, op: Op::PresenceQuery("/a".into()) }.to_bytes(), b"~?/a");
+        assert_eq!(Command { ack: Some(b"1"), op: Op::PresenceWatch("/".into()) }.to_bytes(), b"#1#~+/");
+    }
+
+    #[test]
     fn refuses_with_key_when_known() {
         assert_eq!(cmd("").unwrap_err(), CommandError { ack: None, kind: CommandErrorKind::Empty });
         assert_eq!(cmd("#k#").unwrap_err(), CommandError { ack: Some(b"k"), kind: CommandErrorKind::Empty });
@@ -694,7 +732,7 @@ mod tests {
 
     #[cfg(not(target_arch = "wasm32"))]
     fn arb_op() -> impl Strategy<Value = (u8, String, Vec<u8>)> {
-        (0u8..5, arb_path(), proptest::collection::vec(any::<u8>(), 0..64))
+        (0u8..7, arb_path(), proptest::collection::vec(any::<u8>(), 0..64))
     }
 
     #[cfg(not(target_arch = "wasm32"))]
@@ -706,6 +744,8 @@ mod tests {
                 1 => Op::Unsubscribe(p.into()),
                 2 => Op::Send { path: p.into(), data: &data },
                 3 => Op::Refresh(&data),
+                4 => Op::PresenceWatch(p.into()),
+                5 => Op::PresenceQuery(p.into()),
                 _ => Op::Timestamp,
             };
             let c = Command { ack: ack.as_deref(), op };

@@ -125,7 +125,7 @@ impl SimServer {
                 let ts = self.publish(&path, data, true);
                 Self::line(|v| encode_ack(&key, ts, v))
             }
-            Op::Timestamp | Op::Refresh(_) => {
+            Op::Timestamp | Op::Refresh(_) | Op::PresenceWatch(_) | Op::PresenceQuery(_) => {
                 let t = self.last();
                 Self::line(|v| encode_ack(&key, t, v))
             }
