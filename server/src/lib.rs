@@ -67,6 +67,7 @@ mod limits;
 pub mod logquery;
 pub mod metrics;
 pub mod ops;
+mod presence_http;
 mod publish;
 pub mod ratelimit;
 mod serve;
@@ -213,7 +214,8 @@ impl IvyBuilder {
         let metrics = metrics::Metrics::new(env!("CARGO_PKG_VERSION"), &node_id, kind, config.memory_budget);
         let fanout = Arc::new(FanOut::with_budget(budget.clone()).with_counts(metrics.delivery.clone()));
         let description = engine.describe();
-        let engine = engine.open(engine::Context { requests, fanout: fanout.clone(), metrics: metrics.engine.clone() })?;
+        let presence = engine::PresenceOptions::new(config.presence_linger, config.presence_max_list, metrics.presence_lines.clone());
+        let engine = engine.open(engine::Context { requests, fanout: fanout.clone(), metrics: metrics.engine.clone(), presence })?;
         tracing::info!(engine = %description, node = %node_id, "engine open");
         let connections = Arc::new(Connections::new(config.max_connections));
         let stop_reading = CancellationToken::new();
@@ -259,7 +261,7 @@ impl Ivy {
     }
 
     /// The routes `/ws`, `/log`, `/log/` and `/log/{*path}` (`GET`, `DELETE`, and `POST`/`PUT` to
-    /// publish) and `POST /publish`, to serve or merge into an app.
+    /// publish), `POST /publish` and `GET /presence/{*path}`, to serve or merge into an app.
     /// With [`Config::static_dir`] set, also a fallback serving that directory at `/` (an
     /// application that has a fallback of its own should leave `static_dir` unset).
     pub fn router(&self) -> Router {
@@ -274,7 +276,13 @@ impl Ivy {
         // (`fetch` of a plain `GET /ws?token=...`, see docs/PROTOCOL.md 2.1).
         let socket =
             Router::new().route("/ws", get(ws::handler)).layer(axum::middleware::from_fn_with_state(self.shared.clone(), http::cors_layer));
-        let mut router = socket.merge(log);
+        // `GET /presence/<path>`: who is here (docs/PROTOCOL.md 9.13); CORS as the log.
+        let presence = Router::new()
+            .route("/presence", get(presence_http::handler).options(http::preflight))
+            .route("/presence/", get(presence_http::handler).options(http::preflight))
+            .route("/presence/{*path}", get(presence_http::handler).options(http::preflight))
+            .layer(axum::middleware::from_fn_with_state(self.shared.clone(), http::cors_layer));
+        let mut router = socket.merge(log).merge(presence);
         if self.shared.demo.is_some() {
             router = router.route("/demo/token", axum::routing::post(demo::handler));
         }

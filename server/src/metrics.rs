@@ -193,6 +193,8 @@ pub(crate) struct Sample {
     pub(crate) budget_used: usize,
     /// Seconds since the server started.
     pub(crate) uptime: f64,
+    /// Presence members summed over channels.
+    pub(crate) presence_members: usize,
 }
 
 /// The sampled gauges.
@@ -205,6 +207,7 @@ struct Sampled {
     queued_bytes_max: Gauge,
     budget_used: Gauge,
     uptime: Gauge<f64, std::sync::atomic::AtomicU64>,
+    presence_members: Gauge,
 }
 
 /// The server's metrics (see the [module docs](self)).
@@ -215,6 +218,8 @@ pub(crate) struct Metrics {
     pub(crate) refused: Refused,
     pub(crate) engine: EngineMetrics,
     pub(crate) log_reads: LogReads,
+    /// Presence lines queued for connections (counted once per presence tick).
+    pub(crate) presence_lines: Counter,
     closes: Vec<(u16, Counter)>,
     sampled: Sampled,
 }
@@ -330,8 +335,15 @@ impl Metrics {
         limit.set(i64::try_from(budget_limit).unwrap_or(i64::MAX));
         r.register("ivy_memory_budget_bytes", "The memory budget (--memory-budget; 0: none)", limit);
         r.register("ivy_uptime_seconds", "Seconds since the server started", sampled.uptime.clone());
+        r.register(
+            "ivy_presence_members",
+            "Presence: members summed over channels (a member of two channels counts twice; lingering ones included)",
+            sampled.presence_members.clone(),
+        );
+        let presence_lines = Counter::default();
+        r.register("ivy_presence_lines", "Presence lines (^=, ^., ^~) queued for connections", presence_lines.clone());
 
-        Metrics { registry: r, delivery, refused, engine, log_reads, closes, sampled }
+        Metrics { registry: r, delivery, refused, engine, log_reads, presence_lines, closes, sampled }
     }
 
     /// A connection ended with `code` (`conn::Ending::code`).
@@ -355,6 +367,7 @@ impl Metrics {
         gauge(&s.queued_bytes_max, sample.queued_bytes_max);
         gauge(&s.budget_used, sample.budget_used);
         s.uptime.set(sample.uptime);
+        gauge(&s.presence_members, sample.presence_members);
         let mut out = String::with_capacity(8 << 10);
         let encoded = match format {
             Format::Prometheus => prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry),

@@ -209,6 +209,7 @@ pub(crate) fn sample(shared: &Shared) -> Sample {
         queued_bytes_max: queues.max_bytes,
         budget_used: shared.budget.used(),
         uptime: shared.ops.started.elapsed().as_secs_f64(),
+        presence_members: shared.engine.presence().members_total(),
     }
 }
 

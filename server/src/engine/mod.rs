@@ -63,6 +63,7 @@
 mod clock;
 mod local;
 pub mod memory;
+pub mod presence;
 mod reopen;
 pub mod sled;
 #[cfg(test)]
@@ -83,6 +84,7 @@ pub use crate::metrics::EngineMetrics;
 pub(crate) use local::stored_cost;
 pub use local::{Deleted, WallClock};
 pub use memory::MemoryEngine;
+pub use presence::{LocalPresence, Member, MemberId, Presence, PresenceOptions};
 pub use sled::{Durability, SledEngine};
 
 /// Who sent an event, as the server verified it, in its wire form (`docs/PROTOCOL.md`
@@ -165,6 +167,11 @@ pub trait Engine: Send + Sync + 'static {
     /// Finishes: completes every request accepted before [`Requests`] reported the end of
     /// the queue, flushes what was stored, and resolves. Called once, by the server.
     fn shutdown(&self) -> BoxFuture<'static, ()>;
+
+    /// Who is subscribed where ([`presence`]): the sled and memory engines keep it in this
+    /// process ([`LocalPresence`], started with [`Context::presence`]); an engine of several
+    /// nodes keeps it where every node sees it (see the [`presence`] module docs).
+    fn presence(&self) -> Arc<dyn Presence>;
 }
 
 /// How an engine is opened: what [`crate::IvyBuilder::engine`] takes.
@@ -193,6 +200,8 @@ pub struct Context {
     pub fanout: Arc<FanOut>,
     /// Where the engine reports its group commits and the events it refused (`/metrics`).
     pub metrics: EngineMetrics,
+    /// The presence settings (`--presence-linger`, `--presence-max-list`).
+    pub presence: PresenceOptions,
 }
 
 /// Scan direction.
