@@ -46,10 +46,11 @@ use core::cell::{Cell, RefCell};
 use ivy_client_core as ivy_core;
 use ivy_core::Timestamp;
 use ivy_core::client::{
-    self, Action, ClientError, ClientEvent, ConnState, PresenceEvent, PresenceView, RequestId, Start, SubId, SubscriptionError, Token, WatchId,
+    self, Action, ClientError, ClientEvent, ConnState, PresenceEvent, PresenceView, RequestId, Start, SubId, SubscriptionError, Token,
+    WatchId,
 };
-use ivy_core::presence::{Member, MemberId};
 use ivy_core::http::{Endpoints, LogQuery};
+use ivy_core::presence::{Member, MemberId};
 use ivy_core::wire::Sender;
 use js_sys::{Array, Function, Object, Promise, Reflect, Uint8Array};
 use wasm_bindgen::JsCast;
