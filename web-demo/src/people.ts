@@ -124,7 +124,7 @@ export class People {
         li.dataset.name = name;
         li.textContent = name;
         if (m.sub !== undefined && m.sub === this.me) {
-          li.classList.add("me");
+          li.classList.add("person-me");
           const you = document.createElement("span");
           you.className = "you";
           you.textContent = " (you)";
@@ -138,7 +138,8 @@ export class People {
 
   private notice(text: string, kind: "join" | "leave"): void {
     const li = document.createElement("li");
-    li.className = kind;
+    li.className = `presence-${kind}`;
+    li.dataset.kind = kind;
     li.textContent = text;
     const time = document.createElement("time");
     const now = new Date();
