@@ -64,7 +64,7 @@ impl Timed {
             Kind::Send { .. } => ClientEvent::Sent { id: self.id, result },
             Kind::Time => ClientEvent::Time { id: self.id, result },
             // Only ever failed here (a query's success is its snapshot).
-            Kind::Query => ClientEvent::Who { id: self.id, result: result.and_then(|_| Err(ClientError::ConnectionLost)) },
+            Kind::Query => ClientEvent::Who { id: self.id, result: result.and(Err(ClientError::ConnectionLost)) },
         }
     }
 }
