@@ -69,6 +69,11 @@
 //! [`ConnState::Unauthorized`] rather than reconnecting forever. A subscription that a
 //! refreshed token no longer covers ends with [`SubscriptionError::Ended`].
 //!
+//! Presence (the server's extension, `docs/PROTOCOL.md` 5.10): [`Client::presence`] watches
+//! who is subscribed at a path or below, as a [`PresenceStream`] of [`PresenceEvent`]s (the
+//! first snapshot, then joins, leaves and the count, resynchronised after each reconnect so
+//! that only real changes come out) with the view they build; [`Client::who`] asks once.
+//!
 //! Errors are types to branch on, not messages to parse: [`Error`] says what failed (the URL,
 //! the first connection with the HTTP status of a refused handshake, a request, a log read),
 //! [`ClientError`] why a request failed (with the server's [`ServerCode`]), and

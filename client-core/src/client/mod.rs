@@ -14,7 +14,8 @@
 //!   [`Client::handle_timeout`], [`Client::handle_log_page`], [`Client::set_token`],
 //!   [`Client::handle_token`] (see [Tokens](#tokens));
 //! - commands from the application: [`Client::subscribe`], [`Client::unsubscribe`],
-//!   [`Client::send`], [`Client::timestamp`], [`Client::close`];
+//!   [`Client::send`], [`Client::timestamp`], [`Client::watch_presence`],
+//!   [`Client::unwatch_presence`], [`Client::who`], [`Client::close`];
 //! - outputs, to drain after every input or command: [`Client::poll_action`] (open the
 //!   WebSocket, send a frame, drop the connection, fetch a log page, ask for a token),
 //!   [`Client::poll_event`] (events and results for the application) and
@@ -58,6 +59,25 @@
 //! fails with [`ClientError::ConnectionLost`]: it may or may not have been stored
 //! ([`ClientError::is_uncertain`]), and if it was, it appears in the subscriptions' backfill.
 //! Nothing is retried behind the application's back, so nothing is ever published twice.
+//!
+//! # Presence
+//!
+//! [`Client::watch_presence`] (**Extension** `~+PATH`, `docs/PROTOCOL.md` 5.10) watches who is
+//! subscribed at a path or below, with a sub-machine per watch (`presence.rs`): it collects the
+//! snapshot (the `^=` lines of each channel, until `^.`), then applies the changes (`^~`); the
+//! view is the union over the channels (a member is in it while it is in one of them). The
+//! application gets [`ClientEvent::Presence`]: [`PresenceEvent::Snapshot`] once, then
+//! [`PresenceEvent::Join`], [`PresenceEvent::Leave`] and [`PresenceEvent::Count`]. After each
+//! reconnect the path is watched again and the fresh snapshot is compared with the view already
+//! reported: only the differences come out, as joins and leaves (a member that left while the
+//! client was away is a leave, one that stayed is nothing: no phantom members, no missed
+//! leaves). Snapshot lines carry no command key: they belong to the oldest `~+` or `~?` of the
+//! connection whose snapshot has not ended, since the server answers in command order.
+//! Changes that arrive before a watch's snapshot began are already in it and are skipped;
+//! applying a join of a known member or a leave of an absent one changes nothing, so a change
+//! that races a snapshot cannot make a phantom. [`Client::who`] (`~?PATH`) is a one-off
+//! snapshot ([`ClientEvent::Who`]). Presence lines never reach the subscriptions: they carry no
+//! timestamp and never enter their buffers or their deduplication.
 //!
 //! # Tokens
 //!
