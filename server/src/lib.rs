@@ -27,7 +27,8 @@
 //! Endpoints: `GET /ws` (the command protocol, subprotocol `ivy1`), `GET /log/<path>` (the
 //! stored events of a channel's subtree, with its horizon in `Ivy-Horizon` once events were
 //! deleted) and `DELETE /log/<path>[?before=TS]` (an operator's deletion, with a server API
-//! key: [`Config::api_keys`]); with [`Config::demo_token_endpoint`] (demos only, never in
+//! key: [`Config::api_keys`]), `GET /presence/<path>` (who is subscribed in a subtree, paged:
+//! [`engine::presence`]); with [`Config::demo_token_endpoint`] (demos only, never in
 //! production) also `POST /demo/token` ([`demo`]). Retention settings belong to the engines
 //! ([`engine::Retention`]). The protocol is specified in `docs/PROTOCOL.md`.
 //!
@@ -42,6 +43,8 @@
 //!   engine is the default, the in-memory engine a second one. Another engine (Redis, for
 //!   several nodes) goes in as one more implementation, with no change to what follows;
 //! - [`fanout`]: this node's subscriptions and the delivery of each event to them;
+//! - [`engine::presence`]: who is subscribed where, the `~+` watches and their `^` lines,
+//!   behind the engine seam ([`engine::Engine::presence`]);
 //! - `session`: one connection's protocol, sans-IO (a command in, a decision out);
 //! - `ws`: the WebSocket I/O that feeds the session and carries out its decisions;
 //! - `conn`: a connection's outbound queue and ending, what it owes from the log when it fell

@@ -1,7 +1,7 @@
 //! The protocol of one WebSocket connection, sans-IO: a frame in, a decision out.
 //!
 //! [`Session`] holds what a connection's commands depend on (its subscriptions and their
-//! limit, its rate limiter, its access: what its token grants; later its presence) and decides what each frame
+//! limit, its rate limiter, its access: what its token grants; its presence commands `~+` and `~?`) and decides what each frame
 //! asks for ([`Outcome`]). It does no I/O and reads no clock: the WebSocket module
 //! (`ws.rs`) feeds it frames with the time, carries out its decisions (queue a reply,
 //! subscribe on the fan-out, publish through the engine) and writes the results.

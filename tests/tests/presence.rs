@@ -354,7 +354,7 @@ async fn a_killed_client_is_gone_after_the_detection_and_the_linger() {
     let took = t.elapsed();
     assert_eq!(v["leave"][0]["sub"], "bob");
     // The bound of docs/PROTOCOL.md 5.10: two ping intervals, the linger, a tick.
-    assert!(took >= ping && took < 2 * ping + linger + Duration::from_secs(1), "{took:?}");
+    assert!(took >= linger && took < 2 * ping + linger + Duration::from_secs(1), "{took:?}");
     // w answered every ping meanwhile: still there.
     assert_eq!(get_presence(&server, "/presence/room?count", Some(&admin)).await.1, json!({"count": 1}));
     drop(silent);

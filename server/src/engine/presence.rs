@@ -874,6 +874,33 @@ mod tests {
         assert_eq!(lines(&mut rx), ["^~/r:{\"leave\":[{\"sub\":\"m1\"},{\"sub\":\"m2\"}],\"count\":2}"], "at the limit: listed");
     }
 
+    #[tokio::test]
+    async fn a_closed_connections_pending_watch_is_dropped_before_it_subscribes() {
+        let p = presence(0, 1000);
+        let (w, _rx, _) = Conn::new(ConnId(10), 64);
+        p.join(ConnId(10), "/r", &sub("ada"));
+        let done = watch(&p, &w, "/r");
+        p.disconnect(ConnId(10));
+        p.tick(Instant::now());
+        assert!(done.await.is_err(), "never answered");
+        assert_eq!(p.fanout.subscriptions(), 0, "never subscribed after its subscriptions ended");
+        assert!(p.lock().conns.is_empty() && p.lock().watchers.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_takes_a_token_changes_member_everywhere() {
+        let p = presence(0, 1000);
+        let anon = Member { id: MemberId::Anon(5), info: None };
+        p.join(ConnId(1), "/a", &anon);
+        p.join(ConnId(1), "/b/c", &anon);
+        p.rekey(ConnId(1), &sub("zed"));
+        let page = p.members("/", None, 10);
+        assert_eq!(page.members.iter().map(|m| m.id.clone()).collect::<Vec<_>>(), [MemberId::Sub("zed".into())]);
+        assert_eq!(page.members[0].conns, 2);
+        p.disconnect(ConnId(1));
+        assert_eq!(p.count("/"), 0);
+    }
+
     #[test]
     fn cursors_round_trip() {
         for id in [MemberId::Sub("a=b".into()), MemberId::Anon(0x9f3c), MemberId::anonymous()] {
