@@ -95,6 +95,8 @@ fn a_watch_reports_its_snapshot_then_changes_and_presence_stays_out_of_the_event
     assert_eq!(presence(w, out), [PresenceEvent::Snapshot(view.clone())]);
     assert_eq!(c.presence_view(w), Some(view));
     assert!(c.presence_live(w) && c.is_live());
+    let debug = c.debug_state().to_json();
+    assert!(debug.contains(r#""presence":[{"id":2,"path":"/room","phase":"live","count":1,"members":1}]"#), "{debug}");
     // An event, a presence change, another event: the subscription sees the two events, in
     // order, and nothing else; the watch sees the change.
     let out = feed(

@@ -100,6 +100,11 @@ impl View {
         Member { id: id.clone(), info: e.info.clone(), conns: e.conns }
     }
 
+    /// How many members are listed.
+    pub(super) fn listed(&self) -> usize {
+        self.union.len()
+    }
+
     /// The members, sorted by id.
     pub(super) fn members(&self) -> impl Iterator<Item = Member> + '_ {
         self.union.iter().map(|(id, e)| Self::member(id, e))
@@ -312,6 +317,15 @@ impl Watch {
     /// The current view, if a snapshot came.
     pub(super) fn view(&self) -> Option<&View> {
         self.view.as_ref()
+    }
+
+    /// "offline", "collecting" (its snapshot under way) or "live", for the debug state.
+    pub(super) fn phase_name(&self) -> &'static str {
+        match self.phase {
+            Phase::Offline => "offline",
+            Phase::Collecting { .. } => "collecting",
+            Phase::Live => "live",
+        }
     }
 
     /// Whether the watch collects a snapshot (its first line may come).
