@@ -259,6 +259,28 @@ fn refusals_timeouts_and_stray_lines() {
     // Its late lines are read and dropped.
     let out = feed(&mut c, &[r#"^=/open:{"count":1,"members":[{"sub":"ada","conns":1}]}"#, r#"^./open:{"count":1}"#]);
     assert_eq!(out, []);
+    // A watch removed before its refusal, and a timed-out query refused late: their refusals
+    // still end their turn, so the next snapshot goes to the next command.
+    let gone = c.watch_presence(1100, "/gone").unwrap();
+    let late = c.who(1100, "/late").unwrap();
+    let f = frames(&mut c);
+    c.unwatch_presence(1100, gone);
+    let _ = frames(&mut c);
+    c.handle_timeout(2200);
+    assert!(feed(&mut c, &[]).contains(&ClientEvent::Who { id: late, result: Err(ClientError::Timeout) }));
+    let next = c.who(2200, "/open").unwrap();
+    let g = frames(&mut c);
+    let out = feed(
+        &mut c,
+        &[
+            &format!("#{}#!forbidden no", key(&f[0])),
+            &format!("#{}#!forbidden no", key(&f[1])),
+            r#"^=/open:{"count":1,"members":[{"sub":"ada","conns":1}]}"#,
+            r#"^./open:{"count":1}"#,
+            &format!("#{}#@0000000002.000000000", key(&g[0])),
+        ],
+    );
+    assert!(out.iter().any(|e| matches!(e, ClientEvent::Who { id, result: Ok(v) } if *id == next && v.count == 1)), "{out:?}");
     // Lines no watch or query asked for, and a garbled one: warnings, nothing else.
     let out = feed(&mut c, &[r#"^./zzz:{"count":0}"#, r#"^=/zzz:{"count":0}"#, "^~/open:{nope}"]);
     assert_eq!(out.len(), 3);

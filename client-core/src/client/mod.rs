@@ -370,9 +370,10 @@ pub struct Client {
     requests: Requests,
     subs: VecMap<SubId, Sub>,
     watches: VecMap<WatchId, Watch>,
-    /// The `~+` and `~?` commands of this connection whose snapshot has not ended, in command
-    /// order: the server answers in that order, so the `^=` lines are the first one's.
-    snapshots: VecDeque<Snapshot>,
+    /// The `~+` and `~?` commands of this connection (by ack key) whose reply has not come,
+    /// in command order: the server answers in that order, so the `^=` lines are the first
+    /// one's, and the reply comes after them (then the entry goes, whatever happened to it).
+    snapshots: VecDeque<(u64, Snapshot)>,
     /// Presence queries whose snapshot ended, until their ack.
     queried: alloc::vec::Vec<(RequestId, PresenceView)>,
     actions: VecDeque<Action>,
@@ -627,7 +628,7 @@ impl Client {
     pub fn unwatch_presence(&mut self, now: Millis, watch: WatchId) {
         let _ = now;
         let Some(w) = self.watches.remove(&watch) else { return };
-        for s in self.snapshots.iter_mut() {
+        for (_, s) in self.snapshots.iter_mut() {
             if matches!(s, Snapshot::Watch(id) if *id == watch) {
                 *s = Snapshot::Dropped;
             }
@@ -648,7 +649,8 @@ impl Client {
             ConnState::Connected => {
                 let id = RequestId(self.id());
                 let frame = self.requests.query(id, &path, now.saturating_add(self.cfg.request_timeout));
-                self.snapshots.push_back(Snapshot::Query(id, path, View::default()));
+                let key = self.requests.last_key();
+                self.snapshots.push_back((key, Snapshot::Query(id, path, View::default())));
                 self.actions.push_back(Action::Send(frame));
                 Ok(id)
             }
@@ -1065,6 +1067,13 @@ impl Client {
     }
 
     fn on_reply(&mut self, now: Millis, key: &[u8], result: Result<Timestamp, ClientError>) {
+        if !self.snapshots.is_empty() {
+            // A `~+` or `~?` is answered after its snapshot lines: whatever became of it
+            // (refused, removed, timed out), no line of it is coming any more.
+            if let Some(k) = core::str::from_utf8(key).ok().and_then(|k| k.parse::<u64>().ok()) {
+                self.snapshots.retain(|(sk, _)| *sk != k);
+            }
+        }
         let Some(answered) = self.requests.answer(key) else {
             self.events.push_back(ClientEvent::Warning(format!("reply with unknown ack key \"{}\"", String::from_utf8_lossy(key))));
             return;
@@ -1094,17 +1103,13 @@ impl Client {
                 let result = match (result, done) {
                     (Ok(_), Some(view)) => Ok(view),
                     (Ok(_), None) => {
-                        // Acked without a snapshot (never expected): its lines are not coming.
-                        self.drop_snapshot(|s| matches!(s, Snapshot::Query(q, ..) if *q == id));
+                        // Acked without a snapshot (never expected).
                         Err(ClientError::Server {
                             code: ServerCode::Other("protocol".into()),
                             message: "the server acknowledged the presence query without its snapshot".into(),
                         })
                     }
-                    (Err(e), _) => {
-                        self.drop_snapshot(|s| matches!(s, Snapshot::Query(q, ..) if *q == id));
-                        Err(e)
-                    }
+                    (Err(e), _) => Err(e),
                 };
                 self.events.push_back(ClientEvent::Who { id, result });
             }
@@ -1118,7 +1123,6 @@ impl Client {
                     }
                 }
                 Err(error) => {
-                    self.drop_snapshot(|s| matches!(s, Snapshot::Watch(w) if *w == watch));
                     if self.watches.remove(&watch).is_some() {
                         self.events.push_back(ClientEvent::Presence { watch, event: PresenceEvent::Failed(error) });
                     }
@@ -1155,7 +1159,8 @@ impl Client {
         let Some(w) = self.watches.get_mut(&id) else { return };
         w.watching();
         let frame = self.requests.control(Op::PresenceWatch(w.path.as_str().into()), Control::Watch(id));
-        self.snapshots.push_back(Snapshot::Watch(id));
+        let key = self.requests.last_key();
+        self.snapshots.push_back((key, Snapshot::Watch(id)));
         self.actions.push_back(Action::Send(frame));
     }
 
@@ -1173,19 +1178,11 @@ impl Client {
         self.queried.clear();
     }
 
-    /// Marks the first pending snapshot matching `pred` as dropped (its command was refused:
-    /// no lines are coming for it, so it leaves the queue if at its head).
-    fn drop_snapshot(&mut self, pred: impl Fn(&Snapshot) -> bool) {
-        if let Some(i) = self.snapshots.iter().position(pred) {
-            self.snapshots.remove(i);
-        }
-    }
-
     /// Queries that timed out: their results are no longer awaited.
     fn forget_expired_queries(&mut self) {
         let requests = &self.requests;
         self.queried.retain(|(id, _)| requests.is_pending(*id));
-        for s in self.snapshots.iter_mut() {
+        for (_, s) in self.snapshots.iter_mut() {
             if matches!(s, Snapshot::Query(id, ..) if !requests.is_pending(*id)) {
                 *s = Snapshot::Dropped;
             }
@@ -1197,7 +1194,7 @@ impl Client {
     fn on_presence(&mut self, line: PresenceLine<'_>) {
         let mut out = alloc::vec::Vec::new();
         match line {
-            PresenceLine::Snapshot { channel, snapshot } => match self.snapshots.front_mut() {
+            PresenceLine::Snapshot { channel, snapshot } => match self.snapshots.front_mut().map(|(_, s)| s) {
                 Some(Snapshot::Watch(id)) => {
                     if let Some(w) = self.watches.get_mut(id) {
                         w.on_snapshot(&channel, snapshot);
@@ -1210,7 +1207,7 @@ impl Client {
                     .push_back(ClientEvent::Warning(format!("presence snapshot line of {channel} that no watch or query asked for"))),
             },
             PresenceLine::End { path, count } => {
-                let Some(head) = self.snapshots.pop_front() else {
+                let Some((_, head)) = self.snapshots.pop_front() else {
                     self.events
                         .push_back(ClientEvent::Warning(format!("presence snapshot end of {path} that no watch or query asked for")));
                     return;

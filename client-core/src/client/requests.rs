@@ -106,6 +106,11 @@ impl Requests {
         (key, text)
     }
 
+    /// The ack key of the last frame made.
+    pub(super) fn last_key(&self) -> u64 {
+        self.next_key.saturating_sub(1)
+    }
+
     /// The frame of a subscribe, unsubscribe or probe; its reply is awaited.
     pub(super) fn control(&mut self, op: Op<'_>, control: Control) -> String {
         let (key, frame) = self.frame(op);
