@@ -116,6 +116,12 @@ async fn the_native_stream_reports_a_snapshot_then_joins_leaves_and_counts_and_n
     let ev = tokio::time::timeout(Duration::from_secs(10), events.next()).await.unwrap().unwrap().unwrap();
     assert_eq!((ev.ts, &*ev.path, &*ev.data), (ts, "/room/a", &b"hello"[..]));
     assert_eq!(drain(&mut p, Duration::from_millis(400)).await, []);
+    // A second watch of the same path on the same client gets a snapshot of its own; dropping
+    // it leaves the first one (and the subscription) as they were.
+    let mut again = watcher.presence("/room").await.unwrap();
+    let v = tokio::time::timeout(Duration::from_secs(10), again.snapshot()).await.expect("a second snapshot").unwrap();
+    assert_eq!(names(&v.members), ["ada", "watcher"]);
+    drop(again);
     // The one-off query sees ada's two connections.
     let who = who_until(&watcher, "/room", |v| v.members.first().is_some_and(|m| m.conns == 2)).await;
     assert_eq!(names(&who.members), ["ada", "watcher"]);

@@ -1227,9 +1227,15 @@ impl Client {
                 }
             }
             PresenceLine::Change { channel, change } => {
+                // Usually one watch: the change is moved to the last, cloned for the others.
+                let last = self.watches.iter().filter(|(_, w)| path::is_within(&channel, &w.path)).map(|(id, _)| *id).last();
+                let mut change = Some(change);
                 for (id, w) in self.watches.iter_mut() {
                     if path::is_within(&channel, &w.path) {
-                        w.on_change(&channel, change.clone(), &mut out);
+                        let c = if Some(*id) == last { change.take() } else { change.clone() };
+                        if let Some(c) = c {
+                            w.on_change(&channel, c, &mut out);
+                        }
                         self.events.extend(out.drain(..).map(|event| ClientEvent::Presence { watch: *id, event }));
                     }
                 }
