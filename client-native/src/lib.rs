@@ -897,7 +897,9 @@ impl Client {
     /// The stream yields the first [`PresenceEvent::Snapshot`], then [`PresenceEvent::Join`],
     /// [`PresenceEvent::Leave`] and [`PresenceEvent::Count`]; after a reconnect the client
     /// watches again and yields only the differences between the fresh snapshot and what it
-    /// reported (no phantom members, no missed leaves). [`PresenceStream::view`] is the view
+    /// reported (no phantom members, no missed leaves); a `Snapshot` again replaces the view when
+    /// a channel passes the server's `--presence-max-list` (counted, not listed, from then on:
+    /// [`PresenceView::complete`] false). [`PresenceStream::view`] is the view
     /// after the items taken so far. The watch subscribes this connection to `path` on the
     /// server (so this client is itself present there). The stream ends after
     /// [`PresenceEvent::Failed`] (refused: no read grant covering `path`, or a server without

@@ -200,7 +200,8 @@ export interface IvyPresenceView {
 }
 
 /** What a presence watch reports: the first snapshot, then members joining and leaving the
- * view and its count; after a reconnect only real changes (no leave and join of someone who
+ * view and its count (a "snapshot" again replaces the view when a channel passes the server's
+ * `--presence-max-list` and is counted, not listed, from then on: `complete` false); after a reconnect only real changes (no leave and join of someone who
  * stayed). "error" is the last one: the server refused the watch (for example "forbidden":
  * no read grant covering the path; "malformed": a server without presence) or ended it
  * ("subscription-ended"). */

@@ -383,3 +383,46 @@ async fn ivy_who_prints_the_members_and_ivy_sub_presence_follows_them() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn above_the_list_limit_the_view_is_counted_not_listed() {
+    let dir = temp_dir();
+    let mut setup = config(dir.path());
+    setup.config = setup.config.clone().auth_hmac_secrets(vec![Secret::new(SECRET)]).presence_linger(Duration::ZERO).presence_max_list(2);
+    let server = TestServer::start(setup).await;
+    let url = format!("ws://{}", server.addr);
+    let mut members = Vec::new();
+    for name in ["a", "b"] {
+        let c = client(&url, &token(name, &["/big"], None)).await;
+        let s = c.subscribe("/big/room").await.unwrap();
+        members.push((c, s));
+    }
+    let watcher = client(&url, &token("watcher", &["/big"], None)).await;
+    let mut p = watcher.presence("/big").await.unwrap();
+    let v = p.snapshot().await.unwrap().clone();
+    // /big/room has 2 members (listed), /big 1 (the watcher).
+    assert_eq!((v.count, v.complete, names(&v.members)), (3, true, vec!["a".to_string(), "b".to_string(), "watcher".to_string()]));
+    // A third member of /big/room: above the limit, its change carries counts only.
+    let c = client(&url, &token("c", &["/big"], None)).await;
+    let s = c.subscribe("/big/room").await.unwrap();
+    members.push((c, s));
+    // The list cannot be followed any more: the view comes whole, counted (no leaves of a and b).
+    let got = drain(&mut p, Duration::from_millis(600)).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    let PresenceEvent::Snapshot(v) = &got[0] else { panic!("{got:?}") };
+    assert_eq!((v.count, v.complete, names(&v.members)), (4, false, vec!["watcher".to_string()]));
+    assert_eq!((p.view().count, p.view().complete), (4, false));
+    // who: the count-only channel, the estimate flagged.
+    let w = who_until(&watcher, "/big", |v| v.count == 4).await;
+    assert_eq!((w.count, w.complete, names(&w.members)), (4, false, vec!["watcher".to_string()]));
+    // One leaves: the count follows.
+    let (c, s) = members.pop().unwrap();
+    drop(s);
+    assert_eq!(next(&mut p).await, PresenceEvent::Count(3));
+    c.close().await;
+    for (c, _) in members {
+        c.close().await;
+    }
+    watcher.close().await;
+    server.stop().await;
+}

@@ -22,8 +22,12 @@ use crate::presence::{ChannelChange, ChannelSnapshot, Member, MemberId};
 /// What a presence watch tells the application ([`ClientEvent::Presence`](super::ClientEvent::Presence)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PresenceEvent {
-    /// The first snapshot of the watch: everyone present. Later snapshots (after a
-    /// reconnect) are not reported as such: only their differences, as joins and leaves.
+    /// The view to take as a whole: the watch's first snapshot (everyone present), and again
+    /// whenever the members can no longer be followed one by one, or can again: a channel
+    /// passed the server's `--presence-max-list` and is counted, not listed, from then on
+    /// ([`PresenceView::complete`] turns false), or a fresh snapshot after a reconnect differs
+    /// in that respect. Other fresh snapshots are not reported as such: only their
+    /// differences, as joins and leaves.
     Snapshot(PresenceView),
     /// A member entered the view (its first channel at or below the path).
     Join(Member),
@@ -108,6 +112,10 @@ impl View {
     /// The members, sorted by id.
     pub(super) fn members(&self) -> impl Iterator<Item = Member> + '_ {
         self.union.iter().map(|(id, e)| Self::member(id, e))
+    }
+
+    pub(super) fn is_complete(&self) -> bool {
+        self.complete()
     }
 
     pub(super) fn to_view(&self, path: &str) -> PresenceView {
@@ -352,6 +360,12 @@ impl Watch {
                 out.push(PresenceEvent::Snapshot(fresh.to_view(&self.path)));
                 self.reported = fresh.count();
             }
+            // Listed members became counted ones, or the other way round: a diff would tell
+            // leaves and joins that did not happen.
+            Some(old) if old.is_complete() != fresh.is_complete() => {
+                out.push(PresenceEvent::Snapshot(fresh.to_view(&self.path)));
+                self.reported = fresh.count();
+            }
             Some(old) => {
                 fresh.diff(&old, out);
                 self.report_count(fresh.count(), out);
@@ -366,9 +380,17 @@ impl Watch {
             Phase::Collecting { fresh, started: true } => fresh.apply(channel, change, &mut Vec::new()),
             Phase::Live => {
                 let Some(view) = self.view.as_mut() else { return };
+                let complete = view.is_complete();
                 view.apply(channel, change, out);
                 let n = view.count();
-                self.report_count(n, out);
+                if view.is_complete() != complete {
+                    // A channel is counted from now on: its members leave the list, not the
+                    // room; the application takes the view as a whole.
+                    out.push(PresenceEvent::Snapshot(view.to_view(&self.path)));
+                    self.reported = n;
+                } else {
+                    self.report_count(n, out);
+                }
             }
             _ => {}
         }
@@ -522,6 +544,19 @@ mod tests {
         let out = feed(&mut w, &[r#"^~/small:{"joined":1500,"left":0,"count":1501}"#]);
         assert_eq!(out, [PresenceEvent::Count(6509)]);
         assert_eq!(w.view().unwrap().members().count(), 0);
+        // A complete view that turns incomplete is reported whole.
+        let mut w = Watch::new("/r".into());
+        w.watching();
+        feed(&mut w, &[r#"^=/r:{"count":2,"members":[{"sub":"a","conns":1},{"sub":"b","conns":1}]}"#, r#"^./r:{"count":2}"#]);
+        let out = feed(&mut w, &[r#"^~/r:{"joined":1,"left":0,"count":3}"#]);
+        assert_eq!(out, [PresenceEvent::Snapshot(PresenceView { path: "/r".into(), count: 3, members: vec![], complete: false })]);
+        // So is a fresh snapshot (after a reconnect) that is complete again.
+        w.watching();
+        let out = feed(&mut w, &[r#"^=/r:{"count":1,"members":[{"sub":"a","conns":1}]}"#, r#"^./r:{"count":1}"#]);
+        assert_eq!(
+            out,
+            [PresenceEvent::Snapshot(PresenceView { path: "/r".into(), count: 1, members: vec![sub("a", 1)], complete: true })]
+        );
     }
 
     #[test]
