@@ -37,7 +37,7 @@ cargo test --workspace 2>&1 | tee -a "$results"
 
 step "The protocol's integration tests again, on the in-memory engine (IVY_TEST_ENGINE=memory)"
 IVY_TEST_ENGINE=memory cargo test -p ivy-tests --test conformance --test log --test client_native --test client_cli \
-  --test hostile --test faults --test embedding --test static_files --test load --test channels_admin 2>&1 | tee -a "$results"
+  --test hostile --test faults --test embedding --test static_files --test load --test channels_admin --test presence --test presence_clients 2>&1 | tee -a "$results"
 
 step "WebAssembly: core tests in Node, browser client in headless Chromium, TypeScript types, imports"
 ./scripts/test-wasm.sh 2>&1 | tee -a "$results"

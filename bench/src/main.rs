@@ -21,7 +21,7 @@ use crate::servers::{Kind, Launch};
 #[command(name = "ivy-bench", about = "Benchmarks ivy-server against nats-server and an ideal broadcast server")]
 struct Args {
     /// Scenarios to run, comma-separated: fanout, durable, latency, backfill, storage, idle,
-    /// churn, wasm (or all; storage is not in the default list).
+    /// churn, presence, wasm (or all; storage and presence are not in the default list).
     #[arg(long, default_value = "fanout,durable,latency,backfill,idle")]
     scenarios: String,
     /// Servers for fan-out, latency and idle: ivy, ivy-async, nats, ideal (ivy only for durable and backfill).
@@ -98,6 +98,9 @@ struct Args {
     /// Storage: reads of each log per depth and size (the median is reported).
     #[arg(long, default_value_t = 7)]
     storage_read_passes: usize,
+    /// Presence: room sizes (members joining one room at once), comma-separated.
+    #[arg(long, default_value = "10,1000,10000")]
+    presence_rooms: String,
     /// Idle: connections held open.
     #[arg(long, default_value_t = 10_000)]
     idle_connections: usize,
@@ -357,6 +360,19 @@ async fn bench(args: &Args) -> Result<Value, String> {
             );
         }
         out["churn"] = Value::Array(rows);
+        write(&out)?;
+    }
+    // Not in `all`: it opens up to 10,000 connections per room size, twice.
+    if args.scenarios.split(',').any(|x| x.trim() == "presence") {
+        let mut rows = Vec::new();
+        for &k in ivy_kinds.iter().take(1) {
+            for members in list::<usize>(&args.presence_rooms) {
+                for watch in [true, false] {
+                    rows.push(scenarios::presence(k, &common, members, watch).await.unwrap_or_else(|e| err_row(k, e)));
+                }
+            }
+        }
+        out["presence"] = Value::Array(rows);
         write(&out)?;
     }
     if want("wasm") {

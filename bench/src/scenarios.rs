@@ -750,3 +750,102 @@ pub async fn churn(
         "load_before": load_before, "load_after": loadavg(),
     }))
 }
+
+/// Presence: a join storm into one room of `members` members. Every member's connection is
+/// opened first; then each sends `#w#~+/bench-room` (`watch`) or `#w#+/bench-room` (the
+/// baseline: a plain subscription, which is a presence join too but watches nothing), all at
+/// once, and waits until its view holds every member (watch: the `count` of its snapshot and
+/// change lines reaches `members`) or for its reply (baseline). Measured between the storm's
+/// start and its end: server CPU seconds per join, bytes of presence lines per join (all
+/// members together), the most presence lines one member received; and the server's resident
+/// memory after the storm less before it, per member. Rooms smaller than 1,000 members are
+/// run `1000 / members` at once (each member in its own room's storm), so that the CPU time,
+/// read in 10 ms ticks, is measurable; the figures are per join all the same.
+pub async fn presence(kind: Kind, c: &Common, members: usize, watch: bool) -> Result<Value, String> {
+    let load_before = loadavg();
+    let rooms = (1000 / members.max(1)).max(1);
+    let room_size = members;
+    let members = rooms * room_size;
+    let server = Server::start_with(kind, &c.launch, &[("IVY_PRESENCE_LINGER", "0")]).await?;
+    let mode = if watch { "watch" } else { "subscribe" };
+    progress(format!("presence {mode}: {rooms} room(s) of {room_size} members: connecting"));
+    let first = (members > c.per_address).then(|| client::reserve_sources(members, c.per_address));
+    let conns: Vec<Result<Ws, String>> = futures_util::stream::iter(0..members)
+        .map(|i| {
+            let src = first.map(|first| client::source_ip(first, i, c.per_address));
+            let addr = server.addr;
+            async move { client::connect(kind, addr, src).await }
+        })
+        .buffer_unordered(128)
+        .collect()
+        .await;
+    let conns = conns.into_iter().collect::<Result<Vec<_>, _>>()?;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (cpu0, rss0) = (server.cpu_secs(), server.rss_kib());
+    let started = Instant::now();
+    let go = Arc::new(tokio::sync::Barrier::new(members + 1));
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut ws)| {
+            let go = go.clone();
+            tokio::spawn(async move {
+                let room = format!("/bench-room/{}", i / room_size);
+                go.wait().await;
+                let cmd = if watch { format!("#w#~+{room}") } else { format!("#w#+{room}") };
+                ws.send(Message::text(cmd)).await.map_err(|e| e.to_string())?;
+                let (mut lines, mut bytes, mut replied, mut count) = (0u64, 0u64, false, 0u64);
+                while !replied || (watch && count < room_size as u64) {
+                    let msg = tokio::time::timeout(Duration::from_secs(120), ws.next())
+                        .await
+                        .map_err(|_| format!("a member waited 120 s (count {count} of {room_size})"))?;
+                    let text = match msg {
+                        Some(Ok(Message::Text(t))) => t,
+                        Some(Ok(_)) => continue,
+                        other => return Err(format!("a member's connection ended: {other:?}")),
+                    };
+                    if text.starts_with("#w#") {
+                        replied = true;
+                    } else if let Some(rest) = text.strip_prefix('^') {
+                        lines += 1;
+                        bytes += text.len() as u64;
+                        if let Some(json) = rest.strip_prefix(['=', '~']).and_then(|r| r.split_once(':')).map(|(_, j)| j) {
+                            if let Some(n) = serde_json::from_str::<Value>(json).ok().and_then(|v| v["count"].as_u64()) {
+                                count = n;
+                            }
+                        }
+                    }
+                }
+                Ok::<_, String>((lines, bytes, ws))
+            })
+        })
+        .collect();
+    go.wait().await;
+    let mut results = Vec::with_capacity(members);
+    for t in tasks {
+        results.push(t.await.map_err(|e| e.to_string())??);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let cpu1 = server.cpu_secs();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let rss1 = server.rss_kib();
+    let lines_max = results.iter().map(|r| r.0).max().unwrap_or(0);
+    let bytes: u64 = results.iter().map(|r| r.1).sum();
+    drop(results);
+    server.stop().await;
+    let cpu = cpu0.zip(cpu1).map(|(a, b)| b - a);
+    let cpu_us_per_join = cpu.map(|s| s * 1e6 / members as f64);
+    let rss_per_member = rss0.zip(rss1).map(|(a, b)| (b.saturating_sub(a) as f64 * 1024.0) / members as f64);
+    let ticks = (secs * 10.0).ceil() as u64;
+    progress(format!(
+        "presence {mode}: {rooms} room(s) of {room_size} members ({members} joins) in {secs:.2} s ({ticks} ticks): server CPU {cpu:?} s, {cpu_us_per_join:?} µs/join, {} bytes/join, at most {lines_max} lines per member, RSS {rss0:?} -> {rss1:?} KiB ({rss_per_member:?} bytes/member)",
+        bytes / members as u64
+    ));
+    Ok(json!({
+        "server": kind.name(), "mode": mode, "room_size": room_size, "rooms": rooms, "joins": members, "secs": secs, "ticks": ticks,
+        "server_cpu_secs": cpu, "cpu_us_per_join": cpu_us_per_join,
+        "presence_bytes": bytes, "bytes_per_join": bytes as f64 / members as f64, "lines_per_member_max": lines_max,
+        "rss_before_kib": rss0, "rss_after_kib": rss1, "rss_bytes_per_member": rss_per_member,
+        "load_before": load_before, "load_after": loadavg(),
+    }))
+}

@@ -7,6 +7,7 @@
 //! - [`wire`]: parse and encode every command and server line (events, acks, errors);
 //! - [`escape`]: the data escaping rules (`%` to `%25`, newline to `%0A`);
 //! - [`path`]: channel path normalization, validation and the ancestor chain;
+//! - [`presence`]: the presence lines' payloads (who is subscribed; extension);
 //! - [`timestamp`]: event timestamps, their wire form and their ordered storage key form;
 //! - [`http`]: the server's endpoints from its base URL, and the log endpoint's query
 //!   ([`http::LogQuery`], parsed by the server and written by the clients) and body;
@@ -42,6 +43,7 @@ pub mod client;
 pub mod escape;
 pub mod http;
 pub mod path;
+pub mod presence;
 pub mod timestamp;
 pub mod wire;
 

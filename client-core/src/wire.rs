@@ -5,11 +5,14 @@
 //!
 //! ```text
 //! command = [ "#" ack-key "#" ] ( "+" path | "-" path | ":" path ":" data | "@" ignored
-//!                                 | "&" token )              ; "&": token refresh (extension)
+//!                                 | "&" token                ; "&": token refresh (extension)
+//!                                 | "~+" path | "~?" path )  ; presence watch / query (extension)
 //! line    = "@" timestamp ":" path ":" escaped-data     ; an event (also a log line)
 //!         | "@" timestamp "~" sender ":" path ":" escaped-data   ; with `ext=sender` (extension)
 //!         | "#" ack-key "#@" timestamp                  ; success reply to an acked command
 //!         | [ "#" ack-key "#" ] "!" code " " message    ; error reply (extension)
+//!         | "^" ( "=" | "." | "~" ) path ":" json       ; presence line (extension, after `~`;
+//!                                                       ; payloads: `crate::presence`)
 //! ```
 
 use alloc::borrow::Cow;
@@ -20,6 +23,7 @@ use alloc::string::String;
 
 use crate::escape::{UnescapeError, escape_into, escape_sub_into, escaped_len, unescape, unescape_sub};
 use crate::path::{self, PathError};
+use crate::presence::{PresenceError, PresenceLine, parse_presence};
 use crate::timestamp::{Timestamp, TimestampError};
 
 /// The WebSocket subprotocol: a client offers it in `Sec-WebSocket-Protocol`, and the server
@@ -78,6 +82,13 @@ pub enum Op<'a> {
     /// `&token` (extension): replace the connection's token with this one (raw bytes, the
     /// rest of the command; a JWT is ASCII). See `docs/PROTOCOL.md`, section 5.
     Refresh(&'a [u8]),
+    /// `~+path` (extension): subscribe to `path` exactly as `+path` does, and watch its
+    /// presence: a snapshot (`^=` lines, then `^.`), then its changes (`^~` lines). See
+    /// `docs/PROTOCOL.md`, section 5.10.
+    PresenceWatch(Cow<'a, str>),
+    /// `~?path` (extension): the presence of `path` once (`^=` lines, then `^.`), no
+    /// subscription. See `docs/PROTOCOL.md`, section 5.10.
+    PresenceQuery(Cow<'a, str>),
 }
 
 /// A parsed command.
@@ -187,6 +198,8 @@ pub enum CommandErrorKind {
     UnknownCommand(u8),
     /// `:path` with no `:` before the data.
     MissingData,
+    /// `~` followed by something else than `+` or `?` (the byte, if any).
+    UnknownPresence(Option<u8>),
     /// The path is invalid.
     Path(PathError),
 }
@@ -212,6 +225,7 @@ impl fmt::Display for CommandErrorKind {
             }
             CommandErrorKind::UnknownCommand(b) => write!(f, "unknown command byte 0x{b:02x} (expected one of + - : @)"),
             CommandErrorKind::MissingData => f.write_str("send needs ':' between path and data (:/path:data)"),
+            CommandErrorKind::UnknownPresence(_) => f.write_str("unknown presence command (expected ~+path or ~?path)"),
             CommandErrorKind::Path(e) => e.fmt(f),
         }
     }
@@ -265,6 +279,11 @@ impl<'a> Command<'a> {
             }
             b'@' => Op::Timestamp,
             b'&' => Op::Refresh(rest),
+            b'~' => match rest.split_first() {
+                Some((b'+', p)) => Op::PresenceWatch(path(p)?),
+                Some((b'?', p)) => Op::PresenceQuery(path(p)?),
+                other => return Err(err(CommandErrorKind::UnknownPresence(other.map(|(b, _)| *b)))),
+            },
             other => return Err(err(CommandErrorKind::UnknownCommand(other))),
         };
         Ok(Command { ack, op })
@@ -297,6 +316,14 @@ impl<'a> Command<'a> {
             Op::Refresh(token) => {
                 out.push(b'&');
                 out.extend_from_slice(token);
+            }
+            Op::PresenceWatch(p) => {
+                out.extend_from_slice(b"~+");
+                out.extend_from_slice(p.as_bytes());
+            }
+            Op::PresenceQuery(p) => {
+                out.extend_from_slice(b"~?");
+                out.extend_from_slice(p.as_bytes());
             }
         }
     }
@@ -502,6 +529,8 @@ pub enum ServerLine<'a> {
         /// Human-readable reason.
         message: &'a str,
     },
+    /// A presence line (`^=`, `^.`, `^~`; extension, sent only to connections that used `~`).
+    Presence(PresenceLine<'a>),
 }
 
 /// Why a server line could not be parsed.
@@ -515,6 +544,8 @@ pub enum LineError {
     Path(PathError),
     /// The event's data has an undefined escape.
     Escape(UnescapeError),
+    /// A presence line that does not parse.
+    Presence(PresenceError),
 }
 
 impl fmt::Display for LineError {
@@ -524,6 +555,7 @@ impl fmt::Display for LineError {
             LineError::Timestamp(e) => e.fmt(f),
             LineError::Path(e) => e.fmt(f),
             LineError::Escape(e) => e.fmt(f),
+            LineError::Presence(e) => e.fmt(f),
         }
     }
 }
@@ -563,7 +595,8 @@ pub fn parse_line(line: &[u8]) -> Result<ServerLine<'_>, LineError> {
             (Some(&rest[..end]), &rest[end + 1..])
         }
         Some(b'!') => (None, line),
-        _ => return Err(LineError::Syntax("line must start with '@', '#' or '!'")),
+        Some(b'^') => return parse_presence(line).map(ServerLine::Presence).map_err(LineError::Presence),
+        _ => return Err(LineError::Syntax("line must start with '@', '#', '!' or '^'")),
     };
     match body.split_first() {
         Some((b'@', ts)) => {
@@ -610,6 +643,26 @@ mod tests {
         assert_eq!(Command { ack: Some(b"1"), op: Op::Refresh(b"x.y.z") }.to_bytes(), b"#1#&x.y.z");
         assert_eq!(ErrorCode::from_wire("subscription-ended"), Some(ErrorCode::SubscriptionEnded));
         assert_eq!(ErrorCode::Unauthorized.as_str(), "unauthorized");
+    }
+
+    #[test]
+    fn parses_the_presence_commands() {
+        assert_eq!(cmd("#p#~+/chat/a/").unwrap(), Command { ack: Some(b"p"), op: Op::PresenceWatch("/chat/a".into()) });
+        assert_eq!(cmd("~?").unwrap().op, Op::PresenceQuery("/".into()));
+        assert_eq!(cmd("~+").unwrap().op, Op::PresenceWatch("/".into()));
+        assert_eq!(cmd("#k#~x/a").unwrap_err(), CommandError { ack: Some(b"k"), kind: CommandErrorKind::UnknownPresence(Some(b'x')) });
+        assert_eq!(cmd("~").unwrap_err().kind, CommandErrorKind::UnknownPresence(None));
+        assert_eq!(cmd("~").unwrap_err().to_string(), "unknown presence command (expected ~+path or ~?path)");
+        assert_eq!(cmd("~+/A").unwrap_err().kind.code(), ErrorCode::BadPath);
+        assert_eq!(Command { ack: None, op: Op::PresenceQuery("/a".into()) }.to_bytes(), b"~?/a");
+        assert_eq!(Command { ack: Some(b"1"), op: Op::PresenceWatch("/".into()) }.to_bytes(), b"#1#~+/");
+    }
+
+    #[test]
+    fn parses_the_presence_lines() {
+        assert!(matches!(parse_line(b"^./a:{\"count\":0}"), Ok(ServerLine::Presence(PresenceLine::End { count: 0, .. }))));
+        assert!(matches!(parse_line(b"^./a:{}"), Err(LineError::Presence(_))));
+        assert!(matches!(parse_line(b"^x/a:{}"), Err(LineError::Presence(_))));
     }
 
     #[test]
@@ -698,7 +751,7 @@ mod tests {
 
     #[cfg(not(target_arch = "wasm32"))]
     fn arb_op() -> impl Strategy<Value = (u8, String, Vec<u8>)> {
-        (0u8..5, arb_path(), proptest::collection::vec(any::<u8>(), 0..64))
+        (0u8..7, arb_path(), proptest::collection::vec(any::<u8>(), 0..64))
     }
 
     #[cfg(not(target_arch = "wasm32"))]
@@ -710,6 +763,8 @@ mod tests {
                 1 => Op::Unsubscribe(p.into()),
                 2 => Op::Send { path: p.into(), data: &data },
                 3 => Op::Refresh(&data),
+                4 => Op::PresenceWatch(p.into()),
+                5 => Op::PresenceQuery(p.into()),
                 _ => Op::Timestamp,
             };
             let c = Command { ack: ack.as_deref(), op };

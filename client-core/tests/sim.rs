@@ -125,7 +125,7 @@ impl SimServer {
                 let ts = self.publish(&path, data, true);
                 Self::line(|v| encode_ack(&key, ts, v))
             }
-            Op::Timestamp | Op::Refresh(_) => {
+            Op::Timestamp | Op::Refresh(_) | Op::PresenceWatch(_) | Op::PresenceQuery(_) => {
                 let t = self.last();
                 Self::line(|v| encode_ack(&key, t, v))
             }
@@ -215,6 +215,7 @@ impl Sim {
                 | ClientEvent::TokenRefused { .. }
                 | ClientEvent::Unauthorized { .. }) => self.lost.push(e),
                 ClientEvent::Time { .. } | ClientEvent::State(_) | ClientEvent::Warning(_) => {}
+                ClientEvent::Presence { .. } | ClientEvent::Who { .. } => {}
             }
         }
     }

@@ -69,6 +69,11 @@
 //! [`ConnState::Unauthorized`] rather than reconnecting forever. A subscription that a
 //! refreshed token no longer covers ends with [`SubscriptionError::Ended`].
 //!
+//! Presence (the server's extension, `docs/PROTOCOL.md` 5.10): [`Client::presence`] watches
+//! who is subscribed at a path or below, as a [`PresenceStream`] of [`PresenceEvent`]s (the
+//! first snapshot, then joins, leaves and the count, resynchronised after each reconnect so
+//! that only real changes come out) with the view they build; [`Client::who`] asks once.
+//!
 //! Errors are types to branch on, not messages to parse: [`Error`] says what failed (the URL,
 //! the first connection with the HTTP status of a refused handshake, a request, a log read),
 //! [`ClientError`] why a request failed (with the server's [`ServerCode`]), and
@@ -93,12 +98,13 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, Stream, StreamExt};
 use http_body_util::{BodyExt, Empty};
 use ivy_client_core as ivy_core;
-use ivy_core::client::{self, Action, ClientEvent, RequestId, SubId};
+use ivy_core::client::{self, Action, ClientEvent, RequestId, SubId, WatchId};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{self, Message};
 
-pub use ivy_core::client::{ClientError, Config, ServerCode, Start, SubscriptionError};
+pub use ivy_core::client::{ClientError, Config, PresenceEvent, PresenceView, ServerCode, Start, SubscriptionError};
+pub use ivy_core::presence::{Member, MemberId};
 
 /// The state of a [`Client`]'s connection ([`Client::state`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -409,6 +415,9 @@ enum Cmd {
     Unsubscribe(u64, Option<oneshot::Sender<()>>),
     Send(String, String, oneshot::Sender<Result<Timestamp, ClientError>>),
     Time(oneshot::Sender<Result<Timestamp, ClientError>>),
+    Watch(String, mpsc::UnboundedSender<PresenceEvent>, oneshot::Sender<Result<u64, ClientError>>),
+    Unwatch(u64),
+    Who(String, oneshot::Sender<Result<PresenceView, ClientError>>),
     Close(oneshot::Sender<()>),
 }
 
@@ -648,6 +657,8 @@ impl ClientBuilder {
             resumes: FuturesUnordered::new(),
             sends: HashMap::new(),
             times: HashMap::new(),
+            watches: HashMap::new(),
+            whos: HashMap::new(),
         };
         tokio::spawn(driver.run(rx));
         let client = Client { tx, state: state_rx.clone(), connections, logs, buffer, last_error: last_error.clone(), unauthorized };
@@ -957,6 +968,43 @@ impl Client {
         self.logs.log(path, query).await
     }
 
+    /// Watches who is present at `path` (**Extension**, `docs/PROTOCOL.md` 5.10): the members
+    /// subscribed at the path or below (a token's `sub`, or an anonymous connection), live.
+    ///
+    /// The stream yields the first [`PresenceEvent::Snapshot`], then [`PresenceEvent::Join`],
+    /// [`PresenceEvent::Leave`] and [`PresenceEvent::Count`]; after a reconnect the client
+    /// watches again and yields only the differences between the fresh snapshot and what it
+    /// reported (no phantom members, no missed leaves); a `Snapshot` again replaces the view when
+    /// a channel passes the server's `--presence-max-list` (counted, not listed, from then on:
+    /// [`PresenceView::complete`] false). [`PresenceStream::view`] is the view
+    /// after the items taken so far. The watch subscribes this connection to `path` on the
+    /// server (so this client is itself present there). The stream ends after
+    /// [`PresenceEvent::Failed`] (refused: no read grant covering `path`, or a server without
+    /// presence) or [`PresenceEvent::Ended`]; dropping it ends the watch.
+    ///
+    /// Presence events are few (the server coalesces a channel's changes per 100 ms tick, and
+    /// reports counts only above its `--presence-max-list`) and are buffered without bound
+    /// until taken: read the stream.
+    pub async fn presence(&self, path: &str) -> Result<PresenceStream, Error> {
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let (reply_tx, reply) = oneshot::channel();
+        self.tx.send(Cmd::Watch(path.to_string(), events_tx, reply_tx)).map_err(|_| Error::Closed)?;
+        let id = reply.await.map_err(|_| Error::Closed)??;
+        let path = ivy_core::path::normalize(path.as_bytes()).map(|p| p.into_owned()).unwrap_or_default();
+        let view = PresenceView { path, complete: true, ..PresenceView::default() };
+        Ok(PresenceStream { id, events, tx: self.tx.clone(), view, ended: false })
+    }
+
+    /// Who is present at `path` (or below) now, once (**Extension** `~?PATH`; no
+    /// subscription): the members, sorted by id (subs first), with their connections and info.
+    /// Needs a connection ([`ClientError::NotConnected`] otherwise) and a read grant covering
+    /// `path`. Over HTTP alone: `GET /presence/<path>` (what `ivy who` reads).
+    pub async fn who(&self, path: &str) -> Result<PresenceView, Error> {
+        let (reply_tx, reply) = oneshot::channel();
+        self.tx.send(Cmd::Who(path.to_string(), reply_tx)).map_err(|_| Error::Closed)?;
+        Ok(reply.await.map_err(|_| Error::Closed)??)
+    }
+
     /// A watch of the connection state. A watch shows the latest state only: a connection
     /// that drops and comes back between two looks may show as `Connected` throughout; see
     /// [`Client::connections`].
@@ -1037,6 +1085,81 @@ impl Drop for Subscription {
         if !self.unsubscribed {
             let _ = self.tx.send(Cmd::Unsubscribe(self.id, None));
         }
+    }
+}
+
+/// The presence of a path, live ([`Client::presence`]): a stream of [`PresenceEvent`]s and the
+/// view they build ([`PresenceStream::view`]). Dropping it ends the watch.
+#[derive(Debug)]
+pub struct PresenceStream {
+    id: u64,
+    events: mpsc::UnboundedReceiver<PresenceEvent>,
+    tx: mpsc::UnboundedSender<Cmd>,
+    view: PresenceView,
+    ended: bool,
+}
+
+impl PresenceStream {
+    /// Who is present, after the items taken from the stream so far (empty before the
+    /// snapshot): members sorted by id (subs first), and the count.
+    pub fn view(&self) -> &PresenceView {
+        &self.view
+    }
+
+    /// Takes the stream's items up to the first snapshot and returns the view; `Err` when
+    /// the watch failed or ended first.
+    pub async fn snapshot(&mut self) -> Result<&PresenceView, Error> {
+        loop {
+            match self.next().await {
+                Some(PresenceEvent::Snapshot(_)) => return Ok(&self.view),
+                Some(PresenceEvent::Failed(e)) => return Err(e.into()),
+                Some(PresenceEvent::Ended(reason)) => {
+                    let code = ServerCode::from_wire("subscription-ended");
+                    return Err(Error::Request(ClientError::Server { code, message: reason }));
+                }
+                Some(_) => {}
+                None => return Err(Error::Closed),
+            }
+        }
+    }
+
+    fn apply(&mut self, e: &PresenceEvent) {
+        let v = &mut self.view;
+        match e {
+            PresenceEvent::Snapshot(s) => *v = s.clone(),
+            PresenceEvent::Join(m) => match v.members.binary_search_by(|x| x.id.cmp(&m.id)) {
+                Ok(i) => v.members[i] = m.clone(),
+                Err(i) => v.members.insert(i, m.clone()),
+            },
+            PresenceEvent::Leave(m) => {
+                if let Ok(i) = v.members.binary_search_by(|x| x.id.cmp(&m.id)) {
+                    v.members.remove(i);
+                }
+            }
+            PresenceEvent::Count(n) => v.count = *n,
+            PresenceEvent::Failed(_) | PresenceEvent::Ended(_) => self.ended = true,
+        }
+    }
+}
+
+impl Stream for PresenceStream {
+    type Item = PresenceEvent;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<PresenceEvent>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let item = self.events.poll_recv(cx);
+        if let Poll::Ready(Some(e)) = &item {
+            let e = e.clone();
+            self.apply(&e);
+        }
+        item
+    }
+}
+
+impl Drop for PresenceStream {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Cmd::Unwatch(self.id));
     }
 }
 
@@ -1135,6 +1258,9 @@ struct Driver {
     resumes: FuturesUnordered<Pin<Box<dyn Future<Output = u64> + Send>>>,
     sends: HashMap<RequestId, oneshot::Sender<Result<Timestamp, ClientError>>>,
     times: HashMap<RequestId, oneshot::Sender<Result<Timestamp, ClientError>>>,
+    /// The application's presence streams, by the core's watch.
+    watches: HashMap<WatchId, mpsc::UnboundedSender<PresenceEvent>>,
+    whos: HashMap<RequestId, oneshot::Sender<Result<PresenceView, ClientError>>>,
 }
 
 type Connecting = Pin<Box<dyn Future<Output = Result<Ws, Error>> + Send>>;
@@ -1392,6 +1518,26 @@ impl Driver {
                     let _ = reply.send(Err(e));
                 }
             },
+            Cmd::Watch(path, events, reply) => {
+                let r = self.core.watch_presence(now, &path).map(|id| {
+                    self.watches.insert(id, events);
+                    id.0
+                });
+                let _ = reply.send(r);
+            }
+            Cmd::Unwatch(id) => {
+                if self.watches.remove(&WatchId(id)).is_some() {
+                    self.core.unwatch_presence(now, WatchId(id));
+                }
+            }
+            Cmd::Who(path, reply) => match self.core.who(now, &path) {
+                Ok(id) => {
+                    self.whos.insert(id, reply);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
             Cmd::Close(_) => {}
         }
     }
@@ -1479,6 +1625,21 @@ impl Driver {
                         let _ = tx.send(result);
                     }
                 }
+                ClientEvent::Presence { watch, event } => {
+                    let last = matches!(event, PresenceEvent::Failed(_) | PresenceEvent::Ended(_));
+                    let gone = self.watches.get(&watch).is_none_or(|tx| tx.send(event).is_err());
+                    if last || gone {
+                        self.watches.remove(&watch);
+                        if gone && !last {
+                            self.core.unwatch_presence(self.now(), watch);
+                        }
+                    }
+                }
+                ClientEvent::Who { id, result } => {
+                    if let Some(tx) = self.whos.remove(&id) {
+                        let _ = tx.send(result);
+                    }
+                }
                 ClientEvent::State(state) => {
                     tracing::debug!(?state, "connection state");
                     let state = match state {
@@ -1493,6 +1654,7 @@ impl Driver {
                         client::ConnState::Unauthorized => ConnState::Unauthorized,
                     };
                     if state == ConnState::Closed {
+                        self.watches.clear();
                         self.routes.clear();
                         self.by_core.clear();
                         self.resumes = FuturesUnordered::new();
@@ -1527,6 +1689,9 @@ impl Driver {
                         tokio::spawn(async move {
                             let _ = route.tx.send(Err(SubscriptionError::Refused(ClientError::Unauthorized))).await;
                         });
+                    }
+                    for (_, tx) in self.watches.drain() {
+                        let _ = tx.send(PresenceEvent::Failed(ClientError::Unauthorized));
                     }
                 }
                 ClientEvent::Warning(w) => tracing::warn!("{w}"),

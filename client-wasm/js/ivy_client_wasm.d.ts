@@ -178,6 +178,41 @@ export interface LogOptions {
   n?: number;
 }
 
+/** A member of a channel's presence: a token's `sub` (with the token's public `info` claim,
+ * if it has one), or an anonymous connection's server-assigned `anon` id (16 hex digits, new
+ * at each connection: an anonymous reload is a leave and a join). */
+export type IvyMember =
+  | { sub: string; anon?: undefined; info?: Record<string, unknown>; conns: number }
+  | { anon: string; sub?: undefined; info?: undefined; conns: number };
+
+/** Who is present at a path: the members subscribed at it or below (the union over its
+ * channels), sorted (subs first). */
+export interface IvyPresenceView {
+  /** The normalized path. */
+  path: string;
+  /** The number of distinct members (an estimate when `complete` is false). */
+  count: number;
+  /** The members; `conns`: their connections subscribed there (summed over channels; a
+   * member that joined since the snapshot counts 1). */
+  members: IvyMember[];
+  /** False when a channel had more members than the server lists (its
+   * `--presence-max-list`): those are missing from `members`, and `count` is an estimate. */
+  complete: boolean;
+}
+
+/** What a presence watch reports: the first snapshot, then members joining and leaving the
+ * view and its count (a "snapshot" again replaces the view when a channel passes the server's
+ * `--presence-max-list` and is counted, not listed, from then on: `complete` false); after a reconnect only real changes (no leave and join of someone who
+ * stayed). "error" is the last one: the server refused the watch (for example "forbidden":
+ * no read grant covering the path; "malformed": a server without presence) or ended it
+ * ("subscription-ended"). */
+export type IvyPresenceEvent =
+  | { type: "snapshot"; view: IvyPresenceView }
+  | { type: "join"; member: IvyMember }
+  | { type: "leave"; member: IvyMember }
+  | { type: "count"; count: number }
+  | { type: "error"; error: IvyError };
+
 /** A page of the log, oldest first, with the cursor of the next one. */
 export interface IvyLogPage extends Array<IvyEvent> {
   /** Where the next page starts (pass it as `after`), or null when the server said this page
@@ -235,6 +270,15 @@ export class IvyClient {
   send(path: string, data: string | Uint8Array): Promise<IvyTimestamp>;
   /** The server's current time. */
   timestamp(): Promise<IvyTimestamp>;
+  /** Watches who is present at `path` (the members subscribed at it or below; the presence
+   * extension, docs/PROTOCOL.md 5.10): `callback` gets `{type: "snapshot"}` first, then
+   * "join", "leave" and "count", kept right across reconnects. The watch subscribes this
+   * client to `path` (so it is present there itself). Throws an `IvyError` for an invalid
+   * path; a refusal by the server comes as `{type: "error"}`. */
+  presence(path: string, callback: (event: IvyPresenceEvent) => void): IvyPresence;
+  /** Who is present at `path` now, once (no subscription). Rejects with an `IvyError`:
+   * "not-connected", "forbidden", "timeout", ... */
+  who(path: string): Promise<IvyPresenceView>;
   /** A page of a channel's stored history (its whole subtree), oldest first: `limit` events
    * (default `pageLimit`, 1000) after `after` (default: from the oldest), with the cursor
    * `next`; or the last `n` events. Rejects with an `IvyError`: "invalid-path",
@@ -252,6 +296,20 @@ export class IvyClient {
   close(): void;
   /** `close()`, for `using client = new IvyClient(...)` (where the runtime has
    * `Symbol.dispose`). */
+  [Symbol.dispose](): void;
+}
+
+/** A presence watch. */
+export class IvyPresence {
+  private constructor();
+  /** The watched path (normalized once the module is loaded). */
+  readonly path: string;
+  /** The view after the events delivered so far (a copy; empty before the snapshot). */
+  readonly view: IvyPresenceView;
+  /** Ends the watch: its callback is not called again. (This client stays subscribed to the
+   * path if a subscription of its own holds it.) */
+  stop(): void;
+  /** `stop()`, for `using watch = client.presence(...)`. */
   [Symbol.dispose](): void;
 }
 

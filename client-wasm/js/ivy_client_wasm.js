@@ -425,6 +425,42 @@ export class IvyClient {
     return this.#request((raw) => raw.timestamp());
   }
 
+  presence(path, callback) {
+    if (typeof callback !== "function") throw invalid("the presence callback must be a function");
+    const report = this.#report;
+    const watch = new IvyPresence(path);
+    const inner = watch[INNER];
+    const cb = guarded((e) => {
+      applyPresence(inner.view, e);
+      if (e.type === "error") inner.ended = true;
+      callback(e);
+    }, report);
+    const run = () => {
+      if (inner.ended) return;
+      inner.raw = this.#raw.presence(path, cb);
+      inner.view.path = inner.raw.path;
+    };
+    if (this.#raw) run();
+    else {
+      this.#whenLoaded(
+        () => {
+          try {
+            run();
+          } catch (e) {
+            inner.ended = true;
+            cb({ type: "error", error: e });
+          }
+        },
+        () => {},
+      );
+    }
+    return watch;
+  }
+
+  who(path) {
+    return this.#request((raw) => raw.who(path));
+  }
+
   log(path, options) {
     let o;
     try {
@@ -467,6 +503,67 @@ export class IvyClient {
 
 if (typeof Symbol.dispose === "symbol") {
   IvyClient.prototype[Symbol.dispose] = IvyClient.prototype.close;
+}
+
+/** A member's key in a view: subs and anonymous ids never collide. */
+function memberKey(m) {
+  return m.sub !== undefined ? `=${m.sub}` : `-${m.anon}`;
+}
+
+/** Subs first, then anonymous members, each by code unit order (the server's and the core's
+ * order, for ASCII ids). */
+function memberOrder(a, b) {
+  if ((a.sub === undefined) !== (b.sub === undefined)) return a.sub === undefined ? 1 : -1;
+  const x = a.sub ?? a.anon;
+  const y = b.sub ?? b.anon;
+  return x < y ? -1 : x > y ? 1 : 0;
+}
+
+/** Keeps `view` (`{path, count, members, complete}`) as the watch's events describe it. */
+function applyPresence(view, e) {
+  if (e.type === "snapshot") {
+    Object.assign(view, e.view, { members: [...e.view.members] });
+  } else if (e.type === "join") {
+    const key = memberKey(e.member);
+    const i = view.members.findIndex((m) => memberKey(m) === key);
+    if (i >= 0) view.members[i] = e.member;
+    else {
+      view.members.push(e.member);
+      view.members.sort(memberOrder);
+    }
+  } else if (e.type === "leave") {
+    const key = memberKey(e.member);
+    view.members = view.members.filter((m) => memberKey(m) !== key);
+  } else if (e.type === "count") {
+    view.count = e.count;
+  }
+}
+
+/** A presence watch; `stop()` ends it. */
+export class IvyPresence {
+  constructor(path) {
+    this[INNER] = { raw: null, ended: false, view: { path, count: 0, members: [], complete: true } };
+  }
+
+  get path() {
+    return this[INNER].view.path;
+  }
+
+  /** The view after the events delivered so far (a copy). */
+  get view() {
+    const v = this[INNER].view;
+    return { ...v, members: [...v.members] };
+  }
+
+  stop() {
+    const inner = this[INNER];
+    inner.ended = true;
+    inner.raw?.stop();
+  }
+}
+
+if (typeof Symbol.dispose === "symbol") {
+  IvyPresence.prototype[Symbol.dispose] = IvyPresence.prototype.stop;
 }
 
 /** The state of an `IvySubscription`, out of the application's sight. */

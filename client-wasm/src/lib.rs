@@ -45,8 +45,12 @@ use core::cell::{Cell, RefCell};
 
 use ivy_client_core as ivy_core;
 use ivy_core::Timestamp;
-use ivy_core::client::{self, Action, ClientError, ClientEvent, ConnState, RequestId, Start, SubId, SubscriptionError, Token};
+use ivy_core::client::{
+    self, Action, ClientError, ClientEvent, ConnState, PresenceEvent, PresenceView, RequestId, Start, SubId, SubscriptionError, Token,
+    WatchId,
+};
 use ivy_core::http::{Endpoints, LogQuery};
+use ivy_core::presence::{Member, MemberId};
 use ivy_core::wire::Sender;
 use js_sys::{Array, Function, Object, Promise, Reflect, Uint8Array};
 use wasm_bindgen::JsCast;
@@ -78,6 +82,9 @@ export interface IvyEvent { ts: string; path: string; data: string; sender?: Ivy
 export type IvyOptions = Record<string, number | boolean>;
 export interface SubscribeOptions { from?: string; onError?: (err: Error) => void }
 export interface LogOptions { after?: string; limit?: number; n?: number }
+export interface IvyMember { sub?: string; anon?: string; info?: Record<string, unknown>; conns: number }
+export interface IvyPresenceView { path: string; count: number; members: IvyMember[]; complete: boolean }
+export type IvyPresenceEvent = { type: "snapshot"; view: IvyPresenceView } | { type: "join"; member: IvyMember } | { type: "leave"; member: IvyMember } | { type: "count"; count: number } | { type: "error"; error: Error };
 "#;
 
 #[wasm_bindgen]
@@ -171,6 +178,70 @@ fn status_str(s: ConnState) -> &'static str {
     }
 }
 
+fn set(o: &Object, key: &str, value: &JsValue) {
+    let _ = Reflect::set(o, &key.into(), value);
+}
+
+/// `{sub, info?, conns}` or `{anon, conns}` (the server's member objects; `info` parsed).
+fn member_object(m: &Member) -> JsValue {
+    let o = Object::new();
+    match &m.id {
+        MemberId::Sub(s) => set(&o, "sub", &JsValue::from_str(s)),
+        MemberId::Anon(a) => set(&o, "anon", &JsValue::from_str(a)),
+    }
+    if let Some(info) = m.info.as_deref().and_then(|i| js_sys::JSON::parse(i).ok()) {
+        set(&o, "info", &info);
+    }
+    set(&o, "conns", &JsValue::from(m.conns));
+    o.into()
+}
+
+fn view_object(v: &PresenceView) -> JsValue {
+    let o = Object::new();
+    set(&o, "path", &JsValue::from_str(&v.path));
+    set(&o, "count", &JsValue::from(v.count as f64));
+    let members: Array = v.members.iter().map(member_object).collect();
+    set(&o, "members", &members);
+    set(&o, "complete", &JsValue::from(v.complete));
+    o.into()
+}
+
+/// `{type: "snapshot", view}`, `{type: "join" | "leave", member}`, `{type: "count", count}` or
+/// `{type: "error", error}` (the watch was refused or ended: it is over).
+fn presence_object(e: &PresenceEvent) -> JsValue {
+    let o = Object::new();
+    let kind = match e {
+        PresenceEvent::Snapshot(v) => {
+            set(&o, "view", &view_object(v));
+            "snapshot"
+        }
+        PresenceEvent::Join(m) => {
+            set(&o, "member", &member_object(m));
+            "join"
+        }
+        PresenceEvent::Leave(m) => {
+            set(&o, "member", &member_object(m));
+            "leave"
+        }
+        PresenceEvent::Count(n) => {
+            set(&o, "count", &JsValue::from(*n as f64));
+            "count"
+        }
+        PresenceEvent::Failed(err) => {
+            set(&o, "error", &client_error(err));
+            "error"
+        }
+        PresenceEvent::Ended(reason) => {
+            let mut message = String::from("presence ended by the server: ");
+            message.push_str(reason);
+            set(&o, "error", &ivy_error(&message, "subscription-ended", false).into());
+            "error"
+        }
+    };
+    set(&o, "type", &kind.into());
+    o.into()
+}
+
 fn event_object(e: &ivy_core::Event<'_>) -> JsValue {
     let o = Object::new();
     let _ = Reflect::set(&o, &"ts".into(), &e.ts.to_string().into());
@@ -245,6 +316,9 @@ struct State {
     /// Few entries: vectors (a hash map would cost code size in the .wasm).
     subs: Vec<(SubId, SubCallbacks)>,
     requests: Vec<(RequestId, Function, Function)>,
+    /// Presence watches and their callbacks; presence queries and their promise's functions.
+    watches: Vec<(WatchId, Function)>,
+    whos: Vec<(RequestId, Function, Function)>,
     status_callbacks: Vec<Function>,
     /// The input being handled, for the status callbacks: "start", "open", "in", "close",
     /// "timeout", "closed" (`close()`), "send-failed", "socket-error", "unauthorized" (a probe
@@ -323,6 +397,40 @@ impl IvySubscription {
     }
 }
 
+/// A presence watch; call `stop()` to end it.
+#[wasm_bindgen]
+pub struct IvyPresence {
+    inner: Weak<Inner>,
+    id: WatchId,
+    path: String,
+}
+
+impl core::fmt::Debug for IvyPresence {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("IvyPresence").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+#[wasm_bindgen]
+impl IvyPresence {
+    /// The watch's normalized path.
+    #[wasm_bindgen(getter)]
+    pub fn path(&self) -> String {
+        self.path.clone()
+    }
+
+    /// Ends the watch: its callback is not called again.
+    pub fn stop(&self) {
+        if let Some(inner) = self.inner.upgrade() {
+            if let Ok(mut st) = inner.state.try_borrow_mut() {
+                st.watches.retain(|(id, _)| *id != self.id);
+                st.core.unwatch_presence(now(), self.id);
+            }
+            pump(&inner);
+        }
+    }
+}
+
 /// A `Config` setter of a duration option.
 type Setter = fn(client::Config, client::Millis) -> client::Config;
 
@@ -391,6 +499,8 @@ impl IvyClient {
             timer: None,
             subs: Vec::new(),
             requests: Vec::new(),
+            watches: Vec::new(),
+            whos: Vec::new(),
             status_callbacks: Vec::new(),
             cause: "start",
             close_code: None,
@@ -507,6 +617,49 @@ impl IvyClient {
             let text = text?;
             core.send(now(), path, &text).map_err(|e| client_error(&e))
         })
+    }
+
+    /// Watches who is present at `path` (subscribed at it or below; the presence extension):
+    /// `callback` gets the first snapshot, then joins, leaves and counts, resynchronised after
+    /// each reconnect (only real changes are reported), and a last `{type: "error"}` if the
+    /// server refuses or ends the watch. The watch subscribes this client to `path` too.
+    pub fn presence(
+        &self,
+        path: &str,
+        #[wasm_bindgen(unchecked_param_type = "(event: IvyPresenceEvent) => void")] callback: Function,
+    ) -> Result<IvyPresence, JsValue> {
+        let result = {
+            let mut st = self.inner.state.try_borrow_mut().map_err(|_| busy())?;
+            let id = st.core.watch_presence(now(), path).map_err(|e| client_error(&e))?;
+            st.watches.push((id, callback));
+            let path = st.core.watch_path(id).unwrap_or(path).to_string();
+            IvyPresence { inner: Rc::downgrade(&self.inner), id, path }
+        };
+        pump(&self.inner);
+        Ok(result)
+    }
+
+    /// Who is present at `path` now, once (no subscription): resolves to
+    /// `{path, count, members, complete}`. Needs a connection ("not-connected" otherwise).
+    #[wasm_bindgen(unchecked_return_type = "Promise<IvyPresenceView>")]
+    pub fn who(&self, path: &str) -> Promise {
+        let mut resolve_reject = None;
+        let promise = Promise::new(&mut |resolve, reject| resolve_reject = Some((resolve, reject)));
+        let Some((resolve, reject)) = resolve_reject else { return promise };
+        match self.inner.state.try_borrow_mut() {
+            Ok(mut st) => match st.core.who(now(), path) {
+                Ok(id) => st.whos.push((id, resolve, reject)),
+                Err(e) => {
+                    drop(st);
+                    let _ = reject.call1(&JsValue::NULL, &client_error(&e));
+                }
+            },
+            Err(_) => {
+                let _ = reject.call1(&JsValue::NULL, &busy());
+            }
+        }
+        pump(&self.inner);
+        promise
     }
 
     /// The server's current time.
@@ -828,12 +981,31 @@ fn queue_event(inner: &Rc<Inner>, st: &mut State, event: ClientEvent) {
                 calls.push_back(Call(f, subscription_error(&SubscriptionError::Ended(reason))));
             }
         }
+        ClientEvent::Presence { watch, event } => {
+            if let Some(i) = st.watches.iter().position(|(id, _)| *id == watch) {
+                let f = st.watches[i].1.clone();
+                if matches!(event, PresenceEvent::Failed(_) | PresenceEvent::Ended(_)) {
+                    st.watches.remove(i);
+                }
+                calls.push_back(Call(f, presence_object(&event)));
+            }
+        }
+        ClientEvent::Who { id, result } => {
+            if let Some(i) = st.whos.iter().position(|(r, _, _)| *r == id) {
+                let (_, resolve, reject) = st.whos.remove(i);
+                match result {
+                    Ok(view) => calls.push_back(Call(resolve, view_object(&view))),
+                    Err(e) => calls.push_back(Call(reject, client_error(&e))),
+                }
+            }
+        }
         ClientEvent::TokenRefused { error } => web_sys_warn(&format!("the refreshed token was refused: {error}")),
         // The status change that follows carries the reason (`onStatus`).
         ClientEvent::Unauthorized { .. } => {}
         ClientEvent::State(s) => {
             if matches!(s, ConnState::Closed | ConnState::Unauthorized) {
                 st.subs.clear();
+                st.watches.clear();
             }
             // Why the token was refused, while waiting for a fresh one or for good.
             let why = match s {

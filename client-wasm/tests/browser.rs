@@ -386,3 +386,95 @@ async fn debug_state_shows_the_subscriptions_the_requests_and_the_trace() {
     assert_eq!(at(&d, &["client", "state"]).as_string().as_deref(), Some("closed"));
     assert!(js_sys::Array::from(&at(&d, &["trace"])).iter().any(|e| get(&e, "kind") == "disconnect"));
 }
+
+type Presence = Rc<RefCell<Vec<JsValue>>>;
+
+/// A presence callback that records the events, and the record.
+fn presence_recorder() -> (Function, Presence) {
+    let events: Presence = Rc::default();
+    let e = events.clone();
+    let cb = Closure::<dyn FnMut(JsValue)>::new(move |ev: JsValue| e.borrow_mut().push(ev));
+    let f: Function = cb.as_ref().unchecked_ref::<Function>().clone();
+    cb.forget();
+    (f, events)
+}
+
+async fn wait_presence(events: &Presence, n: usize, what: &str) {
+    for _ in 0..400 {
+        if events.borrow().len() >= n {
+            return;
+        }
+        sleep(25).await;
+    }
+    panic!("{what}: {} of {n} presence events after 10 s: {:?}", events.borrow().len(), events.borrow());
+}
+
+fn kind(e: &JsValue) -> String {
+    get(e, "type")
+}
+
+fn at_path(o: &JsValue, path: &[&str]) -> JsValue {
+    path.iter().fold(o.clone(), |v, k| Reflect::get(&v, &(*k).into()).unwrap_or(JsValue::UNDEFINED))
+}
+
+#[wasm_bindgen_test]
+async fn presence_watch_and_who() {
+    // The server runs without auth: every connection is an anonymous member of its own.
+    let path = unique("presence");
+    let a = IvyClient::new(server(), Some(fast())).unwrap();
+    connected(&a).await;
+    let (cb, events) = presence_recorder();
+    let watch = a.presence(&path, cb).unwrap();
+    assert_eq!(watch.path(), path);
+    wait_presence(&events, 1, "the snapshot").await;
+    let first = events.borrow()[0].clone();
+    assert_eq!(kind(&first), "snapshot");
+    assert_eq!(at_path(&first, &["view", "count"]).as_f64(), Some(1.0), "the watcher is present itself");
+    let me = get(&at_path(&first, &["view", "members"]).unchecked_into::<js_sys::Array>().get(0), "anon");
+    assert_eq!(me.len(), 16, "an anonymous id: {me}");
+    assert_eq!(at_path(&first, &["view", "complete"]).as_bool(), Some(true));
+
+    // Another client subscribes below the path: a join of another anonymous member, and the count.
+    let b = IvyClient::new(server(), Some(fast())).unwrap();
+    connected(&b).await;
+    let (noop, _) = recorder();
+    let sub = b.subscribe(&format!("{path}/x"), noop, None).unwrap();
+    wait_presence(&events, 3, "a join and a count").await;
+    let (join, count) = (events.borrow()[1].clone(), events.borrow()[2].clone());
+    assert_eq!(kind(&join), "join");
+    let other = get(&at_path(&join, &["member"]), "anon");
+    assert!(other.len() == 16 && other != me, "{other}");
+    assert_eq!(at_path(&join, &["member", "conns"]).as_f64(), Some(1.0));
+    assert_eq!((kind(&count), at_path(&count, &["count"]).as_f64()), ("count".to_string(), Some(2.0)));
+    // A one-off query from b (no subscription of its own there besides /x).
+    let view = ok(b.who(&path)).await;
+    assert_eq!(at_path(&view, &["count"]).as_f64(), Some(2.0));
+    assert_eq!(at_path(&view, &["path"]).as_string().as_deref(), Some(path.as_str()));
+    // Events of the path never reach the presence callback, presence never the subscription.
+    let (rec, got) = recorder();
+    let events_sub = a.subscribe(&path, rec, None).unwrap();
+    ok(b.send(&format!("{path}/x"), "hello".into())).await;
+    wait_for(&got, 1, "the event").await;
+    assert_eq!(events.borrow().len(), 3, "no presence event for an event: {:?}", events.borrow());
+    // b leaves (the server's linger is 1 s): a leave and the count.
+    sub.unsubscribe();
+    wait_presence(&events, 5, "a leave and a count").await;
+    let (leave, count) = (events.borrow()[3].clone(), events.borrow()[4].clone());
+    assert_eq!((kind(&leave), get(&at_path(&leave, &["member"]), "anon")), ("leave".to_string(), other));
+    assert_eq!(at_path(&count, &["count"]).as_f64(), Some(1.0));
+    assert_eq!(got.borrow().len(), 1, "only the event reached the subscription");
+    // Stopped: nothing more.
+    watch.stop();
+    let sub2 = b.subscribe(&path, recorder().0, None).unwrap();
+    sleep(600).await;
+    assert_eq!(events.borrow().len(), 5);
+    // who needs a connection; an invalid path is refused.
+    let e = rejection(b.who("/Not Valid")).await;
+    assert_eq!(get(&e, "code"), "invalid-path");
+    sub2.unsubscribe();
+    events_sub.unsubscribe();
+    a.close();
+    let e = rejection(a.who(&path)).await;
+    assert_eq!(get(&e, "code"), "closed");
+    b.close();
+}

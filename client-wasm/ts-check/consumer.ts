@@ -3,6 +3,7 @@
 import init, {
   tokenExp, IvyClient, IvySubscription, type IvyError, type IvyErrorCode, type IvyEvent, type IvyStatus, type IvyOptions, type LogOptions,
   type IvyStatusReason, type IvyTimestamp, type IvySender,
+  IvyPresence, type IvyPresenceEvent, type IvyPresenceView, type IvyMember,
 } from "ivy-client-wasm";
 
 export async function demo(): Promise<string> {
@@ -85,5 +86,23 @@ export async function demo(): Promise<string> {
   void new IvyClient("/", { token: 42 });
   // @ts-expect-error: getToken returns a token (or a promise of one)
   void new IvyClient("/", { getToken: () => 42 });
-  return [current, ts, ts2, now, asString, why.code, String(page.length + last.length), tokenCodes.join()].join(" ");
+  // Presence: a live watch with a handle, and a one-off query.
+  const names: string[] = [];
+  const watch: IvyPresence = client.presence("/chat/room1", (e: IvyPresenceEvent) => {
+    if (e.type === "snapshot") names.push(...e.view.members.map((m: IvyMember) => m.sub ?? `anon ${m.anon}`));
+    else if (e.type === "join") names.push(e.member.sub ?? e.member.anon);
+    else if (e.type === "leave") console.log("left", e.member.sub, e.member.conns);
+    else if (e.type === "count") console.log(e.count);
+    else console.warn(e.error.code);
+  });
+  const nick: unknown = watch.view.members[0]?.info?.nick;
+  const watched: string = watch.path;
+  watch.stop();
+  const here: IvyPresenceView = await client.who("/chat");
+  const complete: boolean = here.complete;
+  // @ts-expect-error: the callback receives an IvyPresenceEvent
+  client.presence("/x", (e: string) => e);
+  // @ts-expect-error: an event of type "count" has no member
+  client.presence("/x", (e) => e.type === "count" && e.member);
+  return [current, ts, ts2, now, asString, why.code, String(page.length + last.length), tokenCodes.join(), String(nick), watched, String(here.count + Number(complete))].join(" ");
 }

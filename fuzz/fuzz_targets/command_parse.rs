@@ -20,7 +20,7 @@ fuzz_target!(|msg: &[u8]| {
                 assert!(!key.contains(&b'#'));
             }
             match &cmd.op {
-                Op::Subscribe(p) | Op::Unsubscribe(p) | Op::Send { path: p, .. } => assert!(is_normalized(p), "{p:?}"),
+                Op::Subscribe(p) | Op::Unsubscribe(p) | Op::Send { path: p, .. } | Op::PresenceWatch(p) | Op::PresenceQuery(p) => assert!(is_normalized(p), "{p:?}"),
                 Op::Timestamp | Op::Refresh(_) => {}
             }
             let encoded = cmd.to_bytes();

@@ -39,6 +39,8 @@ fuzz_target!(|line: &[u8]| {
                 }
             }
         }
+        // Presence lines (extension): parsed without panic is the property.
+        Ok(ServerLine::Presence(_)) => {}
         Err(e) => {
             let _ = e.to_string();
             if line.first() == Some(&b'@') {

@@ -127,6 +127,9 @@ pub struct Principal {
     pub exp: Option<u64>,
     /// The token's `jti` (its id), if it has one: what `POST /admin/revoke` names.
     pub jti: Option<Box<str>>,
+    /// The token's `info` claim (public info of its member in presence: a JSON object, as
+    /// compact JSON of at most [`crate::engine::presence::MAX_INFO_BYTES`] bytes).
+    pub info: Option<Arc<str>>,
 }
 
 /// What one connection or request may do.
@@ -216,6 +219,14 @@ struct Claims {
     read: Vec<String>,
     #[serde(default)]
     write: Vec<String>,
+    /// Present (even `null`) or absent: a present non-object is refused.
+    #[serde(default, deserialize_with = "present")]
+    info: Option<serde_json::Value>,
+}
+
+/// A claim that is present, whatever its value (`null` included).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(d).map(Some)
 }
 
 /// The server's token rules: its keys and checks, and the anonymous grants.
@@ -285,7 +296,7 @@ impl Auth {
         Ok(Auth {
             keys,
             validations,
-            anonymous: Arc::new(Principal { sub: None, read, write, exp: None, jti: None }),
+            anonymous: Arc::new(Principal { sub: None, read, write, exp: None, jti: None, info: None }),
             revoked: Arc::default(),
         })
     }
@@ -377,8 +388,24 @@ fn principal(c: Claims, now: u64, anonymous: &Principal) -> Result<Principal, To
     let Some(exp) = c.exp else { return Err(TokenError("invalid token: no exp claim".into())) };
     let read = Grants::new(&c.read).map_err(|e| TokenError(format!("invalid token: read claim: {e}")))?.with(&anonymous.read);
     let write = Grants::new(&c.write).map_err(|e| TokenError(format!("invalid token: write claim: {e}")))?.with(&anonymous.write);
+    let info = match c.info {
+        None => None,
+        Some(v @ serde_json::Value::Object(_)) => {
+            let text = serde_json::to_string(&v).unwrap_or_default();
+            if text.len() > crate::engine::presence::MAX_INFO_BYTES {
+                return Err(info_refused());
+            }
+            Some(Arc::from(text))
+        }
+        Some(_) => return Err(info_refused()),
+    };
     let jti = c.jti.filter(|j| !j.is_empty()).map(String::into_boxed_str);
-    Ok(Principal { sub: Some(sub.into_boxed_str()), read, write, exp: Some(exp), jti })
+    Ok(Principal { sub: Some(sub.into_boxed_str()), read, write, exp: Some(exp), jti, info })
+}
+
+/// Why a token's `info` claim is refused.
+fn info_refused() -> TokenError {
+    TokenError(format!("info claim must be a JSON object of at most {} bytes", crate::engine::presence::MAX_INFO_BYTES))
 }
 
 /// The one-line reason for a failed verification.
@@ -573,6 +600,24 @@ mod tests {
 
     fn token(secret: &str, claims: serde_json::Value) -> String {
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+    }
+
+    #[test]
+    fn the_info_claim_is_a_small_json_object() {
+        let a = auth(Config::default().auth_hmac_secrets(vec!["k".into()]));
+        let now = now_unix();
+        let t = token("k", serde_json::json!({"sub": "ada", "exp": now + 60, "info": {"name": "Ada", "n": [1, 2]}}));
+        assert_eq!(a.verify(&t, now).unwrap().info.as_deref(), Some(r#"{"n":[1,2],"name":"Ada"}"#));
+        let none = token("k", serde_json::json!({"sub": "ada", "exp": now + 60}));
+        assert_eq!(a.verify(&none, now).unwrap().info, None);
+        let refused = "info claim must be a JSON object of at most 1024 bytes";
+        for info in [serde_json::json!("Ada"), serde_json::json!([1]), serde_json::json!(null), serde_json::json!({"x": "y".repeat(1020)})]
+        {
+            let t = token("k", serde_json::json!({"sub": "ada", "exp": now + 60, "info": info}));
+            assert_eq!(a.verify(&t, now).unwrap_err().0, refused);
+        }
+        let largest = token("k", serde_json::json!({"sub": "ada", "exp": now + 60, "info": {"x": "y".repeat(1016)}}));
+        assert_eq!(a.verify(&largest, now).unwrap().info.map(|i| i.len()), Some(1024));
     }
 
     #[test]

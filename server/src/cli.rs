@@ -267,6 +267,17 @@ pub struct Cli {
     #[arg(long, env = "IVY_AUTH_REFRESH_GRACE", value_parser = seconds, default_value_t = Seconds(config::DEFAULT_AUTH_REFRESH_GRACE))]
     pub auth_refresh_grace: Seconds,
 
+    /// Seconds a member stays present in a channel after its last connection there went
+    /// (closed, dropped, unsubscribed): coming back within it announces no leave and no join,
+    /// so a page reload does not flicker for everyone (fractions allowed; 0: leave at once).
+    #[arg(long, env = "IVY_PRESENCE_LINGER", value_parser = seconds, default_value_t = Seconds(config::DEFAULT_PRESENCE_LINGER))]
+    pub presence_linger: Seconds,
+
+    /// Above this many members, a channel's presence lines (^= and ^~) carry counts only, no
+    /// member list (GET /presence pages the members whatever their number).
+    #[arg(long, env = "IVY_PRESENCE_MAX_LIST", default_value_t = config::DEFAULT_PRESENCE_MAX_LIST)]
+    pub presence_max_list: usize,
+
     /// A PEM file with the server's TLS certificate chain (its certificate first, then any
     /// intermediates). With --tls-key, every connection speaks TLS: wss:// and https://.
     /// Both or neither; read at startup only (a renewed certificate takes a restart).
@@ -434,6 +445,8 @@ impl Cli {
             anonymous_read: self.anonymous_read.clone(),
             anonymous_write: self.anonymous_write.clone(),
             auth_refresh_grace: self.auth_refresh_grace.0,
+            presence_linger: self.presence_linger.0,
+            presence_max_list: self.presence_max_list,
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
             demo_token_endpoint: self.demo_token_endpoint,

@@ -70,6 +70,10 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Default of [`Config::auth_refresh_grace`].
 pub const DEFAULT_AUTH_REFRESH_GRACE: Duration = Duration::from_secs(10);
+/// Default of [`Config::presence_linger`].
+pub const DEFAULT_PRESENCE_LINGER: Duration = Duration::from_secs(5);
+/// Default of [`Config::presence_max_list`].
+pub const DEFAULT_PRESENCE_MAX_LIST: usize = 1000;
 /// Default of [`Config::demo_token_ttl`] (5 minutes).
 pub const DEFAULT_DEMO_TOKEN_TTL: Duration = Duration::from_secs(300);
 /// Default of [`Config::demo_token_grants`]: the chat demo's channels.
@@ -228,6 +232,14 @@ pub struct Config {
     /// in-band with `&JWT`) a connection stays open before it is closed with 4003.
     /// Default [`DEFAULT_AUTH_REFRESH_GRACE`].
     pub auth_refresh_grace: Duration,
+    /// How long a member whose last connection subscribed at a channel went (closed,
+    /// dropped, unsubscribed) stays present there: a connection of the same member that
+    /// subscribes again within it causes no leave and no join (`docs/PROTOCOL.md` 5.10).
+    /// Zero: leaves at once. Default [`DEFAULT_PRESENCE_LINGER`].
+    pub presence_linger: Duration,
+    /// Above this many members, a channel's presence lines carry counts only (no member
+    /// list). Default [`DEFAULT_PRESENCE_MAX_LIST`].
+    pub presence_max_list: usize,
     /// A PEM file of the server's certificate chain (its own certificate first, then the
     /// intermediates): with [`Config::tls_key`], [`crate::serve`] speaks TLS (rustls) on every
     /// connection, so that `/ws`, `/log` and the static files are served over `wss://` and
@@ -297,6 +309,8 @@ impl Default for Config {
             anonymous_read: Vec::new(),
             anonymous_write: Vec::new(),
             auth_refresh_grace: DEFAULT_AUTH_REFRESH_GRACE,
+            presence_linger: DEFAULT_PRESENCE_LINGER,
+            presence_max_list: DEFAULT_PRESENCE_MAX_LIST,
             tls_cert: None,
             tls_key: None,
             demo_token_endpoint: false,
@@ -397,6 +411,10 @@ setters! {
     anonymous_write: Vec<String>;
     /// Sets [`Config::auth_refresh_grace`].
     auth_refresh_grace: Duration;
+    /// Sets [`Config::presence_linger`].
+    presence_linger: Duration;
+    /// Sets [`Config::presence_max_list`].
+    presence_max_list: usize;
     /// Sets [`Config::tls_cert`].
     tls_cert: Option<PathBuf>;
     /// Sets [`Config::tls_key`].

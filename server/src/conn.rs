@@ -396,6 +396,30 @@ impl Conn {
         }
     }
 
+    /// Queues a presence line (`^...`: never stored, so never read from the log): `false` when
+    /// the queue cannot take it (in lines or in bytes, as for an event), and the caller closes
+    /// the connection as a slow consumer.
+    pub(crate) fn push_presence(&self, line: &Utf8Bytes) -> bool {
+        let out = &*self.out;
+        let len = line.len();
+        let queued = out.bytes.fetch_add(len, Ordering::Relaxed);
+        if queued > 0 && queued + len > out.max_bytes {
+            out.bytes.fetch_sub(len, Ordering::Relaxed);
+            return false;
+        }
+        match self.tx.try_send(Message::Text(line.clone())) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                out.bytes.fetch_sub(len, Ordering::Relaxed);
+                true
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                out.bytes.fetch_sub(len, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
     /// From the event at `ts` on, the connection's events are read from the log.
     fn fall_behind(&self, ts: Timestamp) {
         let out = &*self.out;

@@ -30,7 +30,8 @@
 //! key: [`Config::api_keys`]), `GET /channels` (the channels with a log or subscribers, page
 //! by page, filtered by the caller's read grants), the admin endpoints with a server API key
 //! (`POST /admin/disconnect`, `POST /admin/revoke`, `GET /admin/revocations`: closing a
-//! `sub`'s connections, revoking a token by its `jti`); with [`Config::demo_token_endpoint`] (demos only, never in
+//! `sub`'s connections, revoking a token by its `jti`), `GET /presence/<path>` (who is subscribed in a subtree, paged:
+//! [`engine::presence`]); with [`Config::demo_token_endpoint`] (demos only, never in
 //! production) also `POST /demo/token` ([`demo`]). Retention settings belong to the engines
 //! ([`engine::Retention`]). The protocol is specified in `docs/PROTOCOL.md`.
 //!
@@ -45,6 +46,8 @@
 //!   engine is the default, the in-memory engine a second one. Another engine (Redis, for
 //!   several nodes) goes in as one more implementation, with no change to what follows;
 //! - [`fanout`]: this node's subscriptions and the delivery of each event to them;
+//! - [`engine::presence`]: who is subscribed where, the `~+` watches and their `^` lines,
+//!   behind the engine seam ([`engine::Engine::presence`]);
 //! - `session`: one connection's protocol, sans-IO (a command in, a decision out);
 //! - `ws`: the WebSocket I/O that feeds the session and carries out its decisions;
 //! - `conn`: a connection's outbound queue and ending, what it owes from the log when it fell
@@ -75,6 +78,7 @@ mod limits;
 pub mod logquery;
 pub mod metrics;
 pub mod ops;
+mod presence_http;
 mod publish;
 pub mod ratelimit;
 mod serve;
@@ -221,7 +225,8 @@ impl IvyBuilder {
         let metrics = metrics::Metrics::new(env!("CARGO_PKG_VERSION"), &node_id, kind, config.memory_budget);
         let fanout = Arc::new(FanOut::with_budget(budget.clone()).with_counts(metrics.delivery.clone()));
         let description = engine.describe();
-        let engine = engine.open(engine::Context { requests, fanout: fanout.clone(), metrics: metrics.engine.clone() })?;
+        let presence = engine::PresenceOptions::new(config.presence_linger, config.presence_max_list, metrics.presence_lines.clone());
+        let engine = engine.open(engine::Context { requests, fanout: fanout.clone(), metrics: metrics.engine.clone(), presence })?;
         tracing::info!(engine = %description, node = %node_id, "engine open");
         // The token revocations in force (`POST /admin/revoke`), before any token is checked.
         let now = auth::now_unix();
@@ -270,7 +275,7 @@ impl Ivy {
     }
 
     /// The routes `/ws`, `/log`, `/log/` and `/log/{*path}` (`GET`, `DELETE`, and `POST`/`PUT` to
-    /// publish), `POST /publish`, `GET /channels` and the admin routes (`POST /admin/disconnect`,
+    /// publish), `POST /publish`, `GET /presence/{*path}`, `GET /channels` and the admin routes (`POST /admin/disconnect`,
     /// `POST /admin/revoke`, `GET /admin/revocations`), to serve or merge into an app.
     /// With [`Config::static_dir`] set, also a fallback serving that directory at `/` (an
     /// application that has a fallback of its own should leave `static_dir` unset).
@@ -286,6 +291,12 @@ impl Ivy {
         // (`fetch` of a plain `GET /ws?token=...`, see docs/PROTOCOL.md 2.1).
         let socket =
             Router::new().route("/ws", get(ws::handler)).layer(axum::middleware::from_fn_with_state(self.shared.clone(), http::cors_layer));
+        // `GET /presence/<path>`: who is here (docs/PROTOCOL.md 9.13); CORS as the log.
+        let presence = Router::new()
+            .route("/presence", get(presence_http::handler).options(http::preflight))
+            .route("/presence/", get(presence_http::handler).options(http::preflight))
+            .route("/presence/{*path}", get(presence_http::handler).options(http::preflight))
+            .layer(axum::middleware::from_fn_with_state(self.shared.clone(), http::cors_layer));
         let channels = Router::new()
             .route("/channels", get(channels::handler).options(http::preflight))
             .layer(axum::middleware::from_fn_with_state(self.shared.clone(), http::cors_layer));
@@ -294,7 +305,7 @@ impl Ivy {
             .route("/admin/disconnect", axum::routing::post(admin::disconnect))
             .route("/admin/revoke", axum::routing::post(admin::revoke))
             .route("/admin/revocations", get(admin::revocations));
-        let mut router = socket.merge(log).merge(channels).merge(admin);
+        let mut router = socket.merge(log).merge(presence).merge(channels).merge(admin);
         if self.shared.demo.is_some() {
             router = router.route("/demo/token", axum::routing::post(demo::handler));
         }

@@ -197,6 +197,8 @@ pub(crate) struct Sample {
     pub(crate) uptime: f64,
     /// Token revocations in force (`POST /admin/revoke`).
     pub(crate) revoked_tokens: usize,
+    /// Presence members summed over channels.
+    pub(crate) presence_members: usize,
 }
 
 /// The sampled gauges.
@@ -210,6 +212,7 @@ struct Sampled {
     budget_used: Gauge,
     uptime: Gauge<f64, std::sync::atomic::AtomicU64>,
     revoked_tokens: Gauge,
+    presence_members: Gauge,
 }
 
 /// The server's metrics (see the [module docs](self)).
@@ -222,6 +225,8 @@ pub(crate) struct Metrics {
     pub(crate) log_reads: LogReads,
     /// Connections closed by `POST /admin/disconnect`.
     pub(crate) admin_disconnects: Counter,
+    /// Presence lines queued for connections (counted once per presence tick).
+    pub(crate) presence_lines: Counter,
     closes: Vec<(u16, Counter)>,
     sampled: Sampled,
 }
@@ -349,7 +354,15 @@ impl Metrics {
             admin_disconnects.clone(),
         );
 
-        Metrics { registry: r, delivery, refused, engine, log_reads, admin_disconnects, closes, sampled }
+        r.register(
+            "ivy_presence_members",
+            "Presence: members summed over channels (a member of two channels counts twice; lingering ones included)",
+            sampled.presence_members.clone(),
+        );
+        let presence_lines = Counter::default();
+        r.register("ivy_presence_lines", "Presence lines (^=, ^., ^~) queued for connections", presence_lines.clone());
+
+        Metrics { registry: r, delivery, refused, engine, log_reads, admin_disconnects, presence_lines, closes, sampled }
     }
 
     /// A connection ended with `code` (`conn::Ending::code`).
@@ -374,6 +387,7 @@ impl Metrics {
         gauge(&s.budget_used, sample.budget_used);
         s.uptime.set(sample.uptime);
         gauge(&s.revoked_tokens, sample.revoked_tokens);
+        gauge(&s.presence_members, sample.presence_members);
         let mut out = String::with_capacity(8 << 10);
         let encoded = match format {
             Format::Prometheus => prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry),

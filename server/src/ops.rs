@@ -210,6 +210,7 @@ pub(crate) fn sample(shared: &Shared) -> Sample {
         budget_used: shared.budget.used(),
         uptime: shared.ops.started.elapsed().as_secs_f64(),
         revoked_tokens: shared.auth.revoked().count(crate::auth::now_unix()),
+        presence_members: shared.engine.presence().members_total(),
     }
 }
 

@@ -1,7 +1,7 @@
 //! The protocol of one WebSocket connection, sans-IO: a frame in, a decision out.
 //!
 //! [`Session`] holds what a connection's commands depend on (its subscriptions and their
-//! limit, its rate limiter, its access: what its token grants; later its presence) and decides what each frame
+//! limit, its rate limiter, its access: what its token grants; its presence commands `~+` and `~?`) and decides what each frame
 //! asks for ([`Outcome`]). It does no I/O and reads no clock: the WebSocket module
 //! (`ws.rs`) feeds it frames with the time, carries out its decisions (queue a reply,
 //! subscribe on the fan-out, publish through the engine) and writes the results.
@@ -55,6 +55,21 @@ pub(crate) enum Outcome<'a> {
     },
     /// Unsubscribe from `path`; acknowledge with the position when `ack` is set.
     Unsubscribe {
+        /// The ack key.
+        ack: Option<&'a [u8]>,
+        /// The normalized path.
+        path: Cow<'a, str>,
+    },
+    /// `~+path`: subscribe to `path` as [`Outcome::Subscribe`] does and watch its presence
+    /// (the snapshot, then the reply, at the next presence tick).
+    PresenceWatch {
+        /// The ack key.
+        ack: Option<&'a [u8]>,
+        /// The normalized path.
+        path: Cow<'a, str>,
+    },
+    /// `~?path`: the presence of `path` now (snapshot lines, then the reply `#key#@now`).
+    PresenceQuery {
         /// The ack key.
         ack: Option<&'a [u8]>,
         /// The normalized path.
@@ -260,14 +275,15 @@ impl Session {
             Err(e) => return Outcome::Reply(error_line(e.ack, e.kind.code(), &e.kind.to_string())),
         };
         let ack = cmd.ack;
-        if let Op::Subscribe(p) | Op::Unsubscribe(p) | Op::Send { path: p, .. } = &cmd.op {
+        let watch = matches!(cmd.op, Op::PresenceWatch(_));
+        if let Op::Subscribe(p) | Op::Unsubscribe(p) | Op::Send { path: p, .. } | Op::PresenceWatch(p) | Op::PresenceQuery(p) = &cmd.op {
             if let Err(e) = path::check_depth(p, self.max_path_depth) {
                 return Outcome::Reply(error_line(ack, ErrorCode::PathTooLong, &e.to_string()));
             }
         }
         // The grants, per command: a comparison of paths, no allocation unless refused.
         let need = match &cmd.op {
-            Op::Subscribe(p) => Some((Need::Read, p)),
+            Op::Subscribe(p) | Op::PresenceWatch(p) | Op::PresenceQuery(p) => Some((Need::Read, p)),
             Op::Send { path, .. } => Some((Need::Write, path)),
             Op::Unsubscribe(_) | Op::Timestamp | Op::Refresh(_) => None,
         };
@@ -277,11 +293,11 @@ impl Session {
                 return Outcome::Reply(error_line(ack, ErrorCode::Forbidden, &self.access.refusal(need, p)));
             }
         }
-        if let (Op::Subscribe(_) | Op::Unsubscribe(_), Some(churn)) = (&cmd.op, self.churn.as_mut()) {
+        if let (Op::Subscribe(_) | Op::Unsubscribe(_) | Op::PresenceWatch(_), Some(churn)) = (&cmd.op, self.churn.as_mut()) {
             self.pause = churn.take(now);
         }
         match cmd.op {
-            Op::Subscribe(path) => {
+            Op::Subscribe(path) | Op::PresenceWatch(path) => {
                 if !self.subs.contains(&*path) {
                     if self.subs.len() >= self.max_subscriptions {
                         let msg = format!("this connection already holds {} subscriptions, the limit", self.subs.len());
@@ -289,8 +305,12 @@ impl Session {
                     }
                     self.subs.insert(path.as_ref().into());
                 }
-                Outcome::Subscribe { ack, path }
+                match watch {
+                    true => Outcome::PresenceWatch { ack, path },
+                    false => Outcome::Subscribe { ack, path },
+                }
             }
+            Op::PresenceQuery(path) => Outcome::PresenceQuery { ack, path },
             Op::Unsubscribe(path) => {
                 self.subs.remove(&*path);
                 Outcome::Unsubscribe { ack, path }
@@ -378,6 +398,11 @@ impl Session {
     /// Sets the byte budget of the connection's identity (one taken in-band).
     pub(crate) fn set_identity_budget(&mut self, budget: Option<std::sync::Arc<IdentityBudget>>) {
         self.identity = budget;
+    }
+
+    /// What the connection may do, and who it is.
+    pub(crate) fn access(&self) -> &Access {
+        &self.access
     }
 
     /// The `exp` of the connection's token, if it has one (seconds since the Unix epoch).
@@ -506,6 +531,37 @@ mod tests {
     }
 
     #[test]
+    fn presence_commands_are_subscriptions_and_reads() {
+        use crate::auth::{Grants, Principal};
+        use std::sync::Arc;
+        let config = Config::default().max_subscriptions(1);
+        let principal = Principal {
+            sub: Some("ada".into()),
+            read: Grants::new(&["/chat"]).unwrap(),
+            write: Grants::new(&["/chat"]).unwrap(),
+            exp: None,
+            jti: None,
+            info: None,
+        };
+        let mut s = Session::new(&config, Access::Granted(Arc::new(principal)));
+        let r = Refusals::new(&config);
+        assert_eq!(s.on_text(0, b"#1#~+/chat/a/", &r), Outcome::PresenceWatch { ack: Some(b"1"), path: "/chat/a".into() });
+        assert_eq!(s.on_text(0, b"+/chat/a", &r), Outcome::Subscribe { ack: None, path: "/chat/a".into() }, "the same subscription");
+        assert_eq!(s.on_text(0, b"#2#~?/chat", &r), Outcome::PresenceQuery { ack: Some(b"2"), path: "/chat".into() });
+        assert_eq!(
+            reply(s.on_text(0, b"#3#~?/", &r)),
+            "#3#!forbidden the token of \"ada\" has no read grant covering / (a subscription delivers the path's whole subtree)"
+        );
+        assert!(reply(s.on_text(0, b"#4#~+/", &r)).starts_with("#4#!forbidden "));
+        assert_eq!(
+            reply(s.on_text(0, b"#5#~+/chat/b", &r)),
+            "#5#!too-many-subscriptions this connection already holds 1 subscriptions, the limit"
+        );
+        assert_eq!(reply(s.on_text(0, b"#6#~-/chat", &r)), "#6#!malformed unknown presence command (expected ~+path or ~?path)");
+        assert_eq!(s.subscriptions().collect::<Vec<_>>(), ["/chat/a"]);
+    }
+
+    #[test]
     fn the_subscription_limit_counts_distinct_paths_and_frees_on_unsubscribe() {
         let config = Config::default().max_subscriptions(2);
         let (mut s, r) = session(&config);
@@ -626,6 +682,7 @@ mod tests {
             write: Grants::new(&["/chat/lobby"]).unwrap(),
             exp: Some(1),
             jti: None,
+            info: None,
         };
         let mut s = Session::new(&config, Access::Granted(Arc::new(principal)));
         let r = Refusals::new(&config);
@@ -657,6 +714,7 @@ mod tests {
                 write: Grants::new(read).unwrap(),
                 exp,
                 jti: None,
+                info: None,
             }))
         };
         let config = Config::default();

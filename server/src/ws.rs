@@ -22,7 +22,8 @@ use crate::auth::{self, Access};
 use crate::budget::{SHED_PAGE_BYTES, SMALL_SEND};
 use crate::catchup::{Filter, split_line};
 use crate::conn::{Conn, Ending, Outbox, PEER_GONE, ReaderStop, ReplySlot, Slot, Stop, WriterStop, close_code};
-use crate::engine::{Completion, Origin, Publish, ReadRequest};
+use crate::engine::presence::Watch;
+use crate::engine::{Completion, Member, MemberId, Origin, Publish, ReadRequest};
 use crate::fanout::ConnId;
 use crate::limits::Admitted;
 use crate::session::{Outcome, PendingReply, Session, ack_line, error_line};
@@ -220,6 +221,9 @@ async fn read_loop(
     let mut expires =
         session.expires().map(|exp| Box::pin(tokio::time::sleep_until(expiry_deadline(exp, shared.config.auth_refresh_grace))));
     let sends = Arc::new(Semaphore::new(SENDS_IN_FLIGHT));
+    // Who the connection is in presence (an anonymous one gets an id of its own).
+    let presence = shared.engine.presence();
+    let mut member = member_of(session.access());
     {
         // Created once, not per command.
         let stopped = stop.stopped(&[Stop::Killed, Stop::Shutdown]);
@@ -321,10 +325,15 @@ async fn read_loop(
                                 }
                                 if let Some(sub) = &done.new_identity {
                                     session.set_identity_budget(shared.identities.budget(sub));
+                                    // Present as the token's sub from now on.
+                                    member = member_of(session.access());
+                                    presence.rekey(conn.id(), &member);
                                 }
                                 // Each ended subscription is announced right after its last
                                 // event, before the reply (a place for each, as for replies).
                                 for (path, line) in done.ended {
+                                    presence.unwatch(conn.id(), &path);
+                                    presence.leave(conn.id(), &path);
                                     let place = match conn.try_reserve() {
                                         Ok(place) => Some(place),
                                         Err(false) => None,
@@ -362,7 +371,7 @@ async fn read_loop(
                         }
                         continue;
                     }
-                    execute(shared, &conn, &sends, &text, outcome, slot, session.origin()).await;
+                    execute(shared, (&conn, &member), &sends, &text, outcome, slot, session.origin()).await;
                     // Subscription changes beyond their budget: the next command waits (the
                     // slow path, boxed like the others).
                     let pause = session.take_pause();
@@ -387,19 +396,34 @@ async fn read_loop(
                 None => {
                     tracing::trace!(conn = %conn.id(), "in (binary frame)");
                     let outcome = session.on_binary(now, &shared.refusals);
-                    execute(shared, &conn, &sends, &Utf8Bytes::from_static(""), outcome, slot, session.origin()).await;
+                    execute(shared, (&conn, &member), &sends, &Utf8Bytes::from_static(""), outcome, slot, session.origin()).await;
                 }
             }
         }
     }
+    // Presence first: a watch still waiting for its tick is dropped before the fan-out
+    // subscriptions end, so that none is made after them.
+    presence.disconnect(conn.id());
     shared.fanout.unsubscribe_all(&conn, session.subscriptions());
     (stream, stop)
+}
+
+/// The member a connection with `access` is in presence: its token's `sub` and `info`, or an
+/// anonymous member of its own.
+fn member_of(access: &Access) -> Member {
+    match access {
+        Access::Granted(p) => match &p.sub {
+            Some(sub) => Member { id: MemberId::Sub(Arc::from(&**sub)), info: p.info.clone() },
+            None => Member { id: MemberId::anonymous(), info: None },
+        },
+        Access::Open => Member { id: MemberId::anonymous(), info: None },
+    }
 }
 
 /// Carries out one decision of the session; its reply (if any) goes into `slot`.
 async fn execute(
     shared: &Shared,
-    conn: &Arc<Conn>,
+    (conn, member): (&Arc<Conn>, &Member),
     sends: &Arc<Semaphore>,
     frame: &Utf8Bytes,
     outcome: Outcome<'_>,
@@ -409,16 +433,45 @@ async fn execute(
     match outcome {
         Outcome::Reply(line) => slot.send_line(line),
         Outcome::Prepared(line) => slot.send(Message::Text(line)),
-        Outcome::Subscribe { ack, path } => shared.fanout.subscribe(conn, &path, |ts| {
-            if let Some(key) = ack {
-                slot.send_line_at(ts, ack_line(key, ts));
+        Outcome::Subscribe { ack, path } => {
+            shared.fanout.subscribe(conn, &path, |ts| {
+                if let Some(key) = ack {
+                    slot.send_line_at(ts, ack_line(key, ts));
+                }
+            });
+            shared.engine.presence().join(conn.id(), &path, member);
+        }
+        Outcome::Unsubscribe { ack, path } => {
+            let presence = shared.engine.presence();
+            presence.unwatch(conn.id(), &path);
+            presence.leave(conn.id(), &path);
+            shared.fanout.unsubscribe(conn, &path, |ts| {
+                if let Some(key) = ack {
+                    slot.send_line_at(ts, ack_line(key, ts));
+                }
+            });
+        }
+        Outcome::PresenceWatch { ack, path } => {
+            // Present at once; the snapshot, the subscription and its reply come at the next
+            // presence tick, and the next command is read after them (replies stay in order).
+            let presence = shared.engine.presence();
+            presence.join(conn.id(), &path, member);
+            let (done, answered) = tokio::sync::oneshot::channel();
+            let path: Box<str> = path.into();
+            presence.watch(Watch { conn: conn.clone(), path, ack: ack.map(Box::from), slot, done });
+            let _ = Box::pin(answered).await;
+        }
+        Outcome::PresenceQuery { ack, path } => {
+            for line in shared.engine.presence().query(&path) {
+                if !conn.push_presence(&line) {
+                    conn.ending().end(close_code::SLOW_CONSUMER);
+                    return;
+                }
             }
-        }),
-        Outcome::Unsubscribe { ack, path } => shared.fanout.unsubscribe(conn, &path, |ts| {
             if let Some(key) = ack {
-                slot.send_line_at(ts, ack_line(key, ts));
+                slot.send_line(ack_line(key, shared.engine.now()));
             }
-        }),
+        }
         Outcome::Time { ack } => slot.send_line(ack_line(ack.unwrap_or_default(), shared.engine.now())),
         // Carried out by the read loop, which owns the session and the expiry timer.
         Outcome::Refresh { .. } => {}

@@ -6,6 +6,7 @@
 import init, { IvyClient, type IvyStatus, type IvyStatusReason } from "ivy-client-wasm";
 import { NicknameTaken, demoToken, tokenProvider } from "./auth";
 import { normalizeNick, normalizeRoom, nickError, roomError } from "./message";
+import { People } from "./people";
 import { Room, errorText } from "./room";
 import { MessageList } from "./view";
 import "./style.css";
@@ -44,6 +45,11 @@ const ui = {
   composer: el<HTMLFormElement>("composer"),
   text: el<HTMLTextAreaElement>("text"),
   send: el<HTMLButtonElement>("send"),
+  peopleCount: el<HTMLButtonElement>("people-count"),
+  people: el("people"),
+  peopleList: el<HTMLUListElement>("people-list"),
+  presenceLog: el<HTMLOListElement>("presence-log"),
+  presenceToast: el("presence-toast"),
 };
 
 /** The server: the one that served this page, or `?server=ws://host:port`. */
@@ -68,6 +74,8 @@ let myName = "";
  * server vouches, not the nickname their data carries. */
 let senders = false;
 let room: Room | undefined;
+/** Who is in the open room. */
+let people: People | undefined;
 
 declare global {
   interface Window {
@@ -103,6 +111,8 @@ function remember(roomName: string): void {
 function showJoin(roomName: string, error: string | null = null): void {
   room?.close();
   room = undefined;
+  people?.close();
+  people = undefined;
   ui.chat.hidden = true;
   ui.join.hidden = false;
   document.title = "Ivy chat";
@@ -138,6 +148,8 @@ async function clientFor(nick: string): Promise<IvyClient> {
   client?.close();
   room?.close();
   room = undefined;
+  people?.close();
+  people = undefined;
   // With a token, the server vouches for who sent each message (`senders`): the page shows
   // that name, not the nickname a message's data claims.
   const c = new IvyClient(
@@ -206,6 +218,17 @@ function showChat(client: IvyClient, roomName: string, nick: string): void {
   }, senders);
   const r = new Room(client, roomName, nick, view, setNotice, senders);
   room = r;
+  people?.close();
+  delete ui.people.dataset.ready;
+  const who = new People(client, r.path, nick, {
+    count: ui.peopleCount,
+    panel: ui.people,
+    list: ui.peopleList,
+    log: ui.presenceLog,
+    toast: ui.presenceToast,
+  });
+  people = who;
+  who.open();
   ui.earlier.onclick = async () => {
     ui.earlier.disabled = true;
     try {
@@ -274,7 +297,11 @@ function sendTyped(): void {
 
 async function main(): Promise<void> {
   await init();
-  window.ivyDebug = () => ({ client: (client?.debugState() as object | undefined) ?? null, room: room?.debugState() ?? null });
+  window.ivyDebug = () => ({
+    client: (client?.debugState() as object | undefined) ?? null,
+    room: room?.debugState() ?? null,
+    people: people?.debugState() ?? null,
+  });
 
   ui.joinForm.addEventListener("submit", joinSubmitted);
   ui.room.addEventListener("input", () => (ui.joinError.hidden = true));

@@ -80,7 +80,8 @@ pub struct SubDebug<'a> {
 pub struct PendingDebug<'a> {
     /// The ack key on the wire.
     pub key: u64,
-    /// "subscribe", "unsubscribe", "probe", "send" or "time".
+    /// "subscribe", "unsubscribe", "probe", "refresh", "watch" (a presence watch), "send",
+    /// "time" or "who" (a presence query).
     pub kind: &'static str,
     /// The id of a send or time request.
     pub request: Option<RequestId>,
@@ -183,6 +184,18 @@ impl<'a> DebugState<'a> {
             j.num("pageFailures", Some(u64::from(s.page_failures)));
             j.num("ownUnacked", Some(u64::from(s.own_unacked)));
             j.ts("released", s.released);
+            j.end_object();
+        }
+        j.end_array();
+        // Presence watches: phase, and what the application was told.
+        j.array("presence");
+        for (id, w) in self.client.watches.iter() {
+            j.object("");
+            j.num("id", Some(id.0));
+            j.str("path", &w.path);
+            j.str("phase", w.phase_name());
+            j.num("count", w.view().map(|v| v.count()));
+            j.num("members", w.view().map(|v| v.listed() as u64));
             j.end_object();
         }
         j.end_array();

@@ -14,7 +14,8 @@
 //!   [`Client::handle_timeout`], [`Client::handle_log_page`], [`Client::set_token`],
 //!   [`Client::handle_token`] (see [Tokens](#tokens));
 //! - commands from the application: [`Client::subscribe`], [`Client::unsubscribe`],
-//!   [`Client::send`], [`Client::timestamp`], [`Client::close`];
+//!   [`Client::send`], [`Client::timestamp`], [`Client::watch_presence`],
+//!   [`Client::unwatch_presence`], [`Client::who`], [`Client::close`];
 //! - outputs, to drain after every input or command: [`Client::poll_action`] (open the
 //!   WebSocket, send a frame, drop the connection, fetch a log page, ask for a token),
 //!   [`Client::poll_event`] (events and results for the application) and
@@ -59,6 +60,25 @@
 //! ([`ClientError::is_uncertain`]), and if it was, it appears in the subscriptions' backfill.
 //! Nothing is retried behind the application's back, so nothing is ever published twice.
 //!
+//! # Presence
+//!
+//! [`Client::watch_presence`] (**Extension** `~+PATH`, `docs/PROTOCOL.md` 5.10) watches who is
+//! subscribed at a path or below, with a sub-machine per watch (`presence.rs`): it collects the
+//! snapshot (the `^=` lines of each channel, until `^.`), then applies the changes (`^~`); the
+//! view is the union over the channels (a member is in it while it is in one of them). The
+//! application gets [`ClientEvent::Presence`]: [`PresenceEvent::Snapshot`] once, then
+//! [`PresenceEvent::Join`], [`PresenceEvent::Leave`] and [`PresenceEvent::Count`]. After each
+//! reconnect the path is watched again and the fresh snapshot is compared with the view already
+//! reported: only the differences come out, as joins and leaves (a member that left while the
+//! client was away is a leave, one that stayed is nothing: no phantom members, no missed
+//! leaves). Snapshot lines carry no command key: they belong to the oldest `~+` or `~?` of the
+//! connection whose snapshot has not ended, since the server answers in command order.
+//! Changes that arrive before a watch's snapshot began are already in it and are skipped;
+//! applying a join of a known member or a leave of an absent one changes nothing, so a change
+//! that races a snapshot cannot make a phantom. [`Client::who`] (`~?PATH`) is a one-off
+//! snapshot ([`ClientEvent::Who`]). Presence lines never reach the subscriptions: they carry no
+//! timestamp and never enter their buffers or their deduplication.
+//!
 //! # Tokens
 //!
 //! With auth on (`docs/PROTOCOL.md` 2.5) the driver presents [`Client::token`] at each
@@ -87,6 +107,7 @@ mod collections;
 mod config;
 mod debug;
 mod error;
+mod presence;
 mod requests;
 mod subscription;
 mod timer;
@@ -95,12 +116,15 @@ use collections::VecMap;
 pub use config::Config;
 pub use debug::{DebugState, JsonWriter, PendingDebug, QueuedDebug, SubDebug, TRACE_TEXT, Trace, TraceEntry};
 pub use error::{ClientError, ServerCode, SubscriptionError};
+pub use presence::{PresenceEvent, PresenceView};
+use presence::{View, Watch};
 use requests::{Answered, Control, Requests};
 use subscription::{Ctx, Sub};
 use timer::{Timer, TimerTable, earliest};
 
 use crate::http::LogQuery;
 use crate::path;
+use crate::presence::PresenceLine;
 use crate::timestamp::Timestamp;
 use crate::wire::{Event, Op, ServerLine, parse_line};
 
@@ -111,7 +135,11 @@ pub type Millis = u64;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SubId(pub u64);
 
-/// Identifies a send or timestamp request.
+/// Identifies a presence watch of this client ([`Client::watch_presence`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WatchId(pub u64);
+
+/// Identifies a send, timestamp or presence query request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RequestId(pub u64);
 
@@ -305,6 +333,22 @@ pub enum ClientEvent {
         /// Why (the server's reason, and the provider's when it had no fresh token).
         reason: String,
     },
+    /// A presence watch's news ([`Client::watch_presence`]; **Extension**): its first
+    /// snapshot, then the members joining and leaving and the count, resynchronised after each
+    /// reconnect (only the real differences are reported).
+    Presence {
+        /// The watch.
+        watch: WatchId,
+        /// What happened.
+        event: PresenceEvent,
+    },
+    /// Outcome of [`Client::who`]: the presence snapshot of the path.
+    Who {
+        /// The request.
+        id: RequestId,
+        /// The snapshot, or why it failed.
+        result: Result<PresenceView, ClientError>,
+    },
     /// The connection state changed.
     State(ConnState),
     /// Something unexpected from the server or a log fetch (reported, then retried or
@@ -325,6 +369,13 @@ pub struct Client {
     next_id: u64,
     requests: Requests,
     subs: VecMap<SubId, Sub>,
+    watches: VecMap<WatchId, Watch>,
+    /// The `~+` and `~?` commands of this connection (by ack key) whose reply has not come,
+    /// in command order: the server answers in that order, so the `^=` lines are the first
+    /// one's, and the reply comes after them (then the entry goes, whatever happened to it).
+    snapshots: VecDeque<(u64, Snapshot)>,
+    /// Presence queries whose snapshot ended, until their ack.
+    queried: alloc::vec::Vec<(RequestId, PresenceView)>,
     actions: VecDeque<Action>,
     events: VecDeque<ClientEvent>,
     /// Whether the current connection sent a frame yet.
@@ -345,6 +396,17 @@ pub struct Client {
     auth_retried: bool,
     /// Why the client is [`ConnState::Unauthorized`] (or the refusal awaiting a token).
     unauthorized: Option<String>,
+}
+
+/// A snapshot the server is sending (or about to send).
+#[derive(Debug)]
+enum Snapshot {
+    /// For this watch's `~+`.
+    Watch(WatchId),
+    /// For this query's `~?`, collected here.
+    Query(RequestId, String, View),
+    /// For a watch removed since, or a query that timed out: its lines are read and dropped.
+    Dropped,
 }
 
 /// Why a token was asked for.
@@ -368,6 +430,9 @@ impl Client {
             next_id: 1,
             requests: Requests::new(),
             subs: VecMap::new(),
+            watches: VecMap::new(),
+            snapshots: VecDeque::new(),
+            queried: alloc::vec::Vec::new(),
             actions: VecDeque::new(),
             events: VecDeque::new(),
             got_frame: false,
@@ -397,6 +462,24 @@ impl Client {
     /// The last timestamp a subscription delivered (its resume cursor).
     pub fn sub_last(&self, sub: SubId) -> Option<Timestamp> {
         self.subs.get(&sub).map(Sub::last)
+    }
+
+    /// The normalized path of a presence watch.
+    pub fn watch_path(&self, watch: WatchId) -> Option<&str> {
+        self.watches.get(&watch).map(|w| w.path.as_str())
+    }
+
+    /// The current view of a presence watch: what its events told so far (`None` before its
+    /// first snapshot). While disconnected it is the view before the connection dropped.
+    pub fn presence_view(&self, watch: WatchId) -> Option<PresenceView> {
+        let w = self.watches.get(&watch)?;
+        w.view().map(|v| v.to_view(&w.path))
+    }
+
+    /// Whether a presence watch's view is current: its snapshot on the current connection
+    /// came and changes apply.
+    pub fn presence_live(&self, watch: WatchId) -> bool {
+        self.state == ConnState::Connected && self.watches.get(&watch).is_some_and(Watch::is_live)
     }
 
     /// The token to present at the handshake of [`Action::Connect`] (the newest one given).
@@ -486,7 +569,7 @@ impl Client {
     pub fn unsubscribe(&mut self, now: Millis, sub: SubId) {
         let _ = now; // arms no timer (see `subscribe`)
         let Some(s) = self.subs.remove(&sub) else { return };
-        if self.state == ConnState::Connected && !s.is_offline() && !self.subs.values().any(|o| o.path == s.path) {
+        if self.state == ConnState::Connected && !s.is_offline() && !self.holds(&s.path) {
             let frame = self.requests.control(Op::Unsubscribe(s.path.as_str().into()), Control::Unsubscribe);
             self.actions.push_back(Action::Send(frame));
         }
@@ -510,6 +593,70 @@ impl Client {
                 let queued = self.requests.queue_offline(self.cfg.offline_queue, now, id, path, data.as_bytes().to_vec());
                 if queued { Ok(id) } else { Err(ClientError::NotConnected) }
             }
+        }
+    }
+
+    /// Watches the presence of `path` (normalized here; **Extension** `~+PATH`,
+    /// `docs/PROTOCOL.md` 5.10): who is subscribed at the path or below. The watch is also a
+    /// subscription of the path on the server (exactly as `+PATH`), whose events this client
+    /// drops unless a [`Client::subscribe`] of its own wants them. What it reports comes as
+    /// [`ClientEvent::Presence`]: the first snapshot, then joins, leaves and counts; after each
+    /// reconnect the path is watched again and the fresh snapshot is compared with the view
+    /// reported so far, so only real changes are reported. Presence lines never enter the
+    /// subscriptions' event streams. Refused by the server (no read grant, a server without
+    /// presence): [`PresenceEvent::Failed`], and the watch is removed.
+    pub fn watch_presence(&mut self, now: Millis, path: &str) -> Result<WatchId, ClientError> {
+        let _ = now; // arms no timer (see `subscribe`)
+        let path = path::normalize(path.as_bytes()).map_err(ClientError::InvalidPath)?.into_owned();
+        match self.state {
+            ConnState::Closed => return Err(ClientError::Closed),
+            ConnState::Unauthorized => return Err(ClientError::Unauthorized),
+            _ => {}
+        }
+        let id = WatchId(self.id());
+        self.watches.insert(id, Watch::new(path));
+        if self.state == ConnState::Connected {
+            self.send_watch(id);
+        }
+        Ok(id)
+    }
+
+    /// Ends a presence watch; nothing of it is reported after this call. The subscription
+    /// of its path ends too (`-PATH`) unless a subscription or another watch of this client
+    /// holds the same path; then the server keeps sending the path's presence lines, which
+    /// this client drops (the protocol has no command that ends the watch alone).
+    pub fn unwatch_presence(&mut self, now: Millis, watch: WatchId) {
+        let _ = now;
+        let Some(w) = self.watches.remove(&watch) else { return };
+        for (_, s) in self.snapshots.iter_mut() {
+            if matches!(s, Snapshot::Watch(id) if *id == watch) {
+                *s = Snapshot::Dropped;
+            }
+        }
+        if self.state == ConnState::Connected && !w.is_offline() && !self.holds(&w.path) {
+            let frame = self.requests.control(Op::Unsubscribe(w.path.as_str().into()), Control::Unsubscribe);
+            self.actions.push_back(Action::Send(frame));
+        }
+    }
+
+    /// Asks who is present at `path` (or below), once (**Extension** `~?PATH`; no
+    /// subscription); the outcome arrives as [`ClientEvent::Who`]. Needs a connection (like
+    /// [`Client::timestamp`]); fails with [`ClientError::Timeout`] after
+    /// [`Config::request_timeout`].
+    pub fn who(&mut self, now: Millis, path: &str) -> Result<RequestId, ClientError> {
+        let path = path::normalize(path.as_bytes()).map_err(ClientError::InvalidPath)?.into_owned();
+        match self.state {
+            ConnState::Connected => {
+                let id = RequestId(self.id());
+                let frame = self.requests.query(id, &path, now.saturating_add(self.cfg.request_timeout));
+                let key = self.requests.last_key();
+                self.snapshots.push_back((key, Snapshot::Query(id, path, View::default())));
+                self.actions.push_back(Action::Send(frame));
+                Ok(id)
+            }
+            ConnState::Closed => Err(ClientError::Closed),
+            ConnState::Unauthorized => Err(ClientError::Unauthorized),
+            _ => Err(ClientError::NotConnected),
         }
     }
 
@@ -541,6 +688,7 @@ impl Client {
         self.requests.fail_sent(&ClientError::Closed, &mut self.events);
         self.requests.fail_offline(&ClientError::Closed, &mut self.events);
         self.subs.clear();
+        self.clear_presence();
         self.timers.stop_all();
         self.refresh_at = None;
         self.want = None;
@@ -604,6 +752,7 @@ impl Client {
         for s in self.subs.values_mut() {
             s.disconnected();
         }
+        self.presence_disconnected();
         self.timers.stop_all();
         self.refresh_at = None;
         if self.cfg.token_provider && !self.auth_retried {
@@ -652,6 +801,10 @@ impl Client {
             let frame = self.requests.control(Op::Subscribe(s.path.as_str().into()), Control::Subscribe(*id));
             self.actions.push_back(Action::Send(frame));
         }
+        let watches: alloc::vec::Vec<WatchId> = self.watches.iter().map(|(id, _)| *id).collect();
+        for id in watches {
+            self.send_watch(id);
+        }
         while let Some(q) = self.requests.take_offline() {
             // Checked again with the ack key it gets now (one digit longer, rarely).
             match self.check_size(&q.path, q.data.len()) {
@@ -695,6 +848,7 @@ impl Client {
                 self.on_reply(now, key, Err(err));
             }
             Ok(ServerLine::Error { key: None, code: "subscription-ended", message }) => self.subscription_ended(message),
+            Ok(ServerLine::Presence(line)) => self.on_presence(line),
             Ok(ServerLine::Error { key: None, code, message }) => {
                 self.events.push_back(ClientEvent::Warning(format!("server error without ack key: {code} {message}")));
             }
@@ -813,6 +967,7 @@ impl Client {
         self.requests.fail_sent(&ClientError::Unauthorized, &mut self.events);
         self.requests.fail_offline(&ClientError::Unauthorized, &mut self.events);
         self.subs.clear();
+        self.clear_presence();
         self.timers.stop_all();
         self.refresh_at = None;
         self.want = None;
@@ -825,7 +980,12 @@ impl Client {
     fn subscription_ended(&mut self, message: &str) {
         let path = message.split(' ').next().unwrap_or("");
         let ended: alloc::vec::Vec<SubId> = self.subs.iter().filter(|(_, s)| s.path == path).map(|(id, _)| *id).collect();
-        if ended.is_empty() {
+        let unwatched: alloc::vec::Vec<WatchId> = self.watches.iter().filter(|(_, w)| w.path == path).map(|(id, _)| *id).collect();
+        for watch in &unwatched {
+            self.watches.remove(watch);
+            self.events.push_back(ClientEvent::Presence { watch: *watch, event: PresenceEvent::Ended(message.into()) });
+        }
+        if ended.is_empty() && unwatched.is_empty() {
             self.events.push_back(ClientEvent::Warning(format!("the server ended a subscription this client does not hold: {message}")));
         }
         for sub in ended {
@@ -839,6 +999,7 @@ impl Client {
         for s in self.subs.values_mut() {
             s.disconnected();
         }
+        self.presence_disconnected();
         self.timers.stop_all();
         self.attempt = self.attempt.saturating_add(1);
         // Full jitter: a random delay up to the exponential ceiling.
@@ -867,6 +1028,7 @@ impl Client {
         // Requests without a reply in time.
         let mut expired: alloc::vec::Vec<String> = alloc::vec::Vec::new();
         self.requests.expire(now, &mut self.events, |path| expired.push(path));
+        self.forget_expired_queries();
         for path in expired {
             self.own_answered(now, &path, None);
         }
@@ -905,6 +1067,13 @@ impl Client {
     }
 
     fn on_reply(&mut self, now: Millis, key: &[u8], result: Result<Timestamp, ClientError>) {
+        if !self.snapshots.is_empty() {
+            // A `~+` or `~?` is answered after its snapshot lines: whatever became of it
+            // (refused, removed, timed out), no line of it is coming any more.
+            if let Some(k) = core::str::from_utf8(key).ok().and_then(|k| k.parse::<u64>().ok()) {
+                self.snapshots.retain(|(sk, _)| *sk != k);
+            }
+        }
         let Some(answered) = self.requests.answer(key) else {
             self.events.push_back(ClientEvent::Warning(format!("reply with unknown ack key \"{}\"", String::from_utf8_lossy(key))));
             return;
@@ -929,6 +1098,36 @@ impl Client {
                 }
             }
             Answered::Time { id } => self.events.push_back(ClientEvent::Time { id, result }),
+            Answered::Query { id } => {
+                let done = self.queried.iter().position(|(q, _)| *q == id).map(|i| self.queried.swap_remove(i).1);
+                let result = match (result, done) {
+                    (Ok(_), Some(view)) => Ok(view),
+                    (Ok(_), None) => {
+                        // Acked without a snapshot (never expected).
+                        Err(ClientError::Server {
+                            code: ServerCode::Other("protocol".into()),
+                            message: "the server acknowledged the presence query without its snapshot".into(),
+                        })
+                    }
+                    (Err(e), _) => Err(e),
+                };
+                self.events.push_back(ClientEvent::Who { id, result });
+            }
+            Answered::Control(Control::Watch(watch)) => match result {
+                Ok(_) => {
+                    if self.watches.get(&watch).is_some_and(Watch::is_collecting) {
+                        self.events.push_back(ClientEvent::Warning(format!(
+                            "the server acknowledged a presence watch without its snapshot end line (watch {})",
+                            watch.0
+                        )));
+                    }
+                }
+                Err(error) => {
+                    if self.watches.remove(&watch).is_some() {
+                        self.events.push_back(ClientEvent::Presence { watch, event: PresenceEvent::Failed(error) });
+                    }
+                }
+            },
             Answered::Send { id, path, data } => {
                 // The server does not echo our own events: insert them in place.
                 let stored = result.as_ref().ok().map(|&ts| Event { ts, path: path.as_str().into(), data: data.into(), sender: None });
@@ -947,6 +1146,100 @@ impl Client {
                     self.events.push_back(ClientEvent::SubscribeFailed { sub: sid, error });
                 }
             },
+        }
+    }
+
+    /// Whether a subscription or a presence watch of this client holds `path` on the server.
+    fn holds(&self, path: &str) -> bool {
+        self.subs.values().any(|o| o.path == path) || self.watches.values().any(|w| w.path == path)
+    }
+
+    /// `#key#~+path` for this watch, on the live connection.
+    fn send_watch(&mut self, id: WatchId) {
+        let Some(w) = self.watches.get_mut(&id) else { return };
+        w.watching();
+        let frame = self.requests.control(Op::PresenceWatch(w.path.as_str().into()), Control::Watch(id));
+        let key = self.requests.last_key();
+        self.snapshots.push_back((key, Snapshot::Watch(id)));
+        self.actions.push_back(Action::Send(frame));
+    }
+
+    fn presence_disconnected(&mut self) {
+        for w in self.watches.values_mut() {
+            w.disconnected();
+        }
+        self.snapshots.clear();
+        self.queried.clear();
+    }
+
+    fn clear_presence(&mut self) {
+        self.watches.clear();
+        self.snapshots.clear();
+        self.queried.clear();
+    }
+
+    /// Queries that timed out: their results are no longer awaited.
+    fn forget_expired_queries(&mut self) {
+        let requests = &self.requests;
+        self.queried.retain(|(id, _)| requests.is_pending(*id));
+        for (_, s) in self.snapshots.iter_mut() {
+            if matches!(s, Snapshot::Query(id, ..) if !requests.is_pending(*id)) {
+                *s = Snapshot::Dropped;
+            }
+        }
+    }
+
+    /// A presence line: `^=` and `^.` belong to the oldest snapshot under way, `^~` to every
+    /// watch of a path at or above its channel.
+    fn on_presence(&mut self, line: PresenceLine<'_>) {
+        let mut out = alloc::vec::Vec::new();
+        match line {
+            PresenceLine::Snapshot { channel, snapshot } => match self.snapshots.front_mut().map(|(_, s)| s) {
+                Some(Snapshot::Watch(id)) => {
+                    if let Some(w) = self.watches.get_mut(id) {
+                        w.on_snapshot(&channel, snapshot);
+                    }
+                }
+                Some(Snapshot::Query(_, _, view)) => view.add_snapshot(&channel, snapshot),
+                Some(Snapshot::Dropped) => {}
+                None => self
+                    .events
+                    .push_back(ClientEvent::Warning(format!("presence snapshot line of {channel} that no watch or query asked for"))),
+            },
+            PresenceLine::End { path, count } => {
+                let Some((_, head)) = self.snapshots.pop_front() else {
+                    self.events
+                        .push_back(ClientEvent::Warning(format!("presence snapshot end of {path} that no watch or query asked for")));
+                    return;
+                };
+                match head {
+                    Snapshot::Watch(id) => {
+                        if let Some(w) = self.watches.get_mut(&id) {
+                            w.on_end(count, &mut out);
+                            self.events.extend(out.drain(..).map(|event| ClientEvent::Presence { watch: id, event }));
+                        }
+                    }
+                    Snapshot::Query(id, qpath, mut view) => {
+                        view.end_snapshot(count);
+                        self.queried.push((id, view.to_view(&qpath)));
+                    }
+                    Snapshot::Dropped => {}
+                }
+            }
+            PresenceLine::Change { channel, change } => {
+                // Usually one watch: the change is moved to the last, cloned for the others.
+                let last = self.watches.iter().filter(|(_, w)| path::is_within(&channel, &w.path)).map(|(id, _)| *id).last();
+                let mut change = Some(change);
+                for (id, w) in self.watches.iter_mut() {
+                    if path::is_within(&channel, &w.path) {
+                        let c = if Some(*id) == last { change.take() } else { change.clone() };
+                        if let Some(c) = c {
+                            w.on_change(&channel, c, &mut out);
+                        }
+                        self.events.extend(out.drain(..).map(|event| ClientEvent::Presence { watch: *id, event }));
+                    }
+                }
+            }
         }
     }
 

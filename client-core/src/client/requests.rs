@@ -11,7 +11,7 @@ use alloc::vec::Vec;
 
 use super::collections::VecMap;
 use super::debug::{PendingDebug, QueuedDebug};
-use super::{ClientError, ClientEvent, Millis, RequestId, SubId};
+use super::{ClientError, ClientEvent, Millis, RequestId, SubId, WatchId};
 use crate::timestamp::Timestamp;
 use crate::wire::{Command, Op};
 
@@ -26,6 +26,8 @@ pub(super) enum Control {
     Probe,
     /// `&token`: an in-band token refresh, of the client's token number (generation) so.
     Refresh(u64),
+    /// `~+path`, for this presence watch.
+    Watch(WatchId),
 }
 
 /// What a reply answers.
@@ -37,12 +39,15 @@ pub(super) enum Answered {
     Send { id: RequestId, path: String, data: Vec<u8> },
     /// A timestamp request.
     Time { id: RequestId },
+    /// A presence query (`~?path`).
+    Query { id: RequestId },
 }
 
 #[derive(Debug)]
 enum Kind {
     Send { path: String, data: Vec<u8> },
     Time,
+    Query,
 }
 
 /// A send or timestamp request: the application waits for its outcome.
@@ -58,6 +63,8 @@ impl Timed {
         match self.kind {
             Kind::Send { .. } => ClientEvent::Sent { id: self.id, result },
             Kind::Time => ClientEvent::Time { id: self.id, result },
+            // Only ever failed here (a query's success is its snapshot).
+            Kind::Query => ClientEvent::Who { id: self.id, result: result.and(Err(ClientError::ConnectionLost)) },
         }
     }
 }
@@ -99,6 +106,11 @@ impl Requests {
         (key, text)
     }
 
+    /// The ack key of the last frame made.
+    pub(super) fn last_key(&self) -> u64 {
+        self.next_key.saturating_sub(1)
+    }
+
     /// The frame of a subscribe, unsubscribe or probe; its reply is awaited.
     pub(super) fn control(&mut self, op: Op<'_>, control: Control) -> String {
         let (key, frame) = self.frame(op);
@@ -137,6 +149,14 @@ impl Requests {
         frame
     }
 
+    /// The frame of a presence query (`~?path`); it fails with [`ClientError::Timeout`] at
+    /// `deadline`.
+    pub(super) fn query(&mut self, id: RequestId, path: &str, deadline: Millis) -> String {
+        let (key, frame) = self.frame(Op::PresenceQuery(path.into()));
+        self.insert_timed(key, id, deadline, Kind::Query);
+        frame
+    }
+
     /// What the reply with ack key `key` answers, if anything is waiting for it.
     pub(super) fn answer(&mut self, key: &[u8]) -> Option<Answered> {
         let key = core::str::from_utf8(key).ok().and_then(|k| k.parse::<u64>().ok())?;
@@ -144,6 +164,7 @@ impl Requests {
             return Some(match t.kind {
                 Kind::Send { path, data } => Answered::Send { id: t.id, path, data },
                 Kind::Time => Answered::Time { id: t.id },
+                Kind::Query => Answered::Query { id: t.id },
             });
         }
         self.control.remove(&key).map(Answered::Control)
@@ -176,6 +197,11 @@ impl Requests {
         }
     }
 
+    /// Whether the send, time or presence query `id` still awaits its reply.
+    pub(super) fn is_pending(&self, id: RequestId) -> bool {
+        self.timed.values().any(|t| t.id == id)
+    }
+
     /// How many sends into `channel` (or below it) await their reply.
     pub(super) fn sends_within(&self, channel: &str) -> usize {
         self.timed.values().filter(|t| matches!(&t.kind, Kind::Send { path, .. } if crate::path::is_within(path, channel))).count()
@@ -188,6 +214,7 @@ impl Requests {
             let (kind, path) = match &t.kind {
                 Kind::Send { path, .. } => ("send", Some(path.as_str())),
                 Kind::Time => ("time", None),
+                Kind::Query => ("who", None),
             };
             PendingDebug { key, kind, request: Some(t.id), sub: None, path, deadline: Some(t.deadline) }
         });
@@ -197,6 +224,7 @@ impl Requests {
                 Control::Unsubscribe => ("unsubscribe", None),
                 Control::Probe => ("probe", None),
                 Control::Refresh(_) => ("refresh", None),
+                Control::Watch(_) => ("watch", None),
             };
             PendingDebug { key, kind, request: None, sub, path: None, deadline: None }
         });

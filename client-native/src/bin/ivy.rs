@@ -17,8 +17,8 @@ use clap::{Args, Parser, Subcommand};
 use futures_util::StreamExt;
 use futures_util::stream::{FuturesOrdered, SelectAll};
 use ivy_client_native::{
-    Client, ClientError, ConnState, Error, Event, LogQuery, LogQueryError, LogReader, Sender, Start, SubscriptionError, Timestamp,
-    TlsErrorKind,
+    Client, ClientError, ConnState, Error, Event, LogQuery, LogQueryError, LogReader, Member, MemberId, PresenceEvent, PresenceView,
+    Sender, Start, SubscriptionError, Timestamp, TlsErrorKind,
 };
 use tokio::io::AsyncBufReadExt;
 
@@ -81,8 +81,31 @@ enum Command {
         /// Exit after printing this many events.
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         count: Option<u64>,
+        /// Also print who is present at each path (the presence extension): first everyone
+        /// (`^=/path MEMBER CONNS [INFO]` per member), then `^+/path MEMBER CONNS [INFO]` for a
+        /// join, `^-/path MEMBER` for a leave and `^#/path COUNT` for the count (after the
+        /// snapshot and at each change). MEMBER is `=SUB` (a token's sub; `%`, space, tab, CR
+        /// and LF escaped as %25, %20, %09, %0D, %0A) or `-ID` (an anonymous connection); INFO
+        /// the token's info claim as JSON. After a reconnect only real changes are printed.
+        /// With --json: {"presence":"snapshot"|"join"|"leave"|"count","path":..,...}.
+        #[arg(long, conflicts_with = "raw")]
+        presence: bool,
         #[command(flatten)]
         format: Format,
+    },
+    /// Print who is present at a path (subscribed at it or below; the presence extension):
+    /// one line per member, `MEMBER CONNS [INFO]` (MEMBER `=SUB` or `-ID` for an anonymous
+    /// connection, as `ivy sub --presence` prints them), sorted (subs first), then
+    /// `# N members`. Needs a read grant covering the path.
+    Who {
+        /// Channel path.
+        #[arg(value_parser = parse_path)]
+        path: String,
+        /// One JSON object: {"path":..,"count":N,"complete":true|false,"members":[{"sub":..,
+        /// "info":{..},"conns":N} | {"anon":..,"conns":N}, ...]} (complete is false when a
+        /// channel had more members than the server lists: count is then an estimate).
+        #[arg(long)]
+        json: bool,
     },
     /// Publish an event and print its timestamp once stored. Without DATA, publish each line
     /// of standard input as one event as soon as it is read, printing one timestamp per line,
@@ -338,6 +361,112 @@ fn render(e: &Event, format: Format, terminal: bool) -> Vec<u8> {
     };
     v.push(b'\n');
     v
+}
+
+/// A member's id as `ivy who` and `ivy sub --presence` print it: `=SUB` (with `%`, space, tab,
+/// CR and LF escaped as %25, %20, %09, %0D, %0A) or `-ID` for an anonymous connection.
+fn member_id_text(id: &MemberId) -> String {
+    match id {
+        MemberId::Sub(sub) => {
+            let mut t = String::with_capacity(sub.len() + 1);
+            t.push('=');
+            for c in sub.chars() {
+                match c {
+                    '%' => t.push_str("%25"),
+                    ' ' => t.push_str("%20"),
+                    '\t' => t.push_str("%09"),
+                    '\r' => t.push_str("%0D"),
+                    '\n' => t.push_str("%0A"),
+                    c => t.push(c),
+                }
+            }
+            t
+        }
+        MemberId::Anon(id) => format!("-{id}"),
+    }
+}
+
+/// `MEMBER CONNS [INFO]`.
+fn member_text(m: &Member, conns: bool) -> String {
+    let mut t = member_id_text(&m.id);
+    if conns {
+        t.push_str(&format!(" {}", m.conns));
+        if let Some(info) = &m.info {
+            t.push(' ');
+            t.push_str(info);
+        }
+    }
+    t
+}
+
+/// `{"sub":..,"info":{..},"conns":N}` or `{"anon":..,"conns":N}`, as the server writes members.
+fn member_json(m: &Member, conns: bool) -> serde_json::Value {
+    let mut o = serde_json::Map::new();
+    match &m.id {
+        MemberId::Sub(s) => o.insert("sub".into(), s.as_str().into()),
+        MemberId::Anon(a) => o.insert("anon".into(), a.as_str().into()),
+    };
+    if let Some(info) = m.info.as_deref().and_then(|i| serde_json::from_str::<serde_json::Value>(i).ok()) {
+        o.insert("info".into(), info);
+    }
+    if conns {
+        o.insert("conns".into(), m.conns.into());
+    }
+    o.into()
+}
+
+fn view_json(v: &PresenceView) -> serde_json::Value {
+    serde_json::json!({
+        "path": v.path,
+        "count": v.count,
+        "complete": v.complete,
+        "members": v.members.iter().map(|m| member_json(m, true)).collect::<Vec<_>>(),
+    })
+}
+
+/// The lines of a presence event of `ivy sub --presence` (see its help), each with its newline.
+fn render_presence(path: &str, e: &PresenceEvent, json: bool, terminal: bool) -> Vec<u8> {
+    let mut lines: Vec<String> = Vec::new();
+    if json {
+        let v = match e {
+            PresenceEvent::Snapshot(v) => {
+                serde_json::json!({"presence": "snapshot", "path": path, "count": v.count, "complete": v.complete,
+                    "members": v.members.iter().map(|m| member_json(m, true)).collect::<Vec<_>>()})
+            }
+            PresenceEvent::Join(m) => serde_json::json!({"presence": "join", "path": path, "member": member_json(m, false)}),
+            PresenceEvent::Leave(m) => serde_json::json!({"presence": "leave", "path": path, "member": member_json(m, false)}),
+            PresenceEvent::Count(n) => serde_json::json!({"presence": "count", "path": path, "count": n}),
+            PresenceEvent::Failed(_) | PresenceEvent::Ended(_) => return Vec::new(),
+        };
+        lines.push(v.to_string());
+    } else {
+        match e {
+            PresenceEvent::Snapshot(v) => {
+                lines.extend(v.members.iter().map(|m| format!("^={path} {}", member_text(m, true))));
+                lines.push(format!("^#{path} {}", v.count));
+            }
+            PresenceEvent::Join(m) => lines.push(format!("^+{path} {}", member_text(m, true))),
+            PresenceEvent::Leave(m) => lines.push(format!("^-{path} {}", member_text(m, false))),
+            PresenceEvent::Count(n) => lines.push(format!("^#{path} {n}")),
+            PresenceEvent::Failed(_) | PresenceEvent::Ended(_) => {}
+        }
+    }
+    let mut out = Vec::new();
+    for l in lines {
+        if terminal {
+            out.extend_from_slice(&for_terminal(l.as_bytes()));
+        } else {
+            out.extend_from_slice(l.as_bytes());
+        }
+        out.push(b'\n');
+    }
+    out
+}
+
+/// What `ivy sub` prints: events of its subscriptions, presence of its watched paths.
+enum Item {
+    Event(Result<Event, SubscriptionError>),
+    Presence(String, PresenceEvent),
 }
 
 /// See [`render`].
@@ -632,7 +761,38 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             client.close().await;
             result
         }
-        Command::Sub { paths, from_beginning, after, count, format } => {
+        Command::Who { path, json } => {
+            let view = interruptible(async {
+                let client = builder().connect().await?;
+                let v = client.who(&path).await;
+                client.close().await;
+                Ok(v?)
+            })
+            .await?;
+            let mut out = std::io::stdout().lock();
+            let terminal = out.is_terminal();
+            let mut text = String::new();
+            if json {
+                text.push_str(&view_json(&view).to_string());
+                text.push('\n');
+            } else {
+                for m in &view.members {
+                    text.push_str(&member_text(m, true));
+                    text.push('\n');
+                }
+                let n = view.count;
+                text.push_str(&format!("# {n} member{}", if n == 1 { "" } else { "s" }));
+                if !view.complete {
+                    text.push_str(" (estimated; channels above the server's --presence-max-list are not listed)");
+                }
+                text.push('\n');
+            }
+            let bytes = if terminal { for_terminal(text.as_bytes()) } else { text.into_bytes() };
+            let _ = out.write_all(&bytes);
+            let _ = out.flush();
+            Ok(())
+        }
+        Command::Sub { paths, from_beginning, after, count, presence, format } => {
             let start = match (from_beginning, after) {
                 (true, _) => Start::Beginning,
                 (false, Some(t)) => Start::After(t),
@@ -640,9 +800,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             };
             let (client, mut streams) = interruptible(async {
                 let client = builder().retry_initial_connect(false).senders(format.senders).connect().await?;
-                let mut streams = SelectAll::new();
+                let mut streams: SelectAll<std::pin::Pin<Box<dyn futures_util::Stream<Item = Item> + Send>>> = SelectAll::new();
                 for p in &paths {
-                    streams.push(client.subscribe_from(p, start).await?);
+                    streams.push(Box::pin(client.subscribe_from(p, start).await?.map(Item::Event)));
+                }
+                if presence {
+                    for p in &paths {
+                        let path = p.clone();
+                        streams.push(Box::pin(client.presence(p).await?.map(move |e| Item::Presence(path.clone(), e))));
+                    }
                 }
                 Ok((client, streams))
             })
@@ -670,23 +836,42 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         result = Err(Failure::Ended(client.last_connect_error()));
                         break;
                     }
-                    Some(Ok(e)) => {
-                        if out.write_all(&render(&e, format, terminal)).and_then(|()| out.flush()).is_err() {
-                            break; // stdout closed
-                        }
-                        printed += 1;
-                    }
-                    Some(Err(e @ SubscriptionError::ContinuityLost { .. })) => eprintln!("ivy: warning: {e}"),
-                    Some(Err(SubscriptionError::Refused(ClientError::Unauthorized))) => {
+                    Some(Item::Presence(_, PresenceEvent::Failed(ClientError::Unauthorized))) => {
                         result = Err(Failure::Unauthorized(client.unauthorized_reason().unwrap_or_else(|| "no reason given".into())));
                         break;
                     }
-                    // The others go on.
-                    Some(Err(e @ SubscriptionError::Ended(_))) => eprintln!("ivy: {e}"),
-                    Some(Err(SubscriptionError::Refused(e))) => {
+                    Some(Item::Presence(path, PresenceEvent::Failed(e))) => {
+                        eprintln!("ivy: presence of {path} refused");
                         result = Err(Error::Request(e).into());
                         break;
                     }
+                    Some(Item::Presence(path, PresenceEvent::Ended(reason))) => {
+                        eprintln!("ivy: presence of {path} ended by the server: {reason}")
+                    }
+                    Some(Item::Presence(path, e)) => {
+                        if out.write_all(&render_presence(&path, &e, format.json, terminal)).and_then(|()| out.flush()).is_err() {
+                            break; // stdout closed
+                        }
+                    }
+                    Some(Item::Event(item)) => match item {
+                        Ok(e) => {
+                            if out.write_all(&render(&e, format, terminal)).and_then(|()| out.flush()).is_err() {
+                                break; // stdout closed
+                            }
+                            printed += 1;
+                        }
+                        Err(e @ SubscriptionError::ContinuityLost { .. }) => eprintln!("ivy: warning: {e}"),
+                        Err(SubscriptionError::Refused(ClientError::Unauthorized)) => {
+                            result = Err(Failure::Unauthorized(client.unauthorized_reason().unwrap_or_else(|| "no reason given".into())));
+                            break;
+                        }
+                        // The others go on.
+                        Err(e @ SubscriptionError::Ended(_)) => eprintln!("ivy: {e}"),
+                        Err(SubscriptionError::Refused(e)) => {
+                            result = Err(Error::Request(e).into());
+                            break;
+                        }
+                    },
                 }
             }
             client.close().await;
@@ -759,6 +944,36 @@ mod tests {
     const LINE: Format = Format { json: false, raw: false, senders: false };
     const JSON: Format = Format { json: true, raw: false, senders: false };
     const RAW: Format = Format { json: false, raw: true, senders: false };
+
+    #[test]
+    fn presence_renders_as_documented() {
+        let ada = Member { id: MemberId::Sub("ada l\n%".into()), info: Some(r#"{"nick":"Ada"}"#.into()), conns: 2 };
+        let anon = Member { id: MemberId::Anon("9f3c0a1b2c3d4e5f".into()), info: None, conns: 1 };
+        let view = PresenceView { path: "/r".into(), count: 2, members: vec![ada.clone(), anon.clone()], complete: true };
+        let text = |e: &PresenceEvent| String::from_utf8(render_presence("/r", e, false, false)).unwrap();
+        assert_eq!(
+            text(&PresenceEvent::Snapshot(view.clone())),
+            "^=/r =ada%20l%0A%25 2 {\"nick\":\"Ada\"}\n^=/r -9f3c0a1b2c3d4e5f 1\n^#/r 2\n"
+        );
+        assert_eq!(text(&PresenceEvent::Join(anon.clone())), "^+/r -9f3c0a1b2c3d4e5f 1\n");
+        assert_eq!(text(&PresenceEvent::Leave(Member { conns: 0, ..ada.clone() })), "^-/r =ada%20l%0A%25\n");
+        assert_eq!(text(&PresenceEvent::Count(7)), "^#/r 7\n");
+        let json = |e: &PresenceEvent| serde_json::from_slice::<serde_json::Value>(&render_presence("/r", e, true, false)).unwrap();
+        assert_eq!(
+            json(&PresenceEvent::Snapshot(view.clone())),
+            serde_json::json!({"presence": "snapshot", "path": "/r", "count": 2, "complete": true, "members": [
+                {"sub": "ada l\n%", "info": {"nick": "Ada"}, "conns": 2}, {"anon": "9f3c0a1b2c3d4e5f", "conns": 1}]})
+        );
+        assert_eq!(
+            json(&PresenceEvent::Join(ada)),
+            serde_json::json!({"presence": "join", "path": "/r", "member": {"sub": "ada l\n%", "info": {"nick": "Ada"}}})
+        );
+        assert_eq!(json(&PresenceEvent::Count(0)), serde_json::json!({"presence": "count", "path": "/r", "count": 0}));
+        assert_eq!(view_json(&view)["members"][1], serde_json::json!({"anon": "9f3c0a1b2c3d4e5f", "conns": 1}));
+        // A terminal gets no control characters from a member's info.
+        let evil = Member { id: MemberId::Sub("x".into()), info: Some("{\"n\":\"\u{202E}\"}".into()), conns: 1 };
+        assert!(!String::from_utf8(render_presence("/r", &PresenceEvent::Join(evil), false, true)).unwrap().contains('\u{202E}'));
+    }
 
     #[test]
     fn senders_render_in_lines_and_json() {

@@ -232,6 +232,8 @@ pub(crate) struct LocalEngine {
     sequencer: Mutex<Option<JoinHandle<()>>>,
     /// Dropped at shutdown: the retention thread then stops.
     retention: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    /// Who is subscribed where, in this process.
+    presence: Arc<super::LocalPresence>,
 }
 
 impl LocalEngine {
@@ -255,6 +257,7 @@ impl LocalEngine {
         tracing::info!(last = %last, floor = %floor, "event store open");
         let written = retention.max_events.map(|_| Mutex::default());
         let shared = Arc::new(Shared { storage, clock, visible: Watermark(Mutex::new(last)), written });
+        let presence = super::LocalPresence::start(context.presence, context.fanout.clone());
         let sequencer = Sequencer { shared: shared.clone(), fanout: context.fanout, requests: context.requests, metrics: context.metrics };
         let handle = std::thread::Builder::new().name("ivy-sequencer".into()).spawn(move || sequencer.run())?;
         let stop = if retention.is_active() {
@@ -265,7 +268,7 @@ impl LocalEngine {
         } else {
             None
         };
-        Ok(Arc::new(LocalEngine { shared, sequencer: Mutex::new(Some(handle)), retention: Mutex::new(stop) }))
+        Ok(Arc::new(LocalEngine { shared, sequencer: Mutex::new(Some(handle)), retention: Mutex::new(stop), presence }))
     }
 }
 
@@ -351,6 +354,10 @@ impl Retainer {
 }
 
 impl Engine for LocalEngine {
+    fn presence(&self) -> Arc<dyn super::Presence> {
+        self.presence.clone()
+    }
+
     fn now(&self) -> Timestamp {
         self.shared.clock.now()
     }

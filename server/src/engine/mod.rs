@@ -63,6 +63,7 @@
 mod clock;
 mod local;
 pub mod memory;
+pub mod presence;
 mod reopen;
 pub mod sled;
 #[cfg(test)]
@@ -83,6 +84,7 @@ pub use crate::metrics::EngineMetrics;
 pub(crate) use local::stored_cost;
 pub use local::{Deleted, WallClock};
 pub use memory::MemoryEngine;
+pub use presence::{LocalPresence, Member, MemberId, Presence, PresenceOptions};
 pub use sled::{Durability, SledEngine};
 
 /// Who sent an event, as the server verified it, in its wire form (`docs/PROTOCOL.md`
@@ -194,6 +196,11 @@ pub trait Engine: Send + Sync + 'static {
         let _ = (revocation, now);
         Box::pin(async { Err(io::Error::new(io::ErrorKind::Unsupported, "this engine does not store token revocations")) })
     }
+
+    /// Who is subscribed where ([`presence`]): the sled and memory engines keep it in this
+    /// process ([`LocalPresence`], started with [`Context::presence`]); an engine of several
+    /// nodes keeps it where every node sees it (see the [`presence`] module docs).
+    fn presence(&self) -> Arc<dyn Presence>;
 }
 
 /// A page of channels to list ([`Engine::channels`]).
@@ -267,6 +274,8 @@ pub struct Context {
     pub fanout: Arc<FanOut>,
     /// Where the engine reports its group commits and the events it refused (`/metrics`).
     pub metrics: EngineMetrics,
+    /// The presence settings (`--presence-linger`, `--presence-max-list`).
+    pub presence: PresenceOptions,
 }
 
 /// Scan direction.

@@ -27,6 +27,8 @@ async fn spawn(data: &PathBuf, listen: &str) -> (tokio::process::Child, SocketAd
     let mut child = tokio::process::Command::new(bin)
         .args(["--listen", listen, "--data"])
         .arg(data)
+        // Presence leaves within a second (the browser tests' presence watch).
+        .args(["--presence-linger", "1"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .kill_on_drop(true)
