@@ -470,6 +470,11 @@ async fn a_join_storm_sends_each_member_a_bounded_number_of_lines() {
     assert!(max_lines < MEMBERS / 4, "not a line per join");
     let admin = token("backend", &["/"], None);
     assert_eq!(get_presence(&server, "/presence/room?count", Some(&admin)).await.1, json!({"count": MEMBERS}));
+    // The metrics: members summed over channels, and the lines sent.
+    let metrics = http_get(server.addr, "/metrics", &[]).await.text();
+    assert!(metrics.lines().any(|l| l == format!("ivy_presence_members {MEMBERS}")), "{metrics}");
+    let lines: u64 = metrics.lines().find_map(|l| l.strip_prefix("ivy_presence_lines_total ")).unwrap().parse().unwrap();
+    assert!(lines >= 2 * MEMBERS as u64, "{lines}");
     // Paging through all of them: 1000 members in pages of 300, in order, each once.
     let mut seen = Vec::new();
     let mut after = String::new();
