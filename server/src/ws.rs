@@ -704,6 +704,9 @@ fn close_frame(ending: &Ending) -> Option<(u16, &'static str)> {
         close_code::SLOW_CONSUMER => Some((close_code::SLOW_CONSUMER, "slow consumer: outbound queue full")),
         close_code::PING_TIMEOUT => Some((close_code::PING_TIMEOUT, "ping timeout: nothing received for a whole ping interval")),
         close_code::TOKEN_EXPIRED => Some((close_code::TOKEN_EXPIRED, "token expired: refresh it in-band or reconnect with a fresh token")),
+        crate::engine::redis::CONTINUITY_LOST => {
+            Some((crate::engine::redis::CONTINUITY_LOST, "continuity lost: the event store lost events; resume from the log"))
+        }
         code => Some((code, "")),
     }
 }

@@ -38,7 +38,10 @@
 //! - [`SledEngine`] (the default, `ivy-server --data DIR`): an embedded sled store, one
 //!   sequencer thread, group commit, a durable clock floor;
 //! - [`MemoryEngine`] (`ivy-server --memory`): the same sequencer over a store in memory;
-//!   nothing survives the process. Fast tests and ephemeral deployments use it.
+//!   nothing survives the process. Fast tests and ephemeral deployments use it;
+//! - [`RedisEngine`] (`ivy-server --redis URL`): the log, the order and the clock in Redis,
+//!   shared by any number of nodes; a writer task (one Lua script per group commit) and a
+//!   reader task (`XREAD BLOCK` on the root log) that delivers to this node's fan-out.
 //!
 //! # Async engines
 //!
@@ -63,6 +66,7 @@
 mod clock;
 mod local;
 pub mod memory;
+pub mod redis;
 mod reopen;
 pub mod sled;
 #[cfg(test)]
@@ -83,6 +87,7 @@ pub use crate::metrics::EngineMetrics;
 pub(crate) use local::stored_cost;
 pub use local::{Deleted, WallClock};
 pub use memory::MemoryEngine;
+pub use self::redis::RedisEngine;
 pub use sled::{Durability, SledEngine};
 
 /// Who sent an event, as the server verified it, in its wire form (`docs/PROTOCOL.md`
