@@ -37,9 +37,11 @@
 //! single-node sequencer) and stores them with ONE Lua script (EVALSHA, loaded again on
 //! NOSCRIPT): for each event `ts = max(Redis TIME, last + 1 ns, the node's floor + 1 ns)`, XADD to
 //! each level's log, then SET the clock; it returns the IDs. Redis runs scripts one at a time,
-//! so the order is total across nodes and no node's clock decides it (the node's floor, the
-//! newest timestamp it delivered or answered to `@`, only keeps its own timestamps increasing
-//! if Redis's clock steps back or Redis lost its clock).
+//! so the order is total across nodes and no node's clock decides it. The node's floor (its
+//! wall clock, and the newest timestamp it delivered or answered to `@`) only raises
+//! timestamps: a node's `@` answer is below every later event it sends, and its timestamps keep
+//! increasing if Redis's clock steps back or Redis lost its clock key. A node whose clock runs
+//! ahead pulls the timestamps of the events it sends ahead with it (never their order).
 //!
 //! # Delivery: from the log, never from pub/sub
 //!
@@ -725,7 +727,11 @@ impl Writer {
         }
         self.batches += 1;
         let no = self.batches;
-        let floor = Timestamp::from_nanos(u128::from(shared.clock.load(Ordering::Acquire).max(shared.visible.load(Ordering::Acquire))));
+        // The node's floor: its wall clock and what it handed out (`@`) or delivered.
+        // (Events come after the floor: after the wall clock's previous nanosecond.)
+        let wall = nanos(shared.wall.now()).saturating_sub(1);
+        let floor = shared.clock.load(Ordering::Acquire).max(shared.visible.load(Ordering::Acquire)).max(wall);
+        let floor = Timestamp::from_nanos(u128::from(floor));
         let mut invocation = script.prepare_invoke();
         invocation.key(CLOCK_KEY).key(COUNT_KEY).key(CHANNELS_KEY).key(ROOT_KEY).arg(id_of(floor)).arg(format!("{}:{no}", shared.node));
         let mut line = Vec::new();
