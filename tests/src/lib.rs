@@ -94,7 +94,11 @@ pub struct RedisServer {
     child: Mutex<Option<std::process::Child>>,
 }
 
-static REDIS: Mutex<Vec<(PathBuf, std::sync::Weak<RedisServer>)>> = Mutex::new(Vec::new());
+/// The Redis servers of the test directories. Each lives as long as the thread that started
+/// it (the test's): it is started with the parent-death signal SIGKILL (`setpriv
+/// --pdeathsig`), so that it ends with its test whatever holds it (an engine built from a
+/// [`Setup`] that was dropped still needs it), and never outlives the test binary.
+static REDIS: Mutex<Vec<(PathBuf, Arc<RedisServer>)>> = Mutex::new(Vec::new());
 
 impl RedisServer {
     /// The Redis server of a test's data directory: the one running, or a new one on
@@ -102,12 +106,13 @@ impl RedisServer {
     /// directory finds its events).
     pub fn for_dir(dir: &Path) -> Arc<RedisServer> {
         let mut all = REDIS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        all.retain(|(_, w)| w.strong_count() > 0);
-        if let Some(r) = all.iter().find(|(d, _)| d == dir).and_then(|(_, w)| w.upgrade()) {
-            return r;
+        // Those whose test ended (their directory is gone) are forgotten.
+        all.retain(|(d, _)| d.exists());
+        if let Some((_, r)) = all.iter().find(|(d, _)| d == dir) {
+            return r.clone();
         }
         let r = Arc::new(RedisServer::start(&dir.join("redis")));
-        all.push((dir.to_path_buf(), Arc::downgrade(&r)));
+        all.push((dir.to_path_buf(), r.clone()));
         r
     }
 
@@ -127,7 +132,15 @@ impl RedisServer {
 
     /// Starts the process on its port and directory; whether it answers.
     fn spawn(&self) -> bool {
-        let child = std::process::Command::new("redis-server")
+        // Killed when the thread that starts it ends (see [`REDIS`]), where setpriv exists.
+        let mut cmd = if Path::new("/usr/bin/setpriv").exists() {
+            let mut c = std::process::Command::new("/usr/bin/setpriv");
+            c.args(["--pdeathsig", "KILL", "redis-server"]);
+            c
+        } else {
+            std::process::Command::new("redis-server")
+        };
+        let child = cmd
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--appendonly", "yes", "--appendfsync", "always"])
             .args(["--save", "", "--protected-mode", "no", "--loglevel", "warning"])
             .arg("--dir")
