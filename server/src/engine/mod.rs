@@ -472,7 +472,35 @@ impl PublishError {
     pub fn storage(e: io::Error) -> PublishError {
         PublishError::Storage(Arc::new(e))
     }
+
+    /// A storage failure because the event store cannot be reached (a network engine: Redis),
+    /// with a reason that clients are shown as it is (`docs/PROTOCOL.md` 6.4); the other storage
+    /// errors are for the server's log only.
+    pub fn unreachable(reason: &'static str) -> PublishError {
+        PublishError::storage(io::Error::new(io::ErrorKind::NotConnected, Unreachable(reason)))
+    }
+
+    /// What a client is told of a storage failure: the reason of [`PublishError::unreachable`],
+    /// or that the server's log has the details.
+    pub(crate) fn storage_reason(e: &io::Error) -> &'static str {
+        match e.get_ref().and_then(|inner| inner.downcast_ref::<Unreachable>()) {
+            Some(Unreachable(reason)) => reason,
+            None => "event not stored: the store failed; the server's log has the details",
+        }
+    }
 }
+
+/// The reason of [`PublishError::unreachable`].
+#[derive(Debug)]
+struct Unreachable(&'static str);
+
+impl fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.strip_prefix("event not stored: ").unwrap_or(self.0))
+    }
+}
+
+impl std::error::Error for Unreachable {}
 
 impl fmt::Display for PublishError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

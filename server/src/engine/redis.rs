@@ -297,8 +297,13 @@ fn io_err(e: redis::RedisError) -> io::Error {
     io::Error::other(format!("the event store (Redis) failed: {e}"))
 }
 
+/// The client's error line: `storage event not stored: the event store (Redis) is unreachable`.
+const UNREACHABLE: &str = "event not stored: the event store (Redis) is unreachable";
+/// When a write's connection was lost.
+const CUT: &str = "event not stored: the connection to the event store (Redis) was lost during the write; the event may still be in the log";
+
 fn unreachable() -> PublishError {
-    PublishError::storage(io::Error::new(io::ErrorKind::NotConnected, "the event store (Redis) is unreachable"))
+    PublishError::unreachable(UNREACHABLE)
 }
 
 impl Open for RedisEngine {
@@ -773,10 +778,7 @@ impl Writer {
                 } else {
                     shared.healthy.store(false, Ordering::Release);
                     tracing::error!(error = %e, events = count, "the connection to Redis failed during a write");
-                    PublishError::storage(io::Error::new(
-                        io::ErrorKind::NotConnected,
-                        "the event store (Redis) is unreachable (the connection failed during the write: the event may still be in the log)",
-                    ))
+                    PublishError::unreachable(CUT)
                 };
                 let mut pending = shared.pending();
                 let taken: Vec<Completion> = match pending.iter().position(|p| p.batch == no) {
