@@ -177,6 +177,21 @@ impl RedisServer {
         matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
     }
 
+    /// Runs one command (RESP over a fresh connection); the first line of the reply.
+    pub fn command(&self, args: &[&str]) -> String {
+        use std::io::{BufRead, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect to redis-server");
+        let _ = s.set_read_timeout(Some(WAIT));
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        s.write_all(req.as_bytes()).expect("write to redis-server");
+        let mut line = String::new();
+        std::io::BufReader::new(s).read_line(&mut line).expect("redis-server reply");
+        line.trim_end().to_string()
+    }
+
     /// Its URL.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)

@@ -226,3 +226,34 @@ async fn two_nodes_on_one_redis_share_one_log_and_one_order() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Redis lost what the node had delivered (here: FLUSHALL, as a restart without persistence
+/// would): the next event's number does not follow, so the node's subscribers are closed with
+/// 4004 (continuity lost) instead of going on with a silent gap; timestamps keep increasing
+/// past what the node delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_losing_events_closes_the_subscribers_with_4004_and_timestamps_keep_increasing() {
+    let dir = temp_dir();
+    let redis = Arc::new(RedisServer::start(&dir.path().join("redis")));
+    let server = TestServer::start(on(&redis, dir.path())).await;
+    let mut sub = Client::connect(&server.ws_url()).await;
+    sub.subscribe("/").await;
+    let mut c = Client::connect(&server.ws_url()).await;
+    let before = c.publish("/a", "one").await;
+    assert_eq!(sub.recv().await, format!("@{before}:/a:one"));
+    assert_eq!(redis.command(&["FLUSHALL"]), "+OK");
+    let after = c.publish("/a", "two").await;
+    assert!(after > before, "{after} after {before}");
+    match sub.next_within(WAIT).await {
+        Got::Close(code, reason) => assert_eq!((code, reason.as_str()), (4004, "continuity lost: the event store lost events; resume from the log")),
+        other => panic!("expected the continuity-lost close, got {other:?}"),
+    }
+    // The log is what Redis holds now; a new subscriber goes on from there.
+    assert_eq!(log_text(server.addr, "/log/").await, format!("@{after}:/a:two"));
+    let mut again = Client::connect(&server.ws_url()).await;
+    let p = again.subscribe("/").await;
+    assert!(p >= after);
+    let three = c.publish("/a", "three").await;
+    assert_eq!(again.recv().await, format!("@{three}:/a:three"));
+    server.stop().await;
+}
