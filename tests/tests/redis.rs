@@ -14,7 +14,8 @@ use ivy_tests::{Client, Config, EngineKind, Got, RedisServer, Setup, TestServer,
 /// The line of a send refused while Redis is unreachable.
 const UNREACHABLE: &str = "storage event not stored: the event store (Redis) is unreachable";
 /// The line of a send whose write lost its connection.
-const CUT: &str = "storage event not stored: the connection to the event store (Redis) was lost during the write; the event may still be in the log";
+const CUT: &str =
+    "storage event not stored: the connection to the event store (Redis) was lost during the write; the event may still be in the log";
 
 /// A server setup on `redis` (a node's data directory is never used).
 fn on(redis: &Arc<RedisServer>, dir: &Path) -> Setup {
@@ -245,7 +246,9 @@ async fn redis_losing_events_closes_the_subscribers_with_4004_and_timestamps_kee
     let after = c.publish("/a", "two").await;
     assert!(after > before, "{after} after {before}");
     match sub.next_within(WAIT).await {
-        Got::Close(code, reason) => assert_eq!((code, reason.as_str()), (4004, "continuity lost: the event store lost events; resume from the log")),
+        Got::Close(code, reason) => {
+            assert_eq!((code, reason.as_str()), (4004, "continuity lost: the event store lost events; resume from the log"))
+        }
         other => panic!("expected the continuity-lost close, got {other:?}"),
     }
     // The log is what Redis holds now; a new subscriber goes on from there.

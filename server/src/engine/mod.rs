@@ -82,12 +82,12 @@ use bytes::Bytes;
 use ivy_client_core::Timestamp;
 use tokio::sync::{mpsc, oneshot};
 
+pub use self::redis::RedisEngine;
 pub use crate::fanout::{ConnId, FanOut, Line, Published};
 pub use crate::metrics::EngineMetrics;
 pub(crate) use local::stored_cost;
 pub use local::{Deleted, WallClock};
 pub use memory::MemoryEngine;
-pub use self::redis::RedisEngine;
 pub use sled::{Durability, SledEngine};
 
 /// Who sent an event, as the server verified it, in its wire form (`docs/PROTOCOL.md`

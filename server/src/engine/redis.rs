@@ -300,7 +300,8 @@ fn io_err(e: redis::RedisError) -> io::Error {
 /// The client's error line: `storage event not stored: the event store (Redis) is unreachable`.
 const UNREACHABLE: &str = "event not stored: the event store (Redis) is unreachable";
 /// When a write's connection was lost.
-const CUT: &str = "event not stored: the connection to the event store (Redis) was lost during the write; the event may still be in the log";
+const CUT: &str =
+    "event not stored: the connection to the event store (Redis) was lost during the write; the event may still be in the log";
 
 fn unreachable() -> PublishError {
     PublishError::unreachable(UNREACHABLE)
@@ -316,8 +317,9 @@ impl Open for RedisEngine {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("invalid Redis URL {}: {e}", self.redacted())))?;
         // The starting state, synchronously: the fan-out's position must be set before any
         // subscription takes one.
-        let mut sync =
-            client.get_connection_with_timeout(Duration::from_secs(5)).map_err(|e| io::Error::other(format!("cannot reach Redis at {}: {e}", self.redacted())))?;
+        let mut sync = client
+            .get_connection_with_timeout(Duration::from_secs(5))
+            .map_err(|e| io::Error::other(format!("cannot reach Redis at {}: {e}", self.redacted())))?;
         let _ = sync.set_read_timeout(Some(RESPONSE_TIMEOUT));
         let (clock, count, top): (String, u64, String) =
             redis::Script::new(STATE).key(CLOCK_KEY).key(COUNT_KEY).key(ROOT_KEY).invoke(&mut sync).map_err(io_err)?;
@@ -334,8 +336,8 @@ impl Open for RedisEngine {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(2));
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone()).map_err(io_err)?;
-        let reader_conn = ConnectionManager::new_lazy_with_config(client, config.set_response_timeout(Some(BLOCK + RESPONSE_TIMEOUT)))
-            .map_err(io_err)?;
+        let reader_conn =
+            ConnectionManager::new_lazy_with_config(client, config.set_response_timeout(Some(BLOCK + RESPONSE_TIMEOUT))).map_err(io_err)?;
         let mut tag = [0u8; 8];
         getrandom::fill(&mut tag).map_err(|e| io::Error::other(format!("no random node tag: {e}")))?;
         let node: String = tag.iter().map(|b| format!("{b:02x}")).collect();
@@ -782,7 +784,9 @@ impl Writer {
                 };
                 let mut pending = shared.pending();
                 let taken: Vec<Completion> = match pending.iter().position(|p| p.batch == no) {
-                    Some(i) if answered => pending.remove(i).map(|p| p.events.into_iter().filter_map(|e| e.1).collect()).unwrap_or_default(),
+                    Some(i) if answered => {
+                        pending.remove(i).map(|p| p.events.into_iter().filter_map(|e| e.1).collect()).unwrap_or_default()
+                    }
                     Some(i) => pending[i].events.iter_mut().filter_map(|e| e.1.take()).collect(),
                     None => Vec::new(),
                 };
@@ -813,13 +817,7 @@ impl Reader {
         let mut backoff = Duration::from_millis(50);
         loop {
             let mut cmd = redis::cmd("XREAD");
-            cmd.arg("COUNT")
-                .arg(READ_COUNT)
-                .arg("BLOCK")
-                .arg(BLOCK.as_millis() as u64)
-                .arg("STREAMS")
-                .arg(ROOT_KEY)
-                .arg(id_of(self.last));
+            cmd.arg("COUNT").arg(READ_COUNT).arg("BLOCK").arg(BLOCK.as_millis() as u64).arg("STREAMS").arg(ROOT_KEY).arg(id_of(self.last));
             let read = cmd.query_async::<Value>(&mut self.conn);
             let reply = tokio::select! {
                 r = read => r,
