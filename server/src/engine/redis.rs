@@ -586,19 +586,21 @@ async fn read_page(mut conn: ConnectionManager, request: ReadRequest) -> io::Res
         let reply: Value = cmd.arg("COUNT").arg(chunk).query_async(&mut conn).await.map_err(io_err)?;
         let entries = entries(reply);
         let got = entries.len();
-        for e in entries {
-            let cursor = format!("({}", id_of(e.ts));
+        for e in &entries {
             page.push_for(&request, e.ts, &e.line, &e.origin);
-            match request.direction {
-                Direction::Forward => after = cursor,
-                Direction::Backward => top = cursor,
-            }
             if page.is_full(&request) {
                 return Ok(page);
             }
         }
-        if got < chunk {
-            return Ok(page);
+        match entries.last() {
+            Some(e) if got >= chunk => {
+                let cursor = format!("({}", id_of(e.ts));
+                match request.direction {
+                    Direction::Forward => after = cursor,
+                    Direction::Backward => top = cursor,
+                }
+            }
+            _ => return Ok(page),
         }
     }
 }
@@ -826,6 +828,7 @@ impl Reader {
             match reply {
                 Ok(reply) => {
                     if self.down_since.is_some() && !self.reconnected().await {
+                        tokio::time::sleep(backoff).await;
                         continue;
                     }
                     backoff = Duration::from_millis(50);
