@@ -768,4 +768,16 @@ mod tests {
         assert_eq!((s.durability, s.flush_interval), (Durability::Async, Duration::from_millis(7)));
         assert!(cli.memory);
     }
+
+    #[test]
+    fn redis_selects_the_redis_engine_and_excludes_memory() {
+        let cli = Cli::try_parse_from(["ivy-server", "--redis", "redis://:pw@127.0.0.1:6380/2", "--retention-max-age", "60"]).unwrap();
+        assert_eq!(cli.redis.as_deref(), Some("redis://:pw@127.0.0.1:6380/2"));
+        let engine = cli.engine(WallClock::system());
+        assert_eq!(engine.kind(), "redis");
+        assert_eq!(engine.describe(), "Redis at redis://:***@127.0.0.1:6380/2", "no password in the logs");
+        assert_eq!(Cli::try_parse_from(["ivy-server"]).unwrap().engine(WallClock::system()).kind(), "sled");
+        let both = Cli::try_parse_from(["ivy-server", "--redis", "redis://127.0.0.1", "--memory"]);
+        assert!(both.is_err(), "--redis and --memory are exclusive");
+    }
 }

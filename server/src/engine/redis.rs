@@ -62,6 +62,12 @@
 //! the connections reconnect with backoff. A send whose write was cut by a lost connection
 //! fails with `storage` too, saying that it may be in the log: if it was stored, it is
 //! delivered to the subscribers (it is in the log), only the sender got an error.
+//!
+//! # Not yet on Redis
+//!
+//! TODO(idempotency): the idempotency ids of the single-node sequencer (a later merge) need a
+//! check-and-set per id inside the publish script (a key with a TTL, read before the XADDs).
+//! Presence and channel listing are not on Redis yet either.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
