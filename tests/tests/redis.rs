@@ -260,3 +260,23 @@ async fn redis_losing_events_closes_the_subscribers_with_4004_and_timestamps_kee
     assert_eq!(again.recv().await, format!("@{three}:/a:three"));
     server.stop().await;
 }
+
+/// A node that cannot reach Redis at startup refuses to start, saying so (its position in the
+/// log would be unknown), with the URL's password hidden.
+#[tokio::test]
+async fn the_server_refuses_to_start_when_redis_is_unreachable() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let out = tokio::process::Command::new(ivy_tests::server_bin())
+        .args(["--listen", "127.0.0.1:0", "--redis", &format!("redis://:secret@127.0.0.1:{port}")])
+        .env("RUST_LOG", "error")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("ivy-server: cannot reach Redis at redis://:***@127.0.0.1:{port}")), "{stderr}");
+    assert!(!stderr.contains("secret"), "{stderr}");
+    let bad = tokio::process::Command::new(ivy_tests::server_bin()).args(["--redis", "http://x"]).output().await.unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid Redis URL http://x"), "{}", String::from_utf8_lossy(&bad.stderr));
+}

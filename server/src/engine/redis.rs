@@ -864,7 +864,9 @@ impl Reader {
         let Ok((_, count, top)) = state else { return false };
         let down = self.down_since.take().map(|t| t.elapsed()).unwrap_or_default();
         let top = ts_of(top.as_bytes()).unwrap_or(Timestamp::ZERO);
-        if count < self.expected || top < self.last {
+        // The counter only grows (deletions leave it), so a smaller one means lost writes; the
+        // newest entry may be older than this node's position after a deletion, which is no loss.
+        if count < self.expected {
             self.shared.continuity_lost(&format!(
                 "Redis came back without events this node had seen (it holds {count} events up to {top}; this node saw {} up to {}): \
                  Redis lost acknowledged writes (persistence off or not fsynced)",
