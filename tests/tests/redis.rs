@@ -280,3 +280,69 @@ async fn the_server_refuses_to_start_when_redis_is_unreachable() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid Redis URL http://x"), "{}", String::from_utf8_lossy(&bad.stderr));
 }
+
+/// `rediss://`: the node talks TLS to Redis (rustls with the ring provider), trusting the
+/// system's roots (`SSL_CERT_FILE` here names the test's CA) and checking Redis's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_urls_talk_tls_to_redis() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let dir = temp_dir();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "Ivy test Redis CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params.distinguished_name.push(DnType::CommonName, "localhost");
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca).unwrap();
+    let (ca_file, cert_file, key_file) = (dir.path().join("ca.pem"), dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut redis = tokio::process::Command::new("redis-server")
+        .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1", "--tls-auth-clients", "no"])
+        .arg("--tls-cert-file")
+        .arg(&cert_file)
+        .arg("--tls-key-file")
+        .arg(&key_file)
+        .arg("--tls-ca-cert-file")
+        .arg(&ca_file)
+        .args(["--save", "", "--appendonly", "no", "--protected-mode", "no", "--loglevel", "warning"])
+        .arg("--dir")
+        .arg(dir.path())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-server");
+    let deadline = Instant::now() + WAIT;
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(Instant::now() < deadline, "redis-server (TLS) did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let url = format!("rediss://localhost:{port}");
+    let ca_path = ca_file.to_str().unwrap();
+    let server =
+        ivy_tests::ServerProcess::start_bin(&ivy_tests::server_bin(), dir.path(), &["--redis", &url], &[("SSL_CERT_FILE", ca_path)]).await;
+    let mut sub = Client::connect(&server.ws_url()).await;
+    sub.subscribe("/tls").await;
+    let mut c = Client::connect(&server.ws_url()).await;
+    let ts = c.publish("/tls", "over tls").await;
+    assert_eq!(sub.recv().await, format!("@{ts}:/tls:over tls"));
+    assert_eq!(log_text(server.addr, "/log/tls").await, format!("@{ts}:/tls:over tls"));
+    server.terminate().await;
+    // Without the CA, the node refuses to start: Redis's certificate is not trusted.
+    let out = tokio::process::Command::new(ivy_tests::server_bin())
+        .args(["--listen", "127.0.0.1:0", "--redis", &url])
+        .env("SSL_CERT_FILE", dir.path().join("none.pem"))
+        .env("RUST_LOG", "error")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot reach Redis at rediss://localhost"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = redis.kill().await;
+}
