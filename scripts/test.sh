@@ -10,6 +10,21 @@ if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then
   rustup target add wasm32-unknown-unknown
 fi
 
+step "redis-server (Debian's; the Redis engine's tests start their own on a free loopback port)"
+if ! command -v redis-server >/dev/null; then
+  # apt may be busy (another install, unattended upgrades): wait for its lock, then retry.
+  for attempt in 1 2 3 4 5; do
+    if apt-get -o DPkg::Lock::Timeout=120 update && \
+       DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120 install -y --no-install-recommends redis-server; then
+      break
+    fi
+    echo "apt-get failed (attempt $attempt); retrying in 15 s" >&2
+    sleep 15
+  done
+  command -v redis-server >/dev/null || { echo "redis-server could not be installed" >&2; exit 1; }
+fi
+# Debian's package starts a system Redis on port 6379: the tests never use it.
+
 step "format and lints"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
@@ -38,6 +53,11 @@ cargo test --workspace 2>&1 | tee -a "$results"
 step "The protocol's integration tests again, on the in-memory engine (IVY_TEST_ENGINE=memory)"
 IVY_TEST_ENGINE=memory cargo test -p ivy-tests --test conformance --test log --test client_native --test client_cli \
   --test hostile --test faults --test embedding --test static_files --test load --test channels_admin --test presence --test presence_clients 2>&1 | tee -a "$results"
+
+step "The protocol's integration tests again, on the Redis engine (IVY_TEST_ENGINE=redis: a redis-server per test)"
+IVY_TEST_ENGINE=redis cargo test -p ivy-tests --test conformance --test log --test client_native --test client_cli \
+  --test hostile --test faults --test embedding --test static_files --test load --test retention --test http_publish \
+  --test senders --test ops --test own_sends --test auth 2>&1 | tee -a "$results"
 
 step "WebAssembly: core tests in Node, browser client in headless Chromium, TypeScript types, imports"
 ./scripts/test-wasm.sh 2>&1 | tee -a "$results"

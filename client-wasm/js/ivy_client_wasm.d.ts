@@ -42,7 +42,8 @@ export interface IvyStatusReason {
   /** The WebSocket close code, when there was one: 1001 the server is shutting down, 1009 a
    * message exceeded the server's size limit, 4000 the client read too slowly, 4001 the server
    * received nothing for a ping interval, 4003 the token expired and was not refreshed in time
-   * (or was revoked), 4004 an administrator disconnected the user, 1006 no close frame
+   * (or was revoked), 4004 an administrator disconnected the user, 4005 the server's event store (Redis) lost
+   * events, 1006 no close frame
    * (docs/PROTOCOL.md, 7). */
   closeCode?: number;
 }

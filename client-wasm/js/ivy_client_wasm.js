@@ -195,6 +195,7 @@ const CLOSE_CODES = {
   4001: "the server received nothing for a whole ping interval",
   4003: "the connection's token expired and was not refreshed in time, or was revoked",
   4004: "an administrator disconnected this user",
+  4005: "the server's event store lost events (the client resumes from the log)",
 };
 
 /** The reason of a change of the core's state from `prev` to `status`. */

@@ -15,7 +15,7 @@ use tracing_subscriber::EnvFilter;
 use crate::auth::{Mint, Secret};
 use crate::config::{self, Config, parse_seconds};
 use crate::engine::sled::{self as sled_engine, Durability, SledEngine};
-use crate::engine::{MemoryEngine, Open, Retention, WallClock};
+use crate::engine::{MemoryEngine, Open, RedisEngine, Retention, WallClock};
 
 /// Default of `--listen`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -50,8 +50,14 @@ pub struct Cli {
 
     /// Keep events in memory only (no store on disk, nothing survives the process): for tests
     /// and throw-away servers. `--data`, `--durability` and `--flush-interval-ms` are ignored.
-    #[arg(long, env = "IVY_MEMORY")]
+    #[arg(long, env = "IVY_MEMORY", conflicts_with = "redis")]
     pub memory: bool,
+
+    /// Keep the log, the order and the clock in Redis (`redis://[:PASSWORD@]HOST:PORT[/DB]`,
+    /// `rediss://` for TLS) instead of sled: any number of nodes can share one Redis, the node
+    /// keeps nothing on its disk. `--data`, `--durability` and `--flush-interval-ms` are ignored.
+    #[arg(long, env = "IVY_REDIS", value_name = "URL")]
+    pub redis: Option<String>,
 
     /// Start on a sled store that lost acknowledged events (damaged or truncated: the server
     /// refuses it otherwise, saying what is lost), keeping what is intact.
@@ -476,6 +482,9 @@ impl Cli {
 
     /// The engine the flags ask for, with timestamps from `wall`.
     pub fn engine(&self, wall: WallClock) -> Box<dyn Open> {
+        if let Some(url) = &self.redis {
+            return Box::new(RedisEngine::new(url.as_str()).wall_clock(wall).retention(self.retention()));
+        }
         if self.memory { Box::new(MemoryEngine::new().wall_clock(wall).retention(self.retention())) } else { Box::new(self.sled(wall)) }
     }
 }
@@ -548,7 +557,7 @@ async fn serve_main(wall: WallClock) -> ExitCode {
         Err(e) => {
             let data = cli.data.display();
             let message = e.to_string();
-            if cli.memory || message.contains(&data.to_string()) {
+            if cli.memory || cli.redis.is_some() || message.contains(&data.to_string()) {
                 eprintln!("ivy-server: {message}");
             } else {
                 // The store's own errors (permission denied, not a directory) name no path.
@@ -771,5 +780,17 @@ mod tests {
         let s = cli.sled(WallClock::system());
         assert_eq!((s.durability, s.flush_interval), (Durability::Async, Duration::from_millis(7)));
         assert!(cli.memory);
+    }
+
+    #[test]
+    fn redis_selects_the_redis_engine_and_excludes_memory() {
+        let cli = Cli::try_parse_from(["ivy-server", "--redis", "redis://:pw@127.0.0.1:6380/2", "--retention-max-age", "60"]).unwrap();
+        assert_eq!(cli.redis.as_deref(), Some("redis://:pw@127.0.0.1:6380/2"));
+        let engine = cli.engine(WallClock::system());
+        assert_eq!(engine.kind(), "redis");
+        assert_eq!(engine.describe(), "Redis at redis://:***@127.0.0.1:6380/2", "no password in the logs");
+        assert_eq!(Cli::try_parse_from(["ivy-server"]).unwrap().engine(WallClock::system()).kind(), "sled");
+        let both = Cli::try_parse_from(["ivy-server", "--redis", "redis://127.0.0.1", "--memory"]);
+        assert!(both.is_err(), "--redis and --memory are exclusive");
     }
 }

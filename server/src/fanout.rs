@@ -371,6 +371,26 @@ impl FanOut {
         self.counts.batch(queued, bytes);
     }
 
+    /// Ends every connection that holds a subscription with the close `code` (an engine that
+    /// lost continuity: its subscribers must resume from the log); returns how many.
+    pub fn end_subscribers(&self, code: u16) -> usize {
+        let mut ended = std::collections::HashSet::new();
+        for shard in &self.shards {
+            let map = shard.channels.read().unwrap_or_else(PoisonError::into_inner);
+            for (channel, subs) in map.iter() {
+                if channel.is_empty() {
+                    continue;
+                }
+                for c in &subs.conns {
+                    if ended.insert(c.id()) {
+                        c.ending().end(code);
+                    }
+                }
+            }
+        }
+        ended.len()
+    }
+
     /// Hands a readiness probe to the subscribers of the probe channel (the server's
     /// in-process prober) as [`FanOut::deliver`] hands an event, under the gate and the
     /// channel's shard lock, without moving any position (`engine::answer_probes`).

@@ -43,8 +43,9 @@
 //! Inside, one concept per module:
 //!
 //! - [`engine`]: ordering, storage and the bus, behind the [`engine::Engine`] trait; the sled
-//!   engine is the default, the in-memory engine a second one. Another engine (Redis, for
-//!   several nodes) goes in as one more implementation, with no change to what follows;
+//!   engine is the default, the in-memory engine a second one, the Redis engine
+//!   ([`engine::RedisEngine`], `--redis`) a third, for several nodes on one Redis: each goes in
+//!   as one implementation, with no change to what follows;
 //! - [`fanout`]: this node's subscriptions and the delivery of each event to them;
 //! - [`engine::presence`]: who is subscribed where, the `~+` watches and their `^` lines,
 //!   behind the engine seam ([`engine::Engine::presence`]);

@@ -40,10 +40,11 @@ use crate::engine::PublishError;
 type Label = [(&'static str, &'static str); 1];
 
 /// The close codes counted by name; any other code is counted as `other`.
-const CLOSE_CODES: [(u16, &str); 11] = [
+const CLOSE_CODES: [(u16, &str); 12] = [
     (crate::conn::PEER_GONE, "none"),
     (crate::conn::REVOKED, "4003"),
     (4004, "4004"),
+    (4005, "4005"),
     (0, "1001"),
     (1001, "1001"),
     (1002, "1002"),

@@ -155,11 +155,10 @@ fn overloaded(shared: &Shared) -> Option<Response> {
 /// WebSocket's error lines).
 fn failure(e: &PublishError) -> (StatusCode, ErrorCode, String) {
     match e {
-        PublishError::Storage(_) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            ErrorCode::Storage,
-            "event not stored: the store failed; the server's log has the details".into(),
-        ),
+        PublishError::Storage(e) if e.kind() == std::io::ErrorKind::NotConnected => {
+            (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Storage, PublishError::storage_reason(e).into())
+        }
+        PublishError::Storage(e) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Storage, PublishError::storage_reason(e).into()),
         PublishError::StoreFull(_) => (StatusCode::INSUFFICIENT_STORAGE, ErrorCode::StoreFull, e.to_string()),
         PublishError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::ShuttingDown, e.to_string()),
         PublishError::InvalidPath(_) => (StatusCode::BAD_REQUEST, ErrorCode::BadPath, e.to_string()),

@@ -491,9 +491,7 @@ impl PendingReply {
             (Ok(ts), Some(key)) => return self.slot.send_line_at(ts, ack_line(&key, ts)),
             (Ok(_), None) => return,
             // The store's own error (paths, OS codes) is for the server's log, not the client.
-            (Err(PublishError::Storage(_)), key) => {
-                error_line(key.as_deref(), ErrorCode::Storage, "event not stored: the store failed; the server's log has the details")
-            }
+            (Err(PublishError::Storage(e)), key) => error_line(key.as_deref(), ErrorCode::Storage, PublishError::storage_reason(&e)),
             (Err(e), key) => error_line(key.as_deref(), publish_error_code(&e), &e.to_string()),
         };
         self.slot.send(crate::conn::text(line));

@@ -768,6 +768,9 @@ fn close_frame(ending: &Ending) -> Option<(u16, &'static str)> {
         close_code::TOKEN_EXPIRED => Some((close_code::TOKEN_EXPIRED, "token expired: refresh it in-band or reconnect with a fresh token")),
         crate::conn::REVOKED => Some((close_code::TOKEN_EXPIRED, "token revoked: reconnect with a fresh token")),
         close_code::DISCONNECTED => Some((close_code::DISCONNECTED, "disconnected by an administrator")),
+        crate::engine::redis::CONTINUITY_LOST => {
+            Some((crate::engine::redis::CONTINUITY_LOST, "continuity lost: the event store lost events; resume from the log"))
+        }
         code => Some((code, "")),
     }
 }

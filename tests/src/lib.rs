@@ -4,14 +4,16 @@
 //! byte.
 //!
 //! The engine switch: the tests about protocol behaviour run on the engine named by
-//! `IVY_TEST_ENGINE` (`sled`, the default, or `memory`), so that every engine runs the same
-//! suite; the tests about stored files and restarts ask for sled explicitly
+//! `IVY_TEST_ENGINE` (`sled`, the default, `memory`, or `redis`: a real `redis-server` that the
+//! tests start on a free loopback port with its own directory, [`RedisServer`]), so that every
+//! engine runs the same suite; the tests about stored files and restarts ask for sled explicitly
 //! ([`Setup::sled`], [`TestServer::start_sled_in`], [`ServerProcess::start_sled`]).
 
 use std::net::SocketAddr;
 use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -35,6 +37,8 @@ pub struct TestServer {
     pub addr: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<JoinHandle<std::io::Result<()>>>,
+    /// The Redis server it runs on, kept while it runs.
+    pub redis: Option<Arc<RedisServer>>,
 }
 
 /// A fresh temporary data directory.
@@ -49,6 +53,8 @@ pub enum EngineKind {
     Sled,
     /// The in-memory engine.
     Memory,
+    /// The Redis engine, on a `redis-server` of the test's own ([`RedisServer::for_dir`]).
+    Redis,
 }
 
 impl EngineKind {
@@ -56,17 +62,164 @@ impl EngineKind {
     pub fn from_env() -> EngineKind {
         match std::env::var("IVY_TEST_ENGINE").as_deref() {
             Ok("memory") => EngineKind::Memory,
+            Ok("redis") => EngineKind::Redis,
             Ok("sled") | Err(_) => EngineKind::Sled,
-            Ok(other) => panic!("IVY_TEST_ENGINE={other:?}: expected sled or memory"),
+            Ok(other) => panic!("IVY_TEST_ENGINE={other:?}: expected sled, memory or redis"),
         }
     }
 
-    /// The `ivy-server` flags that select it.
-    pub fn flags(self) -> &'static [&'static str] {
+    /// The `ivy-server` flags that select it (for Redis, on the Redis server of `dir`, which
+    /// is returned to be kept while the server runs).
+    pub fn flags(self, dir: &Path) -> (Vec<String>, Option<Arc<RedisServer>>) {
         match self {
-            EngineKind::Sled => &[],
-            EngineKind::Memory => &["--memory"],
+            EngineKind::Sled => (Vec::new(), None),
+            EngineKind::Memory => (vec!["--memory".into()], None),
+            EngineKind::Redis => {
+                let redis = RedisServer::for_dir(dir);
+                (vec!["--redis".into(), redis.url()], Some(redis))
+            }
         }
+    }
+}
+
+/// A `redis-server` of the tests' own: a free loopback port, its directory, the append-only
+/// file fsynced at every write (`--appendonly yes --appendfsync always`), killed (SIGKILL) when
+/// the last handle is dropped.
+#[derive(Debug)]
+pub struct RedisServer {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    /// Its directory (the append-only file is there).
+    pub dir: PathBuf,
+    child: Mutex<Option<std::process::Child>>,
+}
+
+/// The Redis servers of the test directories. Each lives as long as the thread that started
+/// it (the test's): it is started with the parent-death signal SIGKILL (`setpriv
+/// --pdeathsig`), so that it ends with its test whatever holds it (an engine built from a
+/// [`Setup`] that was dropped still needs it), and never outlives the test binary.
+static REDIS: Mutex<Vec<(PathBuf, Arc<RedisServer>)>> = Mutex::new(Vec::new());
+
+impl RedisServer {
+    /// The Redis server of a test's data directory: the one running, or a new one on
+    /// `dir/redis` (which reloads its append-only file: a server restarted on the same
+    /// directory finds its events).
+    pub fn for_dir(dir: &Path) -> Arc<RedisServer> {
+        let mut all = REDIS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Those whose test ended (their directory is gone) are forgotten.
+        all.retain(|(d, _)| d.exists());
+        if let Some((_, r)) = all.iter().find(|(d, _)| d == dir) {
+            return r.clone();
+        }
+        let r = Arc::new(RedisServer::start(&dir.join("redis")));
+        all.push((dir.to_path_buf(), r.clone()));
+        r
+    }
+
+    /// Starts `redis-server` on a free port with its files in `dir` (created), and waits until
+    /// it answers.
+    pub fn start(dir: &Path) -> RedisServer {
+        std::fs::create_dir_all(dir).expect("redis dir");
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+            let server = RedisServer { port, dir: dir.to_path_buf(), child: Mutex::new(None) };
+            if server.spawn() {
+                return server;
+            }
+        }
+        panic!("redis-server did not start (is it installed? scripts/test.sh installs Debian's redis-server)");
+    }
+
+    /// Starts the process on its port and directory; whether it answers.
+    fn spawn(&self) -> bool {
+        // Killed when the thread that starts it ends (see [`REDIS`]), where setpriv exists.
+        let mut cmd = if Path::new("/usr/bin/setpriv").exists() {
+            let mut c = std::process::Command::new("/usr/bin/setpriv");
+            c.args(["--pdeathsig", "KILL", "redis-server"]);
+            c
+        } else {
+            std::process::Command::new("redis-server")
+        };
+        let child = cmd
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--appendonly", "yes", "--appendfsync", "always"])
+            .args(["--save", "", "--protected-mode", "no", "--loglevel", "warning"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn redis-server (is it installed? scripts/test.sh installs Debian's redis-server)");
+        *self.child.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(child);
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::time::Instant::now() < deadline {
+            if self.ping() {
+                return true;
+            }
+            if let Some(c) = self.child.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_mut()
+                && matches!(c.try_wait(), Ok(Some(_)))
+            {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Whether it answers PING (and is done loading its files).
+    pub fn ping(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else { return false };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        if s.write_all(b"PING\r\n").is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 16];
+        matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+    }
+
+    /// Runs one command (RESP over a fresh connection); the first line of the reply.
+    pub fn command(&self, args: &[&str]) -> String {
+        use std::io::{BufRead, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect to redis-server");
+        let _ = s.set_read_timeout(Some(WAIT));
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        s.write_all(req.as_bytes()).expect("write to redis-server");
+        let mut line = String::new();
+        std::io::BufReader::new(s).read_line(&mut line).expect("redis-server reply");
+        line.trim_end().to_string()
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: Redis gets no chance to write anything more.
+    pub fn kill(&self) {
+        if let Some(mut c) = self.child.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and directory (after [`RedisServer::kill`]): it
+    /// reloads its append-only file.
+    pub fn restart(&self) {
+        self.kill();
+        let deadline = std::time::Instant::now() + WAIT;
+        while !self.spawn() {
+            assert!(std::time::Instant::now() < deadline, "redis-server did not restart on port {}", self.port);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -84,6 +237,8 @@ pub struct Setup {
     pub retention: ivy_server::engine::Retention,
     /// The engine's wall clock (default: the system's).
     pub wall: Option<ivy_server::engine::WallClock>,
+    /// The Redis server of [`EngineKind::Redis`] (started by [`config`]).
+    pub redis: Option<Arc<RedisServer>>,
 }
 
 impl Setup {
@@ -100,6 +255,10 @@ impl Setup {
         match self.engine {
             EngineKind::Sled => b.engine(ivy_server::engine::SledEngine::new(&self.data).retention(self.retention).wall_clock(wall)),
             EngineKind::Memory => b.engine(ivy_server::engine::MemoryEngine::new().retention(self.retention).wall_clock(wall)),
+            EngineKind::Redis => {
+                let redis = self.redis.clone().unwrap_or_else(|| RedisServer::for_dir(&self.data));
+                b.engine(ivy_server::engine::RedisEngine::new(redis.url()).retention(self.retention).wall_clock(wall))
+            }
         }
     }
 }
@@ -119,25 +278,31 @@ impl DerefMut for Setup {
 
 /// A setup for tests: default limits, data in `dir`, the engine of [`EngineKind::from_env`].
 pub fn config(dir: &Path) -> Setup {
+    let engine = EngineKind::from_env();
     Setup {
         config: Config::default(),
         data: dir.to_path_buf(),
-        engine: EngineKind::from_env(),
+        engine,
         retention: ivy_server::engine::Retention::default(),
         wall: None,
+        redis: (engine == EngineKind::Redis).then(|| RedisServer::for_dir(dir)),
     }
 }
 
 impl TestServer {
     /// Starts a server with `setup` on 127.0.0.1, port 0.
-    pub async fn start(setup: Setup) -> TestServer {
+    pub async fn start(mut setup: Setup) -> TestServer {
+        if setup.engine == EngineKind::Redis && setup.redis.is_none() {
+            setup.redis = Some(RedisServer::for_dir(&setup.data));
+        }
+        let redis = if setup.engine == EngineKind::Redis { setup.redis.clone() } else { None };
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(ivy_server::run(setup.builder(), listener, async move {
             let _ = rx.await;
         }));
-        TestServer { addr, stop: Some(tx), task: Some(task) }
+        TestServer { addr, stop: Some(tx), task: Some(task), redis }
     }
 
     /// Starts a server with default limits on `dir` (the switch's engine).
@@ -185,14 +350,19 @@ pub struct ServerProcess {
     /// Where it listens.
     pub addr: SocketAddr,
     child: tokio::process::Child,
+    /// The Redis server it runs on (`IVY_TEST_ENGINE=redis`), kept while it runs.
+    pub redis: Option<Arc<RedisServer>>,
 }
 
 impl ServerProcess {
     /// Starts `ivy-server --listen 127.0.0.1:0 --data DIR` plus `extra` flags (and `--memory`
     /// when the switch says so), and waits for its "listening" line.
     pub async fn start(dir: &Path, extra: &[&str]) -> ServerProcess {
-        let flags: Vec<&str> = EngineKind::from_env().flags().iter().chain(extra).copied().collect();
-        ServerProcess::start_bin(&server_bin(), dir, &flags, &[]).await
+        let (engine, redis) = EngineKind::from_env().flags(dir);
+        let flags: Vec<&str> = engine.iter().map(String::as_str).chain(extra.iter().copied()).collect();
+        let mut server = ServerProcess::start_bin(&server_bin(), dir, &flags, &[]).await;
+        server.redis = redis;
+        server
     }
 
     /// Starts `ivy-server` on a sled store in `dir`, whatever the switch says.
@@ -238,7 +408,7 @@ impl ServerProcess {
             line.rsplit("://").next().and_then(|a| a.trim().parse().ok()).unwrap_or_else(|| panic!("unexpected first line {line:?}"));
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        ServerProcess { addr, child }
+        ServerProcess { addr, child, redis: None }
     }
 
     /// The WebSocket URL.

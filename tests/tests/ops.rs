@@ -243,7 +243,11 @@ async fn info_states_the_version_node_engine_and_counts() {
     let i = info(&server).await;
     assert_eq!(i["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(i["node_id"], "eu-1.a");
-    let engine = if EngineKind::from_env() == EngineKind::Memory { "memory" } else { "sled" };
+    let engine = match EngineKind::from_env() {
+        EngineKind::Memory => "memory",
+        EngineKind::Redis => "redis",
+        EngineKind::Sled => "sled",
+    };
     assert_eq!(i["engine"], engine);
     assert!(i["uptime_seconds"].as_u64().is_some(), "{i}");
     assert_eq!(i["connections"], 2);

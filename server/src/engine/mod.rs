@@ -38,7 +38,10 @@
 //! - [`SledEngine`] (the default, `ivy-server --data DIR`): an embedded sled store, one
 //!   sequencer thread, group commit, a durable clock floor;
 //! - [`MemoryEngine`] (`ivy-server --memory`): the same sequencer over a store in memory;
-//!   nothing survives the process. Fast tests and ephemeral deployments use it.
+//!   nothing survives the process. Fast tests and ephemeral deployments use it;
+//! - [`RedisEngine`] (`ivy-server --redis URL`): the log, the order and the clock in Redis,
+//!   shared by any number of nodes; a writer task (one Lua script per group commit) and a
+//!   reader task (`XREAD BLOCK` on the root log) that delivers to this node's fan-out.
 //!
 //! # Async engines
 //!
@@ -64,6 +67,7 @@ mod clock;
 mod local;
 pub mod memory;
 pub mod presence;
+pub mod redis;
 mod reopen;
 pub mod sled;
 #[cfg(test)]
@@ -79,6 +83,7 @@ use bytes::Bytes;
 use ivy_client_core::Timestamp;
 use tokio::sync::{mpsc, oneshot};
 
+pub use self::redis::RedisEngine;
 pub use crate::fanout::{ConnId, FanOut, Line, Published};
 pub use crate::metrics::EngineMetrics;
 pub(crate) use local::stored_cost;
@@ -550,7 +555,35 @@ impl PublishError {
     pub fn storage(e: io::Error) -> PublishError {
         PublishError::Storage(Arc::new(e))
     }
+
+    /// A storage failure because the event store cannot be reached (a network engine: Redis),
+    /// with a reason that clients are shown as it is (`docs/PROTOCOL.md` 6.4); the other storage
+    /// errors are for the server's log only.
+    pub fn unreachable(reason: &'static str) -> PublishError {
+        PublishError::storage(io::Error::new(io::ErrorKind::NotConnected, Unreachable(reason)))
+    }
+
+    /// What a client is told of a storage failure: the reason of [`PublishError::unreachable`],
+    /// or that the server's log has the details.
+    pub(crate) fn storage_reason(e: &io::Error) -> &'static str {
+        match e.get_ref().and_then(|inner| inner.downcast_ref::<Unreachable>()) {
+            Some(Unreachable(reason)) => reason,
+            None => "event not stored: the store failed; the server's log has the details",
+        }
+    }
 }
+
+/// The reason of [`PublishError::unreachable`].
+#[derive(Debug)]
+struct Unreachable(&'static str);
+
+impl fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.strip_prefix("event not stored: ").unwrap_or(self.0))
+    }
+}
+
+impl std::error::Error for Unreachable {}
 
 impl fmt::Display for PublishError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
