@@ -73,7 +73,7 @@ use std::time::Duration;
 use ivy_client_core::Timestamp;
 use ivy_client_core::path::{ROOT, ancestors};
 
-use super::local::{Deleted, LocalEngine, Record, Storage, Visit, WallClock, line_path};
+use super::local::{Deleted, LocalEngine, Record, Storage, Visit, VisitId, WallClock, line_path};
 use super::reopen::{self, Reopening};
 use super::{Context, Direction, Engine, Horizon, Open, Retention};
 #[cfg(test)]
@@ -355,7 +355,8 @@ impl Mark {
     }
 }
 
-const LAYOUT_VERSION: &[u8] = b"4";
+const LAYOUT_VERSION: &[u8] = b"5";
+const LAYOUT_V4: &[u8] = b"4";
 const LAYOUT_V3: &[u8] = b"3";
 const LAYOUT_V2: &[u8] = b"2";
 const LAYOUT_V1: &[u8] = b"1";
@@ -373,6 +374,10 @@ const REFERENCE: u32 = 1 << 31;
 /// header is then followed by the sender's length (2 bytes, big-endian) and wire form, and
 /// then the line. A line without it (written by layout 3) has an unknown sender (`?`).
 const FROM: u32 = 1 << 30;
+/// The bit of a line's length word (with [`FROM`]) that says the line comes with its send id
+/// (layout 5): the sender is then followed by the id's length (1 byte) and the id, and then
+/// the line. Only the root's log stores ids.
+const WITH_ID: u32 = 1 << 29;
 /// The sender of a line stored before senders were (layout 3).
 const UNKNOWN_ORIGIN: &[u8] = b"?";
 /// An event's line is copied into the logs of the levels below the root when, times their
@@ -452,8 +457,9 @@ fn with_ts(prefix: &[u8], ts: Timestamp) -> Vec<u8> {
 /// One entry of a block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Entry<'a> {
-    /// The event line and its sender's wire form (`?` for a layout 3 line).
-    Line(&'a [u8], &'a [u8]),
+    /// The event line, its sender's wire form (`?` for a layout 3 line) and its send id
+    /// (empty: none; only in the root's log).
+    Line(&'a [u8], &'a [u8], &'a [u8]),
     /// A reference to the event, whose line (this many bytes) is in the root's log.
     Ref(usize),
 }
@@ -485,14 +491,20 @@ impl<'a> Iterator for Entries<'a> {
             if word & FROM == 0 {
                 let len = word as usize;
                 let line = rest.get(ENTRY_HEADER..ENTRY_HEADER.checked_add(len)?)?;
-                return Some((ts, Entry::Line(line, UNKNOWN_ORIGIN), ENTRY_HEADER + len));
+                return Some((ts, Entry::Line(line, UNKNOWN_ORIGIN, b""), ENTRY_HEADER + len));
             }
-            let len = (word & !FROM) as usize;
+            let len = (word & !(FROM | WITH_ID)) as usize;
             let olen = u16::from_be_bytes(rest.get(ENTRY_HEADER..ENTRY_HEADER + 2)?.try_into().ok()?) as usize;
-            let start = ENTRY_HEADER + 2 + olen;
+            let mut start = ENTRY_HEADER + 2 + olen;
             let origin = rest.get(ENTRY_HEADER + 2..start)?;
+            let mut id: &[u8] = b"";
+            if word & WITH_ID != 0 {
+                let ilen = usize::from(*rest.get(start)?);
+                id = rest.get(start + 1..start + 1 + ilen)?;
+                start += 1 + ilen;
+            }
             let line = rest.get(start..start.checked_add(len)?)?;
-            Some((ts, Entry::Line(line, origin), start + len))
+            Some((ts, Entry::Line(line, origin, id), start + len))
         })();
         match parsed {
             Some((ts, entry, used)) => {
@@ -576,12 +588,14 @@ fn find(block: &[u8], ts: Timestamp, from: usize) -> io::Result<Option<Found>> {
         match entries.next().transpose()? {
             None => return Ok(None),
             Some((t, _)) if t < ts => {}
-            Some((t, Entry::Line(line, origin))) if t == ts => {
-                // The line is the entry's end; its sender (if stored) just before it.
+            Some((t, Entry::Line(line, origin, _))) if t == ts => {
+                // The line is the entry's end; its sender (if stored) after the header and its
+                // length (and before the id, if any).
                 let end = entries.at;
                 let start = end - line.len();
-                // A layout 3 line starts right after the header; a layout 4 one after its sender.
-                let from = (start > before + ENTRY_HEADER).then(|| start - origin.len()..start);
+                let word =
+                    block.get(before + Timestamp::BYTES..before + ENTRY_HEADER).and_then(|w| w.try_into().ok()).map(u32::from_be_bytes);
+                let from = word.filter(|w| w & FROM != 0).map(|_| before + ENTRY_HEADER + 2..before + ENTRY_HEADER + 2 + origin.len());
                 return Ok(Some((start..end, from)));
             }
             Some((t, Entry::Ref(_))) if t == ts => return Err(corrupt("root block (a reference)")),
@@ -617,7 +631,7 @@ impl Blocks {
         };
         let (p, first, buf) = &mut self.open[at];
         let body = match entry {
-            Entry::Line(line, origin) => 2 + origin.len() + line.len(),
+            Entry::Line(line, origin, id) => 2 + origin.len() + if id.is_empty() { 0 } else { 1 + id.len() } + line.len(),
             Entry::Ref(_) => 0,
         };
         if !buf.is_empty() && buf.len() + ENTRY_HEADER + body > BLOCK_BYTES {
@@ -631,12 +645,19 @@ impl Blocks {
         // Lines are bounded far below 2 GiB by the maximum message size.
         let word = |len: usize| u32::try_from(len).unwrap_or(u32::MAX).min(REFERENCE - 1);
         match entry {
-            Entry::Line(line, origin) => {
-                // A sender's wire form is at most 1 + 3 × 256 bytes (an escaped sub).
+            Entry::Line(line, origin, id) => {
+                // A sender's wire form is at most 1 + 3 × 256 bytes (an escaped sub), an id
+                // at most 64 bytes.
                 let olen = u16::try_from(origin.len()).unwrap_or(u16::MAX);
-                buf.extend_from_slice(&(word(line.len()).min(FROM - 1) | FROM).to_be_bytes());
+                let ilen = u8::try_from(id.len()).unwrap_or(u8::MAX);
+                let flags = if id.is_empty() { FROM } else { FROM | WITH_ID };
+                buf.extend_from_slice(&(word(line.len()).min(WITH_ID - 1) | flags).to_be_bytes());
                 buf.extend_from_slice(&olen.to_be_bytes());
                 buf.extend_from_slice(&origin[..usize::from(olen)]);
+                if !id.is_empty() {
+                    buf.push(ilen);
+                    buf.extend_from_slice(&id[..usize::from(ilen)]);
+                }
                 buf.extend_from_slice(line);
             }
             Entry::Ref(len) => buf.extend_from_slice(&(word(len) | REFERENCE).to_be_bytes()),
@@ -645,9 +666,10 @@ impl Blocks {
 
     /// Adds an event to the root's blocks (its line) and those of each other level of its path
     /// (a copy or a reference, see the module docs).
-    fn add(&mut self, batch: &mut sled::Batch, ts: Timestamp, path: &str, line: &[u8], origin: &[u8]) {
-        self.push(batch, b"b", ts, Entry::Line(line, origin));
-        let entry = if inline(ivy_client_core::path::depth(path), line.len()) { Entry::Line(line, origin) } else { Entry::Ref(line.len()) };
+    fn add(&mut self, batch: &mut sled::Batch, ts: Timestamp, path: &str, line: &[u8], origin: &[u8], id: &[u8]) {
+        self.push(batch, b"b", ts, Entry::Line(line, origin, id));
+        let entry =
+            if inline(ivy_client_core::path::depth(path), line.len()) { Entry::Line(line, origin, b"") } else { Entry::Ref(line.len()) };
         let mut prefix = std::mem::take(&mut self.scratch);
         for anc in ancestors(path).filter(|a| *a != ROOT) {
             block_prefix_into(anc, &mut prefix);
@@ -704,7 +726,7 @@ fn migrate_v1(db: &sled::Db, dir: &Path) -> io::Result<()> {
                 .and_then(|k| Timestamp::from_be_bytes(&k[1..]))
                 .ok_or_else(|| corrupt("layout 1 key"))?;
             let event = ivy_client_core::wire::parse_event(&line).map_err(|e| corrupt(&format!("layout 1 event {ts} ({e})")))?;
-            blocks.add(&mut batch, ts, &event.path, &line, UNKNOWN_ORIGIN);
+            blocks.add(&mut batch, ts, &event.path, &line, UNKNOWN_ORIGIN, b"");
             for anc in ancestors(&event.path).filter(|a| *a != ROOT) {
                 let mut ik = vec![b'i'];
                 ik.extend_from_slice(anc.as_bytes());
@@ -824,17 +846,23 @@ impl SledLog {
             Some(v) if &*v == LAYOUT_VERSION => {}
             // Nothing to convert: a layout 3 block is a layout 4 block whose lines have no
             // sender (read as unknown, `?`), and a layout 2 block is one without references.
+            // A layout 4 block is a layout 5 block without send ids.
+            Some(v) if &*v == LAYOUT_V4 => {
+                db.insert(b"v", LAYOUT_VERSION).map_err(to_io)?;
+                db.flush().map_err(to_io)?;
+                tracing::info!(store = %dir.display(), "event store opened as layout 5: send ids are stored with new events (nothing to convert; earlier versions no longer open it)");
+            }
             Some(v) if &*v == LAYOUT_V3 || &*v == LAYOUT_V2 => {
                 db.insert(b"v", LAYOUT_VERSION).map_err(to_io)?;
                 db.flush().map_err(to_io)?;
-                tracing::info!(store = %dir.display(), from = %String::from_utf8_lossy(&v), "event store opened as layout 4: its events have an unknown sender (nothing to convert; earlier versions no longer open it)");
+                tracing::info!(store = %dir.display(), from = %String::from_utf8_lossy(&v), "event store opened as layout 5: its events have an unknown sender (nothing to convert; earlier versions no longer open it)");
             }
             Some(v) if &*v == LAYOUT_V1 => migrate_v1(&db, dir)?,
             Some(v) => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!(
-                        "{}: event store layout {:?} is not supported (expected 1, 2, 3 or 4)",
+                        "{}: event store layout {:?} is not supported (expected 1, 2, 3, 4 or 5)",
                         dir.display(),
                         String::from_utf8_lossy(&v)
                     ),
@@ -912,7 +940,7 @@ impl Storage for SledLog {
         let mut batch = sled::Batch::default();
         let mut blocks = Blocks::default();
         for r in records {
-            blocks.add(&mut batch, r.ts, r.path, r.line, r.origin.wire());
+            blocks.add(&mut batch, r.ts, r.path, r.line, r.origin.wire(), r.id.unwrap_or_default());
         }
         let bytes = blocks.bytes;
         blocks.finish(&mut batch);
@@ -1041,6 +1069,36 @@ impl Storage for SledLog {
         self.horizons.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(channel).copied()
     }
 
+    fn ids(&self, after: Timestamp, visit: &mut VisitId<'_>) -> io::Result<()> {
+        // From the last root block starting at or before `after`.
+        let key_len = 1 + Timestamp::BYTES;
+        let lo = match self.db.range::<Vec<u8>, _>(..=with_ts(b"b", after)).next_back() {
+            Some(kv) => {
+                let k = kv.map_err(to_io)?.0;
+                if k.len() == key_len && k[0] == b'b' { k.to_vec() } else { b"b".to_vec() }
+            }
+            None => b"b".to_vec(),
+        };
+        for kv in self.db.range(lo..) {
+            let (k, block) = kv.map_err(to_io)?;
+            if k.first() != Some(&b'b') {
+                break;
+            }
+            if k.len() != key_len {
+                continue;
+            }
+            for e in Entries::new(&block) {
+                if let (ts, Entry::Line(_, origin, id)) = e?
+                    && ts > after
+                    && !id.is_empty()
+                {
+                    visit(ts, origin, id);
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn scan(&self, channel: &str, after: Option<Timestamp>, until: Timestamp, dir: Direction, visit: &mut Visit<'_>) -> io::Result<()> {
         use std::ops::Bound::Included;
         let prefix = block_prefix(channel);
@@ -1069,7 +1127,7 @@ impl Storage for SledLog {
         let deleted = self.horizon(ROOT).map(|h| h.newest);
         let mut line_of = |ts: Timestamp, entry: Entry<'_>, out: &mut LineOut<'_>| -> io::Result<ControlFlow<()>> {
             match entry {
-                Entry::Line(line, origin) => Ok(out(line, origin)),
+                Entry::Line(line, origin, _) => Ok(out(line, origin)),
                 Entry::Ref(_) if root => Err(corrupt("root block (a reference)")),
                 Entry::Ref(len) => match lines.get(&self.db, ts, len) {
                     Ok((line, origin)) => Ok(out(line, origin)),
@@ -1131,7 +1189,8 @@ mod tests {
         {
             let log = SledLog::open(&dir, Durability::Async, DEFAULT_FLUSH_INTERVAL).unwrap();
             assert_eq!(log.clock_floor().unwrap(), None);
-            log.append(&[Record { ts: ts(1), path: "/a", line: b"@1700000000.000000001:/a:x", origin: &Origin::ANONYMOUS }]).unwrap();
+            log.append(&[Record { ts: ts(1), path: "/a", line: b"@1700000000.000000001:/a:x", origin: &Origin::ANONYMOUS, id: None }])
+                .unwrap();
             log.set_clock_floor(ts(9)).unwrap();
             assert_eq!(log.last_timestamp().unwrap(), Some(ts(1)));
         }
@@ -1202,7 +1261,7 @@ mod tests {
                 lines.push((ts, path.to_string(), line));
             }
             let records: Vec<Record<'_>> =
-                lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: &Origin::ANONYMOUS }).collect();
+                lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: &Origin::ANONYMOUS, id: None }).collect();
             log.append(&records).unwrap();
             events.extend(lines);
         }
@@ -1265,7 +1324,7 @@ mod tests {
                 lines.push((ts, path, line));
             }
             let records: Vec<Record<'_>> =
-                lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: &Origin::ANONYMOUS }).collect();
+                lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: &Origin::ANONYMOUS, id: None }).collect();
             log.append(&records).unwrap();
             mem.append(&records).unwrap();
             all.extend(lines.iter().map(|l| l.0));
@@ -1314,7 +1373,7 @@ mod tests {
         let ts = |n| Timestamp::new(1_700_000_000, n).unwrap();
         let mut line = Vec::new();
         ivy_client_core::wire::encode_event(ts(1), &path, &vec![b'x'; 60 * 1024], &mut line);
-        log.append(&[Record { ts: ts(1), path: &path, line: &line, origin: &Origin::ANONYMOUS }]).unwrap();
+        log.append(&[Record { ts: ts(1), path: &path, line: &line, origin: &Origin::ANONYMOUS, id: None }]).unwrap();
         let grown = stored_bytes(&log) - empty;
         // The line, 17 entry headers, 17 keys (the longest, `/l1/.../l16`, 70 bytes).
         assert!(grown < line.len() + 17 * (ENTRY_HEADER + 80), "{grown} bytes for a {}-byte line", line.len());
@@ -1327,9 +1386,9 @@ mod tests {
         let mut short = Vec::new();
         ivy_client_core::wire::encode_event(ts(2), "/a", b"hi", &mut short);
         assert!(inline(1, short.len()));
-        log.append(&[Record { ts: ts(2), path: "/a", line: &short, origin: &Origin::ANONYMOUS }]).unwrap();
+        log.append(&[Record { ts: ts(2), path: "/a", line: &short, origin: &Origin::ANONYMOUS, id: None }]).unwrap();
         let block = log.db.scan_prefix(block_prefix("/a")).next().unwrap().unwrap().1;
-        assert_eq!(Entries::new(&block).map(|e| e.unwrap().1).collect::<Vec<_>>(), vec![Entry::Line(&short, b"-")]);
+        assert_eq!(Entries::new(&block).map(|e| e.unwrap().1).collect::<Vec<_>>(), vec![Entry::Line(&short, b"-", b"")]);
         drop(log);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -1407,7 +1466,7 @@ mod tests {
             let senders: Vec<Origin> =
                 new.iter().map(|(ts, ..)| Origin::from_wire(origins[ts.subsec_nanos() as usize % 4]).unwrap()).collect();
             let records: Vec<Record<'_>> =
-                new.iter().zip(&senders).map(|((ts, p, l), origin)| Record { ts: *ts, path: p, line: l, origin }).collect();
+                new.iter().zip(&senders).map(|((ts, p, l), origin)| Record { ts: *ts, path: p, line: l, origin, id: None }).collect();
             log.append(&records).unwrap();
             log.flush().unwrap();
         }
@@ -1504,7 +1563,7 @@ mod tests {
                 assert_eq!(collect(&log, channel, None, None, Direction::Forward, usize::MAX), want(&old, channel), "{channel}");
             }
             let records: Vec<Record<'_>> =
-                new.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: &Origin::ANONYMOUS }).collect();
+                new.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: &Origin::ANONYMOUS, id: None }).collect();
             log.append(&records).unwrap();
             log.flush().unwrap();
         }
@@ -1570,7 +1629,7 @@ mod tests {
                     lines.push((ts, path.to_string(), line));
                 }
                 let records: Vec<Record<'_>> =
-                    lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: &Origin::ANONYMOUS }).collect();
+                    lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: &Origin::ANONYMOUS, id: None }).collect();
                 log.append(&records).unwrap();
                 mem.append(&records).unwrap();
                 model.extend(lines);
@@ -1669,7 +1728,7 @@ mod tests {
             let records: Vec<Record<'_>> = lines
                 .iter()
                 .enumerate()
-                .map(|(i, l)| Record { ts: ts(i as u32 + 1), path: "/a/b", line: l, origin: &Origin::ANONYMOUS })
+                .map(|(i, l)| Record { ts: ts(i as u32 + 1), path: "/a/b", line: l, origin: &Origin::ANONYMOUS, id: None })
                 .collect();
             log.append(&records).unwrap();
             log.flush().unwrap();

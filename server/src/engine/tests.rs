@@ -99,7 +99,7 @@ fn open(storage: Arc<dyn Storage>) -> Fixture {
         storage,
         WallClock::from_fn(|| at(100, 0)),
         Retention::default(),
-        Context { requests, fanout: fanout.clone(), metrics: Default::default() },
+        Context { requests, fanout: fanout.clone(), metrics: Default::default(), idempotency: Default::default() },
     )
     .unwrap();
     Fixture { engine, publisher, fanout }
