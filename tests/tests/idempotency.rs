@@ -380,3 +380,144 @@ async fn sends_retried_across_sigkills_of_the_real_binary_are_stored_exactly_onc
     );
     assert!(server.terminate().await.success());
 }
+
+/// Auth on, with an API key, and anonymous reads and writes of everything.
+async fn open_auth_server(dir: &std::path::Path) -> TestServer {
+    let mut setup = config(dir);
+    setup.config = setup
+        .config
+        .clone()
+        .auth_hmac_secrets(vec![Secret::new(SECRET)])
+        .api_keys(vec![KEY.into()])
+        .anonymous_read(vec!["/".into()])
+        .anonymous_write(vec!["/".into()]);
+    TestServer::start(setup).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_makes_a_log_post_or_put_replay_the_first_answer() {
+    let dir = temp_dir();
+    let server = open_auth_server(dir.path()).await;
+    let addr = server.addr;
+    let first = send(addr, "POST", "/log/h", &[("Idempotency-Key", "h.1")], b"one").await;
+    assert_eq!(first.status, 201, "{}", first.text());
+    assert_eq!(first.header("idempotent-replayed"), None);
+    let ts = first.text().trim().to_string();
+    // The same key again (PUT, other data): the first's answer, marked replayed.
+    let again = send(addr, "PUT", "/log/h", &[("Idempotency-Key", "h.1")], b"two").await;
+    assert_eq!((again.status, again.text()), (201, first.text()));
+    assert_eq!(again.header("location"), first.header("location"));
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    // JSON answers too.
+    let json_again = send(addr, "POST", "/log/h", &[("Idempotency-Key", "h.1"), ("Accept", "application/json")], b"x").await;
+    assert_eq!(json_body(&json_again), json!({"timestamp": ts}));
+    // The same scope over a WebSocket (anonymous): the same send.
+    let mut ws = Client::connect(&server.ws_url()).await;
+    assert_eq!(ws.request("#w#*h.1:/h:three").await, format!("#w#@{ts}"));
+    // The API key is another sender (`*`), a token's sub another again.
+    let bearer = format!("Bearer {KEY}");
+    let by_key = send(addr, "POST", "/log/h", &[("Idempotency-Key", "h.1"), ("Authorization", &bearer)], b"by key").await;
+    assert_eq!(by_key.status, 201);
+    assert_eq!(by_key.header("idempotent-replayed"), None);
+    let by_key_again = send(addr, "POST", "/log/h", &[("Idempotency-Key", "h.1"), ("Authorization", &bearer)], b"x").await;
+    assert_eq!((by_key_again.text(), by_key_again.header("idempotent-replayed")), (by_key.text(), Some("true")));
+    let ada = format!("Bearer {}", token("ada"));
+    let by_ada = send(addr, "POST", "/log/h", &[("Idempotency-Key", "h.1"), ("Authorization", &ada)], b"by ada").await;
+    assert_eq!((by_ada.status, by_ada.header("idempotent-replayed")), (201, None));
+    let log = log_text(addr, "/log/h?ext=sender").await;
+    assert_eq!(
+        log.lines().collect::<Vec<_>>(),
+        [format!("@{ts}~-:/h:one"), format!("@{}~*:/h:by key", by_key.text().trim()), format!("@{}~=ada:/h:by ada", by_ada.text().trim())]
+    );
+    // Bad keys: 400 with the reason, nothing stored.
+    for bad in ["", "a b", "a/b", &"k".repeat(65)] {
+        let r = send(addr, "POST", "/log/h", &[("Idempotency-Key", bad)], b"bad").await;
+        assert_eq!(r.status, 400, "{bad:?}");
+        assert_eq!(r.text(), "invalid Idempotency-Key: a send id is 1 to 64 characters of A-Z a-z 0-9 . _ ~ -; nothing was stored\n");
+    }
+    let two = send(addr, "POST", "/log/h", &[("Idempotency-Key", "a"), ("Idempotency-Key", "b")], b"bad").await;
+    assert_eq!((two.status, two.text()), (400, "one Idempotency-Key header at most\n".to_string()));
+    assert_eq!(log_lines(addr, "/h").await.len(), 3);
+    // A browser may send the header and read the answer's.
+    let pre = ivy_tests::http_request(addr, "OPTIONS", "/log/h", &[("Origin", "https://app.example")]).await;
+    assert!(pre.header("access-control-allow-headers").unwrap().contains("Idempotency-Key"));
+    let cors = send(addr, "POST", "/log/h", &[("Idempotency-Key", "h.1"), ("Origin", "https://app.example")], b"x").await;
+    assert!(cors.header("access-control-expose-headers").unwrap().contains("Idempotent-Replayed"));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_items_carry_ids_or_take_them_from_the_header() {
+    let dir = temp_dir();
+    let server = TestServer::start(config(dir.path())).await;
+    let addr = server.addr;
+    let post = |headers: Vec<(&'static str, String)>, body: Value| async move {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        send(addr, "POST", "/publish", &headers, body.to_string().as_bytes()).await
+    };
+    // Per-item ids: a repeat inside the same request is a repeat too.
+    let items = json!([{"path": "/p", "data": "a", "id": "x"}, {"path": "/p", "data": "b", "id": "x"}, {"path": "/p", "data": "c"}]);
+    let r = post(vec![], items.clone()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let res = json_body(&r);
+    let t0 = res[0]["timestamp"].as_str().unwrap().to_string();
+    assert_eq!(res[0], json!({"timestamp": t0}));
+    assert_eq!(res[1], json!({"timestamp": t0, "replayed": true}));
+    let t2 = res[2]["timestamp"].as_str().unwrap().to_string();
+    assert!(t2 > t0);
+    // The whole request again: its item with an id is replayed, the one without is stored again.
+    let res = json_body(&post(vec![], items).await);
+    assert_eq!((&res[0], &res[1]), (&json!({"timestamp": t0, "replayed": true}), &json!({"timestamp": t0, "replayed": true})));
+    assert!(res[2]["timestamp"].as_str().unwrap() > t2.as_str());
+    // The header: item i gets KEY.i.
+    let batch = json!([{"path": "/q", "data": "0"}, {"path": "/q", "data": "1"}]);
+    let key = || vec![("Idempotency-Key", "batch-7".to_string())];
+    let first = json_body(&post(key(), batch.clone()).await);
+    assert!(first[0].get("replayed").is_none() && first[1].get("replayed").is_none(), "{first}");
+    let again = json_body(&post(key(), batch).await);
+    for i in 0..2 {
+        assert_eq!(again[i], json!({"timestamp": first[i]["timestamp"], "replayed": true}));
+    }
+    let by_item = json_body(&post(vec![], json!([{"path": "/q", "data": "x", "id": "batch-7.1"}])).await);
+    assert_eq!(by_item[0], json!({"timestamp": first[1]["timestamp"], "replayed": true}), "KEY.i is the item's id");
+    assert_eq!(log_lines(addr, "/q").await.len(), 2);
+    // Refusals: both kinds of ids, a header too long for KEY.i, a bad item id.
+    let both = post(key(), json!([{"path": "/q", "data": "x", "id": "y"}])).await;
+    assert_eq!(
+        (both.status, both.text()),
+        (400, "use either the Idempotency-Key header or per-item ids, not both; nothing was stored\n".into())
+    );
+    let long = post(vec![("Idempotency-Key", "k".repeat(58))], json!([{"path": "/q", "data": "x"}])).await;
+    assert_eq!(long.status, 400);
+    assert!(long.text().starts_with("the Idempotency-Key of POST /publish is at most 57 bytes"), "{}", long.text());
+    assert_eq!(post(vec![("Idempotency-Key", "k".repeat(57))], json!([{"path": "/q", "data": "x"}])).await.status, 200);
+    let bad = post(vec![], json!([{"path": "/q", "data": "x"}, {"path": "/q", "data": "x", "id": "no spaces"}])).await;
+    assert_eq!(
+        (bad.status, bad.text()),
+        (400, "item 1: invalid id: a send id is 1 to 64 characters of A-Z a-z 0-9 . _ ~ -; nothing was stored\n".into())
+    );
+    assert_eq!(log_lines(addr, "/q").await.len(), 3);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_survive_a_graceful_restart_and_older_events_are_not_remembered() {
+    let dir = temp_dir();
+    let mut setup = config(dir.path()).sled();
+    setup.config = setup.config.clone().idempotency_window(Duration::from_secs(2));
+    let server = TestServer::start(setup.clone()).await;
+    let mut a = Client::connect(&server.ws_url()).await;
+    let old = acked(&a.request("#1#*old:/r:old").await, "1");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let fresh = acked(&a.request("#2#*fresh:/r:fresh").await, "2");
+    server.stop().await;
+    let server = TestServer::start(setup).await;
+    let mut a = Client::connect(&server.ws_url()).await;
+    assert_eq!(a.request("#3#*fresh:/r:x").await, format!("#3#@{fresh}"), "remembered from the store");
+    let new = acked(&a.request("#4#*old:/r:old").await, "4");
+    assert!(new > old, "past the window when the store opened: a new send");
+    let metrics = http_get(server.addr, "/metrics", &[]).await.text();
+    assert!(metrics.contains("ivy_idempotency_keys 2"), "{metrics}");
+    assert_eq!(log_lines(server.addr, "/r").await.len(), 3);
+    server.stop().await;
+}

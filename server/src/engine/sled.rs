@@ -1393,6 +1393,77 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    fn ids_of(log: &SledLog, after: Timestamp) -> Vec<(Timestamp, Vec<u8>, Vec<u8>)> {
+        let mut out = Vec::new();
+        log.ids(after, &mut |ts, origin, id| out.push((ts, origin.to_vec(), id.to_vec()))).unwrap();
+        out
+    }
+
+    /// Layout 5: a send id is stored with its event's line in the root's log only; every log
+    /// reads the events as before (copies and references, senders intact), the ids come back
+    /// from [`Storage::ids`] after a reopen, and a layout 4 store opens as layout 5.
+    #[test]
+    fn send_ids_are_stored_with_their_events_and_read_back_after_a_reopen() {
+        let dir = temp_dir("v5");
+        let ts = |n| Timestamp::new(1_700_000_000, n).unwrap();
+        let line = |n: u32, path: &str, len: usize| {
+            let mut l = Vec::new();
+            ivy_client_core::wire::encode_event(ts(n), path, &vec![b'x'; len], &mut l);
+            l
+        };
+        let ada = Origin::user("ada");
+        // A short line on a shallow path (copied), a long one on a deep path (referenced),
+        // one without an id, and one with the longest id; across several blocks.
+        let events: Vec<(u32, &str, usize, Option<&[u8]>)> = vec![
+            (1, "/a", 5, Some(b"s.1")),
+            (2, "/a/b/c/d", 3000, Some(b"s.2")),
+            (3, "/a/b", 7, None),
+            (4, "/a/b/c/d", 9000, Some(&[b'z'; 64])),
+        ];
+        let lines: Vec<Vec<u8>> = events.iter().map(|(n, p, len, _)| line(*n, p, *len)).collect();
+        {
+            let log = SledLog::open(&dir, Durability::Sync, DEFAULT_FLUSH_INTERVAL).unwrap();
+            let records: Vec<Record<'_>> = events
+                .iter()
+                .zip(&lines)
+                .map(|((n, p, _, id), l)| Record { ts: ts(*n), path: p, line: l, origin: &ada, id: *id })
+                .collect();
+            log.append(&records[..2]).unwrap();
+            log.append(&records[2..]).unwrap();
+            log.flush().unwrap();
+            // Layout 4 as an earlier version left it (no ids yet): opened as 5 below.
+            log.db.insert(b"v", LAYOUT_V4).unwrap();
+            log.db.flush().unwrap();
+        }
+        let log = SledLog::open(&dir, Durability::Sync, DEFAULT_FLUSH_INTERVAL).unwrap();
+        assert_eq!(log.db.get(b"v").unwrap().as_deref(), Some(LAYOUT_VERSION));
+        for channel in ["/", "/a", "/a/b", "/a/b/c", "/a/b/c/d"] {
+            let want: Vec<_> = events
+                .iter()
+                .zip(&lines)
+                .filter(|((_, p, ..), _)| ancestors(p).any(|a| a == channel))
+                .map(|((n, ..), l)| (ts(*n), l.clone(), b"=ada".to_vec()))
+                .collect();
+            assert_eq!(collect_with_origins(&log, channel, Direction::Forward), want, "{channel}");
+            let mut back = want.clone();
+            back.reverse();
+            assert_eq!(collect_with_origins(&log, channel, Direction::Backward), back, "{channel}");
+        }
+        let all = vec![
+            (ts(1), b"=ada".to_vec(), b"s.1".to_vec()),
+            (ts(2), b"=ada".to_vec(), b"s.2".to_vec()),
+            (ts(4), b"=ada".to_vec(), vec![b'z'; 64]),
+        ];
+        assert_eq!(ids_of(&log, Timestamp::ZERO), all);
+        assert_eq!(ids_of(&log, ts(1)), all[1..], "only after");
+        assert_eq!(ids_of(&log, ts(4)), vec![]);
+        // Only the root's entries carry the id.
+        let block = log.db.scan_prefix(block_prefix("/a")).next().unwrap().unwrap().1;
+        assert!(Entries::new(&block).all(|e| matches!(e.unwrap().1, Entry::Line(_, _, b"") | Entry::Ref(_))));
+        drop(log);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// Writes events as layout 2 did (version 2, a copy of every line in every level's log),
     /// byte for byte: the fixture of a store made by an earlier version.
     /// A store as layout 3 wrote it: lines without senders, references for the lines too long
