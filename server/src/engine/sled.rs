@@ -7,10 +7,10 @@
 //! # let _ = engine; Ok(()) }
 //! ```
 //!
-//! The store layout (version 4), in one sled tree so that a batch of events is written
+//! The store layout (version 5), in one sled tree so that a batch of events is written
 //! atomically:
 //!
-//! - `v` → the layout version (`4`);
+//! - `v` → the layout version (`5`);
 //! - `c` → the clock floor (12 bytes, big-endian; optional): no timestamp above it has been
 //!   handed out, so a restarted clock resumes after `max(floor, newest event)`;
 //! - `b` ‖ ts → a block of the root log: consecutive events, the first at `ts`;
@@ -25,10 +25,13 @@
 //! Timestamps in keys are 12 bytes, big-endian, so key order is time order. A block is a run of
 //! entries in timestamp order, each `ts (12 bytes) ‖ word (4 bytes, big-endian)` and then:
 //!
-//! - a line with its sender (the word's bit 30 is set, the rest is the line's length): the
-//!   sender's wire form (`docs/PROTOCOL.md` 6.1.1: `=escaped-sub`, `-` or `*`) preceded by its
-//!   length (2 bytes, big-endian), then the event line exactly as delivered to a connection
-//!   without extensions (`@ts:/path:data`); the extended line is built from both;
+//! - a line with its sender (the word's bit 30 is set, the rest below bit 29 is the line's
+//!   length): the sender's wire form (`docs/PROTOCOL.md` 6.1.1: `=escaped-sub`, `-` or `*`)
+//!   preceded by its length (2 bytes, big-endian), then, when bit 29 is set too (layout 5, in
+//!   the root's log only), the event's send id (`docs/PROTOCOL.md` 5.9) preceded by its length
+//!   (1 byte), then the event line exactly as delivered to a connection without extensions
+//!   (`@ts:/path:data`); the extended line is built from the sender and the line, and the id is
+//!   never part of either;
 //! - a line without its sender (the word is its length, below 2³⁰; written by layout 3): read
 //!   with the sender unknown, `?`;
 //! - nothing (the word's top bit is set, the rest is the line's length): a *reference* to the
@@ -51,16 +54,25 @@
 //! instead of 17 times. References are written in the same atomic batch as the lines they
 //! point to, so a durable reference always has its line.
 //!
+//! Send ids: an event sent with an id has it stored in its root entry, in the same atomic write
+//! as the event, so that an id is stored if and only if its event is (after any crash). On
+//! open, the engine rebuilds the ids it remembers ([`super::idempotency`]) from the root
+//! log's events within the idempotency window ([`Storage::ids`]): one range scan of the newest
+//! blocks.
+//!
 //! Older layouts, from stores written by earlier versions:
 //!
+//! - layout 4 (no send ids) is read as it is: its blocks are layout 5 blocks without ids.
+//!   Opening one records version 5, so that an earlier version (which would read the id bit as
+//!   damage) refuses the store instead;
 //! - layout 3 (no senders) is read as it is: its blocks are layout 4 blocks whose lines have
 //!   no sender, and their events are read with the sender unknown (`?`). Opening one records
-//!   version 4, so that an earlier version (which would read the sender bit as damage)
+//!   version 5, so that an earlier version (which would read the sender bit as damage)
 //!   refuses the store instead;
 //! - layout 2 (every level's log held a copy of every line) is read as it is: its blocks are
-//!   layout 3 blocks whose entries are all copies; it opens as layout 4, as layout 3 does;
+//!   layout 3 blocks whose entries are all copies; it opens as layout 5, as layout 3 does;
 //! - layout 1 (one key per event: `e` ‖ ts → line, and `i` ‖ channel ‖ `0x00` ‖ ts → index
-//!   entries) is converted to layout 4 (senders unknown) when such a store is opened, in atomic steps that a
+//!   entries) is converted to layout 5 (senders unknown, no ids) when such a store is opened, in atomic steps that a
 //!   crash can interrupt and a restart resumes.
 
 use std::collections::HashMap;
@@ -710,7 +722,7 @@ fn remove_unfinished_snapshots(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Converts a layout 1 store to layout 4 (its events' senders unknown): a few thousand events per atomic step (their old keys
+/// Converts a layout 1 store to layout 5 (its events' senders unknown): a few thousand events per atomic step (their old keys
 /// removed, their blocks written), so a crash in the middle leaves a store this resumes.
 fn migrate_v1(db: &sled::Db, dir: &Path) -> io::Result<()> {
     const STEP: usize = 4096;
@@ -752,7 +764,7 @@ fn migrate_v1(db: &sled::Db, dir: &Path) -> io::Result<()> {
     batch.insert(b"v", LAYOUT_VERSION);
     db.apply_batch(batch).map_err(to_io)?;
     db.flush().map_err(to_io)?;
-    tracing::info!(events = moved, store = %dir.display(), "converted the event store from layout 1 to layout 4 (senders unknown)");
+    tracing::info!(events = moved, store = %dir.display(), "converted the event store from layout 1 to layout 5 (senders unknown)");
     Ok(())
 }
 
@@ -1499,7 +1511,7 @@ mod tests {
         out
     }
 
-    /// A layout 3 store opens as layout 4: its events read as before, with an unknown sender
+    /// A layout 3 store opens as layout 5: its events read as before, with an unknown sender
     /// (`?`, copies and references alike); new events keep their senders, across a reopen.
     #[test]
     fn a_layout_3_store_reads_with_unknown_senders_and_takes_new_events_with_theirs() {
