@@ -64,7 +64,7 @@ pub(crate) fn stored_cost(path: &str, data: usize) -> (usize, usize) {
 
 /// What storing `r` costs: its log entries and the bytes they hold.
 fn cost(r: &Publish) -> (usize, usize) {
-    stored_cost(&r.path, r.data.len().saturating_add(r.origin.wire().len()))
+    stored_cost(&r.path, r.data.len().saturating_add(r.origin.wire().len()).saturating_add(r.id.as_ref().map_or(0, |id| 1 + id.len())))
 }
 /// How far beyond the timestamps it needs a new clock floor is recorded.
 const FLOOR_AHEAD_NANOS: u128 = 1_000_000_000;
