@@ -117,11 +117,11 @@ impl SimServer {
                 let last = self.last();
                 Self::line(|v| encode_ack(&key, last, v))
             }
-            Op::Send { path, data } if self.group_commit => {
+            Op::Send { path, data, .. } if self.group_commit => {
                 self.staged.push(Staged { path: path.into_owned(), data: data.to_vec(), from: Some((self.conn_gen, key)) });
                 return;
             }
-            Op::Send { path, data } => {
+            Op::Send { path, data, .. } => {
                 let ts = self.publish(&path, data, true);
                 Self::line(|v| encode_ack(&key, ts, v))
             }

@@ -1,13 +1,13 @@
 //! The command parser (`Command::parse`), fed any message a client could send.
 //!
-//! Invariants: no panic; a parsed command re-encodes to a message that parses to the same
+//! Invariants: no panic; a send's id is a valid one; a parsed command re-encodes to a message that parses to the same
 //! command; a path limit only adds `path-too-long` refusals; a refusal's error line is one
 //! line that the line parser reads back with the same key and code.
 
 #![no_main]
 
 use ivy_client_core::path::{PathError, is_normalized};
-use ivy_client_core::wire::{Command, CommandErrorKind, Op, ServerLine, encode_error, parse_line};
+use ivy_client_core::wire::{Command, CommandErrorKind, Op, ServerLine, encode_error, is_valid_send_id, parse_line};
 use libfuzzer_sys::fuzz_target;
 
 const LIMIT: usize = 16;
@@ -22,6 +22,9 @@ fuzz_target!(|msg: &[u8]| {
             match &cmd.op {
                 Op::Subscribe(p) | Op::Unsubscribe(p) | Op::Send { path: p, .. } | Op::PresenceWatch(p) | Op::PresenceQuery(p) => assert!(is_normalized(p), "{p:?}"),
                 Op::Timestamp | Op::Refresh(_) => {}
+            }
+            if let Op::Send { id: Some(id), .. } = &cmd.op {
+                assert!(is_valid_send_id(id), "{id:?}");
             }
             let encoded = cmd.to_bytes();
             assert_eq!(Command::parse(&encoded).as_ref(), Ok(&cmd), "re-encoded as {encoded:?}");

@@ -137,7 +137,7 @@ impl Requests {
 
     /// The frame of a send; it fails with [`ClientError::Timeout`] at `deadline`.
     pub(super) fn send(&mut self, id: RequestId, path: String, data: Vec<u8>, deadline: Millis) -> String {
-        let (key, frame) = self.frame(Op::Send { path: path.as_str().into(), data: &data });
+        let (key, frame) = self.frame(Op::Send { path: path.as_str().into(), data: &data, id: None });
         self.insert_timed(key, id, deadline, Kind::Send { path, data });
         frame
     }

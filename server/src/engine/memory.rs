@@ -13,7 +13,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use ivy_client_core::Timestamp;
 use ivy_client_core::path::{ROOT, ancestors};
 
-use super::local::{Deleted, LocalEngine, Record, Storage, Visit, WallClock, line_path, newest};
+use super::local::{Deleted, LocalEngine, Record, Storage, Visit, VisitId, WallClock, line_path, newest};
 use super::{ChannelsRequest, Context, Direction, Engine, Horizon, Open, Origin, Retention, Revocation, StoredChannel};
 
 /// Opens an in-memory engine.
@@ -75,7 +75,8 @@ pub(crate) struct MemStorage {
 }
 
 /// An event's line and sender.
-type Stored = (Box<[u8]>, Origin);
+/// An event's line, sender and send id (if it has one).
+type Stored = (Box<[u8]>, Origin, Option<Box<[u8]>>);
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -119,7 +120,7 @@ impl Inner {
         let lo = after.map_or(0, |a| partition(len, |i| ts(i) <= a));
         let hi = partition(len, |i| ts(i) <= until);
         let mut each = |i: usize| match &self.events[at(i)] {
-            (t, Some((line, origin))) => visit(*t, line, origin.wire()),
+            (t, Some((line, origin, _))) => visit(*t, line, origin.wire()),
             (_, None) => ControlFlow::Continue(()),
         };
         match dir {
@@ -161,7 +162,7 @@ impl Inner {
             }
             last = Some(*ts);
             seen += 1;
-            if let Some(path) = line.as_ref().and_then(|(l, _)| line_path(l)).filter(|p| !own || *p == channel) {
+            if let Some(path) = line.as_ref().and_then(|(l, ..)| line_path(l)).filter(|p| !own || *p == channel) {
                 found.push((pos, *ts, path.into()));
             }
             found.len() < DELETE_STEP && seen < 4 * DELETE_STEP
@@ -249,7 +250,7 @@ impl Storage for MemStorage {
         let mut inner = self.inner.write().unwrap_or_else(PoisonError::into_inner);
         for r in records {
             let at = inner.base + inner.events.len();
-            inner.events.push_back((r.ts, Some((r.line.into(), r.origin.clone()))));
+            inner.events.push_back((r.ts, Some((r.line.into(), r.origin.clone(), r.id.map(Box::from)))));
             for anc in ancestors(r.path).filter(|a| *a != ROOT) {
                 match inner.channels.get_mut(anc) {
                     Some(v) => v.push_back(at),
@@ -368,6 +369,17 @@ impl Storage for MemStorage {
         let mut revoked = self.revoked.lock().unwrap_or_else(PoisonError::into_inner);
         revoked.retain(|_, until| *until > now);
         revoked.insert(revocation.jti.clone(), revocation.until);
+        Ok(())
+    }
+
+    fn ids(&self, after: Timestamp, visit: &mut VisitId<'_>) -> io::Result<()> {
+        let inner = self.read();
+        let start = partition(inner.events.len(), |i| inner.events[i].0 <= after);
+        for (ts, stored) in inner.events.range(start..) {
+            if let Some((_, origin, Some(id))) = stored {
+                visit(*ts, origin.wire(), id);
+            }
+        }
         Ok(())
     }
 }

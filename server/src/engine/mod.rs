@@ -13,6 +13,10 @@
 //!   horizon ([`Page::horizon`]), the newest event it lost;
 //! - **the bus**: it hands every stored event, once, in timestamp order, to this node's
 //!   [`FanOut`] ([`FanOut::deliver`]), which routes it to the subscribed connections.
+//! - **send ids**: it stores at most one event per sender and [`Publish::id`] within its
+//!   idempotency window ([`Context::idempotency`]) and completes a repeat with the first one's
+//!   timestamp ([`Completion::replayed`]), storing and delivering nothing; an engine that
+//!   survives restarts remembers the ids across them (see [`idempotency`]).
 //!
 //! The order of those steps is the contract every engine keeps, because subscribe positions
 //! and the clients' gap-free recipe (`docs/PROTOCOL.md` 8.1 and 8.4) rest on it: an event is
@@ -64,6 +68,7 @@
 //! builder ([`SledEngine`]).
 
 mod clock;
+pub mod idempotency;
 mod local;
 pub mod memory;
 pub mod presence;
@@ -86,6 +91,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use self::redis::RedisEngine;
 pub use crate::fanout::{ConnId, FanOut, Line, Published};
 pub use crate::metrics::EngineMetrics;
+pub use idempotency::Idempotency;
 pub(crate) use local::stored_cost;
 pub use local::{Deleted, WallClock};
 pub use memory::MemoryEngine;
@@ -281,6 +287,9 @@ pub struct Context {
     pub metrics: EngineMetrics,
     /// The presence settings (`--presence-linger`, `--presence-max-list`).
     pub presence: PresenceOptions,
+    /// How long and how many send ids ([`Publish::id`]) the engine remembers (see
+    /// [`idempotency`]).
+    pub idempotency: Idempotency,
 }
 
 /// Scan direction.
@@ -486,6 +495,12 @@ pub struct Publish {
     pub sender: Option<ConnId>,
     /// Who sent it, as verified (stored with it). [`Publish::new`]: the application.
     pub origin: Origin,
+    /// The send's id (`*ID:path:data`, `Idempotency-Key`: checked by
+    /// [`ivy_client_core::wire::is_valid_send_id`]), if it has one: an engine stores at most one
+    /// event per ([`Publish::origin`], id) within its idempotency window, and completes a
+    /// repeat with the first one's timestamp ([`Completion::replayed`]) without storing or
+    /// delivering anything (see [`idempotency`]). Never part of the event's line.
+    pub id: Option<Bytes>,
     /// Where the outcome goes.
     pub done: Completion,
 }
@@ -493,7 +508,7 @@ pub struct Publish {
 impl Publish {
     /// A request to publish `data` on `path` (normalized) with no sending connection.
     pub fn new(path: impl Into<Box<str>>, data: Bytes, done: Completion) -> Publish {
-        Publish { path: path.into(), data, sender: None, origin: Origin::APPLICATION, done }
+        Publish { path: path.into(), data, sender: None, origin: Origin::APPLICATION, id: None, done }
     }
 
     /// A readiness probe (see the [module docs](self)).
@@ -540,6 +555,9 @@ pub enum PublishError {
     /// The path is invalid (only from [`crate::Ivy::publish`]; WebSocket sends are checked
     /// when parsed).
     InvalidPath(ivy_client_core::path::PathError),
+    /// The send id is invalid (only from [`crate::Ivy::publish_with_id`]; WebSocket and HTTP
+    /// ids are checked when parsed): 1 to 64 characters of `A-Z a-z 0-9 . _ ~ -`.
+    InvalidId,
     /// The store failed; the event was not delivered live. If the failure came from the
     /// flush, the event may still be in the log.
     Storage(Arc<io::Error>),
@@ -589,6 +607,7 @@ impl fmt::Display for PublishError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PublishError::InvalidPath(e) => write!(f, "invalid path: {e}"),
+            PublishError::InvalidId => f.write_str("a send id is 1 to 64 characters of A-Z a-z 0-9 . _ ~ -"),
             PublishError::Storage(e) => write!(f, "event not stored: {e}"),
             PublishError::StoreFull(why) => write!(f, "event not stored: {why}"),
             PublishError::ShuttingDown => f.write_str("server is shutting down"),
@@ -607,6 +626,18 @@ pub struct Completion(CompletionTo);
 enum CompletionTo {
     Reply(crate::session::PendingReply),
     Channel(oneshot::Sender<Result<Timestamp, PublishError>>),
+    Replay(oneshot::Sender<Result<Replied, PublishError>>),
+}
+
+/// The outcome of a publish whose completion says whether it was a repeat
+/// ([`Completion::channel_with_replay`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replied {
+    /// The event's timestamp (for a repeat, the first one's).
+    pub ts: Timestamp,
+    /// Whether this was a repeat of a send stored before (same sender and id): nothing was
+    /// stored or delivered.
+    pub replayed: bool,
 }
 
 impl Completion {
@@ -614,6 +645,12 @@ impl Completion {
     pub fn channel() -> (Completion, oneshot::Receiver<Result<Timestamp, PublishError>>) {
         let (tx, rx) = oneshot::channel();
         (Completion(CompletionTo::Channel(tx)), rx)
+    }
+
+    /// A completion whose outcome the returned receiver gets, with whether it was a repeat.
+    pub fn channel_with_replay() -> (Completion, oneshot::Receiver<Result<Replied, PublishError>>) {
+        let (tx, rx) = oneshot::channel();
+        (Completion(CompletionTo::Replay(tx)), rx)
     }
 
     pub(crate) fn reply(reply: crate::session::PendingReply) -> Completion {
@@ -627,6 +664,20 @@ impl Completion {
             CompletionTo::Channel(tx) => {
                 let _ = tx.send(result);
             }
+            CompletionTo::Replay(tx) => {
+                let _ = tx.send(result.map(|ts| Replied { ts, replayed: false }));
+            }
+        }
+    }
+
+    /// Completes a repeat: the send with the same sender and id was stored at `ts` (the
+    /// first one's reply: for a WebSocket send, the same `#key#@ts` bytes as a first ack).
+    pub fn replayed(self, ts: Timestamp) {
+        match self.0 {
+            CompletionTo::Replay(tx) => {
+                let _ = tx.send(Ok(Replied { ts, replayed: true }));
+            }
+            other => Completion(other).complete(Ok(ts)),
         }
     }
 }

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use ivy_client_core::Timestamp;
 
-use super::local::{Deleted, Record, Storage, Visit};
+use super::local::{Deleted, Record, Storage, Visit, VisitId};
 use super::{ChannelsRequest, Direction, Horizon, PublishError, Revocation, StoredChannel};
 
 /// Free space a full disk must have again before the store is reopened, whatever the
@@ -112,6 +112,8 @@ pub(crate) struct Reopening {
     /// The free space a full disk must have again: the reserve, at least [`REOPEN_MIN_FREE`].
     wanted_free: u64,
     failed: Mutex<Option<Failed>>,
+    /// How many times the store was reopened ([`Storage::generation`]).
+    reopens: std::sync::atomic::AtomicU64,
 }
 
 /// A write failed: the store is waiting to be reopened.
@@ -154,6 +156,7 @@ impl Reopening {
             free_space,
             wanted_free: min_free.max(REOPEN_MIN_FREE) + BALLAST_BYTES,
             failed: Mutex::new(None),
+            reopens: std::sync::atomic::AtomicU64::new(0),
         };
         if on_full_disk {
             r.fail(&io::Error::from(io::ErrorKind::StorageFull));
@@ -219,12 +222,14 @@ impl Reopening {
         match (self.reopen)() {
             Ok((store, false)) => {
                 *current = Some(store);
+                self.reopens.fetch_add(1, std::sync::atomic::Ordering::Release);
                 tracing::info!(free = ?failed.free, "the event store was reopened after a write failure; sends are accepted again");
                 true
             }
             Ok((store, true)) => {
                 // Full again meanwhile: open, and waiting for room as before.
                 *current = Some(store);
+                self.reopens.fetch_add(1, std::sync::atomic::Ordering::Release);
                 failed.full = true;
                 false
             }
@@ -323,5 +328,13 @@ impl Storage for Reopening {
 
     fn revoke(&self, revocation: &Revocation, now: u64) -> io::Result<()> {
         self.write(|s| s.revoke(revocation, now))
+    }
+
+    fn ids(&self, after: Timestamp, visit: &mut VisitId<'_>) -> io::Result<()> {
+        self.with(|s| s.ids(after, visit))
+    }
+
+    fn generation(&self) -> u64 {
+        self.reopens.load(std::sync::atomic::Ordering::Acquire)
     }
 }
