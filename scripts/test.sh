@@ -36,7 +36,7 @@ step "Rust unit, property, doc and integration tests"
 cargo test --workspace 2>&1 | tee -a "$results"
 
 step "The protocol's integration tests again, on the in-memory engine (IVY_TEST_ENGINE=memory)"
-IVY_TEST_ENGINE=memory cargo test -p ivy-tests --test conformance --test log --test client_native --test client_cli \
+IVY_TEST_ENGINE=memory cargo test -p ivy-tests --test conformance --test log --test client_native --test client_cli --test idempotency \
   --test hostile --test faults --test embedding --test static_files --test load 2>&1 | tee -a "$results"
 
 step "WebAssembly: core tests in Node, browser client in headless Chromium, TypeScript types, imports"

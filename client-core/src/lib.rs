@@ -23,7 +23,7 @@
 //!
 //! let cmd = Command::parse(b"#1#:/chat/room1:hello").unwrap();
 //! assert_eq!(cmd.ack, Some(&b"1"[..]));
-//! assert!(matches!(cmd.op, Op::Send { ref path, data: b"hello" } if path == "/chat/room1"));
+//! assert!(matches!(cmd.op, Op::Send { ref path, data: b"hello", .. } if path == "/chat/room1"));
 //!
 //! let line = parse_line(b"@1700000000.000000001:/chat/room1:50%25 off%0Atoday").unwrap();
 //! let ServerLine::Event(ev) = line else { panic!() };

@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! command = [ "#" ack-key "#" ] ( "+" path | "-" path | ":" path ":" data | "@" ignored
-//!                                 | "&" token )              ; "&": token refresh (extension)
+//!                                 | "&" token                ; "&": token refresh (extension)
+//!                                 | "*" id ":" path ":" data ) ; "*": send with an id (extension)
 //! line    = "@" timestamp ":" path ":" escaped-data     ; an event (also a log line)
 //!         | "@" timestamp "~" sender ":" path ":" escaped-data   ; with `ext=sender` (extension)
 //!         | "#" ack-key "#@" timestamp                  ; success reply to an acked command
@@ -62,18 +63,31 @@ pub enum Op<'a> {
     Subscribe(Cow<'a, str>),
     /// `-path`: stop receiving them.
     Unsubscribe(Cow<'a, str>),
-    /// `:path:data`: publish `data` (raw bytes, never unescaped) on `path`.
+    /// `:path:data`: publish `data` (raw bytes, never unescaped) on `path`; with an id,
+    /// `*ID:path:data` (extension, `docs/PROTOCOL.md` 5.9): an idempotent send, stored at most
+    /// once per sender and id within the server's idempotency window.
     Send {
         /// Normalized channel path.
         path: Cow<'a, str>,
         /// Raw event data.
         data: &'a [u8],
+        /// The send's id (`*ID:...`, checked by [`is_valid_send_id`]); `None` for `:path:data`.
+        id: Option<&'a [u8]>,
     },
     /// `@`: the server's current timestamp.
     Timestamp,
     /// `&token` (extension): replace the connection's token with this one (raw bytes, the
     /// rest of the command; a JWT is ASCII). See `docs/PROTOCOL.md`, section 5.
     Refresh(&'a [u8]),
+}
+
+/// Most bytes of a send id (`*ID:path:data`, `docs/PROTOCOL.md` 5.9).
+pub const MAX_SEND_ID_BYTES: usize = 64;
+
+/// Whether `id` is a valid send id: 1 to [`MAX_SEND_ID_BYTES`] bytes, each of `A-Z a-z 0-9 . _
+/// ~ -` (the URL-safe characters, so an id goes in an HTTP header or a URL unchanged).
+pub fn is_valid_send_id(id: &[u8]) -> bool {
+    (1..=MAX_SEND_ID_BYTES).contains(&id.len()) && id.iter().all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b'-'))
 }
 
 /// A parsed command.
@@ -183,6 +197,9 @@ pub enum CommandErrorKind {
     UnknownCommand(u8),
     /// `:path` with no `:` before the data.
     MissingData,
+    /// `*ID:...` whose id is empty, longer than [`MAX_SEND_ID_BYTES`] or has a character
+    /// outside `A-Z a-z 0-9 . _ ~ -` (or no `:` after it).
+    BadSendId,
     /// The path is invalid.
     Path(PathError),
 }
@@ -204,10 +221,13 @@ impl fmt::Display for CommandErrorKind {
             CommandErrorKind::Empty => f.write_str("empty command"),
             CommandErrorKind::UnterminatedAck => f.write_str("ack key has no closing '#'"),
             CommandErrorKind::UnknownCommand(b) if b.is_ascii_graphic() => {
-                write!(f, "unknown command '{}' (expected one of + - : @)", *b as char)
+                write!(f, "unknown command '{}' (expected one of + - : @ & *)", *b as char)
             }
-            CommandErrorKind::UnknownCommand(b) => write!(f, "unknown command byte 0x{b:02x} (expected one of + - : @)"),
+            CommandErrorKind::UnknownCommand(b) => write!(f, "unknown command byte 0x{b:02x} (expected one of + - : @ & *)"),
             CommandErrorKind::MissingData => f.write_str("send needs ':' between path and data (:/path:data)"),
+            CommandErrorKind::BadSendId => {
+                f.write_str("a send id is 1 to 64 characters of A-Z a-z 0-9 . _ ~ -; the command was not executed")
+            }
             CommandErrorKind::Path(e) => e.fmt(f),
         }
     }
@@ -257,7 +277,18 @@ impl<'a> Command<'a> {
             b'-' => Op::Unsubscribe(path(rest)?),
             b':' => {
                 let colon = rest.iter().position(|&b| b == b':').ok_or_else(|| err(CommandErrorKind::MissingData))?;
-                Op::Send { path: path(&rest[..colon])?, data: &rest[colon + 1..] }
+                Op::Send { path: path(&rest[..colon])?, data: &rest[colon + 1..], id: None }
+            }
+            b'*' => {
+                // The id runs to the first ':'; then exactly as a send.
+                let end = rest.iter().position(|&b| b == b':').ok_or_else(|| err(CommandErrorKind::BadSendId))?;
+                let id = &rest[..end];
+                if !is_valid_send_id(id) {
+                    return Err(err(CommandErrorKind::BadSendId));
+                }
+                let rest = &rest[end + 1..];
+                let colon = rest.iter().position(|&b| b == b':').ok_or_else(|| err(CommandErrorKind::MissingData))?;
+                Op::Send { path: path(&rest[..colon])?, data: &rest[colon + 1..], id: Some(id) }
             }
             b'@' => Op::Timestamp,
             b'&' => Op::Refresh(rest),
@@ -283,7 +314,12 @@ impl<'a> Command<'a> {
                 out.push(b'-');
                 out.extend_from_slice(p.as_bytes());
             }
-            Op::Send { path, data } => {
+            Op::Send { path, data, id } => {
+                if let Some(id) = id {
+                    debug_assert!(is_valid_send_id(id), "invalid send id");
+                    out.push(b'*');
+                    out.extend_from_slice(id);
+                }
                 out.push(b':');
                 out.extend_from_slice(path.as_bytes());
                 out.push(b':');
@@ -592,8 +628,11 @@ mod tests {
     fn parses_the_original_commands() {
         assert_eq!(cmd("+/a/b").unwrap(), Command { ack: None, op: Op::Subscribe("/a/b".into()) });
         assert_eq!(cmd("#k#-a/b/").unwrap(), Command { ack: Some(b"k"), op: Op::Unsubscribe("/a/b".into()) });
-        assert_eq!(cmd("#1#:/a:x:y#z\n\r").unwrap(), Command { ack: Some(b"1"), op: Op::Send { path: "/a".into(), data: b"x:y#z\n\r" } });
-        assert_eq!(cmd(":/a:").unwrap().op, Op::Send { path: "/a".into(), data: b"" });
+        assert_eq!(
+            cmd("#1#:/a:x:y#z\n\r").unwrap(),
+            Command { ack: Some(b"1"), op: Op::Send { path: "/a".into(), data: b"x:y#z\n\r", id: None } }
+        );
+        assert_eq!(cmd(":/a:").unwrap().op, Op::Send { path: "/a".into(), data: b"", id: None });
         assert_eq!(cmd("##@whatever").unwrap(), Command { ack: Some(b""), op: Op::Timestamp });
         assert_eq!(cmd("+").unwrap().op, Op::Subscribe("/".into()));
         assert_eq!(cmd("+/").unwrap().op, Op::Subscribe("/".into()));
@@ -606,6 +645,33 @@ mod tests {
         assert_eq!(Command { ack: Some(b"1"), op: Op::Refresh(b"x.y.z") }.to_bytes(), b"#1#&x.y.z");
         assert_eq!(ErrorCode::from_wire("subscription-ended"), Some(ErrorCode::SubscriptionEnded));
         assert_eq!(ErrorCode::Unauthorized.as_str(), "unauthorized");
+    }
+
+    #[test]
+    fn parses_sends_with_ids() {
+        assert_eq!(
+            cmd("#k#*a.B_9~-:/a/b/:x:y").unwrap(),
+            Command { ack: Some(b"k"), op: Op::Send { path: "/a/b".into(), data: b"x:y", id: Some(b"a.B_9~-") } }
+        );
+        assert_eq!(cmd("*i::").unwrap().op, Op::Send { path: "/".into(), data: b"", id: Some(b"i") });
+        let long = format!("*{}:/a:x", "z".repeat(64));
+        assert_eq!(cmd(&long).unwrap().op, Op::Send { path: "/a".into(), data: b"x", id: Some("z".repeat(64).as_bytes()) });
+        assert_eq!(
+            Command { ack: Some(b"1"), op: Op::Send { path: "/a".into(), data: b"d", id: Some(b"x.1") } }.to_bytes(),
+            b"#1#*x.1:/a:d"
+        );
+        for bad in ["#k#*:/a:x", "#k#*a b:/a:x", "#k#*a#:/a:x", "#k#*a/b:/a:x", "#k#*a%41:/a:x", "#k#*abc", "#k#*\u{e9}:/a:x"] {
+            let e = cmd(bad).unwrap_err();
+            assert_eq!((e.ack, e.kind.code()), (Some(&b"k"[..]), ErrorCode::Malformed), "{bad}");
+            assert_eq!(e.kind, CommandErrorKind::BadSendId, "{bad}");
+        }
+        let too_long = format!("#k#*{}:/a:x", "z".repeat(65));
+        let e = cmd(&too_long).unwrap_err();
+        assert_eq!(e.kind, CommandErrorKind::BadSendId);
+        assert_eq!(e.kind.to_string(), "a send id is 1 to 64 characters of A-Z a-z 0-9 . _ ~ -; the command was not executed");
+        assert_eq!(cmd("*a:/a").unwrap_err().kind, CommandErrorKind::MissingData);
+        assert_eq!(cmd("*a:/A:x").unwrap_err().kind.code(), ErrorCode::BadPath);
+        assert!(!is_valid_send_id(b"") && is_valid_send_id(b"~") && !is_valid_send_id(b"a:b"));
     }
 
     #[test]
@@ -694,7 +760,7 @@ mod tests {
 
     #[cfg(not(target_arch = "wasm32"))]
     fn arb_op() -> impl Strategy<Value = (u8, String, Vec<u8>)> {
-        (0u8..5, arb_path(), proptest::collection::vec(any::<u8>(), 0..64))
+        (0u8..6, arb_path(), proptest::collection::vec(any::<u8>(), 0..64))
     }
 
     #[cfg(not(target_arch = "wasm32"))]
@@ -704,7 +770,8 @@ mod tests {
             let op = match k {
                 0 => Op::Subscribe(p.into()),
                 1 => Op::Unsubscribe(p.into()),
-                2 => Op::Send { path: p.into(), data: &data },
+                2 => Op::Send { path: p.into(), data: &data, id: None },
+                4 => Op::Send { path: p.into(), data: &data, id: Some(b"Ab.9_~-x") },
                 3 => Op::Refresh(&data),
                 _ => Op::Timestamp,
             };

@@ -129,26 +129,14 @@ impl SimServer {
     }
 
     fn frame(&mut self, text: &str) {
-        // `#key#*ID:path:data` (5.9): the id, and the plain send that remains.
-        let mut id = None;
-        let plain;
-        let mut text = text;
-        if let Some(rest) = text.strip_prefix('#').and_then(|t| t.split_once('#')).and_then(|(k, r)| r.strip_prefix('*').map(|r| (k, r))) {
-            let (key, rest) = rest;
-            if self.no_ids {
-                let reply = format!("#{key}#!malformed unknown command '*' (expected one of + - : @)");
-                self.conn.as_mut().unwrap().outbox.push_back(reply);
-                return;
-            }
-            let (send_id, send) = rest.split_once(':').expect("an id, then the send");
-            assert!(!send_id.is_empty() && send_id.len() <= 64, "valid id {send_id}");
-            assert!(send_id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._~-".contains(&b)), "valid id {send_id}");
-            id = Some(send_id.to_string());
-            plain = format!("#{key}#:{send}");
-            text = &plain;
-        }
         let cmd = Command::parse(text.as_bytes()).expect("the client sends valid commands");
         let key = cmd.ack.expect("the client always uses ack keys").to_vec();
+        if self.no_ids && matches!(cmd.op, Op::Send { id: Some(_), .. }) {
+            // An older server: `*` is an unknown command (nothing executed).
+            let reply = format!("#{}#!malformed unknown command '*' (expected one of + - : @)", String::from_utf8_lossy(&key));
+            self.conn.as_mut().unwrap().outbox.push_back(reply);
+            return;
+        }
         let reply = match cmd.op {
             Op::Subscribe(p) if self.refuse.contains(&*p) => {
                 Self::line(|v| encode_error(Some(&key), ivy_client_core::ErrorCode::TooManySubscriptions, "refused", v))
@@ -163,12 +151,17 @@ impl SimServer {
                 let last = self.last();
                 Self::line(|v| encode_ack(&key, last, v))
             }
-            Op::Send { path, data } if self.group_commit => {
-                self.staged.push(Staged { path: path.into_owned(), data: data.to_vec(), from: Some((self.conn_gen, key)), id });
+            Op::Send { path, data, id } if self.group_commit => {
+                self.staged.push(Staged {
+                    path: path.into_owned(),
+                    data: data.to_vec(),
+                    from: Some((self.conn_gen, key)),
+                    id: id.map(|i| String::from_utf8(i.to_vec()).unwrap()),
+                });
                 return;
             }
-            Op::Send { path, data } => {
-                let ts = self.store(&path, data, id, true);
+            Op::Send { path, data, id } => {
+                let ts = self.store(&path, data, id.map(|i| String::from_utf8(i.to_vec()).unwrap()), true);
                 Self::line(|v| encode_ack(&key, ts, v))
             }
             Op::Timestamp | Op::Refresh(_) => {

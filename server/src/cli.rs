@@ -153,6 +153,17 @@ pub struct Cli {
     #[arg(long, env = "IVY_RETENTION_MAX_EVENTS", default_value_t = 0)]
     pub retention_max_events: u64,
 
+    /// Seconds a send id (`*ID:path:data`, `Idempotency-Key`) is remembered after its event
+    /// (fractions allowed): a repeat within it gets the first event's timestamp and is not
+    /// stored again. 0: ids are accepted and ignored.
+    #[arg(long, env = "IVY_IDEMPOTENCY_WINDOW", value_parser = seconds, default_value_t = Seconds(config::DEFAULT_IDEMPOTENCY_WINDOW))]
+    pub idempotency_window: Seconds,
+
+    /// Most send ids remembered; beyond, the oldest are forgotten first (under a heavy load
+    /// of sends with ids the window is then shorter: ivy_idempotency_evicted_total).
+    #[arg(long, env = "IVY_IDEMPOTENCY_MAX_KEYS", default_value_t = config::DEFAULT_IDEMPOTENCY_MAX_KEYS)]
+    pub idempotency_max_keys: usize,
+
     /// Most WebSocket connections at once; beyond it the handshake is refused with 503.
     #[arg(long, env = "IVY_MAX_CONNECTIONS", default_value_t = config::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
@@ -441,6 +452,8 @@ impl Cli {
             demo_token_grants: self.demo_token_grants.clone(),
             node_id: self.node_id.clone(),
             ops_require_api_key: self.ops_require_api_key,
+            idempotency_window: self.idempotency_window.0,
+            idempotency_max_keys: self.idempotency_max_keys,
         }
     }
 

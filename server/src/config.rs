@@ -68,6 +68,11 @@ pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
 /// Default of [`Config::header_timeout`].
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Default of [`Config::idempotency_window`] (10 minutes).
+pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = crate::engine::idempotency::DEFAULT_WINDOW;
+/// Default of [`Config::idempotency_max_keys`].
+pub const DEFAULT_IDEMPOTENCY_MAX_KEYS: usize = crate::engine::idempotency::DEFAULT_MAX_KEYS;
+
 /// Default of [`Config::auth_refresh_grace`].
 pub const DEFAULT_AUTH_REFRESH_GRACE: Duration = Duration::from_secs(10);
 /// Default of [`Config::demo_token_ttl`] (5 minutes).
@@ -255,6 +260,14 @@ pub struct Config {
     /// as monitoring endpoints on a private port usually are: they carry counts only, no
     /// channel name, path or identity).
     pub ops_require_api_key: bool,
+    /// How long a send id (`*ID:path:data`, `Idempotency-Key`, `docs/PROTOCOL.md` 5.9) is
+    /// remembered after its event's timestamp: a repeat within it is answered with the first
+    /// event's timestamp and not stored again. Zero: ids are accepted and ignored. Default
+    /// [`DEFAULT_IDEMPOTENCY_WINDOW`].
+    pub idempotency_window: Duration,
+    /// Most send ids remembered; beyond, the oldest are forgotten first (the window is then
+    /// shorter). Default [`DEFAULT_IDEMPOTENCY_MAX_KEYS`].
+    pub idempotency_max_keys: usize,
 }
 
 impl Default for Config {
@@ -304,6 +317,8 @@ impl Default for Config {
             demo_token_grants: vec![DEFAULT_DEMO_TOKEN_GRANT.to_string()],
             node_id: None,
             ops_require_api_key: false,
+            idempotency_window: DEFAULT_IDEMPOTENCY_WINDOW,
+            idempotency_max_keys: DEFAULT_IDEMPOTENCY_MAX_KEYS,
         }
     }
 }
@@ -411,6 +426,10 @@ setters! {
     node_id: Option<String>;
     /// Sets [`Config::ops_require_api_key`].
     ops_require_api_key: bool;
+    /// Sets [`Config::idempotency_window`].
+    idempotency_window: Duration;
+    /// Sets [`Config::idempotency_max_keys`].
+    idempotency_max_keys: usize;
 }
 
 #[cfg(test)]

@@ -401,8 +401,8 @@ pub(crate) async fn preflight() -> Response {
     let mut h = HeaderMap::new();
     h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, HEAD, POST, PUT, OPTIONS"));
     // `Authorization` by name: a wildcard would not cover it. `Content-Type` for publishing
-    // (`POST`, `PUT`) a body that is not a form's.
-    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("If-None-Match, Authorization, Content-Type"));
+    // (`POST`, `PUT`) a body that is not a form's, `Idempotency-Key` for its send id.
+    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("If-None-Match, Authorization, Content-Type, Idempotency-Key"));
     h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("86400"));
     (StatusCode::NO_CONTENT, h).into_response()
 }
@@ -424,7 +424,7 @@ fn cors_headers(allowed: &[String], req: &HeaderMap, out: &mut HeaderMap) {
     }
     out.insert(
         header::ACCESS_CONTROL_EXPOSE_HEADERS,
-        HeaderValue::from_static("Link, ETag, Last-Modified, Location, Ivy-Horizon, Ivy-Extensions, WWW-Authenticate"),
+        HeaderValue::from_static("Link, ETag, Last-Modified, Location, Ivy-Horizon, Ivy-Extensions, WWW-Authenticate, Idempotent-Replayed"),
     );
 }
 

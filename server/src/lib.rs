@@ -213,7 +213,8 @@ impl IvyBuilder {
         let metrics = metrics::Metrics::new(env!("CARGO_PKG_VERSION"), &node_id, kind, config.memory_budget);
         let fanout = Arc::new(FanOut::with_budget(budget.clone()).with_counts(metrics.delivery.clone()));
         let description = engine.describe();
-        let engine = engine.open(engine::Context { requests, fanout: fanout.clone(), metrics: metrics.engine.clone() })?;
+        let idempotency = engine::Idempotency::new(config.idempotency_window, config.idempotency_max_keys);
+        let engine = engine.open(engine::Context { requests, fanout: fanout.clone(), metrics: metrics.engine.clone(), idempotency })?;
         tracing::info!(engine = %description, node = %node_id, "engine open");
         let connections = Arc::new(Connections::new(config.max_connections));
         let stop_reading = CancellationToken::new();

@@ -123,6 +123,9 @@ pub struct EngineMetrics {
     store_full: Counter,
     storage: Counter,
     shutting_down: Counter,
+    idempotency_keys: Gauge,
+    idempotency_replays: Counter,
+    idempotency_evicted: Counter,
 }
 
 impl Default for EngineMetrics {
@@ -135,6 +138,9 @@ impl Default for EngineMetrics {
             store_full: Counter::default(),
             storage: Counter::default(),
             shutting_down: Counter::default(),
+            idempotency_keys: Gauge::default(),
+            idempotency_replays: Counter::default(),
+            idempotency_evicted: Counter::default(),
         }
     }
 }
@@ -155,6 +161,23 @@ impl EngineMetrics {
             PublishError::Storage(_) | PublishError::InvalidPath(_) => &self.storage,
         };
         counter.inc_by(events as u64);
+    }
+
+    /// The engine remembers `n` send ids (`ivy_idempotency_keys`).
+    pub fn idempotency_keys(&self, n: usize) {
+        self.idempotency_keys.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// `n` sends were repeats of stored ones, answered with the first one's timestamp
+    /// (`ivy_idempotency_replays_total`).
+    pub fn replayed(&self, n: usize) {
+        self.idempotency_replays.inc_by(n as u64);
+    }
+
+    /// `n` ids were forgotten before their window ended, beyond the key limit
+    /// (`ivy_idempotency_evicted_total`).
+    pub fn evicted(&self, n: usize) {
+        self.idempotency_evicted.inc_by(n as u64);
     }
 }
 
@@ -297,6 +320,21 @@ impl Metrics {
             ..EngineMetrics::default()
         };
         r.register("ivy_group_commit_events", "Events per group commit", engine.commit_events.clone());
+        r.register(
+            "ivy_idempotency_keys",
+            "Send ids the engine remembers (--idempotency-window, --idempotency-max-keys)",
+            engine.idempotency_keys.clone(),
+        );
+        r.register(
+            "ivy_idempotency_replays",
+            "Sends with an id already stored (repeats): answered with the first one's timestamp, nothing stored",
+            engine.idempotency_replays.clone(),
+        );
+        r.register(
+            "ivy_idempotency_evicted",
+            "Send ids forgotten before their window ended, beyond --idempotency-max-keys",
+            engine.idempotency_evicted.clone(),
+        );
         r.register("ivy_group_commit_seconds", "Time to store a group commit (append and flush)", engine.commit_seconds.clone());
         r.register("ivy_events_refused", "Events the engine did not store: store_full, storage (a write failed), shutting_down", failures);
 

@@ -12,13 +12,12 @@ use axum::extract::{OriginalUri, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
-use ivy_client_core::Timestamp;
 use ivy_client_core::path::{check_depth, normalize_with_limit};
 use ivy_client_core::wire::ErrorCode;
 
 use crate::Shared;
 use crate::auth::{self, Access, Need};
-use crate::engine::{Completion, Origin, Publish, PublishError};
+use crate::engine::{Completion, Origin, Publish, PublishError, Replied};
 use crate::limits::Admitted;
 
 /// Most items in one `POST /publish`.
@@ -166,17 +165,48 @@ fn failure(e: &PublishError) -> (StatusCode, ErrorCode, String) {
     }
 }
 
-/// A publish request for the engine, and where its outcome arrives.
-fn request(path: &str, data: Bytes, origin: Origin) -> (Publish, tokio::sync::oneshot::Receiver<Result<Timestamp, PublishError>>) {
-    let (done, rx) = Completion::channel();
+/// A publish request for the engine (with its send id, if any), and where its outcome
+/// arrives.
+fn request(
+    path: &str,
+    data: Bytes,
+    origin: Origin,
+    id: Option<Bytes>,
+) -> (Publish, tokio::sync::oneshot::Receiver<Result<Replied, PublishError>>) {
+    let (done, rx) = Completion::channel_with_replay();
     let mut request = Publish::new(path, data, done);
     request.origin = origin;
+    request.id = id;
     (request, rx)
 }
 
 /// The outcome of a queued request (a dropped completion: the engine stopped).
-async fn outcome(rx: tokio::sync::oneshot::Receiver<Result<Timestamp, PublishError>>) -> Result<Timestamp, PublishError> {
+async fn outcome(rx: tokio::sync::oneshot::Receiver<Result<Replied, PublishError>>) -> Result<Replied, PublishError> {
     rx.await.unwrap_or(Err(PublishError::ShuttingDown))
+}
+
+/// The header that makes an HTTP publish idempotent (`docs/PROTOCOL.md` 9.12).
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// The header of a repeat's answer.
+const REPLAYED: &str = "idempotent-replayed";
+/// Longest `Idempotency-Key` of `POST /publish`: item `i` gets the id `KEY.i`, which must fit
+/// in 64 bytes.
+const MAX_BATCH_KEY: usize = ivy_client_core::wire::MAX_SEND_ID_BYTES - 7;
+
+/// Why a send id is refused (the WebSocket's `malformed` reason).
+const BAD_ID: &str = "a send id is 1 to 64 characters of A-Z a-z 0-9 . _ ~ -";
+
+/// The request's `Idempotency-Key`, if it has one, or its 400.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<Bytes>, Box<Response>> {
+    let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
+    let Some(value) = values.next() else { return Ok(None) };
+    if values.next().is_some() {
+        return Err(Box::new(text(StatusCode::BAD_REQUEST, "one Idempotency-Key header at most")));
+    }
+    if !ivy_client_core::wire::is_valid_send_id(value.as_bytes()) {
+        return Err(Box::new(text(StatusCode::BAD_REQUEST, &format!("invalid Idempotency-Key: {BAD_ID}; nothing was stored"))));
+    }
+    Ok(Some(Bytes::copy_from_slice(value.as_bytes())))
 }
 
 fn wants_json(headers: &HeaderMap) -> bool {
@@ -219,6 +249,10 @@ pub(crate) async fn log(
         Ok(w) => w,
         Err(r) => return *r,
     };
+    let id = match idempotency_key(&headers) {
+        Ok(id) => id,
+        Err(r) => return *r,
+    };
     if let Err((status, reason)) = writer.check(&path) {
         return refusal(status, &reason);
     }
@@ -258,10 +292,10 @@ pub(crate) async fn log(
         identity.spend(crate::engine::stored_cost(&path, data.len()).1 as u64);
     }
     let _charge = (shared.budget.limit() != 0).then(|| shared.budget.charge(data.len()));
-    let (request, rx) = request(&path, data, writer.origin());
+    let (request, rx) = request(&path, data, writer.origin(), id);
     shared.publisher.publish(request).await;
     match outcome(rx).await {
-        Ok(ts) => {
+        Ok(Replied { ts, replayed }) => {
             let (content_type, body) = if wants_json(&headers) {
                 ("application/json", format!("{{\"timestamp\":\"{ts}\"}}\n"))
             } else {
@@ -273,6 +307,10 @@ pub(crate) async fn log(
             let location = format!("{}?after={}&limit=1", original.path(), ts.prev());
             if let Ok(v) = HeaderValue::from_str(&location) {
                 r.headers_mut().insert(header::LOCATION, v);
+            }
+            // A repeat of a stored send (same sender and Idempotency-Key): nothing was stored.
+            if replayed {
+                r.headers_mut().insert(REPLAYED, HeaderValue::from_static("true"));
             }
             r
         }
@@ -292,11 +330,15 @@ pub(crate) async fn log(
 struct Item {
     path: String,
     data: String,
+    /// The item's send id (`docs/PROTOCOL.md` 9.12).
+    #[serde(default)]
+    id: Option<String>,
 }
 
 #[derive(serde::Serialize)]
 #[serde(untagged)]
 enum ItemResult {
+    Replayed { timestamp: String, replayed: bool },
     Stored { timestamp: String },
     Failed { error: ItemError },
 }
@@ -318,6 +360,16 @@ pub(crate) async fn batch(
 ) -> Response {
     let writer = match writer(&shared, &headers, query.as_deref()) {
         Ok(w) => w,
+        Err(r) => return *r,
+    };
+    let key = match idempotency_key(&headers) {
+        Ok(Some(k)) if k.len() > MAX_BATCH_KEY => {
+            let reason = format!(
+                "the Idempotency-Key of POST /publish is at most {MAX_BATCH_KEY} bytes (item i gets the id KEY.i); nothing was stored"
+            );
+            return text(StatusCode::BAD_REQUEST, &reason);
+        }
+        Ok(k) => k,
         Err(r) => return *r,
     };
     let _place = match admit(&shared, connection) {
@@ -343,16 +395,22 @@ pub(crate) async fn batch(
     let items: Vec<Item> = match serde_json::from_slice(&raw) {
         Ok(items) => items,
         Err(e) => {
-            let reason = format!("the body must be a JSON array of {{\"path\": \"...\", \"data\": \"...\"}}: {e}");
+            let reason = format!("the body must be a JSON array of {{\"path\": \"...\", \"data\": \"...\"}} (and an optional \"id\"): {e}");
             return text(StatusCode::BAD_REQUEST, &reason.replace('\n', " "));
         }
     };
     if items.len() > MAX_ITEMS {
         return text(StatusCode::PAYLOAD_TOO_LARGE, &format!("at most {MAX_ITEMS} items per POST /publish, not {}", items.len()));
     }
-    // Checked whole before anything is stored: paths and sizes refuse the request.
+    // Checked whole before anything is stored: paths, sizes and ids refuse the request.
+    if key.is_some() && items.iter().any(|item| item.id.is_some()) {
+        return text(StatusCode::BAD_REQUEST, "use either the Idempotency-Key header or per-item ids, not both; nothing was stored");
+    }
     let mut paths = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
+        if item.id.as_ref().is_some_and(|id| !ivy_client_core::wire::is_valid_send_id(id.as_bytes())) {
+            return text(StatusCode::BAD_REQUEST, &format!("item {i}: invalid id: {BAD_ID}; nothing was stored"));
+        }
         let path = match normalize(&shared, &item.path) {
             Ok(p) => p,
             Err(e) => return text(StatusCode::BAD_REQUEST, &format!("item {i}: invalid path: {e}")),
@@ -371,7 +429,16 @@ pub(crate) async fn batch(
     let mut results: Vec<Option<ItemResult>> = Vec::with_capacity(items.len());
     let mut requests = Vec::new();
     let mut waiting = Vec::new();
-    for (item, path) in items.into_iter().zip(&paths) {
+    for (i, (item, path)) in items.into_iter().zip(&paths).enumerate() {
+        let id = match (&key, item.id) {
+            (Some(k), _) => {
+                let mut id = bytes::BytesMut::with_capacity(k.len() + 4);
+                id.extend_from_slice(k);
+                id.extend_from_slice(format!(".{i}").as_bytes());
+                Some(id.freeze())
+            }
+            (None, id) => id.map(Bytes::from),
+        };
         let limited = || identity.as_ref().is_some_and(|i| !i.fits());
         match writer.check(path) {
             Ok(()) if limited() => results.push(Some(ItemResult::Failed {
@@ -381,7 +448,7 @@ pub(crate) async fn batch(
                 if let Some(i) = &identity {
                     i.spend(crate::engine::stored_cost(path, item.data.len()).1 as u64);
                 }
-                let (request, rx) = request(path, Bytes::from(item.data), origin.clone());
+                let (request, rx) = request(path, Bytes::from(item.data), origin.clone(), id);
                 requests.push(request);
                 waiting.push((results.len(), rx));
                 results.push(None);
@@ -394,7 +461,8 @@ pub(crate) async fn batch(
     shared.publisher.publish_batch(requests).await;
     for (i, rx) in waiting {
         results[i] = Some(match outcome(rx).await {
-            Ok(ts) => ItemResult::Stored { timestamp: ts.to_string() },
+            Ok(Replied { ts, replayed: true }) => ItemResult::Replayed { timestamp: ts.to_string(), replayed: true },
+            Ok(Replied { ts, .. }) => ItemResult::Stored { timestamp: ts.to_string() },
             Err(e) => {
                 let (_, code, message) = failure(&e);
                 ItemResult::Failed { error: ItemError { code: code.as_str(), message } }

@@ -68,6 +68,8 @@ pub(crate) enum Outcome<'a> {
         path: Cow<'a, str>,
         /// Where the data is in the frame.
         data: Range<usize>,
+        /// Where the send's id is in the frame (`*ID:path:data`), if it has one.
+        id: Option<Range<usize>>,
     },
     /// Reply with the server time, `#key#@ts` (`##@ts` without a key).
     Time {
@@ -303,18 +305,18 @@ impl Session {
                 Outcome::Reply(error_line(ack, ErrorCode::RateLimited, &msg))
             }
             Op::Refresh(token) => Outcome::Refresh { ack, token },
-            Op::Send { path, data } => match offset_in(frame, data) {
-                Some(start) => match self.bytes_allowed(now, &path, data.len()) {
-                    Ok(()) => Outcome::Send { ack, path, data: start..start + data.len() },
+            Op::Send { path, data, id } => match (offset_in(frame, data), id.map(|id| offset_in(frame, id).map(|s| s..s + id.len()))) {
+                (_, Some(None)) | (None, _) => {
+                    Outcome::Reply(error_line(ack, ErrorCode::Malformed, "internal error: data outside the command"))
+                }
+                (Some(start), id) => match self.bytes_allowed(now, &path, data.len()) {
+                    Ok(()) => Outcome::Send { ack, path, data: start..start + data.len(), id: id.flatten() },
                     Err(identity) => {
                         refusals.counts.bytes(identity);
                         let why = if identity { &refusals.identity_bytes_limited_message } else { &refusals.bytes_limited_message };
                         Outcome::Reply(error_line(ack, ErrorCode::RateLimited, why))
                     }
                 },
-                // The parser returns a slice of the frame; anything else is a bug, refused
-                // rather than trusted.
-                None => Outcome::Reply(error_line(ack, ErrorCode::Malformed, "internal error: data outside the command")),
             },
         }
     }
@@ -498,8 +500,15 @@ mod tests {
         assert_eq!(s.on_text(0, b"-/a", &r), Outcome::Unsubscribe { ack: None, path: "/a".into() });
         assert_eq!(s.on_text(0, b"##@x", &r), Outcome::Time { ack: Some(b"") });
         let frame = b"#k#:/a/b:x:y";
-        assert_eq!(s.on_text(0, frame, &r), Outcome::Send { ack: Some(b"k"), path: "/a/b".into(), data: 9..12 });
+        assert_eq!(s.on_text(0, frame, &r), Outcome::Send { ack: Some(b"k"), path: "/a/b".into(), data: 9..12, id: None });
         assert_eq!(&frame[9..12], b"x:y");
+        let frame = b"#k#*i.1:/a/b:x:y";
+        assert_eq!(s.on_text(0, frame, &r), Outcome::Send { ack: Some(b"k"), path: "/a/b".into(), data: 13..16, id: Some(4..7) });
+        assert_eq!((&frame[4..7], &frame[13..16]), (&b"i.1"[..], &b"x:y"[..]));
+        assert_eq!(
+            reply(s.on_text(0, b"#4#*bad id:/a:x", &r)),
+            "#4#!malformed a send id is 1 to 64 characters of A-Z a-z 0-9 . _ ~ -; the command was not executed"
+        );
         assert_eq!(reply(s.on_text(0, b"#2#+/A", &r)), "#2#!bad-path invalid character 'A' at byte 1 of path (allowed: a-z 0-9 . - /)");
         assert!(reply(s.on_text(0, b"#3#?", &r)).starts_with("#3#!malformed unknown command '?'"));
         assert!(reply(s.on_binary(0, &r)).starts_with("!unsupported binary frames"));

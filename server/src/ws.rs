@@ -413,7 +413,7 @@ async fn execute(
         Outcome::Time { ack } => slot.send_line(ack_line(ack.unwrap_or_default(), shared.engine.now())),
         // Carried out by the read loop, which owns the session and the expiry timer.
         Outcome::Refresh { .. } => {}
-        Outcome::Send { ack, path, data } => {
+        Outcome::Send { ack, path, data, id } => {
             let budget = &shared.budget;
             // The memory budget is used up: shed what costs (a large send, or pipelined ones),
             // serve a connection sending small events one at a time.
@@ -427,7 +427,9 @@ async fn execute(
                 return slot.send_line(error_line(ack, ErrorCode::Overloaded, &msg));
             }
             // The frame's bytes are shared, not copied: the request keeps a slice of them.
-            let data = Bytes::from(frame.clone()).slice(data);
+            let bytes = Bytes::from(frame.clone());
+            let id = id.map(|id| bytes.slice(id));
+            let data = bytes.slice(data);
             // Waits (boxed, the rare case: see the reservation in `read_loop`) only when the
             // connection has all its share of sends in the queue, or the queue is full.
             let share = match sends.clone().try_acquire_owned() {
@@ -443,6 +445,7 @@ async fn execute(
             let mut request = Publish::new(path, data, done);
             request.sender = Some(conn.id());
             request.origin = origin.clone();
+            request.id = id;
             if let Err(request) = shared.publisher.try_publish(request) {
                 Box::pin(shared.publisher.publish(request)).await;
             }

@@ -181,7 +181,7 @@ async fn cors_for_browsers() {
     assert_eq!(r.header("access-control-allow-origin"), Some("*"));
     assert_eq!(
         r.header("access-control-expose-headers"),
-        Some("Link, ETag, Last-Modified, Location, Ivy-Horizon, Ivy-Extensions, WWW-Authenticate")
+        Some("Link, ETag, Last-Modified, Location, Ivy-Horizon, Ivy-Extensions, WWW-Authenticate, Idempotent-Replayed")
     );
     server.stop().await;
 }

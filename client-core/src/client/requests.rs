@@ -149,27 +149,11 @@ impl Requests {
         digits + path.len() + data_len + 4 + id_len.map_or(0, |n| n + 1)
     }
 
-    /// The frame of a send, with its id when `with_id` (`#key#*ID:path:data`) or plain
-    /// (`#key#:path:data`); it awaits its reply until `deadline`.
+    /// The frame of a send, with its id when `with_id` (`#key#*ID:path:data`, `docs/PROTOCOL.md`
+    /// 5.9) or plain (`#key#:path:data`); it awaits its reply until `deadline`.
     pub(super) fn send(&mut self, mut req: SendReq, with_id: bool, deadline: Millis) -> String {
-        let (key, frame) = if with_id {
-            let key = self.next_key;
-            self.next_key += 1;
-            // `#key#*ID:path:data` (`docs/PROTOCOL.md` 5.9). Built here, not by the wire
-            // module's `Op` (the server's parser owns that): the parts are ASCII but the data.
-            let mut line = Vec::with_capacity(24 + req.send_id.len() + req.path.len() + req.data.len());
-            line.push(b'#');
-            line.extend_from_slice(key.to_string().as_bytes());
-            line.extend_from_slice(b"#*");
-            line.extend_from_slice(req.send_id.as_bytes());
-            line.push(b':');
-            line.extend_from_slice(req.path.as_bytes());
-            line.push(b':');
-            line.extend_from_slice(&req.data);
-            (key, String::from_utf8(line).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
-        } else {
-            self.frame(Op::Send { path: req.path.as_str().into(), data: &req.data })
-        };
+        let id = with_id.then_some(req.send_id.as_bytes());
+        let (key, frame) = self.frame(Op::Send { path: req.path.as_str().into(), data: &req.data, id });
         req.with_id = with_id;
         let id = req.id;
         self.insert_timed(key, id, deadline, Kind::Send(req));

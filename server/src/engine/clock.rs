@@ -82,6 +82,11 @@ impl Clock {
         self.state().limit = limit;
     }
 
+    /// The wall clock's time, handing nothing out (for the idempotency window).
+    pub fn wall_now(&self) -> Timestamp {
+        self.wall.now()
+    }
+
     /// The greatest timestamp handed out so far (events and `@` replies).
     pub fn last(&self) -> Timestamp {
         self.state().last

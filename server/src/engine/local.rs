@@ -39,6 +39,7 @@ use ivy_client_core::path::ROOT;
 use ivy_client_core::wire::encode_event;
 
 use super::clock::Clock;
+use super::idempotency::{self, Keys};
 use super::{BoxFuture, Context, DeleteRequest, Direction, Engine, Horizon, Page, Publish, PublishError, ReadRequest, Requests, Retention};
 use crate::fanout::{FanOut, Published};
 
@@ -79,11 +80,17 @@ pub(crate) struct Record<'a> {
     pub(crate) line: &'a [u8],
     /// Its sender.
     pub(crate) origin: &'a super::Origin,
+    /// Its send id, if it has one (stored with it by a store that keeps ids).
+    pub(crate) id: Option<&'a [u8]>,
 }
 
 /// What [`Storage::scan`] calls for each event: its timestamp, its line and its sender's wire
 /// form (`?` for an event stored before senders were).
 pub(crate) type Visit<'a> = dyn FnMut(Timestamp, &[u8], &[u8]) -> ControlFlow<()> + 'a;
+
+/// What [`Storage::ids`] calls for each event with an id: its timestamp, its sender's wire form
+/// and its id.
+pub(crate) type VisitId<'a> = dyn FnMut(Timestamp, &[u8], &[u8]) + 'a;
 
 /// What the single-node engine stores in: sled ([`super::sled`]) or memory
 /// ([`super::memory`]). Called from the sequencer thread (writes) and tokio's blocking pool
@@ -132,6 +139,13 @@ pub(crate) trait Storage: Send + Sync + 'static {
     /// Visits the events of `channel`'s subtree with `after < ts <= until`, in `dir` order,
     /// until the visitor breaks.
     fn scan(&self, channel: &str, after: Option<Timestamp>, until: Timestamp, dir: Direction, visit: &mut Visit<'_>) -> io::Result<()>;
+    /// Visits the send ids stored with the events after `after` (oldest first), for the
+    /// sequencer to remember them after a restart. Default: none (a store that keeps no ids
+    /// across restarts: memory).
+    fn ids(&self, after: Timestamp, visit: &mut VisitId<'_>) -> io::Result<()> {
+        let _ = (after, visit);
+        Ok(())
+    }
 }
 
 /// What a deletion removed.
@@ -225,8 +239,25 @@ impl LocalEngine {
         }
         tracing::info!(last = %last, floor = %floor, "event store open");
         let written = retention.max_events.map(|_| Mutex::default());
+        // The ids of the events still inside the idempotency window (a store that keeps them).
+        let mut keys = Keys::new(context.idempotency, context.metrics.clone());
+        if keys.is_active() {
+            let after = keys.horizon(clock.wall_now());
+            let mut n = 0usize;
+            storage.ids(after, &mut |ts, origin, id| {
+                if let Some(origin) = super::Origin::from_wire(origin) {
+                    keys.insert(idempotency::key(&origin, id), ts);
+                    n += 1;
+                }
+            })?;
+            keys.report();
+            if n > 0 {
+                tracing::info!(ids = n, after = %after, "send ids remembered from the store (the idempotency window)");
+            }
+        }
         let shared = Arc::new(Shared { storage, clock, visible: Watermark(Mutex::new(last)), written });
-        let sequencer = Sequencer { shared: shared.clone(), fanout: context.fanout, requests: context.requests, metrics: context.metrics };
+        let sequencer =
+            Sequencer { shared: shared.clone(), fanout: context.fanout, requests: context.requests, metrics: context.metrics, keys };
         let handle = std::thread::Builder::new().name("ivy-sequencer".into()).spawn(move || sequencer.run())?;
         let stop = if retention.is_active() {
             let (stop, stopped) = std::sync::mpsc::channel();
@@ -376,9 +407,109 @@ struct Sequencer {
     fanout: Arc<FanOut>,
     requests: Requests,
     metrics: super::EngineMetrics,
+    /// The send ids remembered (see [`super::idempotency`]).
+    keys: Keys,
+}
+
+/// A send of a batch that repeats an earlier one (see [`super::idempotency`]): it is not
+/// stored, and completes in its place among the batch's sends (so that a connection's acks
+/// stay in send order).
+struct Repeat {
+    request: Publish,
+    /// How many of the batch's events to store come before it.
+    after: usize,
+    of: Of,
+}
+
+/// What a repeat repeats.
+enum Of {
+    /// An event stored before, at this timestamp.
+    Stored(Timestamp),
+    /// The event to store at this place of the batch.
+    Batch(usize),
+}
+
+/// The repeats taken out of a batch, and the key of each send left in it.
+#[derive(Default)]
+struct Repeats {
+    /// In batch order.
+    list: std::collections::VecDeque<Repeat>,
+    /// The key of each send left in the batch that has an id, by place.
+    keys: Vec<Option<idempotency::Key>>,
+    /// How many were answered with their first's timestamp.
+    replayed: usize,
+}
+
+impl Repeats {
+    /// Completes the repeats placed before the batch's event `upto`, the batch stored (`ts`:
+    /// the timestamp of its event at a place) or failed with `failed`.
+    fn complete(&mut self, upto: usize, ts: impl Fn(usize) -> Option<Timestamp>, failed: Option<&PublishError>) {
+        while self.list.front().is_some_and(|r| r.after <= upto) {
+            let Some(r) = self.list.pop_front() else { break };
+            match (r.of, failed) {
+                (Of::Stored(first), _) => {
+                    self.replayed += 1;
+                    r.request.done.replayed(first);
+                }
+                (Of::Batch(_), Some(e)) => r.request.done.complete(Err(e.clone())),
+                (Of::Batch(at), None) => match ts(at) {
+                    Some(first) => {
+                        self.replayed += 1;
+                        r.request.done.replayed(first);
+                    }
+                    None => {
+                        r.request.done.complete(Err(PublishError::storage(io::Error::other("the first send of this id was not stored"))))
+                    }
+                },
+            }
+        }
+    }
+
+    /// Completes every repeat left after a failure of the batch.
+    fn fail(&mut self, upto: usize, e: &PublishError) {
+        self.complete(upto, |_| None, Some(e));
+    }
 }
 
 impl Sequencer {
+    /// Takes the repeats out of `batch` (nothing to do, and nothing allocated, unless a send
+    /// in it has an id and ids are remembered).
+    fn take_repeats(&mut self, batch: &mut Vec<Publish>) -> Option<Repeats> {
+        if !self.keys.is_active() {
+            return None;
+        }
+        self.keys.expire(self.shared.clock.wall_now());
+        if !batch.iter().any(|r| r.id.is_some()) {
+            return None;
+        }
+        let mut repeats = Repeats::default();
+        let mut firsts: HashMap<idempotency::Key, usize> = HashMap::new();
+        let mut kept = Vec::with_capacity(batch.len());
+        for r in batch.drain(..) {
+            let Some(id) = &r.id else {
+                kept.push(r);
+                repeats.keys.push(None);
+                continue;
+            };
+            let key = idempotency::key(&r.origin, id);
+            let of = match self.keys.get(&key) {
+                Some(ts) => Of::Stored(ts),
+                None => match firsts.get(&key) {
+                    Some(&at) => Of::Batch(at),
+                    None => {
+                        firsts.insert(key.clone(), kept.len());
+                        kept.push(r);
+                        repeats.keys.push(Some(key));
+                        continue;
+                    }
+                },
+            };
+            repeats.list.push_back(Repeat { request: r, after: kept.len(), of });
+        }
+        *batch = kept;
+        Some(repeats)
+    }
+
     fn run(mut self) {
         let mut batch: Vec<Publish> = Vec::new();
         while let Some(first) = self.requests.blocking_next() {
@@ -415,45 +546,87 @@ impl Sequencer {
         }
     }
 
-    fn commit(&self, batch: &mut Vec<Publish>) {
+    fn commit(&mut self, batch: &mut Vec<Publish>) {
         let storage = &*self.shared.storage;
         super::answer_probes(batch, || storage.ready(), &self.fanout);
+        match self.take_repeats(batch) {
+            None => {
+                // Each send was completed; nothing of the batch is remembered.
+                let _ = self.store(batch, None);
+            }
+            Some(mut repeats) => {
+                if let Ok(stamps) = self.store(batch, Some(&mut repeats)) {
+                    for (key, ts) in std::mem::take(&mut repeats.keys).into_iter().zip(stamps) {
+                        if let Some(key) = key {
+                            self.keys.insert(key, ts);
+                        }
+                    }
+                    self.keys.report();
+                }
+                if repeats.replayed > 0 {
+                    self.metrics.replayed(repeats.replayed);
+                }
+            }
+        }
+    }
+
+    /// Refuses the whole batch with `e` (its repeats in their places).
+    fn refuse(&self, batch: &mut Vec<Publish>, e: PublishError, mut repeats: Option<&mut Repeats>) -> Result<Vec<Timestamp>, PublishError> {
+        self.metrics.refused(batch.len(), &e);
+        for (i, r) in batch.drain(..).enumerate() {
+            if let Some(rep) = repeats.as_deref_mut() {
+                rep.fail(i, &e);
+            }
+            r.done.complete(Err(e.clone()));
+        }
+        if let Some(rep) = repeats {
+            rep.fail(usize::MAX, &e);
+        }
+        Err(e)
+    }
+
+    /// Stores and delivers `batch`, completing each send, and each of its `repeats` in its
+    /// place (their keys say which sends are stored with their id); the timestamps of its
+    /// events (when it has repeats), or the error they all failed with.
+    fn store(&self, batch: &mut Vec<Publish>, mut repeats: Option<&mut Repeats>) -> Result<Vec<Timestamp>, PublishError> {
+        let storage = &*self.shared.storage;
         if batch.is_empty() {
-            return;
+            if let Some(rep) = repeats {
+                rep.complete(usize::MAX, |_| None, None);
+            }
+            return Ok(Vec::new());
         }
         if let Err(e) = storage.ready() {
-            self.metrics.refused(batch.len(), &e);
             tracing::warn!(events = batch.len(), reason = %e, "events refused");
-            for r in batch.drain(..) {
-                r.done.complete(Err(e.clone()));
-            }
-            return;
+            return self.refuse(batch, e, repeats);
         }
         let lines = match self.stamp(batch) {
             Ok(lines) => lines,
             Err(e) => {
                 tracing::error!(error = %e, events = batch.len(), "recording the clock floor failed; the events were not stored");
-                let e = PublishError::storage(e);
-                self.metrics.refused(batch.len(), &e);
-                for r in batch.drain(..) {
-                    r.done.complete(Err(e.clone()));
-                }
-                return;
+                return self.refuse(batch, PublishError::storage(e), repeats);
             }
         };
-        let records: Vec<Record<'_>> =
-            batch.iter().zip(&lines).map(|(r, (ts, line))| Record { ts: *ts, path: &r.path, line, origin: &r.origin }).collect();
+        // Only the first of each id in the batch is stored with it (the repeats are out).
+        let keys = repeats.as_deref().map(|r| &r.keys[..]);
+        let records: Vec<Record<'_>> = batch
+            .iter()
+            .zip(&lines)
+            .enumerate()
+            .map(|(i, (r, (ts, line)))| Record {
+                ts: *ts,
+                path: &r.path,
+                line,
+                origin: &r.origin,
+                id: keys.and_then(|k| k.get(i)?.as_ref()).and(r.id.as_deref()),
+            })
+            .collect();
         let started = std::time::Instant::now();
         let stored = storage.append(&records).and_then(|()| storage.commit());
         drop(records);
         if let Err(e) = stored {
             tracing::error!(error = %e, events = batch.len(), "storing events failed; they were not delivered live");
-            let e = PublishError::storage(e);
-            self.metrics.refused(batch.len(), &e);
-            for r in batch.drain(..) {
-                r.done.complete(Err(e.clone()));
-            }
-            return;
+            return self.refuse(batch, PublishError::storage(e), repeats);
         }
         self.metrics.group_commit(batch.len(), started.elapsed());
         if let Some(written) = &self.shared.written {
@@ -473,6 +646,7 @@ impl Sequencer {
             // One line per group commit (the events themselves: the connections' "out" lines).
             tracing::trace!(events = lines.len(), first = %lines[0].0, last = %ts, "committed");
         }
+        let stamps = if repeats.is_some() { lines.iter().map(|(ts, _)| *ts).collect() } else { Vec::new() };
         let mut done = Vec::with_capacity(batch.len());
         let published: Vec<Published> = batch
             .drain(..)
@@ -482,12 +656,24 @@ impl Sequencer {
                 Published::new(ts, r.path, r.sender, self.fanout.line(line)).from(r.origin)
             })
             .collect();
-        // Each send completes right after its event is delivered, before the later ones.
+        // Repeats of earlier events placed before the batch's first event.
+        if let Some(rep) = repeats.as_deref_mut() {
+            rep.complete(0, |_| None, None);
+        }
+        // Each send completes right after its event is delivered, before the later ones; a
+        // repeat right after the send before it.
         self.fanout.deliver(&published, |i| {
             if let (Some(d), Some(p)) = (done.get_mut(i).and_then(Option::take), published.get(i)) {
                 d.complete(Ok(p.ts));
             }
+            if let Some(rep) = repeats.as_deref_mut() {
+                rep.complete(i + 1, |at| published.get(at).map(|p| p.ts), None);
+            }
         });
+        if let Some(rep) = repeats {
+            rep.complete(usize::MAX, |at| published.get(at).map(|p| p.ts), None);
+        }
+        Ok(stamps)
     }
 
     /// Gives the batch its timestamps and encodes its lines, first raising the clock floor when

@@ -61,6 +61,7 @@
 //! builder ([`SledEngine`]).
 
 mod clock;
+pub mod idempotency;
 mod local;
 pub mod memory;
 mod reopen;
@@ -80,6 +81,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use crate::fanout::{ConnId, FanOut, Line, Published};
 pub use crate::metrics::EngineMetrics;
+pub use idempotency::Idempotency;
 pub(crate) use local::stored_cost;
 pub use local::{Deleted, WallClock};
 pub use memory::MemoryEngine;
@@ -193,6 +195,9 @@ pub struct Context {
     pub fanout: Arc<FanOut>,
     /// Where the engine reports its group commits and the events it refused (`/metrics`).
     pub metrics: EngineMetrics,
+    /// How long and how many send ids ([`Publish::id`]) the engine remembers (see
+    /// [`idempotency`]).
+    pub idempotency: Idempotency,
 }
 
 /// Scan direction.
@@ -398,6 +403,12 @@ pub struct Publish {
     pub sender: Option<ConnId>,
     /// Who sent it, as verified (stored with it). [`Publish::new`]: the application.
     pub origin: Origin,
+    /// The send's id (`*ID:path:data`, `Idempotency-Key`: checked by
+    /// [`ivy_client_core::wire::is_valid_send_id`]), if it has one: an engine stores at most one
+    /// event per ([`Publish::origin`], id) within its idempotency window, and completes a
+    /// repeat with the first one's timestamp ([`Completion::replayed`]) without storing or
+    /// delivering anything (see [`idempotency`]). Never part of the event's line.
+    pub id: Option<Bytes>,
     /// Where the outcome goes.
     pub done: Completion,
 }
@@ -405,7 +416,7 @@ pub struct Publish {
 impl Publish {
     /// A request to publish `data` on `path` (normalized) with no sending connection.
     pub fn new(path: impl Into<Box<str>>, data: Bytes, done: Completion) -> Publish {
-        Publish { path: path.into(), data, sender: None, origin: Origin::APPLICATION, done }
+        Publish { path: path.into(), data, sender: None, origin: Origin::APPLICATION, id: None, done }
     }
 
     /// A readiness probe (see the [module docs](self)).
@@ -491,6 +502,18 @@ pub struct Completion(CompletionTo);
 enum CompletionTo {
     Reply(crate::session::PendingReply),
     Channel(oneshot::Sender<Result<Timestamp, PublishError>>),
+    Replay(oneshot::Sender<Result<Replied, PublishError>>),
+}
+
+/// The outcome of a publish whose completion says whether it was a repeat
+/// ([`Completion::channel_with_replay`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replied {
+    /// The event's timestamp (for a repeat, the first one's).
+    pub ts: Timestamp,
+    /// Whether this was a repeat of a send stored before (same sender and id): nothing was
+    /// stored or delivered.
+    pub replayed: bool,
 }
 
 impl Completion {
@@ -498,6 +521,12 @@ impl Completion {
     pub fn channel() -> (Completion, oneshot::Receiver<Result<Timestamp, PublishError>>) {
         let (tx, rx) = oneshot::channel();
         (Completion(CompletionTo::Channel(tx)), rx)
+    }
+
+    /// A completion whose outcome the returned receiver gets, with whether it was a repeat.
+    pub fn channel_with_replay() -> (Completion, oneshot::Receiver<Result<Replied, PublishError>>) {
+        let (tx, rx) = oneshot::channel();
+        (Completion(CompletionTo::Replay(tx)), rx)
     }
 
     pub(crate) fn reply(reply: crate::session::PendingReply) -> Completion {
@@ -511,6 +540,20 @@ impl Completion {
             CompletionTo::Channel(tx) => {
                 let _ = tx.send(result);
             }
+            CompletionTo::Replay(tx) => {
+                let _ = tx.send(result.map(|ts| Replied { ts, replayed: false }));
+            }
+        }
+    }
+
+    /// Completes a repeat: the send with the same sender and id was stored at `ts` (the
+    /// first one's reply: for a WebSocket send, the same `#key#@ts` bytes as a first ack).
+    pub fn replayed(self, ts: Timestamp) {
+        match self.0 {
+            CompletionTo::Replay(tx) => {
+                let _ = tx.send(Ok(Replied { ts, replayed: true }));
+            }
+            other => Completion(other).complete(Ok(ts)),
         }
     }
 }

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use ivy_client_core::Timestamp;
 
-use super::local::{Deleted, Record, Storage, Visit};
+use super::local::{Deleted, Record, Storage, Visit, VisitId};
 use super::{Direction, Horizon, PublishError};
 
 /// Free space a full disk must have again before the store is reopened, whatever the
@@ -311,5 +311,9 @@ impl Storage for Reopening {
 
     fn scan(&self, channel: &str, after: Option<Timestamp>, until: Timestamp, dir: Direction, visit: &mut Visit<'_>) -> io::Result<()> {
         self.with(|s| s.scan(channel, after, until, dir, visit))
+    }
+
+    fn ids(&self, after: Timestamp, visit: &mut VisitId<'_>) -> io::Result<()> {
+        self.with(|s| s.ids(after, visit))
     }
 }

@@ -7,10 +7,10 @@
 //! # let _ = engine; Ok(()) }
 //! ```
 //!
-//! The store layout (version 4), in one sled tree so that a batch of events is written
+//! The store layout (version 5), in one sled tree so that a batch of events is written
 //! atomically:
 //!
-//! - `v` → the layout version (`4`);
+//! - `v` → the layout version (`5`);
 //! - `c` → the clock floor (12 bytes, big-endian; optional): no timestamp above it has been
 //!   handed out, so a restarted clock resumes after `max(floor, newest event)`;
 //! - `b` ‖ ts → a block of the root log: consecutive events, the first at `ts`;
@@ -25,10 +25,13 @@
 //! Timestamps in keys are 12 bytes, big-endian, so key order is time order. A block is a run of
 //! entries in timestamp order, each `ts (12 bytes) ‖ word (4 bytes, big-endian)` and then:
 //!
-//! - a line with its sender (the word's bit 30 is set, the rest is the line's length): the
-//!   sender's wire form (`docs/PROTOCOL.md` 6.1.1: `=escaped-sub`, `-` or `*`) preceded by its
-//!   length (2 bytes, big-endian), then the event line exactly as delivered to a connection
-//!   without extensions (`@ts:/path:data`); the extended line is built from both;
+//! - a line with its sender (the word's bit 30 is set, the rest below bit 29 is the line's
+//!   length): the sender's wire form (`docs/PROTOCOL.md` 6.1.1: `=escaped-sub`, `-` or `*`)
+//!   preceded by its length (2 bytes, big-endian), then, when bit 29 is set too (layout 5, in
+//!   the root's log only), the event's send id (`docs/PROTOCOL.md` 5.9) preceded by its length
+//!   (1 byte), then the event line exactly as delivered to a connection without extensions
+//!   (`@ts:/path:data`); the extended line is built from the sender and the line, and the id is
+//!   never part of either;
 //! - a line without its sender (the word is its length, below 2³⁰; written by layout 3): read
 //!   with the sender unknown, `?`;
 //! - nothing (the word's top bit is set, the rest is the line's length): a *reference* to the
@@ -51,16 +54,25 @@
 //! instead of 17 times. References are written in the same atomic batch as the lines they
 //! point to, so a durable reference always has its line.
 //!
+//! Send ids: an event sent with an id has it stored in its root entry, in the same atomic write
+//! as the event, so that an id is stored if and only if its event is (after any crash). On
+//! open, the engine rebuilds the ids it remembers ([`super::idempotency`]) from the root
+//! log's events within the idempotency window ([`Storage::ids`]): one range scan of the newest
+//! blocks.
+//!
 //! Older layouts, from stores written by earlier versions:
 //!
+//! - layout 4 (no send ids) is read as it is: its blocks are layout 5 blocks without ids.
+//!   Opening one records version 5, so that an earlier version (which would read the id bit as
+//!   damage) refuses the store instead;
 //! - layout 3 (no senders) is read as it is: its blocks are layout 4 blocks whose lines have
 //!   no sender, and their events are read with the sender unknown (`?`). Opening one records
-//!   version 4, so that an earlier version (which would read the sender bit as damage)
+//!   version 5, so that an earlier version (which would read the sender bit as damage)
 //!   refuses the store instead;
 //! - layout 2 (every level's log held a copy of every line) is read as it is: its blocks are
-//!   layout 3 blocks whose entries are all copies; it opens as layout 4, as layout 3 does;
+//!   layout 3 blocks whose entries are all copies; it opens as layout 5, as layout 3 does;
 //! - layout 1 (one key per event: `e` ‖ ts → line, and `i` ‖ channel ‖ `0x00` ‖ ts → index
-//!   entries) is converted to layout 4 (senders unknown) when such a store is opened, in atomic steps that a
+//!   entries) is converted to layout 5 (senders unknown, no ids) when such a store is opened, in atomic steps that a
 //!   crash can interrupt and a restart resumes.
 
 use std::collections::HashMap;
@@ -73,7 +85,7 @@ use std::time::Duration;
 use ivy_client_core::Timestamp;
 use ivy_client_core::path::{ROOT, ancestors};
 
-use super::local::{Deleted, LocalEngine, Record, Storage, Visit, WallClock, line_path};
+use super::local::{Deleted, LocalEngine, Record, Storage, Visit, VisitId, WallClock, line_path};
 use super::reopen::{self, Reopening};
 use super::{Context, Direction, Engine, Horizon, Open, Retention};
 #[cfg(test)]
@@ -355,7 +367,8 @@ impl Mark {
     }
 }
 
-const LAYOUT_VERSION: &[u8] = b"4";
+const LAYOUT_VERSION: &[u8] = b"5";
+const LAYOUT_V4: &[u8] = b"4";
 const LAYOUT_V3: &[u8] = b"3";
 const LAYOUT_V2: &[u8] = b"2";
 const LAYOUT_V1: &[u8] = b"1";
@@ -373,6 +386,10 @@ const REFERENCE: u32 = 1 << 31;
 /// header is then followed by the sender's length (2 bytes, big-endian) and wire form, and
 /// then the line. A line without it (written by layout 3) has an unknown sender (`?`).
 const FROM: u32 = 1 << 30;
+/// The bit of a line's length word (with [`FROM`]) that says the line comes with its send id
+/// (layout 5): the sender is then followed by the id's length (1 byte) and the id, and then
+/// the line. Only the root's log stores ids.
+const WITH_ID: u32 = 1 << 29;
 /// The sender of a line stored before senders were (layout 3).
 const UNKNOWN_ORIGIN: &[u8] = b"?";
 /// An event's line is copied into the logs of the levels below the root when, times their
@@ -452,8 +469,9 @@ fn with_ts(prefix: &[u8], ts: Timestamp) -> Vec<u8> {
 /// One entry of a block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Entry<'a> {
-    /// The event line and its sender's wire form (`?` for a layout 3 line).
-    Line(&'a [u8], &'a [u8]),
+    /// The event line, its sender's wire form (`?` for a layout 3 line) and its send id
+    /// (empty: none; only in the root's log).
+    Line(&'a [u8], &'a [u8], &'a [u8]),
     /// A reference to the event, whose line (this many bytes) is in the root's log.
     Ref(usize),
 }
@@ -485,14 +503,20 @@ impl<'a> Iterator for Entries<'a> {
             if word & FROM == 0 {
                 let len = word as usize;
                 let line = rest.get(ENTRY_HEADER..ENTRY_HEADER.checked_add(len)?)?;
-                return Some((ts, Entry::Line(line, UNKNOWN_ORIGIN), ENTRY_HEADER + len));
+                return Some((ts, Entry::Line(line, UNKNOWN_ORIGIN, b""), ENTRY_HEADER + len));
             }
-            let len = (word & !FROM) as usize;
+            let len = (word & !(FROM | WITH_ID)) as usize;
             let olen = u16::from_be_bytes(rest.get(ENTRY_HEADER..ENTRY_HEADER + 2)?.try_into().ok()?) as usize;
-            let start = ENTRY_HEADER + 2 + olen;
+            let mut start = ENTRY_HEADER + 2 + olen;
             let origin = rest.get(ENTRY_HEADER + 2..start)?;
+            let mut id: &[u8] = b"";
+            if word & WITH_ID != 0 {
+                let ilen = usize::from(*rest.get(start)?);
+                id = rest.get(start + 1..start + 1 + ilen)?;
+                start += 1 + ilen;
+            }
             let line = rest.get(start..start.checked_add(len)?)?;
-            Some((ts, Entry::Line(line, origin), start + len))
+            Some((ts, Entry::Line(line, origin, id), start + len))
         })();
         match parsed {
             Some((ts, entry, used)) => {
@@ -576,12 +600,14 @@ fn find(block: &[u8], ts: Timestamp, from: usize) -> io::Result<Option<Found>> {
         match entries.next().transpose()? {
             None => return Ok(None),
             Some((t, _)) if t < ts => {}
-            Some((t, Entry::Line(line, origin))) if t == ts => {
-                // The line is the entry's end; its sender (if stored) just before it.
+            Some((t, Entry::Line(line, origin, _))) if t == ts => {
+                // The line is the entry's end; its sender (if stored) after the header and its
+                // length (and before the id, if any).
                 let end = entries.at;
                 let start = end - line.len();
-                // A layout 3 line starts right after the header; a layout 4 one after its sender.
-                let from = (start > before + ENTRY_HEADER).then(|| start - origin.len()..start);
+                let word =
+                    block.get(before + Timestamp::BYTES..before + ENTRY_HEADER).and_then(|w| w.try_into().ok()).map(u32::from_be_bytes);
+                let from = word.filter(|w| w & FROM != 0).map(|_| before + ENTRY_HEADER + 2..before + ENTRY_HEADER + 2 + origin.len());
                 return Ok(Some((start..end, from)));
             }
             Some((t, Entry::Ref(_))) if t == ts => return Err(corrupt("root block (a reference)")),
@@ -617,7 +643,7 @@ impl Blocks {
         };
         let (p, first, buf) = &mut self.open[at];
         let body = match entry {
-            Entry::Line(line, origin) => 2 + origin.len() + line.len(),
+            Entry::Line(line, origin, id) => 2 + origin.len() + if id.is_empty() { 0 } else { 1 + id.len() } + line.len(),
             Entry::Ref(_) => 0,
         };
         if !buf.is_empty() && buf.len() + ENTRY_HEADER + body > BLOCK_BYTES {
@@ -631,12 +657,19 @@ impl Blocks {
         // Lines are bounded far below 2 GiB by the maximum message size.
         let word = |len: usize| u32::try_from(len).unwrap_or(u32::MAX).min(REFERENCE - 1);
         match entry {
-            Entry::Line(line, origin) => {
-                // A sender's wire form is at most 1 + 3 × 256 bytes (an escaped sub).
+            Entry::Line(line, origin, id) => {
+                // A sender's wire form is at most 1 + 3 × 256 bytes (an escaped sub), an id
+                // at most 64 bytes.
                 let olen = u16::try_from(origin.len()).unwrap_or(u16::MAX);
-                buf.extend_from_slice(&(word(line.len()).min(FROM - 1) | FROM).to_be_bytes());
+                let ilen = u8::try_from(id.len()).unwrap_or(u8::MAX);
+                let flags = if id.is_empty() { FROM } else { FROM | WITH_ID };
+                buf.extend_from_slice(&(word(line.len()).min(WITH_ID - 1) | flags).to_be_bytes());
                 buf.extend_from_slice(&olen.to_be_bytes());
                 buf.extend_from_slice(&origin[..usize::from(olen)]);
+                if !id.is_empty() {
+                    buf.push(ilen);
+                    buf.extend_from_slice(&id[..usize::from(ilen)]);
+                }
                 buf.extend_from_slice(line);
             }
             Entry::Ref(len) => buf.extend_from_slice(&(word(len) | REFERENCE).to_be_bytes()),
@@ -645,9 +678,10 @@ impl Blocks {
 
     /// Adds an event to the root's blocks (its line) and those of each other level of its path
     /// (a copy or a reference, see the module docs).
-    fn add(&mut self, batch: &mut sled::Batch, ts: Timestamp, path: &str, line: &[u8], origin: &[u8]) {
-        self.push(batch, b"b", ts, Entry::Line(line, origin));
-        let entry = if inline(ivy_client_core::path::depth(path), line.len()) { Entry::Line(line, origin) } else { Entry::Ref(line.len()) };
+    fn add(&mut self, batch: &mut sled::Batch, ts: Timestamp, path: &str, line: &[u8], origin: &[u8], id: &[u8]) {
+        self.push(batch, b"b", ts, Entry::Line(line, origin, id));
+        let entry =
+            if inline(ivy_client_core::path::depth(path), line.len()) { Entry::Line(line, origin, b"") } else { Entry::Ref(line.len()) };
         let mut prefix = std::mem::take(&mut self.scratch);
         for anc in ancestors(path).filter(|a| *a != ROOT) {
             block_prefix_into(anc, &mut prefix);
@@ -688,7 +722,7 @@ fn remove_unfinished_snapshots(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Converts a layout 1 store to layout 4 (its events' senders unknown): a few thousand events per atomic step (their old keys
+/// Converts a layout 1 store to layout 5 (its events' senders unknown): a few thousand events per atomic step (their old keys
 /// removed, their blocks written), so a crash in the middle leaves a store this resumes.
 fn migrate_v1(db: &sled::Db, dir: &Path) -> io::Result<()> {
     const STEP: usize = 4096;
@@ -704,7 +738,7 @@ fn migrate_v1(db: &sled::Db, dir: &Path) -> io::Result<()> {
                 .and_then(|k| Timestamp::from_be_bytes(&k[1..]))
                 .ok_or_else(|| corrupt("layout 1 key"))?;
             let event = ivy_client_core::wire::parse_event(&line).map_err(|e| corrupt(&format!("layout 1 event {ts} ({e})")))?;
-            blocks.add(&mut batch, ts, &event.path, &line, UNKNOWN_ORIGIN);
+            blocks.add(&mut batch, ts, &event.path, &line, UNKNOWN_ORIGIN, b"");
             for anc in ancestors(&event.path).filter(|a| *a != ROOT) {
                 let mut ik = vec![b'i'];
                 ik.extend_from_slice(anc.as_bytes());
@@ -730,7 +764,7 @@ fn migrate_v1(db: &sled::Db, dir: &Path) -> io::Result<()> {
     batch.insert(b"v", LAYOUT_VERSION);
     db.apply_batch(batch).map_err(to_io)?;
     db.flush().map_err(to_io)?;
-    tracing::info!(events = moved, store = %dir.display(), "converted the event store from layout 1 to layout 4 (senders unknown)");
+    tracing::info!(events = moved, store = %dir.display(), "converted the event store from layout 1 to layout 5 (senders unknown)");
     Ok(())
 }
 
@@ -824,17 +858,23 @@ impl SledLog {
             Some(v) if &*v == LAYOUT_VERSION => {}
             // Nothing to convert: a layout 3 block is a layout 4 block whose lines have no
             // sender (read as unknown, `?`), and a layout 2 block is one without references.
+            // A layout 4 block is a layout 5 block without send ids.
+            Some(v) if &*v == LAYOUT_V4 => {
+                db.insert(b"v", LAYOUT_VERSION).map_err(to_io)?;
+                db.flush().map_err(to_io)?;
+                tracing::info!(store = %dir.display(), "event store opened as layout 5: send ids are stored with new events (nothing to convert; earlier versions no longer open it)");
+            }
             Some(v) if &*v == LAYOUT_V3 || &*v == LAYOUT_V2 => {
                 db.insert(b"v", LAYOUT_VERSION).map_err(to_io)?;
                 db.flush().map_err(to_io)?;
-                tracing::info!(store = %dir.display(), from = %String::from_utf8_lossy(&v), "event store opened as layout 4: its events have an unknown sender (nothing to convert; earlier versions no longer open it)");
+                tracing::info!(store = %dir.display(), from = %String::from_utf8_lossy(&v), "event store opened as layout 5: its events have an unknown sender (nothing to convert; earlier versions no longer open it)");
             }
             Some(v) if &*v == LAYOUT_V1 => migrate_v1(&db, dir)?,
             Some(v) => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!(
-                        "{}: event store layout {:?} is not supported (expected 1, 2, 3 or 4)",
+                        "{}: event store layout {:?} is not supported (expected 1, 2, 3, 4 or 5)",
                         dir.display(),
                         String::from_utf8_lossy(&v)
                     ),
@@ -912,7 +952,7 @@ impl Storage for SledLog {
         let mut batch = sled::Batch::default();
         let mut blocks = Blocks::default();
         for r in records {
-            blocks.add(&mut batch, r.ts, r.path, r.line, r.origin.wire());
+            blocks.add(&mut batch, r.ts, r.path, r.line, r.origin.wire(), r.id.unwrap_or_default());
         }
         let bytes = blocks.bytes;
         blocks.finish(&mut batch);
@@ -1041,6 +1081,36 @@ impl Storage for SledLog {
         self.horizons.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(channel).copied()
     }
 
+    fn ids(&self, after: Timestamp, visit: &mut VisitId<'_>) -> io::Result<()> {
+        // From the last root block starting at or before `after`.
+        let key_len = 1 + Timestamp::BYTES;
+        let lo = match self.db.range::<Vec<u8>, _>(..=with_ts(b"b", after)).next_back() {
+            Some(kv) => {
+                let k = kv.map_err(to_io)?.0;
+                if k.len() == key_len && k[0] == b'b' { k.to_vec() } else { b"b".to_vec() }
+            }
+            None => b"b".to_vec(),
+        };
+        for kv in self.db.range(lo..) {
+            let (k, block) = kv.map_err(to_io)?;
+            if k.first() != Some(&b'b') {
+                break;
+            }
+            if k.len() != key_len {
+                continue;
+            }
+            for e in Entries::new(&block) {
+                if let (ts, Entry::Line(_, origin, id)) = e?
+                    && ts > after
+                    && !id.is_empty()
+                {
+                    visit(ts, origin, id);
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn scan(&self, channel: &str, after: Option<Timestamp>, until: Timestamp, dir: Direction, visit: &mut Visit<'_>) -> io::Result<()> {
         use std::ops::Bound::Included;
         let prefix = block_prefix(channel);
@@ -1069,7 +1139,7 @@ impl Storage for SledLog {
         let deleted = self.horizon(ROOT).map(|h| h.newest);
         let mut line_of = |ts: Timestamp, entry: Entry<'_>, out: &mut LineOut<'_>| -> io::Result<ControlFlow<()>> {
             match entry {
-                Entry::Line(line, origin) => Ok(out(line, origin)),
+                Entry::Line(line, origin, _) => Ok(out(line, origin)),
                 Entry::Ref(_) if root => Err(corrupt("root block (a reference)")),
                 Entry::Ref(len) => match lines.get(&self.db, ts, len) {
                     Ok((line, origin)) => Ok(out(line, origin)),
@@ -1131,7 +1201,8 @@ mod tests {
         {
             let log = SledLog::open(&dir, Durability::Async, DEFAULT_FLUSH_INTERVAL).unwrap();
             assert_eq!(log.clock_floor().unwrap(), None);
-            log.append(&[Record { ts: ts(1), path: "/a", line: b"@1700000000.000000001:/a:x", origin: &Origin::ANONYMOUS }]).unwrap();
+            log.append(&[Record { ts: ts(1), path: "/a", line: b"@1700000000.000000001:/a:x", origin: &Origin::ANONYMOUS, id: None }])
+                .unwrap();
             log.set_clock_floor(ts(9)).unwrap();
             assert_eq!(log.last_timestamp().unwrap(), Some(ts(1)));
         }
@@ -1202,7 +1273,7 @@ mod tests {
                 lines.push((ts, path.to_string(), line));
             }
             let records: Vec<Record<'_>> =
-                lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: &Origin::ANONYMOUS }).collect();
+                lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: &Origin::ANONYMOUS, id: None }).collect();
             log.append(&records).unwrap();
             events.extend(lines);
         }
@@ -1265,7 +1336,7 @@ mod tests {
                 lines.push((ts, path, line));
             }
             let records: Vec<Record<'_>> =
-                lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: &Origin::ANONYMOUS }).collect();
+                lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: &Origin::ANONYMOUS, id: None }).collect();
             log.append(&records).unwrap();
             mem.append(&records).unwrap();
             all.extend(lines.iter().map(|l| l.0));
@@ -1314,7 +1385,7 @@ mod tests {
         let ts = |n| Timestamp::new(1_700_000_000, n).unwrap();
         let mut line = Vec::new();
         ivy_client_core::wire::encode_event(ts(1), &path, &vec![b'x'; 60 * 1024], &mut line);
-        log.append(&[Record { ts: ts(1), path: &path, line: &line, origin: &Origin::ANONYMOUS }]).unwrap();
+        log.append(&[Record { ts: ts(1), path: &path, line: &line, origin: &Origin::ANONYMOUS, id: None }]).unwrap();
         let grown = stored_bytes(&log) - empty;
         // The line, 17 entry headers, 17 keys (the longest, `/l1/.../l16`, 70 bytes).
         assert!(grown < line.len() + 17 * (ENTRY_HEADER + 80), "{grown} bytes for a {}-byte line", line.len());
@@ -1327,9 +1398,80 @@ mod tests {
         let mut short = Vec::new();
         ivy_client_core::wire::encode_event(ts(2), "/a", b"hi", &mut short);
         assert!(inline(1, short.len()));
-        log.append(&[Record { ts: ts(2), path: "/a", line: &short, origin: &Origin::ANONYMOUS }]).unwrap();
+        log.append(&[Record { ts: ts(2), path: "/a", line: &short, origin: &Origin::ANONYMOUS, id: None }]).unwrap();
         let block = log.db.scan_prefix(block_prefix("/a")).next().unwrap().unwrap().1;
-        assert_eq!(Entries::new(&block).map(|e| e.unwrap().1).collect::<Vec<_>>(), vec![Entry::Line(&short, b"-")]);
+        assert_eq!(Entries::new(&block).map(|e| e.unwrap().1).collect::<Vec<_>>(), vec![Entry::Line(&short, b"-", b"")]);
+        drop(log);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn ids_of(log: &SledLog, after: Timestamp) -> Vec<(Timestamp, Vec<u8>, Vec<u8>)> {
+        let mut out = Vec::new();
+        log.ids(after, &mut |ts, origin, id| out.push((ts, origin.to_vec(), id.to_vec()))).unwrap();
+        out
+    }
+
+    /// Layout 5: a send id is stored with its event's line in the root's log only; every log
+    /// reads the events as before (copies and references, senders intact), the ids come back
+    /// from [`Storage::ids`] after a reopen, and a layout 4 store opens as layout 5.
+    #[test]
+    fn send_ids_are_stored_with_their_events_and_read_back_after_a_reopen() {
+        let dir = temp_dir("v5");
+        let ts = |n| Timestamp::new(1_700_000_000, n).unwrap();
+        let line = |n: u32, path: &str, len: usize| {
+            let mut l = Vec::new();
+            ivy_client_core::wire::encode_event(ts(n), path, &vec![b'x'; len], &mut l);
+            l
+        };
+        let ada = Origin::user("ada");
+        // A short line on a shallow path (copied), a long one on a deep path (referenced),
+        // one without an id, and one with the longest id; across several blocks.
+        let events: Vec<(u32, &str, usize, Option<&[u8]>)> = vec![
+            (1, "/a", 5, Some(b"s.1")),
+            (2, "/a/b/c/d", 3000, Some(b"s.2")),
+            (3, "/a/b", 7, None),
+            (4, "/a/b/c/d", 9000, Some(&[b'z'; 64])),
+        ];
+        let lines: Vec<Vec<u8>> = events.iter().map(|(n, p, len, _)| line(*n, p, *len)).collect();
+        {
+            let log = SledLog::open(&dir, Durability::Sync, DEFAULT_FLUSH_INTERVAL).unwrap();
+            let records: Vec<Record<'_>> = events
+                .iter()
+                .zip(&lines)
+                .map(|((n, p, _, id), l)| Record { ts: ts(*n), path: p, line: l, origin: &ada, id: *id })
+                .collect();
+            log.append(&records[..2]).unwrap();
+            log.append(&records[2..]).unwrap();
+            log.flush().unwrap();
+            // Layout 4 as an earlier version left it (no ids yet): opened as 5 below.
+            log.db.insert(b"v", LAYOUT_V4).unwrap();
+            log.db.flush().unwrap();
+        }
+        let log = SledLog::open(&dir, Durability::Sync, DEFAULT_FLUSH_INTERVAL).unwrap();
+        assert_eq!(log.db.get(b"v").unwrap().as_deref(), Some(LAYOUT_VERSION));
+        for channel in ["/", "/a", "/a/b", "/a/b/c", "/a/b/c/d"] {
+            let want: Vec<_> = events
+                .iter()
+                .zip(&lines)
+                .filter(|((_, p, ..), _)| ancestors(p).any(|a| a == channel))
+                .map(|((n, ..), l)| (ts(*n), l.clone(), b"=ada".to_vec()))
+                .collect();
+            assert_eq!(collect_with_origins(&log, channel, Direction::Forward), want, "{channel}");
+            let mut back = want.clone();
+            back.reverse();
+            assert_eq!(collect_with_origins(&log, channel, Direction::Backward), back, "{channel}");
+        }
+        let all = vec![
+            (ts(1), b"=ada".to_vec(), b"s.1".to_vec()),
+            (ts(2), b"=ada".to_vec(), b"s.2".to_vec()),
+            (ts(4), b"=ada".to_vec(), vec![b'z'; 64]),
+        ];
+        assert_eq!(ids_of(&log, Timestamp::ZERO), all);
+        assert_eq!(ids_of(&log, ts(1)), all[1..], "only after");
+        assert_eq!(ids_of(&log, ts(4)), vec![]);
+        // Only the root's entries carry the id.
+        let block = log.db.scan_prefix(block_prefix("/a")).next().unwrap().unwrap().1;
+        assert!(Entries::new(&block).all(|e| matches!(e.unwrap().1, Entry::Line(_, _, b"") | Entry::Ref(_))));
         drop(log);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -1369,7 +1511,7 @@ mod tests {
         out
     }
 
-    /// A layout 3 store opens as layout 4: its events read as before, with an unknown sender
+    /// A layout 3 store opens as layout 5: its events read as before, with an unknown sender
     /// (`?`, copies and references alike); new events keep their senders, across a reopen.
     #[test]
     fn a_layout_3_store_reads_with_unknown_senders_and_takes_new_events_with_theirs() {
@@ -1407,7 +1549,7 @@ mod tests {
             let senders: Vec<Origin> =
                 new.iter().map(|(ts, ..)| Origin::from_wire(origins[ts.subsec_nanos() as usize % 4]).unwrap()).collect();
             let records: Vec<Record<'_>> =
-                new.iter().zip(&senders).map(|((ts, p, l), origin)| Record { ts: *ts, path: p, line: l, origin }).collect();
+                new.iter().zip(&senders).map(|((ts, p, l), origin)| Record { ts: *ts, path: p, line: l, origin, id: None }).collect();
             log.append(&records).unwrap();
             log.flush().unwrap();
         }
@@ -1504,7 +1646,7 @@ mod tests {
                 assert_eq!(collect(&log, channel, None, None, Direction::Forward, usize::MAX), want(&old, channel), "{channel}");
             }
             let records: Vec<Record<'_>> =
-                new.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: &Origin::ANONYMOUS }).collect();
+                new.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: &Origin::ANONYMOUS, id: None }).collect();
             log.append(&records).unwrap();
             log.flush().unwrap();
         }
@@ -1570,7 +1712,7 @@ mod tests {
                     lines.push((ts, path.to_string(), line));
                 }
                 let records: Vec<Record<'_>> =
-                    lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: &Origin::ANONYMOUS }).collect();
+                    lines.iter().map(|(ts, p, l)| Record { ts: *ts, path: p, line: l, origin: &Origin::ANONYMOUS, id: None }).collect();
                 log.append(&records).unwrap();
                 mem.append(&records).unwrap();
                 model.extend(lines);
@@ -1669,7 +1811,7 @@ mod tests {
             let records: Vec<Record<'_>> = lines
                 .iter()
                 .enumerate()
-                .map(|(i, l)| Record { ts: ts(i as u32 + 1), path: "/a/b", line: l, origin: &Origin::ANONYMOUS })
+                .map(|(i, l)| Record { ts: ts(i as u32 + 1), path: "/a/b", line: l, origin: &Origin::ANONYMOUS, id: None })
                 .collect();
             log.append(&records).unwrap();
             log.flush().unwrap();

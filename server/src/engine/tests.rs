@@ -99,7 +99,7 @@ fn open(storage: Arc<dyn Storage>) -> Fixture {
         storage,
         WallClock::from_fn(|| at(100, 0)),
         Retention::default(),
-        Context { requests, fanout: fanout.clone(), metrics: Default::default() },
+        Context { requests, fanout: fanout.clone(), metrics: Default::default(), idempotency: Default::default() },
     )
     .unwrap();
     Fixture { engine, publisher, fanout }
@@ -549,6 +549,56 @@ async fn a_store_that_failed_to_write_is_reopened_once_the_disk_has_room() {
     let page = f.engine.read(ReadRequest::new("/a", None, f.engine.visible(), 10)).await.unwrap();
     let text = String::from_utf8(page.lines).unwrap();
     assert_eq!(text, format!("@{first}:/a:1\n@{again}:/a:4\n@{last}:/a:7"), "the acked events, and only those");
+}
+
+impl Fixture {
+    /// Sends `(path, data, id)` in one group commit; each outcome, with whether it was a repeat.
+    async fn publish_ids(&self, sends: &[(&str, &str, Option<&str>)]) -> Vec<Result<super::Replied, PublishError>> {
+        let mut requests = Vec::new();
+        let mut outcomes = Vec::new();
+        for (path, data, id) in sends {
+            let (done, outcome) = Completion::channel_with_replay();
+            let mut request = Publish::new(*path, Bytes::copy_from_slice(data.as_bytes()), done);
+            request.id = id.map(|i| Bytes::copy_from_slice(i.as_bytes()));
+            requests.push(request);
+            outcomes.push(outcome);
+        }
+        self.publisher.publish_batch(requests).await;
+        let mut out = Vec::new();
+        for o in outcomes {
+            out.push(o.await.unwrap());
+        }
+        out
+    }
+}
+
+/// A repeat in the same group commit as its first shares its outcome: a failed first is not
+/// remembered (its retry is stored), while a repeat of an event stored before is answered
+/// even when the store refuses the batch.
+#[tokio::test]
+async fn a_failed_first_is_not_remembered_and_a_stored_one_is_answered_even_while_the_store_fails() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let disk = Arc::new(Disk::default());
+    disk.free.store(u64::MAX, SeqCst);
+    let f = open(reopening(&disk));
+    let replied = |ts, replayed| super::Replied { ts, replayed };
+    let a = f.publish_ids(&[("/i", "a", Some("a"))]).await[0].clone().unwrap();
+    assert!(!a.replayed);
+    disk.error.store(5, SeqCst);
+    let out = f.publish_ids(&[("/i", "b", Some("b")), ("/i", "a again", Some("a")), ("/i", "b again", Some("b")), ("/i", "c", None)]).await;
+    assert!(matches!(out[0], Err(PublishError::Storage(_))), "{:?}", out[0]);
+    assert_eq!(out[1].clone().unwrap(), replied(a.ts, true), "stored before: answered");
+    assert!(matches!(out[2], Err(PublishError::Storage(_))), "the first's failure");
+    assert!(matches!(out[3], Err(PublishError::Storage(_))));
+    disk.error.store(0, SeqCst);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let out = f.publish_ids(&[("/i", "b", Some("b")), ("/i", "b", Some("b")), ("/i", "a", Some("a"))]).await;
+    let b = out[0].clone().unwrap();
+    assert!(!b.replayed && b.ts > a.ts, "the failed first was not remembered: stored now");
+    assert_eq!((out[1].clone().unwrap(), out[2].clone().unwrap()), (replied(b.ts, true), replied(a.ts, true)));
+    let page = f.engine.read(ReadRequest::new("/i", None, f.engine.visible(), 10)).await.unwrap();
+    assert_eq!(String::from_utf8(page.lines).unwrap(), format!("@{}:/i:a\n@{}:/i:b", a.ts, b.ts));
+    f.stop().await;
 }
 
 /// A deletion runs beside the sends: while one is in progress (held inside the storage), new
