@@ -221,9 +221,9 @@ impl fmt::Display for CommandErrorKind {
             CommandErrorKind::Empty => f.write_str("empty command"),
             CommandErrorKind::UnterminatedAck => f.write_str("ack key has no closing '#'"),
             CommandErrorKind::UnknownCommand(b) if b.is_ascii_graphic() => {
-                write!(f, "unknown command '{}' (expected one of + - : @ & *)", *b as char)
+                write!(f, "unknown command '{}' (expected one of + - : @)", *b as char)
             }
-            CommandErrorKind::UnknownCommand(b) => write!(f, "unknown command byte 0x{b:02x} (expected one of + - : @ & *)"),
+            CommandErrorKind::UnknownCommand(b) => write!(f, "unknown command byte 0x{b:02x} (expected one of + - : @)"),
             CommandErrorKind::MissingData => f.write_str("send needs ':' between path and data (:/path:data)"),
             CommandErrorKind::BadSendId => {
                 f.write_str("a send id is 1 to 64 characters of A-Z a-z 0-9 . _ ~ -; the command was not executed")

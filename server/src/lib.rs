@@ -90,7 +90,7 @@ use tokio_util::task::TaskTracker;
 pub use config::Config;
 pub use conn::close_code;
 pub use engine::sled::Durability;
-pub use engine::{PublishError, WallClock};
+pub use engine::{PublishError, Replied, WallClock};
 pub use serve::serve;
 pub use ws::SUBPROTOCOL;
 
@@ -337,6 +337,35 @@ impl Ivy {
             .map_err(PublishError::InvalidPath)?;
         let (done, outcome) = Completion::channel();
         self.shared.publisher.publish(Publish::new(path.into_owned(), Bytes::copy_from_slice(data.as_bytes()), done)).await;
+        outcome.await.unwrap_or(Err(PublishError::ShuttingDown))
+    }
+
+    /// [`Ivy::publish`] with a send id (`docs/PROTOCOL.md` 5.9): within the idempotency window
+    /// ([`Config::idempotency_window`]) a repeat of `id` stores nothing and resolves to the
+    /// first event's timestamp, [`Replied::replayed`] set. The scope is the application's
+    /// (`*`), shared with the HTTP publishes of a server API key.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let ivy = ivy_server::Ivy::builder(ivy_server::Config::default()).engine(ivy_server::engine::MemoryEngine::new()).open().unwrap();
+    /// let first = ivy.publish_with_id("/orders", "paid", "order-42").await.unwrap();
+    /// let again = ivy.publish_with_id("/orders", "paid", "order-42").await.unwrap();
+    /// assert_eq!((again.ts, first.replayed, again.replayed), (first.ts, false, true));
+    /// assert!(matches!(ivy.publish_with_id("/orders", "x", "not an id").await, Err(ivy_server::PublishError::InvalidId)));
+    /// # ivy.shutdown().await; }
+    /// ```
+    pub async fn publish_with_id(&self, path: &str, data: &str, id: &str) -> Result<Replied, PublishError> {
+        if !ivy_client_core::wire::is_valid_send_id(id.as_bytes()) {
+            return Err(PublishError::InvalidId);
+        }
+        let config = &self.shared.config;
+        let path = ivy_client_core::path::normalize_with_limit(path.as_bytes(), config.max_path_length)
+            .and_then(|p| ivy_client_core::path::check_depth(&p, config.max_path_depth).map(|()| p))
+            .map_err(PublishError::InvalidPath)?;
+        let (done, outcome) = Completion::channel_with_replay();
+        let mut request = Publish::new(path.into_owned(), Bytes::copy_from_slice(data.as_bytes()), done);
+        request.id = Some(Bytes::copy_from_slice(id.as_bytes()));
+        self.shared.publisher.publish(request).await;
         outcome.await.unwrap_or(Err(PublishError::ShuttingDown))
     }
 

@@ -158,7 +158,7 @@ impl EngineMetrics {
         let counter = match error {
             PublishError::StoreFull(_) => &self.store_full,
             PublishError::ShuttingDown => &self.shutting_down,
-            PublishError::Storage(_) | PublishError::InvalidPath(_) => &self.storage,
+            PublishError::Storage(_) | PublishError::InvalidPath(_) | PublishError::InvalidId => &self.storage,
         };
         counter.inc_by(events as u64);
     }

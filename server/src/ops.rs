@@ -154,6 +154,7 @@ fn reason(e: &PublishError) -> Arc<str> {
         PublishError::Storage(e) => format!("the event store failed: {e}").into(),
         PublishError::ShuttingDown => "shutting down".into(),
         PublishError::InvalidPath(e) => format!("probe refused: {e}").into(),
+        PublishError::InvalidId => "probe refused: invalid id".into(),
     }
 }
 

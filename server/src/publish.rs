@@ -162,6 +162,7 @@ fn failure(e: &PublishError) -> (StatusCode, ErrorCode, String) {
         PublishError::StoreFull(_) => (StatusCode::INSUFFICIENT_STORAGE, ErrorCode::StoreFull, e.to_string()),
         PublishError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::ShuttingDown, e.to_string()),
         PublishError::InvalidPath(_) => (StatusCode::BAD_REQUEST, ErrorCode::BadPath, e.to_string()),
+        PublishError::InvalidId => (StatusCode::BAD_REQUEST, ErrorCode::Malformed, e.to_string()),
     }
 }
 

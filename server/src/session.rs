@@ -433,6 +433,7 @@ fn publish_error_code(e: &PublishError) -> ErrorCode {
     match e {
         PublishError::Storage(_) => ErrorCode::Storage,
         PublishError::InvalidPath(_) => ErrorCode::BadPath,
+        PublishError::InvalidId => ErrorCode::Malformed,
         PublishError::ShuttingDown => ErrorCode::ShuttingDown,
         PublishError::StoreFull(_) => ErrorCode::StoreFull,
     }

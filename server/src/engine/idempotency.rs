@@ -98,6 +98,10 @@ impl Keys {
         self.settings.is_active()
     }
 
+    pub(crate) fn settings(&self) -> Idempotency {
+        self.settings
+    }
+
     /// The timestamp of the event stored with `key`, if remembered.
     pub(crate) fn get(&self, key: &[u8]) -> Option<Timestamp> {
         self.by_key.get(key).copied()

@@ -64,7 +64,7 @@ pub(crate) fn stored_cost(path: &str, data: usize) -> (usize, usize) {
 
 /// What storing `r` costs: its log entries and the bytes they hold.
 fn cost(r: &Publish) -> (usize, usize) {
-    stored_cost(&r.path, r.data.len().saturating_add(r.origin.wire().len()))
+    stored_cost(&r.path, r.data.len().saturating_add(r.origin.wire().len()).saturating_add(r.id.as_ref().map_or(0, |id| 1 + id.len())))
 }
 /// How far beyond the timestamps it needs a new clock floor is recorded.
 const FLOOR_AHEAD_NANOS: u128 = 1_000_000_000;
@@ -146,6 +146,29 @@ pub(crate) trait Storage: Send + Sync + 'static {
         let _ = (after, visit);
         Ok(())
     }
+    /// How many times the store was reopened in the running process (see
+    /// [`super::reopen`]): the send ids remembered are then read again from it (a failed flush
+    /// may have stored events, and with async durability a reopen loses the unflushed ones).
+    fn generation(&self) -> u64 {
+        0
+    }
+}
+
+/// Remembers the send ids of the events of `storage` inside the window at `now`.
+fn remember_ids(keys: &mut Keys, storage: &dyn Storage, now: Timestamp) -> io::Result<usize> {
+    let after = keys.horizon(now);
+    let mut n = 0usize;
+    storage.ids(after, &mut |ts, origin, id| {
+        if let Some(origin) = super::Origin::from_wire(origin) {
+            keys.insert(idempotency::key(&origin, id), ts);
+            n += 1;
+        }
+    })?;
+    keys.report();
+    if n > 0 {
+        tracing::info!(ids = n, after = %after, "send ids remembered from the store (the idempotency window)");
+    }
+    Ok(n)
 }
 
 /// What a deletion removed.
@@ -242,22 +265,18 @@ impl LocalEngine {
         // The ids of the events still inside the idempotency window (a store that keeps them).
         let mut keys = Keys::new(context.idempotency, context.metrics.clone());
         if keys.is_active() {
-            let after = keys.horizon(clock.wall_now());
-            let mut n = 0usize;
-            storage.ids(after, &mut |ts, origin, id| {
-                if let Some(origin) = super::Origin::from_wire(origin) {
-                    keys.insert(idempotency::key(&origin, id), ts);
-                    n += 1;
-                }
-            })?;
-            keys.report();
-            if n > 0 {
-                tracing::info!(ids = n, after = %after, "send ids remembered from the store (the idempotency window)");
-            }
+            remember_ids(&mut keys, &*storage, clock.wall_now())?;
         }
+        let generation = storage.generation();
         let shared = Arc::new(Shared { storage, clock, visible: Watermark(Mutex::new(last)), written });
-        let sequencer =
-            Sequencer { shared: shared.clone(), fanout: context.fanout, requests: context.requests, metrics: context.metrics, keys };
+        let sequencer = Sequencer {
+            shared: shared.clone(),
+            fanout: context.fanout,
+            requests: context.requests,
+            metrics: context.metrics,
+            keys,
+            generation,
+        };
         let handle = std::thread::Builder::new().name("ivy-sequencer".into()).spawn(move || sequencer.run())?;
         let stop = if retention.is_active() {
             let (stop, stopped) = std::sync::mpsc::channel();
@@ -409,6 +428,8 @@ struct Sequencer {
     metrics: super::EngineMetrics,
     /// The send ids remembered (see [`super::idempotency`]).
     keys: Keys,
+    /// The store's [`Storage::generation`] when they were read from it.
+    generation: u64,
 }
 
 /// A send of a batch that repeats an earlier one (see [`super::idempotency`]): it is not
@@ -481,6 +502,25 @@ impl Sequencer {
         self.keys.expire(self.shared.clock.wall_now());
         if !batch.iter().any(|r| r.id.is_some()) {
             return None;
+        }
+        // A store reopened after a failure (which `ready` does when it is time) holds the ids
+        // of its events, which may differ from those remembered: read them again.
+        let storage = &*self.shared.storage;
+        if storage.ready().is_ok() && storage.generation() != self.generation {
+            let now = self.shared.clock.wall_now();
+            let mut keys = Keys::new(self.keys.settings(), self.metrics.clone());
+            match remember_ids(&mut keys, storage, now) {
+                Ok(_) => {
+                    self.keys = keys;
+                    self.generation = storage.generation();
+                    // What the reopened store holds is durable, also the events of a batch
+                    // whose flush failed: a repeat of one is answered, so it must be visible.
+                    if let Ok(Some(last)) = storage.last_timestamp() {
+                        self.shared.visible.raise(last);
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "reading the send ids of the reopened store failed; will try again"),
+            }
         }
         let mut repeats = Repeats::default();
         let mut firsts: HashMap<idempotency::Key, usize> = HashMap::new();

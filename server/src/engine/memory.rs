@@ -13,7 +13,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use ivy_client_core::Timestamp;
 use ivy_client_core::path::{ROOT, ancestors};
 
-use super::local::{Deleted, LocalEngine, Record, Storage, Visit, WallClock, line_path};
+use super::local::{Deleted, LocalEngine, Record, Storage, Visit, VisitId, WallClock, line_path};
 use super::{Context, Direction, Engine, Horizon, Open, Origin, Retention};
 
 /// Opens an in-memory engine.
@@ -73,7 +73,8 @@ pub(crate) struct MemStorage {
 }
 
 /// An event's line and sender.
-type Stored = (Box<[u8]>, Origin);
+/// An event's line, sender and send id (if it has one).
+type Stored = (Box<[u8]>, Origin, Option<Box<[u8]>>);
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -114,7 +115,7 @@ impl Inner {
         let lo = after.map_or(0, |a| partition(len, |i| ts(i) <= a));
         let hi = partition(len, |i| ts(i) <= until);
         let mut each = |i: usize| match &self.events[at(i)] {
-            (t, Some((line, origin))) => visit(*t, line, origin.wire()),
+            (t, Some((line, origin, _))) => visit(*t, line, origin.wire()),
             (_, None) => ControlFlow::Continue(()),
         };
         match dir {
@@ -156,7 +157,7 @@ impl Inner {
             }
             last = Some(*ts);
             seen += 1;
-            if let Some(path) = line.as_ref().and_then(|(l, _)| line_path(l)).filter(|p| !own || *p == channel) {
+            if let Some(path) = line.as_ref().and_then(|(l, ..)| line_path(l)).filter(|p| !own || *p == channel) {
                 found.push((pos, *ts, path.into()));
             }
             found.len() < DELETE_STEP && seen < 4 * DELETE_STEP
@@ -243,7 +244,7 @@ impl Storage for MemStorage {
         let mut inner = self.inner.write().unwrap_or_else(PoisonError::into_inner);
         for r in records {
             let at = inner.base + inner.events.len();
-            inner.events.push_back((r.ts, Some((r.line.into(), r.origin.clone()))));
+            inner.events.push_back((r.ts, Some((r.line.into(), r.origin.clone(), r.id.map(Box::from)))));
             for anc in ancestors(r.path).filter(|a| *a != ROOT) {
                 match inner.channels.get_mut(anc) {
                     Some(v) => v.push_back(at),
@@ -308,6 +309,17 @@ impl Storage for MemStorage {
 
     fn scan(&self, channel: &str, after: Option<Timestamp>, until: Timestamp, dir: Direction, visit: &mut Visit<'_>) -> io::Result<()> {
         self.read().visit(channel, after, until, dir, visit);
+        Ok(())
+    }
+
+    fn ids(&self, after: Timestamp, visit: &mut VisitId<'_>) -> io::Result<()> {
+        let inner = self.read();
+        let start = partition(inner.events.len(), |i| inner.events[i].0 <= after);
+        for (ts, stored) in inner.events.range(start..) {
+            if let Some((_, origin, Some(id))) = stored {
+                visit(*ts, origin.wire(), id);
+            }
+        }
         Ok(())
     }
 }

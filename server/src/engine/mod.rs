@@ -13,6 +13,10 @@
 //!   horizon ([`Page::horizon`]), the newest event it lost;
 //! - **the bus**: it hands every stored event, once, in timestamp order, to this node's
 //!   [`FanOut`] ([`FanOut::deliver`]), which routes it to the subscribed connections.
+//! - **send ids**: it stores at most one event per sender and [`Publish::id`] within its
+//!   idempotency window ([`Context::idempotency`]) and completes a repeat with the first one's
+//!   timestamp ([`Completion::replayed`]), storing and delivering nothing; an engine that
+//!   survives restarts remembers the ids across them (see [`idempotency`]).
 //!
 //! The order of those steps is the contract every engine keeps, because subscribe positions
 //! and the clients' gap-free recipe (`docs/PROTOCOL.md` 8.1 and 8.4) rest on it: an event is
@@ -463,6 +467,9 @@ pub enum PublishError {
     /// The path is invalid (only from [`crate::Ivy::publish`]; WebSocket sends are checked
     /// when parsed).
     InvalidPath(ivy_client_core::path::PathError),
+    /// The send id is invalid (only from [`crate::Ivy::publish_with_id`]; WebSocket and HTTP
+    /// ids are checked when parsed): 1 to 64 characters of `A-Z a-z 0-9 . _ ~ -`.
+    InvalidId,
     /// The store failed; the event was not delivered live. If the failure came from the
     /// flush, the event may still be in the log.
     Storage(Arc<io::Error>),
@@ -484,6 +491,7 @@ impl fmt::Display for PublishError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PublishError::InvalidPath(e) => write!(f, "invalid path: {e}"),
+            PublishError::InvalidId => f.write_str("a send id is 1 to 64 characters of A-Z a-z 0-9 . _ ~ -"),
             PublishError::Storage(e) => write!(f, "event not stored: {e}"),
             PublishError::StoreFull(why) => write!(f, "event not stored: {why}"),
             PublishError::ShuttingDown => f.write_str("server is shutting down"),

@@ -112,6 +112,8 @@ pub(crate) struct Reopening {
     /// The free space a full disk must have again: the reserve, at least [`REOPEN_MIN_FREE`].
     wanted_free: u64,
     failed: Mutex<Option<Failed>>,
+    /// How many times the store was reopened ([`Storage::generation`]).
+    reopens: std::sync::atomic::AtomicU64,
 }
 
 /// A write failed: the store is waiting to be reopened.
@@ -154,6 +156,7 @@ impl Reopening {
             free_space,
             wanted_free: min_free.max(REOPEN_MIN_FREE) + BALLAST_BYTES,
             failed: Mutex::new(None),
+            reopens: std::sync::atomic::AtomicU64::new(0),
         };
         if on_full_disk {
             r.fail(&io::Error::from(io::ErrorKind::StorageFull));
@@ -219,12 +222,14 @@ impl Reopening {
         match (self.reopen)() {
             Ok((store, false)) => {
                 *current = Some(store);
+                self.reopens.fetch_add(1, std::sync::atomic::Ordering::Release);
                 tracing::info!(free = ?failed.free, "the event store was reopened after a write failure; sends are accepted again");
                 true
             }
             Ok((store, true)) => {
                 // Full again meanwhile: open, and waiting for room as before.
                 *current = Some(store);
+                self.reopens.fetch_add(1, std::sync::atomic::Ordering::Release);
                 failed.full = true;
                 false
             }
@@ -315,5 +320,9 @@ impl Storage for Reopening {
 
     fn ids(&self, after: Timestamp, visit: &mut VisitId<'_>) -> io::Result<()> {
         self.with(|s| s.ids(after, visit))
+    }
+
+    fn generation(&self) -> u64 {
+        self.reopens.load(std::sync::atomic::Ordering::Acquire)
     }
 }

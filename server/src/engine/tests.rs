@@ -417,6 +417,8 @@ struct Disk {
     free: std::sync::atomic::AtomicU64,
     reopens: std::sync::atomic::AtomicUsize,
     writes: std::sync::atomic::AtomicUsize,
+    /// The next flush fails after its batch was written (an event stored, its send failed).
+    fail_commit: std::sync::atomic::AtomicBool,
 }
 
 impl Disk {
@@ -449,6 +451,10 @@ impl Storage for Poisoning {
         self.write(|| self.disk.events.append(records))
     }
     fn commit(&self) -> io::Result<()> {
+        if self.disk.fail_commit.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.poisoned.store(true, std::sync::atomic::Ordering::SeqCst);
+            return Err(io::Error::other("the flush failed"));
+        }
         self.write(|| Ok(()))
     }
     fn acks_before_durable(&self) -> bool {
@@ -459,6 +465,9 @@ impl Storage for Poisoning {
     }
     fn last_timestamp(&self) -> io::Result<Option<Timestamp>> {
         self.disk.events.last_timestamp()
+    }
+    fn ids(&self, after: Timestamp, visit: &mut super::local::VisitId<'_>) -> io::Result<()> {
+        self.disk.events.ids(after, visit)
     }
     fn set_clock_floor(&self, ts: Timestamp) -> io::Result<()> {
         self.write(|| self.disk.events.set_clock_floor(ts))
@@ -598,6 +607,19 @@ async fn a_failed_first_is_not_remembered_and_a_stored_one_is_answered_even_whil
     assert_eq!((out[1].clone().unwrap(), out[2].clone().unwrap()), (replied(b.ts, true), replied(a.ts, true)));
     let page = f.engine.read(ReadRequest::new("/i", None, f.engine.visible(), 10)).await.unwrap();
     assert_eq!(String::from_utf8(page.lines).unwrap(), format!("@{}:/i:a\n@{}:/i:b", a.ts, b.ts));
+
+    // A flush that fails after its batch was written: the send failed, but its event (and id)
+    // is in the store. Once the store is reopened, its ids are read again: the retry is a
+    // repeat, not a second event.
+    disk.fail_commit.store(true, SeqCst);
+    assert!(matches!(f.publish_ids(&[("/i", "d", Some("d"))]).await[0], Err(PublishError::Storage(_))));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let out = f.publish_ids(&[("/i", "d", Some("d")), ("/i", "a", Some("a"))]).await;
+    let d = out[0].clone().unwrap();
+    assert!(d.replayed && d.ts > b.ts, "the stored event of the failed send: {d:?}");
+    assert_eq!(out[1].clone().unwrap(), replied(a.ts, true), "and the ids from before");
+    let page = f.engine.read(ReadRequest::new("/i", None, f.engine.visible(), 10)).await.unwrap();
+    assert_eq!(page.count, 3);
     f.stop().await;
 }
 
