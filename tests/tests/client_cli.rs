@@ -383,8 +383,11 @@ async fn send_resends_across_a_server_restart_and_prints_each_timestamp_once() {
     server.kill().await;
     server = ServerProcess::start_sled(dir.path(), &[]).await;
     proxy.set_upstream(server.addr);
-    proxy.hold_replies(false);
+    // Cut first, then release the replies: the held ack (in the proxy's socket) never reaches
+    // `ivy`, whose next connection waits for the release.
     proxy.cut_all();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.hold_replies(false);
     // A third line meanwhile: sent after the resend of the second.
     stdin.write_all(b"three\n").await.unwrap();
     drop(stdin);
@@ -398,6 +401,8 @@ async fn send_resends_across_a_server_restart_and_prints_each_timestamp_once() {
     assert_eq!(data, ["one", "two", "three"], "each line stored once");
     let stored: Vec<&str> = log.iter().map(|l| &l[1..21]).collect();
     assert_eq!(printed, stored, "each timestamp printed once, the second the first one's");
+    let metrics = ivy_tests::http_get(server.addr, "/metrics", &[]).await.text();
+    assert!(metrics.lines().any(|l| l == "ivy_idempotency_replays_total 1"), "the second line was resent and recognized");
     let mut stderr = String::new();
     tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).await.unwrap();
     assert!(stderr.contains("; reconnecting") && stderr.contains("ivy: reconnected to"), "{stderr}");

@@ -407,8 +407,14 @@ async fn sends_survive_sigkills_of_the_server_and_are_stored_exactly_once() {
     server.kill().await;
     server = ServerProcess::start_sled(dir.path(), &[]).await;
     proxy.set_upstream(server.addr);
-    proxy.hold_replies(false);
+    // Cut first, and release the replies only once the client saw the cut: the held acks
+    // (in the proxy's socket) must never reach it.
+    let mut state = client.state();
     proxy.cut_all();
+    // (The watch's borrow is dropped at once: holding it would block the client's driver.)
+    let lost = tokio::time::timeout(Duration::from_secs(10), state.wait_for(|s| *s != ConnState::Connected)).await.map(|r| r.is_ok());
+    assert_eq!(lost, Ok(true), "the client sees the cut");
+    proxy.hold_replies(false);
     let held = tokio::time::timeout(Duration::from_secs(30), held).await.expect("the held sends resolve").unwrap();
     assert_stored_once(server.addr, "/held", &held).await;
     // (The counter may be bumped just after the ack went out.)
