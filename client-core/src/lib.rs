@@ -12,7 +12,9 @@
 //! - [`http`]: the server's endpoints from its base URL, and the log endpoint's query
 //!   ([`http::LogQuery`], parsed by the server and written by the clients) and body;
 //! - [`client`]: the client state machine (subscriptions, acks, reconnect with backoff, log
-//!   backfill) that the tokio and browser drivers run.
+//!   backfill, and sends with ids that are resent after a reconnect when their ack was lost,
+//!   so that each is stored once: [Sends](client#sends-while-disconnected-and-lost-acks)) that
+//!   the tokio and browser drivers run.
 //!
 //! The subprotocol name ([`SUBPROTOCOL`]) and the close codes ([`close_code`]) are defined
 //! here once, for the server, both clients, the tests and the benchmarks.

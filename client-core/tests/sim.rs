@@ -31,6 +31,13 @@ struct SimServer {
     staged: Vec<Staged>,
     /// Counts connections, so that a batch committed after a cut acks nobody.
     conn_gen: u64,
+    /// Send ids stored (`docs/PROTOCOL.md` 5.9), with their event's timestamp: kept across
+    /// cuts and restarts, as `ivy-server` keeps them with the events.
+    ids: HashMap<String, Timestamp>,
+    /// An older server: a send with an id is `malformed`.
+    no_ids: bool,
+    /// Repeats answered from `ids` (nothing stored).
+    replays: usize,
 }
 
 #[derive(Debug)]
@@ -39,6 +46,8 @@ struct Staged {
     data: Vec<u8>,
     /// The sending connection's generation and its ack key (`None`: an external publisher).
     from: Option<(u64, Vec<u8>)>,
+    /// The send's id, if it has one.
+    id: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -77,7 +86,7 @@ impl SimServer {
     /// An external publish: joins the waiting batch when there is one.
     fn publish_external(&mut self, path: &str, data: &[u8]) {
         if self.group_commit && !self.staged.is_empty() {
-            self.staged.push(Staged { path: path.to_string(), data: data.to_vec(), from: None });
+            self.staged.push(Staged { path: path.to_string(), data: data.to_vec(), from: None, id: None });
         } else {
             self.publish(path, data, false);
         }
@@ -88,7 +97,12 @@ impl SimServer {
         let batch = std::mem::take(&mut self.staged);
         let mut acks = Vec::new();
         for st in batch {
-            let ts = self.publish(&st.path, &st.data, st.from.is_some());
+            // A send of an earlier connection (cut before its batch was stored) is another
+            // connection's event for the current one: delivered to it live, like `ivy-server`.
+            let ts = match &st.from {
+                Some((generation, _)) => self.store(&st.path, &st.data, st.id, *generation == self.conn_gen),
+                None => self.publish(&st.path, &st.data, false),
+            };
             if let Some((generation, key)) = st.from {
                 if generation == self.conn_gen {
                     acks.push(Self::line(|v| encode_ack(&key, ts, v)));
@@ -100,9 +114,29 @@ impl SimServer {
         }
     }
 
+    /// Stores a send of the client, unless its id was stored already: the timestamp of its
+    /// event.
+    fn store(&mut self, path: &str, data: &[u8], id: Option<String>, this_conn: bool) -> Timestamp {
+        if let Some(first) = id.as_ref().and_then(|id| self.ids.get(id)) {
+            self.replays += 1;
+            return *first;
+        }
+        let ts = self.publish(path, data, this_conn);
+        if let Some(id) = id {
+            self.ids.insert(id, ts);
+        }
+        ts
+    }
+
     fn frame(&mut self, text: &str) {
         let cmd = Command::parse(text.as_bytes()).expect("the client sends valid commands");
         let key = cmd.ack.expect("the client always uses ack keys").to_vec();
+        if self.no_ids && matches!(cmd.op, Op::Send { id: Some(_), .. }) {
+            // An older server: `*` is an unknown command (nothing executed).
+            let reply = format!("#{}#!malformed unknown command '*' (expected one of + - : @)", String::from_utf8_lossy(&key));
+            self.conn.as_mut().unwrap().outbox.push_back(reply);
+            return;
+        }
         let reply = match cmd.op {
             Op::Subscribe(p) if self.refuse.contains(&*p) => {
                 Self::line(|v| encode_error(Some(&key), ivy_client_core::ErrorCode::TooManySubscriptions, "refused", v))
@@ -117,12 +151,17 @@ impl SimServer {
                 let last = self.last();
                 Self::line(|v| encode_ack(&key, last, v))
             }
-            Op::Send { path, data, .. } if self.group_commit => {
-                self.staged.push(Staged { path: path.into_owned(), data: data.to_vec(), from: Some((self.conn_gen, key)) });
+            Op::Send { path, data, id } if self.group_commit => {
+                self.staged.push(Staged {
+                    path: path.into_owned(),
+                    data: data.to_vec(),
+                    from: Some((self.conn_gen, key)),
+                    id: id.map(|i| String::from_utf8(i.to_vec()).unwrap()),
+                });
                 return;
             }
-            Op::Send { path, data, .. } => {
-                let ts = self.publish(&path, data, true);
+            Op::Send { path, data, id } => {
+                let ts = self.store(&path, data, id.map(|i| String::from_utf8(i.to_vec()).unwrap()), true);
                 Self::line(|v| encode_ack(&key, ts, v))
             }
             Op::Timestamp | Op::Refresh(_) | Op::PresenceWatch(_) | Op::PresenceQuery(_) => {
@@ -168,6 +207,7 @@ struct Sim {
     subs: Vec<(SubId, String, Start)>,
     removed: HashSet<SubId>,
     sends: HashMap<RequestId, Option<Result<Timestamp, ClientError>>>,
+    sent_data: HashMap<RequestId, String>,
     lost: Vec<ClientEvent>,
     micro: usize,
 }
@@ -186,6 +226,7 @@ impl Sim {
             subs: Vec::new(),
             removed: HashSet::new(),
             sends: HashMap::new(),
+            sent_data: HashMap::new(),
             lost: Vec::new(),
             micro: 0,
         }
@@ -289,6 +330,7 @@ impl Sim {
             Step::Send(p, d) => match self.client.send(self.now, p, d) {
                 Ok(id) => {
                     self.sends.insert(id, None);
+                    self.sent_data.insert(id, d.to_string());
                 }
                 Err(e) => panic!("send refused: {e}"),
             },
@@ -356,6 +398,17 @@ impl Sim {
         }
         assert!(self.lost.is_empty(), "{:?}", self.lost);
     }
+
+    /// Every send resolved with its event's timestamp, and the log holds each exactly once
+    /// (the scenarios' sends have distinct data).
+    fn check_sends_once(&self) {
+        for (id, r) in &self.sends {
+            let Some((data, result)) = r.as_ref().map(|r| (&self.sent_data[id], r)) else { panic!("send {id:?} unresolved") };
+            let stored: Vec<Timestamp> = self.server.log.iter().filter(|e| e.2 == data.as_bytes()).map(|e| e.0).collect();
+            assert_eq!(stored.len(), 1, "{data:?} stored once (micro-steps {})", self.micro);
+            assert_eq!(result, &Ok(stored[0]), "{data:?} resolved with its timestamp");
+        }
+    }
 }
 
 fn scenario() -> Vec<Step> {
@@ -389,7 +442,8 @@ fn no_cut_delivers_every_event_once_in_order() {
         let mut sim = Sim::new(seed, config());
         sim.run(&scenario(), &[]);
         sim.check();
-        assert!(sim.sends.values().all(|r| matches!(r, Some(Ok(_)))));
+        sim.check_sends_once();
+        assert_eq!(sim.server.replays, 0);
     }
 }
 
@@ -399,13 +453,18 @@ fn a_cut_at_every_step_loses_and_repeats_nothing() {
     let mut probe = Sim::new(7, config());
     probe.run(&scenario(), &[]);
     let total = probe.micro + 20;
+    let mut replays = 0;
     for seed in [7, 8, 9] {
         for cut in 0..total {
             let mut sim = Sim::new(seed, config());
             sim.run(&scenario(), &[cut]);
             sim.check();
+            // A lost ack is resent with the send's id: stored once, resolved with it.
+            sim.check_sends_once();
+            replays += sim.server.replays;
         }
     }
+    assert!(replays > 0, "some cuts lost an ack after the send was stored");
 }
 
 #[test]
@@ -417,12 +476,7 @@ fn many_random_cuts_and_a_capped_page_limit() {
         let cuts: Vec<usize> = (0..6).map(|i| (seed as usize * 7 + i * 13) % 90).collect();
         sim.run(&scenario(), &cuts);
         sim.check();
-        for r in sim.sends.values() {
-            match r {
-                Some(Ok(_)) | Some(Err(ClientError::ConnectionLost)) => {}
-                other => panic!("unexpected send outcome {other:?}"),
-            }
-        }
+        sim.check_sends_once();
     }
 }
 
@@ -499,15 +553,27 @@ fn sends_while_disconnected_are_queued_then_sent_once() {
     c.start(0);
     assert_eq!(c.poll_action(), Some(Action::Connect));
     c.handle_connected(5);
-    assert_eq!(c.poll_action(), Some(Action::Send("#1#:/q:1".into())));
-    assert_eq!(c.poll_action(), Some(Action::Send("#2#:/q:2".into())));
+    let inst = c.instance().to_string();
+    assert_eq!(c.poll_action(), Some(Action::Send(format!("#1#*{inst}.1:/q:1"))));
+    assert_eq!(c.poll_action(), Some(Action::Send(format!("#2#*{inst}.2:/q:2"))));
     assert_eq!(c.poll_action(), None);
     c.handle_frame(6, "#1#@1700000000.000000001");
     c.handle_disconnected(7);
-    let events: Vec<ClientEvent> = std::iter::from_fn(|| c.poll_event()).collect();
-    let sent: Vec<_> =
-        events.iter().filter_map(|e| if let ClientEvent::Sent { id, result } = e { Some((*id, result.clone())) } else { None }).collect();
-    assert_eq!(sent, [(a, Ok(Timestamp::new(1_700_000_000, 1).unwrap())), (b, Err(ClientError::ConnectionLost))]);
+    let sent = |c: &mut Client| -> Vec<(RequestId, Result<Timestamp, ClientError>)> {
+        std::iter::from_fn(|| c.poll_event())
+            .filter_map(|e| if let ClientEvent::Sent { id, result } = e { Some((id, result)) } else { None })
+            .collect()
+    };
+    // The second's ack was lost: it waits for the next connection, and is resent there with
+    // its id.
+    assert_eq!(sent(&mut c), [(a, Ok(Timestamp::new(1_700_000_000, 1).unwrap()))]);
+    let ConnState::Reconnecting { retry_at, .. } = c.state() else { panic!("{:?}", c.state()) };
+    c.handle_timeout(retry_at);
+    assert_eq!(c.poll_action(), Some(Action::Connect));
+    c.handle_connected(retry_at);
+    assert_eq!(c.poll_action(), Some(Action::Send(format!("#3#*{inst}.2:/q:2"))));
+    c.handle_frame(retry_at + 1, "#3#@1700000000.000000002");
+    assert_eq!(sent(&mut c), [(b, Ok(Timestamp::new(1_700_000_000, 2).unwrap()))]);
 }
 
 #[test]
@@ -530,18 +596,19 @@ fn offline_sends_time_out_and_disabled_queue_fails_at_once() {
 
 #[test]
 fn a_send_over_the_message_size_limit_is_refused_locally_and_the_connection_kept() {
-    let mut c = Client::new(Config::default().max_message_size(20), 1);
+    // "#1#*" + the 18-byte id "<16>.1" + ":/q:" is 26 bytes: 14 bytes of data make 40.
+    let mut c = Client::new(Config::default().max_message_size(40), 1);
     // Checked while offline too: it would never be sent.
-    assert_eq!(c.send(0, "/q", &"a".repeat(14)), Err(ClientError::TooLarge { size: 21, limit: 20 }));
+    assert_eq!(c.send(0, "/q", &"a".repeat(15)), Err(ClientError::TooLarge { size: 41, limit: 40 }));
     c.start(0);
     assert_eq!(c.poll_action(), Some(Action::Connect));
     c.handle_connected(1);
-    // "#1#:/q:" is 7 bytes: 13 bytes of data make exactly the limit, which the server accepts.
-    let fits = "a".repeat(13);
+    // Exactly the limit, which the server accepts.
+    let fits = "a".repeat(14);
     c.send(2, "/q", &fits).unwrap();
-    assert_eq!(c.poll_action(), Some(Action::Send(format!("#1#:/q:{fits}"))));
-    let e = c.send(3, "/q", &"a".repeat(14)).unwrap_err();
-    assert_eq!(e, ClientError::TooLarge { size: 21, limit: 20 });
+    assert_eq!(c.poll_action(), Some(Action::Send(format!("#1#*{}.1:/q:{fits}", c.instance()))));
+    let e = c.send(3, "/q", &"a".repeat(15)).unwrap_err();
+    assert_eq!(e, ClientError::TooLarge { size: 41, limit: 40 });
     assert!(!e.is_uncertain());
     assert!(e.to_string().contains("nothing was sent"), "{e}");
     // Nothing sent, the connection kept.
@@ -691,7 +758,7 @@ fn own_send_acked_after_a_later_event_of_its_group_commit_is_delivered_in_place(
     c.handle_log_page(2, req.id, Ok(""));
     assert!(c.is_live());
     let mine = c.send(3, "/r", "mine").unwrap();
-    assert_eq!(c.poll_action(), Some(Action::Send("#2#:/r:mine".into())));
+    assert_eq!(c.poll_action(), Some(Action::Send(format!("#2#*{}.1:/r:mine", c.instance()))));
     let _ = std::iter::from_fn(|| c.poll_event()).count();
 
     c.handle_frame(4, "@1700000000.000000002:/r:theirs");
@@ -720,12 +787,14 @@ fn group_commits_with_cuts_lose_and_repeat_nothing() {
         sim.server.group_commit = true;
         sim.run(&scenario(), &[]);
         sim.check();
-        assert!(sim.sends.values().all(|r| matches!(r, Some(Ok(_)))));
+        sim.check_sends_once();
         for cut in (seed as usize % 3..total).step_by(3) {
             let mut sim = Sim::new(seed, config());
             sim.server.group_commit = true;
             sim.run(&scenario(), &[cut]);
             sim.check();
+            // A resend may reach the server while its first is still staged: a repeat too.
+            sim.check_sends_once();
         }
     }
 }
@@ -738,8 +807,8 @@ fn held_back_live_events_stay_bounded_and_still_all_arrive() {
         let mut sim = Sim::new(seed, Config::default().page_limit(1).max_buffered(2));
         sim.server.group_commit = true;
         let mut script = vec![Step::Subscribe("/h", Start::Beginning), Step::Publish("/h", "history")];
-        for i in 0..6 {
-            script.push(Step::Send("/h/mine", if i % 2 == 0 { "own a" } else { "own b" }));
+        for own in ["own 0", "own 1", "own 2", "own 3", "own 4", "own 5"] {
+            script.push(Step::Send("/h/mine", own));
             for _ in 0..5 {
                 script.push(Step::Publish("/h/live", "x"));
             }
@@ -747,6 +816,7 @@ fn held_back_live_events_stay_bounded_and_still_all_arrive() {
         let cuts = if seed % 2 == 0 { vec![] } else { vec![(seed as usize * 11) % 120] };
         sim.run(&script, &cuts);
         sim.check();
+        sim.check_sends_once();
     }
 }
 
@@ -789,4 +859,215 @@ fn held_back_events_go_out_at_each_ack_up_to_its_timestamp() {
     // With nothing of ours out, live events go out at once again.
     c.handle_frame(7, "@1700000000.000000007:/r:x7");
     assert_eq!(c.poll_event(), Some(ev(7, "x7")));
+}
+
+/// A connected client, with its frames drained.
+fn connected(cfg: Config) -> Client {
+    let mut c = Client::new(cfg, 1);
+    c.start(0);
+    assert_eq!(c.poll_action(), Some(Action::Connect));
+    c.handle_connected(0);
+    c
+}
+
+fn actions(c: &mut Client) -> Vec<Action> {
+    std::iter::from_fn(|| c.poll_action()).collect()
+}
+
+fn sent(c: &mut Client) -> Vec<(RequestId, Result<Timestamp, ClientError>)> {
+    std::iter::from_fn(|| c.poll_event())
+        .filter_map(|e| if let ClientEvent::Sent { id, result } = e { Some((id, result)) } else { None })
+        .collect()
+}
+
+fn reconnect(c: &mut Client) {
+    let ConnState::Reconnecting { retry_at, .. } = c.state() else { panic!("{:?}", c.state()) };
+    c.handle_timeout(retry_at);
+    assert_eq!(c.poll_action(), Some(Action::Connect));
+    c.handle_connected(retry_at);
+}
+
+fn ts(n: u32) -> Timestamp {
+    Timestamp::new(1_700_000_000, n).unwrap()
+}
+
+/// After a reconnect, the sends whose acks were lost go first, with their ids and in their
+/// order, then the sends queued while disconnected; a send resolves once.
+#[test]
+fn lost_acks_are_resent_in_order_with_their_ids_before_queued_sends() {
+    let mut c = connected(Config::default());
+    let inst = c.instance().to_string();
+    let (a, b, d) = (c.send(1, "/o", "a").unwrap(), c.send(1, "/o", "b").unwrap(), c.send(1, "/o", "d").unwrap());
+    assert_eq!(
+        actions(&mut c),
+        [
+            Action::Send(format!("#1#*{inst}.1:/o:a")),
+            Action::Send(format!("#2#*{inst}.2:/o:b")),
+            Action::Send(format!("#3#*{inst}.3:/o:d"))
+        ]
+    );
+    c.handle_frame(2, "#1#@1700000000.000000001");
+    c.handle_disconnected(3);
+    assert_eq!(sent(&mut c), [(a, Ok(ts(1)))], "the others wait: no uncertain outcome");
+    let e = c.send(4, "/o", "e").unwrap();
+    reconnect(&mut c);
+    assert_eq!(
+        actions(&mut c),
+        [
+            Action::Send(format!("#4#*{inst}.2:/o:b")),
+            Action::Send(format!("#5#*{inst}.3:/o:d")),
+            Action::Send(format!("#6#*{inst}.4:/o:e"))
+        ]
+    );
+    // The server had stored b (its first ack was lost): the repeat's ack has b's timestamp.
+    let now = 10_000;
+    c.handle_frame(now, "#4#@1700000000.000000002");
+    c.handle_frame(now, "#5#@1700000000.000000003");
+    c.handle_frame(now, "#6#@1700000000.000000004");
+    assert_eq!(sent(&mut c), [(b, Ok(ts(2))), (d, Ok(ts(3))), (e, Ok(ts(4)))]);
+    assert!(c.send_ids());
+}
+
+/// A resend first written longer ago than the idempotency window could be stored twice: it
+/// fails uncertain instead, at the reconnect or, while disconnected, when the window passes.
+#[test]
+fn a_lost_ack_past_the_idempotency_window_is_the_only_uncertain_send() {
+    let cfg = Config::default().idempotency_window(5000).max_backoff(100);
+    let mut c = connected(cfg.clone());
+    let a = c.send(1000, "/w", "a").unwrap();
+    let _ = actions(&mut c);
+    c.handle_disconnected(1500);
+    // Disconnected, with the retries failing: the window's end is a deadline.
+    let mut now;
+    loop {
+        let t = c.poll_timeout().expect("a deadline");
+        assert!(t <= 6000, "the window ends at 6000: {t}");
+        now = t;
+        c.handle_timeout(now);
+        let events = sent(&mut c);
+        if !events.is_empty() {
+            assert_eq!(events, [(a, Err(ClientError::WindowPassed))]);
+            assert!(ClientError::WindowPassed.is_uncertain());
+            break;
+        }
+        if c.poll_action() == Some(Action::Connect) {
+            c.handle_disconnected(now); // the server is still down
+        }
+    }
+    assert_eq!(now, 6000);
+    // At a reconnect after the window: not resent.
+    let mut c = connected(cfg);
+    let b = c.send(0, "/w", "b").unwrap();
+    let _ = actions(&mut c);
+    c.handle_disconnected(10);
+    let ConnState::Reconnecting { .. } = c.state() else { panic!() };
+    c.handle_timeout(4000);
+    assert_eq!(c.poll_action(), Some(Action::Connect));
+    c.handle_connected(5000);
+    assert_eq!(actions(&mut c), []);
+    assert_eq!(sent(&mut c), [(b, Err(ClientError::WindowPassed))]);
+}
+
+/// No reply to a send in time: the connection counts as stuck; the client reconnects and
+/// resends it (the server answers a repeat still in flight with the first's outcome).
+#[test]
+fn a_send_without_a_reply_in_time_reconnects_and_is_resent() {
+    let mut c = connected(Config::default().request_timeout(1000));
+    let inst = c.instance().to_string();
+    let a = c.send(0, "/t", "a").unwrap();
+    let _ = actions(&mut c);
+    assert_eq!(c.poll_timeout(), Some(1000));
+    c.handle_timeout(1000);
+    assert_eq!(c.poll_action(), Some(Action::Disconnect));
+    assert!(matches!(c.state(), ConnState::Reconnecting { .. }));
+    assert_eq!(sent(&mut c), []);
+    reconnect(&mut c);
+    assert_eq!(actions(&mut c), [Action::Send(format!("#2#*{inst}.1:/t:a"))]);
+    c.handle_frame(1500, "#2#@1700000000.000000007");
+    assert_eq!(sent(&mut c), [(a, Ok(ts(7)))]);
+    // A timestamp request still times out as before.
+    let t = c.timestamp(2000).unwrap();
+    c.handle_timeout(3000);
+    assert!(std::iter::from_fn(|| c.poll_event()).any(|e| e == ClientEvent::Time { id: t, result: Err(ClientError::Timeout) }));
+}
+
+/// An older server answers a send with an id `malformed` (nothing stored): that send goes
+/// again plain, once, and the client sends plain from then on; a lost ack is uncertain again.
+#[test]
+fn an_older_server_without_send_ids_gets_plain_sends() {
+    let mut c = connected(Config::default());
+    let inst = c.instance().to_string();
+    let a = c.send(0, "/p", "a").unwrap();
+    let b = c.send(0, "/p", "b").unwrap();
+    assert_eq!(actions(&mut c), [Action::Send(format!("#1#*{inst}.1:/p:a")), Action::Send(format!("#2#*{inst}.2:/p:b"))]);
+    c.handle_frame(1, "#1#!malformed unknown command '*' (expected one of + - : @)");
+    assert!(!c.send_ids());
+    assert_eq!(actions(&mut c), [Action::Send("#3#:/p:a".into())]);
+    c.handle_frame(1, "#2#!malformed unknown command '*' (expected one of + - : @)");
+    assert_eq!(actions(&mut c), [Action::Send("#4#:/p:b".into())]);
+    let warnings = std::iter::from_fn(|| c.poll_event()).filter(|e| matches!(e, ClientEvent::Warning(w) if w.contains("send ids"))).count();
+    assert_eq!(warnings, 1);
+    c.handle_frame(2, "#3#@1700000000.000000001");
+    c.handle_frame(2, "#4#@1700000000.000000002");
+    assert_eq!(sent(&mut c), [(a, Ok(ts(1))), (b, Ok(ts(2)))]);
+    // From now on plain; a plain send's lost ack is uncertain, as without ids.
+    let d = c.send(3, "/p", "d").unwrap();
+    assert_eq!(actions(&mut c), [Action::Send("#5#:/p:d".into())]);
+    c.handle_disconnected(4);
+    assert_eq!(sent(&mut c), [(d, Err(ClientError::ConnectionLost))]);
+    // A plain send refused `malformed` is not sent again.
+    reconnect(&mut c);
+    let f = c.send(10_000, "/p", "f").unwrap();
+    let _ = actions(&mut c);
+    c.handle_frame(10_001, "#6#!malformed something else");
+    assert_eq!(actions(&mut c), []);
+    assert!(matches!(&sent(&mut c)[..], [(id, Err(ClientError::Server { .. }))] if *id == f));
+}
+
+/// The same scenarios against a server without send ids: every send resolves (plain after
+/// the first `malformed`), each stored at most once, and the uncertain ones at most once too.
+#[test]
+fn an_older_server_with_cuts_stores_nothing_twice() {
+    for seed in 1..60u64 {
+        let mut sim = Sim::new(seed, config());
+        sim.server.no_ids = true;
+        let cuts: Vec<usize> = if seed % 3 == 0 { vec![] } else { vec![(seed as usize * 7) % 80] };
+        sim.run(&scenario(), &cuts);
+        sim.check();
+        assert!(!sim.client.send_ids());
+        for (id, r) in &sim.sends {
+            let data = &sim.sent_data[id];
+            let stored = sim.server.log.iter().filter(|e| e.2 == data.as_bytes()).count();
+            match r {
+                Some(Ok(_)) => assert_eq!(stored, 1),
+                Some(Err(e)) if e.is_uncertain() => assert!(stored <= 1),
+                other => panic!("unexpected outcome {other:?}"),
+            }
+        }
+    }
+}
+
+/// With a window of 0 the client never resends: a lost ack is uncertain at once.
+#[test]
+fn a_zero_window_never_resends() {
+    let mut c = connected(Config::default().idempotency_window(0));
+    let a = c.send(0, "/z", "a").unwrap();
+    let _ = actions(&mut c);
+    c.handle_disconnected(1);
+    assert_eq!(sent(&mut c), [(a, Err(ClientError::ConnectionLost))]);
+}
+
+/// The instance comes from the driver's random bytes; ids differ between instances.
+#[test]
+fn send_ids_use_the_drivers_instance_and_count_sends() {
+    let mut c = connected(Config::default().instance([0xfb; 12]));
+    assert_eq!(c.instance(), "-_v7-_v7-_v7-_v7");
+    let _ = c.send(0, "/i", "x").unwrap();
+    let _ = c.send(0, "/i", "y").unwrap();
+    assert_eq!(actions(&mut c), [Action::Send("#1#*-_v7-_v7-_v7-_v7.1:/i:x".into()), Action::Send("#2#*-_v7-_v7-_v7-_v7.2:/i:y".into())]);
+    let other = Client::new(Config::default().instance([0; 12]), 1);
+    assert_eq!(other.instance(), "AAAAAAAAAAAAAAAA");
+    // Without the driver's bytes, from the seed.
+    assert_ne!(Client::new(Config::default(), 1).instance(), Client::new(Config::default(), 2).instance());
+    assert_eq!(Client::new(Config::default(), 1).instance().len(), 16);
 }

@@ -79,11 +79,22 @@
 //! [`ClientError`] why a request failed (with the server's [`ServerCode`]), and
 //! [`Error::is_uncertain`] whether a failed send may nevertheless have been stored.
 //!
-//! What this crate is not: it does not retry failed sends by itself (a send that was written
-//! but not acknowledged may or may not be stored, [`Error::is_uncertain`], and retrying could
-//! publish it twice), and it does not persist subscription cursors (use
+//! **Sends survive a dropped connection.** Every send carries an id (`docs/PROTOCOL.md` 5.9:
+//! this client's random instance, read from the operating system's random source, and a
+//! counter); when the connection drops (or a reply does not come in time) before a send's ack,
+//! the client resends it with the same id after it reconnects, in the order the sends were
+//! made, and the server, which stores an id at most once, answers a repeat with the first's
+//! timestamp. So [`Client::send`] resolves with the event's timestamp, once, across
+//! disconnects and server restarts; it fails uncertain ([`Error::is_uncertain`],
+//! [`ClientError::WindowPassed`]) only when it could not be resent within the server's
+//! idempotency window ([`ClientBuilder::idempotency_window`], 10 minutes by default), for
+//! example with the server down that long. Against an older server without send ids the client
+//! falls back to plain sends, whose lost acks are uncertain ([`ClientError::ConnectionLost`]).
+//!
+//! What this crate is not: it does not persist subscription cursors (use
 //! [`Client::subscribe_from`] with the last timestamp you processed to resume after a restart
-//! of your program).
+//! of your program), nor the sends awaiting their ack (a send in flight when your program
+//! exits may or may not be stored).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -173,9 +184,11 @@ pub enum Error {
 }
 
 impl Error {
-    /// Whether a failed send may nevertheless have been stored (the connection dropped or no
-    /// reply came in time, [`ClientError::is_uncertain`]): look for it in the log before
-    /// sending it again. False for every other error, after which nothing was stored.
+    /// Whether a failed send may nevertheless have been stored ([`ClientError::is_uncertain`]):
+    /// its ack was lost and it could not be resent within the idempotency window
+    /// ([`ClientError::WindowPassed`]), or, against an older server without send ids, the
+    /// connection dropped or no reply came in time. Look for it in the log before sending it
+    /// again. False for every other error, after which nothing was stored.
     pub fn is_uncertain(&self) -> bool {
         matches!(self, Error::Request(e) if e.is_uncertain())
     }
@@ -521,7 +534,8 @@ impl ClientBuilder {
     }
 
     /// How long a request (a send, a subscribe, a time request) may wait for its reply, and
-    /// a send for a connection when offline (default 10 s).
+    /// a send for a connection when offline (default 10 s). A send with no reply in time
+    /// counts the connection as stuck: the client reconnects and resends it with its id.
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.config = self.config.request_timeout(millis(timeout));
         self
@@ -595,6 +609,15 @@ impl ClientBuilder {
         self
     }
 
+    /// How long after a send was first written the client may still resend it with its id
+    /// when its ack was lost ([`Config::idempotency_window`]): at most the server's
+    /// `--idempotency-window` (default 10 minutes, the server's default). Past it, the send
+    /// fails with [`ClientError::WindowPassed`] (uncertain). Zero: never resend.
+    pub fn idempotency_window(mut self, window: Duration) -> Self {
+        self.config = self.config.idempotency_window(millis(window));
+        self
+    }
+
     /// Keep trying when the very first connection fails, instead of returning
     /// [`Error::Connect`] (default: false).
     pub fn retry_initial_connect(mut self, retry: bool) -> Self {
@@ -630,7 +653,15 @@ impl ClientBuilder {
         let senders = self.config.senders;
         let unauthorized = Arc::new(Mutex::new(None::<String>));
         let epoch = Instant::now();
-        let mut core = client::Client::new(self.config.token_provider(self.provider.is_some()), seed ^ u64::from(std::process::id()));
+        // The send ids' instance: from the operating system's random source (the time and the
+        // process id only if that fails, which it does not on the supported platforms).
+        let mut instance = [0u8; 12];
+        if getrandom::fill(&mut instance).is_err() {
+            instance[..8].copy_from_slice(&seed.to_le_bytes());
+            instance[8..].copy_from_slice(&std::process::id().to_le_bytes());
+        }
+        let config = self.config.token_provider(self.provider.is_some()).instance(instance);
+        let mut core = client::Client::new(config, seed ^ u64::from(std::process::id()));
         if let Some(Token(t)) = &self.token {
             core.set_token(0, core_token(t, 0));
         }
@@ -945,6 +976,11 @@ impl Client {
 
     /// Publishes `data` on `path`; resolves to the event's timestamp once the server has
     /// stored it.
+    ///
+    /// The send survives a dropped connection: it is resent with its id after the client
+    /// reconnects, and the server stores it once (see the [crate docs](crate)). It fails
+    /// uncertain ([`Error::is_uncertain`]) only when that could not happen within the
+    /// [idempotency window](ClientBuilder::idempotency_window).
     ///
     /// The send is made when this is first polled. Dropping the future after that does not
     /// take the send back: it may still be stored (it is queued, or already written).
@@ -1743,6 +1779,7 @@ mod tests {
 
     #[test]
     fn errors_say_whether_a_send_may_have_been_stored() {
+        assert!(Error::Request(ClientError::WindowPassed).is_uncertain());
         assert!(Error::Request(ClientError::ConnectionLost).is_uncertain());
         assert!(Error::Request(ClientError::Timeout).is_uncertain());
         assert!(!Error::Request(ClientError::NotConnected).is_uncertain());

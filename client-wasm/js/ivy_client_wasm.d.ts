@@ -74,12 +74,18 @@ export interface IvyOptions {
   /** Time for a connection to open, in ms (default 10,000). */
   connectTimeoutMs?: number;
   /** Time for a reply to a send or timestamp request, and longest wait of a send in the offline
-   * queue, in ms (default 30,000). */
+   * queue, in ms (default 30,000). A send without a reply in time makes the client reconnect
+   * and resend it with its id. */
   requestTimeoutMs?: number;
   /** Silence after which the client probes the connection, in ms (default 30,000). */
   idleTimeoutMs?: number;
   /** Time for the probe's answer before the connection counts as lost, in ms (default 10,000). */
   probeTimeoutMs?: number;
+  /** How long after a send was first written it may still be resent with its id when its
+   * ack was lost, in ms (default 600,000: the server's `--idempotency-window` default; set it
+   * no longer than the server's). Past it the send fails "window-passed" (uncertain). 0: never
+   * resend (a lost ack fails "connection-lost"). */
+  idempotencyWindowMs?: number;
   /** Ask for each event's verified sender, live and in `log()` pages (`ext=sender`,
    * docs/PROTOCOL.md 6.1.1): events then have `sender` (default false). */
   senders?: boolean;
@@ -122,8 +128,11 @@ export interface SubscribeOptions {
 }
 
 /** What went wrong, for code to act on (the message is for people and may change):
- * "connection-lost" and "timeout" (a send or request whose reply never came: a send may or may
- * not have been stored, see `uncertain`), "not-connected" (a timestamp request while
+ * "window-passed" (a send whose ack was lost and that could not be resent with its id within
+ * `idempotencyWindowMs`: it may or may not have been stored, see `uncertain`),
+ * "connection-lost" and "timeout" (a timestamp request whose reply never came, or a send to an
+ * older server without send ids, whose sends are plain: it may or may not have been stored;
+ * with ids a send whose connection drops is resent after the reconnect instead), "not-connected" (a timestamp request while
  * disconnected, a send beyond the offline queue, or a queued send that found no connection
  * within `requestTimeoutMs`: never written, not stored), "too-large" (a send over
  * `maxMessageSize`: not sent), "closed", "invalid-path",
@@ -139,6 +148,7 @@ export interface SubscribeOptions {
  * not be loaded), or the server's code when it refused a command ("too-many-subscriptions",
  * "rate-limited", "storage", "store-full", "shutting-down", ...). */
 export type IvyErrorCode =
+  | "window-passed"
   | "connection-lost"
   | "timeout"
   | "not-connected"
@@ -160,9 +170,11 @@ export type IvyErrorCode =
  * listeners as it was thrown.) */
 export interface IvyError extends Error {
   code: IvyErrorCode;
-  /** True when a failed send may nevertheless have been stored ("connection-lost",
-   * "timeout"): if it was, it is in the log and the subscriptions deliver it; look for it in
-   * the log before sending it again. False otherwise: nothing was stored. */
+  /** True when a failed send may nevertheless have been stored: "window-passed" (its ack was
+   * lost and it could not be resent within the idempotency window), or against an older server
+   * without send ids "connection-lost" and "timeout". If it was, it is in the log and the
+   * subscriptions deliver it; look for it in the log before sending it again. False otherwise:
+   * nothing was stored. */
   uncertain: boolean;
   /** With code "http": the HTTP status of the server's answer, if it answered. */
   status?: number;
@@ -266,8 +278,11 @@ export class IvyClient {
    * an `IvyError` for an invalid path or option. */
   subscribe(path: string, callback: (event: IvyEvent) => void, options?: SubscribeOptions): IvySubscription;
   /** Publishes `data` (a string, or UTF-8 bytes) on `path`. Resolves to the event's timestamp
-   * once the server stored it; while disconnected the send is queued (`offlineQueue`).
-   * Rejects with an `IvyError`; when its `uncertain` is true the event may have been stored. */
+   * once the server stored it; while disconnected the send is queued (`offlineQueue`). Each
+   * send carries an id (docs/PROTOCOL.md 5.9): when the connection drops before its ack, it is
+   * resent with the same id after the reconnect, in order, and stored once, so the promise
+   * survives reconnects and server restarts. Rejects with an `IvyError`; when its `uncertain`
+   * is true ("window-passed") the event may have been stored. */
   send(path: string, data: string | Uint8Array): Promise<IvyTimestamp>;
   /** The server's current time. */
   timestamp(): Promise<IvyTimestamp>;

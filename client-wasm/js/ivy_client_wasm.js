@@ -66,7 +66,7 @@ function listen(set, f, what) {
   return () => void set.delete(entry);
 }
 
-const DURATIONS = ["minBackoffMs", "maxBackoffMs", "connectTimeoutMs", "requestTimeoutMs", "idleTimeoutMs", "probeTimeoutMs"];
+const DURATIONS = ["minBackoffMs", "maxBackoffMs", "connectTimeoutMs", "requestTimeoutMs", "idleTimeoutMs", "probeTimeoutMs", "idempotencyWindowMs"];
 const COUNTS = { offlineQueue: 0, pageLimit: 1, maxMessageSize: 0 };
 
 /** Checks an options object against `check` (key: validator); unknown keys are errors. */
@@ -88,8 +88,9 @@ function count(min) {
 }
 
 function duration(v, key) {
-  if (typeof v !== "number" || !Number.isFinite(v) || v < 0 || (v === 0 && key !== "minBackoffMs")) {
-    throw invalid(`option \`${key}\` must be a number of milliseconds ${key === "minBackoffMs" ? ">= 0" : "> 0"}, not ${show(v)}`);
+  const zero = key === "minBackoffMs" || key === "idempotencyWindowMs";
+  if (typeof v !== "number" || !Number.isFinite(v) || v < 0 || (v === 0 && !zero)) {
+    throw invalid(`option \`${key}\` must be a number of milliseconds ${zero ? ">= 0" : "> 0"}, not ${show(v)}`);
   }
 }
 

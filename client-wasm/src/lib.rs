@@ -5,7 +5,9 @@
 //! Web apps get exactly the guarantees of the Rust client, from the same code: every
 //! subscription delivers each event of its channel exactly once, in order, across reconnects
 //! and server restarts (or reports that continuity was lost); sends resolve to the event's
-//! timestamp once stored; sends made while disconnected are queued.
+//! timestamp once stored, once, across reconnects (each carries an id, from a random instance
+//! read from `crypto.getRandomValues`, and is resent with it when its ack was lost); sends
+//! made while disconnected are queued.
 //!
 //! The package's entry is the JavaScript layer `js/ivy_client_wasm.js` (loading the inlined
 //! module, option checks, listeners, status reasons), which wraps these exports; used through
@@ -110,6 +112,25 @@ extern "C" {
     fn math_random() -> f64;
     #[wasm_bindgen(js_namespace = Date, js_name = now)]
     fn date_now() -> f64;
+    /// `crypto.getRandomValues` (browsers, Node 19 and later, workers): the send ids' instance.
+    #[wasm_bindgen(js_namespace = crypto, js_name = getRandomValues, catch)]
+    fn get_random_values(array: &Uint8Array) -> Result<JsValue, JsValue>;
+}
+
+/// 12 random bytes from `crypto.getRandomValues`, for the client's send-id instance
+/// (`Config::instance`); `Math.random` only where there is no `crypto` (none of the supported
+/// environments).
+fn random_instance() -> [u8; 12] {
+    let mut bytes = [0u8; 12];
+    let array = Uint8Array::new_with_length(12);
+    if get_random_values(&array).is_ok() {
+        array.copy_to(&mut bytes);
+    } else {
+        for b in &mut bytes {
+            *b = (math_random() * 256.0) as u8;
+        }
+    }
+    bytes
 }
 
 /// An `IvyError`: an `Error` with `code` and `uncertain`.
@@ -145,6 +166,7 @@ fn error_code(e: &ClientError) -> &str {
         ClientError::ConnectionLost => "connection-lost",
         ClientError::NotConnected => "not-connected",
         ClientError::Timeout => "timeout",
+        ClientError::WindowPassed => "window-passed",
         ClientError::Closed => "closed",
         ClientError::TooLarge { .. } => "too-large",
         ClientError::Unauthorized => "unauthorized",
@@ -452,13 +474,14 @@ impl IvyClient {
         let Endpoints { ws: ws_url, http: http_base, .. } = Endpoints::from_base(url).map_err(|e| invalid_argument(&e.to_string()))?;
         let mut cfg = client::Config::default();
         if let Some(o) = options.filter(|o| o.is_object()) {
-            let durations: [(&str, Setter); 6] = [
+            let durations: [(&str, Setter); 7] = [
                 ("minBackoffMs", client::Config::min_backoff),
                 ("maxBackoffMs", client::Config::max_backoff),
                 ("connectTimeoutMs", client::Config::connect_timeout),
                 ("requestTimeoutMs", client::Config::request_timeout),
                 ("idleTimeoutMs", client::Config::idle_timeout),
                 ("probeTimeoutMs", client::Config::probe_timeout),
+                ("idempotencyWindowMs", client::Config::idempotency_window),
             ];
             for (key, set) in durations {
                 if let Some(v) = number(&o, key) {
@@ -479,7 +502,7 @@ impl IvyClient {
                 cfg = cfg.senders(true);
             }
         }
-        cfg = cfg.token_provider(get_token.is_some());
+        cfg = cfg.token_provider(get_token.is_some()).instance(random_instance());
         let ws_url = cfg.ws_url(&ws_url);
         let senders = cfg.senders;
         let seed = (math_random() * 9_007_199_254_740_992.0) as u64;
@@ -602,8 +625,12 @@ impl IvyClient {
     }
 
     /// Publishes `data` (a string, or UTF-8 bytes) on `path`. Resolves to the event's
-    /// timestamp once the server stored it; while disconnected the send is queued. Rejects
-    /// with an `IvyError`; when its `uncertain` is true the event may have been stored.
+    /// timestamp once the server stored it; while disconnected the send is queued. The send
+    /// carries an id (`docs/PROTOCOL.md` 5.9): when the connection drops before its ack, it is
+    /// resent with that id after the reconnect and stored once, so the promise survives a
+    /// reconnect. Rejects with an `IvyError`; when its `uncertain` is true ("window-passed":
+    /// it could not be resent within the idempotency window; against an older server without
+    /// ids, "connection-lost" or "timeout") the event may have been stored.
     #[wasm_bindgen(unchecked_return_type = "Promise<string>")]
     pub fn send(&self, path: &str, #[wasm_bindgen(unchecked_param_type = "string | Uint8Array")] data: JsValue) -> Promise {
         let text = if let Some(s) = data.as_string() {

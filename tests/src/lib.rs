@@ -718,6 +718,8 @@ pub struct FaultProxy {
     upstream: std::sync::Arc<std::sync::Mutex<SocketAddr>>,
     cuts: tokio::sync::watch::Sender<u64>,
     stalled: tokio::sync::watch::Sender<bool>,
+    /// Stops forwarding the server's bytes only: requests get through, replies wait.
+    replies_held: tokio::sync::watch::Sender<bool>,
     /// Connections cut so far.
     pub cut_count: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
@@ -731,6 +733,7 @@ impl FaultProxy {
             upstream: std::sync::Arc::new(std::sync::Mutex::new(upstream)),
             cuts: tokio::sync::watch::channel(0).0,
             stalled: tokio::sync::watch::channel(false).0,
+            replies_held: tokio::sync::watch::channel(false).0,
             cut_count: Default::default(),
         };
         let p = proxy.clone();
@@ -761,6 +764,12 @@ impl FaultProxy {
     /// Stops (or resumes) forwarding bytes, without closing anything.
     pub fn stall(&self, on: bool) {
         self.stalled.send_replace(on);
+    }
+
+    /// Stops (or resumes) forwarding what the server sends, while the clients' bytes still
+    /// reach it: the server executes commands whose replies are held (lost at the next cut).
+    pub fn hold_replies(&self, on: bool) {
+        self.replies_held.send_replace(on);
     }
 
     /// Random cuts and stalls for `duration`, from a seeded generator; returns the seed.
@@ -796,8 +805,8 @@ impl FaultProxy {
         let Ok(server) = TcpStream::connect(upstream).await else { return };
         let (cr, cw) = client.into_split();
         let (sr, sw) = server.into_split();
-        let a = pipe(cr, sw, self.stalled.subscribe());
-        let b = pipe(sr, cw, self.stalled.subscribe());
+        let a = pipe(cr, sw, vec![self.stalled.subscribe()]);
+        let b = pipe(sr, cw, vec![self.stalled.subscribe(), self.replies_held.subscribe()]);
         tokio::select! {
             _ = async { tokio::join!(a, b) } => {}
             _ = cuts.wait_for(|g| *g != generation) => {
@@ -807,14 +816,28 @@ impl FaultProxy {
     }
 }
 
+/// Waits until no gate is closed (true); false when a gate's sender is gone.
+async fn gates_open(gates: &mut [tokio::sync::watch::Receiver<bool>]) -> bool {
+    loop {
+        for g in gates.iter_mut() {
+            if g.wait_for(|s| !*s).await.is_err() {
+                return false;
+            }
+        }
+        if gates.iter().all(|g| !*g.borrow()) {
+            return true;
+        }
+    }
+}
+
 async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut stalled: tokio::sync::watch::Receiver<bool>,
+    mut stalled: Vec<tokio::sync::watch::Receiver<bool>>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
-        if stalled.wait_for(|s| !*s).await.is_err() {
+        if !gates_open(&mut stalled).await {
             return;
         }
         let n = match from.read(&mut buf).await {
@@ -824,7 +847,7 @@ async fn pipe(
             }
             Ok(n) => n,
         };
-        if stalled.wait_for(|s| !*s).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+        if !gates_open(&mut stalled).await || to.write_all(&buf[..n]).await.is_err() {
             return;
         }
     }

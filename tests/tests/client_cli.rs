@@ -4,7 +4,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use ivy_tests::{Client, FaultProxy, TestServer, ivy_bin, log_text, temp_dir};
+use ivy_tests::{Client, FaultProxy, ServerProcess, TestServer, ivy_bin, log_text, temp_dir};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 async fn ivy(url: &str, args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
@@ -342,4 +342,104 @@ async fn sub_reports_reconnects_on_stderr() {
         }
     }
     server.stop().await;
+}
+
+async fn next_line(out: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>) -> Option<String> {
+    tokio::time::timeout(Duration::from_secs(30), out.next_line()).await.expect("a line in time").expect("read")
+}
+
+/// `ivy send` across a SIGKILL and restart of the real server (issue 16): a line the server
+/// stored but whose ack never reached `ivy` (the replies held, then the server killed) is resent
+/// with its send id once `ivy` has reconnected to the restarted server, which answers with the
+/// first timestamp. Each line's timestamp is printed once, in order, and the log holds each line
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_resends_across_a_server_restart_and_prints_each_timestamp_once() {
+    let dir = temp_dir();
+    let mut server = ServerProcess::start_sled(dir.path(), &[]).await;
+    let proxy = FaultProxy::start(server.addr).await;
+    let mut child = tokio::process::Command::new(ivy_bin())
+        .arg("--url")
+        .arg(proxy.url())
+        .args(["send", "/r"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn ivy");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    stdin.write_all(b"one\n").await.unwrap();
+    let mut printed = vec![next_line(&mut out).await.expect("the first timestamp")];
+
+    proxy.hold_replies(true);
+    stdin.write_all(b"two\n").await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while log_text(server.addr, "/log/r").await.lines().count() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "the server stores the second line");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.kill().await;
+    server = ServerProcess::start_sled(dir.path(), &[]).await;
+    proxy.set_upstream(server.addr);
+    // Cut first, then release the replies: the held ack (in the proxy's socket) never reaches
+    // `ivy`, whose next connection waits for the release.
+    proxy.cut_all();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.hold_replies(false);
+    // A third line meanwhile: sent after the resend of the second.
+    stdin.write_all(b"three\n").await.unwrap();
+    drop(stdin);
+    while let Some(line) = next_line(&mut out).await {
+        printed.push(line);
+    }
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "{status:?}");
+    let log: Vec<String> = log_text(server.addr, "/log/r").await.lines().map(str::to_string).collect();
+    let data: Vec<&str> = log.iter().map(|l| l.rsplit(':').next().unwrap()).collect();
+    assert_eq!(data, ["one", "two", "three"], "each line stored once");
+    let stored: Vec<&str> = log.iter().map(|l| &l[1..21]).collect();
+    assert_eq!(printed, stored, "each timestamp printed once, the second the first one's");
+    let metrics = ivy_tests::http_get(server.addr, "/metrics", &[]).await.text();
+    assert!(metrics.lines().any(|l| l == "ivy_idempotency_replays_total 1"), "the second line was resent and recognized");
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).await.unwrap();
+    assert!(stderr.contains("; reconnecting") && stderr.contains("ivy: reconnected to"), "{stderr}");
+    server.kill().await;
+}
+
+/// `ivy send --retry-for`: a send that cannot be acknowledged within the budget (the server
+/// is gone for good) ends `ivy` with exit code 1, saying that the event may or may not be stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_gives_up_after_its_retry_budget() {
+    let dir = temp_dir();
+    let server = ServerProcess::start_sled(dir.path(), &[]).await;
+    let proxy = FaultProxy::start(server.addr).await;
+    let mut child = tokio::process::Command::new(ivy_bin())
+        .arg("--url")
+        .arg(proxy.url())
+        .args(["send", "/g", "--retry-for", "1s"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn ivy");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    stdin.write_all(b"one\n").await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(30), out.next_line()).await.unwrap().unwrap().expect("a timestamp");
+    assert!(is_ts(&first), "{first}");
+    // The replies stop (a server that hangs), then the server is gone.
+    proxy.hold_replies(true);
+    stdin.write_all(b"two\n").await.unwrap();
+    drop(stdin);
+    let started = std::time::Instant::now();
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output()).await.unwrap().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("no ack within 1s (--retry-for)") && stderr.contains("may or may not have been stored"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(10), "gave up after about a second: {:?}", started.elapsed());
+    server.kill().await;
 }

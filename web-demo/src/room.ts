@@ -10,9 +10,6 @@ export const HISTORY = 200;
 interface Pending {
   text: string;
   data: string;
-  /** The newest timestamp this room had seen when the message was first sent: if it was
-   * stored, it is in the log after this. */
-  after: IvyTimestamp | undefined;
 }
 
 export class Room {
@@ -94,7 +91,7 @@ export class Room {
     if (bytes > MAX_DATA_BYTES) {
       return `This message is too long (${Math.ceil(bytes / 1024)} KiB; the limit is ${Math.floor(MAX_DATA_BYTES / 1024)} KiB).`;
     }
-    this.pending.set(id, { text, data, after: this.lastTs });
+    this.pending.set(id, { text, data });
     this.view.addPending(id, text, { kind: this.client.status === "connected" ? "sending" : "queued" });
     this.transmit(id);
     return null;
@@ -128,7 +125,7 @@ export class Room {
       subscribed: this.sub !== undefined,
       closed: this.closed,
       lastTs: this.lastTs ?? null,
-      pending: [...this.pending].map(([id, p]) => ({ id, state: this.view.pendingState(id) ?? null, after: p.after ?? null, text: p.text.slice(0, 80) })),
+      pending: [...this.pending].map(([id, p]) => ({ id, state: this.view.pendingState(id) ?? null, text: p.text.slice(0, 80) })),
     };
   }
 
@@ -153,64 +150,26 @@ export class Room {
     const p = this.pending.get(id);
     if (!p) return;
     // The client queues the send while disconnected and sends it once the connection is
-    // back; the promise resolves with the timestamp once the server has stored it.
+    // back; the promise resolves with the timestamp once the server has stored it. The send
+    // carries an id (docs/PROTOCOL.md 5.9): when the connection drops before the server's
+    // reply, the client sends it again with that id after reconnecting, and the server stores
+    // it once. So a dropped connection neither loses nor doubles a message; nothing to do here.
     this.client.send(this.path, p.data).then(
       () => {
         // Stored. The subscription delivers it (our own sends included, in place).
       },
       (err: unknown) => {
         if (this.closed || !this.pending.has(id)) return;
-        // The connection dropped (or no reply came) after the send went out: it may or may
-        // not have been stored. Every other failure stored nothing.
-        if (isIvyError(err) && err.uncertain) {
-          this.view.setPending(id, { kind: "checking" });
-          void this.settleUncertain(id);
-        } else {
-          this.view.setPending(id, { kind: "failed", error: errorText(err) });
-        }
+        // Uncertain only when the client could not resend it within the server's idempotency
+        // window (10 minutes without a connection): it may have been stored, and then the
+        // subscription delivers it, which removes it from the pending list. Otherwise the
+        // reader decides (Retry or Discard). Every other failure stored nothing.
+        const why = isIvyError(err) && err.uncertain ? `${errorText(err)} (if it was, it appears above)` : errorText(err);
+        this.view.setPending(id, { kind: "failed", error: why });
       },
     );
   }
-
-  /**
-   * The connection dropped between sending and the server's reply: the message may or may
-   * not have been stored. Once connected again, look for it in the log: if it is there the
-   * subscription delivers it (nothing to do); if not, send it again. Never both, so it is
-   * neither lost nor doubled. (If the old connection's send were still being stored while the
-   * log is read, a duplicate could result; the short wait makes that unlikely.)
-   */
-  private async settleUncertain(id: string): Promise<void> {
-    for (let attempt = 0; ; attempt++) {
-      await sleep(attempt === 0 ? 500 : Math.min(1000 * attempt, 5000));
-      if (this.closed || !this.pending.has(id)) return;
-      if (this.client.status !== "connected") continue;
-      const p = this.pending.get(id);
-      if (!p) return;
-      try {
-        if (await this.inLog(id, p.after)) return; // the subscription will deliver it
-        if (this.closed || !this.pending.has(id)) return;
-        this.view.setPending(id, { kind: "sending" });
-        this.transmit(id);
-        return;
-      } catch {
-        // log unavailable: try again
-      }
-    }
-  }
-
-  private async inLog(id: string, after: IvyTimestamp | undefined): Promise<boolean> {
-    const limit = 500;
-    let cursor: IvyTimestamp = after ?? "0000000000.000000000";
-    for (;;) {
-      const page = await this.client.log(this.path, { after: cursor, limit });
-      for (const e of page) if (this.toMessage(e).id === id) return true;
-      if (page.length === 0) return false;
-      cursor = page[page.length - 1].ts;
-    }
-  }
 }
-
-
 
 /** The client rejects with (and passes to `onError`) `Error`s that carry a `code` and `uncertain`. */
 function isIvyError(e: unknown): e is IvyError {

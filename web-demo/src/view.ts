@@ -16,7 +16,6 @@ const BOTTOM_SLACK = 80;
 export type PendingState =
   | { kind: "sending" }
   | { kind: "queued" }
-  | { kind: "checking" }
   | { kind: "failed"; error: string };
 
 export interface PendingHandlers {
@@ -116,9 +115,6 @@ export class MessageList {
         break;
       case "queued":
         meta.textContent = "Waiting for connection…";
-        break;
-      case "checking":
-        meta.textContent = "Connection lost, checking…";
         break;
       case "failed": {
         const why = document.createElement("span");

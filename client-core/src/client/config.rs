@@ -54,6 +54,24 @@ pub struct Config {
     /// after a connection is refused for its token; without one, a refused token ends the
     /// client in [`ConnState::Unauthorized`](super::ConnState::Unauthorized). Default: false.
     pub token_provider: bool,
+    /// How long after a send was first written the server still recognizes its id (its
+    /// `--idempotency-window`, `docs/PROTOCOL.md` 5.9): a send whose ack was lost (the
+    /// connection dropped, or no reply came in [`Config::request_timeout`]) is resent with the
+    /// same id on the next connection while less than this has passed since it was first
+    /// written, and then stored at most once; past it, the send fails with
+    /// [`ClientError::WindowPassed`](super::ClientError::WindowPassed), which is uncertain.
+    /// Set it no longer than the server's window. 0: never resend (a lost ack is
+    /// [`ClientError::ConnectionLost`](super::ClientError::ConnectionLost), as without ids).
+    /// Default: 600,000 (10 minutes, the server's default).
+    pub idempotency_window: Millis,
+    /// 12 random bytes from the driver's random source (`getrandom`,
+    /// `crypto.getRandomValues`): the client's instance, the first part of its send ids
+    /// (`<instance>.<counter>`, the instance written as 16 base64url characters). Send ids
+    /// must not repeat between clients of one sender (a token's `sub`, or every anonymous
+    /// client): give each client its own random bytes. `None`: derived from the seed of
+    /// [`Client::new`](super::Client::new), which is only as unique as that seed (fine for
+    /// tests). Default: `None`.
+    pub instance: Option<[u8; 12]>,
 }
 
 impl Default for Config {
@@ -71,6 +89,8 @@ impl Default for Config {
             max_message_size: 65_536,
             senders: false,
             token_provider: false,
+            idempotency_window: 600_000,
+            instance: None,
         }
     }
 }
@@ -142,6 +162,18 @@ impl Config {
         self
     }
 
+    /// Sets [`Config::idempotency_window`].
+    pub fn idempotency_window(mut self, ms: Millis) -> Self {
+        self.idempotency_window = ms;
+        self
+    }
+
+    /// Sets [`Config::instance`] (12 random bytes).
+    pub fn instance(mut self, random: [u8; 12]) -> Self {
+        self.instance = Some(random);
+        self
+    }
+
     /// Sets [`Config::offline_queue`].
     pub fn offline_queue(mut self, sends: usize) -> Self {
         self.offline_queue = sends;
@@ -191,6 +223,7 @@ mod tests {
             (250, 30_000, 10_000, 30_000, 30_000, 10_000)
         );
         assert_eq!((d.page_limit, d.offline_queue, d.max_buffered), (1000, 1000, 10_000));
+        assert_eq!((d.idempotency_window, d.instance), (600_000, None));
         let c = Config::default()
             .min_backoff(1)
             .max_backoff(2)
@@ -200,11 +233,14 @@ mod tests {
             .probe_timeout(6)
             .page_limit(7)
             .offline_queue(8)
-            .max_buffered(9);
+            .max_buffered(9)
+            .idempotency_window(10)
+            .instance([11; 12]);
         assert_eq!(
             (c.min_backoff, c.max_backoff, c.connect_timeout, c.request_timeout, c.idle_timeout, c.probe_timeout),
             (1, 2, 3, 4, 5, 6)
         );
         assert_eq!((c.page_limit, c.offline_queue, c.max_buffered), (7, 8, 9));
+        assert_eq!((c.idempotency_window, c.instance), (10, Some([11; 12])));
     }
 }

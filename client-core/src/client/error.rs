@@ -71,18 +71,30 @@ pub enum ClientError {
         /// The server's explanation (may change between versions).
         message: String,
     },
-    /// The connection dropped after the request was sent and before its reply: a send may
-    /// or may not have been stored (if it was, it is in the log and in the backfill). See
-    /// [`ClientError::is_uncertain`].
+    /// The connection dropped after the request was sent and before its reply. A send gets
+    /// this only when it could not be resent with its id (`docs/PROTOCOL.md` 5.9): it went
+    /// plain (a server without send ids, or [`Config::idempotency_window`](super::Config::idempotency_window)
+    /// 0), or the client ended ([`ClientError::Unauthorized`]'s state) while it awaited its
+    /// resend; it may or may not have been stored (if it was, it is in the log and in the
+    /// backfill). See [`ClientError::is_uncertain`]. A send with an id whose connection drops
+    /// is resent on the next connection instead, and resolves once.
     ConnectionLost,
     /// Not connected, and the request cannot wait (timestamp), the offline queue is full or
     /// disabled (send), or a queued send found no connection within
     /// [`Config::request_timeout`](super::Config::request_timeout). Nothing was sent;
     /// retrying later is safe.
     NotConnected,
-    /// No reply within [`Config::request_timeout`](super::Config::request_timeout); a send
-    /// may or may not have been stored. See [`ClientError::is_uncertain`].
+    /// No reply within [`Config::request_timeout`](super::Config::request_timeout): a
+    /// timestamp request, or a plain send (see [`ClientError::ConnectionLost`]), which may or
+    /// may not have been stored. See [`ClientError::is_uncertain`]. (A send with an id whose
+    /// reply does not come in time is resent on a new connection instead.)
     Timeout,
+    /// The send's ack was lost and the client could not resend it (with its id) within
+    /// [`Config::idempotency_window`](super::Config::idempotency_window) of its first write:
+    /// the server may have forgotten its id, so a resend could store it twice. It may or may
+    /// not have been stored (if it was, it is in the log and in the backfill); see
+    /// [`ClientError::is_uncertain`]. With ids, the only uncertain outcome of a send.
+    WindowPassed,
     /// The client was closed.
     Closed,
     /// The send's command (`size` bytes, ack key included) would exceed the server's message
@@ -102,12 +114,17 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// Whether a failed send may nevertheless have been stored ([`ClientError::ConnectionLost`],
-    /// [`ClientError::Timeout`]). If it was, it is in the log, and the subscriptions that
-    /// match it deliver it; to avoid publishing it twice, look for it in the log before
-    /// sending it again. For every other error, nothing was stored.
+    /// Whether a failed send may nevertheless have been stored. With send ids (every send,
+    /// against a server that knows them, `docs/PROTOCOL.md` 5.9) only
+    /// [`ClientError::WindowPassed`]: a lost ack is otherwise resent with the same id and
+    /// resolves once. Without them (an older server, or
+    /// [`Config::idempotency_window`](super::Config::idempotency_window) 0),
+    /// [`ClientError::ConnectionLost`] and [`ClientError::Timeout`] too. If it was stored, it
+    /// is in the log, and the subscriptions that match it deliver it; to avoid publishing it
+    /// twice, look for it in the log before sending it again. For every other error, nothing
+    /// was stored.
     pub fn is_uncertain(&self) -> bool {
-        matches!(self, ClientError::ConnectionLost | ClientError::Timeout)
+        matches!(self, ClientError::ConnectionLost | ClientError::Timeout | ClientError::WindowPassed)
     }
 }
 
@@ -119,6 +136,9 @@ impl fmt::Display for ClientError {
             ClientError::ConnectionLost => f.write_str("connection lost before the reply; the event may or may not have been stored"),
             ClientError::NotConnected => f.write_str("not connected; nothing was sent"),
             ClientError::Timeout => f.write_str("no reply in time; the event may or may not have been stored"),
+            ClientError::WindowPassed => f.write_str(
+                "the ack was lost and the send could not be resent within the idempotency window; the event may or may not have been stored",
+            ),
             ClientError::Closed => f.write_str("client closed"),
             ClientError::TooLarge { size, limit } => {
                 write!(f, "message too large: the send is {size} bytes, the server's limit is {limit}; nothing was sent")
@@ -208,11 +228,13 @@ mod tests {
             ClientError::Timeout,
             ClientError::Closed,
             too_large,
+            ClientError::WindowPassed,
         ]
         .iter()
         .map(ClientError::is_uncertain)
         .collect();
-        assert_eq!(uncertain, [false, false, true, false, true, false, false]);
+        assert_eq!(uncertain, [false, false, true, false, true, false, false, true]);
+        assert!(ClientError::WindowPassed.to_string().contains("may or may not have been stored"));
         let t = |n| Timestamp::new(1_700_000_000, n).unwrap();
         assert_eq!(
             SubscriptionError::ContinuityLost { last: t(2), position: t(1) }.to_string(),

@@ -22,8 +22,9 @@
 //!   [`Client::poll_timeout`] (when to call [`Client::handle_timeout`] next).
 //!
 //! Time is a plain millisecond count from any fixed origin ([`Millis`]), passed to every
-//! input and command: the machine has no clock of its own. Randomness (the backoff jitter)
-//! comes from a seed given at construction.
+//! input and command: the machine has no clock of its own. Randomness comes from the driver:
+//! a seed at construction (the backoff jitter) and the instance of the send ids
+//! ([`Config::instance`]).
 //!
 //! The machine is split the way quinn-proto splits its `Connection`: this module
 //! orchestrates the connection's lifecycle (connect, backoff, keepalive) and routing; each
@@ -51,14 +52,39 @@
 //!   were delivered, for example after a crash in asynchronous durability mode),
 //!   [`ClientEvent::ContinuityLost`] says so and delivery resumes after the last event.
 //!
-//! # Sends while disconnected
+//! # Sends while disconnected, and lost acks
 //!
 //! A send made while disconnected is queued (up to [`Config::offline_queue`]) and sent after
 //! the next connection is up; beyond that, or with a queue of 0, it fails at once with
-//! [`ClientError::NotConnected`]. A send already written to a connection that then drops
-//! fails with [`ClientError::ConnectionLost`]: it may or may not have been stored
-//! ([`ClientError::is_uncertain`]), and if it was, it appears in the subscriptions' backfill.
-//! Nothing is retried behind the application's back, so nothing is ever published twice.
+//! [`ClientError::NotConnected`]. A queued send that finds no connection within
+//! [`Config::request_timeout`] fails with [`ClientError::NotConnected`] too: it was never
+//! written, so nothing was stored.
+//!
+//! Every send carries an id (`docs/PROTOCOL.md` 5.9): `<instance>.<counter>`, the instance
+//! being 16 random base64url characters from the driver ([`Config::instance`],
+//! [`Client::instance`]) and the counter the send's number in this client. It goes out as
+//! `#key#*ID:path:data`; the server stores an id at most once within its idempotency
+//! window, and answers a repeat with the first's ack. So a lost ack is not a lost send:
+//!
+//! - when the connection drops (or a send gets no reply within [`Config::request_timeout`],
+//!   which counts the connection as stuck: the client reconnects) before a send's ack, the
+//!   send waits, and right after the next connection is up (after the subscriptions are
+//!   renewed), every such send is written again with the same id, in the order the
+//!   application made them, before the sends queued meanwhile. It resolves once, with the
+//!   timestamp the server gave it the first time if it was stored then;
+//! - a send first written more than [`Config::idempotency_window`] (default 10 minutes, the
+//!   server's default) before the connection that would resend it fails instead with
+//!   [`ClientError::WindowPassed`] (the server may have forgotten its id): the only uncertain
+//!   outcome ([`ClientError::is_uncertain`]). A send awaiting its resend fails so at that
+//!   time even while disconnected.
+//!
+//! A server without send ids answers `*` with `malformed` (which stores nothing): the client
+//! then writes that send again as a plain `:path:data`, once, and sends plainly from then on
+//! ([`Client::send_ids`], a [`ClientEvent::Warning`] says so). A plain send's lost ack fails
+//! it with [`ClientError::ConnectionLost`] or [`ClientError::Timeout`], which are uncertain:
+//! if it was stored, it is in the log and appears in the subscriptions' backfill. So does a
+//! send awaiting its resend when the client ends ([`ConnState::Unauthorized`]); after
+//! [`Client::close`] it fails with [`ClientError::Closed`] (written, it may have been stored).
 //!
 //! # Presence
 //!
@@ -118,7 +144,7 @@ pub use debug::{DebugState, JsonWriter, PendingDebug, QueuedDebug, SubDebug, TRA
 pub use error::{ClientError, ServerCode, SubscriptionError};
 pub use presence::{PresenceEvent, PresenceView};
 use presence::{View, Watch};
-use requests::{Answered, Control, Requests};
+use requests::{Answered, Control, Requests, SendReq};
 use subscription::{Ctx, Sub};
 use timer::{Timer, TimerTable, earliest};
 
@@ -396,6 +422,26 @@ pub struct Client {
     auth_retried: bool,
     /// Why the client is [`ConnState::Unauthorized`] (or the refusal awaiting a token).
     unauthorized: Option<String>,
+    /// The instance part of the send ids (16 base64url characters, [`Config::instance`]).
+    instance: String,
+    /// Sends made so far: the counter part of the send ids.
+    sends: u64,
+    /// The server answered a send with an id `malformed` (it has no send ids): sends are
+    /// plain from then on.
+    plain_sends: bool,
+}
+
+/// The 16 base64url characters of 12 bytes (no padding: 12 bytes are 16 characters).
+fn base64url(bytes: &[u8; 12]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(16);
+    for c in bytes.chunks(3) {
+        let n = (u32::from(c[0]) << 16) | (u32::from(c[1]) << 8) | u32::from(c[2]);
+        for shift in [18, 12, 6, 0] {
+            out.push(char::from(ALPHABET[((n >> shift) & 63) as usize]));
+        }
+    }
+    out
 }
 
 /// A snapshot the server is sending (or about to send).
@@ -421,7 +467,22 @@ enum Want {
 impl Client {
     /// A client with `config`, seeding its jitter with `seed`.
     pub fn new(config: Config, seed: u64) -> Client {
+        let instance = config.instance.unwrap_or_else(|| {
+            // No random bytes from the driver: from the seed (as unique as it is).
+            let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            let mut b = [0u8; 12];
+            for chunk in b.chunks_mut(4) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                chunk.copy_from_slice(&(x as u32).to_le_bytes());
+            }
+            b
+        });
         Client {
+            instance: base64url(&instance),
+            sends: 0,
+            plain_sends: false,
             cfg: config,
             rng: seed | 1,
             state: ConnState::Idle,
@@ -493,6 +554,18 @@ impl Client {
         self.unauthorized.as_deref()
     }
 
+    /// The instance part of this client's send ids (16 base64url characters): its sends carry
+    /// the ids `<instance>.1`, `<instance>.2`, ... (`docs/PROTOCOL.md` 5.9).
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Whether sends carry ids: true until a server answers one `malformed` (a server without
+    /// send ids), after which sends are plain and a lost ack is uncertain again.
+    pub fn send_ids(&self) -> bool {
+        !self.plain_sends
+    }
+
     /// Whether every subscription has caught up (live).
     pub fn is_live(&self) -> bool {
         self.state == ConnState::Connected && self.subs.values().all(Sub::is_live)
@@ -526,6 +599,7 @@ impl Client {
         }
         t = earliest(t, self.refresh_at);
         t = earliest(t, self.want.map(|(_, deadline)| deadline));
+        t = earliest(t, self.requests.resend_deadline(self.cfg.idempotency_window));
         earliest(t, self.requests.offline_deadline(self.cfg.request_timeout))
     }
 
@@ -576,24 +650,28 @@ impl Client {
     }
 
     /// Publishes `data` on `path`. The outcome arrives as [`ClientEvent::Sent`].
+    ///
+    /// The send gets an id (`<instance>.<counter>`, [`Client::instance`]) and goes out as
+    /// `#key#*ID:path:data` (`docs/PROTOCOL.md` 5.9); see [Sends](self#sends-while-disconnected-and-lost-acks)
+    /// for what happens when its ack is lost.
     pub fn send(&mut self, now: Millis, path: &str, data: &str) -> Result<RequestId, ClientError> {
         let path = path::normalize(path.as_bytes()).map_err(ClientError::InvalidPath)?.into_owned();
-        if !matches!(self.state, ConnState::Closed | ConnState::Unauthorized) {
-            self.check_size(&path, data.len())?;
-        }
-        let id = RequestId(self.id());
         match self.state {
-            ConnState::Closed => Err(ClientError::Closed),
-            ConnState::Unauthorized => Err(ClientError::Unauthorized),
-            ConnState::Connected => {
-                self.transmit_send(now, id, path, data.as_bytes().to_vec());
-                Ok(id)
-            }
-            _ => {
-                let queued = self.requests.queue_offline(self.cfg.offline_queue, now, id, path, data.as_bytes().to_vec());
-                if queued { Ok(id) } else { Err(ClientError::NotConnected) }
-            }
+            ConnState::Closed => return Err(ClientError::Closed),
+            ConnState::Unauthorized => return Err(ClientError::Unauthorized),
+            _ => {}
         }
+        let send_id = format!("{}.{}", self.instance, self.sends + 1);
+        self.check_size(&path, data.len(), (!self.plain_sends).then_some(send_id.len()))?;
+        self.sends += 1;
+        let id = RequestId(self.id());
+        let req = SendReq::new(id, path, data.as_bytes().to_vec(), send_id);
+        if self.state == ConnState::Connected {
+            self.transmit_send(now, req);
+            return Ok(id);
+        }
+        let queued = self.requests.queue_offline(self.cfg.offline_queue, now, req);
+        if queued { Ok(id) } else { Err(ClientError::NotConnected) }
     }
 
     /// Watches the presence of `path` (normalized here; **Extension** `~+PATH`,
@@ -686,6 +764,7 @@ impl Client {
             self.actions.push_back(Action::Disconnect);
         }
         self.requests.fail_sent(&ClientError::Closed, &mut self.events);
+        self.requests.fail_resend(&ClientError::Closed, &mut self.events);
         self.requests.fail_offline(&ClientError::Closed, &mut self.events);
         self.subs.clear();
         self.clear_presence();
@@ -748,7 +827,7 @@ impl Client {
         if !matches!(self.state, ConnState::Connected | ConnState::Connecting { .. }) {
             return;
         }
-        self.requests.fail_sent(&ClientError::ConnectionLost, &mut self.events);
+        self.requests.connection_lost(self.cfg.idempotency_window > 0, &mut self.events);
         for s in self.subs.values_mut() {
             s.disconnected();
         }
@@ -805,18 +884,27 @@ impl Client {
         for id in watches {
             self.send_watch(id);
         }
+        // The sends whose ack the last connection lost: again, with their ids, in their
+        // order, before anything new; unless the server may have forgotten their ids.
+        let window = self.cfg.idempotency_window;
+        self.requests.expire_resend(now, window, &ClientError::WindowPassed, &mut self.events);
+        while let Some(req) = self.requests.take_resend() {
+            self.transmit_send(now, req);
+        }
         while let Some(q) = self.requests.take_offline() {
             // Checked again with the ack key it gets now (one digit longer, rarely).
-            match self.check_size(&q.path, q.data.len()) {
-                Ok(()) => self.transmit_send(now, q.id, q.path, q.data),
-                Err(e) => self.events.push_back(ClientEvent::Sent { id: q.id, result: Err(e) }),
+            let id_len = (!self.plain_sends).then_some(q.req.send_id.len());
+            match self.check_size(&q.req.path, q.req.data.len(), id_len) {
+                Ok(()) => self.transmit_send(now, q.req),
+                Err(e) => self.events.push_back(ClientEvent::Sent { id: q.req.id, result: Err(e) }),
             }
         }
     }
 
-    /// Refuses a send whose command would exceed [`Config::max_message_size`].
-    fn check_size(&self, path: &str, data_len: usize) -> Result<(), ClientError> {
-        let (size, limit) = (self.requests.send_len(path, data_len), self.cfg.max_message_size);
+    /// Refuses a send whose command (with a send id of `id_len` bytes) would exceed
+    /// [`Config::max_message_size`].
+    fn check_size(&self, path: &str, data_len: usize, id_len: Option<usize>) -> Result<(), ClientError> {
+        let (size, limit) = (self.requests.send_len(path, data_len, id_len), self.cfg.max_message_size);
         if limit > 0 && size > limit { Err(ClientError::TooLarge { size, limit }) } else { Ok(()) }
     }
 
@@ -865,8 +953,9 @@ impl Client {
 
     /// A deadline from [`Client::poll_timeout`] passed.
     pub fn handle_timeout(&mut self, now: Millis) {
-        // Offline sends that waited too long.
+        // Offline sends that waited too long, and lost acks that can no longer be resent.
         self.requests.expire_offline(now, self.cfg.request_timeout, &mut self.events);
+        self.requests.expire_resend(now, self.cfg.idempotency_window, &ClientError::WindowPassed, &mut self.events);
         self.token_timeouts(now);
         match self.state {
             ConnState::Reconnecting { .. } if self.timers.is_due(Timer::Retry, now) => self.begin_attempt(now),
@@ -965,6 +1054,8 @@ impl Client {
     /// Terminal: no valid token.
     fn end_unauthorized(&mut self, reason: String) {
         self.requests.fail_sent(&ClientError::Unauthorized, &mut self.events);
+        // Written, and never to be resent: uncertain.
+        self.requests.fail_resend(&ClientError::ConnectionLost, &mut self.events);
         self.requests.fail_offline(&ClientError::Unauthorized, &mut self.events);
         self.subs.clear();
         self.clear_presence();
@@ -995,7 +1086,8 @@ impl Client {
     }
 
     fn on_disconnect(&mut self, now: Millis) {
-        self.requests.fail_sent(&ClientError::ConnectionLost, &mut self.events);
+        // Sends with ids wait for the next connection; the rest fails.
+        self.requests.connection_lost(self.cfg.idempotency_window > 0, &mut self.events);
         for s in self.subs.values_mut() {
             s.disconnected();
         }
@@ -1025,6 +1117,14 @@ impl Client {
             self.timers.stop(Timer::Idle);
             self.timers.set(Timer::Probe, now.saturating_add(self.cfg.probe_timeout));
         }
+        // A send with an id without a reply in time: the connection is stuck (the server
+        // answers every command, in order); resend it on a new one.
+        if self.cfg.idempotency_window > 0 && self.requests.id_send_overdue(now) {
+            self.events.push_back(ClientEvent::Warning("no reply to a send in time: reconnecting to resend it".into()));
+            self.actions.push_back(Action::Disconnect);
+            self.on_disconnect(now);
+            return;
+        }
         // Requests without a reply in time.
         let mut expired: alloc::vec::Vec<String> = alloc::vec::Vec::new();
         self.requests.expire(now, &mut self.events, |path| expired.push(path));
@@ -1045,13 +1145,18 @@ impl Client {
         }
     }
 
-    fn transmit_send(&mut self, now: Millis, id: RequestId, path: String, data: alloc::vec::Vec<u8>) {
+    /// Writes a send: with its id, unless the server has none (or it goes plain once more
+    /// after `malformed`); a resend always with its id (an older server refuses it
+    /// `malformed`, which stores nothing).
+    fn transmit_send(&mut self, now: Millis, mut req: SendReq) {
         for s in self.subs.values_mut() {
-            if path::is_within(&path, &s.path) {
+            if path::is_within(&req.path, &s.path) {
                 s.own_sent();
             }
         }
-        let frame = self.requests.send(id, path, data, now.saturating_add(self.cfg.request_timeout));
+        let with_id = !self.plain_sends || (req.first_sent.is_some() && req.with_id);
+        req.first_sent.get_or_insert(now);
+        let frame = self.requests.send(req, with_id, now.saturating_add(self.cfg.request_timeout));
         self.actions.push_back(Action::Send(frame));
     }
 
@@ -1128,8 +1233,26 @@ impl Client {
                     }
                 }
             },
-            Answered::Send { id, path, data } => {
+            Answered::Send(mut req) => {
+                let malformed = matches!(&result, Err(ClientError::Server { code, .. }) if *code == crate::wire::ErrorCode::Malformed);
+                if malformed && req.with_id {
+                    // A server without send ids (`!malformed unknown command '*'`): nothing
+                    // was stored. Plain sends from now on; this one again, plain, once.
+                    if !self.plain_sends {
+                        self.plain_sends = true;
+                        self.events.push_back(ClientEvent::Warning(
+                            "the server does not know send ids (docs/PROTOCOL.md 5.9): sends are plain from now on, and a lost ack is uncertain"
+                                .into(),
+                        ));
+                    }
+                    self.own_answered(now, &req.path, None);
+                    req.with_id = false;
+                    req.first_sent = None;
+                    self.transmit_send(now, req);
+                    return;
+                }
                 // The server does not echo our own events: insert them in place.
+                let SendReq { id, path, data, .. } = req;
                 let stored = result.as_ref().ok().map(|&ts| Event { ts, path: path.as_str().into(), data: data.into(), sender: None });
                 self.own_answered(now, &path, stored.map(Event::into_owned));
                 self.events.push_back(ClientEvent::Sent { id, result });

@@ -109,7 +109,9 @@ enum Command {
     },
     /// Publish an event and print its timestamp once stored. Without DATA, publish each line
     /// of standard input as one event as soon as it is read, printing one timestamp per line,
-    /// in order; Ctrl-C stops reading and waits for the sends already made.
+    /// in order; Ctrl-C stops reading and waits for the sends already made. Each send carries
+    /// an id: when the connection drops or the server restarts before its ack, it is resent
+    /// after reconnecting and stored once (its timestamp printed once), for up to --retry-for.
     #[command(visible_alias = "pub")]
     Send {
         /// Channel path.
@@ -117,6 +119,12 @@ enum Command {
         path: String,
         /// Event data.
         data: Option<String>,
+        /// How long a send may wait for its ack across lost connections and server restarts
+        /// (reconnecting and resending it) before `ivy` gives up with exit code 1 (the event
+        /// may or may not have been stored then). The first connection is not retried: a
+        /// server that cannot be reached at all is exit code 3 at once.
+        #[arg(long, env = "IVY_RETRY_FOR", value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+        retry_for: Duration,
     },
     /// Print a channel's stored events (its whole subtree), oldest first. Uses HTTP only.
     Log {
@@ -241,6 +249,8 @@ enum Failure {
     Unauthorized(String),
     /// The token file could not be read.
     TokenFile(std::path::PathBuf, std::io::Error),
+    /// A send got no ack within `--retry-for` (reconnecting and resending it).
+    GaveUp(Duration),
 }
 
 impl From<Error> for Failure {
@@ -263,6 +273,11 @@ impl fmt::Display for Failure {
                 "unauthorized: the server refused the token ({reason}); give a fresh one (--token, or --token-file to have it re-read)"
             ),
             Failure::TokenFile(path, e) => write!(f, "cannot read the token file {}: {e}", path.display()),
+            Failure::GaveUp(d) => write!(
+                f,
+                "no ack within {} (--retry-for), reconnecting and resending; the event may or may not have been stored",
+                humantime::format_duration(*d)
+            ),
         }
     }
 }
@@ -743,21 +758,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             println!("{}", if as_date { human(t) } else { t.to_string() });
             Ok(())
         }
-        Command::Send { path, data: Some(data) } => {
-            let t = interruptible(async {
-                let client = builder().connect().await?;
-                let t = client.send(&path, &data).await;
-                client.close().await;
-                Ok(t?)
-            })
-            .await?;
-            println!("{t}");
+        Command::Send { path, data: Some(data), retry_for } => {
+            let client = interruptible(async { Ok(builder().backoff(SEND_BACKOFF.0, SEND_BACKOFF.1).connect().await?) }).await?;
+            report_connection(&client, url, cli.quiet);
+            let t = interruptible(send_within(&client, &path, &data, retry_for)).await;
+            client.close().await;
+            println!("{}", t?);
             Ok(())
         }
-        Command::Send { path, data: None } => {
-            let client = interruptible(async { Ok(builder().connect().await?) }).await?;
+        Command::Send { path, data: None, retry_for } => {
+            let client = interruptible(async { Ok(builder().backoff(SEND_BACKOFF.0, SEND_BACKOFF.1).connect().await?) }).await?;
             report_connection(&client, url, cli.quiet);
-            let result = send_lines(&client, &path).await;
+            let result = send_lines(&client, &path, retry_for).await;
             client.close().await;
             result
         }
@@ -880,11 +892,23 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
+/// `ivy send`'s reconnect backoff: a restarted server is found again within a few seconds.
+const SEND_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(2));
+
+/// One send, waiting for its ack (across reconnects: the client resends it with its id) at
+/// most `retry_for`.
+async fn send_within(client: &Client, path: &str, data: &str, retry_for: Duration) -> Result<Timestamp, Failure> {
+    match tokio::time::timeout(retry_for, client.send(path, data)).await {
+        Ok(t) => Ok(t?),
+        Err(_) => Err(Failure::GaveUp(retry_for)),
+    }
+}
+
 /// Sends each line of standard input as an event as soon as it is read, with up to 256 in
 /// flight, printing the timestamps in order as their acks arrive. At Ctrl-C it stops reading,
 /// waits for the acks of the sends already made (printing them), and fails with
 /// [`Failure::Interrupted`]; a second Ctrl-C ends it at once.
-async fn send_lines(client: &Client, path: &str) -> Result<(), Failure> {
+async fn send_lines(client: &Client, path: &str, retry_for: Duration) -> Result<(), Failure> {
     const IN_FLIGHT: usize = 256;
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut in_flight = FuturesOrdered::new();
@@ -912,13 +936,13 @@ async fn send_lines(client: &Client, path: &str) -> Result<(), Failure> {
                         return Ok(()); // stdout closed
                     }
                 }
-                Err(e) => return Err(Failure::from(e)),
+                Err(e) => return Err(e),
             },
             line = lines.next_line(), if reading && in_flight.len() < IN_FLIGHT => match line {
                 Ok(Some(l)) => {
                     let c = client.clone();
                     let p = path.to_string();
-                    in_flight.push_back(async move { c.send(&p, &l).await });
+                    in_flight.push_back(async move { send_within(&c, &p, &l, retry_for).await });
                 }
                 Ok(None) => reading = false,
                 Err(e) => return Err(Failure::Stdin(e)),
