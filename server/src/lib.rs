@@ -245,7 +245,7 @@ impl IvyBuilder {
                 connections.stop_reading();
             });
         }
-        let refusals = session::Refusals::new(&config).with_counts(metrics.refused.clone());
+        let refusals = session::Refusals::new(&config).with_counts(metrics.refused.clone()).with_send_ids(engine.send_ids());
         let identities = ratelimit::Identities::new(config.byte_rate_per_identity, config.byte_burst_per_identity);
         let log_requests = limits::Counted::new(config.max_log_requests.max(1), config.max_log_requests_per_address);
         let shared = Arc::new(Shared {
@@ -410,6 +410,12 @@ impl Ivy {
     pub async fn publish_with_id(&self, path: &str, data: &str, id: &str) -> Result<Replied, PublishError> {
         if !ivy_client_core::wire::is_valid_send_id(id.as_bytes()) {
             return Err(PublishError::InvalidId);
+        }
+        if !self.shared.engine.send_ids() {
+            return Err(PublishError::storage(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "send ids are not supported by this server's engine (Redis) yet",
+            )));
         }
         let config = &self.shared.config;
         let path = ivy_client_core::path::normalize_with_limit(path.as_bytes(), config.max_path_length)

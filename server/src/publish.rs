@@ -196,6 +196,11 @@ const MAX_BATCH_KEY: usize = ivy_client_core::wire::MAX_SEND_ID_BYTES - 7;
 /// Why a send id is refused (the WebSocket's `malformed` reason).
 const BAD_ID: &str = "a send id is 1 to 64 characters of A-Z a-z 0-9 . _ ~ -";
 
+/// The refusal of an `Idempotency-Key` (or per-item ids) by an engine that does not honour send
+/// ids ([`crate::engine::Engine::send_ids`]): retried, such a publish could be stored twice.
+const NO_SEND_IDS: &str =
+    "send ids (Idempotency-Key, per-item ids) are not supported by this server's engine (Redis) yet; nothing was stored";
+
 /// The request's `Idempotency-Key`, if it has one, or its 400.
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<Bytes>, Box<Response>> {
     let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
@@ -253,6 +258,9 @@ pub(crate) async fn log(
         Ok(id) => id,
         Err(r) => return *r,
     };
+    if id.is_some() && !shared.engine.send_ids() {
+        return text(StatusCode::NOT_IMPLEMENTED, NO_SEND_IDS);
+    }
     if let Err((status, reason)) = writer.check(&path) {
         return refusal(status, &reason);
     }
@@ -403,6 +411,9 @@ pub(crate) async fn batch(
         return text(StatusCode::PAYLOAD_TOO_LARGE, &format!("at most {MAX_ITEMS} items per POST /publish, not {}", items.len()));
     }
     // Checked whole before anything is stored: paths, sizes and ids refuse the request.
+    if (key.is_some() || items.iter().any(|item| item.id.is_some())) && !shared.engine.send_ids() {
+        return text(StatusCode::NOT_IMPLEMENTED, NO_SEND_IDS);
+    }
     if key.is_some() && items.iter().any(|item| item.id.is_some()) {
         return text(StatusCode::BAD_REQUEST, "use either the Idempotency-Key header or per-item ids, not both; nothing was stored");
     }

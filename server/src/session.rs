@@ -16,7 +16,7 @@ use std::ops::Range;
 use axum::extract::ws::Utf8Bytes;
 use ivy_client_core::Timestamp;
 use ivy_client_core::path;
-use ivy_client_core::wire::{Command, ErrorCode, Op, encode_ack, encode_error};
+use ivy_client_core::wire::{Command, CommandErrorKind, ErrorCode, Op, encode_ack, encode_error};
 
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -123,6 +123,9 @@ pub(crate) struct Refusals {
     identity_bytes_limited_message: Box<str>,
     /// The refusals counted by reason (`/metrics`).
     pub(crate) counts: crate::metrics::Refused,
+    /// Whether the engine honours send ids ([`crate::engine::Engine::send_ids`]); if not,
+    /// `*ID:` sends are refused as a server without them refuses them.
+    pub(crate) send_ids: bool,
 }
 
 impl Refusals {
@@ -148,7 +151,14 @@ impl Refusals {
             )
             .into_boxed_str(),
             counts: crate::metrics::Refused::default(),
+            send_ids: true,
         }
+    }
+
+    /// The refusals of a server whose engine honours send ids or not.
+    pub(crate) fn with_send_ids(mut self, send_ids: bool) -> Refusals {
+        self.send_ids = send_ids;
+        self
     }
 
     /// The refusals, counted in `counts`.
@@ -325,6 +335,10 @@ impl Session {
                 Outcome::Reply(error_line(ack, ErrorCode::RateLimited, &msg))
             }
             Op::Refresh(token) => Outcome::Refresh { ack, token },
+            Op::Send { id: Some(_), .. } if !refusals.send_ids => {
+                // As a server without send ids answers (5.9): the client falls back to plain sends.
+                Outcome::Reply(error_line(ack, ErrorCode::Malformed, &CommandErrorKind::UnknownCommand(b'*').to_string()))
+            }
             Op::Send { path, data, id } => match (offset_in(frame, data), id.map(|id| offset_in(frame, id).map(|s| s..s + id.len()))) {
                 (_, Some(None)) | (None, _) => {
                     Outcome::Reply(error_line(ack, ErrorCode::Malformed, "internal error: data outside the command"))

@@ -346,3 +346,53 @@ async fn rediss_urls_talk_tls_to_redis() {
     );
     let _ = redis.kill().await;
 }
+
+/// Send ids (`docs/PROTOCOL.md` 5.9) are not honoured by the Redis engine yet, and a retried
+/// send would be stored twice: the node refuses them exactly as a server without them does
+/// (`malformed`, `unknown command '*'`), so that the clients fall back to plain sends (a lost
+/// ack is then uncertain, never doubled), and refuses an `Idempotency-Key` with 501.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_ids_are_refused_as_by_a_server_without_them_and_the_clients_fall_back() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = temp_dir();
+    let redis = Arc::new(RedisServer::start(&dir.path().join("redis")));
+    let server = TestServer::start(on(&redis, dir.path())).await;
+
+    let mut c = Client::connect(&server.ws_url()).await;
+    c.send("#k#*abc.1:/ids:x").await;
+    assert_eq!(c.recv().await, "#k#!malformed unknown command '*' (expected one of + - : @)");
+    c.send("#p#:/ids:plain").await;
+    assert!(c.recv().await.starts_with("#p#@"), "a plain send is stored");
+
+    // The native client, whose core gives every send an id, falls back to plain sends.
+    let native = ivy_client_native::Client::builder(&server.ws_url()).connect().await.expect("connect");
+    let t1 = native.send("/ids", "native 1").await.expect("the first send, resent plain");
+    let t2 = native.send("/ids", "native 2").await.expect("a plain send");
+    assert!(t1 < t2);
+    native.close().await;
+    let log = log_text(server.addr, "/log/ids").await;
+    assert_eq!(
+        log.lines().map(|l| l.rsplit(':').next().unwrap()).collect::<Vec<_>>(),
+        ["plain", "native 1", "native 2"],
+        "each stored once, nothing with the refused id: {log}"
+    );
+
+    // HTTP: an Idempotency-Key (or per-item ids) is refused whole, before anything is stored.
+    for (target, body) in [("/log/ids", "keyed"), ("/publish", r#"[{"path":"/ids","data":"keyed"}]"#)] {
+        let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let req = format!(
+            "POST {target} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nIdempotency-Key: k1\r\nContent-Length: {}\r\n\r\n{body}",
+            server.addr,
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = String::new();
+        tokio::time::timeout(WAIT, s.read_to_string(&mut raw)).await.expect("response in time").unwrap();
+        assert!(raw.starts_with("HTTP/1.1 501"), "{target}: {raw}");
+        assert!(raw.contains("send ids (Idempotency-Key, per-item ids) are not supported by this server's engine (Redis) yet"), "{raw}");
+    }
+    let (status, _) = post(server.addr, "/publish", r#"[{"path":"/ids","data":"keyed","id":"i1"}]"#).await;
+    assert_eq!(status, 501, "per-item ids too");
+    assert_eq!(log_text(server.addr, "/log/ids").await.lines().count(), 3, "nothing stored by the refused requests");
+    server.stop().await;
+}

@@ -514,6 +514,12 @@ struct RedisLog {
 }
 
 impl Engine for RedisLog {
+    /// Not yet: a repeat would have to be answered in its place among the acks that this
+    /// node's reader completes (see [`Pending`]); until then sends with ids are refused.
+    fn send_ids(&self) -> bool {
+        false
+    }
+
     fn presence(&self) -> Arc<dyn super::Presence> {
         self.presence.clone()
     }
