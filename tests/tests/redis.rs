@@ -365,7 +365,7 @@ async fn send_ids_are_refused_as_by_a_server_without_them_and_the_clients_fall_b
     assert!(c.recv().await.starts_with("#p#@"), "a plain send is stored");
 
     // The native client, whose core gives every send an id, falls back to plain sends.
-    let native = ivy_client_native::Client::builder(&server.ws_url()).connect().await.expect("connect");
+    let native = ivy_client_native::Client::builder(server.ws_url()).connect().await.expect("connect");
     let t1 = native.send("/ids", "native 1").await.expect("the first send, resent plain");
     let t2 = native.send("/ids", "native 2").await.expect("a plain send");
     assert!(t1 < t2);
