@@ -434,12 +434,14 @@ async fn execute(
         Outcome::Reply(line) => slot.send_line(line),
         Outcome::Prepared(line) => slot.send(Message::Text(line)),
         Outcome::Subscribe { ack, path } => {
+            // Present before the reply goes out: a `~?` or `GET /presence` made after it
+            // finds the member.
+            shared.engine.presence().join(conn.id(), &path, member);
             shared.fanout.subscribe(conn, &path, |ts| {
                 if let Some(key) = ack {
                     slot.send_line_at(ts, ack_line(key, ts));
                 }
             });
-            shared.engine.presence().join(conn.id(), &path, member);
         }
         Outcome::Unsubscribe { ack, path } => {
             let presence = shared.engine.presence();

@@ -65,8 +65,8 @@ async fn drain(p: &mut PresenceStream, wait: Duration) -> Vec<PresenceEvent> {
     out
 }
 
-/// `who(path)` until `done` holds (a subscription's presence shows at the server's next
-/// presence tick, up to 100 ms after its ack), at most 5 s.
+/// `who(path)` until `done` holds (another client's subscription or departure may still be on
+/// its way to the server, and a departure shows after the linger), at most 5 s.
 async fn who_until(c: &Client, path: &str, done: impl Fn(&ivy_client_native::PresenceView) -> bool) -> ivy_client_native::PresenceView {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
