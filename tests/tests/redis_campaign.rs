@@ -196,22 +196,22 @@ async fn publisher(id: usize, mut rng: Rng, addrs: Addrs, stop: watch::Receiver<
                             Ok(ServerLine::Ack { key, ts }) => (*key, Some(*ts)),
                             Ok(ServerLine::Error { key: Some(key), .. }) => (*key, None),
                             _ => {
-                                out.violations.push(format!("publisher {id}: unexpected line {t:?}"));
+                                out.violations.push(format!("publisher {id} on {addr}: unexpected line {t:?}"));
                                 continue;
                             }
                         };
                         let Some((want, data)) = pending.pop_front() else {
-                            out.violations.push(format!("publisher {id}: a reply with nothing pending: {t:?}"));
+                            out.violations.push(format!("publisher {id} on {addr}: a reply with nothing pending: {t:?}"));
                             continue;
                         };
                         waiting_since = tokio::time::Instant::now();
                         if key != want.to_string().as_bytes() {
-                            out.violations.push(format!("publisher {id}: reply {t:?} out of order (expected key {want})"));
+                            out.violations.push(format!("publisher {id} on {addr}: reply {t:?} out of order (expected key {want})"));
                         }
                         match ok {
                             Some(ts) => {
                                 if ts <= last_ts {
-                                    out.violations.push(format!("publisher {id}: send {want} acked at {ts}, not after {last_ts} acked before"));
+                                    out.violations.push(format!("publisher {id} on {addr}: send {want} acked at {ts}, not after {last_ts} acked before"));
                                 }
                                 last_ts = ts;
                                 acked_ts.lock().unwrap().push(ts);
@@ -231,7 +231,7 @@ async fn publisher(id: usize, mut rng: Rng, addrs: Addrs, stop: watch::Receiver<
                 },
                 _ = tokio::time::sleep_until(wake) => {
                     if !pending.is_empty() && waiting_since.elapsed() > WAIT {
-                        out.violations.push(format!("publisher {id}: no reply for {WAIT:?} from {addr} with {} sends pending", pending.len()));
+                        out.violations.push(format!("publisher {id} on {addr}: no reply for {WAIT:?} from {addr} with {} sends pending", pending.len()));
                         break 'session;
                     }
                 }
