@@ -47,6 +47,9 @@ fi
 step "binaries the integration tests start (ivy-server, ivy; cargo test does not build a dependency's binaries)"
 cargo build --workspace --bins
 
+# tests/tests/redis.rs and redis_campaign.rs (three nodes on one Redis, faults) start their own
+# redis-server whatever IVY_TEST_ENGINE says: this run covers them; the Redis run below does not
+# repeat them.
 step "Rust unit, property, doc and integration tests"
 cargo test --workspace 2>&1 | tee -a "$results"
 
