@@ -525,22 +525,33 @@ pub fn main_with(wall: WallClock) -> ExitCode {
     code
 }
 
-/// The log directive that keeps tungstenite from logging messages (and so tokens) whole.
-const NO_MESSAGE_BODIES: &str = "tungstenite::protocol=debug";
+/// The log target whose trace lines are dropped: tungstenite logs messages (and so tokens)
+/// whole there.
+const NO_MESSAGE_BODIES: &str = "tungstenite";
 
 async fn serve_main(wall: WallClock) -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Token { sub, read, write, ttl }) = &cli.command {
         return token(&cli, sub, read, write, ttl.0);
     }
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // tungstenite logs each received message whole at trace level, and a token refresh
-    // (`&JWT`) is a message: capped, so that no token reaches the logs (ours redact it).
-    let filter = filter.add_directive(NO_MESSAGE_BODIES.parse().expect("a valid directive"));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // (`&JWT`) is a message: its trace lines are dropped, whatever RUST_LOG asks, so that no
+    // token reaches the logs (ours redact it). (A directive `tungstenite=debug` would do it
+    // too, but would turn tungstenite's debug lines on for everyone.)
+    let no_message_bodies = tracing_subscriber::filter::filter_fn(|meta| {
+        !(*meta.level() == tracing::Level::TRACE && meta.target().starts_with(NO_MESSAGE_BODIES))
+    });
+    let logs = tracing_subscriber::registry().with(filter);
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     match cli.log_format {
-        LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
-        LogFormat::Json => logs.json().with_ansi(false).init(),
+        LogFormat::Text => {
+            logs.with(layer.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_filter(no_message_bodies)).init()
+        }
+        LogFormat::Json => logs.with(layer.json().with_ansi(false).with_filter(no_message_bodies)).init(),
     }
     // Every connection is a file descriptor: take all the system allows (the soft limit is
     // often 1024 while the hard one is far higher). `serve` keeps connections below it.

@@ -36,20 +36,14 @@
 //! has delivered what Redis held at the subscribe (or answer with a position that is not
 //! behind Redis's clock). Not fixed here.
 //!
-//! KNOWN BUG, can fail the default run (seen once in seven runs, with seed 1796226641189679759
-//! and `IVY_CAMPAIGN_LAG=1`, but it comes from the Redis SIGKILL, not the stalls): replies to
-//! one connection's sends out of send order, against `docs/PROTOCOL.md` 5.7 ("the acks and
-//! `storage` errors of sends come in send order among themselves"). Publisher 3's send 1766
-//! was written by its node's script just before Redis was killed (11.5 s in), and its ack
-//! waited for the node's reader to deliver it, i.e. for Redis to come back (14.9 s); sends
-//! 1767 to 1976 of the same connection were refused at once meanwhile ("storage event not
-//! stored: the event store (Redis) is unreachable") and those refusals came first. In
-//! `server/src/engine/redis.rs`, `Writer::commit` completes a batch refused by
-//! `Shared::ready` at once while an earlier, written batch of the node still waits in
-//! `pending` for the reader. No gap or duplicate follows (the event is in the log, once), but
-//! a client that matches replies by position gets them wrong. Not fixed here (the fix is a
-//! design choice: hold the refusals behind the pending acks, or fail those acks as uncertain
-//! first). The assertion stays: a run that hits it fails with the publisher's lines.
+//! Found by this campaign and fixed (seed 1796226641189679759 with `IVY_CAMPAIGN_LAG=1`; it
+//! came from the Redis SIGKILL): replies to one connection's sends out of send order, against
+//! `docs/PROTOCOL.md` 5.7. A send written just before Redis was killed waited for the node's
+//! reader (for Redis to come back) while the connection's later sends were refused at once as
+//! unreachable, and those refusals came first. `Writer::commit` now answers the sends still
+//! waiting for the reader first, as writes whose connection was lost ("the event may still be
+//! in the log"; the reader delivers those that were stored), then refuses the batch. The
+//! assertion on reply order stays.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;

@@ -737,6 +737,23 @@ impl Writer {
         self.requests.refuse_rest();
     }
 
+    /// Answers every send still waiting for the reader as one whose write lost its
+    /// connection (`CUT`), in order; the events stay known to the reader, which delivers
+    /// those that were stored.
+    fn answer_pending_as_cut(&self) {
+        let taken: Vec<Completion> =
+            self.shared.pending().iter_mut().flat_map(|p| p.events.iter_mut().filter_map(|e| e.1.take())).collect();
+        if taken.is_empty() {
+            return;
+        }
+        let error = PublishError::unreachable(CUT);
+        self.metrics.refused(taken.len(), &error);
+        tracing::warn!(events = taken.len(), "Redis is unreachable: sends written before are answered as maybe stored");
+        for done in taken {
+            done.complete(Err(error.clone()));
+        }
+    }
+
     fn refuse(&self, batch: &mut Vec<Publish>, e: PublishError) {
         self.metrics.refused(batch.len(), &e);
         tracing::warn!(events = batch.len(), reason = %e, "events refused");
@@ -752,6 +769,12 @@ impl Writer {
             return;
         }
         if let Err(e) = shared.ready() {
+            // Sends written before Redis went away wait for the reader to deliver them; this
+            // batch's refusals must not overtake their acks (a connection's replies come in
+            // send order, docs/PROTOCOL.md 5.7): they are answered first, as a write whose
+            // connection was lost ("may still be in the log"; the reader still delivers
+            // them if they are, without an ack).
+            self.answer_pending_as_cut();
             return self.refuse(batch, e);
         }
         self.batches += 1;
