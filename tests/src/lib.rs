@@ -604,6 +604,24 @@ pub async fn http_request(addr: SocketAddr, method: &str, target: &str, headers:
     try_http_request(addr, method, target, headers).await.unwrap_or_else(|e| panic!("{method} {target}: {e}"))
 }
 
+/// A request with a body (`Content-Length`; `Connection: close`), over a fresh connection.
+/// A write error is ignored (a refused body may be left unread: the server can close before
+/// it is all written), and so is a reset after the response.
+pub async fn http_send(addr: SocketAddr, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> HttpResponse {
+    let mut s = TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("{method} {target}: connect: {e}"));
+    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    let _ = s.write_all(&bytes).await;
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut raw)).await.unwrap_or_else(|_| panic!("{method} {target}: no response in time")).ok();
+    parse_http(&raw).unwrap_or_else(|e| panic!("{method} {target}: {e}"))
+}
+
 async fn try_http_request(addr: SocketAddr, method: &str, target: &str, headers: &[(&str, &str)]) -> Result<HttpResponse, String> {
     let mut s = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
     let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");

@@ -11,8 +11,6 @@ use ivy_server::auth::Secret;
 use ivy_tests::{Client, Got, HttpResponse, TestServer, config, http_get, ivy_bin, raw_ws_open_at, temp_dir};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 const SECRET: &str = "channels-secret";
 const KEY: &str = "the-admin-key";
@@ -31,25 +29,7 @@ fn token(sub: &str, read: &[&str], jti: Option<&str>) -> String {
 }
 
 /// One HTTP/1.1 request with a body (`Connection: close`); the response.
-async fn send(addr: SocketAddr, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> HttpResponse {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    let mut bytes = req.into_bytes();
-    bytes.extend_from_slice(body);
-    let _ = s.write_all(&bytes).await;
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw)).await.expect("response in time").ok();
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("headers");
-    let head = std::str::from_utf8(&raw[..end]).unwrap();
-    let mut lines = head.split("\r\n");
-    let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).unwrap();
-    let headers = lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
-    HttpResponse { status, headers, body: raw[end + 4..].to_vec() }
-}
+use ivy_tests::http_send as send;
 
 async fn admin(addr: SocketAddr, what: &str, key: Option<&str>, body: &str) -> HttpResponse {
     let auth = key.map(|k| format!("Bearer {k}"));

@@ -15,8 +15,6 @@ use serde_json::{Value, json};
 fn json_body(r: &HttpResponse) -> Value {
     serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("{e}: {}", r.text()))
 }
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 const SECRET: &str = "idempotency-secret";
 const KEY: &str = "the-api-key";
@@ -55,25 +53,7 @@ async fn metrics_reach(addr: SocketAddr, lines: &[&str]) {
 }
 
 /// One HTTP/1.1 request with a body (`Connection: close`); the response.
-async fn send(addr: SocketAddr, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> HttpResponse {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    let mut bytes = req.into_bytes();
-    bytes.extend_from_slice(body);
-    let _ = s.write_all(&bytes).await;
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw)).await.expect("response in time").ok();
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("headers");
-    let head = std::str::from_utf8(&raw[..end]).unwrap();
-    let mut lines = head.split("\r\n");
-    let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).unwrap();
-    let headers = lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
-    HttpResponse { status, headers, body: raw[end + 4..].to_vec() }
-}
+use ivy_tests::http_send as send;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeat_on_the_same_or_another_connection_is_stored_once_and_gets_the_first_timestamp() {

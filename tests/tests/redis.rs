@@ -353,7 +353,6 @@ async fn rediss_urls_talk_tls_to_redis() {
 /// ack is then uncertain, never doubled), and refuses an `Idempotency-Key` with 501.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_ids_are_refused_as_by_a_server_without_them_and_the_clients_fall_back() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = temp_dir();
     let redis = Arc::new(RedisServer::start(&dir.path().join("redis")));
     let server = TestServer::start(on(&redis, dir.path())).await;
@@ -379,17 +378,9 @@ async fn send_ids_are_refused_as_by_a_server_without_them_and_the_clients_fall_b
 
     // HTTP: an Idempotency-Key (or per-item ids) is refused whole, before anything is stored.
     for (target, body) in [("/log/ids", "keyed"), ("/publish", r#"[{"path":"/ids","data":"keyed"}]"#)] {
-        let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-        let req = format!(
-            "POST {target} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nIdempotency-Key: k1\r\nContent-Length: {}\r\n\r\n{body}",
-            server.addr,
-            body.len()
-        );
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut raw = String::new();
-        tokio::time::timeout(WAIT, s.read_to_string(&mut raw)).await.expect("response in time").unwrap();
-        assert!(raw.starts_with("HTTP/1.1 501"), "{target}: {raw}");
-        assert!(raw.contains("send ids (Idempotency-Key, per-item ids) are not supported by this server's engine (Redis) yet"), "{raw}");
+        let r = ivy_tests::http_send(server.addr, "POST", target, &[("Idempotency-Key", "k1")], body.as_bytes()).await;
+        assert_eq!(r.status, 501, "{target}: {}", r.text());
+        assert!(r.text().contains("send ids (Idempotency-Key, per-item ids) are not supported by this server's engine (Redis) yet"));
     }
     let (status, _) = post(server.addr, "/publish", r#"[{"path":"/ids","data":"keyed","id":"i1"}]"#).await;
     assert_eq!(status, 501, "per-item ids too");
