@@ -359,21 +359,8 @@ impl Retainer {
         }
         if let (Some(keep), Some(written)) = (self.retention.max_events, &self.shared.written) {
             let sent = std::mem::take(&mut *written.lock().unwrap_or_else(PoisonError::into_inner));
-            // A path is trimmed when first written after startup (its store may hold more
-            // than the limit), then each time it has been sent an eighth of the limit more.
-            let slack = (keep / 8).max(1);
-            for (path, n) in sent {
-                let due = match self.checked.get_mut(&path) {
-                    Some(since) => {
-                        *since += n;
-                        *since >= slack
-                    }
-                    None => true,
-                };
-                if due {
-                    self.checked.insert(path.clone(), 0);
-                    self.trim(&path, keep)?;
-                }
+            for path in super::trims_due(&mut self.checked, sent, keep) {
+                self.trim(&path, keep)?;
             }
         }
         Ok(())

@@ -78,6 +78,7 @@ pub mod sled;
 #[cfg(test)]
 mod tests;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -425,6 +426,26 @@ impl Retention {
     pub fn is_active(&self) -> bool {
         self.max_age.is_some() || self.max_events.is_some()
     }
+}
+
+/// The paths a retention pass trims to `keep` events, given the events `sent` to each since
+/// the last pass; `checked` counts, per path, the events sent since its last trim. A path is
+/// trimmed when first written after startup (its store may hold more than the limit), then
+/// each time it has been sent an eighth of the limit more. (Both the local and the Redis
+/// engines' retention tasks.)
+pub(crate) fn trims_due(checked: &mut HashMap<Box<str>, u64>, sent: HashMap<Box<str>, u64>, keep: u64) -> Vec<Box<str>> {
+    let slack = (keep / 8).max(1);
+    let mut due = Vec::new();
+    for (path, n) in sent {
+        match checked.get_mut(&path) {
+            Some(since) if *since + n < slack => *since += n,
+            _ => {
+                checked.insert(path.clone(), 0);
+                due.push(path);
+            }
+        }
+    }
+    due
 }
 
 /// One page of a log.
