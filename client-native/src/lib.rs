@@ -891,18 +891,7 @@ async fn post_json(tls: &Arc<rustls::ClientConfig>, url: &str, key: &str, body: 
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .body(http_body_util::Full::new(bytes::Bytes::from(body)))
         .map_err(|e| failed(format!("invalid request (the key?): {e}")))?;
-    let resp = match tokio::time::timeout(Duration::from_secs(30), client.request(req)).await {
-        Err(_) => return Err(failed("timed out".into())),
-        Ok(Err(e)) if e.is_connect() => {
-            if let Some(tls) = TlsError::find(&host_of(url), &e) {
-                return Err(Fetch::Tls(tls));
-            }
-            let cause = std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
-            return Err(Fetch::Connect(format!("{url}: {cause}")));
-        }
-        Ok(Err(e)) => return Err(failed(e.to_string())),
-        Ok(Ok(resp)) => resp,
-    };
+    let resp = responded(url, tokio::time::timeout(Duration::from_secs(30), client.request(req)).await)?;
     let status = resp.status();
     let body = resp.into_body().collect().await.map_err(|e| failed(e.to_string()))?.to_bytes();
     let text = String::from_utf8_lossy(&body).into_owned();
@@ -910,6 +899,27 @@ async fn post_json(tls: &Arc<rustls::ClientConfig>, url: &str, key: &str, body: 
         return Err(Fetch::Log(LogError { status: Some(status.as_u16()), message: text.trim_end().into() }));
     }
     Ok(text)
+}
+
+/// The response of an HTTP request made within a timeout, or why there is none: a refused
+/// certificate, a failed connection (with its cause), a timeout or another failure.
+fn responded(
+    url: &str,
+    r: Result<Result<hyper::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>, tokio::time::error::Elapsed>,
+) -> Result<hyper::Response<hyper::body::Incoming>, Fetch> {
+    let failed = |message: String| Fetch::Log(LogError { status: None, message });
+    match r {
+        Err(_) => Err(failed("timed out".into())),
+        Ok(Err(e)) if e.is_connect() => {
+            if let Some(tls) = TlsError::find(&host_of(url), &e) {
+                return Err(Fetch::Tls(tls));
+            }
+            let cause = std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
+            Err(Fetch::Connect(format!("{url}: {cause}")))
+        }
+        Ok(Err(e)) => Err(failed(e.to_string())),
+        Ok(Ok(resp)) => Ok(resp),
+    }
 }
 
 fn fetched<T>(r: Result<T, Fetch>) -> Result<T, Error> {
@@ -1226,18 +1236,7 @@ async fn fetch(http: &Http, url: &str, token: Option<&Token>) -> Result<(String,
         req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
     }
     let req = req.body(Empty::new()).map_err(|e| failed(format!("invalid request (the token?): {e}")))?;
-    let resp = match tokio::time::timeout(Duration::from_secs(30), http.request(req)).await {
-        Err(_) => return Err(failed("timed out".into())),
-        Ok(Err(e)) if e.is_connect() => {
-            if let Some(tls) = TlsError::find(&host_of(url), &e) {
-                return Err(Fetch::Tls(tls));
-            }
-            let cause = std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
-            return Err(Fetch::Connect(format!("{url}: {cause}")));
-        }
-        Ok(Err(e)) => return Err(failed(e.to_string())),
-        Ok(Ok(resp)) => resp,
-    };
+    let resp = responded(url, tokio::time::timeout(Duration::from_secs(30), http.request(req)).await)?;
     let status = resp.status();
     let horizon = resp.headers().get("ivy-horizon").and_then(|v| Timestamp::parse(v.as_bytes()).ok());
     let body = resp.into_body().collect().await.map_err(|e| failed(e.to_string()))?.to_bytes();
