@@ -434,6 +434,7 @@ async fn execute(
         Outcome::Reply(line) => slot.send_line(line),
         Outcome::Prepared(line) => slot.send(Message::Text(line)),
         Outcome::Subscribe { ack, path } => {
+            shared.engine.settled().await;
             // Present before the reply goes out: a `~?` or `GET /presence` made after it
             // finds the member.
             shared.engine.presence().join(conn.id(), &path, member);
@@ -454,6 +455,7 @@ async fn execute(
             });
         }
         Outcome::PresenceWatch { ack, path } => {
+            shared.engine.settled().await;
             // Present at once; the snapshot, the subscription and its reply come at the next
             // presence tick, and the next command is read after them (replies stay in order).
             let presence = shared.engine.presence();

@@ -877,3 +877,28 @@ pub fn ivy_bin() -> PathBuf {
     assert!(bin.exists(), "{} not found: run `cargo build -p ivy-client-native` first", bin.display());
     bin
 }
+
+/// splitmix64: a small, seeded, reproducible generator for test campaigns (print the seed).
+#[derive(Debug, Clone)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `lo..hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next_u64() % (hi - lo)
+    }
+
+    /// One of `from`, uniformly.
+    pub fn pick<T: Copy>(&mut self, from: &[T]) -> T {
+        from[self.range(0, from.len() as u64) as usize]
+    }
+}

@@ -16,6 +16,7 @@
 //! Short by default (a few seconds). `IVY_CRASH_CYCLES=N` sets the number of cycles of each
 //! campaign for a long run; `IVY_CRASH_SEED=S` replays the random kill delays of a printed seed.
 
+use ivy_tests::Rng;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -39,24 +40,6 @@ const MAX_SENDS: u64 = 50_000;
 const PAGE: usize = 200;
 /// Default cycles per campaign.
 const DEFAULT_CYCLES: usize = 5;
-
-/// splitmix64: a small, seeded, reproducible generator for the kill delays.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `lo..hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo)
-    }
-}
 
 fn env_number(name: &str) -> Option<u64> {
     let v = std::env::var(name).ok()?;

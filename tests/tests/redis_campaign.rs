@@ -32,9 +32,11 @@
 //! client core takes a position below its last event for a server that lost history
 //! (`ClientEvent::ContinuityLost`), so a library user's stream yields `Err(ContinuityLost)`
 //! although nothing was lost. Issue 15 says positions mean the same on every node with no
-//! change to the client core: the node would have to answer a subscribe only once its reader
-//! has delivered what Redis held at the subscribe (or answer with a position that is not
-//! behind Redis's clock). Not fixed here.
+//! change to the client core. Partly fixed: before a subscribe a node now waits (at most 2 s,
+//! `Engine::settled`) until its reader has delivered Redis's clock, the newest event any node
+//! stored, which cures that seed and a rare failure of the default run after the Redis
+//! restart; with the stalled link of this mode the clock read itself can time out, and the
+//! false loss still shows now and then (seed 1796228236129597602).
 //!
 //! Found by this campaign and fixed (seed 1796226641189679759 with `IVY_CAMPAIGN_LAG=1`; it
 //! came from the Redis SIGKILL): replies to one connection's sends out of send order, against
@@ -45,6 +47,7 @@
 //! in the log"; the reader delivers those that were stored), then refuses the batch. The
 //! assertion on reply order stays.
 
+use ivy_tests::Rng;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -74,29 +77,6 @@ const PACE_MS: u64 = 12;
 const PAGE: usize = 2000;
 /// Default length of the fault schedule.
 const DEFAULT_SECS: u64 = 20;
-
-/// splitmix64: a small, seeded, reproducible generator.
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `lo..hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo)
-    }
-
-    fn pick<T: Copy>(&mut self, from: &[T]) -> T {
-        from[self.range(0, from.len() as u64) as usize]
-    }
-}
 
 fn env_number(name: &str) -> Option<u64> {
     let v = std::env::var(name).ok()?;

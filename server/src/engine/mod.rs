@@ -222,6 +222,14 @@ pub trait Engine: Send + Sync + 'static {
     fn send_ids(&self) -> bool {
         true
     }
+
+    /// Resolves once this node's fan-out has delivered every event stored before the call
+    /// (an engine of several nodes: what another node may have delivered already), so that a
+    /// subscribe position taken after it is not behind what a client saw on another node. The
+    /// server awaits it before each subscribe. The default, for single-node engines: at once.
+    fn settled(&self) -> BoxFuture<'static, ()> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// A page of channels to list ([`Engine::channels`]).

@@ -107,6 +107,8 @@ const DELETE_STEP: usize = if cfg!(test) { 64 } else { 1024 };
 pub const CONTINUITY_LOST: u16 = 4005;
 
 const CLOCK_KEY: &str = "{ivy}:clock";
+/// The longest a subscribe waits for this node to catch up with Redis ([`Engine::settled`]).
+const SETTLE: Duration = Duration::from_secs(2);
 const COUNT_KEY: &str = "{ivy}:n";
 const CHANNELS_KEY: &str = "{ivy}:channels";
 const ROOT_KEY: &str = "{ivy}:log:/";
@@ -361,6 +363,7 @@ impl Open for RedisEngine {
             fanout: context.fanout,
             written: self.retention.max_events.map(|_| Mutex::default()),
             stop: CancellationToken::new(),
+            delivered: tokio::sync::Notify::new(),
         });
         let reader = Reader { shared: shared.clone(), conn: reader_conn, last, expected: count, down_since: None };
         let reader = tokio::spawn(reader.run());
@@ -448,6 +451,8 @@ struct Shared {
     /// task last looked.
     written: Option<Mutex<HashMap<Box<str>, u64>>>,
     stop: CancellationToken,
+    /// Woken each time the reader handed events to the fan-out ([`Engine::settled`]).
+    delivered: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -532,6 +537,31 @@ impl Engine for RedisLog {
 
     fn visible(&self) -> Timestamp {
         self.shared.visible()
+    }
+
+    /// Waits until this node's reader has delivered the newest event Redis holds now (the
+    /// clock key: the last event any node stored), at most [`SETTLE`]: another node may have
+    /// delivered it already, and a subscribe position below it would tell a client that moved
+    /// here that history was lost. Without an answer from Redis: at once.
+    fn settled(&self) -> BoxFuture<'static, ()> {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let mut conn = shared.conn.clone();
+            let top: Result<Option<String>, _> = redis::cmd("GET").arg(CLOCK_KEY).query_async(&mut conn).await;
+            let Some(top) = top.ok().flatten().and_then(|id| ts_of(id.as_bytes())) else { return };
+            let deadline = tokio::time::sleep(SETTLE);
+            tokio::pin!(deadline);
+            loop {
+                let delivered = shared.delivered.notified();
+                if shared.visible() >= top {
+                    return;
+                }
+                tokio::select! {
+                    () = delivered => {}
+                    () = &mut deadline => return,
+                }
+            }
+        })
     }
 
     fn read(&self, request: ReadRequest) -> BoxFuture<'static, io::Result<Page>> {
@@ -969,6 +999,7 @@ impl Reader {
                 d.complete(Ok(p.ts));
             }
         });
+        shared.delivered.notify_waiters();
         if let Some((expected, n, ts)) = gap {
             shared.continuity_lost(&format!(
                 "the event after number {expected} in Redis is number {n} (at {ts}): events were deleted (retention) before this node \
