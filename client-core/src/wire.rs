@@ -62,6 +62,10 @@ pub mod close_code {
     /// client may reconnect (with backoff); an operator who wants it gone for good revokes
     /// its token too.
     pub const DISCONNECTED: u16 = 4004;
+    /// 1013 (try again later; a standard code, used by an extension): a node of several (on
+    /// Redis) could not take a subscribe or presence watch, because it cannot reach the event
+    /// store or is behind it; reconnect (with backoff), perhaps to another node.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
 }
 
 /// What a command asks for.

@@ -434,7 +434,9 @@ async fn execute(
         Outcome::Reply(line) => slot.send_line(line),
         Outcome::Prepared(line) => slot.send(Message::Text(line)),
         Outcome::Subscribe { ack, path } => {
-            shared.engine.settled().await;
+            if !shared.engine.settled().await {
+                return conn.ending().end(close_code::TRY_AGAIN_LATER);
+            }
             // Present before the reply goes out: a `~?` or `GET /presence` made after it
             // finds the member.
             shared.engine.presence().join(conn.id(), &path, member);
@@ -455,7 +457,9 @@ async fn execute(
             });
         }
         Outcome::PresenceWatch { ack, path } => {
-            shared.engine.settled().await;
+            if !shared.engine.settled().await {
+                return conn.ending().end(close_code::TRY_AGAIN_LATER);
+            }
             // Present at once; the snapshot, the subscription and its reply come at the next
             // presence tick, and the next command is read after them (replies stay in order).
             let presence = shared.engine.presence();
@@ -775,6 +779,9 @@ fn close_frame(ending: &Ending) -> Option<(u16, &'static str)> {
         close_code::TOKEN_EXPIRED => Some((close_code::TOKEN_EXPIRED, "token expired: refresh it in-band or reconnect with a fresh token")),
         crate::conn::REVOKED => Some((close_code::TOKEN_EXPIRED, "token revoked: reconnect with a fresh token")),
         close_code::DISCONNECTED => Some((close_code::DISCONNECTED, "disconnected by an administrator")),
+        close_code::TRY_AGAIN_LATER => {
+            Some((close_code::TRY_AGAIN_LATER, "try again later: this node cannot reach the event store or is behind it"))
+        }
         crate::engine::redis::CONTINUITY_LOST => {
             Some((crate::engine::redis::CONTINUITY_LOST, "continuity lost: the event store lost events; resume from the log"))
         }

@@ -9,7 +9,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ivy_tests::{Client, Config, EngineKind, Got, RedisServer, Setup, TestServer, WAIT, http_get, log_text, temp_dir};
+use ivy_tests::{
+    Client, Config, EngineKind, FaultProxy, Got, RedisServer, ServerProcess, Setup, TestServer, WAIT, http_get, log_text, server_bin,
+    temp_dir,
+};
 
 /// The line of a send refused while Redis is unreachable.
 const UNREACHABLE: &str = "storage event not stored: the event store (Redis) is unreachable";
@@ -181,6 +184,18 @@ async fn while_redis_is_down_sends_fail_at_once_and_everything_resumes_when_it_i
     // Not ready (once the last probe's answer, at most a second old, is out of date).
     let ready = wait_ready(server.addr, 503).await;
     assert!(ready.contains("the event store (Redis) is unreachable"), "{ready}");
+    // A subscribe now cannot learn whether this node is behind what another node delivered:
+    // it is not answered with a position that may be behind, the connection is closed with
+    // 1013 (try again later), and the client reconnects.
+    let mut late = Client::connect(&server.ws_url()).await;
+    late.send("#s#+/chat").await;
+    match late.next_within(Duration::from_secs(10)).await {
+        Got::Close(code, reason) => {
+            assert_eq!(code, 1013, "{reason}");
+            assert!(reason.contains("try again later"), "{reason}");
+        }
+        other => panic!("a subscribe while Redis is down: {other:?}"),
+    }
 
     redis.restart();
     let two = send_until_acked(&mut c, "/chat", "two").await;
@@ -386,4 +401,57 @@ async fn send_ids_are_refused_as_by_a_server_without_them_and_the_clients_fall_b
     assert_eq!(status, 501, "per-item ids too");
     assert_eq!(log_text(server.addr, "/log/ids").await.lines().count(), 3, "nothing stored by the refused requests");
     server.stop().await;
+}
+
+/// A node whose link to Redis stalls (a congested network, an overloaded host) lags behind the
+/// others. Its subscribers get every event, in order, once it catches up; a client that saw
+/// events on an up-to-date node and moves to it is answered with a position at or past them
+/// once it caught up (never one behind, which the client would report as lost history), and
+/// when it cannot catch up within the bound (5 s) the connection is closed with 1013 (try
+/// again later) instead. Afterwards it goes on as if nothing happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lags_behind_redis_catches_up_in_order_and_never_answers_a_position_behind() {
+    let dir = temp_dir();
+    let redis = Arc::new(RedisServer::start(&dir.path().join("redis")));
+    let a = TestServer::start(on(&redis, &dir.path().join("a"))).await;
+    let link = FaultProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    let b_url = format!("redis://{}", link.addr);
+    let b = ServerProcess::start_bin(&server_bin(), &dir.path().join("b"), &["--redis", &b_url], &[]).await;
+    let mut follower = Client::connect(&b.ws_url()).await;
+    follower.subscribe("/chat").await;
+    let mut on_a = Client::connect(&a.ws_url()).await;
+
+    // A short stall: B lags, then catches up.
+    link.stall(true);
+    let mut sent = Vec::new();
+    for i in 0..20 {
+        sent.push(format!("@{}:/chat:e{i}", on_a.publish("/chat", &format!("e{i}")).await));
+    }
+    follower.expect_silence(Duration::from_millis(300)).await;
+    let mut moved = Client::connect(&b.ws_url()).await;
+    moved.send("#m#+/chat").await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    link.stall(false);
+    let reply = moved.recv().await;
+    let position = reply.strip_prefix("#m#@").unwrap_or_else(|| panic!("subscribe reply: {reply}"));
+    assert!(position >= ts_of(sent.last().unwrap()), "position {position} is behind what A delivered: {sent:?}");
+    assert_eq!(lines(&mut follower, sent.len()).await, sent, "the lagging node's subscriber gets everything, in order");
+
+    // A stall longer than the bound: the subscribe is closed with 1013, nothing else changes.
+    link.stall(true);
+    let late = format!("@{}:/chat:late", on_a.publish("/chat", "late").await);
+    let mut retry = Client::connect(&b.ws_url()).await;
+    retry.send("#n#+/chat").await;
+    match retry.next_within(Duration::from_secs(15)).await {
+        Got::Close(code, reason) => assert_eq!(code, 1013, "{reason}"),
+        other => panic!("a subscribe on a node stalled beyond the bound: {other:?}"),
+    }
+    link.stall(false);
+    assert_eq!(follower.recv().await, late, "the follower stayed subscribed and gets what it missed");
+    let mut again = Client::connect(&b.ws_url()).await;
+    let position = again.subscribe("/chat").await;
+    assert!(position.as_str() >= ts_of(&late), "{position}");
+    assert_eq!(log_text(b.addr, "/log/chat").await, format!("{}\n{late}", sent.join("\n")));
+    b.kill().await;
+    a.stop().await;
 }

@@ -18,25 +18,25 @@
 //!   a timestamp, or from "now": from its first line on), no gap, no duplicate, and reported no
 //!   continuity loss.
 //!
-//! About 25 s. `IVY_CAMPAIGN_SEED=S` replays the printed seed's schedule (the faults, their
+//! About 30 s. `IVY_CAMPAIGN_SEED=S` replays the printed seed's schedule (the faults, their
 //! order and delays; the timing of the processes is not reproducible), `IVY_CAMPAIGN_SECS=N`
 //! sets the length of the fault schedule.
 //!
-//! KNOWN FAILURE, off by default: `IVY_CAMPAIGN_LAG=1` also stalls node 0's link to Redis
-//! (a proxy) for 0.4 to 1.2 s, four times, and moves a follower to node 0 during each stall.
-//! The followers still print exactly the log, but one that had printed events from an
-//! up-to-date node reports a false continuity loss, for example (seed 1796226501553217964):
-//! `ivy: warning: continuity lost: the server's history ends at 1796226512.779191001, before
-//! the last event delivered (1796226513.135566000)`. The lagging node acks a subscribe at its
-//! own delivered position (the fan-out's), which is behind what other nodes delivered; the
-//! client core takes a position below its last event for a server that lost history
-//! (`ClientEvent::ContinuityLost`), so a library user's stream yields `Err(ContinuityLost)`
-//! although nothing was lost. Issue 15 says positions mean the same on every node with no
-//! change to the client core. Partly fixed: before a subscribe a node now waits (at most 2 s,
-//! `Engine::settled`) until its reader has delivered Redis's clock, the newest event any node
-//! stored, which cures that seed and a rare failure of the default run after the Redis
-//! restart; with the stalled link of this mode the clock read itself can time out, and the
-//! false loss still shows now and then (seed 1796228236129597602).
+//! A node that lags and a very slow node: node 0 reaches Redis through a proxy that stalls
+//! for 0.4 to 1.2 s, four times, with a follower moved to node 0 during each stall
+//! (`IVY_CAMPAIGN_LAG=0` leaves the stalls out), and one live node is frozen (SIGSTOP) for 1
+//! to 3 s with a follower moved to it meanwhile, then thawed (SIGCONT).
+//!
+//! Found by this campaign and fixed: a false continuity loss (seeds 1796226501553217964,
+//! 1796228236129597602, 1796236145648487695 with the stalls): `ivy: warning: continuity lost:
+//! the server's history ends at 1796226512.779191001, before the last event delivered
+//! (1796226513.135566000)`. A lagging node answered a subscribe with its own delivered
+//! position, behind what another node had delivered to the follower before it moved; and
+//! around the Redis restart, the node's first read of Redis's clock failed on the connection
+//! Redis had dropped (or Redis was still down), and the subscribe was answered at once from
+//! the node's position. Now a node answers a subscribe only once its reader delivered Redis's
+//! clock, retrying the read and cutting the reader's backoff short; when it cannot within
+//! 5 s it closes the connection with 1013 (try again later) and the client reconnects.
 //!
 //! Found by this campaign and fixed (seed 1796226641189679759 with `IVY_CAMPAIGN_LAG=1`; it
 //! came from the Redis SIGKILL): replies to one connection's sends out of send order, against
@@ -367,6 +367,9 @@ enum Fault {
     StartLateFollower,
     /// Stall node 0's link to Redis (it lags), and move a follower there meanwhile.
     Lag,
+    /// Freeze a live node (SIGSTOP) for one to three seconds, moving a follower to it
+    /// meanwhile, then thaw it (SIGCONT): a very slow node.
+    Freeze,
 }
 
 /// The schedule: (delay before the step, step), seeded.
@@ -398,6 +401,7 @@ fn schedule(rng: &mut Rng, secs: u64, lag: bool) -> Vec<(Duration, Fault)> {
             marks.push((rng.range(total / 10, total), vec![Fault::Lag]));
         }
     }
+    marks.push((rng.range(total / 10, total * 9 / 10), vec![Fault::Freeze]));
     let mut t = 0;
     while t < total {
         t += rng.range(300, 1200);
@@ -431,7 +435,7 @@ async fn three_nodes_one_redis_cuts_and_kills_every_node_serves_one_exact_log() 
     let redis = Arc::new(RedisServer::start(&dir.path().join("redis")));
     let url = redis.url();
     // IVY_CAMPAIGN_LAG=1: node 0 reaches Redis through a proxy that stalls now and then.
-    let lag = std::env::var_os("IVY_CAMPAIGN_LAG").is_some();
+    let lag = std::env::var("IVY_CAMPAIGN_LAG").map_or(true, |v| v != "0");
     let redis_link = FaultProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
     let url_of = |i: usize| if lag && i == 0 { format!("redis://{}", redis_link.addr) } else { url.clone() };
     let bin = server_bin();
@@ -495,6 +499,7 @@ async fn three_nodes_one_redis_cuts_and_kills_every_node_serves_one_exact_log() 
     // The faults.
     let (mut cuts, mut node_kills, mut redis_kills) = (0usize, 0usize, 0usize);
     let mut lags = 0usize;
+    let mut freezes = 0usize;
     for (delay, fault) in schedule(&mut rng, secs, lag) {
         tokio::time::sleep(delay).await;
         match fault {
@@ -552,6 +557,27 @@ async fn three_nodes_one_redis_cuts_and_kills_every_node_serves_one_exact_log() 
                 tokio::time::sleep(Duration::from_millis(rng.range(200, 600))).await;
                 redis_link.stall(false);
                 lags += 1;
+            }
+            Fault::Freeze => {
+                let up = live(&addrs);
+                let (i, to) = rng.pick(&up);
+                let Some(pid) = nodes[i].as_ref().map(|n| n.pid()) else { continue };
+                let signal = |sig: &str| {
+                    let ok =
+                        std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().is_ok_and(|s| s.success());
+                    assert!(ok, "kill -{sig} {pid}");
+                };
+                signal("STOP");
+                println!("redis campaign: {:.1} s: node {i} frozen (SIGSTOP)", started.elapsed().as_secs_f64());
+                tokio::time::sleep(Duration::from_millis(rng.range(300, 1000))).await;
+                let p = rng.range(0, proxies.len() as u64) as usize;
+                set_upstream(&proxies, &mut upstream, p, to);
+                proxies[p].cut_all();
+                cuts += 1;
+                tokio::time::sleep(Duration::from_millis(rng.range(700, 2000))).await;
+                signal("CONT");
+                freezes += 1;
+                println!("redis campaign: {:.1} s: node {i} thawed (SIGCONT)", started.elapsed().as_secs_f64());
             }
             Fault::StartLateFollower => {
                 let after = {
@@ -676,7 +702,7 @@ async fn three_nodes_one_redis_cuts_and_kills_every_node_serves_one_exact_log() 
         sent.errors
     );
     println!(
-        "redis campaign: {cuts} proxy cuts ({connections_cut} connections cut), {node_kills} node SIGKILLs, {redis_kills} Redis SIGKILL, {lags} stalls of node 0's link to Redis; \
+        "redis campaign: {cuts} proxy cuts ({connections_cut} connections cut), {node_kills} node SIGKILLs, {redis_kills} Redis SIGKILL, {lags} stalls of node 0's link to Redis, {freezes} node frozen; \
          {sessions} publisher connections; faults over {:.1} s, {:.1} s in all",
         faults_done.as_secs_f64(),
         started.elapsed().as_secs_f64()

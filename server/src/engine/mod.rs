@@ -225,10 +225,14 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Resolves once this node's fan-out has delivered every event stored before the call
     /// (an engine of several nodes: what another node may have delivered already), so that a
-    /// subscribe position taken after it is not behind what a client saw on another node. The
-    /// server awaits it before each subscribe. The default, for single-node engines: at once.
-    fn settled(&self) -> BoxFuture<'static, ()> {
-        Box::pin(std::future::ready(()))
+    /// subscribe position taken after it is not behind what a client saw on another node:
+    /// `true`. `false` when the engine could not make sure of it in a bounded time (it cannot
+    /// reach its store, or lags behind it): the server then closes the connection with
+    /// [`crate::close_code::TRY_AGAIN_LATER`] instead of answering with a position that may
+    /// be behind. The server awaits it before each subscribe and presence watch. The default,
+    /// for single-node engines: `true` at once.
+    fn settled(&self) -> BoxFuture<'static, bool> {
+        Box::pin(std::future::ready(true))
     }
 }
 

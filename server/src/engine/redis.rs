@@ -59,7 +59,11 @@
 //!
 //! While Redis is unreachable, sends fail at once with `storage`
 //! (`event not stored: the event store (Redis) is unreachable`) and `/readyz` is not ready;
-//! the connections reconnect with backoff. A send whose write was cut by a lost connection
+//! the connections reconnect with backoff. Before a subscribe or a presence watch is answered
+//! ([`Engine::settled`]) the node reads Redis's clock and waits until its reader delivered it,
+//! so that positions mean the same on every node; when it cannot within [`SETTLE`] (Redis
+//! unreachable, a lagging link) the connection is closed with 1013 (try again later) instead,
+//! and a waiting subscribe cuts the reader's reconnection backoff short. A send whose write was cut by a lost connection
 //! fails with `storage` too, saying that it may be in the log: if it was stored, it is
 //! delivered to the subscribers (it is in the log), only the sender got an error.
 //!
@@ -107,8 +111,9 @@ const DELETE_STEP: usize = if cfg!(test) { 64 } else { 1024 };
 pub const CONTINUITY_LOST: u16 = 4005;
 
 const CLOCK_KEY: &str = "{ivy}:clock";
-/// The longest a subscribe waits for this node to catch up with Redis ([`Engine::settled`]).
-const SETTLE: Duration = Duration::from_secs(2);
+/// The longest a subscribe waits for this node to catch up with Redis ([`Engine::settled`]):
+/// longer than the reader's longest backoff (2 s), which a waiting subscribe cuts short.
+const SETTLE: Duration = Duration::from_secs(5);
 const COUNT_KEY: &str = "{ivy}:n";
 const CHANNELS_KEY: &str = "{ivy}:channels";
 const ROOT_KEY: &str = "{ivy}:log:/";
@@ -364,6 +369,8 @@ impl Open for RedisEngine {
             written: self.retention.max_events.map(|_| Mutex::default()),
             stop: CancellationToken::new(),
             delivered: tokio::sync::Notify::new(),
+            position: AtomicU64::new(nanos(last)),
+            wake: tokio::sync::Notify::new(),
         });
         let reader = Reader { shared: shared.clone(), conn: reader_conn, last, expected: count, down_since: None };
         let reader = tokio::spawn(reader.run());
@@ -453,6 +460,13 @@ struct Shared {
     stop: CancellationToken,
     /// Woken each time the reader handed events to the fan-out ([`Engine::settled`]).
     delivered: tokio::sync::Notify,
+    /// The newest event the fan-out has been given (nanoseconds), set once
+    /// [`FanOut::deliver`] returned: a subscription made now takes a position at least this
+    /// one (`visible` is raised before the delivery, so it may be ahead of the fan-out's).
+    position: AtomicU64,
+    /// Cuts the reader's backoff short: a subscribe waits for it ([`Engine::settled`]) and
+    /// has just heard from Redis.
+    wake: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -542,23 +556,48 @@ impl Engine for RedisLog {
     /// Waits until this node's reader has delivered the newest event Redis holds now (the
     /// clock key: the last event any node stored), at most [`SETTLE`]: another node may have
     /// delivered it already, and a subscribe position below it would tell a client that moved
-    /// here that history was lost. Without an answer from Redis: at once.
-    fn settled(&self) -> BoxFuture<'static, ()> {
+    /// here that history was lost. `false` when Redis cannot be read (a few tries: the first
+    /// command after Redis restarted fails while the connection is made again) or the reader
+    /// did not catch up in time: the connection is then closed with 1013 (try again later).
+    fn settled(&self) -> BoxFuture<'static, bool> {
         let shared = self.shared.clone();
         Box::pin(async move {
-            let mut conn = shared.conn.clone();
-            let top: Result<Option<String>, _> = redis::cmd("GET").arg(CLOCK_KEY).query_async(&mut conn).await;
-            let Some(top) = top.ok().flatten().and_then(|id| ts_of(id.as_bytes())) else { return };
             let deadline = tokio::time::sleep(SETTLE);
             tokio::pin!(deadline);
+            let mut conn = shared.conn.clone();
+            let get = redis::cmd("GET").arg(CLOCK_KEY).clone();
+            let mut tries = 0;
+            let top = loop {
+                let error = tokio::select! {
+                    top = get.query_async::<Option<String>>(&mut conn) => match top {
+                        Ok(top) => break top.and_then(|id| ts_of(id.as_bytes())),
+                        Err(e) => e.to_string(),
+                    },
+                    () = &mut deadline => "no answer".into(),
+                };
+                tries += 1;
+                if tries == 4 || deadline.is_elapsed() {
+                    tracing::warn!(error, "a subscribe could not read Redis's clock: closed with 1013 (try again later)");
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            // An empty store: nothing to wait for.
+            let Some(top) = top else { return true };
+            let position = || Timestamp::from_nanos(u128::from(shared.position.load(Ordering::Acquire)));
+            // Redis answered: a reader waiting to retry after a lost connection retries now.
+            shared.wake.notify_one();
             loop {
                 let delivered = shared.delivered.notified();
-                if shared.visible() >= top {
-                    return;
+                if position() >= top {
+                    return true;
                 }
                 tokio::select! {
                     () = delivered => {}
-                    () = &mut deadline => return,
+                    () = &mut deadline => {
+                        tracing::warn!(at = %position(), redis = %top, "this node's reader did not catch up with Redis within {SETTLE:?}: a subscribe was closed with 1013 (try again later)");
+                        return false;
+                    }
                 }
             }
         })
@@ -901,7 +940,10 @@ impl Reader {
             match reply {
                 Ok(reply) => {
                     if self.down_since.is_some() && !self.reconnected().await {
-                        tokio::time::sleep(backoff).await;
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            () = self.shared.wake.notified() => {}
+                        }
                         continue;
                     }
                     backoff = Duration::from_millis(50);
@@ -916,6 +958,7 @@ impl Reader {
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
+                        () = self.shared.wake.notified() => {}
                         _ = self.shared.stop.cancelled() => return,
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -999,6 +1042,7 @@ impl Reader {
                 d.complete(Ok(p.ts));
             }
         });
+        shared.position.fetch_max(nanos(self.last), Ordering::AcqRel);
         shared.delivered.notify_waiters();
         if let Some((expected, n, ts)) = gap {
             shared.continuity_lost(&format!(
