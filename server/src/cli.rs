@@ -26,7 +26,7 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
     name = "ivy-server",
     version,
     about = "Reference server for the Ivy hierarchical pub/sub protocol with persistent event logs",
-    after_help = "Durations take a unit (250ms, 1.5s, 2m, 1h) or none for seconds. Every flag can be set by its \
+    after_help = "Durations take a unit (250ms, 1.5s, 2m, 1h, 7d) or none for seconds. Every flag can be set by its \
                   environment variable instead (shown with each).\n\
                   Logging: RUST_LOG picks what is logged (default info; for example RUST_LOG=ivy_server=debug, or \
                   RUST_LOG=ivy_server=trace for every line read and written); --log-format json for one JSON object \

@@ -97,10 +97,13 @@ pub fn parse_seconds(s: &str) -> Result<Duration, String> {
         "s" => 1.0,
         "m" | "min" => 60.0,
         "h" => 3600.0,
-        _ => return Err(format!("{s:?} is not a duration (a number of seconds, or with a unit: 250ms, 1.5s, 2m, 1h)")),
+        "d" => 86_400.0,
+        _ => return Err(format!("{s:?} is not a duration (a number of seconds, or with a unit: 250ms, 1.5s, 2m, 1h, 7d)")),
     };
-    let n: f64 =
-        number.trim().parse().map_err(|_| format!("{s:?} is not a duration (a number of seconds, or with a unit: 250ms, 1.5s, 2m, 1h)"))?;
+    let n: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (a number of seconds, or with a unit: 250ms, 1.5s, 2m, 1h, 7d)"))?;
     Duration::try_from_secs_f64(n * scale).map_err(|_| format!("{s:?} is not a duration between 0 and 10^19 seconds"))
 }
 
@@ -461,6 +464,7 @@ mod tests {
         assert_eq!(parse_seconds("0"), Ok(Duration::ZERO));
         assert_eq!(parse_seconds("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_seconds("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_seconds("7d"), Ok(Duration::from_secs(7 * 86_400)), "the README's --retention-max-age 7d");
         assert_eq!(parse_seconds("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_seconds(" 1h "), Ok(Duration::from_secs(3600)));
         assert!(parse_seconds("5d").is_err());

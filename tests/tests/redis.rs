@@ -455,3 +455,54 @@ async fn a_node_that_lags_behind_redis_catches_up_in_order_and_never_answers_a_p
     b.kill().await;
     a.stop().await;
 }
+
+/// What the node says at startup about Redis's persistence settings (issue 15, "Durability,
+/// stated honestly"): what an ack means, with a warning when it is not durable, when Redis may
+/// evict keys, and when nothing bounds the log in Redis's memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_startup_the_node_states_what_an_ack_means_with_redis_settings() {
+    use std::io::{BufRead, Read};
+    let dir = temp_dir();
+    let redis = Arc::new(RedisServer::start(&dir.path().join("redis")));
+    // The node's startup log (stderr), up to its "listening" line (stdout).
+    let startup = |extra: &[&str]| {
+        let mut child = std::process::Command::new(server_bin())
+            .args(["--listen", "127.0.0.1:0", "--redis", &redis.url()])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn ivy-server");
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+        let _ = child.kill();
+        let mut log = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+        let _ = child.wait();
+        assert!(first.contains("listening"), "{first}{log}");
+        log
+    };
+    const ENGINE_WARN: &str = "WARN ivy_server::engine::redis";
+    let durable = startup(&["--retention-max-age", "7d"]);
+    assert!(durable.contains("appendfsync always: an ack means the event is in Redis's append-only file, fsynced"), "{durable}");
+    assert!(!durable.contains(ENGINE_WARN), "durable settings and a retention bound warn of nothing: {durable}");
+
+    let unbounded = startup(&[]);
+    assert!(unbounded.contains(ENGINE_WARN) && unbounded.contains("no retention bound"), "{unbounded}");
+
+    redis.command(&["CONFIG", "SET", "appendfsync", "everysec"]);
+    let everysec = startup(&["--retention-max-age", "7d"]);
+    assert!(everysec.contains(ENGINE_WARN) && everysec.contains("but not appendfsync always"), "{everysec}");
+
+    redis.command(&["CONFIG", "SET", "appendonly", "no"]);
+    let volatile = startup(&["--retention-max-age", "7d"]);
+    assert!(volatile.contains(ENGINE_WARN) && volatile.contains("acks are NOT durable"), "{volatile}");
+
+    redis.command(&["CONFIG", "SET", "appendonly", "yes"]);
+    redis.command(&["CONFIG", "SET", "appendfsync", "always"]);
+    redis.command(&["CONFIG", "SET", "maxmemory", "1gb"]);
+    redis.command(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]);
+    let evicting = startup(&["--retention-max-age", "7d"]);
+    assert!(evicting.contains(ENGINE_WARN) && evicting.contains("Redis evicts keys"), "{evicting}");
+}

@@ -420,6 +420,23 @@ fn durability_report(conn: &mut redis::Connection, url: &str, retention: &Retent
             "Redis refused CONFIG GET: its persistence settings are unknown, so is what an ack survives (appendonly yes with appendfsync always makes acks durable)"
         ),
     }
+    let policy = get(conn, "maxmemory-policy");
+    let maxmemory = get(conn, "maxmemory");
+    if let Some(policy) = policy.as_deref().filter(|p| *p != "noeviction") {
+        if maxmemory.as_deref().is_some_and(|m| m != "0") {
+            tracing::warn!(
+                redis = url,
+                maxmemory_policy = policy,
+                "Redis evicts keys when it reaches maxmemory: it may delete parts of the log, the clock or the send ids. The nodes find lost events (their subscribers are closed with 4005) but cannot bring them back. Set maxmemory-policy noeviction: Redis then refuses writes when full, and sends fail with a storage error"
+            );
+        } else {
+            tracing::info!(
+                redis = url,
+                maxmemory_policy = policy,
+                "Redis has no maxmemory, so its eviction policy never applies; should one be set, set maxmemory-policy noeviction too"
+            );
+        }
+    }
     if !retention.is_active() {
         tracing::warn!(
             "no retention bound (--retention-max-age, --retention-max-events): on Redis the log grows in Redis's memory until Redis refuses writes"
