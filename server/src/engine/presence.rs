@@ -36,17 +36,13 @@
 //! **Not persisted.** Presence is the state of the live connections: after a restart it is
 //! empty and fills up again as clients reconnect and subscribe.
 //!
-//! **Several nodes (a Redis engine, later).** The trait is what a multi-node engine
-//! implements: it would keep each channel's members in a Redis hash (`presence:{C}` member ->
-//! conns per node and info) and each path's aggregate in a sorted set (`presence-tree:{P}`,
-//! scored by member key, for paging and `ZCARD` counts), changed by a Lua script per join and
-//! leave (the channel and its ancestors in one script, so counts never drift), with each entry
-//! tagged by the node that holds the connections. Each node heartbeats a key `node:{id}` with
-//! a TTL (say 15 s, refreshed every 5 s); when a node's key expires, any surviving node's sweep
-//! removes its entries (each removal is then an ordinary leave, announced after the linger).
-//! The bound for a crashed node's members is therefore the heartbeat TTL plus one sweep
-//! interval plus the linger. Changes are published on a Redis channel per top-level segment;
-//! each node coalesces them per tick for its own watchers exactly as the local one does here.
+//! **Several nodes.** The Redis engine keeps a *replicated view* in a [`LocalPresence`]
+//! (`LocalPresence::replicated`): its own connections' joins and leaves as here, plus the
+//! other nodes' contributions (per node, channel and member: that node's connections of the
+//! member there), set to absolute values; a member's connections are the sum, so the linger,
+//! the ticks and the watchers are the same. Its own contributions are kept apart, to be
+//! published (`engine::redis_presence`: keys, tasks, the bound for a dead node's members);
+//! the sled and memory engines never keep them.
 
 use std::collections::hash_map::Entry as HashEntry;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
