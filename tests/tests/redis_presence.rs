@@ -135,8 +135,10 @@ async fn every_node_shows_the_members_of_every_node() {
     assert_eq!(w.members, BTreeSet::from(["backend".to_string()]), "the watcher alone");
     // ada subscribes on B: the watcher on A sees her join; every node lists her.
     let mut ada_b = connect(&b, "ada").await;
+    let started = tokio::time::Instant::now();
     ada_b.subscribe("/room").await;
     assert_eq!(w.change(Duration::from_secs(10)).await, Some((subs(&["ada"]), vec![])));
+    println!("a join on node B reached a watcher on node A after {:?} (presence tick 100 ms)", started.elapsed());
     everywhere(&[&a, &b, &c], &[("ada", 1), ("backend", 1)]).await;
     // ada on C too: one member, her connections summed, nothing announced.
     let mut ada_c = connect(&c, "ada").await;

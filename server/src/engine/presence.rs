@@ -590,6 +590,11 @@ impl State {
         } else if let Some(e) = self.nodes.get_mut(&c.channel).and_then(|n| n.direct.get_mut(&c.member.id)) {
             // The same connections, another info (its connection that subscribed last): no line.
             e.info.clone_from(&c.member.info);
+            for a in ancestors(&c.channel) {
+                if let Some(agg) = self.nodes.get_mut(a).and_then(|n| n.subtree.get_mut(&c.member.id)) {
+                    agg.info.clone_from(&c.member.info);
+                }
+            }
         }
     }
 

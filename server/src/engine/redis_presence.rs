@@ -204,6 +204,14 @@ impl RedisPresence {
     }
 }
 
+impl Drop for RedisPresence {
+    /// An engine dropped without a shutdown: its tasks end (its keys then expire like a dead
+    /// node's).
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
 /// Adds an XADD of `c` by `node` to `pipe`.
 fn xadd_set(pipe: &mut redis::Pipeline, node: &str, c: &Contribution) {
     let cmd = pipe.cmd("XADD").arg(CHANGES_KEY).arg("MAXLEN").arg("~").arg(MAX_CHANGES).arg("*");
