@@ -239,3 +239,29 @@ async fn after_a_redis_kill_and_restart_presence_converges_again() {
         assert!(n.terminate().await.success());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_redis_loses_everything_the_nodes_write_their_presence_again_and_nobody_leaves() {
+    let dir = temp_dir();
+    let redis = Arc::new(RedisServer::start(&dir.path().join("redis")));
+    let a = node(&redis, &dir.path().join("a"), "1").await;
+    let b = node(&redis, &dir.path().join("b"), "1").await;
+    let mut w = Watcher::start(&a, "backend").await;
+    let mut bob = connect(&b, "bob").await;
+    bob.subscribe("/room").await;
+    assert_eq!(w.change(Duration::from_secs(10)).await, Some((subs(&["bob"]), vec![])));
+    everywhere(&[&a, &b], &[("backend", 1), ("bob", 1)]).await;
+    // Redis forgets every key (as a restart without persistence would, minus the lost
+    // connections): the heartbeats find their keys gone and write everything again.
+    assert_eq!(redis.command(&["FLUSHALL"]), "+OK");
+    until(Duration::from_secs(10), || async { redis.command(&["SCARD", "{ivy}:presence:nodes"]) }, |n| n == ":2").await;
+    // Longer than a heartbeat TTL plus a check: nobody was taken for dead meanwhile.
+    assert_eq!(w.change(Duration::from_secs(13)).await, None, "no leave, no join");
+    everywhere(&[&a, &b], &[("backend", 1), ("bob", 1)]).await;
+    // Changes flow again.
+    bob.close().await;
+    assert_eq!(w.change(Duration::from_secs(10)).await, Some((vec![], subs(&["bob"]))));
+    for n in [a, b] {
+        assert!(n.terminate().await.success());
+    }
+}

@@ -42,9 +42,12 @@
 //!   stream's top ID, then every live node's hash, each replacing that node's contributions by
 //!   their difference (so unchanged members announce nothing), then reads on from that ID.
 //!   Every [`CHECK`] it looks at the alive keys of the nodes it holds contributions from (and
-//!   of the node set): a node whose key is gone is dead: its contributions are dropped
-//!   (ordinary leaves: they linger, then are announced) and its hash and set entry deleted
-//!   (idempotent, any node may do it).
+//!   of the node set): a node whose key is gone while it is still in the set is dead: its
+//!   contributions are dropped (ordinary leaves: they linger, then are announced), its hash
+//!   and set entry deleted and a reset entry added for it (idempotent, any node may do it;
+//!   the others then drop it at once). A node held but neither alive nor in the set (Redis
+//!   lost its data, `FLUSHALL`, a restart without persistence; or another node swept it and
+//!   its reset entry is on the way) is given [`ALIVE_TTL`] to write its hash again.
 //!
 //! # Bounds and choices
 //!
@@ -159,6 +162,7 @@ impl RedisPresence {
             stop: stop.clone(),
             last: None,
             grace_until: None,
+            unlisted: HashMap::new(),
             down: false,
         };
         let tasks = vec![tokio::spawn(publisher.run()), tokio::spawn(follower.run())];
@@ -349,6 +353,10 @@ struct Follower {
     /// After a reconnect: until then, a held node whose alive key is missing is not dropped
     /// (it may not have rewritten its hash yet).
     grace_until: Option<Instant>,
+    /// Held nodes whose alive key is missing and that are not in the node set either: since
+    /// when. Redis lost its data (they write their hash again within a heartbeat) or another
+    /// node swept them (its reset entry follows); past [`ALIVE_TTL`] they are dropped anyway.
+    unlisted: HashMap<String, Instant>,
     down: bool,
 }
 
@@ -487,10 +495,10 @@ impl Follower {
     /// Drops the nodes whose alive key is gone (see the module docs).
     async fn check(&mut self) -> redis::RedisResult<()> {
         let held: HashSet<String> = self.view.remote_nodes().into_iter().map(String::from).collect();
-        let listed: Vec<String> = redis::cmd("SMEMBERS").arg(NODES_KEY).query_async(&mut self.conn).await?;
-        let mut nodes: Vec<String> = held.iter().cloned().chain(listed).filter(|n| *n != self.node).collect();
+        let listed: HashSet<String> = redis::cmd("SMEMBERS").arg(NODES_KEY).query_async(&mut self.conn).await?;
+        let mut nodes: Vec<&String> = held.union(&listed).filter(|n| **n != self.node).collect();
         nodes.sort();
-        nodes.dedup();
+        self.unlisted.retain(|n, _| held.contains(n));
         if nodes.is_empty() {
             return Ok(());
         }
@@ -499,23 +507,49 @@ impl Follower {
             pipe.exists(alive_key(n));
         }
         let alive: Vec<bool> = pipe.query_async(&mut self.conn).await?;
-        let graced = self.grace_until.is_some_and(|t| Instant::now() < t);
+        let now = Instant::now();
+        let graced = self.grace_until.is_some_and(|t| now < t);
         let mut dead = Vec::new();
-        for (n, alive) in nodes.iter().zip(alive) {
-            if alive || (graced && held.contains(n)) {
+        for (n, alive) in nodes.into_iter().zip(alive) {
+            if alive {
+                self.unlisted.remove(n);
                 continue;
             }
             if held.contains(n) {
+                if graced {
+                    continue;
+                }
+                if !listed.contains(n) {
+                    // Not an expiry seen first here: Redis lost its data, or another node swept
+                    // it (then its reset entry comes); wait a TTL for it to write again.
+                    let since = *self.unlisted.entry(n.clone()).or_insert(now);
+                    if now < since + ALIVE_TTL {
+                        continue;
+                    }
+                }
                 tracing::info!(node = %n, "presence: a node's heartbeat expired; its members leave (after the linger)");
                 self.view.drop_remote(n);
+                self.unlisted.remove(n);
             }
-            dead.push(n);
+            dead.push(n.clone());
         }
         if !dead.is_empty() {
+            // Deleted, and a reset entry for each: every other node then drops it at once.
             let mut pipe = redis::pipe();
             pipe.atomic();
-            for n in dead {
+            for n in &dead {
                 pipe.del(node_key(n)).ignore().srem(NODES_KEY, n).ignore();
+                pipe.cmd("XADD")
+                    .arg(CHANGES_KEY)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(MAX_CHANGES)
+                    .arg("*")
+                    .arg("n")
+                    .arg(n)
+                    .arg("t")
+                    .arg("r")
+                    .ignore();
             }
             pipe.query_async::<()>(&mut self.conn).await?;
         }
