@@ -5,7 +5,8 @@
 //! member with its connections summed, a SIGKILLed node's members leave the others within
 //! the stated bound (heartbeat TTL + check interval + linger), a node that shuts down
 //! gracefully takes its members along at once (after the linger), and after a SIGKILL and
-//! restart of Redis every node converges to the same presence again.
+//! restart of Redis (or a FLUSHALL) every node converges to the same presence again, and a
+//! join storm on one node reaches the others coalesced.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -261,6 +262,38 @@ async fn when_redis_loses_everything_the_nodes_write_their_presence_again_and_no
     // Changes flow again.
     bob.close().await;
     assert_eq!(w.change(Duration::from_secs(10)).await, Some((vec![], subs(&["bob"]))));
+    for n in [a, b] {
+        assert!(n.terminate().await.success());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_storm_on_one_node_reaches_another_coalesced() {
+    const MEMBERS: usize = 200;
+    let dir = temp_dir();
+    let redis = Arc::new(RedisServer::start(&dir.path().join("redis")));
+    let a = node(&redis, &dir.path().join("a"), "1").await;
+    let b = node(&redis, &dir.path().join("b"), "1").await;
+    let mut w = Watcher::start(&a, "backend").await;
+    let started = tokio::time::Instant::now();
+    let mut members = Vec::new();
+    for i in 0..MEMBERS {
+        let mut c = connect(&b, &format!("m{i:03}")).await;
+        c.send("+/room").await;
+        members.push(c);
+    }
+    let mut lines = 0;
+    while w.members.len() < MEMBERS + 1 {
+        w.change(Duration::from_secs(10)).await.unwrap_or_else(|| panic!("{} of {MEMBERS} joined", w.members.len() - 1));
+        lines += 1;
+    }
+    println!("{MEMBERS} joins on node B reached a watcher on node A in {lines} lines after {:?}", started.elapsed());
+    // The publisher writes once per tick and the other node applies a whole read at once:
+    // changes are coalesced across nodes as on one.
+    assert!(lines < MEMBERS / 2, "{lines} lines for {MEMBERS} joins");
+    let (count, _) = room(&a).await;
+    assert_eq!(count, MEMBERS + 1);
+    drop(members);
     for n in [a, b] {
         assert!(n.terminate().await.success());
     }
