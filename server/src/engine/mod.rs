@@ -73,6 +73,7 @@ mod local;
 pub mod memory;
 pub mod presence;
 pub mod redis;
+mod redis_presence;
 mod reopen;
 pub mod sled;
 #[cfg(test)]

@@ -36,17 +36,13 @@
 //! **Not persisted.** Presence is the state of the live connections: after a restart it is
 //! empty and fills up again as clients reconnect and subscribe.
 //!
-//! **Several nodes (a Redis engine, later).** The trait is what a multi-node engine
-//! implements: it would keep each channel's members in a Redis hash (`presence:{C}` member ->
-//! conns per node and info) and each path's aggregate in a sorted set (`presence-tree:{P}`,
-//! scored by member key, for paging and `ZCARD` counts), changed by a Lua script per join and
-//! leave (the channel and its ancestors in one script, so counts never drift), with each entry
-//! tagged by the node that holds the connections. Each node heartbeats a key `node:{id}` with
-//! a TTL (say 15 s, refreshed every 5 s); when a node's key expires, any surviving node's sweep
-//! removes its entries (each removal is then an ordinary leave, announced after the linger).
-//! The bound for a crashed node's members is therefore the heartbeat TTL plus one sweep
-//! interval plus the linger. Changes are published on a Redis channel per top-level segment;
-//! each node coalesces them per tick for its own watchers exactly as the local one does here.
+//! **Several nodes.** The Redis engine keeps a *replicated view* in a [`LocalPresence`]
+//! (`LocalPresence::replicated`): its own connections' joins and leaves as here, plus the
+//! other nodes' contributions (per node, channel and member: that node's connections of the
+//! member there), set to absolute values; a member's connections are the sum, so the linger,
+//! the ticks and the watchers are the same. Its own contributions are kept apart, to be
+//! published (`engine::redis_presence`: keys, tasks, the bound for a dead node's members);
+//! the sled and memory engines never keep them.
 
 use std::collections::hash_map::Entry as HashEntry;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -246,6 +242,33 @@ struct State {
     new_watches: Vec<Watch>,
     /// Members summed over channels.
     total: usize,
+    /// The other nodes' contributions, when replicated ([`LocalPresence::replicated`]): per
+    /// node, (channel, member) -> that node's connections of the member there (never 0).
+    remote: HashMap<Box<str>, HashMap<Key, u32>>,
+    /// This node's own contributions and which changed, when replicated.
+    outbox: Option<Outbox>,
+}
+
+/// A member at a channel.
+type Key = (Box<str>, MemberId);
+
+/// This node's own contributions, kept apart from the remote ones so that they can be
+/// published (only when replicated: the sled and memory engines never pay for it).
+#[derive(Debug, Default)]
+struct Outbox {
+    /// (channel, member) -> this node's connections of the member there, and its info.
+    local: HashMap<Key, (u32, Option<Arc<str>>)>,
+    /// The keys whose value changed since they were last taken.
+    dirty: HashSet<(Box<str>, MemberId)>,
+}
+
+/// One node's contribution to a channel's presence: its connections of `member` at `channel`
+/// (0: none), an absolute value (applying it twice changes nothing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Contribution {
+    pub(crate) channel: Box<str>,
+    pub(crate) member: Member,
+    pub(crate) conns: u32,
 }
 
 #[derive(Debug)]
@@ -327,6 +350,81 @@ impl LocalPresence {
             });
         }
         presence
+    }
+
+    /// Presence whose state is the whole cluster's: this node's connections (as
+    /// [`LocalPresence::start`]) plus the other nodes' contributions, set with
+    /// [`LocalPresence::set_remote`] and friends; this node's own contributions are kept
+    /// apart for [`LocalPresence::take_local_changes`] (the Redis engine's replicated view,
+    /// `engine::redis_presence`).
+    pub(crate) fn replicated(options: PresenceOptions, fanout: Arc<FanOut>) -> Arc<LocalPresence> {
+        let presence = LocalPresence::start(options, fanout);
+        presence.lock().outbox = Some(Outbox::default());
+        presence
+    }
+
+    /// This node's contributions that changed since the last call, as absolute values.
+    pub(crate) fn take_local_changes(&self) -> Vec<Contribution> {
+        let mut st = self.lock();
+        let Some(out) = st.outbox.as_mut() else { return Vec::new() };
+        let dirty = std::mem::take(&mut out.dirty);
+        dirty
+            .into_iter()
+            .map(|(channel, id)| {
+                let (conns, info) = out.local.get(&(channel.clone(), id.clone())).cloned().unwrap_or((0, None));
+                Contribution { channel, member: Member { id, info }, conns }
+            })
+            .collect()
+    }
+
+    /// All of this node's contributions (the changes not taken yet are in them: they are
+    /// marked taken).
+    pub(crate) fn take_local_all(&self) -> Vec<Contribution> {
+        let mut st = self.lock();
+        let Some(out) = st.outbox.as_mut() else { return Vec::new() };
+        out.dirty.clear();
+        out.local
+            .iter()
+            .map(|((channel, id), (conns, info))| Contribution {
+                channel: channel.clone(),
+                member: Member { id: id.clone(), info: info.clone() },
+                conns: *conns,
+            })
+            .collect()
+    }
+
+    /// Sets `node`'s contribution to an absolute value: a member's connections at a channel
+    /// are this node's plus every other node's, it joins when that sum leaves 0 and lingers
+    /// when it reaches 0, exactly as with this node's own joins and leaves.
+    pub(crate) fn set_remote(&self, node: &str, c: &Contribution) {
+        let linger = self.options.linger;
+        self.lock().set_remote(node, c, linger);
+    }
+
+    /// Replaces all of `node`'s contributions by `all` (a snapshot of its hash): only the
+    /// differences change anything, so unchanged members announce nothing.
+    pub(crate) fn replace_remote(&self, node: &str, all: &[Contribution]) {
+        let linger = self.options.linger;
+        let mut st = self.lock();
+        let keep: HashSet<(&str, &MemberId)> = all.iter().filter(|c| c.conns > 0).map(|c| (&*c.channel, &c.member.id)).collect();
+        let gone: Vec<(Box<str>, MemberId)> =
+            st.remote.get(node).map(|m| m.keys().filter(|(ch, id)| !keep.contains(&(&**ch, id))).cloned().collect()).unwrap_or_default();
+        for (channel, id) in gone {
+            st.set_remote(node, &Contribution { channel, member: Member { id, info: None }, conns: 0 }, linger);
+        }
+        for c in all {
+            st.set_remote(node, c, linger);
+        }
+    }
+
+    /// Drops every contribution of `node` (gone): ordinary leaves, which linger.
+    pub(crate) fn drop_remote(&self, node: &str) {
+        self.replace_remote(node, &[]);
+    }
+
+    /// The nodes whose contributions this view holds.
+    pub(crate) fn remote_nodes(&self) -> Vec<Box<str>> {
+        self.lock().remote.keys().cloned().collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -420,23 +518,23 @@ impl State {
         state
     }
 
-    /// One more connection of `member` at `channel`.
-    fn add(&mut self, channel: &str, member: &Member) {
+    /// `n` more connections of `member` at `channel`.
+    fn add(&mut self, channel: &str, member: &Member, n: u32) {
         let node = self.nodes.entry(channel.into()).or_default();
         match node.direct.get_mut(&member.id) {
             Some(e) => {
-                e.conns += 1;
+                e.conns += n;
                 e.info.clone_from(&member.info);
                 e.linger = None;
                 for a in ancestors(channel) {
-                    if let Some(agg) = self.nodes.get_mut(a).and_then(|n| n.subtree.get_mut(&member.id)) {
-                        agg.conns += 1;
+                    if let Some(agg) = self.nodes.get_mut(a).and_then(|node| node.subtree.get_mut(&member.id)) {
+                        agg.conns += n;
                         agg.info.clone_from(&member.info);
                     }
                 }
             }
             None => {
-                node.direct.insert(member.id.clone(), Entry { conns: 1, info: member.info.clone(), linger: None });
+                node.direct.insert(member.id.clone(), Entry { conns: n, info: member.info.clone(), linger: None });
                 for a in ancestors(channel) {
                     let node = match self.nodes.get_mut(a) {
                         Some(n) => n,
@@ -444,7 +542,7 @@ impl State {
                     };
                     let agg = node.subtree.entry(member.id.clone()).or_insert(Agg { channels: 0, conns: 0, info: None });
                     agg.channels += 1;
-                    agg.conns += 1;
+                    agg.conns += n;
                     agg.info.clone_from(&member.info);
                 }
                 self.total += 1;
@@ -453,10 +551,10 @@ impl State {
         }
     }
 
-    /// One connection of `member` less at `channel`: at the last one, it lingers (or leaves).
-    fn sub(&mut self, channel: &str, member: &MemberId, linger: Duration) {
-        let Some(e) = self.nodes.get_mut(channel).and_then(|n| n.direct.get_mut(member)) else { return };
-        e.conns = e.conns.saturating_sub(1);
+    /// `n` connections of `member` less at `channel`: at the last one, it lingers (or leaves).
+    fn sub(&mut self, channel: &str, member: &MemberId, n: u32, linger: Duration) {
+        let Some(e) = self.nodes.get_mut(channel).and_then(|node| node.direct.get_mut(member)) else { return };
+        e.conns = e.conns.saturating_sub(n);
         let last = e.conns == 0;
         if last && !linger.is_zero() {
             self.generation += 1;
@@ -464,13 +562,62 @@ impl State {
             self.lingering.push_back((Instant::now() + linger, channel.into(), member.clone(), self.generation));
         }
         for a in ancestors(channel) {
-            if let Some(agg) = self.nodes.get_mut(a).and_then(|n| n.subtree.get_mut(member)) {
-                agg.conns = agg.conns.saturating_sub(1);
+            if let Some(agg) = self.nodes.get_mut(a).and_then(|node| node.subtree.get_mut(member)) {
+                agg.conns = agg.conns.saturating_sub(n);
             }
         }
         if last && linger.is_zero() {
             self.remove(channel, member);
         }
+    }
+
+    /// `node`'s contribution `c`, an absolute value (see [`LocalPresence::set_remote`]).
+    fn set_remote(&mut self, node: &str, c: &Contribution, linger: Duration) {
+        let key = (c.channel.clone(), c.member.id.clone());
+        let per = match self.remote.get_mut(node) {
+            Some(per) => per,
+            None if c.conns == 0 => return,
+            None => self.remote.entry(node.into()).or_default(),
+        };
+        let old = if c.conns == 0 { per.remove(&key) } else { per.insert(key, c.conns) }.unwrap_or(0);
+        if per.is_empty() {
+            self.remote.remove(node);
+        }
+        if c.conns > old {
+            self.add(&c.channel, &c.member, c.conns - old);
+        } else if c.conns < old {
+            self.sub(&c.channel, &c.member.id, old - c.conns, linger);
+        } else if let Some(e) = self.nodes.get_mut(&c.channel).and_then(|n| n.direct.get_mut(&c.member.id)) {
+            // The same connections, another info (its connection that subscribed last): no line.
+            e.info.clone_from(&c.member.info);
+            for a in ancestors(&c.channel) {
+                if let Some(agg) = self.nodes.get_mut(a).and_then(|n| n.subtree.get_mut(&c.member.id)) {
+                    agg.info.clone_from(&c.member.info);
+                }
+            }
+        }
+    }
+
+    /// This node's `member` has one more connection at `channel` (when replicated).
+    fn local_joined(&mut self, channel: &str, member: &Member) {
+        let Some(out) = self.outbox.as_mut() else { return };
+        let key = (Box::<str>::from(channel), member.id.clone());
+        let e = out.local.entry(key.clone()).or_insert((0, None));
+        e.0 += 1;
+        e.1.clone_from(&member.info);
+        out.dirty.insert(key);
+    }
+
+    /// This node's `member` has one connection less at `channel` (when replicated).
+    fn local_left(&mut self, channel: &str, member: &MemberId) {
+        let Some(out) = self.outbox.as_mut() else { return };
+        let key = (Box::<str>::from(channel), member.clone());
+        let Some(e) = out.local.get_mut(&key) else { return };
+        e.0 = e.0.saturating_sub(1);
+        if e.0 == 0 {
+            out.local.remove(&key);
+        }
+        out.dirty.insert(key);
     }
 
     /// `member` leaves `channel`.
@@ -643,7 +790,8 @@ impl Presence for LocalPresence {
         }
         state.channels.insert(channel.into());
         let member = state.member.clone();
-        st.add(channel, &member);
+        st.add(channel, &member, 1);
+        st.local_joined(channel, &member);
     }
 
     fn leave(&self, conn: ConnId, channel: &str) {
@@ -656,7 +804,8 @@ impl Presence for LocalPresence {
         if state.channels.is_empty() && state.watching.is_empty() {
             st.conns.remove(&conn);
         }
-        st.sub(channel, &id, self.options.linger);
+        st.sub(channel, &id, 1, self.options.linger);
+        st.local_left(channel, &id);
     }
 
     fn disconnect(&self, conn: ConnId) {
@@ -672,7 +821,8 @@ impl Presence for LocalPresence {
             }
         }
         for channel in &state.channels {
-            st.sub(channel, &state.member.id, self.options.linger);
+            st.sub(channel, &state.member.id, 1, self.options.linger);
+            st.local_left(channel, &state.member.id);
         }
     }
 
@@ -682,8 +832,10 @@ impl Presence for LocalPresence {
         let old = std::mem::replace(&mut state.member, member.clone());
         let channels: Vec<Box<str>> = state.channels.iter().cloned().collect();
         for channel in &channels {
-            st.sub(channel, &old.id, self.options.linger);
-            st.add(channel, member);
+            st.sub(channel, &old.id, 1, self.options.linger);
+            st.local_left(channel, &old.id);
+            st.add(channel, member, 1);
+            st.local_joined(channel, member);
         }
     }
 
@@ -899,6 +1051,50 @@ mod tests {
         assert_eq!(page.members[0].conns, 2);
         p.disconnect(ConnId(1));
         assert_eq!(p.count("/"), 0);
+    }
+
+    fn contribution(channel: &str, member: &str, conns: u32) -> Contribution {
+        Contribution { channel: channel.into(), member: sub(member), conns }
+    }
+
+    #[tokio::test]
+    async fn remote_contributions_add_up_with_local_ones_and_linger_alike() {
+        let p = presence(200, 1000);
+        p.lock().outbox = Some(Outbox::default());
+        let (w, mut rx, _) = Conn::new(ConnId(10), 64);
+        let done = watch(&p, &w, "/");
+        p.tick(Instant::now());
+        done.await.unwrap();
+        lines(&mut rx);
+        // ada: one connection here, two on node B: one member with three connections.
+        p.join(ConnId(1), "/r", &sub("ada"));
+        p.set_remote("b", &contribution("/r", "ada", 2));
+        p.set_remote("b", &contribution("/r", "ada", 2));
+        p.set_remote("c", &contribution("/r/x", "bob", 1));
+        assert_eq!(p.members("/r", None, 10).members.iter().map(|m| m.conns).collect::<Vec<_>>(), [3, 1]);
+        p.tick(Instant::now());
+        let mut got = lines(&mut rx);
+        got.sort();
+        assert_eq!(got, ["^~/r/x:{\"join\":[{\"sub\":\"bob\"}],\"count\":1}", "^~/r:{\"join\":[{\"sub\":\"ada\"}],\"count\":1}"]);
+        // Only this node's own connections are published.
+        assert_eq!(p.take_local_changes(), [Contribution { channel: "/r".into(), member: sub("ada"), conns: 1 }]);
+        assert!(p.take_local_changes().is_empty());
+        // A replaced snapshot that matches changes nothing; c's node is dropped: bob lingers.
+        p.replace_remote("b", &[contribution("/r", "ada", 2)]);
+        p.drop_remote("c");
+        assert_eq!(p.remote_nodes(), [Box::<str>::from("b")]);
+        p.tick(Instant::now());
+        assert!(lines(&mut rx).is_empty(), "a leave lingers");
+        assert_eq!(p.count("/r"), 2);
+        p.tick(Instant::now() + Duration::from_secs(1));
+        assert_eq!(lines(&mut rx), ["^~/r/x:{\"leave\":[{\"sub\":\"bob\"}],\"count\":0}"]);
+        // ada's local connection goes: still present through b; then b's go too.
+        p.disconnect(ConnId(1));
+        assert_eq!(p.take_local_changes(), [Contribution { channel: "/r".into(), member: sub("ada"), conns: 0 }]);
+        p.set_remote("b", &contribution("/r", "ada", 0));
+        p.tick(Instant::now() + Duration::from_secs(2));
+        assert_eq!(lines(&mut rx), ["^~/r:{\"leave\":[{\"sub\":\"ada\"}],\"count\":0}"]);
+        assert!(p.lock().nodes.is_empty() && p.remote_nodes().is_empty());
     }
 
     #[test]

@@ -71,7 +71,8 @@
 //!
 //! TODO(idempotency): the idempotency ids of the single-node sequencer (a later merge) need a
 //! check-and-set per id inside the publish script (a key with a TTL, read before the XADDs).
-//! Presence and channel listing are not on Redis yet either.
+//! Channel listing is not on Redis yet either. Presence is: every node keeps the whole
+//! cluster's view, fed through Redis (`redis_presence`'s module docs: keys, bounds).
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -349,14 +350,20 @@ impl Open for RedisEngine {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(2));
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone()).map_err(io_err)?;
-        let reader_conn =
-            ConnectionManager::new_lazy_with_config(client, config.set_response_timeout(Some(BLOCK + RESPONSE_TIMEOUT))).map_err(io_err)?;
+        let blocking = config.set_response_timeout(Some(BLOCK + RESPONSE_TIMEOUT));
+        let reader_conn = ConnectionManager::new_lazy_with_config(client.clone(), blocking.clone()).map_err(io_err)?;
         let mut tag = [0u8; 8];
         getrandom::fill(&mut tag).map_err(|e| io::Error::other(format!("no random node tag: {e}")))?;
         let node: String = tag.iter().map(|b| format!("{b:02x}")).collect();
-        // Presence is this node's only, for now: a member is present on the node that holds
-        // its connection (PROTOCOL 5.10; presence across nodes is the next step of issue 15).
-        let presence = super::LocalPresence::start(context.presence, context.fanout.clone());
+        // Presence: every node keeps the whole cluster's view (super::redis_presence).
+        let presence_conn = ConnectionManager::new_lazy_with_config(client, blocking).map_err(io_err)?;
+        let presence = super::redis_presence::RedisPresence::start(
+            context.presence,
+            context.fanout.clone(),
+            node.clone(),
+            conn.clone(),
+            presence_conn,
+        );
         let shared = Arc::new(Shared {
             conn,
             node,
@@ -546,7 +553,7 @@ impl Shared {
 struct RedisLog {
     shared: Arc<Shared>,
     tasks: Mutex<Option<(tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>)>>,
-    presence: Arc<super::LocalPresence>,
+    presence: Arc<super::redis_presence::RedisPresence>,
 }
 
 impl Engine for RedisLog {
@@ -557,7 +564,7 @@ impl Engine for RedisLog {
     }
 
     fn presence(&self) -> Arc<dyn super::Presence> {
-        self.presence.clone()
+        self.presence.view()
     }
 
     fn now(&self) -> Timestamp {
@@ -638,7 +645,9 @@ impl Engine for RedisLog {
     fn shutdown(&self) -> BoxFuture<'static, ()> {
         let tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner).take();
         let shared = self.shared.clone();
+        let presence = self.presence.clone();
         Box::pin(async move {
+            presence.shutdown().await;
             if let Some((writer, reader)) = tasks {
                 let _ = writer.await;
                 // The sends written complete once the reader delivered them.
