@@ -166,7 +166,8 @@ pub struct Cli {
     pub idempotency_window: Seconds,
 
     /// Most send ids remembered; beyond, the oldest are forgotten first (under a heavy load
-    /// of sends with ids the window is then shorter: ivy_idempotency_evicted_total).
+    /// of sends with ids the window is then shorter: ivy_idempotency_evicted_total). Not on
+    /// Redis (--redis): there each id is a key that expires with the window.
     #[arg(long, env = "IVY_IDEMPOTENCY_MAX_KEYS", default_value_t = config::DEFAULT_IDEMPOTENCY_MAX_KEYS)]
     pub idempotency_max_keys: usize,
 

@@ -414,7 +414,7 @@ impl Ivy {
         if !self.shared.engine.send_ids() {
             return Err(PublishError::storage(io::Error::new(
                 io::ErrorKind::Unsupported,
-                "send ids are not supported by this server's engine (Redis) yet",
+                "send ids are not supported by this server's engine",
             )));
         }
         let config = &self.shared.config;

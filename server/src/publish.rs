@@ -198,8 +198,7 @@ const BAD_ID: &str = "a send id is 1 to 64 characters of A-Z a-z 0-9 . _ ~ -";
 
 /// The refusal of an `Idempotency-Key` (or per-item ids) by an engine that does not honour send
 /// ids ([`crate::engine::Engine::send_ids`]): retried, such a publish could be stored twice.
-const NO_SEND_IDS: &str =
-    "send ids (Idempotency-Key, per-item ids) are not supported by this server's engine (Redis) yet; nothing was stored";
+const NO_SEND_IDS: &str = "send ids (Idempotency-Key, per-item ids) are not supported by this server's engine; nothing was stored";
 
 /// The request's `Idempotency-Key`, if it has one, or its 400.
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<Bytes>, Box<Response>> {

@@ -362,44 +362,150 @@ async fn rediss_urls_talk_tls_to_redis() {
     let _ = redis.kill().await;
 }
 
-/// Send ids (`docs/PROTOCOL.md` 5.9) are not honoured by the Redis engine yet, and a retried
-/// send would be stored twice: the node refuses them exactly as a server without them does
-/// (`malformed`, `unknown command '*'`), so that the clients fall back to plain sends (a lost
-/// ack is then uncertain, never doubled), and refuses an `Idempotency-Key` with 501.
+/// Send ids (`docs/PROTOCOL.md` 5.9) on two nodes of one Redis: a repeat on node B of a send
+/// made on node A (same sender, other path and data) stores nothing and gets the first's
+/// timestamp, over the WebSocket (the same ack bytes) and over HTTP (`Idempotency-Key`: the
+/// same `201` body, `Idempotent-Replayed: true`); the logs of both nodes are the same bytes,
+/// each event once, and the repeats' markers in the root log show in no page, whatever its
+/// limit. The native client, whose core gives every send an id, sends with ids.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn send_ids_are_refused_as_by_a_server_without_them_and_the_clients_fall_back() {
+async fn a_repeat_on_another_node_is_a_replay_and_the_logs_stay_identical() {
+    let dir = temp_dir();
+    let redis = Arc::new(RedisServer::start(&dir.path().join("redis")));
+    let a = TestServer::start(on(&redis, &dir.path().join("a"))).await;
+    let b = TestServer::start(on(&redis, &dir.path().join("b"))).await;
+    let mut sub_b = Client::connect(&b.ws_url()).await;
+    sub_b.subscribe("/ids").await;
+    let mut on_a = Client::connect(&a.ws_url()).await;
+    let mut on_b = Client::connect(&b.ws_url()).await;
+    let reply = on_a.request("#1#*r.1:/ids:one").await;
+    let first = reply.strip_prefix("#1#@").unwrap_or_else(|| panic!("{reply}")).to_string();
+    assert_eq!(sub_b.recv().await, format!("@{first}:/ids:one"));
+    // On B, the same sender (anonymous) and id, with other path and data: the first's ack.
+    assert_eq!(on_b.request("#2#*r.1:/elsewhere:other").await, format!("#2#@{first}"));
+    assert_eq!(on_a.request("#3#*r.1:/ids:again").await, format!("#3#@{first}"));
+    // Pipelined on B: repeats and firsts mixed, acked in send order.
+    for i in 0..6 {
+        on_b.send(&format!("#p{i}#*r.{}:/ids:p{i}", 1 + i % 2)).await;
+    }
+    let mut second = None;
+    for i in 0..6 {
+        let line = on_b.recv().await;
+        let ts = line.strip_prefix(&format!("#p{i}#@")).unwrap_or_else(|| panic!("send p{i}: {line}")).to_string();
+        if i % 2 == 0 {
+            assert_eq!(ts, first, "p{i} repeats r.1");
+        } else {
+            assert!(ts > first, "p{i}: r.2 is stored once, by p1");
+            assert_eq!(*second.get_or_insert(ts.clone()), ts, "p{i} repeats r.2");
+        }
+    }
+    let second = second.unwrap();
+    assert_eq!(sub_b.recv().await, format!("@{second}:/ids:p1"));
+    sub_b.expect_silence(Duration::from_millis(300)).await;
+
+    // HTTP: the key on A, its repeat on B.
+    let h = ivy_tests::http_send(a.addr, "POST", "/log/ids", &[("Idempotency-Key", "h.1")], b"by http").await;
+    assert_eq!((h.status, h.header("idempotent-replayed")), (201, None), "{}", h.text());
+    let again = ivy_tests::http_send(b.addr, "PUT", "/log/ids", &[("Idempotency-Key", "h.1")], b"other").await;
+    assert_eq!((again.status, again.text(), again.header("idempotent-replayed")), (201, h.text(), Some("true")));
+    let t_http = h.text().trim().to_string();
+    assert_eq!(sub_b.recv().await, format!("@{t_http}:/ids:by http"));
+    let items = ivy_tests::http_send(b.addr, "POST", "/publish", &[], br#"[{"path":"/ids","data":"x","id":"h.1"}]"#).await;
+    let items: serde_json::Value = serde_json::from_slice(&items.body).unwrap_or_else(|e| panic!("{e}: {}", items.text()));
+    assert_eq!(items, serde_json::json!([{"timestamp": t_http, "replayed": true}]), "an item's id on B");
+
+    // The native client sends with ids: each send stored once.
+    let native = ivy_client_native::Client::builder(b.ws_url()).connect().await.expect("connect");
+    let n1 = native.send("/ids", "native 1").await.expect("send");
+    let n2 = native.send("/ids", "native 2").await.expect("send");
+    assert!(n1 < n2);
+    native.close().await;
+
+    let expected = [
+        format!("@{first}:/ids:one"),
+        format!("@{second}:/ids:p1"),
+        format!("@{t_http}:/ids:by http"),
+        format!("@{n1}:/ids:native 1"),
+        format!("@{n2}:/ids:native 2"),
+    ];
+    for path in ["/log/ids", "/log/"] {
+        let (la, lb) = (http_get(a.addr, path, &[]).await, http_get(b.addr, path, &[]).await);
+        assert_eq!(la.text(), expected.join("\n"), "{path} on A: each event once, no marker");
+        assert_eq!((la.text(), la.header("etag")), (lb.text(), lb.header("etag")), "{path}: the same on both nodes");
+    }
+    // Pages step over the markers between the events (a page of 2 holds 2 events).
+    assert_eq!(log_text(b.addr, "/log/?limit=2").await, expected[..2].join("\n"));
+    assert_eq!(log_text(b.addr, &format!("/log/?after={first}&limit=2")).await, expected[1..3].join("\n"));
+    // Redis keeps the id with a TTL (the window), in the scope of the sender's wire form.
+    let ttl = redis.command(&["PTTL", "{ivy}:id:- r.1"]);
+    let ttl: i64 = ttl.strip_prefix(':').and_then(|t| t.parse().ok()).unwrap_or_else(|| panic!("PTTL: {ttl}"));
+    assert!(ttl > 0 && ttl <= 600_000, "{ttl}");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The ids are in Redis: a repeat after a SIGKILL of Redis and a restart on its append-only
+/// file is still a replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeat_after_a_sigkill_of_redis_and_a_restart_on_its_aof_is_still_a_replay() {
     let dir = temp_dir();
     let redis = Arc::new(RedisServer::start(&dir.path().join("redis")));
     let server = TestServer::start(on(&redis, dir.path())).await;
-
     let mut c = Client::connect(&server.ws_url()).await;
-    c.send("#k#*abc.1:/ids:x").await;
-    assert_eq!(c.recv().await, "#k#!malformed unknown command '*' (expected one of + - : @)");
-    c.send("#p#:/ids:plain").await;
-    assert!(c.recv().await.starts_with("#p#@"), "a plain send is stored");
-
-    // The native client, whose core gives every send an id, falls back to plain sends.
-    let native = ivy_client_native::Client::builder(server.ws_url()).connect().await.expect("connect");
-    let t1 = native.send("/ids", "native 1").await.expect("the first send, resent plain");
-    let t2 = native.send("/ids", "native 2").await.expect("a plain send");
-    assert!(t1 < t2);
-    native.close().await;
-    let log = log_text(server.addr, "/log/ids").await;
-    assert_eq!(
-        log.lines().map(|l| l.rsplit(':').next().unwrap()).collect::<Vec<_>>(),
-        ["plain", "native 1", "native 2"],
-        "each stored once, nothing with the refused id: {log}"
-    );
-
-    // HTTP: an Idempotency-Key (or per-item ids) is refused whole, before anything is stored.
-    for (target, body) in [("/log/ids", "keyed"), ("/publish", r#"[{"path":"/ids","data":"keyed"}]"#)] {
-        let r = ivy_tests::http_send(server.addr, "POST", target, &[("Idempotency-Key", "k1")], body.as_bytes()).await;
-        assert_eq!(r.status, 501, "{target}: {}", r.text());
-        assert!(r.text().contains("send ids (Idempotency-Key, per-item ids) are not supported by this server's engine (Redis) yet"));
+    let reply = c.request("#1#*k.1:/kill:one").await;
+    let first = reply.strip_prefix("#1#@").unwrap_or_else(|| panic!("{reply}")).to_string();
+    redis.kill();
+    redis.restart();
+    // Until the node is back on Redis, a send fails (unreachable, or cut); then the repeat
+    // gets the first's timestamp.
+    let deadline = Instant::now() + WAIT;
+    let mut i = 1;
+    loop {
+        i += 1;
+        let reply = c.request(&format!("#{i}#*k.1:/kill:again")).await;
+        if let Some(ts) = reply.strip_prefix(&format!("#{i}#@")) {
+            assert_eq!(ts, first, "a replay after the restart");
+            break;
+        }
+        let error = reply.strip_prefix(&format!("#{i}#!")).unwrap_or_else(|| panic!("not a reply: {reply}"));
+        assert!(error == UNREACHABLE || error == CUT, "{error}");
+        assert!(Instant::now() < deadline, "no reply within {WAIT:?} of Redis coming back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (status, _) = post(server.addr, "/publish", r#"[{"path":"/ids","data":"keyed","id":"i1"}]"#).await;
-    assert_eq!(status, 501, "per-item ids too");
-    assert_eq!(log_text(server.addr, "/log/ids").await.lines().count(), 3, "nothing stored by the refused requests");
+    let next = send_until_acked(&mut c, "/kill", "two").await;
+    assert_eq!(log_text(server.addr, "/log/kill").await, format!("@{first}:/kill:one\n{next}"));
+    server.stop().await;
+}
+
+/// After the idempotency window (here 300 ms) Redis has forgotten the id (its key's TTL): the
+/// same id is a new send. With a zero window ids are ignored: no key at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_window_an_id_is_stored_again_and_a_zero_window_keeps_no_ids() {
+    let dir = temp_dir();
+    let redis = Arc::new(RedisServer::start(&dir.path().join("redis")));
+    let mut setup = on(&redis, &dir.path().join("a"));
+    setup.config = setup.config.clone().idempotency_window(Duration::from_millis(300));
+    let server = TestServer::start(setup).await;
+    let mut c = Client::connect(&server.ws_url()).await;
+    let first = c.request("#1#*w:/w:one").await.strip_prefix("#1#@").expect("acked").to_string();
+    assert_eq!(c.request("#2#*w:/w:one").await, format!("#2#@{first}"), "inside the window");
+    let ttl = redis.command(&["PTTL", "{ivy}:id:- w"]);
+    assert!(ttl.strip_prefix(':').and_then(|t| t.parse::<i64>().ok()).is_some_and(|t| t > 0 && t <= 300), "{ttl}");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let again = c.request("#3#*w:/w:one").await.strip_prefix("#3#@").expect("acked").to_string();
+    assert!(again > first, "after the window: a new send");
+    assert_eq!(log_text(server.addr, "/log/w").await, format!("@{first}:/w:one\n@{again}:/w:one"));
+    server.stop().await;
+
+    let mut setup = on(&redis, &dir.path().join("b"));
+    setup.config = setup.config.clone().idempotency_window(Duration::ZERO);
+    let server = TestServer::start(setup).await;
+    let mut c = Client::connect(&server.ws_url()).await;
+    let one = c.request("#1#*z:/z:x").await.strip_prefix("#1#@").expect("acked").to_string();
+    let two = c.request("#2#*z:/z:x").await.strip_prefix("#2#@").expect("acked").to_string();
+    assert!(two > one);
+    assert_eq!(redis.command(&["EXISTS", "{ivy}:id:- z"]), ":0");
+    assert_eq!(log_text(server.addr, "/log/z").await.lines().count(), 2);
     server.stop().await;
 }
 

@@ -13,9 +13,11 @@
 //! sequencer's memory ([`Keys`]), checked when it takes a batch, and the sled engine stores each
 //! id with its event in the same atomic write, so that after a restart (or a crash) the ids
 //! are exactly those of the stored events; it rebuilds them on open from the events of the
-//! root log newer than the window. An engine on a shared store (Redis) would keep them there.
+//! root log newer than the window. The Redis engine keeps them in Redis, a key per id whose
+//! TTL is the window, checked and set by the script that stores the batch (see
+//! `engine/redis.rs`).
 //!
-//! Beyond [`Idempotency::max_keys`] ids, the oldest are forgotten first
+//! Beyond [`Idempotency::max_keys`] ids (not on Redis, where the TTL bounds them), the oldest are forgotten first
 //! (`ivy_idempotency_evicted_total`): under a heavy load of sends with ids, the window is
 //! effectively shorter.
 

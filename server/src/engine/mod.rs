@@ -216,8 +216,8 @@ pub trait Engine: Send + Sync + 'static {
     fn presence(&self) -> Arc<dyn Presence>;
 
     /// Whether the engine honours send ids ([`Publish::id`], `docs/PROTOCOL.md` 5.9): a
-    /// repeat within the window stores nothing. An engine that does not (the Redis engine,
-    /// for now) makes the server refuse sends with ids, as a server without them would
+    /// repeat within the window stores nothing. An engine that does not makes the server
+    /// refuse sends with ids, as a server without them would
     /// (`malformed` on the WebSocket, so that clients fall back to plain sends; `501` for an
     /// `Idempotency-Key` on HTTP), rather than store a retried send twice. The default: yes.
     fn send_ids(&self) -> bool {

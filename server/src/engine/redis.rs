@@ -18,13 +18,40 @@
 //! - `{ivy}:log:/`: the root channel's log, a STREAM holding every event in timestamp order,
 //!   each entry with the fields `l` (the event line exactly as delivered to a connection without
 //!   extensions, `@ts:/path:data`), `o` (its sender's wire form, `docs/PROTOCOL.md` 6.1.1),
-//!   `n` (its number) and `w` (the node and group commit that wrote it);
+//!   `n` (its number) and `w` (the node and group commit that wrote it), and the markers of
+//!   repeated send ids (below);
 //! - `{ivy}:log:<path>`: the log of each other channel (its whole subtree), a STREAM with the
 //!   fields `l` and `o`: an event is appended to its channel's log and every ancestor's, with
 //!   the same ID (the fan-in of the sled layout);
 //! - `{ivy}:channels`: the SET of the channels that have a log (retention walks it);
 //! - `{ivy}:horizon:<path>`: a HASH, once the log lost events (retention or a deletion): `ts`,
-//!   the ID of the newest event deleted from it, and `d`, how many deletions changed it.
+//!   the ID of the newest event deleted from it, and `d`, how many deletions changed it;
+//! - `{ivy}:id:<origin> <id>`: a send id ([`Publish::id`], `docs/PROTOCOL.md` 5.9) in the scope
+//!   of its sender's wire form (an id holds no space, so the last space splits the key one way
+//!   only): the stream ID of the event first stored with it, set with `PX` = the idempotency
+//!   window ([`Context::idempotency`]), so that Redis forgets it after the window (the key
+//!   limit, `--idempotency-max-keys`, does not apply: the TTL bounds the keys, window × rate).
+//!   The keys are written by the scripts that store their events, so they are exactly as
+//!   durable as the events (in the append-only file, with them).
+//!
+//! # Send ids: repeats and their markers
+//!
+//! The publish script looks up each event's id key (`GET`) before storing it. A repeat (the key
+//! is there: within the window, same sender and id, whatever its path and data) stores no
+//! event, counts no `n` and adds no channel: the script appends to the root log only a
+//! *marker*, an entry with a fresh stream ID (the next one, as an event's) and the fields `w`
+//! (the writer tag) and `r` (the first event's ID), and no `l`, `o`, `n`. Otherwise it stores the
+//! event and sets the key; a repeat later in the same script then finds it (a repeat in the
+//! same group commit as its first gets its result; a failed script stored neither, so a failed
+//! send is not remembered). With a zero window the script ignores ids. The writing node's
+//! reader meets the marker in its place among the node's other entries and completes the
+//! repeat there with the first's timestamp ([`Completion::replayed`]), so that a connection's
+//! replies keep send order. A marker is no event: every reader of the log skips it (log pages,
+//! their counts, bounds and ETags are those of a log without markers; pages go on by the last
+//! entry seen, not by the events counted), it has no number (the continuity check skips it),
+//! other nodes' readers skip it, and deletions and retention remove the markers of the root
+//! log they step over (with `--retention-max-events` alone, only when `/` itself is trimmed:
+//! a marker is a few dozen bytes per repeat).
 //!
 //! Stream IDs are the timestamps: `ms = secs × 1000 + nanos / 1 000 000`,
 //! `seq = nanos mod 1 000 000`. The map is strictly increasing (a timestamp is
@@ -36,7 +63,8 @@
 //! A writer task takes every request waiting in the queue (up to the same batch limits as the
 //! single-node sequencer) and stores them with ONE Lua script (EVALSHA, loaded again on
 //! NOSCRIPT): for each event `ts = max(Redis TIME, last + 1 ns, the node's floor + 1 ns)`, XADD to
-//! each level's log, then SET the clock; it returns the IDs. Redis runs scripts one at a time,
+//! each level's log (or, for a repeat of a send id, a marker to the root log: see below), then
+//! SET the clock; it returns the IDs. Redis runs scripts one at a time,
 //! so the order is total across nodes and no node's clock decides it. The node's floor (its
 //! wall clock, and the newest timestamp it delivered or answered to `@`) only raises
 //! timestamps: a node's `@` answer is below every later event it sends, and its timestamps keep
@@ -69,9 +97,7 @@
 //!
 //! # Not yet on Redis
 //!
-//! TODO(idempotency): the idempotency ids of the single-node sequencer (a later merge) need a
-//! check-and-set per id inside the publish script (a key with a TTL, read before the XADDs).
-//! Channel listing is not on Redis yet either. Presence is: every node keeps the whole
+//! Channel listing is not on Redis yet. Presence is: every node keeps the whole
 //! cluster's view, fed through Redis (`redis_presence`'s module docs: keys, bounds).
 
 use std::collections::{HashMap, VecDeque};
@@ -142,8 +168,11 @@ fn ts_of(id: &[u8]) -> Option<Timestamp> {
 }
 
 /// The script of a group commit: see the module docs. KEYS: the clock, the counter, the set
-/// of channels, the root log. ARGV: the node's floor (an ID), the writer tag, then for each
-/// event its path, the rest of its line after the timestamp (`:/path:data`) and its sender.
+/// of channels, the root log. ARGV: the node's floor (an ID), the writer tag, the idempotency
+/// window in milliseconds (`0`: ids are ignored), then for each event its path, the rest of
+/// its line after the timestamp (`:/path:data`), its sender and its send id (`''`: none).
+/// An event whose id key (`{ivy}:id:ORIGIN ID`, see the module docs) is present is a repeat: only a marker entry (`w`, and
+/// `r`: the first event's ID) is appended to the root log, in its place. Returns the IDs.
 const PUBLISH: &str = r#"
 local function parse(id)
   local d = string.find(id, '-', 1, true)
@@ -156,6 +185,7 @@ end
 local t = redis.call('TIME')
 local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local sq = (tonumber(t[2]) % 1000) * 1000
+local now = ms
 local function atleast(id)
   local b_ms, b_sq = parse(id)
   b_ms, b_sq = step(b_ms, b_sq)
@@ -165,31 +195,45 @@ atleast(redis.call('GET', KEYS[1]) or '0-0')
 atleast(ARGV[1])
 local top = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)
 if top[1] then atleast(top[1][1]) end
-local count = (#ARGV - 2) / 3
-local n = redis.call('INCRBY', KEYS[2], count) - count
+local window = tonumber(ARGV[3])
+local n = tonumber(redis.call('GET', KEYS[2]) or '0')
+local stored = 0
 local ids = {}
 local id
-for i = 3, #ARGV, 3 do
-  if i > 3 then ms, sq = step(ms, sq) end
-  local path, rest, origin = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+for i = 4, #ARGV, 4 do
+  if i > 4 then ms, sq = step(ms, sq) end
+  local path, rest, origin, sid = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   id = string.format('%d-%d', ms, sq)
-  local line = string.format('@%010d.%09d', math.floor(ms / 1000), (ms % 1000) * 1000000 + sq) .. rest
-  n = n + 1
-  redis.call('XADD', KEYS[4], id, 'l', line, 'o', origin, 'n', n, 'w', ARGV[2])
-  if path ~= '/' then
-    local j = 2
-    while true do
-      local k = string.find(path, '/', j, true)
-      local anc = path
-      if k then anc = string.sub(path, 1, k - 1) end
-      redis.call('XADD', '{ivy}:log:' .. anc, id, 'l', line, 'o', origin)
-      redis.call('SADD', KEYS[3], anc)
-      if not k then break end
-      j = k + 1
+  local key, first = nil, nil
+  if window > 0 and sid ~= '' then
+    key = '{ivy}:id:' .. origin .. ' ' .. sid
+    first = redis.call('GET', key)
+  end
+  if first then
+    redis.call('XADD', KEYS[4], id, 'w', ARGV[2], 'r', first)
+  else
+    local line = string.format('@%010d.%09d', math.floor(ms / 1000), (ms % 1000) * 1000000 + sq) .. rest
+    n = n + 1
+    stored = stored + 1
+    redis.call('XADD', KEYS[4], id, 'l', line, 'o', origin, 'n', n, 'w', ARGV[2])
+    if path ~= '/' then
+      local j = 2
+      while true do
+        local k = string.find(path, '/', j, true)
+        local anc = path
+        if k then anc = string.sub(path, 1, k - 1) end
+        redis.call('XADD', '{ivy}:log:' .. anc, id, 'l', line, 'o', origin)
+        redis.call('SADD', KEYS[3], anc)
+        if not k then break end
+        j = k + 1
+      end
     end
+    -- The window counts from the event's timestamp, which may be ahead of Redis's clock.
+    if key then redis.call('SET', key, id, 'PX', window + math.max(0, ms - now)) end
   end
   ids[#ids + 1] = id
 end
+if stored > 0 then redis.call('INCRBY', KEYS[2], stored) end
 redis.call('SET', KEYS[1], id)
 return ids
 "#;
@@ -197,7 +241,7 @@ return ids
 /// One step of a deletion. KEYS: the channel's log. ARGV: the cursor (XRANGE start), the end
 /// (exclusive, `(ID`), `1` to delete only the events sent to the channel itself, the channel,
 /// the step. Deletes the events found from every log that holds them and raises those logs'
-/// horizons; returns the number deleted, the newest deleted, the last ID looked at and how
+/// horizons (and the root log's repeat markers it looks at, which are no events); returns the number deleted, the newest deleted, the last ID looked at and how
 /// many were looked at.
 const DELETE: &str = r#"
 local function parse(id)
@@ -236,6 +280,8 @@ for _, e in ipairs(entries) do
     end
     deleted = deleted + 1
     newest_all = id
+  elseif not line and KEYS[1] == '{ivy}:log:/' then
+    redis.call('XDEL', KEYS[1], id)
   end
 end
 for _, log in ipairs(order) do
@@ -379,9 +425,16 @@ impl Open for RedisEngine {
             position: AtomicU64::new(nanos(last)),
             wake: tokio::sync::Notify::new(),
         });
-        let reader = Reader { shared: shared.clone(), conn: reader_conn, last, expected: count, down_since: None };
+        let reader =
+            Reader { shared: shared.clone(), conn: reader_conn, metrics: context.metrics.clone(), last, expected: count, down_since: None };
         let reader = tokio::spawn(reader.run());
-        let writer = Writer { shared: shared.clone(), requests: context.requests, metrics: context.metrics, batches: 0 };
+        // Milliseconds (PX), at least one; 0: ids ignored.
+        let window = if context.idempotency.is_active() {
+            u64::try_from(context.idempotency.window.as_millis()).unwrap_or(u64::MAX).max(1)
+        } else {
+            0
+        };
+        let writer = Writer { shared: shared.clone(), requests: context.requests, metrics: context.metrics, batches: 0, window };
         let writer = tokio::spawn(writer.run());
         if self.retention.is_active() {
             let retainer = Retainer { shared: shared.clone(), retention: self.retention, checked: HashMap::new() };
@@ -557,12 +610,6 @@ struct RedisLog {
 }
 
 impl Engine for RedisLog {
-    /// Not yet: a repeat would have to be answered in its place among the acks that this
-    /// node's reader completes (see [`Pending`]); until then sends with ids are refused.
-    fn send_ids(&self) -> bool {
-        false
-    }
-
     fn presence(&self) -> Arc<dyn super::Presence> {
         self.presence.view()
     }
@@ -701,7 +748,8 @@ async fn read_page(mut conn: ConnectionManager, request: ReadRequest) -> io::Res
         let reply: Value = cmd.arg("COUNT").arg(chunk).query_async(&mut conn).await.map_err(io_err)?;
         let entries = entries(reply);
         let got = entries.len();
-        for e in &entries {
+        // The cursor moves by entries, the page fills by events: markers are not events.
+        for e in entries.iter().filter(|e| !e.is_marker()) {
             page.push_for(&request, e.ts, &e.line, &e.origin);
             if page.is_full(&request) {
                 return Ok(page);
@@ -725,16 +773,27 @@ fn horizon_of((ts, d): (Option<String>, Option<u64>)) -> Option<Horizon> {
     Some(Horizon { newest, deletions: d.unwrap_or(1) })
 }
 
-/// One entry of a log.
+/// One entry of a log: an event, or (root log only) a repeat's marker.
 #[derive(Debug, Default)]
 struct Entry {
     ts: Timestamp,
+    /// The event line (empty: a marker).
     line: Vec<u8>,
     origin: Vec<u8>,
-    /// The event's number (the root log's entries).
+    /// The event's number (the root log's events).
     n: Option<u64>,
     /// The writer tag (the root log's entries).
     writer: Vec<u8>,
+    /// A marker's first event (`r`): the stream ID of the event stored with the repeated id.
+    first: Vec<u8>,
+}
+
+impl Entry {
+    /// Whether this is a repeat's marker (see the module docs), which no reader of the log
+    /// sees: only the reader of the node that wrote it, to answer the repeat in its place.
+    fn is_marker(&self) -> bool {
+        self.line.is_empty()
+    }
 }
 
 fn bytes_of(v: Value) -> Vec<u8> {
@@ -770,6 +829,7 @@ fn entries(reply: Value) -> Vec<Entry> {
                 b"o" => e.origin = bytes_of(v),
                 b"n" => e.n = std::str::from_utf8(&bytes_of(v)).ok().and_then(|s| s.parse().ok()),
                 b"w" => e.writer = bytes_of(v),
+                b"r" => e.first = bytes_of(v),
                 _ => {}
             }
         }
@@ -802,10 +862,12 @@ struct Writer {
     requests: Requests,
     metrics: super::EngineMetrics,
     batches: u64,
+    /// The idempotency window in milliseconds, `0` when ids are ignored (the script's ARGV[3]).
+    window: u64,
 }
 
 fn cost(r: &Publish) -> usize {
-    stored_cost(&r.path, r.data.len().saturating_add(r.origin.wire().len())).1
+    stored_cost(&r.path, r.data.len().saturating_add(r.origin.wire().len()).saturating_add(r.id.as_ref().map_or(0, |id| 1 + id.len()))).1
 }
 
 impl Writer {
@@ -880,13 +942,20 @@ impl Writer {
         let floor = shared.clock.load(Ordering::Acquire).max(shared.visible.load(Ordering::Acquire)).max(wall);
         let floor = Timestamp::from_nanos(u128::from(floor));
         let mut invocation = script.prepare_invoke();
-        invocation.key(CLOCK_KEY).key(COUNT_KEY).key(CHANNELS_KEY).key(ROOT_KEY).arg(id_of(floor)).arg(format!("{}:{no}", shared.node));
+        invocation
+            .key(CLOCK_KEY)
+            .key(COUNT_KEY)
+            .key(CHANNELS_KEY)
+            .key(ROOT_KEY)
+            .arg(id_of(floor))
+            .arg(format!("{}:{no}", shared.node))
+            .arg(self.window);
         let mut line = Vec::new();
         for r in batch.iter() {
             line.clear();
             encode_event(Timestamp::ZERO, &r.path, &r.data, &mut line);
             let rest = line.iter().position(|&b| b == b':').map_or(&line[..], |i| &line[i..]);
-            invocation.arg(&*r.path).arg(rest).arg(r.origin.wire());
+            invocation.arg(&*r.path).arg(rest).arg(r.origin.wire()).arg(r.id.as_deref().unwrap_or_default());
         }
         let paths: Option<Vec<Box<str>>> = shared.written.as_ref().map(|_| batch.iter().map(|r| r.path.clone()).collect());
         // Registered before the write: the reader may deliver the events before the reply.
@@ -944,6 +1013,7 @@ impl Writer {
 struct Reader {
     shared: Arc<Shared>,
     conn: ConnectionManager,
+    metrics: super::EngineMetrics,
     /// The newest event handed to the fan-out (or the newest stored at startup).
     last: Timestamp,
     /// The number of the newest event seen.
@@ -1024,10 +1094,16 @@ impl Reader {
         let tag = shared.node.as_bytes();
         let mut published = Vec::with_capacity(entries.len());
         let mut done: Vec<Option<Completion>> = Vec::with_capacity(entries.len());
+        // The sends this read answers without an event of theirs (repeats, and sends never
+        // stored), each with the number of events delivered before it: they complete in that
+        // place among the others, so that a connection's replies keep send order.
+        let mut others: VecDeque<(usize, Completion, Outcome)> = VecDeque::new();
         let mut gap = None;
         {
             let mut pending = shared.pending();
             for e in entries {
+                // The cursor moves past every entry, markers included.
+                self.last = e.ts;
                 if let Some(n) = e.n {
                     if n != self.expected + 1 && gap.is_none() {
                         gap = Some((self.expected, n, e.ts));
@@ -1041,7 +1117,8 @@ impl Reader {
                     // Earlier batches of this node with events left were never stored.
                     while pending.front().is_some_and(|p| p.batch < batch) {
                         if let Some(p) = pending.pop_front() {
-                            p.events.into_iter().filter_map(|e| e.1).for_each(|d| d.complete(Err(unreachable())));
+                            let at = published.len();
+                            others.extend(p.events.into_iter().filter_map(|e| e.1).map(|d| (at, d, Outcome::Failed(unreachable()))));
                         }
                     }
                     if let Some(p) = pending.front_mut().filter(|p| p.batch == batch) {
@@ -1053,9 +1130,21 @@ impl Reader {
                         }
                     }
                 }
+                if e.is_marker() {
+                    // A repeat of this node: answered with its first event's timestamp.
+                    if let Some(d) = completion {
+                        let outcome = match ts_of(&e.first) {
+                            Some(first) => Outcome::Replayed(first),
+                            None => Outcome::Failed(PublishError::storage(io::Error::other(
+                                "the event store (Redis) holds a repeat marker without its first event",
+                            ))),
+                        };
+                        others.push_back((published.len(), d, outcome));
+                    }
+                    continue;
+                }
                 let Some(path) = line_path(&e.line).map(Box::<str>::from) else { continue };
                 let origin = Origin::from_wire(&e.origin).unwrap_or(Origin::UNKNOWN);
-                self.last = e.ts;
                 published.push(Published::new(e.ts, path, sender, fanout.line(e.line)).from(origin));
                 done.push(completion);
             }
@@ -1063,12 +1152,31 @@ impl Reader {
         // Visible to log readers before any subscriber gets it.
         shared.visible.fetch_max(nanos(self.last), Ordering::AcqRel);
         shared.clock.fetch_max(nanos(self.last), Ordering::AcqRel);
+        let mut replayed = 0;
+        let mut complete_others = |upto: usize| {
+            while others.front().is_some_and(|o| o.0 <= upto) {
+                if let Some((_, d, outcome)) = others.pop_front() {
+                    match outcome {
+                        Outcome::Replayed(first) => {
+                            replayed += 1;
+                            d.replayed(first);
+                        }
+                        Outcome::Failed(e) => d.complete(Err(e)),
+                    }
+                }
+            }
+        };
         fanout.deliver(&published, |i| {
+            complete_others(i);
             if let (Some(d), Some(p)) = (done.get_mut(i).and_then(Option::take), published.get(i)) {
                 d.complete(Ok(p.ts));
             }
         });
         shared.position.fetch_max(nanos(self.last), Ordering::AcqRel);
+        complete_others(usize::MAX);
+        if replayed > 0 {
+            self.metrics.replayed(replayed);
+        }
         shared.delivered.notify_waiters();
         if let Some((expected, n, ts)) = gap {
             shared.continuity_lost(&format!(
@@ -1077,6 +1185,14 @@ impl Reader {
             ));
         }
     }
+}
+
+/// How the reader answers a send of this node that has no event of its own in the log.
+enum Outcome {
+    /// A repeat: the first event's timestamp.
+    Replayed(Timestamp),
+    /// Not stored.
+    Failed(PublishError),
 }
 
 /// The retention task: deletes, in the background, what [`Retention`] no longer keeps.
