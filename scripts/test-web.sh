@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The chat web demo's checks: builds the wasm package and the demo, type-checks it, and runs
 # the browser end-to-end tests (Playwright through playwright-core, driving Debian's Chromium)
-# against the real ivy-server binary: the demo's (e2e/chat.test.mjs) and the npm package's, packed
-# and installed in a fresh Vite app (e2e/package.test.mjs). Installs what is missing: Chromium (apt), npm packages.
+# against the real ivy-server binary: the demo's (e2e/chat.test.mjs), the chat on three nodes over
+# Redis behind the demo's load balancer, one node killed (e2e/nodes.test.mjs), and the npm package's, packed
+# and installed in a fresh Vite app (e2e/package.test.mjs). Installs what is missing: Chromium,
+# redis-server and haproxy (apt), npm packages.
 # Prints 'check: N passed, N failed ...' lines that scripts/test.sh adds to its summary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,15 +30,18 @@ if [ "${IVY_WASM_PKG_FRESH:-}" != 1 ]; then
   client-wasm/build.sh
 fi
 
-step "web demo: Chromium (and an emoji font, for readable screenshots)"
+step "web demo: Chromium (and an emoji font, for readable screenshots), redis-server and haproxy (e2e/nodes.test.mjs)"
 packages=()
 [ -x /usr/bin/chromium ] || packages+=(chromium chromium-driver)
 dpkg -s fonts-noto-color-emoji >/dev/null 2>&1 || packages+=(fonts-noto-color-emoji)
+command -v redis-server >/dev/null || packages+=(redis-server)
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || packages+=(haproxy)
 if [ ${#packages[@]} -gt 0 ]; then
   apt-get update
   DEBIAN_FRONTEND=noninteractive apt-get install -y "${packages[@]}"
 fi
 /usr/bin/chromium --version
+"$(command -v haproxy || echo /usr/sbin/haproxy)" -v | sed -n 1p
 
 step "web demo: npm packages (npm ci from the lock, when node_modules does not hold it)"
 (cd web-demo && npm_locked)

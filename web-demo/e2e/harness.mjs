@@ -286,6 +286,118 @@ export async function startProxy(upstreamPort, { latencyMs = 0, unref = false } 
   };
 }
 
+/** A free TCP port of 127.0.0.1 (the system's pick), for the processes that cannot take
+ * port 0 and say which they got: redis-server, haproxy. */
+export async function freePort() {
+  const s = createServer();
+  await new Promise((r) => s.listen(0, "127.0.0.1", () => r(undefined)));
+  const address = s.address();
+  const port = typeof address === "object" && address ? address.port : 0;
+  await new Promise((r) => s.close(() => r(undefined)));
+  return port;
+}
+
+/**
+ * Spawns a helper process (redis-server, haproxy) whose output is kept for the diagnostics,
+ * listed there as a server of the test (`what`, `addr`); `ready()` is polled until it resolves
+ * true (or the process exits, or `WAIT` passes). Returns the server-like object the
+ * diagnostics print, with `kill` and `stop`.
+ */
+async function startHelper(what, command, args, addr, ready) {
+  const proc = spawn(command, args, { stdio: ["ignore", "pipe", "pipe"] });
+  const log = ring(SERVER_LOG_LINES);
+  for (const stream of [proc.stdout, proc.stderr]) {
+    createInterface({ input: stream }).on("line", (line) => {
+      log.push(`${what}: ${line}`);
+      if (process.env.E2E_VERBOSE) process.stderr.write(`${what}: ${line}\n`);
+    });
+  }
+  let exit = /** @type {string | null} */ (null);
+  const exited = new Promise((r) =>
+    proc.once("exit", (code, signal) => {
+      exit = `${stamp()} (${signal ?? code})`;
+      r(undefined);
+    }),
+  );
+  const helper = {
+    addr,
+    port: Number(addr.slice(addr.lastIndexOf(":") + 1)),
+    url: `http://${addr}`,
+    clientUrl: `http://${addr}`,
+    pid: proc.pid,
+    started: stamp(),
+    log,
+    get exit() {
+      return exit;
+    },
+    async kill() {
+      proc.kill("SIGKILL");
+      await exited;
+    },
+    async stop() {
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill("SIGTERM");
+      await exited;
+    },
+  };
+  diag.servers.push(helper);
+  const deadline = Date.now() + WAIT;
+  for (;;) {
+    if (exit !== null) throw new Error(`${what} exited ${exit}: ${log.lines().join("\n")}`);
+    if (await ready().catch(() => false)) return helper;
+    if (Date.now() > deadline) {
+      await helper.kill();
+      throw new Error(`${what} did not get ready in time: ${log.lines().join("\n")}`);
+    }
+    await sleep(50);
+  }
+}
+
+/**
+ * Starts Debian's `redis-server` on a free port of 127.0.0.1 with its files in `dir`, as
+ * `./scripts/run.sh --nodes N` and the Rust tests (`ivy_tests::RedisServer`) start it:
+ * `appendonly yes`, `appendfsync always` (an ack means the event is on disk), no snapshots.
+ * Ready once it answers PING. `url`: what `ivy-server --redis` takes.
+ */
+export async function startRedis(dir) {
+  const port = await freePort();
+  const args = ["--port", String(port), "--bind", "127.0.0.1", "--dir", dir, "--appendonly", "yes", "--appendfsync", "always"];
+  args.push("--save", "", "--protected-mode", "no", "--loglevel", "warning");
+  const ping = () =>
+    new Promise((resolvePromise) => {
+      const c = connect(port, "127.0.0.1");
+      let got = "";
+      c.on("connect", () => c.write("PING\r\n"));
+      c.on("data", (d) => {
+        got += d;
+        if (got.includes("\r\n")) {
+          c.destroy();
+          resolvePromise(got.startsWith("+PONG"));
+        }
+      });
+      c.on("error", () => resolvePromise(false));
+    });
+  const redis = await startHelper("redis-server", "redis-server", args, `127.0.0.1:${port}`, ping);
+  return Object.assign(redis, { url: `redis://127.0.0.1:${port}` });
+}
+
+/**
+ * Starts the demo's load balancer in front of `servers` on a free port of 127.0.0.1: Debian's
+ * `haproxy` with the configuration `scripts/haproxy-demo.sh` writes (the one of
+ * `./scripts/run.sh --nodes N`: TCP, round robin, `/readyz` checked every 500 ms, a dead node
+ * skipped). Ready once a `GET /readyz` through it answers 200. Pages open its `url` as a
+ * server's (`joinRoom`).
+ */
+export async function startBalancer(servers, dir) {
+  const port = await freePort();
+  const addr = `127.0.0.1:${port}`;
+  const config = execFileSync("bash", [join(repoRoot, "scripts", "haproxy-demo.sh"), addr, ...servers.map((s) => s.addr)], { encoding: "utf8" });
+  const file = join(dir, "haproxy.cfg");
+  writeFileSync(file, config);
+  const haproxy = existsSync("/usr/sbin/haproxy") ? "/usr/sbin/haproxy" : "haproxy";
+  const ready = async () => (await fetch(`http://${addr}/readyz`, { signal: AbortSignal.timeout(2000) })).status === 200;
+  return startHelper("haproxy", haproxy, ["-db", "-f", file], addr, ready);
+}
+
 /** Debian's Chromium, headless, with the flags this machine needs (see shared/GUIDE.md). */
 export async function launchBrowser() {
   return chromium.launch({
