@@ -37,7 +37,7 @@ import {
  * built for issue 15): each page then lists only the people of its own node, and this test
  * asserts exactly that. Set to true once presence is shared: each page must list both.
  */
-const PRESENCE_ACROSS_NODES = false;
+const PRESENCE_ACROSS_NODES = true;
 
 /** @type {import("playwright-core").Browser} */
 let browser;
