@@ -267,6 +267,11 @@ impl IvyBuilder {
             metrics,
             ops: ops::Ops::new(node_id, kind),
         });
+        // Admin commands made on the other nodes of a cluster (after the revocations loaded
+        // above: the engine hands over every one made since).
+        if let Some(commands) = shared.engine.control() {
+            tokio::spawn(admin::apply_controls(Arc::downgrade(&shared), commands));
+        }
         Ok(Ivy { shared })
     }
 }

@@ -22,7 +22,10 @@
 //! - `{ivy}:log:<path>`: the log of each other channel (its whole subtree), a STREAM with the
 //!   fields `l` and `o`: an event is appended to its channel's log and every ancestor's, with
 //!   the same ID (the fan-in of the sled layout);
-//! - `{ivy}:channels`: the SET of the channels that have a log (retention walks it);
+//! - `{ivy}:paths`: the SORTED SET (scores 0) of the channels that have a log, for `GET
+//!   /channels` ([`admin`]);
+//! - `{ivy}:revoked`, `{ivy}:control`: the token revocations and the stream of admin commands
+//!   every node applies ([`admin`]);
 //! - `{ivy}:horizon:<path>`: a HASH, once the log lost events (retention or a deletion): `ts`,
 //!   the ID of the newest event deleted from it, and `d`, how many deletions changed it.
 //!
@@ -67,7 +70,7 @@
 //!
 //! TODO(idempotency): the idempotency ids of the single-node sequencer (a later merge) need a
 //! check-and-set per id inside the publish script (a key with a TTL, read before the XADDs).
-//! Presence and channel listing are not on Redis yet either.
+//! Presence is not on Redis yet either.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -82,6 +85,8 @@ use ivy_client_core::wire::encode_event;
 use redis::Value;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
+
+mod admin;
 
 use super::local::{Deleted, WallClock, line_path, stored_cost};
 use super::{
@@ -110,7 +115,7 @@ const CLOCK_KEY: &str = "{ivy}:clock";
 /// The longest a subscribe waits for this node to catch up with Redis ([`Engine::settled`]).
 const SETTLE: Duration = Duration::from_secs(2);
 const COUNT_KEY: &str = "{ivy}:n";
-const CHANNELS_KEY: &str = "{ivy}:channels";
+const CHANNELS_KEY: &str = admin::PATHS_KEY;
 const ROOT_KEY: &str = "{ivy}:log:/";
 
 fn log_key(channel: &str) -> String {
@@ -177,7 +182,7 @@ for i = 3, #ARGV, 3 do
       local anc = path
       if k then anc = string.sub(path, 1, k - 1) end
       redis.call('XADD', '{ivy}:log:' .. anc, id, 'l', line, 'o', origin)
-      redis.call('SADD', KEYS[3], anc)
+      redis.call('ZADD', KEYS[3], 0, anc)
       if not k then break end
       j = k + 1
     end
@@ -334,6 +339,7 @@ impl Open for RedisEngine {
         let last = ts_of(top.as_bytes()).unwrap_or(Timestamp::ZERO);
         let clock = ts_of(clock.as_bytes()).unwrap_or(Timestamp::ZERO);
         durability_report(&mut sync, &self.redacted(), &self.retention);
+        let loaded = admin::load(&mut sync, crate::auth::now_unix())?;
         drop(sync);
         context.fanout.start_at(last);
         tracing::info!(last = %last, clock = %clock, events = count, "event store (Redis) open");
@@ -344,6 +350,9 @@ impl Open for RedisEngine {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(2));
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone()).map_err(io_err)?;
+        let control_conn =
+            ConnectionManager::new_lazy_with_config(client.clone(), config.clone().set_response_timeout(Some(BLOCK + RESPONSE_TIMEOUT)))
+                .map_err(io_err)?;
         let reader_conn =
             ConnectionManager::new_lazy_with_config(client, config.set_response_timeout(Some(BLOCK + RESPONSE_TIMEOUT))).map_err(io_err)?;
         let mut tag = [0u8; 8];
@@ -373,7 +382,8 @@ impl Open for RedisEngine {
             let retainer = Retainer { shared: shared.clone(), retention: self.retention, checked: HashMap::new() };
             tokio::spawn(retainer.run());
         }
-        Ok(Arc::new(RedisLog { shared, tasks: Mutex::new(Some((writer, reader))), presence }))
+        let admin = admin::Admin::start(shared.clone(), control_conn, loaded);
+        Ok(Arc::new(RedisLog { shared, tasks: Mutex::new(Some((writer, reader))), presence, admin }))
     }
 
     fn describe(&self) -> String {
@@ -516,6 +526,8 @@ struct RedisLog {
     shared: Arc<Shared>,
     tasks: Mutex<Option<(tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>)>>,
     presence: Arc<super::LocalPresence>,
+    /// Channel listing, revocations and the other nodes' admin commands ([`admin`]).
+    admin: admin::Admin,
 }
 
 impl Engine for RedisLog {
@@ -527,6 +539,26 @@ impl Engine for RedisLog {
 
     fn presence(&self) -> Arc<dyn super::Presence> {
         self.presence.clone()
+    }
+
+    fn channels(&self, request: super::ChannelsRequest) -> BoxFuture<'static, io::Result<Vec<super::StoredChannel>>> {
+        Box::pin(admin::channels(self.shared.conn.clone(), request))
+    }
+
+    fn revocations(&self, now: u64) -> io::Result<Vec<super::Revocation>> {
+        Ok(self.admin.revocations(now))
+    }
+
+    fn revoke(&self, revocation: super::Revocation, _now: u64) -> BoxFuture<'static, io::Result<()>> {
+        admin::revoke(&self.shared, revocation)
+    }
+
+    fn control(&self) -> Option<tokio::sync::mpsc::Receiver<super::Control>> {
+        self.admin.commands()
+    }
+
+    fn broadcast(&self, control: super::Control) -> BoxFuture<'static, io::Result<()>> {
+        admin::broadcast(&self.shared, control)
     }
 
     fn now(&self) -> Timestamp {
