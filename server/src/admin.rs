@@ -2,7 +2,9 @@
 //! (`Authorization: Bearer KEY`, [`crate::Config::api_keys`]):
 //!
 //! - `POST /admin/disconnect` `{"sub":"ada"}`: closes every WebSocket connection of that `sub`
-//!   on this node with 4004 (it may reconnect: revoke its token to keep it out);
+//!   on this node with 4004 (it may reconnect: revoke its token to keep it out), and tells the
+//!   other nodes of a cluster to close theirs ([`crate::engine::Engine::broadcast`]); the
+//!   answer counts this node's;
 //! - `POST /admin/revoke` `{"jti":"...","until":SECONDS}`: the token with that `jti` is refused
 //!   from now until `until` (default: a day from now; at most a year) at the handshake, at an
 //!   in-band refresh and on HTTP (401 `token revoked`), and the open connections that use it
@@ -11,6 +13,11 @@
 //! - `GET /admin/revocations`: the revocations in force.
 //!
 //! Without a configured key they answer 403; with a missing or wrong key, 401.
+//!
+//! On an engine of several nodes (Redis), the revocations and disconnects made on the other
+//! nodes arrive through [`crate::engine::Engine::control`] and are applied here as the
+//! endpoints apply them ([`apply_controls`]); a revocation reaches them with
+//! [`crate::engine::Engine::revoke`] itself.
 //!
 //! The revoked token ids are held in memory ([`Revoked`]) and checked by every token
 //! verification ([`crate::auth`]), which costs one atomic load while none is revoked, and a

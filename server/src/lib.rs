@@ -379,7 +379,9 @@ impl Ivy {
     }
 
     /// Closes every WebSocket connection of this node whose token has `sub` with close code
-    /// 4004, as `POST /admin/disconnect` does; how many were closed. They may reconnect.
+    /// 4004, as `POST /admin/disconnect` does on this node; how many were closed. They may
+    /// reconnect. (On several nodes, Redis, the endpoint tells the other nodes too; this call
+    /// does not.)
     pub fn disconnect(&self, sub: &str) -> usize {
         admin::disconnect_sub(&self.shared, sub)
     }
