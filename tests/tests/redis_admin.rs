@@ -296,3 +296,48 @@ impl Node {
         http_get(self.addr, "/readyz", &[]).await.status
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnect_older_than_30_s_is_not_applied_by_a_node_that_was_cut_off() {
+    let dir = temp_dir();
+    let redis = Arc::new(RedisServer::start(&dir.path().join("redis")));
+    let upstream: SocketAddr = format!("127.0.0.1:{}", redis.port).parse().unwrap();
+    let proxy = FaultProxy::start(upstream).await;
+    let a = Node::on(&redis).await;
+    let b = Node::start(format!("redis://{}", proxy.addr)).await;
+    let mut bob = Client::connect(&b.ws(&token("bob", "jti-bob"))).await;
+    bob.subscribe("/x").await;
+    let mut carol = Client::connect(&b.ws(&token("carol", "jti-carol"))).await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    proxy.set_upstream(dead);
+    proxy.cut_all();
+    let deadline = Instant::now() + WAIT;
+    while b.readyz().await != 503 {
+        assert!(Instant::now() < deadline, "node B still ready without Redis");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A disconnect of bob made a minute ago (by Redis's clock: its stream ID), which B missed.
+    let old = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() - 60_000;
+    redis.command(&["XADD", "{ivy}:control", &format!("{old}-0"), "k", "disconnect", "s", "bob", "o", "elsewhere"]);
+    proxy.set_upstream(upstream);
+    while b.readyz().await != 200 {
+        assert!(Instant::now() < deadline, "node B not ready again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A fresh one after it in the stream: once B applied it, it has passed the old one.
+    assert_eq!(json_of(&admin(a.addr, "disconnect", r#"{"sub":"carol"}"#).await), json!({"disconnected": 0}));
+    assert_eq!(closed(&mut carol).await.0, 4004);
+    // Bob's connection is open: its sends are answered (the first ones may meet the writer's
+    // connection still broken by the cut), until one is acked.
+    for i in 1.. {
+        let reply = bob.request(&format!("#{i}#:/y:still here")).await;
+        if reply.starts_with(&format!("#{i}#@")) {
+            break;
+        }
+        assert!(reply.starts_with(&format!("#{i}#!storage ")), "{reply}");
+        assert!(Instant::now() < deadline, "no send acked after Redis came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.stop().await;
+    b.stop().await;
+}
