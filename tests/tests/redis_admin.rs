@@ -175,6 +175,13 @@ async fn both_nodes_list_the_same_channels_page_by_page() {
         lists(n.addr, "?after=/chat/room1&limit=1", &page(vec![row("/news", &t4)], None)).await;
         lists(n.addr, "?prefix=/chat/room2", &page(vec![], None)).await;
     }
+    // Listed empty, they left the index of channels; a send brings them back.
+    assert_eq!(redis.command(&["ZSCORE", "{ivy}:paths", "/chat/room2/x"]), "$-1", "emptied channels leave the index");
+    assert_eq!(redis.command(&["ZSCORE", "{ivy}:paths", "/chat/room1"]), "$1", "the others stay");
+    let t6 = cb.publish("/chat/room2/x", "again").await;
+    for n in [&a, &b] {
+        lists(n.addr, "?prefix=/chat/room2", &page(vec![row("/chat/room2", &t6), row("/chat/room2/x", &t6)], None)).await;
+    }
     // The subscribers column is each node's own.
     cb.subscribe("/news").await;
     lists(b.addr, "?prefix=/news", &json!({"channels": [{"path": "/news", "subscribers": 1, "newest": t4}], "next": null})).await;

@@ -8,7 +8,8 @@
 //!   (ZADD). `GET /channels` reads the page's range of it (ZRANGEBYLEX, byte order of paths)
 //!   and, pipelined, each listed channel's newest visible event (`XREVRANGE {ivy}:log:<path>
 //!   <until> - COUNT 1`); a channel whose log is empty (every event deleted) is skipped and the
-//!   page fills on from the range. A node of an earlier version kept the SET
+//!   page fills on from the range (reading twice as many each step past such channels), and
+//!   it leaves the set (a script removes it if its log is still empty: a send re-adds it). A node of an earlier version kept the SET
 //!   `{ivy}:channels` instead: a node copies it into `{ivy}:paths` when it opens (while a
 //!   node of the earlier version still runs, the channels it alone creates are listed once a
 //!   newer node opened after them; delete the old SET once none runs).
@@ -258,8 +259,11 @@ pub(super) async fn channels(mut conn: ConnectionManager, request: ChannelsReque
         Some(after) if after >= below.as_str() => format!("({after}"),
         _ => format!("[{below}"),
     };
+    // Past channels without visible events, each step reads twice as many (a page of one
+    // behind thousands of emptied channels takes a few steps, not thousands).
+    let mut step = 1;
     while out.len() < request.limit {
-        let chunk = (request.limit - out.len()).min(LIST_CHUNK);
+        let chunk = (request.limit - out.len()).max(step).min(LIST_CHUNK);
         let members: Vec<String> = redis::cmd("ZRANGEBYLEX")
             .arg(PATHS_KEY)
             .arg(&min)
@@ -278,10 +282,28 @@ pub(super) async fn channels(mut conn: ConnectionManager, request: ChannelsReque
             pipe.cmd("XREVRANGE").arg(log_key(m)).arg(&until).arg("-").arg("COUNT").arg(1);
         }
         let newest: Vec<Value> = pipe.query_async(&mut conn).await.map_err(io_err)?;
+        let mut empty = Vec::new();
         for (path, reply) in members.iter().zip(newest) {
             // A channel whose events are all deleted, or not visible yet, is skipped.
-            if let Some(ts) = entries(reply).first().map(|e| e.ts) {
-                out.push(StoredChannel { path: path.as_str().into(), newest: ts });
+            match entries(reply).first() {
+                Some(e) if out.len() < request.limit => out.push(StoredChannel { path: path.as_str().into(), newest: e.ts }),
+                Some(_) => break,
+                None => empty.push(path),
+            }
+        }
+        if !empty.is_empty() {
+            step = (chunk * 2).min(LIST_CHUNK);
+            // Those whose log is empty now leave the index (checked in the script: a send
+            // meanwhile keeps it), so that the next listings do not look at them again.
+            let script = redis::Script::new(PRUNE);
+            let mut prune = script.prepare_invoke();
+            prune.key(PATHS_KEY);
+            for path in empty {
+                prune.arg(path);
+            }
+            let pruned: Result<u64, _> = prune.invoke_async(&mut conn).await;
+            if let Err(e) = pruned {
+                tracing::warn!(error = %e, "removing emptied channels from the channel index failed; they are skipped meanwhile");
             }
         }
         if members.len() < chunk {
@@ -293,6 +315,18 @@ pub(super) async fn channels(mut conn: ConnectionManager, request: ChannelsReque
     }
     Ok(out)
 }
+
+/// Removes from the channel index those of ARGV whose log is empty. KEYS: the index.
+const PRUNE: &str = r#"
+local n = 0
+for _, path in ipairs(ARGV) do
+  if redis.call('XLEN', '{ivy}:log:' .. path) == 0 then
+    redis.call('ZREM', KEYS[1], path)
+    n = n + 1
+  end
+end
+return n
+"#;
 
 /// One command of the control stream.
 #[derive(Debug, Default)]
