@@ -60,7 +60,7 @@ IVY_TEST_ENGINE=memory cargo test -p ivy-tests --test conformance --test log --t
 step "The protocol's integration tests again, on the Redis engine (IVY_TEST_ENGINE=redis: a redis-server per test)"
 IVY_TEST_ENGINE=redis cargo test -p ivy-tests --test conformance --test log --test client_native --test client_cli \
   --test hostile --test faults --test embedding --test static_files --test load --test retention --test http_publish \
-  --test senders --test ops --test own_sends --test auth --test presence --test presence_clients --test idempotency 2>&1 | tee -a "$results"
+  --test senders --test ops --test own_sends --test auth --test presence --test presence_clients --test idempotency --test channels_admin 2>&1 | tee -a "$results"
 
 step "WebAssembly: core tests in Node, browser client in headless Chromium, TypeScript types, imports"
 ./scripts/test-wasm.sh 2>&1 | tee -a "$results"

@@ -2,7 +2,9 @@
 //! (`Authorization: Bearer KEY`, [`crate::Config::api_keys`]):
 //!
 //! - `POST /admin/disconnect` `{"sub":"ada"}`: closes every WebSocket connection of that `sub`
-//!   on this node with 4004 (it may reconnect: revoke its token to keep it out);
+//!   on this node with 4004 (it may reconnect: revoke its token to keep it out), and tells the
+//!   other nodes of a cluster to close theirs ([`crate::engine::Engine::broadcast`]); the
+//!   answer counts this node's;
 //! - `POST /admin/revoke` `{"jti":"...","until":SECONDS}`: the token with that `jti` is refused
 //!   from now until `until` (default: a day from now; at most a year) at the handshake, at an
 //!   in-band refresh and on HTTP (401 `token revoked`), and the open connections that use it
@@ -12,24 +14,30 @@
 //!
 //! Without a configured key they answer 403; with a missing or wrong key, 401.
 //!
+//! On an engine of several nodes (Redis), the revocations and disconnects made on the other
+//! nodes arrive through [`crate::engine::Engine::control`] and are applied here as the
+//! endpoints apply them ([`apply_controls`]); a revocation reaches them with
+//! [`crate::engine::Engine::revoke`] itself.
+//!
 //! The revoked token ids are held in memory ([`Revoked`]) and checked by every token
 //! verification ([`crate::auth`]), which costs one atomic load while none is revoked, and a
 //! hash lookup under a read lock for a token with a `jti` otherwise.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock, Weak};
 
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
+use tokio::sync::mpsc;
 
 use crate::Shared;
 use crate::auth::{Access, now_unix};
 use crate::conn::{Conn, REVOKED, close_code};
-use crate::engine::Revocation;
+use crate::engine::{Control, Revocation};
 
 /// How long a revocation lasts when `until` is not given: a day.
 pub const DEFAULT_REVOCATION_SECS: u64 = 24 * 3600;
@@ -168,7 +176,20 @@ pub(crate) async fn disconnect(State(shared): State<Arc<Shared>>, headers: Heade
     if sub.is_empty() || sub.len() > ivy_client_core::wire::MAX_SUB_BYTES {
         return text(StatusCode::BAD_REQUEST, &format!("invalid body: sub must have 1 to {} bytes", ivy_client_core::wire::MAX_SUB_BYTES));
     }
-    json(serde_json::json!({ "disconnected": disconnect_sub(&shared, &sub) }))
+    let n = disconnect_sub(&shared, &sub);
+    // The other nodes of a cluster close theirs (an engine of several nodes; at once otherwise).
+    match shared.engine.broadcast(Control::Disconnect { sub: sub.as_str().into() }).await {
+        Ok(()) => json(serde_json::json!({ "disconnected": n })),
+        Err(e) => {
+            tracing::error!(error = %e, sub = %sub, "telling the other nodes to disconnect a sub failed");
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "closed {n} connection(s) of this sub on this node, but the other nodes could not be told (the server's log has the details); try again"
+                ),
+            )
+        }
+    }
 }
 
 /// `POST /admin/revoke`.
@@ -219,10 +240,39 @@ pub(crate) fn disconnect_sub(shared: &Shared, sub: &str) -> usize {
 pub(crate) async fn revoke_jti(shared: &Shared, jti: &str, until: u64, now: u64) -> std::io::Result<usize> {
     let revocation = Revocation { jti: jti.into(), until };
     shared.engine.revoke(revocation.clone(), now).await?;
-    shared.auth.revoked().insert([revocation], now);
-    let n = shared.connections.end_where(|p| p.jti.as_deref() == Some(jti), REVOKED);
+    let n = apply_revocation(shared, revocation, now);
     tracing::info!(jti = %jti, until, connections = n, "admin: revoked a token");
     Ok(n)
+}
+
+/// Refuses the token of `revocation` from now on and closes its connections with 4003; how
+/// many. (A revocation made here, once stored, or on another node: [`apply_controls`].)
+fn apply_revocation(shared: &Shared, revocation: Revocation, now: u64) -> usize {
+    let jti = revocation.jti.clone();
+    shared.auth.revoked().insert([revocation], now);
+    shared.connections.end_where(|p| p.jti.as_deref() == Some(&*jti), REVOKED)
+}
+
+/// Applies on this node, until the engine ends them, the admin commands made on the other
+/// nodes of a cluster ([`crate::engine::Engine::control`]): a revocation as `POST
+/// /admin/revoke` does after storing it, a disconnect as `POST /admin/disconnect` does.
+/// Holds the server weakly: it ends with the server too.
+pub(crate) async fn apply_controls(shared: Weak<Shared>, mut commands: mpsc::Receiver<Control>) {
+    while let Some(command) = commands.recv().await {
+        let Some(shared) = shared.upgrade() else { return };
+        match command {
+            Control::Revoke(revocation) => {
+                let (jti, until) = (revocation.jti.clone(), revocation.until);
+                let n = apply_revocation(&shared, revocation, now_unix());
+                tracing::info!(jti = %jti, until, connections = n, "admin: applied a token revocation made on another node");
+            }
+            Control::Disconnect { sub } => {
+                let n = shared.connections.end_where(|p| p.sub.as_deref() == Some(&*sub), close_code::DISCONNECTED);
+                shared.metrics.admin_disconnects.inc_by(n as u64);
+                tracing::info!(sub = %sub, connections = n, "admin: applied a disconnect made on another node");
+            }
+        }
+    }
 }
 
 /// `GET /admin/revocations`.

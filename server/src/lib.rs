@@ -267,6 +267,11 @@ impl IvyBuilder {
             metrics,
             ops: ops::Ops::new(node_id, kind),
         });
+        // Admin commands made on the other nodes of a cluster (after the revocations loaded
+        // above: the engine hands over every one made since).
+        if let Some(commands) = shared.engine.control() {
+            tokio::spawn(admin::apply_controls(Arc::downgrade(&shared), commands));
+        }
         Ok(Ivy { shared })
     }
 }
@@ -374,7 +379,9 @@ impl Ivy {
     }
 
     /// Closes every WebSocket connection of this node whose token has `sub` with close code
-    /// 4004, as `POST /admin/disconnect` does; how many were closed. They may reconnect.
+    /// 4004, as `POST /admin/disconnect` does on this node; how many were closed. They may
+    /// reconnect. (On several nodes, Redis, the endpoint tells the other nodes too; this call
+    /// does not.)
     pub fn disconnect(&self, sub: &str) -> usize {
         admin::disconnect_sub(&self.shared, sub)
     }

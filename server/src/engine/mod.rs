@@ -210,6 +210,24 @@ pub trait Engine: Send + Sync + 'static {
         Box::pin(async { Err(io::Error::new(io::ErrorKind::Unsupported, "this engine does not store token revocations")) })
     }
 
+    /// The commands other nodes of the cluster made (an engine of several nodes:
+    /// [`Control`]), for the server to apply on this node as its own admin endpoints do.
+    /// Taken once, by the server, right after it loaded [`Engine::revocations`]; the
+    /// commands end when the engine shuts down. The default, for single-node engines: none.
+    fn control(&self) -> Option<mpsc::Receiver<Control>> {
+        None
+    }
+
+    /// Tells the other nodes of the cluster to apply `control` (an engine of several nodes);
+    /// resolves once the command is where every node reads it. The server calls it after it
+    /// applied the command on this node (`POST /admin/disconnect`, [`crate::Ivy::disconnect`];
+    /// a revocation travels with [`Engine::revoke`]). The default, for single-node engines:
+    /// nothing to tell, at once.
+    fn broadcast(&self, control: Control) -> BoxFuture<'static, io::Result<()>> {
+        let _ = control;
+        Box::pin(std::future::ready(Ok(())))
+    }
+
     /// Who is subscribed where ([`presence`]): the sled and memory engines keep it in this
     /// process ([`LocalPresence`], started with [`Context::presence`]); an engine of several
     /// nodes keeps it where every node sees it (see the [`presence`] module docs).
@@ -280,6 +298,20 @@ pub struct Revocation {
     pub jti: Box<str>,
     /// Until when it is refused, in seconds since the Unix epoch.
     pub until: u64,
+}
+
+/// An admin command made on one node that every node of a cluster applies
+/// ([`Engine::control`], [`Engine::broadcast`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Control {
+    /// A token revocation: refuse the token and close its connections with 4003.
+    Revoke(Revocation),
+    /// Close every connection of this `sub` with 4004 (`POST /admin/disconnect`).
+    Disconnect {
+        /// The token `sub` whose connections are closed.
+        sub: Box<str>,
+    },
 }
 
 /// How an engine is opened: what [`crate::IvyBuilder::engine`] takes.

@@ -23,7 +23,10 @@
 //! - `{ivy}:log:<path>`: the log of each other channel (its whole subtree), a STREAM with the
 //!   fields `l` and `o`: an event is appended to its channel's log and every ancestor's, with
 //!   the same ID (the fan-in of the sled layout);
-//! - `{ivy}:channels`: the SET of the channels that have a log (retention walks it);
+//! - `{ivy}:paths`: the SORTED SET (scores 0) of the channels that have a log, for `GET
+//!   /channels` ([`admin`]);
+//! - `{ivy}:revoked`, `{ivy}:control`: the token revocations and the stream of admin commands
+//!   every node applies ([`admin`]);
 //! - `{ivy}:horizon:<path>`: a HASH, once the log lost events (retention or a deletion): `ts`,
 //!   the ID of the newest event deleted from it, and `d`, how many deletions changed it;
 //! - `{ivy}:id:<origin> <id>`: a send id ([`Publish::id`], `docs/PROTOCOL.md` 5.9) in the scope
@@ -97,8 +100,8 @@
 //!
 //! # Not yet on Redis
 //!
-//! Channel listing is not on Redis yet. Presence is: every node keeps the whole
-//! cluster's view, fed through Redis (`redis_presence`'s module docs: keys, bounds).
+//! Presence, channel listing, revocations and admin disconnects are on Redis too: presence
+//! as a replicated view (`redis_presence`'s module docs), the rest in [`admin`].
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -113,6 +116,8 @@ use ivy_client_core::wire::encode_event;
 use redis::Value;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
+
+mod admin;
 
 use super::local::{Deleted, WallClock, line_path, stored_cost};
 use super::{
@@ -142,7 +147,7 @@ const CLOCK_KEY: &str = "{ivy}:clock";
 /// longer than the reader's longest backoff (2 s), which a waiting subscribe cuts short.
 const SETTLE: Duration = Duration::from_secs(5);
 const COUNT_KEY: &str = "{ivy}:n";
-const CHANNELS_KEY: &str = "{ivy}:channels";
+const CHANNELS_KEY: &str = admin::PATHS_KEY;
 const ROOT_KEY: &str = "{ivy}:log:/";
 
 fn log_key(channel: &str) -> String {
@@ -223,7 +228,7 @@ for i = 4, #ARGV, 4 do
         local anc = path
         if k then anc = string.sub(path, 1, k - 1) end
         redis.call('XADD', '{ivy}:log:' .. anc, id, 'l', line, 'o', origin)
-        redis.call('SADD', KEYS[3], anc)
+        redis.call('ZADD', KEYS[3], 0, anc)
         if not k then break end
         j = k + 1
       end
@@ -386,6 +391,7 @@ impl Open for RedisEngine {
         let last = ts_of(top.as_bytes()).unwrap_or(Timestamp::ZERO);
         let clock = ts_of(clock.as_bytes()).unwrap_or(Timestamp::ZERO);
         durability_report(&mut sync, &self.redacted(), &self.retention);
+        let loaded = admin::load(&mut sync, crate::auth::now_unix())?;
         drop(sync);
         context.fanout.start_at(last);
         tracing::info!(last = %last, clock = %clock, events = count, "event store (Redis) open");
@@ -398,6 +404,7 @@ impl Open for RedisEngine {
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone()).map_err(io_err)?;
         let blocking = config.set_response_timeout(Some(BLOCK + RESPONSE_TIMEOUT));
         let reader_conn = ConnectionManager::new_lazy_with_config(client.clone(), blocking.clone()).map_err(io_err)?;
+        let control_conn = ConnectionManager::new_lazy_with_config(client.clone(), blocking.clone()).map_err(io_err)?;
         let mut tag = [0u8; 8];
         getrandom::fill(&mut tag).map_err(|e| io::Error::other(format!("no random node tag: {e}")))?;
         let node: String = tag.iter().map(|b| format!("{b:02x}")).collect();
@@ -440,7 +447,8 @@ impl Open for RedisEngine {
             let retainer = Retainer { shared: shared.clone(), retention: self.retention, checked: HashMap::new() };
             tokio::spawn(retainer.run());
         }
-        Ok(Arc::new(RedisLog { shared, tasks: Mutex::new(Some((writer, reader))), presence }))
+        let admin = admin::Admin::start(shared.clone(), control_conn, loaded);
+        Ok(Arc::new(RedisLog { shared, tasks: Mutex::new(Some((writer, reader))), presence, admin }))
     }
 
     fn describe(&self) -> String {
@@ -607,11 +615,33 @@ struct RedisLog {
     shared: Arc<Shared>,
     tasks: Mutex<Option<(tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>)>>,
     presence: Arc<super::redis_presence::RedisPresence>,
+    /// Channel listing, revocations and the other nodes' admin commands ([`admin`]).
+    admin: admin::Admin,
 }
 
 impl Engine for RedisLog {
     fn presence(&self) -> Arc<dyn super::Presence> {
         self.presence.view()
+    }
+
+    fn channels(&self, request: super::ChannelsRequest) -> BoxFuture<'static, io::Result<Vec<super::StoredChannel>>> {
+        Box::pin(admin::channels(self.shared.conn.clone(), request))
+    }
+
+    fn revocations(&self, now: u64) -> io::Result<Vec<super::Revocation>> {
+        Ok(self.admin.revocations(now))
+    }
+
+    fn revoke(&self, revocation: super::Revocation, _now: u64) -> BoxFuture<'static, io::Result<()>> {
+        admin::revoke(&self.shared, revocation)
+    }
+
+    fn control(&self) -> Option<tokio::sync::mpsc::Receiver<super::Control>> {
+        self.admin.commands()
+    }
+
+    fn broadcast(&self, control: super::Control) -> BoxFuture<'static, io::Result<()>> {
+        admin::broadcast(&self.shared, control)
     }
 
     fn now(&self) -> Timestamp {
