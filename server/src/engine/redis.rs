@@ -98,7 +98,7 @@
 //! fails with `storage` too, saying that it may be in the log: if it was stored, it is
 //! delivered to the subscribers (it is in the log), only the sender got an error.
 //!
-//! # Not yet on Redis
+//! # Presence and the admin state
 //!
 //! Presence, channel listing, revocations and admin disconnects are on Redis too: presence
 //! as a replicated view (`redis_presence`'s module docs), the rest in [`admin`].
