@@ -835,26 +835,35 @@ fn bytes_of(v: Value) -> Vec<u8> {
     }
 }
 
-/// The entries of an XRANGE reply (`[[id, [field, value, ...]], ...]`), in its order.
-fn entries(reply: Value) -> Vec<Entry> {
-    let Value::Array(items) = reply else { return Vec::new() };
-    let mut out = Vec::with_capacity(items.len());
+/// Each entry of an XRANGE reply (`[[id, [field, value, ...]], ...]`, the fields a map with
+/// RESP3), in its order: `visit(id, fields)`, the fields as (name, value) pairs.
+pub(super) fn each_entry(reply: Value, mut visit: impl FnMut(Vec<u8>, &mut dyn Iterator<Item = (Vec<u8>, Value)>)) {
+    let Value::Array(items) = reply else { return };
     for item in items {
         let Value::Array(mut pair) = item else { continue };
         if pair.len() != 2 {
             continue;
         }
-        let fields = pair.pop().unwrap_or(Value::Nil);
-        let Some(ts) = ts_of(&bytes_of(pair.pop().unwrap_or(Value::Nil))) else { continue };
-        let mut e = Entry { ts, ..Entry::default() };
-        let fields = match fields {
+        let fields = match pair.pop().unwrap_or(Value::Nil) {
             Value::Array(f) => f,
             Value::Map(m) => m.into_iter().flat_map(|(k, v)| [k, v]).collect(),
             _ => Vec::new(),
         };
+        let id = bytes_of(pair.pop().unwrap_or(Value::Nil));
         let mut it = fields.into_iter();
-        while let (Some(k), Some(v)) = (it.next(), it.next()) {
-            match bytes_of(k).as_slice() {
+        let mut pairs = std::iter::from_fn(|| Some((bytes_of(it.next()?), it.next()?)));
+        visit(id, &mut pairs);
+    }
+}
+
+/// The entries of an XRANGE reply, in its order.
+fn entries(reply: Value) -> Vec<Entry> {
+    let mut out = Vec::new();
+    each_entry(reply, |id, fields| {
+        let Some(ts) = ts_of(&id) else { return };
+        let mut e = Entry { ts, ..Entry::default() };
+        for (k, v) in fields {
+            match k.as_slice() {
                 b"l" => e.line = bytes_of(v),
                 b"o" => e.origin = bytes_of(v),
                 b"n" => e.n = std::str::from_utf8(&bytes_of(v)).ok().and_then(|s| s.parse().ok()),
@@ -867,7 +876,7 @@ fn entries(reply: Value) -> Vec<Entry> {
             e.origin = b"?".to_vec();
         }
         out.push(e);
-    }
+    });
     out
 }
 

@@ -374,23 +374,11 @@ fn commands(reply: Value) -> Vec<Command> {
     };
     let mut out = Vec::new();
     for stream in streams {
-        let Value::Array(items) = stream else { continue };
-        for item in items {
-            let Value::Array(mut pair) = item else { continue };
-            if pair.len() != 2 {
-                continue;
-            }
-            let fields = pair.pop().unwrap_or(Value::Nil);
-            let Ok(id) = String::from_utf8(bytes_of(pair.pop().unwrap_or(Value::Nil))) else { continue };
+        super::each_entry(stream, |id, fields| {
+            let Ok(id) = String::from_utf8(id) else { return };
             let mut c = Command { id, ..Command::default() };
-            let fields = match fields {
-                Value::Array(f) => f,
-                Value::Map(m) => m.into_iter().flat_map(|(k, v)| [k, v]).collect(),
-                _ => Vec::new(),
-            };
-            let mut it = fields.into_iter();
-            while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                match bytes_of(k).as_slice() {
+            for (k, v) in fields {
+                match k.as_slice() {
                     b"k" => c.kind = bytes_of(v),
                     b"j" => c.jti = bytes_of(v),
                     b"u" => c.until = bytes_of(v),
@@ -400,7 +388,7 @@ fn commands(reply: Value) -> Vec<Command> {
                 }
             }
             out.push(c);
-        }
+        });
     }
     out
 }
