@@ -467,7 +467,7 @@ mod tests {
         assert_eq!(parse_seconds("7d"), Ok(Duration::from_secs(7 * 86_400)), "the README's --retention-max-age 7d");
         assert_eq!(parse_seconds("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_seconds(" 1h "), Ok(Duration::from_secs(3600)));
-        assert!(parse_seconds("5d").is_err());
+        assert!(parse_seconds("5w").is_err());
         assert!(parse_seconds("ms").is_err());
         assert!(parse_seconds("-1").is_err());
         assert!(parse_seconds("soon").is_err());
